@@ -1,0 +1,166 @@
+//! The library's one error type.
+//!
+//! Ordinary outcomes (`WouldBlock`, `TimedOut`, `AlreadyHeld`) are kept apart from failures of the
+//! segment or the system; every variant carries what was found and, where it applies, what was
+//! expected.
+
+use std::fmt;
+use std::time::Duration;
+
+/// Result alias used across the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Who held a lock when a wait for it timed out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HolderInfo {
+    /// Process id of the (first) holder.
+    pub pid: u32,
+    /// The holder's owner label (may be empty).
+    pub label: String,
+    /// How long it had held the lock.
+    pub held_for: Duration,
+    /// Number of holders (more than one in shared mode).
+    pub holders: u32,
+}
+
+impl fmt::Display for HolderInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "held by pid {}", self.pid)?;
+        if !self.label.is_empty() {
+            write!(f, " ({})", self.label)?;
+        }
+        write!(f, " for {:?}", self.held_for)?;
+        if self.holders > 1 {
+            write!(f, " with {} other holders", self.holders - 1)?;
+        }
+        Ok(())
+    }
+}
+
+/// Everything that can go wrong in shmlock.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A lock name is empty or longer than the segment allows.
+    #[error("lock name is {len} bytes; names must be 1..={max} bytes")]
+    NameInvalid {
+        /// Length of the rejected name.
+        len: usize,
+        /// The segment's maximum name length.
+        max: usize,
+    },
+    /// A segment name is not of the form `/name`.
+    #[error("segment name {name:?} is invalid: {why}")]
+    SegmentNameInvalid {
+        /// The rejected name.
+        name: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// A fixed-size pool has no free record left.
+    #[error("{pool} pool is full ({capacity} records{})", shard.map(|s| format!(" in shard {s}")).unwrap_or_default())]
+    PoolFull {
+        /// Which pool: "lock entry", "hold/wait" or "owner".
+        pool: &'static str,
+        /// The shard, for per-shard pools.
+        shard: Option<u32>,
+        /// The pool's capacity (per shard for per-shard pools).
+        capacity: u32,
+    },
+    /// `try_lock`: the lock is held in a conflicting mode (or fairness queues this request).
+    #[error("lock is busy")]
+    WouldBlock,
+    /// A timed lock request gave up.
+    #[error("timed out after {waited:?} waiting for the lock{}", holder.as_ref().map(|h| format!(", {h}")).unwrap_or_default())]
+    TimedOut {
+        /// How long the request waited.
+        waited: Duration,
+        /// Who held the lock at the deadline, if anyone.
+        holder: Option<HolderInfo>,
+    },
+    /// This owner already holds the lock (re-locking is an error, never a self-deadlock).
+    #[error("this owner already holds the lock")]
+    AlreadyHeld,
+    /// An unlock for a grant this owner does not (or no longer) hold.
+    #[error("this owner does not hold the lock")]
+    NotHeld,
+    /// The segment does not start with shmlock's magic number.
+    #[error("not a shmlock segment: found magic {found:#018x}, expected {expected:#018x}")]
+    WrongMagic {
+        /// The magic found.
+        found: u64,
+        /// The magic expected.
+        expected: u64,
+    },
+    /// The segment was made by a build with another layout.
+    #[error("segment has layout version {found}, this build expects {expected}")]
+    WrongVersion {
+        /// The version found.
+        found: u32,
+        /// The version expected.
+        expected: u32,
+    },
+    /// The segment is smaller than its header says it must be.
+    #[error("segment is {size} bytes but needs {needed}")]
+    SegmentTooSmall {
+        /// The size found.
+        size: u64,
+        /// The size needed.
+        needed: u64,
+    },
+    /// No segment of that name exists.
+    #[error("segment {name} does not exist (start shmlockd, or create it)")]
+    SegmentMissing {
+        /// The segment name.
+        name: String,
+    },
+    /// A segment of that name already exists.
+    #[error("segment {name} already exists")]
+    SegmentExists {
+        /// The segment name.
+        name: String,
+    },
+    /// Something in the segment contradicts its invariants.
+    #[error("segment corrupt: {what}")]
+    Corrupt {
+        /// What was found.
+        what: String,
+    },
+    /// A pool state transition named the wrong old state.
+    #[error("{pool} record {index}: expected state {expected} but found {found}")]
+    WrongState {
+        /// The pool.
+        pool: &'static str,
+        /// The record.
+        index: u32,
+        /// The state the caller expected.
+        expected: &'static str,
+        /// The state the record was in.
+        found: &'static str,
+    },
+    /// A configuration value is out of range.
+    #[error("invalid configuration: {key}: {why}")]
+    Config {
+        /// The key.
+        key: &'static str,
+        /// What is wrong.
+        why: String,
+    },
+    /// A system call failed.
+    #[error("{op} failed for segment {segment}")]
+    Io {
+        /// The operation.
+        op: &'static str,
+        /// The segment involved.
+        segment: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(op: &'static str, segment: &str, errno: nix::errno::Errno) -> Self {
+        Error::Io { op, segment: segment.to_string(), source: std::io::Error::from(errno) }
+    }
+}

@@ -1,0 +1,161 @@
+//! Owners: the client handles that hold and wait for locks.
+//!
+//! An owner is a record, never "the process": a process may open several handles, and closing any
+//! unrelated file never drops anyone's locks. The record names its process by pid plus the
+//! process's start time (field 22 of `/proc/PID/stat`), so a recycled pid is never mistaken for it.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+
+use crate::pool::PoolState;
+
+/// Owner record (64 bytes). Written under the owner-pool latch while the record is FREE, before
+/// it turns LIVE; read by anyone.
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct Owner {
+    /// Process id.
+    pub pid: AtomicU32,
+    /// [`OwnerKind`] as a number.
+    pub kind: AtomicU32,
+    /// Process start time in clock ticks since boot (`/proc/PID/stat` field 22).
+    pub start_time: AtomicU64,
+    /// Bumped each time the record is registered.
+    pub gen: AtomicU32,
+    /// Length of the label in bytes.
+    pub label_len: AtomicU32,
+    /// Free-form label (up to 32 bytes), e.g. a program name or a remote address.
+    pub label: [AtomicU64; 4],
+    _reserved: [AtomicU64; 1],
+}
+
+// SAFETY: repr(C), atomics only, valid at zero, no pointers.
+crate::impl_shm_safe!(Owner);
+const _: () = assert!(std::mem::size_of::<Owner>() == 64 && std::mem::align_of::<Owner>() == 8);
+
+/// Maximum label length.
+pub const LABEL_MAX: usize = 32;
+
+/// Owner pool states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum OwnerState {
+    /// Unused.
+    Free = 0,
+    /// Registered by a live handle.
+    Live = 1,
+}
+
+impl PoolState for OwnerState {
+    const COUNT: usize = 2;
+    const POOL: &'static str = "owner";
+    fn to_u32(self) -> u32 {
+        self as u32
+    }
+    fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            0 => Some(OwnerState::Free),
+            1 => Some(OwnerState::Live),
+            _ => None,
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            OwnerState::Free => "FREE",
+            OwnerState::Live => "LIVE",
+        }
+    }
+}
+
+/// What kind of client an owner is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum OwnerKind {
+    /// A process on this machine using the library.
+    Local = 1,
+    /// A gateway session on behalf of a remote client.
+    Remote = 2,
+}
+
+impl OwnerKind {
+    /// From the stored number.
+    pub fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            1 => Some(OwnerKind::Local),
+            2 => Some(OwnerKind::Remote),
+            _ => None,
+        }
+    }
+}
+
+/// Identity of a process: pid plus start time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ProcessId {
+    /// The pid.
+    pub pid: u32,
+    /// Start time in clock ticks since boot.
+    pub start_time: u64,
+}
+
+impl ProcessId {
+    /// This process.
+    pub fn current() -> ProcessId {
+        let pid = std::process::id();
+        ProcessId { pid, start_time: start_time(pid).unwrap_or(0) }
+    }
+}
+
+/// Start time of process `pid` (field 22 of /proc/PID/stat), or None if it does not exist.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and ')'; fields after the last ')' are plain.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // rest starts with field 3 (state); field 22 is the 20th field of rest.
+    rest.split_ascii_whitespace().nth(19)?.parse().ok()
+}
+
+impl Owner {
+    /// Writes the label, truncated to [`LABEL_MAX`] bytes.
+    pub fn set_label(&self, label: &[u8]) {
+        let label = &label[..label.len().min(LABEL_MAX)];
+        let mut buf = [0u8; LABEL_MAX];
+        buf[..label.len()].copy_from_slice(label);
+        for (i, w) in self.label.iter().enumerate() {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&buf[i * 8..i * 8 + 8]);
+            w.store(u64::from_le_bytes(b), Relaxed);
+        }
+        self.label_len.store(label.len() as u32, Relaxed);
+    }
+
+    /// The label (lossy UTF-8).
+    pub fn label(&self) -> String {
+        let mut buf = [0u8; LABEL_MAX];
+        for (i, w) in self.label.iter().enumerate() {
+            buf[i * 8..i * 8 + 8].copy_from_slice(&w.load(Relaxed).to_le_bytes());
+        }
+        let n = (self.label_len.load(Relaxed) as usize).min(LABEL_MAX);
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_time_of_self_is_stable_and_of_a_missing_pid_is_none() {
+        let me = ProcessId::current();
+        assert!(me.start_time > 0);
+        assert_eq!(start_time(me.pid), Some(me.start_time));
+        assert_eq!(start_time(u32::MAX - 1), None);
+    }
+
+    #[test]
+    fn label_round_trips_and_truncates() {
+        let o = Owner::default();
+        o.set_label(b"worker 7");
+        assert_eq!(o.label(), "worker 7");
+        o.set_label(&[b'x'; 40]);
+        assert_eq!(o.label().len(), LABEL_MAX);
+    }
+}

@@ -1,0 +1,105 @@
+//! The syscall shim: mmap/munmap and the shared (non-private) futex.
+//!
+//! Everything else that touches the OS goes through `nix`'s safe wrappers.
+
+use std::num::NonZeroUsize;
+use std::os::fd::AsFd;
+use std::ptr::NonNull;
+use std::sync::atomic::AtomicU32;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::mman::{mmap, mmap_anonymous, munmap, MapFlags, ProtFlags};
+
+/// Maps `len` bytes of `fd` shared, read-write.
+pub(super) fn map_shared(fd: impl AsFd, len: usize) -> Result<NonNull<u8>, Errno> {
+    let len = NonZeroUsize::new(len).ok_or(Errno::EINVAL)?;
+    // SAFETY: we ask the kernel for a fresh mapping at an address of its choosing (no MAP_FIXED),
+    // so no existing Rust object is aliased or invalidated.
+    let p = unsafe {
+        mmap(None, len, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED, fd, 0)?
+    };
+    Ok(p.cast())
+}
+
+/// Maps `len` bytes of anonymous shared memory (zeroed; shared with children after fork).
+pub(super) fn map_anonymous(len: usize) -> Result<NonNull<u8>, Errno> {
+    let len = NonZeroUsize::new(len).ok_or(Errno::EINVAL)?;
+    // SAFETY: as in `map_shared`: a fresh mapping, no MAP_FIXED, nothing aliased.
+    let p = unsafe {
+        mmap_anonymous(
+            None,
+            len,
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+            MapFlags::MAP_SHARED,
+        )?
+    };
+    Ok(p.cast())
+}
+
+/// Unmaps a mapping made by [`map_shared`] or [`map_anonymous`].
+///
+/// # Safety
+/// - `ptr`/`len` describe exactly one live mapping made by this module;
+/// - no reference into it outlives this call.
+pub(super) unsafe fn unmap(ptr: NonNull<u8>, len: usize) {
+    // SAFETY: the caller guarantees the bullets above. An error here can only mean a bad
+    // argument, which the bullets exclude; there is nothing useful to do with it in a Drop.
+    let _ = unsafe { munmap(ptr.cast(), len) };
+}
+
+/// Outcome of a futex wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FutexWait {
+    /// Woken by a FUTEX_WAKE (or spuriously): re-check the condition.
+    Woken,
+    /// The word no longer held the expected value when the kernel looked.
+    Changed,
+    /// The timeout elapsed.
+    TimedOut,
+}
+
+/// FUTEX_WAIT (shared, never FUTEX_PRIVATE_FLAG) on `word` while it holds `expected`.
+///
+/// `timeout` is relative and measured on CLOCK_MONOTONIC by the kernel. EINTR counts as a
+/// wake-up: callers always loop and re-check their condition.
+pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) -> FutexWait {
+    let ts = timeout.map(|d| libc::timespec {
+        tv_sec: d.as_secs().min(i64::MAX as u64) as libc::time_t,
+        tv_nsec: d.subsec_nanos() as libc::c_long,
+    });
+    let ts_ptr = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: `word` is a live AtomicU32 (aligned 4-byte word) for the whole call; the kernel only
+    // reads it. `ts_ptr` is null or points at a timespec on this stack frame with tv_nsec < 1e9.
+    let r = unsafe {
+        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAIT, expected, ts_ptr, 0usize, 0u32)
+    };
+    if r == 0 {
+        return FutexWait::Woken;
+    }
+    match Errno::last() {
+        Errno::EAGAIN => FutexWait::Changed,
+        Errno::ETIMEDOUT => FutexWait::TimedOut,
+        // EINTR, and anything unexpected: report a wake-up so the caller re-checks.
+        _ => FutexWait::Woken,
+    }
+}
+
+/// FUTEX_WAKE (shared) of up to `n` waiters on `word`; returns how many were woken.
+pub fn futex_wake(word: &AtomicU32, n: u32) -> usize {
+    // SAFETY: `word` is a live AtomicU32; FUTEX_WAKE only uses its address as a key.
+    let r = unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, n as i32, 0usize, 0usize, 0u32) };
+    r.max(0) as usize
+}
+
+/// Reads clock `id` in nanoseconds (0 if the clock is unavailable, which CLOCK_MONOTONIC never is).
+#[inline]
+pub fn clock_ns(id: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec on this stack frame; clock_gettime writes only it.
+    let r = unsafe { libc::clock_gettime(id, &mut ts) };
+    if r != 0 {
+        return 0;
+    }
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

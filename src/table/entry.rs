@@ -1,0 +1,186 @@
+//! Lock entries and hold/wait records: the per-shard records of the table.
+//!
+//! # Layout
+//! ```text
+//! Entry (64 B)                                Hold (40 B)
+//!  0 hash        u64  name hash               0 token   u64  fencing token of this grant
+//!  8 token       u64  last token granted      8 entry   u32  entry index (in the shard)
+//! 16 next        u32  bucket chain           12 owner   u32  owner index
+//! 20 name_len    u32                         16 mode    u32  Mode
+//! 24 mode        u32  Mode of the grant      20 futex   u32  WAIT / WOKEN / GRANTED
+//! 28 owner       u32  exclusive holder       24 next    u32  entry's reader list or queue
+//! 32 readers     u32  shared holders         28 prev    u32
+//! 36 reader_head u32  Hold list              32 flags   u32  OWNER_DIED for this grant
+//! 40 wait_head   u32  FIFO queue of Holds    36 _pad
+//! 44 wait_tail   u32
+//! 48 waiters     u32
+//! 52 flags       u32  OWNER_DIED
+//! 56 gen         u32  bumped on reuse
+//! 60 _pad
+//! ```
+//! The name lives in the shard's name region (`name_words` u64s per entry, same index).
+//!
+//! # Concurrency
+//! Every field is written only under the shard latch (Relaxed stores; the latch orders them),
+//! except `Hold::futex`, which its waiter also reads without the latch (Acquire) to sleep on.
+
+use std::sync::atomic::{AtomicU32, AtomicU64};
+
+use crate::pool::PoolState;
+
+/// Lock modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Mode {
+    /// One holder at a time.
+    Exclusive = 1,
+    /// Any number of holders, excluding exclusive ones.
+    Shared = 2,
+}
+
+impl Mode {
+    /// The stored number.
+    pub fn to_u32(self) -> u32 {
+        self as u32
+    }
+    /// From the stored number; 0 (not held) and garbage give None.
+    pub fn from_u32(v: u32) -> Option<Mode> {
+        match v {
+            1 => Some(Mode::Exclusive),
+            2 => Some(Mode::Shared),
+            _ => None,
+        }
+    }
+}
+
+/// `Entry::mode` when nobody holds the lock.
+pub const MODE_NONE: u32 = 0;
+
+/// Entry flag: the last holder died (or was forced out); told to the next grantee, then cleared.
+pub const OWNER_DIED: u32 = 1;
+
+/// `Hold::futex`: waiting.
+pub const WAIT: u32 = 0;
+/// `Hold::futex`: the lock was freed and this (head) waiter was woken to try for it.
+pub const WOKEN: u32 = 1;
+/// `Hold::futex`: the lock was handed to this waiter.
+pub const GRANTED: u32 = 2;
+
+/// A lock entry.
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct Entry {
+    /// Seeded hash of the name.
+    pub hash: AtomicU64,
+    /// Fencing token of the latest grant.
+    pub token: AtomicU64,
+    /// Next entry in the bucket chain (NIL ends it).
+    pub next: AtomicU32,
+    /// Length of the name.
+    pub name_len: AtomicU32,
+    /// [`MODE_NONE`] or a [`Mode`].
+    pub mode: AtomicU32,
+    /// Owner index of the exclusive holder, NIL if none.
+    pub owner: AtomicU32,
+    /// Number of shared holders.
+    pub readers: AtomicU32,
+    /// First shared holder's Hold (doubly linked through Hold::next/prev).
+    pub reader_head: AtomicU32,
+    /// Oldest waiter's Hold.
+    pub wait_head: AtomicU32,
+    /// Newest waiter's Hold.
+    pub wait_tail: AtomicU32,
+    /// Number of queued waiters.
+    pub waiters: AtomicU32,
+    /// [`OWNER_DIED`].
+    pub flags: AtomicU32,
+    /// Bumped each time the entry is (re)used for a name.
+    pub gen: AtomicU32,
+    _pad: AtomicU32,
+}
+
+/// A shared hold or a waiting request.
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct Hold {
+    /// Fencing token of this grant (once granted).
+    pub token: AtomicU64,
+    /// Entry index within the shard.
+    pub entry: AtomicU32,
+    /// Owner index.
+    pub owner: AtomicU32,
+    /// Requested [`Mode`].
+    pub mode: AtomicU32,
+    /// [`WAIT`], [`WOKEN`] or [`GRANTED`]; the waiter sleeps on it.
+    pub futex: AtomicU32,
+    /// Next in the entry's reader list or wait queue.
+    pub next: AtomicU32,
+    /// Previous in the entry's reader list or wait queue.
+    pub prev: AtomicU32,
+    /// [`OWNER_DIED`] for a handed-off grant.
+    pub flags: AtomicU32,
+    _pad: AtomicU32,
+}
+
+// SAFETY: repr(C), atomics only, valid at zero, no pointers.
+crate::impl_shm_safe!(Entry);
+// SAFETY: repr(C), atomics only, valid at zero, no pointers.
+crate::impl_shm_safe!(Hold);
+
+const _: () = assert!(std::mem::size_of::<Entry>() == 64 && std::mem::align_of::<Entry>() == 8);
+const _: () = assert!(std::mem::size_of::<Hold>() == 40 && std::mem::align_of::<Hold>() == 8);
+
+/// Entry pool states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum EntryState {
+    /// Not in the index.
+    Free = 0,
+    /// In the index, neither held nor waited on (kept as a cache; evicted oldest first). Its
+    /// stamp is the time of its last grant.
+    Idle = 1,
+    /// Held or waited on.
+    Held = 2,
+}
+
+impl PoolState for EntryState {
+    const COUNT: usize = 3;
+    const POOL: &'static str = "lock entry";
+    fn to_u32(self) -> u32 {
+        self as u32
+    }
+    fn from_u32(v: u32) -> Option<Self> {
+        [EntryState::Free, EntryState::Idle, EntryState::Held].get(v as usize).copied()
+    }
+    fn name(self) -> &'static str {
+        ["FREE", "IDLE", "HELD"][self as usize]
+    }
+}
+
+/// Hold/wait pool states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum HoldState {
+    /// Unused.
+    Free = 0,
+    /// A shared hold.
+    Held = 1,
+    /// A queued request.
+    Waiting = 2,
+    /// An exclusive grant handed to a waiter that has not picked it up yet.
+    Granted = 3,
+}
+
+impl PoolState for HoldState {
+    const COUNT: usize = 4;
+    const POOL: &'static str = "hold/wait";
+    fn to_u32(self) -> u32 {
+        self as u32
+    }
+    fn from_u32(v: u32) -> Option<Self> {
+        [HoldState::Free, HoldState::Held, HoldState::Waiting, HoldState::Granted].get(v as usize).copied()
+    }
+    fn name(self) -> &'static str {
+        ["FREE", "HELD", "WAITING", "GRANTED"][self as usize]
+    }
+}

@@ -1,0 +1,864 @@
+//! The lock table: named locks in shards of fixed pools, locked and released by any process.
+//!
+//! # Layout
+//! ```text
+//! region 0  TableHdr            owner-pool latch and list heads
+//! region 1  ShardHdr   x S      per shard: latch, fencing counter, pool list heads, stats
+//! region 2  Entry      x S*E    lock entries; shard s owns [s*E, (s+1)*E)
+//! region 3  PoolNode   x S*E    their pool nodes (state, stamp, links)
+//! region 4  u64        x S*E*W  their names, W words each
+//! region 5  u32        x S*B    hash buckets: head of a chain of entries, by index
+//! region 6  Hold       x S*H    shared holds and waiting requests
+//! region 7  PoolNode   x S*H    their pool nodes
+//! region 8  Owner      x O      owner records
+//! region 9  PoolNode   x O      their pool nodes
+//! ```
+//! A name's hash picks its shard (high bits) and bucket (low bits). Indices stored in a shard's
+//! records are local to that shard.
+//!
+//! # Concurrency
+//! Everything in a shard is read and written under the shard's latch, which is held for a few
+//! dozen instructions: no syscall, allocation or wait happens under it (except waking a run of
+//! shared waiters). Lock waits sleep on the waiter's own `Hold::futex`, outside the latch.
+//!
+//! # Fairness
+//! A free lock may be taken by whoever asks ("barging"), which keeps the uncontended and lightly
+//! contended paths fast. A release wakes only the oldest waiter; once that waiter has waited
+//! [`FAIR_AFTER`], the release hands the lock to it directly and new requests queue behind it
+//! (parking_lot's "eventual fairness"). Shared requests queue behind any waiter, so readers never
+//! starve a queued writer; a release that reaches shared waiters grants the whole run of them.
+
+mod entry;
+mod shard;
+mod wait;
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::clock::{self, Nanos};
+use crate::config::{Capacities, Geometry};
+use crate::error::{Error, HolderInfo, Result};
+use crate::name::{self, LockName};
+use crate::owner::{Owner, OwnerKind, OwnerState, ProcessId};
+use crate::pool::{Idx, ListHead, PoolNode, StatePool};
+use crate::shm::sys::futex_wake;
+use crate::shm::{Region, RegionSpec, Segment, PARAMS};
+
+pub use entry::{Entry, EntryState, Hold, HoldState, Mode, GRANTED, MODE_NONE, OWNER_DIED, WAIT, WOKEN};
+pub use shard::{Latch, ShardHdr, STAT_GRANTS, STAT_HANDOFFS, STAT_TIMEOUTS, STAT_WAITS};
+
+/// How long the oldest waiter may be passed over by barging requests before a release hands the
+/// lock to it directly.
+pub const FAIR_AFTER: Duration = Duration::from_micros(200);
+
+pub(crate) const NIL: u32 = u32::MAX;
+
+/// Table-wide header (region 0).
+#[repr(C, align(128))]
+#[derive(Debug, Default)]
+pub struct TableHdr {
+    /// Latch over the owner pool; holds the registering process's pid.
+    pub owner_latch: AtomicU32,
+    /// Pid of the supervisor (shmlockd), 0 if none has attached.
+    pub supervisor_pid: AtomicU32,
+    /// Owner pool list heads (FREE, LIVE).
+    pub owner_lists: [ListHead; 2],
+    _reserved: [AtomicU64; 11],
+}
+// SAFETY: repr(C), atomics only, valid at zero, no pointers.
+crate::impl_shm_safe!(TableHdr);
+const _: () = assert!(std::mem::size_of::<TableHdr>() == 128);
+
+// Header params (shm::Header::params) owned by the table.
+const P_SHARDS: usize = 0;
+const P_ENTRIES: usize = 1;
+const P_HOLDS: usize = 2;
+const P_BUCKETS: usize = 3;
+const P_OWNERS: usize = 4;
+const P_NAME_LEN: usize = 5;
+const P_NAME_WORDS: usize = 6;
+const P_SEED: usize = 7;
+const P_MAX_LOCKS: usize = 8;
+const P_MAX_HOLDS: usize = 9;
+
+/// What `lock` does when the lock is not free.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wait {
+    /// Return `WouldBlock`.
+    No,
+    /// Wait until this CLOCK_MONOTONIC instant.
+    Until(Nanos),
+    /// Wait as long as it takes.
+    Forever,
+}
+
+/// An owner as the table knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct OwnerRef {
+    pub(crate) idx: u32,
+    pub(crate) gen: u32,
+}
+
+impl OwnerRef {
+    fn latch_id(self) -> u32 {
+        self.idx + 1
+    }
+}
+
+/// A grant as the table knows it; the client wraps it in a guard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RawGrant {
+    pub(crate) shard: u32,
+    pub(crate) entry: u32,
+    /// The Hold of a shared grant; NIL for exclusive ones.
+    pub(crate) hold: u32,
+    pub(crate) token: u64,
+    pub(crate) owner_died: bool,
+    pub(crate) mode: Mode,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Regions {
+    hdr: Region<TableHdr>,
+    shards: Region<ShardHdr>,
+    entries: Region<Entry>,
+    entry_nodes: Region<PoolNode>,
+    names: Region<AtomicU64>,
+    buckets: Region<AtomicU32>,
+    holds: Region<Hold>,
+    hold_nodes: Region<PoolNode>,
+    owners: Region<Owner>,
+    owner_nodes: Region<PoolNode>,
+}
+
+/// One shard, its records resolved on demand (each accessor is a bounds check and an add).
+struct Shard<'a> {
+    no: u32,
+    t: &'a LockTable,
+    hdr: &'a ShardHdr,
+    words: usize,
+}
+
+impl<'a> Shard<'a> {
+    #[inline]
+    fn span(&self, per: u32) -> std::ops::Range<usize> {
+        let (i, per) = (self.no as usize, per as usize);
+        i * per..(i + 1) * per
+    }
+    #[inline]
+    fn entries(&self) -> &'a [Entry] {
+        &self.t.seg.slice(self.t.r.entries)[self.span(self.t.geo.entries_per_shard)]
+    }
+    #[inline]
+    fn epool(&self) -> StatePool<'a, EntryState> {
+        StatePool::new(&self.t.seg.slice(self.t.r.entry_nodes)[self.span(self.t.geo.entries_per_shard)], &self.hdr.entry_lists)
+    }
+    #[inline]
+    fn names(&self) -> &'a [AtomicU64] {
+        &self.t.seg.slice(self.t.r.names)[self.span(self.t.geo.entries_per_shard * self.t.geo.name_words)]
+    }
+    #[inline]
+    fn buckets(&self) -> &'a [AtomicU32] {
+        &self.t.seg.slice(self.t.r.buckets)[self.span(self.t.geo.buckets_per_shard)]
+    }
+    #[inline]
+    fn holds(&self) -> &'a [Hold] {
+        &self.t.seg.slice(self.t.r.holds)[self.span(self.t.geo.holds_per_shard)]
+    }
+    #[inline]
+    fn hpool(&self) -> StatePool<'a, HoldState> {
+        StatePool::new(&self.t.seg.slice(self.t.r.hold_nodes)[self.span(self.t.geo.holds_per_shard)], &self.hdr.hold_lists)
+    }
+}
+
+impl<'a> Shard<'a> {
+    #[inline]
+    fn entry(&self, e: u32) -> Result<&'a Entry> {
+        self.entries().get(e as usize).ok_or_else(|| corrupt(format!("shard {} entry {e} out of range", self.no)))
+    }
+    #[inline]
+    fn hold(&self, h: u32) -> Result<&'a Hold> {
+        self.holds().get(h as usize).ok_or_else(|| corrupt(format!("shard {} hold {h} out of range", self.no)))
+    }
+    fn next_token(&self) -> u64 {
+        let t = self.hdr.token.load(Relaxed) + 1;
+        self.hdr.token.store(t, Relaxed);
+        t
+    }
+    fn bump(&self, stat: usize) {
+        let s = &self.hdr.stats[stat];
+        s.store(s.load(Relaxed).wrapping_add(1), Relaxed);
+    }
+}
+
+fn corrupt(what: String) -> Error {
+    Error::Corrupt { what }
+}
+
+/// The lock table over a mapped segment.
+#[derive(Debug)]
+pub struct LockTable {
+    seg: Arc<Segment>,
+    geo: Geometry,
+    seed: u64,
+    r: Regions,
+}
+
+impl LockTable {
+    /// Creates segment `name` sized for `caps`. Fails if it exists.
+    pub fn create(name: &str, caps: &Capacities) -> Result<LockTable> {
+        let geo = caps.geometry()?;
+        let (specs, params) = Self::plan(&geo, caps);
+        let seg = Segment::create(name, &specs, &params, caps.mode, |s| Self::init(s, &geo))?;
+        Self::from_segment(Arc::new(seg))
+    }
+
+    /// Opens an existing segment.
+    pub fn open(name: &str) -> Result<LockTable> {
+        Self::from_segment(Arc::new(Segment::open(name)?))
+    }
+
+    /// Opens segment `name`, creating it with `caps` if it does not exist.
+    pub fn create_or_open(name: &str, caps: &Capacities) -> Result<LockTable> {
+        match Self::open(name) {
+            Err(Error::SegmentMissing { .. }) => match Self::create(name, caps) {
+                Err(Error::SegmentExists { .. }) => Self::open(name),
+                other => other,
+            },
+            other => other,
+        }
+    }
+
+    /// A table in anonymous shared memory (shared with forked children only).
+    pub fn anonymous(caps: &Capacities) -> Result<LockTable> {
+        let geo = caps.geometry()?;
+        let (specs, params) = Self::plan(&geo, caps);
+        let seg = Segment::anonymous(&specs, &params, |s| Self::init(s, &geo))?;
+        Self::from_segment(Arc::new(seg))
+    }
+
+    fn plan(g: &Geometry, caps: &Capacities) -> (Vec<RegionSpec>, [u64; PARAMS]) {
+        let (s, e, h, b, o) = (
+            u64::from(g.shards),
+            u64::from(g.entries_per_shard),
+            u64::from(g.holds_per_shard),
+            u64::from(g.buckets_per_shard),
+            u64::from(g.owners),
+        );
+        let specs = vec![
+            RegionSpec::of::<TableHdr>(1),
+            RegionSpec::of::<ShardHdr>(s),
+            RegionSpec::of::<Entry>(s * e),
+            RegionSpec::of::<PoolNode>(s * e),
+            RegionSpec::of::<AtomicU64>(s * e * u64::from(g.name_words)),
+            RegionSpec::of::<AtomicU32>(s * b),
+            RegionSpec::of::<Hold>(s * h),
+            RegionSpec::of::<PoolNode>(s * h),
+            RegionSpec::of::<Owner>(o),
+            RegionSpec::of::<PoolNode>(o),
+        ];
+        let mut p = [0u64; PARAMS];
+        p[P_SHARDS] = s;
+        p[P_ENTRIES] = e;
+        p[P_HOLDS] = h;
+        p[P_BUCKETS] = b;
+        p[P_OWNERS] = o;
+        p[P_NAME_LEN] = u64::from(g.max_name_len);
+        p[P_NAME_WORDS] = u64::from(g.name_words);
+        p[P_SEED] = random_seed();
+        p[P_MAX_LOCKS] = u64::from(caps.max_locks);
+        p[P_MAX_HOLDS] = u64::from(caps.max_holds);
+        (specs, p)
+    }
+
+    /// Bytes a segment for `caps` occupies.
+    pub fn segment_size(caps: &Capacities) -> Result<u64> {
+        let geo = caps.geometry()?;
+        let (specs, _) = Self::plan(&geo, caps);
+        crate::shm::layout::plan(&specs)
+            .map(|(_, total)| total)
+            .ok_or(Error::Config { key: "capacities", why: "segment size overflows".into() })
+    }
+
+    fn init(seg: &Segment, g: &Geometry) -> Result<()> {
+        let r = Self::regions(seg)?;
+        let now = clock::now();
+        for e in seg.slice(r.entries) {
+            for w in [&e.next, &e.owner, &e.reader_head, &e.wait_head, &e.wait_tail] {
+                w.store(NIL, Relaxed);
+            }
+        }
+        for h in seg.slice(r.holds) {
+            for w in [&h.entry, &h.owner, &h.next, &h.prev] {
+                w.store(NIL, Relaxed);
+            }
+        }
+        for b in seg.slice(r.buckets) {
+            b.store(NIL, Relaxed);
+        }
+        let (e, h) = (g.entries_per_shard as usize, g.holds_per_shard as usize);
+        let (en, hn) = (seg.slice(r.entry_nodes), seg.slice(r.hold_nodes));
+        for (s, hdr) in seg.slice(r.shards).iter().enumerate() {
+            StatePool::<EntryState>::new(&en[s * e..(s + 1) * e], &hdr.entry_lists).init(now);
+            StatePool::<HoldState>::new(&hn[s * h..(s + 1) * h], &hdr.hold_lists).init(now);
+        }
+        let hdr = &seg.slice(r.hdr)[0];
+        StatePool::<OwnerState>::new(seg.slice(r.owner_nodes), &hdr.owner_lists).init(now);
+        Ok(())
+    }
+
+    fn regions(seg: &Segment) -> Result<Regions> {
+        Ok(Regions {
+            hdr: seg.region(0)?,
+            shards: seg.region(1)?,
+            entries: seg.region(2)?,
+            entry_nodes: seg.region(3)?,
+            names: seg.region(4)?,
+            buckets: seg.region(5)?,
+            holds: seg.region(6)?,
+            hold_nodes: seg.region(7)?,
+            owners: seg.region(8)?,
+            owner_nodes: seg.region(9)?,
+        })
+    }
+
+    fn from_segment(seg: Arc<Segment>) -> Result<LockTable> {
+        let p = |i: usize| seg.header().params[i].load(Relaxed);
+        let as_u32 = |i: usize, what: &str| {
+            u32::try_from(p(i)).map_err(|_| corrupt(format!("{what} parameter {} out of range", p(i))))
+        };
+        let geo = Geometry {
+            shards: as_u32(P_SHARDS, "shards")?,
+            entries_per_shard: as_u32(P_ENTRIES, "entries")?,
+            holds_per_shard: as_u32(P_HOLDS, "holds")?,
+            buckets_per_shard: as_u32(P_BUCKETS, "buckets")?,
+            owners: as_u32(P_OWNERS, "owners")?,
+            max_name_len: as_u32(P_NAME_LEN, "name length")?,
+            name_words: as_u32(P_NAME_WORDS, "name words")?,
+        };
+        let r = Self::regions(&seg)?;
+        let (s, e, h, b, w) = (
+            geo.shards as usize,
+            geo.entries_per_shard as usize,
+            geo.holds_per_shard as usize,
+            geo.buckets_per_shard as usize,
+            geo.name_words as usize,
+        );
+        let ok = s.is_power_of_two()
+            && b.is_power_of_two()
+            && e >= 1
+            && e < NIL as usize
+            && h < NIL as usize
+            && (geo.owners as usize) < NIL as usize - 1
+            && w * 8 >= geo.max_name_len as usize
+            && r.hdr.len() == 1
+            && r.shards.len() == s
+            && r.entries.len() == s * e
+            && r.entry_nodes.len() == s * e
+            && r.names.len() == s * e * w
+            && r.buckets.len() == s * b
+            && r.holds.len() == s * h
+            && r.hold_nodes.len() == s * h
+            && r.owners.len() == geo.owners as usize
+            && r.owner_nodes.len() == geo.owners as usize;
+        if !ok {
+            return Err(corrupt(format!("table geometry {geo:?} does not match its regions")));
+        }
+        Ok(LockTable { seed: p(P_SEED), seg, geo, r })
+    }
+
+    /// The segment.
+    pub fn segment(&self) -> &Segment {
+        &self.seg
+    }
+
+    /// The geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.geo
+    }
+
+    /// The capacities the segment was created with (max_locks and max_holds as requested).
+    pub fn requested(&self) -> (u64, u64) {
+        let p = &self.seg.header().params;
+        (p[P_MAX_LOCKS].load(Relaxed), p[P_MAX_HOLDS].load(Relaxed))
+    }
+
+    #[inline]
+    fn shard(&self, s: u32) -> Shard<'_> {
+        Shard { no: s, t: self, hdr: &self.seg.slice(self.r.shards)[s as usize], words: self.geo.name_words as usize }
+    }
+
+    fn table_hdr(&self) -> &TableHdr {
+        &self.seg.slice(self.r.hdr)[0]
+    }
+
+    fn owner_pool(&self) -> StatePool<'_, OwnerState> {
+        StatePool::new(self.seg.slice(self.r.owner_nodes), &self.table_hdr().owner_lists)
+    }
+
+    fn owners(&self) -> &[Owner] {
+        self.seg.slice(self.r.owners)
+    }
+
+    #[inline]
+    fn shard_of(&self, h: u64) -> u32 {
+        ((h >> 40) as u32) & (self.geo.shards - 1)
+    }
+
+    // ---- owners ----------------------------------------------------------------------------
+
+    pub(crate) fn register(&self, kind: OwnerKind, label: &[u8]) -> Result<OwnerRef> {
+        let me = ProcessId::current();
+        let _g = Latch::new(&self.table_hdr().owner_latch).lock(me.pid.clamp(1, (1 << 31) - 1));
+        let pool = self.owner_pool();
+        let idx = pool.take_newest(OwnerState::Free, OwnerState::Free, clock::now()).ok_or(Error::PoolFull {
+            pool: "owner",
+            shard: None,
+            capacity: self.geo.owners,
+        })?;
+        let o = &self.owners()[idx.get()];
+        o.pid.store(me.pid, Relaxed);
+        o.start_time.store(me.start_time, Relaxed);
+        o.kind.store(kind as u32, Relaxed);
+        o.set_label(label);
+        let gen = o.gen.load(Relaxed).wrapping_add(1);
+        o.gen.store(gen, Relaxed);
+        // The record is complete; publish it as LIVE last.
+        pool.transition(idx, OwnerState::Free, OwnerState::Live, clock::now())?;
+        Ok(OwnerRef { idx: idx.0, gen })
+    }
+
+    pub(crate) fn deregister(&self, me: OwnerRef) -> Result<()> {
+        let _g = Latch::new(&self.table_hdr().owner_latch).lock(std::process::id().clamp(1, (1 << 31) - 1));
+        self.owner_pool().transition(Idx(me.idx), OwnerState::Live, OwnerState::Free, clock::now())
+    }
+
+    // ---- the index -------------------------------------------------------------------------
+
+    #[inline]
+    fn bucket_of(&self, h: u64) -> usize {
+        (h as usize) & (self.geo.buckets_per_shard as usize - 1)
+    }
+
+    #[inline]
+    fn name_eq(sh: &Shard<'_>, e: usize, name: &[u8]) -> bool {
+        let words = &sh.names()[e * sh.words..(e + 1) * sh.words];
+        words.iter().zip(name.chunks(8)).all(|(w, c)| w.load(Relaxed) == name::word(c))
+    }
+
+    #[inline]
+    fn lookup(&self, sh: &Shard<'_>, h: u64, name: &[u8]) -> Option<u32> {
+        let mut cur = sh.buckets()[self.bucket_of(h)].load(Relaxed);
+        let mut steps = sh.entries().len();
+        while let Some(e) = sh.entries().get(cur as usize) {
+            if e.hash.load(Relaxed) == h
+                && e.name_len.load(Relaxed) as usize == name.len()
+                && Self::name_eq(sh, cur as usize, name)
+            {
+                return Some(cur);
+            }
+            steps = steps.checked_sub(1)?;
+            cur = e.next.load(Relaxed);
+        }
+        None
+    }
+
+    /// Removes entry `i` from its bucket chain.
+    fn unlink_from_bucket(&self, sh: &Shard<'_>, i: u32) -> Result<()> {
+        let e = sh.entry(i)?;
+        let b = &sh.buckets()[self.bucket_of(e.hash.load(Relaxed))];
+        let mut cur = b.load(Relaxed);
+        if cur == i {
+            b.store(e.next.load(Relaxed), Relaxed);
+            return Ok(());
+        }
+        for _ in 0..sh.entries().len() {
+            let c = sh.entry(cur)?;
+            let next = c.next.load(Relaxed);
+            if next == i {
+                c.next.store(e.next.load(Relaxed), Relaxed);
+                return Ok(());
+            }
+            cur = next;
+        }
+        Err(corrupt(format!("shard {} entry {i} is not on its bucket chain", sh.no)))
+    }
+
+    /// Puts `name` in the index as an IDLE entry, taking a free entry or evicting the
+    /// least recently used idle one.
+    fn insert(&self, sh: &Shard<'_>, h: u64, name: &[u8], now: Nanos) -> Result<u32> {
+        let i = match sh.epool().take_newest(EntryState::Free, EntryState::Idle, now) {
+            Some(i) => i.0,
+            None => {
+                let Some((victim, _)) = sh.epool().oldest(EntryState::Idle) else {
+                    return Err(Error::PoolFull {
+                        pool: "lock entry",
+                        shard: Some(sh.no),
+                        capacity: sh.entries().len() as u32,
+                    });
+                };
+                self.unlink_from_bucket(sh, victim.0)?;
+                sh.epool().touch(victim, now)?;
+                victim.0
+            }
+        };
+        let e = sh.entry(i)?;
+        let words = &sh.names()[i as usize * sh.words..(i as usize + 1) * sh.words];
+        let mut chunks = name.chunks(8);
+        for w in words {
+            w.store(chunks.next().map_or(0, name::word), Relaxed);
+        }
+        e.hash.store(h, Relaxed);
+        e.name_len.store(name.len() as u32, Relaxed);
+        e.mode.store(MODE_NONE, Relaxed);
+        e.owner.store(NIL, Relaxed);
+        e.readers.store(0, Relaxed);
+        e.reader_head.store(NIL, Relaxed);
+        e.wait_head.store(NIL, Relaxed);
+        e.wait_tail.store(NIL, Relaxed);
+        e.waiters.store(0, Relaxed);
+        e.flags.store(0, Relaxed);
+        e.gen.store(e.gen.load(Relaxed).wrapping_add(1), Relaxed);
+        let b = &sh.buckets()[self.bucket_of(h)];
+        e.next.store(b.load(Relaxed), Relaxed);
+        b.store(i, Relaxed);
+        Ok(i)
+    }
+
+    /// The name of entry `e` (for inspection and errors).
+    fn name_of(sh: &Shard<'_>, e: u32) -> Vec<u8> {
+        let i = e as usize;
+        let len = sh.entries().get(i).map_or(0, |x| x.name_len.load(Relaxed) as usize).min(sh.words * 8);
+        let mut out = Vec::with_capacity(sh.words * 8);
+        for w in &sh.names()[i * sh.words..(i + 1) * sh.words] {
+            out.extend_from_slice(&w.load(Relaxed).to_le_bytes());
+        }
+        out.truncate(len);
+        out
+    }
+
+    // ---- locking ---------------------------------------------------------------------------
+
+    /// Does `me` hold entry `e` in any mode?
+    fn holds_it(sh: &Shard<'_>, e: &Entry, me: OwnerRef) -> bool {
+        match e.mode.load(Relaxed) {
+            m if m == Mode::Exclusive.to_u32() => e.owner.load(Relaxed) == me.idx,
+            m if m == Mode::Shared.to_u32() => Self::readers(sh, e).any(|(_, h)| h.owner.load(Relaxed) == me.idx),
+            _ => false,
+        }
+    }
+
+    fn readers<'a>(sh: &'a Shard<'_>, e: &Entry) -> impl Iterator<Item = (u32, &'a Hold)> + 'a {
+        let holds = sh.holds();
+        let mut cur = e.reader_head.load(Relaxed);
+        let mut left = holds.len();
+        std::iter::from_fn(move || {
+            let h = holds.get(cur as usize)?;
+            left = left.checked_sub(1)?;
+            let item = (cur, h);
+            cur = h.next.load(Relaxed);
+            Some(item)
+        })
+    }
+
+    fn starving(sh: &Shard<'_>, head: u32) -> bool {
+        match sh.hpool().time(Idx(head)) {
+            Ok(t) => clock::now().since(t) >= FAIR_AFTER,
+            Err(_) => true,
+        }
+    }
+
+    /// May a new request in `mode` take entry `e` now?
+    fn can_take(sh: &Shard<'_>, e: &Entry, mode: Mode) -> bool {
+        let waiters = e.waiters.load(Relaxed);
+        match e.mode.load(Relaxed) {
+            MODE_NONE => waiters == 0 || !Self::starving(sh, e.wait_head.load(Relaxed)),
+            m => m == Mode::Shared.to_u32() && mode == Mode::Shared && waiters == 0,
+        }
+    }
+
+    /// Grants entry `i` to `me` (the caller checked that it may).
+    fn grant_now(&self, sh: &Shard<'_>, i: u32, mode: Mode, me: OwnerRef, now: Nanos) -> Result<RawGrant> {
+        let e = sh.entry(i)?;
+        let mut hold = NIL;
+        if mode == Mode::Shared {
+            let h = sh.hpool().take_newest(HoldState::Free, HoldState::Held, now).ok_or(Error::PoolFull {
+                pool: "hold/wait",
+                shard: Some(sh.no),
+                capacity: sh.holds().len() as u32,
+            })?;
+            hold = h.0;
+            self.add_reader(sh, e, i, h.0, me.idx);
+        }
+        let was_free = e.mode.load(Relaxed) == MODE_NONE;
+        match sh.epool().state(Idx(i))? {
+            EntryState::Idle => sh.epool().transition(Idx(i), EntryState::Idle, EntryState::Held, now)?,
+            EntryState::Held if was_free => sh.epool().touch(Idx(i), now)?,
+            EntryState::Held => {}
+            EntryState::Free => return Err(corrupt(format!("shard {} entry {i} granted while FREE", sh.no))),
+        }
+        let token = sh.next_token();
+        e.token.store(token, Relaxed);
+        let flags = e.flags.load(Relaxed);
+        if flags & OWNER_DIED != 0 {
+            e.flags.store(flags & !OWNER_DIED, Relaxed);
+        }
+        if mode == Mode::Exclusive {
+            e.owner.store(me.idx, Relaxed);
+        } else {
+            sh.holds()[hold as usize].token.store(token, Relaxed);
+        }
+        e.mode.store(mode.to_u32(), Relaxed);
+        sh.bump(STAT_GRANTS);
+        Ok(RawGrant { shard: sh.no, entry: i, hold, token, owner_died: flags & OWNER_DIED != 0, mode })
+    }
+
+    fn add_reader(&self, sh: &Shard<'_>, e: &Entry, i: u32, h: u32, owner: u32) {
+        let hold = &sh.holds()[h as usize];
+        hold.entry.store(i, Relaxed);
+        hold.owner.store(owner, Relaxed);
+        hold.mode.store(Mode::Shared.to_u32(), Relaxed);
+        hold.flags.store(0, Relaxed);
+        let head = e.reader_head.load(Relaxed);
+        hold.prev.store(NIL, Relaxed);
+        hold.next.store(head, Relaxed);
+        if let Some(hh) = sh.holds().get(head as usize) {
+            hh.prev.store(h, Relaxed);
+        }
+        e.reader_head.store(h, Relaxed);
+        e.readers.store(e.readers.load(Relaxed) + 1, Relaxed);
+    }
+
+    fn remove_reader(sh: &Shard<'_>, e: &Entry, h: u32) {
+        let hold = &sh.holds()[h as usize];
+        let (p, n) = (hold.prev.load(Relaxed), hold.next.load(Relaxed));
+        match sh.holds().get(p as usize) {
+            Some(ph) => ph.next.store(n, Relaxed),
+            None => e.reader_head.store(n, Relaxed),
+        }
+        if let Some(nh) = sh.holds().get(n as usize) {
+            nh.prev.store(p, Relaxed);
+        }
+        hold.next.store(NIL, Relaxed);
+        hold.prev.store(NIL, Relaxed);
+        e.readers.store(e.readers.load(Relaxed).saturating_sub(1), Relaxed);
+    }
+
+    /// Locks `name` for `me`.
+    pub(crate) fn acquire(&self, me: OwnerRef, name: &[u8], mode: Mode, wait: Wait) -> Result<RawGrant> {
+        let name = LockName::new(name, self.geo.max_name_len as usize)?.as_bytes();
+        let h = name::hash(self.seed, name);
+        let sh = self.shard(self.shard_of(h));
+        let guard = Latch::new(&sh.hdr.latch).lock(me.latch_id());
+        let now = clock::coarse();
+        let i = match self.lookup(&sh, h, name) {
+            Some(i) => i,
+            None => self.insert(&sh, h, name, now)?,
+        };
+        let e = sh.entry(i)?;
+        if Self::holds_it(&sh, e, me) {
+            return Err(Error::AlreadyHeld);
+        }
+        if Self::can_take(&sh, e, mode) {
+            return self.grant_now(&sh, i, mode, me, now);
+        }
+        if wait == Wait::No {
+            return Err(Error::WouldBlock);
+        }
+        let w = self.enqueue(&sh, i, mode, me)?;
+        drop(guard);
+        self.wait_for_grant(&sh, i, w, me, mode, wait)
+    }
+
+    /// Releases a grant.
+    pub(crate) fn release(&self, me: OwnerRef, g: &RawGrant) -> Result<()> {
+        let sh = self.shard(g.shard);
+        let guard = Latch::new(&sh.hdr.latch).lock(me.latch_id());
+        let wake = self.release_locked(&sh, me, g)?;
+        drop(guard);
+        if let Some(w) = wake {
+            futex_wake(w, 1);
+        }
+        Ok(())
+    }
+
+    fn release_locked<'a>(&self, sh: &'a Shard<'_>, me: OwnerRef, g: &RawGrant) -> Result<Option<&'a AtomicU32>> {
+        let e = sh.entry(g.entry)?;
+        match g.mode {
+            Mode::Exclusive => {
+                if e.mode.load(Relaxed) != Mode::Exclusive.to_u32()
+                    || e.owner.load(Relaxed) != me.idx
+                    || e.token.load(Relaxed) != g.token
+                {
+                    return Err(Error::NotHeld);
+                }
+                e.owner.store(NIL, Relaxed);
+                e.mode.store(MODE_NONE, Relaxed);
+            }
+            Mode::Shared => {
+                let hold = sh.hold(g.hold)?;
+                if sh.hpool().state(Idx(g.hold))? != HoldState::Held
+                    || hold.owner.load(Relaxed) != me.idx
+                    || hold.token.load(Relaxed) != g.token
+                    || hold.entry.load(Relaxed) != g.entry
+                    || e.mode.load(Relaxed) != Mode::Shared.to_u32()
+                {
+                    return Err(Error::NotHeld);
+                }
+                Self::remove_reader(sh, e, g.hold);
+                sh.hpool().transition(Idx(g.hold), HoldState::Held, HoldState::Free, clock::coarse())?;
+                if e.readers.load(Relaxed) > 0 {
+                    return Ok(None);
+                }
+                e.mode.store(MODE_NONE, Relaxed);
+            }
+        }
+        self.after_release(sh, g.entry)
+    }
+
+    /// The lock on entry `i` just became free: go idle, wake the oldest waiter, or hand over.
+    /// Returns a futex to wake once the latch is dropped.
+    fn after_release<'a>(&self, sh: &'a Shard<'_>, i: u32) -> Result<Option<&'a AtomicU32>> {
+        let e = sh.entry(i)?;
+        if e.waiters.load(Relaxed) == 0 {
+            // An IDLE entry's stamp is its last grant's: no clock read on the release path.
+            let pool = sh.epool();
+            pool.transition(Idx(i), EntryState::Held, EntryState::Idle, pool.time(Idx(i))?)?;
+            return Ok(None);
+        }
+        let head = e.wait_head.load(Relaxed);
+        let hold = sh.hold(head)?;
+        if hold.mode.load(Relaxed) == Mode::Shared.to_u32() || Self::starving(sh, head) {
+            return self.hand_off(sh, i);
+        }
+        if hold.futex.load(Relaxed) == WAIT {
+            hold.futex.store(WOKEN, std::sync::atomic::Ordering::Release);
+            return Ok(Some(&hold.futex));
+        }
+        Ok(None)
+    }
+
+    /// Looks up who holds entry `i`, for a timeout error.
+    fn holder_info(&self, sh: &Shard<'_>, i: u32) -> Option<HolderInfo> {
+        let e = sh.entries().get(i as usize)?;
+        let now = clock::now();
+        let (owner, since, holders) = match Mode::from_u32(e.mode.load(Relaxed))? {
+            Mode::Exclusive => (e.owner.load(Relaxed), sh.epool().time(Idx(i)).ok()?, 1),
+            Mode::Shared => {
+                let (h, hold) = Self::readers(sh, e).last()?;
+                (hold.owner.load(Relaxed), sh.hpool().time(Idx(h)).ok()?, e.readers.load(Relaxed))
+            }
+        };
+        let o = self.owners().get(owner as usize)?;
+        Some(HolderInfo { pid: o.pid.load(Relaxed), label: o.label(), held_for: now.since(since), holders })
+    }
+
+    /// Releases `name` held by `me` (explicit unlock by name).
+    pub(crate) fn release_by_name(&self, me: OwnerRef, name: &[u8]) -> Result<()> {
+        let name = LockName::new(name, self.geo.max_name_len as usize)?.as_bytes();
+        let h = name::hash(self.seed, name);
+        let sh = self.shard(self.shard_of(h));
+        let guard = Latch::new(&sh.hdr.latch).lock(me.latch_id());
+        let i = self.lookup(&sh, h, name).ok_or(Error::NotHeld)?;
+        let e = sh.entry(i)?;
+        let g = match Mode::from_u32(e.mode.load(Relaxed)) {
+            Some(Mode::Exclusive) if e.owner.load(Relaxed) == me.idx => RawGrant {
+                shard: sh.no,
+                entry: i,
+                hold: NIL,
+                token: e.token.load(Relaxed),
+                owner_died: false,
+                mode: Mode::Exclusive,
+            },
+            Some(Mode::Shared) => {
+                let (hi, hold) =
+                    Self::readers(&sh, e).find(|(_, h)| h.owner.load(Relaxed) == me.idx).ok_or(Error::NotHeld)?;
+                RawGrant {
+                    shard: sh.no,
+                    entry: i,
+                    hold: hi,
+                    token: hold.token.load(Relaxed),
+                    owner_died: false,
+                    mode: Mode::Shared,
+                }
+            }
+            _ => return Err(Error::NotHeld),
+        };
+        let wake = self.release_locked(&sh, me, &g)?;
+        drop(guard);
+        if let Some(w) = wake {
+            futex_wake(w, 1);
+        }
+        Ok(())
+    }
+
+    /// Releases every hold and cancels every wait of `me` in `shards`, walking their HELD and
+    /// WAITING lists. Returns how many were released. Used when a handle is dropped, to release
+    /// what forgotten guards still hold.
+    pub(crate) fn release_all(&self, me: OwnerRef, shards: impl Iterator<Item = u32>) -> Result<usize> {
+        let mut n = 0;
+        for s in shards.filter(|&s| s < self.geo.shards) {
+            let sh = self.shard(s);
+            let guard = Latch::new(&sh.hdr.latch).lock(me.latch_id());
+            let mut wakes: Vec<&AtomicU32> = Vec::new();
+            let held: Vec<u32> = sh.epool().iter(EntryState::Held).map(|(i, _)| i.0).collect();
+            for i in held {
+                let e = sh.entry(i)?;
+                if e.mode.load(Relaxed) == Mode::Exclusive.to_u32() && e.owner.load(Relaxed) == me.idx {
+                    let g = RawGrant {
+                        shard: s,
+                        entry: i,
+                        hold: NIL,
+                        token: e.token.load(Relaxed),
+                        owner_died: false,
+                        mode: Mode::Exclusive,
+                    };
+                    wakes.extend(self.release_locked(&sh, me, &g)?);
+                    n += 1;
+                }
+            }
+            for state in [HoldState::Held, HoldState::Waiting, HoldState::Granted] {
+                let mine: Vec<u32> = sh
+                    .hpool()
+                    .iter(state)
+                    .map(|(i, _)| i.0)
+                    .filter(|&i| sh.holds()[i as usize].owner.load(Relaxed) == me.idx)
+                    .collect();
+                for h in mine {
+                    let hold = &sh.holds()[h as usize];
+                    let entry = hold.entry.load(Relaxed);
+                    match state {
+                        HoldState::Held => {
+                            let g = RawGrant {
+                                shard: s,
+                                entry,
+                                hold: h,
+                                token: hold.token.load(Relaxed),
+                                owner_died: false,
+                                mode: Mode::Shared,
+                            };
+                            wakes.extend(self.release_locked(&sh, me, &g)?);
+                        }
+                        HoldState::Waiting => wakes.extend(self.cancel_wait(&sh, entry, h)?),
+                        _ => sh.hpool().transition(Idx(h), HoldState::Granted, HoldState::Free, clock::coarse())?,
+                    }
+                    n += 1;
+                }
+            }
+            drop(guard);
+            for w in wakes {
+                futex_wake(w, 1);
+            }
+        }
+        Ok(n)
+    }
+}
+
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(clock::now().0);
+    h.write_u32(std::process::id());
+    h.finish()
+}

@@ -1,0 +1,207 @@
+//! Waiting: the FIFO queue of an entry, sleeping on a waiter's own futex, handoff and timeouts.
+//!
+//! A waiter's Hold record sits in its entry's queue (oldest first) in state WAITING. It sleeps on
+//! `Hold::futex`, so a release wakes exactly the one waiter it chose, never a herd:
+//! - `WOKEN`: the lock was freed and this (oldest) waiter may try for it; a barging request may
+//!   have beaten it, in which case it sleeps again, keeping its place;
+//! - `GRANTED`: the lock was handed to it (after [`FAIR_AFTER`](super::FAIR_AFTER), or because it
+//!   asked for shared mode); its grant is already recorded in the entry.
+//!
+//! Every sleep is bounded ([`POLL`]), so a waiter re-examines its state even if a wake-up was
+//! lost (for instance because the releasing process was killed between its store and its wake).
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use super::*;
+use crate::shm::sys::futex_wait;
+
+const R: Ordering = Ordering::Relaxed;
+
+/// Longest single sleep of a waiter before it re-examines its request.
+pub(crate) const POLL: Duration = Duration::from_millis(50);
+
+impl LockTable {
+    /// Appends a WAITING request of `me` for entry `i`; returns its Hold index.
+    pub(super) fn enqueue(&self, sh: &Shard<'_>, i: u32, mode: Mode, me: OwnerRef) -> Result<u32> {
+        let e = sh.entry(i)?;
+        let w = sh
+            .hpool()
+            .take_newest(HoldState::Free, HoldState::Waiting, clock::now())
+            .ok_or(Error::PoolFull { pool: "hold/wait", shard: Some(sh.no), capacity: sh.holds().len() as u32 })?
+            .0;
+        let hold = &sh.holds()[w as usize];
+        hold.entry.store(i, R);
+        hold.owner.store(me.idx, R);
+        hold.mode.store(mode.to_u32(), R);
+        hold.flags.store(0, R);
+        hold.token.store(0, R);
+        hold.futex.store(WAIT, R);
+        let tail = e.wait_tail.load(R);
+        hold.prev.store(tail, R);
+        hold.next.store(NIL, R);
+        match sh.holds().get(tail as usize) {
+            Some(t) => t.next.store(w, R),
+            None => e.wait_head.store(w, R),
+        }
+        e.wait_tail.store(w, R);
+        e.waiters.store(e.waiters.load(R) + 1, R);
+        if sh.epool().state(Idx(i))? == EntryState::Idle {
+            sh.epool().transition(Idx(i), EntryState::Idle, EntryState::Held, clock::coarse())?;
+        }
+        sh.bump(STAT_WAITS);
+        Ok(w)
+    }
+
+    /// Takes Hold `w` out of entry `i`'s queue.
+    fn dequeue(sh: &Shard<'_>, e: &Entry, w: u32) {
+        let hold = &sh.holds()[w as usize];
+        let (p, n) = (hold.prev.load(R), hold.next.load(R));
+        match sh.holds().get(p as usize) {
+            Some(ph) => ph.next.store(n, R),
+            None => e.wait_head.store(n, R),
+        }
+        match sh.holds().get(n as usize) {
+            Some(nh) => nh.prev.store(p, R),
+            None => e.wait_tail.store(p, R),
+        }
+        hold.next.store(NIL, R);
+        hold.prev.store(NIL, R);
+        e.waiters.store(e.waiters.load(R).saturating_sub(1), R);
+    }
+
+    /// Hands the free entry `i` to its oldest waiter (and, if that waiter wants shared mode, to
+    /// the whole run of shared waiters behind it). Wakes shared grantees here; returns the
+    /// exclusive grantee's futex for the caller to wake after dropping the latch.
+    pub(super) fn hand_off<'a>(&self, sh: &'a Shard<'_>, i: u32) -> Result<Option<&'a AtomicU32>> {
+        let e = sh.entry(i)?;
+        let now = clock::coarse();
+        let flags = e.flags.load(R);
+        e.flags.store(flags & !OWNER_DIED, R);
+        let died = flags & OWNER_DIED;
+        let head = e.wait_head.load(R);
+        let hold = sh.hold(head)?;
+        sh.epool().touch(Idx(i), now)?;
+        if hold.mode.load(R) == Mode::Exclusive.to_u32() {
+            Self::dequeue(sh, e, head);
+            let token = sh.next_token();
+            e.token.store(token, R);
+            e.owner.store(hold.owner.load(R), R);
+            e.mode.store(Mode::Exclusive.to_u32(), R);
+            hold.token.store(token, R);
+            hold.flags.store(died, R);
+            sh.hpool().transition(Idx(head), HoldState::Waiting, HoldState::Granted, now)?;
+            hold.futex.store(GRANTED, Ordering::Release);
+            sh.bump(STAT_GRANTS);
+            sh.bump(STAT_HANDOFFS);
+            return Ok(Some(&hold.futex));
+        }
+        e.mode.store(Mode::Shared.to_u32(), R);
+        let mut cur = head;
+        while let Some(h) = sh.holds().get(cur as usize) {
+            if h.mode.load(R) != Mode::Shared.to_u32() {
+                break;
+            }
+            let next = h.next.load(R);
+            Self::dequeue(sh, e, cur);
+            sh.hpool().transition(Idx(cur), HoldState::Waiting, HoldState::Held, now)?;
+            let owner = h.owner.load(R);
+            self.add_reader(sh, e, i, cur, owner);
+            let token = sh.next_token();
+            e.token.store(token, R);
+            h.token.store(token, R);
+            h.flags.store(died, R);
+            h.futex.store(GRANTED, Ordering::Release);
+            futex_wake(&h.futex, 1);
+            sh.bump(STAT_GRANTS);
+            sh.bump(STAT_HANDOFFS);
+            cur = next;
+        }
+        Ok(None)
+    }
+
+    /// Withdraws the WAITING request `w` on entry `i` (timeout or cleanup). If it had been woken
+    /// to take a free lock, the wake passes to the next waiter, which is returned to be woken.
+    pub(super) fn cancel_wait<'a>(&self, sh: &'a Shard<'_>, i: u32, w: u32) -> Result<Option<&'a AtomicU32>> {
+        let e = sh.entry(i)?;
+        let hold = sh.hold(w)?;
+        let was_head = e.wait_head.load(R) == w;
+        Self::dequeue(sh, e, w);
+        hold.futex.store(WAIT, R);
+        sh.hpool().transition(Idx(w), HoldState::Waiting, HoldState::Free, clock::coarse())?;
+        if e.mode.load(R) != MODE_NONE {
+            return Ok(None);
+        }
+        if e.waiters.load(R) == 0 {
+            sh.epool().transition(Idx(i), EntryState::Held, EntryState::Idle, clock::coarse())?;
+            return Ok(None);
+        }
+        if was_head {
+            // The lock is free and we were first in line: let the next one go.
+            return self.after_release(sh, i);
+        }
+        Ok(None)
+    }
+
+    /// Sleeps until the request `w` of `me` on entry `i` is granted, or the deadline passes.
+    pub(super) fn wait_for_grant(
+        &self,
+        sh: &Shard<'_>,
+        i: u32,
+        w: u32,
+        me: OwnerRef,
+        mode: Mode,
+        wait: Wait,
+    ) -> Result<RawGrant> {
+        let hold = sh.hold(w)?;
+        let started = sh.hpool().time(Idx(w))?;
+        loop {
+            let now = clock::now();
+            let expired = matches!(wait, Wait::Until(d) if now >= d);
+            if !expired && hold.futex.load(Ordering::Acquire) == WAIT {
+                let sleep = match wait {
+                    Wait::Until(d) => Duration::from_nanos(d.0 - now.0).min(POLL),
+                    _ => POLL,
+                };
+                futex_wait(&hold.futex, WAIT, Some(sleep));
+            }
+            let guard = Latch::new(&sh.hdr.latch).lock(me.latch_id());
+            let e = sh.entry(i)?;
+            match hold.futex.load(R) {
+                GRANTED => {
+                    let g = RawGrant {
+                        shard: sh.no,
+                        entry: i,
+                        hold: if mode == Mode::Shared { w } else { NIL },
+                        token: hold.token.load(R),
+                        owner_died: hold.flags.load(R) & OWNER_DIED != 0,
+                        mode,
+                    };
+                    if mode == Mode::Exclusive {
+                        sh.hpool().transition(Idx(w), HoldState::Granted, HoldState::Free, clock::coarse())?;
+                    }
+                    return Ok(g);
+                }
+                WOKEN if e.mode.load(R) == MODE_NONE => {
+                    Self::dequeue(sh, e, w);
+                    sh.hpool().transition(Idx(w), HoldState::Waiting, HoldState::Free, clock::coarse())?;
+                    hold.futex.store(WAIT, R);
+                    return self.grant_now(sh, i, mode, me, clock::coarse());
+                }
+                WOKEN => hold.futex.store(WAIT, R), // a barging request got it first
+                _ => {}
+            }
+            if matches!(wait, Wait::Until(d) if clock::now() >= d) {
+                let holder = self.holder_info(sh, i);
+                let wake = self.cancel_wait(sh, i, w)?;
+                sh.bump(STAT_TIMEOUTS);
+                drop(guard);
+                if let Some(f) = wake {
+                    futex_wake(f, 1);
+                }
+                return Err(Error::TimedOut { waited: clock::now().since(started), holder });
+            }
+            drop(guard);
+        }
+    }
+}
