@@ -28,8 +28,11 @@
 //! (parking_lot's "eventual fairness"). Shared requests queue behind any waiter, so readers never
 //! starve a queued writer; a release that reaches shared waiters grants the whole run of them.
 
+mod check;
 mod entry;
 mod shard;
+#[cfg(test)]
+mod tests;
 mod wait;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
@@ -45,6 +48,7 @@ use crate::pool::{Idx, ListHead, PoolNode, StatePool};
 use crate::shm::sys::futex_wake;
 use crate::shm::{Region, RegionSpec, Segment, PARAMS};
 
+pub use check::{TableStats, INSPECTOR};
 pub use entry::{Entry, EntryState, Hold, HoldState, Mode, GRANTED, MODE_NONE, OWNER_DIED, WAIT, WOKEN};
 pub use shard::{Latch, ShardHdr, STAT_GRANTS, STAT_HANDOFFS, STAT_TIMEOUTS, STAT_WAITS};
 

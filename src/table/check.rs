@@ -1,0 +1,227 @@
+//! `check`: verifies every invariant of the table; `stats`: counts for status displays.
+//!
+//! `check` takes each shard's latch in turn (as [`INSPECTOR`]), so each shard is seen at one
+//! instant even while other processes lock and unlock; a process dying inside a shard's critical
+//! section shows up as findings until that shard is repaired.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering::Relaxed;
+
+use super::*;
+
+/// Latch id used by inspection (never an owner's id: owner ids are index + 1 < 2^20 + 1).
+pub const INSPECTOR: u32 = 0x7fff_fffe;
+
+/// Counts over the whole table (read without latches: a consistent sum only when quiet).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TableStats {
+    /// Entries held or waited on.
+    pub held: u64,
+    /// Entries in the index but neither held nor waited on.
+    pub idle: u64,
+    /// Free entries.
+    pub free: u64,
+    /// Entry capacity (all shards).
+    pub entry_capacity: u64,
+    /// Shared holds.
+    pub shared_holds: u64,
+    /// Waiting requests.
+    pub waiting: u64,
+    /// Hold/wait capacity (all shards).
+    pub hold_capacity: u64,
+    /// Live owners.
+    pub owners: u64,
+    /// Owner capacity.
+    pub owner_capacity: u64,
+    /// Grants since creation.
+    pub grants: u64,
+    /// Requests that had to wait.
+    pub waits: u64,
+    /// Requests that timed out.
+    pub timeouts: u64,
+    /// Grants handed directly to a waiter.
+    pub handoffs: u64,
+    /// Highest fencing token granted in any shard.
+    pub max_token: u64,
+}
+
+impl LockTable {
+    /// Counts of every pool state and the statistics counters.
+    pub fn stats(&self) -> TableStats {
+        let mut st = TableStats::default();
+        for s in 0..self.geo.shards {
+            let sh = self.shard(s);
+            let (ep, hp) = (sh.epool(), sh.hpool());
+            st.held += u64::from(ep.count(EntryState::Held));
+            st.idle += u64::from(ep.count(EntryState::Idle));
+            st.free += u64::from(ep.count(EntryState::Free));
+            st.entry_capacity += u64::from(ep.capacity());
+            st.shared_holds += u64::from(hp.count(HoldState::Held));
+            st.waiting += u64::from(hp.count(HoldState::Waiting));
+            st.hold_capacity += u64::from(hp.capacity());
+            st.grants += sh.hdr.stats[STAT_GRANTS].load(Relaxed);
+            st.waits += sh.hdr.stats[STAT_WAITS].load(Relaxed);
+            st.timeouts += sh.hdr.stats[STAT_TIMEOUTS].load(Relaxed);
+            st.handoffs += sh.hdr.stats[STAT_HANDOFFS].load(Relaxed);
+            st.max_token = st.max_token.max(sh.hdr.token.load(Relaxed));
+        }
+        let op = self.owner_pool();
+        st.owners = u64::from(op.count(OwnerState::Live));
+        st.owner_capacity = u64::from(op.capacity());
+        st
+    }
+
+    /// Verifies every invariant; one line per violation, empty when the table is consistent.
+    pub fn check(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let op = self.owner_pool();
+        {
+            let _g = Latch::new(&self.table_hdr().owner_latch).lock(INSPECTOR);
+            out.extend(op.check());
+        }
+        let live = |o: u32| matches!(op.state(Idx(o)), Ok(OwnerState::Live));
+        for s in 0..self.geo.shards {
+            let sh = self.shard(s);
+            let _g = Latch::new(&sh.hdr.latch).lock(INSPECTOR);
+            let before = out.len();
+            self.check_shard(&sh, &live, &mut out);
+            for line in &mut out[before..] {
+                *line = format!("shard {s}: {line}");
+            }
+        }
+        out
+    }
+
+    fn check_shard(&self, sh: &Shard<'_>, live: &dyn Fn(u32) -> bool, out: &mut Vec<String>) {
+        let (ep, hp, entries, holds) = (sh.epool(), sh.hpool(), sh.entries(), sh.holds());
+        out.extend(ep.check());
+        out.extend(hp.check());
+        // The index: chains reach exactly the IDLE and HELD entries, each once, in the right bucket.
+        let mut indexed = HashSet::new();
+        let mut names = HashSet::new();
+        for (b, head) in sh.buckets().iter().enumerate() {
+            let mut cur = head.load(Relaxed);
+            while cur != NIL {
+                let Some(e) = entries.get(cur as usize) else {
+                    out.push(format!("bucket {b} reaches entry {cur}, out of range"));
+                    break;
+                };
+                if !indexed.insert(cur) {
+                    out.push(format!("entry {cur} reached twice from the buckets (bucket {b})"));
+                    break;
+                }
+                let h = e.hash.load(Relaxed);
+                if self.bucket_of(h) != b || self.shard_of(h) != sh.no {
+                    out.push(format!("entry {cur} is in bucket {b} but its hash belongs elsewhere"));
+                }
+                match ep.state(Idx(cur)) {
+                    Ok(EntryState::Idle | EntryState::Held) => {}
+                    st => out.push(format!("bucket {b} reaches entry {cur} in state {st:?}")),
+                }
+                let name = Self::name_of(sh, cur);
+                if name::hash(self.seed, &name) != h {
+                    out.push(format!("entry {cur}: stored hash does not match its name"));
+                }
+                if !names.insert(name) {
+                    out.push(format!("entry {cur}: name indexed twice"));
+                }
+                cur = e.next.load(Relaxed);
+            }
+        }
+        let in_use = ep.count(EntryState::Idle) + ep.count(EntryState::Held);
+        if indexed.len() != in_use as usize {
+            out.push(format!("{} entries indexed but {in_use} are IDLE or HELD", indexed.len()));
+        }
+        let max_token = sh.hdr.token.load(Relaxed);
+        let (mut readers_total, mut waiters_total) = (0u64, 0u64);
+        for (i, e) in entries.iter().enumerate() {
+            let i = i as u32;
+            let Ok(state) = ep.state(Idx(i)) else { continue };
+            if state == EntryState::Free {
+                continue;
+            }
+            let (mode, owner, readers, waiters) =
+                (e.mode.load(Relaxed), e.owner.load(Relaxed), e.readers.load(Relaxed), e.waiters.load(Relaxed));
+            if e.token.load(Relaxed) > max_token {
+                out.push(format!("entry {i}: token {} above the shard's {max_token}", e.token.load(Relaxed)));
+            }
+            if state == EntryState::Idle {
+                if mode != MODE_NONE || owner != NIL || readers != 0 || waiters != 0 {
+                    out.push(format!("entry {i} is IDLE but has mode {mode}, {readers} readers, {waiters} waiters"));
+                }
+                continue;
+            }
+            if mode == MODE_NONE && waiters == 0 {
+                out.push(format!("entry {i} is HELD but nobody holds or waits"));
+            }
+            match Mode::from_u32(mode) {
+                Some(Mode::Exclusive) => {
+                    if readers != 0 {
+                        out.push(format!("entry {i}: exclusive holder and {readers} readers at once"));
+                    }
+                    if !live(owner) {
+                        out.push(format!("entry {i}: exclusive holder {owner} is not a live owner"));
+                    }
+                }
+                Some(Mode::Shared) => {
+                    let list: Vec<(u32, &Hold)> = Self::readers(sh, e).collect();
+                    if list.len() != readers as usize || readers == 0 {
+                        out.push(format!("entry {i}: {readers} readers counted, {} linked", list.len()));
+                    }
+                    for (h, hold) in list {
+                        if hp.state(Idx(h)).ok() != Some(HoldState::Held) || hold.entry.load(Relaxed) != i {
+                            out.push(format!("entry {i}: reader {h} is not a HELD hold of this entry"));
+                        }
+                        if !live(hold.owner.load(Relaxed)) {
+                            out.push(format!("entry {i}: reader {h} belongs to owner {} which is not live", hold.owner.load(Relaxed)));
+                        }
+                    }
+                }
+                None if mode == MODE_NONE => {}
+                None => out.push(format!("entry {i}: mode {mode} is not a mode")),
+            }
+            readers_total += u64::from(readers);
+            // The queue: well formed, every member WAITING on this entry, count right.
+            let (mut prev, mut cur, mut n) = (NIL, e.wait_head.load(Relaxed), 0u32);
+            while cur != NIL {
+                let Some(hold) = holds.get(cur as usize) else {
+                    out.push(format!("entry {i}: queue reaches hold {cur}, out of range"));
+                    break;
+                };
+                n += 1;
+                if n > holds.len() as u32 {
+                    out.push(format!("entry {i}: queue loops"));
+                    break;
+                }
+                if hp.state(Idx(cur)).ok() != Some(HoldState::Waiting) || hold.entry.load(Relaxed) != i {
+                    out.push(format!("entry {i}: queued hold {cur} is not WAITING on this entry"));
+                }
+                if hold.prev.load(Relaxed) != prev {
+                    out.push(format!("entry {i}: queued hold {cur} has a wrong prev link"));
+                }
+                prev = cur;
+                cur = hold.next.load(Relaxed);
+            }
+            if e.wait_tail.load(Relaxed) != prev {
+                out.push(format!("entry {i}: queue tail is {} but the last member is {prev}", e.wait_tail.load(Relaxed)));
+            }
+            if n != waiters {
+                out.push(format!("entry {i}: {waiters} waiters counted, {n} queued"));
+            }
+            waiters_total += u64::from(n);
+        }
+        if readers_total != u64::from(hp.count(HoldState::Held)) {
+            out.push(format!("{readers_total} readers on entries but {} HELD holds", hp.count(HoldState::Held)));
+        }
+        if waiters_total != u64::from(hp.count(HoldState::Waiting)) {
+            out.push(format!("{waiters_total} queued but {} WAITING holds", hp.count(HoldState::Waiting)));
+        }
+        for (h, _) in hp.iter(HoldState::Granted) {
+            let hold = &holds[h.get()];
+            let e = entries.get(hold.entry.load(Relaxed) as usize);
+            if e.is_none_or(|e| e.owner.load(Relaxed) != hold.owner.load(Relaxed)) {
+                out.push(format!("hold {} is GRANTED but its entry is not held by its owner", h.0));
+            }
+        }
+    }
+}
