@@ -1,1 +1,262 @@
-fn main(){}
+//! `shmlockd`: the shmlock supervisor.
+//!
+//! For now it creates the segment (or adopts an existing one of the same layout version), logs
+//! what it did, and waits for SIGINT or SIGTERM; on exit it leaves the segment for local users
+//! unless `--remove-on-exit` is given. The reaper of dead owners, the TCP gateway and the
+//! single-instance check are planned (see README.md).
+//!
+//! Exit status: 0 after a clean shutdown, 2 on any error (printed as `shmlockd: ...`).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{anyhow, Context, Result};
+use clap::Parser;
+use nix::sys::signal::{SigSet, Signal};
+use serde::Deserialize;
+use shmlock::shm::{DEFAULT_SEGMENT, SEGMENT_ENV};
+use shmlock::{Capacities, Error, LockTable, Segment};
+use tracing::{info, warn};
+
+/// The shmlock supervisor: creates or adopts the lock segment and keeps it.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// TOML config file (see config/shmlock.toml); built-in defaults without it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Segment name, e.g. /shmlock [default: $SHMLOCK_SEGMENT, then the config file, then /shmlock].
+    #[arg(long, value_name = "NAME")]
+    segment: Option<String>,
+    /// Distinct lock names held or waited on at once (overrides the config).
+    #[arg(long, value_name = "N")]
+    max_locks: Option<u32>,
+    /// Shared holds plus waiting requests at once (overrides the config).
+    #[arg(long, value_name = "N")]
+    max_holds: Option<u32>,
+    /// Client handles attached at once (overrides the config).
+    #[arg(long, value_name = "N")]
+    max_owners: Option<u32>,
+    /// Longest lock name in bytes (overrides the config).
+    #[arg(long, value_name = "BYTES")]
+    max_name_len: Option<u32>,
+    /// Number of shards, a power of two; 0 = automatic (overrides the config).
+    #[arg(long, value_name = "N")]
+    shards: Option<u32>,
+    /// Remove the segment on exit (by default it stays for local users).
+    #[arg(long)]
+    remove_on_exit: bool,
+    /// Log filter, e.g. `info` or `shmlock=debug` [default: $RUST_LOG, then info].
+    #[arg(long, value_name = "FILTER")]
+    log_level: Option<String>,
+}
+
+/// The config file: only a `[segment]` table for now. Unknown tables are errors.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    #[serde(default)]
+    segment: toml::Table,
+}
+
+/// What the config file says, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Config {
+    /// `[segment] name`, if given.
+    name: Option<String>,
+    /// The rest of `[segment]`.
+    caps: Capacities,
+}
+
+impl Config {
+    /// Parses config text. `[segment]` is `name` plus the fields of [`Capacities`]; serde's
+    /// `deny_unknown_fields` names any unknown key.
+    fn parse(text: &str) -> Result<Config> {
+        let file: ConfigFile = toml::from_str(text)?;
+        let mut seg = file.segment;
+        let name = match seg.remove("name") {
+            None => None,
+            Some(toml::Value::String(s)) => Some(s),
+            Some(v) => return Err(anyhow!("[segment] name: expected a string such as \"/shmlock\", found {v}")),
+        };
+        let caps: Capacities = toml::Value::Table(seg).try_into().context("[segment]")?;
+        Ok(Config { name, caps })
+    }
+
+    fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
+        Config::parse(&text).with_context(|| format!("config {}", path.display()))
+    }
+}
+
+/// Resolves the segment name: `--segment`, then `$SHMLOCK_SEGMENT`, then the config, then `/shmlock`.
+fn segment_name(flag: Option<String>, config: Option<String>) -> String {
+    let env = std::env::var(SEGMENT_ENV).ok().filter(|s| !s.is_empty());
+    flag.or(env).or(config).unwrap_or_else(|| DEFAULT_SEGMENT.to_string())
+}
+
+/// Applies the command-line overrides to `caps` and validates the result.
+fn capacities(args: &Args, mut caps: Capacities) -> Result<Capacities> {
+    let overrides = [
+        (args.max_locks, &mut caps.max_locks),
+        (args.max_holds, &mut caps.max_holds),
+        (args.max_owners, &mut caps.max_owners),
+        (args.max_name_len, &mut caps.max_name_len),
+        (args.shards, &mut caps.shards),
+    ];
+    for (value, field) in overrides {
+        if let Some(v) = value {
+            *field = v;
+        }
+    }
+    caps.validate()?;
+    Ok(caps)
+}
+
+fn init_logging(filter: Option<&str>) -> Result<()> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match filter {
+        Some(f) => EnvFilter::try_new(f).with_context(|| format!("--log-level {f:?}"))?,
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    Ok(())
+}
+
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// Opens segment `name` if it exists (same layout version), else creates it with `caps`.
+/// Returns the table and whether it was created.
+fn create_or_adopt(name: &str, caps: &Capacities) -> Result<(LockTable, bool)> {
+    let adopt = |name: &str| {
+        LockTable::open(name).map_err(|e| match e {
+            Error::WrongVersion { .. } => anyhow!(e).context(format!(
+                "cannot adopt segment {name}: it was made by another shmlock build; once its users \
+                 have stopped, remove /dev/shm{name} (or pick another --segment)"
+            )),
+            e => anyhow!(e).context(format!("cannot adopt segment {name}")),
+        })
+    };
+    match LockTable::open(name) {
+        Err(Error::SegmentMissing { .. }) => match LockTable::create(name, caps) {
+            Ok(t) => Ok((t, true)),
+            // Another process created it between our open and create.
+            Err(Error::SegmentExists { .. }) => Ok((adopt(name)?, false)),
+            Err(e) => Err(anyhow!(e).context(format!("cannot create segment {name}"))),
+        },
+        Ok(t) => Ok((t, false)),
+        Err(_) => Ok((adopt(name)?, false)),
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    init_logging(args.log_level.as_deref())?;
+    let config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config { name: None, caps: Capacities::default() },
+    };
+    let caps = capacities(&args, config.caps)?;
+    let name = segment_name(args.segment.clone(), config.name);
+
+    // Block the shutdown signals before touching the segment: a SIGINT during creation is then
+    // handled after it, never in the middle. The mask is inherited by threads started later.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals.thread_block().context("cannot block SIGINT/SIGTERM")?;
+
+    let (table, created) = create_or_adopt(&name, &caps)?;
+    let geo = table.geometry();
+    let (max_locks, max_holds) = table.requested();
+    let size = table.segment().size();
+    info!(
+        segment = %name,
+        size_mib = format_args!("{:.1}", mib(size)),
+        max_locks,
+        max_holds,
+        max_owners = geo.owners,
+        max_name_len = geo.max_name_len,
+        shards = geo.shards,
+        entries_per_shard = geo.entries_per_shard,
+        holds_per_shard = geo.holds_per_shard,
+        "{} segment",
+        if created { "created" } else { "adopted" }
+    );
+    if !created {
+        let asked = caps.geometry()?;
+        let differs = (max_locks, max_holds) != (u64::from(caps.max_locks), u64::from(caps.max_holds))
+            || (geo.owners, geo.max_name_len, geo.shards) != (asked.owners, asked.max_name_len, asked.shards);
+        if differs {
+            warn!(
+                segment = %name,
+                "the existing segment was sized differently from the configuration; it keeps its own \
+                 capacities (remove it while unused to resize)"
+            );
+        }
+        let st = table.stats();
+        info!(segment = %name, owners = st.owners, held = st.held, waiting = st.waiting, "segment state at adoption");
+    }
+    info!("running; stop with SIGINT or SIGTERM");
+
+    let sig = signals.wait().context("waiting for SIGINT/SIGTERM")?;
+    info!(signal = %sig, "shutting down");
+    drop(table);
+    if args.remove_on_exit {
+        Segment::unlink(&name).with_context(|| format!("cannot remove segment {name}"))?;
+        info!(segment = %name, "removed segment");
+    } else {
+        info!(segment = %name, "left segment in place for local users");
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shmlockd: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_equals_the_built_in_defaults() {
+        let c = Config::parse(include_str!("../config/shmlock.toml")).unwrap();
+        assert_eq!(c.caps, Capacities::default());
+        assert_eq!(c.name.as_deref(), Some(DEFAULT_SEGMENT));
+    }
+
+    #[test]
+    fn empty_config_is_the_defaults() {
+        assert_eq!(Config::parse("").unwrap(), Config { name: None, caps: Capacities::default() });
+        assert_eq!(Config::parse("[segment]\n").unwrap().caps, Capacities::default());
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = format!("{:#}", Config::parse("[segment]\nmax_lock = 5\n").unwrap_err());
+        assert!(e.contains("max_lock"), "{e}");
+        let e = format!("{:#}", Config::parse("[gateway]\nport = 1\n").unwrap_err());
+        assert!(e.contains("gateway"), "{e}");
+        let e = format!("{:#}", Config::parse("[segment]\nname = 5\n").unwrap_err());
+        assert!(e.contains("name"), "{e}");
+    }
+
+    #[test]
+    fn flags_override_the_file_and_are_validated() {
+        let args = Args::parse_from(["shmlockd", "--max-locks", "10", "--shards", "2"]);
+        let caps = capacities(&args, Capacities::default()).unwrap();
+        assert_eq!((caps.max_locks, caps.shards, caps.max_holds), (10, 2, 65_536));
+        let args = Args::parse_from(["shmlockd", "--shards", "3"]);
+        let e = format!("{:#}", capacities(&args, Capacities::default()).unwrap_err());
+        assert!(e.contains("shards"), "{e}");
+    }
+}

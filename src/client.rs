@@ -6,7 +6,7 @@
 //! # Threads
 //! A `Client` is `Send + Sync` and may be shared between threads, but it is **one owner**: a lock
 //! request for a name the client already holds, from any thread, fails at once with
-//! [`Error::AlreadyHeld`] instead of deadlocking; two threads that must exclude each other should
+//! [`Error::AlreadyHeld`](crate::Error::AlreadyHeld) instead of deadlocking; two threads that must exclude each other should
 //! each open their own `Client`. While one thread's request is queued, another thread's request
 //! for the same name queues behind it.
 
@@ -78,7 +78,11 @@ impl Client {
     pub fn with_kind(table: Arc<LockTable>, kind: OwnerKind, label: &str) -> Result<Client> {
         let me = table.register(kind, label.as_bytes())?;
         let words = table.geometry().shards.div_ceil(64) as usize;
-        Ok(Client { table, me, touched: (0..words).map(|_| AtomicU64::new(0)).collect() })
+        Ok(Client {
+            table,
+            me,
+            touched: (0..words).map(|_| AtomicU64::new(0)).collect(),
+        })
     }
 
     /// The table this client locks in.
@@ -92,11 +96,15 @@ impl Client {
         if w.load(Ordering::Relaxed) & bit == 0 {
             w.fetch_or(bit, Ordering::Relaxed);
         }
-        Ok(LockGuard { client: self, raw: g, released: false })
+        Ok(LockGuard {
+            client: self,
+            raw: g,
+            released: false,
+        })
     }
 
     fn deadline(d: Duration) -> Wait {
-        Wait::Until(clock::now().add(d))
+        Wait::Until(clock::now().plus(d))
     }
 
     fn until(i: Instant) -> Wait {
@@ -108,12 +116,12 @@ impl Client {
         self.acquire(name.as_ref(), Mode::Exclusive, Wait::Forever)
     }
 
-    /// Locks `name` exclusively if that is possible at once; else [`Error::WouldBlock`].
+    /// Locks `name` exclusively if that is possible at once; else [`Error::WouldBlock`](crate::Error::WouldBlock).
     pub fn try_lock(&self, name: impl AsRef<[u8]>) -> Result<LockGuard<'_>> {
         self.acquire(name.as_ref(), Mode::Exclusive, Wait::No)
     }
 
-    /// Locks `name` exclusively, waiting at most `timeout`; else [`Error::TimedOut`].
+    /// Locks `name` exclusively, waiting at most `timeout`; else [`Error::TimedOut`](crate::Error::TimedOut).
     pub fn try_lock_for(&self, name: impl AsRef<[u8]>, timeout: Duration) -> Result<LockGuard<'_>> {
         self.acquire(name.as_ref(), Mode::Exclusive, Self::deadline(timeout))
     }
@@ -128,7 +136,7 @@ impl Client {
         self.acquire(name.as_ref(), Mode::Shared, Wait::Forever)
     }
 
-    /// Locks `name` in shared mode if that is possible at once; else [`Error::WouldBlock`].
+    /// Locks `name` in shared mode if that is possible at once; else [`Error::WouldBlock`](crate::Error::WouldBlock).
     pub fn try_lock_shared(&self, name: impl AsRef<[u8]>) -> Result<LockGuard<'_>> {
         self.acquire(name.as_ref(), Mode::Shared, Wait::No)
     }
@@ -144,7 +152,7 @@ impl Client {
     }
 
     /// Unlocks `name`, held by this client in either mode, whose guard was forgotten
-    /// (`std::mem::forget`) or leaked. [`Error::NotHeld`] if this client does not hold it.
+    /// (`std::mem::forget`) or leaked. [`Error::NotHeld`](crate::Error::NotHeld) if this client does not hold it.
     pub fn unlock(&self, name: impl AsRef<[u8]>) -> Result<()> {
         self.table.release_by_name(self.me, name.as_ref())
     }
@@ -155,7 +163,9 @@ impl Drop for Client {
         // Guards borrow the client, so only forgotten guards can still hold anything.
         let shards = self.touched.iter().enumerate().flat_map(|(i, w)| {
             let bits = w.load(Ordering::Relaxed);
-            (0..64).filter(move |b| bits & (1 << b) != 0).map(move |b| (i * 64 + b) as u32)
+            (0..64)
+                .filter(move |b| bits & (1 << b) != 0)
+                .map(move |b| (i * 64 + b) as u32)
         });
         let _ = self.table.release_all(self.me, shards);
         let _ = self.table.deregister(self.me);
@@ -189,10 +199,14 @@ impl LockGuard<'_> {
 
     /// Everything the grant said.
     pub fn grant(&self) -> Grant {
-        Grant { token: self.token(), owner_died: self.owner_died(), mode: self.mode() }
+        Grant {
+            token: self.token(),
+            owner_died: self.owner_died(),
+            mode: self.mode(),
+        }
     }
 
-    /// Unlocks now, reporting [`Error::NotHeld`] if the lock was taken away meanwhile.
+    /// Unlocks now, reporting [`Error::NotHeld`](crate::Error::NotHeld) if the lock was taken away meanwhile.
     pub fn unlock(mut self) -> Result<()> {
         self.released = true;
         self.client.table.release(self.client.me, &self.raw)

@@ -23,7 +23,7 @@ impl Nanos {
     }
 
     /// `self + d`, saturating.
-    pub fn add(self, d: Duration) -> Nanos {
+    pub fn plus(self, d: Duration) -> Nanos {
         Nanos(self.0.saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)))
     }
 }

@@ -28,7 +28,14 @@ pub struct Capacities {
 
 impl Default for Capacities {
     fn default() -> Self {
-        Capacities { max_locks: 65_536, max_holds: 65_536, max_owners: 4_096, max_name_len: 64, shards: 0, mode: 0o600 }
+        Capacities {
+            max_locks: 65_536,
+            max_holds: 65_536,
+            max_owners: 4_096,
+            max_name_len: 64,
+            shards: 0,
+            mode: 0o600,
+        }
     }
 }
 
@@ -79,10 +86,19 @@ impl Capacities {
             return bad("max_name_len", format!("{} is not in 1..=1024", self.max_name_len));
         }
         if self.shards != 0 && (!self.shards.is_power_of_two() || self.shards > 4096) {
-            return bad("shards", format!("{} is not 0 (auto) or a power of two up to 4096", self.shards));
+            return bad(
+                "shards",
+                format!("{} is not 0 (auto) or a power of two up to 4096", self.shards),
+            );
         }
         if self.mode & !0o777 != 0 || self.mode & 0o600 != 0o600 {
-            return bad("mode", format!("{:o} must be permission bits including owner read-write (0600)", self.mode));
+            return bad(
+                "mode",
+                format!(
+                    "{:o} must be permission bits including owner read-write (0600)",
+                    self.mode
+                ),
+            );
         }
         Ok(())
     }
@@ -125,14 +141,26 @@ mod tests {
 
     #[test]
     fn one_shard_is_exact() {
-        let c = Capacities { max_locks: 5, max_holds: 3, shards: 1, ..Default::default() };
+        let c = Capacities {
+            max_locks: 5,
+            max_holds: 3,
+            shards: 1,
+            ..Default::default()
+        };
         let g = c.geometry().unwrap();
-        assert_eq!((g.entries_per_shard, g.holds_per_shard, g.buckets_per_shard), (5, 3, 16));
+        assert_eq!(
+            (g.entries_per_shard, g.holds_per_shard, g.buckets_per_shard),
+            (5, 3, 16)
+        );
     }
 
     #[test]
     fn a_million_locks_have_headroom_in_every_shard() {
-        let c = Capacities { max_locks: 1_000_000, max_holds: 1_000_000, ..Default::default() };
+        let c = Capacities {
+            max_locks: 1_000_000,
+            max_holds: 1_000_000,
+            ..Default::default()
+        };
         let g = c.geometry().unwrap();
         let mean = 1_000_000 / g.shards;
         assert!(g.entries_per_shard as f64 >= mean as f64 + 5.0 * (mean as f64).sqrt());
@@ -141,10 +169,34 @@ mod tests {
     #[test]
     fn bad_values_name_their_key() {
         let cases = [
-            (Capacities { max_locks: 0, ..Default::default() }, "max_locks"),
-            (Capacities { max_name_len: 0, ..Default::default() }, "max_name_len"),
-            (Capacities { shards: 3, ..Default::default() }, "shards"),
-            (Capacities { mode: 0o400, ..Default::default() }, "mode"),
+            (
+                Capacities {
+                    max_locks: 0,
+                    ..Default::default()
+                },
+                "max_locks",
+            ),
+            (
+                Capacities {
+                    max_name_len: 0,
+                    ..Default::default()
+                },
+                "max_name_len",
+            ),
+            (
+                Capacities {
+                    shards: 3,
+                    ..Default::default()
+                },
+                "shards",
+            ),
+            (
+                Capacities {
+                    mode: 0o400,
+                    ..Default::default()
+                },
+                "mode",
+            ),
         ];
         for (c, key) in cases {
             match c.validate() {

@@ -161,6 +161,10 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn io(op: &'static str, segment: &str, errno: nix::errno::Errno) -> Self {
-        Error::Io { op, segment: segment.to_string(), source: std::io::Error::from(errno) }
+        Error::Io {
+            op,
+            segment: segment.to_string(),
+            source: std::io::Error::from(errno),
+        }
     }
 }

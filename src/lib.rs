@@ -41,8 +41,17 @@ pub use table::{LockTable, Mode};
 #[doc(hidden)]
 pub fn doc_segment() -> String {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let name = format!("/shmlock-doc-{}-{}", std::process::id(), N.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-    let caps = Capacities { max_locks: 64, max_holds: 64, max_owners: 8, ..Default::default() };
+    let name = format!(
+        "/shmlock-doc-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let caps = Capacities {
+        max_locks: 64,
+        max_holds: 64,
+        max_owners: 8,
+        ..Default::default()
+    };
     LockTable::create(&name, &caps).expect("create doc segment");
     name
 }

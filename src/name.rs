@@ -10,7 +10,10 @@ impl<'a> LockName<'a> {
     /// Validates `bytes` against the segment's maximum name length.
     pub fn new(bytes: &'a [u8], max_len: usize) -> Result<Self> {
         if bytes.is_empty() || bytes.len() > max_len {
-            return Err(Error::NameInvalid { len: bytes.len(), max: max_len });
+            return Err(Error::NameInvalid {
+                len: bytes.len(),
+                max: max_len,
+            });
         }
         Ok(LockName(bytes))
     }
@@ -72,8 +75,14 @@ mod tests {
 
     #[test]
     fn rejects_empty_and_long_names() {
-        assert!(matches!(LockName::new(b"", 8), Err(Error::NameInvalid { len: 0, max: 8 })));
-        assert!(matches!(LockName::new(b"123456789", 8), Err(Error::NameInvalid { len: 9, max: 8 })));
+        assert!(matches!(
+            LockName::new(b"", 8),
+            Err(Error::NameInvalid { len: 0, max: 8 })
+        ));
+        assert!(matches!(
+            LockName::new(b"123456789", 8),
+            Err(Error::NameInvalid { len: 9, max: 8 })
+        ));
         assert_eq!(LockName::new(b"12345678", 8).unwrap().as_bytes(), b"12345678");
         assert!(LockName::new(&[0, 255, 10], 8).is_ok());
     }

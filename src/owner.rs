@@ -100,7 +100,10 @@ impl ProcessId {
     /// This process.
     pub fn current() -> ProcessId {
         let pid = std::process::id();
-        ProcessId { pid, start_time: start_time(pid).unwrap_or(0) }
+        ProcessId {
+            pid,
+            start_time: start_time(pid).unwrap_or(0),
+        }
     }
 }
 

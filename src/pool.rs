@@ -110,7 +110,9 @@ pub struct StatePool<'a, S> {
 
 impl<S> fmt::Debug for StatePool<'_, S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("StatePool").field("capacity", &self.nodes.len()).finish()
+        f.debug_struct("StatePool")
+            .field("capacity", &self.nodes.len())
+            .finish()
     }
 }
 
@@ -119,7 +121,11 @@ impl<'a, S: PoolState> StatePool<'a, S> {
     pub fn new(nodes: &'a [PoolNode], lists: &'a [ListHead]) -> Self {
         debug_assert_eq!(lists.len(), S::COUNT, "one list head per state");
         debug_assert!(nodes.len() < NIL as usize);
-        StatePool { nodes, lists, _s: PhantomData }
+        StatePool {
+            nodes,
+            lists,
+            _s: PhantomData,
+        }
     }
 
     /// Puts every record in state 0, in index order, stamped `now`.
@@ -163,7 +169,9 @@ impl<'a, S: PoolState> StatePool<'a, S> {
     /// State of record `i`.
     pub fn state(&self, i: Idx) -> Result<S> {
         let v = self.node(i)?.state.load(Relaxed);
-        S::from_u32(v).ok_or_else(|| Error::Corrupt { what: format!("{} record {} has state {v}", S::POOL, i.0) })
+        S::from_u32(v).ok_or_else(|| Error::Corrupt {
+            what: format!("{} record {} has state {v}", S::POOL, i.0),
+        })
     }
 
     /// When record `i` entered its state (or was last touched).
@@ -226,7 +234,12 @@ impl<'a, S: PoolState> StatePool<'a, S> {
                 expected,
                 state_name::<S>(cur)
             );
-            return Err(Error::WrongState { pool: S::POOL, index: i.0, expected: expected.name(), found: state_name::<S>(cur) });
+            return Err(Error::WrongState {
+                pool: S::POOL,
+                index: i.0,
+                expected: expected.name(),
+                found: state_name::<S>(cur),
+            });
         }
         self.unlink(i.0, node, self.list(expected));
         self.push_tail(i.0, node, new, now);
@@ -312,7 +325,11 @@ impl<'a, S: PoolState> StatePool<'a, S> {
                     ));
                 }
                 if node.prev.load(Relaxed) != prev {
-                    out.push(format!("{} record {cur}: prev link {} should be {prev}", S::POOL, node.prev.load(Relaxed)));
+                    out.push(format!(
+                        "{} record {cur}: prev link {} should be {prev}",
+                        S::POOL,
+                        node.prev.load(Relaxed)
+                    ));
                 }
                 let st = node.stamp.load(Relaxed);
                 if st < last_stamp {
@@ -323,7 +340,11 @@ impl<'a, S: PoolState> StatePool<'a, S> {
                 cur = node.next.load(Relaxed);
             }
             if list.tail.load(Relaxed) != prev {
-                out.push(format!("{} {sname} list: tail {} should be {prev}", S::POOL, list.tail.load(Relaxed)));
+                out.push(format!(
+                    "{} {sname} list: tail {} should be {prev}",
+                    S::POOL,
+                    list.tail.load(Relaxed)
+                ));
             }
             if u64::from(count) != len {
                 out.push(format!("{} {sname} list: count {count} but {len} linked", S::POOL));
@@ -407,7 +428,10 @@ mod tests {
     }
     impl Heap {
         fn new(n: usize) -> Self {
-            let h = Heap { nodes: (0..n).map(|_| PoolNode::default()).collect(), lists: (0..3).map(|_| ListHead::default()).collect() };
+            let h = Heap {
+                nodes: (0..n).map(|_| PoolNode::default()).collect(),
+                lists: (0..3).map(|_| ListHead::default()).collect(),
+            };
             h.pool().init(Nanos(1));
             h
         }
@@ -457,7 +481,18 @@ mod tests {
         let h = Heap::new(2);
         let p = h.pool();
         let e = p.transition(Idx(1), T::Used, T::Done, Nanos(2)).unwrap_err();
-        assert!(matches!(e, Error::WrongState { index: 1, expected: "USED", found: "FREE", .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                Error::WrongState {
+                    index: 1,
+                    expected: "USED",
+                    found: "FREE",
+                    ..
+                }
+            ),
+            "{e}"
+        );
         assert!(p.check().is_empty());
     }
 
@@ -466,7 +501,8 @@ mod tests {
         let h = Heap::new(8);
         let p = h.pool();
         for i in 0..5 {
-            p.transition(Idx(i), T::Free, T::Used, Nanos(10 + u64::from(i))).unwrap();
+            p.transition(Idx(i), T::Free, T::Used, Nanos(10 + u64::from(i)))
+                .unwrap();
         }
         // Tear: a process "died" after unlinking record 2 from USED but before linking it.
         h.nodes[1].next.store(3, Relaxed);

@@ -112,7 +112,10 @@ pub struct RegionSpec {
 impl RegionSpec {
     /// A region of `count` elements of `T`.
     pub const fn of<T: ShmSafe>(count: u64) -> Self {
-        RegionSpec { count, stride: size_of::<T>() as u64 }
+        RegionSpec {
+            count,
+            stride: size_of::<T>() as u64,
+        }
     }
 }
 

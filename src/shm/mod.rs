@@ -22,9 +22,9 @@
 pub mod layout;
 pub mod sys;
 
+use std::fs::File;
 use std::marker::PhantomData;
 use std::mem::{align_of, size_of};
-use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
@@ -53,8 +53,15 @@ pub fn default_segment_name() -> String {
 }
 
 fn check_name(name: &str) -> Result<()> {
-    let bad = |why| Err(Error::SegmentNameInvalid { name: name.to_string(), why });
-    let Some(rest) = name.strip_prefix('/') else { return bad("must start with '/'") };
+    let bad = |why| {
+        Err(Error::SegmentNameInvalid {
+            name: name.to_string(),
+            why,
+        })
+    };
+    let Some(rest) = name.strip_prefix('/') else {
+        return bad("must start with '/'");
+    };
     if rest.is_empty() || rest.len() > 200 {
         return bad("must have 1..=200 characters after '/'");
     }
@@ -137,7 +144,10 @@ impl Segment {
             why: "segment size overflows".into(),
         })?;
         if specs.len() > MAX_REGIONS {
-            return Err(Error::Config { key: "regions", why: format!("{} > {MAX_REGIONS}", specs.len()) });
+            return Err(Error::Config {
+                key: "regions",
+                why: format!("{} > {MAX_REGIONS}", specs.len()),
+            });
         }
         let final_path = shm_path(name);
         if final_path.exists() {
@@ -152,14 +162,23 @@ impl Segment {
             .create_new(true)
             .mode(mode)
             .open(&tmp_path)
-            .map_err(|e| Error::Io { op: "create", segment: name.to_string(), source: e })?;
+            .map_err(|e| Error::Io {
+                op: "create",
+                segment: name.to_string(),
+                source: e,
+            })?;
         let cleanup = |e: Error| {
             let _ = std::fs::remove_file(&tmp_path);
             e
         };
         // The umask may have narrowed the mode; set it exactly.
         fchmod(fd.as_raw_fd(), Mode::from_bits_truncate(mode)).map_err(|e| cleanup(Error::io("fchmod", name, e)))?;
-        let len = usize::try_from(total).map_err(|_| cleanup(Error::Config { key: "capacities", why: "too large".into() }))?;
+        let len = usize::try_from(total).map_err(|_| {
+            cleanup(Error::Config {
+                key: "capacities",
+                why: "too large".into(),
+            })
+        })?;
         posix_fallocate(fd.as_raw_fd(), 0, total as i64).map_err(|e| {
             cleanup(if e == Errno::ENOSPC {
                 Error::Io {
@@ -172,7 +191,13 @@ impl Segment {
             })
         })?;
         let base = sys::map_shared(&fd, len).map_err(|e| cleanup(Error::io("mmap", name, e)))?;
-        let seg = Segment { id: next_id(), name: name.to_string(), base, len, _fd: Some(fd) };
+        let seg = Segment {
+            id: next_id(),
+            name: name.to_string(),
+            base,
+            len,
+            _fd: Some(fd),
+        };
         seg.write_header(specs, &offsets, total, params);
         if let Err(e) = init(&seg) {
             return Err(cleanup(e));
@@ -187,7 +212,11 @@ impl Segment {
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 Err(Error::SegmentExists { name: name.to_string() })
             }
-            Err(e) => Err(Error::Io { op: "link", segment: name.to_string(), source: e }),
+            Err(e) => Err(Error::Io {
+                op: "link",
+                segment: name.to_string(),
+                source: e,
+            }),
         }
     }
 
@@ -198,11 +227,19 @@ impl Segment {
         params: &[u64; PARAMS],
         init: impl FnOnce(&Segment) -> Result<()>,
     ) -> Result<Segment> {
-        let (offsets, total) = layout::plan(specs)
-            .ok_or(Error::Config { key: "capacities", why: "segment size overflows".into() })?;
+        let (offsets, total) = layout::plan(specs).ok_or(Error::Config {
+            key: "capacities",
+            why: "segment size overflows".into(),
+        })?;
         let len = total as usize;
         let base = sys::map_anonymous(len).map_err(|e| Error::io("mmap", "(anonymous)", e))?;
-        let seg = Segment { id: next_id(), name: "(anonymous)".into(), base, len, _fd: None };
+        let seg = Segment {
+            id: next_id(),
+            name: "(anonymous)".into(),
+            base,
+            len,
+            _fd: None,
+        };
         seg.write_header(specs, &offsets, total, params);
         init(&seg)?;
         seg.header().magic.store(MAGIC, Ordering::Release);
@@ -237,7 +274,13 @@ impl Segment {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(Error::SegmentMissing { name: name.to_string() })
             }
-            Err(e) => return Err(Error::Io { op: "open", segment: name.to_string(), source: e }),
+            Err(e) => {
+                return Err(Error::Io {
+                    op: "open",
+                    segment: name.to_string(),
+                    source: e,
+                })
+            }
         };
         let st = fstat(fd.as_raw_fd()).map_err(|e| Error::io("fstat", name, e))?;
         let size = st.st_size as u64;
@@ -247,7 +290,13 @@ impl Segment {
         }
         let len = size as usize;
         let base = sys::map_shared(&fd, len).map_err(|e| Error::io("mmap", name, e))?;
-        let seg = Segment { id: next_id(), name: name.to_string(), base, len, _fd: Some(fd) };
+        let seg = Segment {
+            id: next_id(),
+            name: name.to_string(),
+            base,
+            len,
+            _fd: Some(fd),
+        };
         seg.validate()?;
         Ok(seg)
     }
@@ -257,10 +306,12 @@ impl Segment {
         check_name(name)?;
         match std::fs::remove_file(shm_path(name)) {
             Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Err(Error::SegmentMissing { name: name.to_string() })
-            }
-            Err(e) => Err(Error::Io { op: "unlink", segment: name.to_string(), source: e }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::SegmentMissing { name: name.to_string() }),
+            Err(e) => Err(Error::Io {
+                op: "unlink",
+                segment: name.to_string(),
+                source: e,
+            }),
         }
     }
 
@@ -268,25 +319,39 @@ impl Segment {
         let h = self.header();
         let magic = h.magic.load(Ordering::Acquire);
         if magic != MAGIC {
-            return Err(Error::WrongMagic { found: magic, expected: MAGIC });
+            return Err(Error::WrongMagic {
+                found: magic,
+                expected: MAGIC,
+            });
         }
         let version = h.version.load(Ordering::Relaxed);
         if version != LAYOUT_VERSION {
-            return Err(Error::WrongVersion { found: version, expected: LAYOUT_VERSION });
+            return Err(Error::WrongVersion {
+                found: version,
+                expected: LAYOUT_VERSION,
+            });
         }
         let total = h.total_size.load(Ordering::Relaxed);
         if (self.len as u64) < total {
-            return Err(Error::SegmentTooSmall { size: self.len as u64, needed: total });
+            return Err(Error::SegmentTooSmall {
+                size: self.len as u64,
+                needed: total,
+            });
         }
         let n = h.region_count.load(Ordering::Relaxed) as usize;
         if n > MAX_REGIONS {
-            return Err(Error::Corrupt { what: format!("region count {n} > {MAX_REGIONS}") });
+            return Err(Error::Corrupt {
+                what: format!("region count {n} > {MAX_REGIONS}"),
+            });
         }
         let mut spans: Vec<(u64, u64)> = Vec::with_capacity(n);
         for i in 0..n {
             let r = &h.regions[i];
-            let (off, count, stride) =
-                (r.offset.load(Ordering::Relaxed), r.count.load(Ordering::Relaxed), r.stride.load(Ordering::Relaxed));
+            let (off, count, stride) = (
+                r.offset.load(Ordering::Relaxed),
+                r.count.load(Ordering::Relaxed),
+                r.stride.load(Ordering::Relaxed),
+            );
             let end = count.checked_mul(stride).and_then(|b| b.checked_add(off));
             match end {
                 Some(end) if off >= size_of::<Header>() as u64 && end <= total && off % layout::REGION_ALIGN == 0 => {
@@ -294,14 +359,18 @@ impl Segment {
                 }
                 _ => {
                     return Err(Error::Corrupt {
-                        what: format!("region {i} (offset {off}, {count} x {stride} B) lies outside the {total}-byte segment"),
+                        what: format!(
+                            "region {i} (offset {off}, {count} x {stride} B) lies outside the {total}-byte segment"
+                        ),
                     })
                 }
             }
         }
         spans.sort_unstable();
         if spans.windows(2).any(|w| w[0].1 > w[1].0) {
-            return Err(Error::Corrupt { what: "regions overlap".into() });
+            return Err(Error::Corrupt {
+                what: "regions overlap".into(),
+            });
         }
         Ok(())
     }
@@ -328,24 +397,40 @@ impl Segment {
     pub fn region<T: ShmSafe>(&self, id: usize) -> Result<Region<T>> {
         let h = self.header();
         if id >= h.region_count.load(Ordering::Relaxed) as usize {
-            return Err(Error::Corrupt { what: format!("region {id} missing") });
+            return Err(Error::Corrupt {
+                what: format!("region {id} missing"),
+            });
         }
         let r = &h.regions[id];
-        let (off, count, stride) =
-            (r.offset.load(Ordering::Relaxed), r.count.load(Ordering::Relaxed), r.stride.load(Ordering::Relaxed));
+        let (off, count, stride) = (
+            r.offset.load(Ordering::Relaxed),
+            r.count.load(Ordering::Relaxed),
+            r.stride.load(Ordering::Relaxed),
+        );
         if stride != size_of::<T>() as u64 {
             return Err(Error::Corrupt {
                 what: format!("region {id} has stride {stride}, this build needs {}", size_of::<T>()),
             });
         }
         if off % align_of::<T>() as u64 != 0 {
-            return Err(Error::Corrupt { what: format!("region {id} misaligned at {off}") });
+            return Err(Error::Corrupt {
+                what: format!("region {id} misaligned at {off}"),
+            });
         }
         match count.checked_mul(stride).and_then(|b| b.checked_add(off)) {
             Some(end) if end <= self.len as u64 => {}
-            _ => return Err(Error::Corrupt { what: format!("region {id} exceeds the segment") }),
+            _ => {
+                return Err(Error::Corrupt {
+                    what: format!("region {id} exceeds the segment"),
+                })
+            }
         }
-        Ok(Region { seg: self.id, offset: off as usize, count: count as usize, _t: PhantomData })
+        Ok(Region {
+            seg: self.id,
+            offset: off as usize,
+            count: count as usize,
+            _t: PhantomData,
+        })
     }
 
     /// The elements of a region as a slice of atomics.
@@ -384,7 +469,11 @@ mod tests {
 
     fn unique(tag: &str) -> String {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        format!("/shmlock-u-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+        format!(
+            "/shmlock-u-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        )
     }
 
     #[test]
@@ -397,18 +486,27 @@ mod tests {
             Ok(())
         })
         .unwrap();
-        assert!(matches!(Segment::create(&name, &specs, &[0; PARAMS], 0o600, |_| Ok(())), Err(Error::SegmentExists { .. })));
+        assert!(matches!(
+            Segment::create(&name, &specs, &[0; PARAMS], 0o600, |_| Ok(())),
+            Err(Error::SegmentExists { .. })
+        ));
         let other = Segment::open(&name).unwrap();
         let r = other.region::<AtomicU64>(0).unwrap();
         assert_eq!(other.slice(r)[99].load(Ordering::Relaxed), 42);
-        assert!(matches!(other.region::<AtomicU64>(1), Err(Error::Corrupt { .. })), "stride mismatch");
+        assert!(
+            matches!(other.region::<AtomicU64>(1), Err(Error::Corrupt { .. })),
+            "stride mismatch"
+        );
         assert_eq!(other.header().params[5].load(Ordering::Relaxed), 3);
         drop(seg);
 
         // Wrong version.
         other.header().version.store(LAYOUT_VERSION + 1, Ordering::Relaxed);
         let e = Segment::open(&name).unwrap_err();
-        assert!(matches!(e, Error::WrongVersion { found, expected } if found == LAYOUT_VERSION + 1 && expected == LAYOUT_VERSION), "{e}");
+        assert!(
+            matches!(e, Error::WrongVersion { found, expected } if found == LAYOUT_VERSION + 1 && expected == LAYOUT_VERSION),
+            "{e}"
+        );
         other.header().version.store(LAYOUT_VERSION, Ordering::Relaxed);
         // Garbage magic.
         other.header().magic.store(0x1234, Ordering::Relaxed);
@@ -416,7 +514,12 @@ mod tests {
         assert!(matches!(e, Error::WrongMagic { found: 0x1234, .. }), "{e}");
         other.header().magic.store(MAGIC, Ordering::Relaxed);
         // Truncated.
-        std::fs::OpenOptions::new().write(true).open(shm_path(&name)).unwrap().set_len(1024).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(shm_path(&name))
+            .unwrap()
+            .set_len(1024)
+            .unwrap();
         let e = Segment::open(&name).unwrap_err();
         assert!(matches!(e, Error::SegmentTooSmall { size: 1024, .. }), "{e}");
         drop(other);
@@ -435,7 +538,14 @@ mod tests {
     fn mode_is_applied() {
         use std::os::unix::fs::PermissionsExt;
         let name = unique("mode");
-        let _s = Segment::create(&name, &[RegionSpec::of::<AtomicU64>(1)], &[0; PARAMS], 0o640, |_| Ok(())).unwrap();
+        let _s = Segment::create(
+            &name,
+            &[RegionSpec::of::<AtomicU64>(1)],
+            &[0; PARAMS],
+            0o640,
+            |_| Ok(()),
+        )
+        .unwrap();
         let m = std::fs::metadata(shm_path(&name)).unwrap().permissions().mode() & 0o777;
         Segment::unlink(&name).unwrap();
         assert_eq!(m, 0o640);

@@ -17,7 +17,14 @@ pub(super) fn map_shared(fd: impl AsFd, len: usize) -> Result<NonNull<u8>, Errno
     // SAFETY: we ask the kernel for a fresh mapping at an address of its choosing (no MAP_FIXED),
     // so no existing Rust object is aliased or invalidated.
     let p = unsafe {
-        mmap(None, len, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED, fd, 0)?
+        mmap(
+            None,
+            len,
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+            MapFlags::MAP_SHARED,
+            fd,
+            0,
+        )?
     };
     Ok(p.cast())
 }
@@ -72,7 +79,15 @@ pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) ->
     // SAFETY: `word` is a live AtomicU32 (aligned 4-byte word) for the whole call; the kernel only
     // reads it. `ts_ptr` is null or points at a timespec on this stack frame with tv_nsec < 1e9.
     let r = unsafe {
-        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAIT, expected, ts_ptr, 0usize, 0u32)
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            ts_ptr,
+            0usize,
+            0u32,
+        )
     };
     if r == 0 {
         return FutexWait::Woken;
@@ -88,7 +103,17 @@ pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) ->
 /// FUTEX_WAKE (shared) of up to `n` waiters on `word`; returns how many were woken.
 pub fn futex_wake(word: &AtomicU32, n: u32) -> usize {
     // SAFETY: `word` is a live AtomicU32; FUTEX_WAKE only uses its address as a key.
-    let r = unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, n as i32, 0usize, 0usize, 0u32) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE,
+            n as i32,
+            0usize,
+            0usize,
+            0u32,
+        )
+    };
     r.max(0) as usize
 }
 

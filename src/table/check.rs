@@ -130,7 +130,10 @@ impl LockTable {
         }
         let in_use = ep.count(EntryState::Idle) + ep.count(EntryState::Held);
         if indexed.len() != in_use as usize {
-            out.push(format!("{} entries indexed but {in_use} are IDLE or HELD", indexed.len()));
+            out.push(format!(
+                "{} entries indexed but {in_use} are IDLE or HELD",
+                indexed.len()
+            ));
         }
         let max_token = sh.hdr.token.load(Relaxed);
         let (mut readers_total, mut waiters_total) = (0u64, 0u64);
@@ -140,14 +143,23 @@ impl LockTable {
             if state == EntryState::Free {
                 continue;
             }
-            let (mode, owner, readers, waiters) =
-                (e.mode.load(Relaxed), e.owner.load(Relaxed), e.readers.load(Relaxed), e.waiters.load(Relaxed));
+            let (mode, owner, readers, waiters) = (
+                e.mode.load(Relaxed),
+                e.owner.load(Relaxed),
+                e.readers.load(Relaxed),
+                e.waiters.load(Relaxed),
+            );
             if e.token.load(Relaxed) > max_token {
-                out.push(format!("entry {i}: token {} above the shard's {max_token}", e.token.load(Relaxed)));
+                out.push(format!(
+                    "entry {i}: token {} above the shard's {max_token}",
+                    e.token.load(Relaxed)
+                ));
             }
             if state == EntryState::Idle {
                 if mode != MODE_NONE || owner != NIL || readers != 0 || waiters != 0 {
-                    out.push(format!("entry {i} is IDLE but has mode {mode}, {readers} readers, {waiters} waiters"));
+                    out.push(format!(
+                        "entry {i} is IDLE but has mode {mode}, {readers} readers, {waiters} waiters"
+                    ));
                 }
                 continue;
             }
@@ -173,7 +185,10 @@ impl LockTable {
                             out.push(format!("entry {i}: reader {h} is not a HELD hold of this entry"));
                         }
                         if !live(hold.owner.load(Relaxed)) {
-                            out.push(format!("entry {i}: reader {h} belongs to owner {} which is not live", hold.owner.load(Relaxed)));
+                            out.push(format!(
+                                "entry {i}: reader {h} belongs to owner {} which is not live",
+                                hold.owner.load(Relaxed)
+                            ));
                         }
                     }
                 }
@@ -203,7 +218,10 @@ impl LockTable {
                 cur = hold.next.load(Relaxed);
             }
             if e.wait_tail.load(Relaxed) != prev {
-                out.push(format!("entry {i}: queue tail is {} but the last member is {prev}", e.wait_tail.load(Relaxed)));
+                out.push(format!(
+                    "entry {i}: queue tail is {} but the last member is {prev}",
+                    e.wait_tail.load(Relaxed)
+                ));
             }
             if n != waiters {
                 out.push(format!("entry {i}: {waiters} waiters counted, {n} queued"));
@@ -211,16 +229,25 @@ impl LockTable {
             waiters_total += u64::from(n);
         }
         if readers_total != u64::from(hp.count(HoldState::Held)) {
-            out.push(format!("{readers_total} readers on entries but {} HELD holds", hp.count(HoldState::Held)));
+            out.push(format!(
+                "{readers_total} readers on entries but {} HELD holds",
+                hp.count(HoldState::Held)
+            ));
         }
         if waiters_total != u64::from(hp.count(HoldState::Waiting)) {
-            out.push(format!("{waiters_total} queued but {} WAITING holds", hp.count(HoldState::Waiting)));
+            out.push(format!(
+                "{waiters_total} queued but {} WAITING holds",
+                hp.count(HoldState::Waiting)
+            ));
         }
         for (h, _) in hp.iter(HoldState::Granted) {
             let hold = &holds[h.get()];
             let e = entries.get(hold.entry.load(Relaxed) as usize);
             if e.is_none_or(|e| e.owner.load(Relaxed) != hold.owner.load(Relaxed)) {
-                out.push(format!("hold {} is GRANTED but its entry is not held by its owner", h.0));
+                out.push(format!(
+                    "hold {} is GRANTED but its entry is not held by its owner",
+                    h.0
+                ));
             }
         }
     }

@@ -150,7 +150,9 @@ impl PoolState for EntryState {
         self as u32
     }
     fn from_u32(v: u32) -> Option<Self> {
-        [EntryState::Free, EntryState::Idle, EntryState::Held].get(v as usize).copied()
+        [EntryState::Free, EntryState::Idle, EntryState::Held]
+            .get(v as usize)
+            .copied()
     }
     fn name(self) -> &'static str {
         ["FREE", "IDLE", "HELD"][self as usize]
@@ -178,7 +180,9 @@ impl PoolState for HoldState {
         self as u32
     }
     fn from_u32(v: u32) -> Option<Self> {
-        [HoldState::Free, HoldState::Held, HoldState::Waiting, HoldState::Granted].get(v as usize).copied()
+        [HoldState::Free, HoldState::Held, HoldState::Waiting, HoldState::Granted]
+            .get(v as usize)
+            .copied()
     }
     fn name(self) -> &'static str {
         ["FREE", "HELD", "WAITING", "GRANTED"][self as usize]

@@ -156,7 +156,10 @@ impl<'a> Shard<'a> {
     }
     #[inline]
     fn epool(&self) -> StatePool<'a, EntryState> {
-        StatePool::new(&self.t.seg.slice(self.t.r.entry_nodes)[self.span(self.t.geo.entries_per_shard)], &self.hdr.entry_lists)
+        StatePool::new(
+            &self.t.seg.slice(self.t.r.entry_nodes)[self.span(self.t.geo.entries_per_shard)],
+            &self.hdr.entry_lists,
+        )
     }
     #[inline]
     fn names(&self) -> &'a [AtomicU64] {
@@ -172,18 +175,25 @@ impl<'a> Shard<'a> {
     }
     #[inline]
     fn hpool(&self) -> StatePool<'a, HoldState> {
-        StatePool::new(&self.t.seg.slice(self.t.r.hold_nodes)[self.span(self.t.geo.holds_per_shard)], &self.hdr.hold_lists)
+        StatePool::new(
+            &self.t.seg.slice(self.t.r.hold_nodes)[self.span(self.t.geo.holds_per_shard)],
+            &self.hdr.hold_lists,
+        )
     }
 }
 
 impl<'a> Shard<'a> {
     #[inline]
     fn entry(&self, e: u32) -> Result<&'a Entry> {
-        self.entries().get(e as usize).ok_or_else(|| corrupt(format!("shard {} entry {e} out of range", self.no)))
+        self.entries()
+            .get(e as usize)
+            .ok_or_else(|| corrupt(format!("shard {} entry {e} out of range", self.no)))
     }
     #[inline]
     fn hold(&self, h: u32) -> Result<&'a Hold> {
-        self.holds().get(h as usize).ok_or_else(|| corrupt(format!("shard {} hold {h} out of range", self.no)))
+        self.holds()
+            .get(h as usize)
+            .ok_or_else(|| corrupt(format!("shard {} hold {h} out of range", self.no)))
     }
     fn next_token(&self) -> u64 {
         let t = self.hdr.token.load(Relaxed) + 1;
@@ -282,7 +292,10 @@ impl LockTable {
         let (specs, _) = Self::plan(&geo, caps);
         crate::shm::layout::plan(&specs)
             .map(|(_, total)| total)
-            .ok_or(Error::Config { key: "capacities", why: "segment size overflows".into() })
+            .ok_or(Error::Config {
+                key: "capacities",
+                why: "segment size overflows".into(),
+            })
     }
 
     fn init(seg: &Segment, g: &Geometry) -> Result<()> {
@@ -369,7 +382,12 @@ impl LockTable {
         if !ok {
             return Err(corrupt(format!("table geometry {geo:?} does not match its regions")));
         }
-        Ok(LockTable { seed: p(P_SEED), seg, geo, r })
+        Ok(LockTable {
+            seed: p(P_SEED),
+            seg,
+            geo,
+            r,
+        })
     }
 
     /// The segment.
@@ -390,7 +408,12 @@ impl LockTable {
 
     #[inline]
     fn shard(&self, s: u32) -> Shard<'_> {
-        Shard { no: s, t: self, hdr: &self.seg.slice(self.r.shards)[s as usize], words: self.geo.name_words as usize }
+        Shard {
+            no: s,
+            t: self,
+            hdr: &self.seg.slice(self.r.shards)[s as usize],
+            words: self.geo.name_words as usize,
+        }
     }
 
     fn table_hdr(&self) -> &TableHdr {
@@ -416,11 +439,13 @@ impl LockTable {
         let me = ProcessId::current();
         let _g = Latch::new(&self.table_hdr().owner_latch).lock(me.pid.clamp(1, (1 << 31) - 1));
         let pool = self.owner_pool();
-        let idx = pool.take_newest(OwnerState::Free, OwnerState::Free, clock::now()).ok_or(Error::PoolFull {
-            pool: "owner",
-            shard: None,
-            capacity: self.geo.owners,
-        })?;
+        let idx = pool
+            .take_newest(OwnerState::Free, OwnerState::Free, clock::now())
+            .ok_or(Error::PoolFull {
+                pool: "owner",
+                shard: None,
+                capacity: self.geo.owners,
+            })?;
         let o = &self.owners()[idx.get()];
         o.pid.store(me.pid, Relaxed);
         o.start_time.store(me.start_time, Relaxed);
@@ -435,7 +460,8 @@ impl LockTable {
 
     pub(crate) fn deregister(&self, me: OwnerRef) -> Result<()> {
         let _g = Latch::new(&self.table_hdr().owner_latch).lock(std::process::id().clamp(1, (1 << 31) - 1));
-        self.owner_pool().transition(Idx(me.idx), OwnerState::Live, OwnerState::Free, clock::now())
+        self.owner_pool()
+            .transition(Idx(me.idx), OwnerState::Live, OwnerState::Free, clock::now())
     }
 
     // ---- the index -------------------------------------------------------------------------
@@ -448,7 +474,10 @@ impl LockTable {
     #[inline]
     fn name_eq(sh: &Shard<'_>, e: usize, name: &[u8]) -> bool {
         let words = &sh.names()[e * sh.words..(e + 1) * sh.words];
-        words.iter().zip(name.chunks(8)).all(|(w, c)| w.load(Relaxed) == name::word(c))
+        words
+            .iter()
+            .zip(name.chunks(8))
+            .all(|(w, c)| w.load(Relaxed) == name::word(c))
     }
 
     #[inline]
@@ -533,7 +562,11 @@ impl LockTable {
     /// The name of entry `e` (for inspection and errors).
     fn name_of(sh: &Shard<'_>, e: u32) -> Vec<u8> {
         let i = e as usize;
-        let len = sh.entries().get(i).map_or(0, |x| x.name_len.load(Relaxed) as usize).min(sh.words * 8);
+        let len = sh
+            .entries()
+            .get(i)
+            .map_or(0, |x| x.name_len.load(Relaxed) as usize)
+            .min(sh.words * 8);
         let mut out = Vec::with_capacity(sh.words * 8);
         for w in &sh.names()[i * sh.words..(i + 1) * sh.words] {
             out.extend_from_slice(&w.load(Relaxed).to_le_bytes());
@@ -587,11 +620,14 @@ impl LockTable {
         let e = sh.entry(i)?;
         let mut hold = NIL;
         if mode == Mode::Shared {
-            let h = sh.hpool().take_newest(HoldState::Free, HoldState::Held, now).ok_or(Error::PoolFull {
-                pool: "hold/wait",
-                shard: Some(sh.no),
-                capacity: sh.holds().len() as u32,
-            })?;
+            let h = sh
+                .hpool()
+                .take_newest(HoldState::Free, HoldState::Held, now)
+                .ok_or(Error::PoolFull {
+                    pool: "hold/wait",
+                    shard: Some(sh.no),
+                    capacity: sh.holds().len() as u32,
+                })?;
             hold = h.0;
             self.add_reader(sh, e, i, h.0, me.idx);
         }
@@ -615,7 +651,14 @@ impl LockTable {
         }
         e.mode.store(mode.to_u32(), Relaxed);
         sh.bump(STAT_GRANTS);
-        Ok(RawGrant { shard: sh.no, entry: i, hold, token, owner_died: flags & OWNER_DIED != 0, mode })
+        Ok(RawGrant {
+            shard: sh.no,
+            entry: i,
+            hold,
+            token,
+            owner_died: flags & OWNER_DIED != 0,
+            mode,
+        })
     }
 
     fn add_reader(&self, sh: &Shard<'_>, e: &Entry, i: u32, h: u32, owner: u32) {
@@ -711,7 +754,8 @@ impl LockTable {
                     return Err(Error::NotHeld);
                 }
                 Self::remove_reader(sh, e, g.hold);
-                sh.hpool().transition(Idx(g.hold), HoldState::Held, HoldState::Free, clock::coarse())?;
+                sh.hpool()
+                    .transition(Idx(g.hold), HoldState::Held, HoldState::Free, clock::coarse())?;
                 if e.readers.load(Relaxed) > 0 {
                     return Ok(None);
                 }
@@ -751,11 +795,20 @@ impl LockTable {
             Mode::Exclusive => (e.owner.load(Relaxed), sh.epool().time(Idx(i)).ok()?, 1),
             Mode::Shared => {
                 let (h, hold) = Self::readers(sh, e).last()?;
-                (hold.owner.load(Relaxed), sh.hpool().time(Idx(h)).ok()?, e.readers.load(Relaxed))
+                (
+                    hold.owner.load(Relaxed),
+                    sh.hpool().time(Idx(h)).ok()?,
+                    e.readers.load(Relaxed),
+                )
             }
         };
         let o = self.owners().get(owner as usize)?;
-        Some(HolderInfo { pid: o.pid.load(Relaxed), label: o.label(), held_for: now.since(since), holders })
+        Some(HolderInfo {
+            pid: o.pid.load(Relaxed),
+            label: o.label(),
+            held_for: now.since(since),
+            holders,
+        })
     }
 
     /// Releases `name` held by `me` (explicit unlock by name).
@@ -776,8 +829,9 @@ impl LockTable {
                 mode: Mode::Exclusive,
             },
             Some(Mode::Shared) => {
-                let (hi, hold) =
-                    Self::readers(&sh, e).find(|(_, h)| h.owner.load(Relaxed) == me.idx).ok_or(Error::NotHeld)?;
+                let (hi, hold) = Self::readers(&sh, e)
+                    .find(|(_, h)| h.owner.load(Relaxed) == me.idx)
+                    .ok_or(Error::NotHeld)?;
                 RawGrant {
                     shard: sh.no,
                     entry: i,
@@ -845,7 +899,9 @@ impl LockTable {
                             wakes.extend(self.release_locked(&sh, me, &g)?);
                         }
                         HoldState::Waiting => wakes.extend(self.cancel_wait(&sh, entry, h)?),
-                        _ => sh.hpool().transition(Idx(h), HoldState::Granted, HoldState::Free, clock::coarse())?,
+                        _ => sh
+                            .hpool()
+                            .transition(Idx(h), HoldState::Granted, HoldState::Free, clock::coarse())?,
                     }
                     n += 1;
                 }

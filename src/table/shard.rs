@@ -75,7 +75,11 @@ impl<'a> Latch<'a> {
     #[inline]
     pub fn lock(self, id: u32) -> LatchGuard<'a> {
         debug_assert!(id != 0 && id & WAITERS == 0);
-        if self.word.compare_exchange(0, id, Ordering::Acquire, Ordering::Relaxed).is_err() {
+        if self
+            .word
+            .compare_exchange(0, id, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
             self.lock_slow(id);
         }
         LatchGuard { word: self.word }
@@ -86,7 +90,10 @@ impl<'a> Latch<'a> {
         for _ in 0..SPINS {
             std::hint::spin_loop();
             if self.word.load(Ordering::Relaxed) == 0
-                && self.word.compare_exchange(0, id, Ordering::Acquire, Ordering::Relaxed).is_ok()
+                && self
+                    .word
+                    .compare_exchange(0, id, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
             {
                 return;
             }
@@ -95,13 +102,20 @@ impl<'a> Latch<'a> {
             let v = self.word.load(Ordering::Relaxed);
             if v == 0 {
                 // Keep WAITERS: others may still sleep (as glibc's lock_wait does).
-                if self.word.compare_exchange(0, id | WAITERS, Ordering::Acquire, Ordering::Relaxed).is_ok() {
+                if self
+                    .word
+                    .compare_exchange(0, id | WAITERS, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+                {
                     return;
                 }
                 continue;
             }
             if v & WAITERS == 0
-                && self.word.compare_exchange(v, v | WAITERS, Ordering::Relaxed, Ordering::Relaxed).is_err()
+                && self
+                    .word
+                    .compare_exchange(v, v | WAITERS, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_err()
             {
                 continue;
             }

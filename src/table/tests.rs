@@ -108,7 +108,12 @@ proptest! {
 
 #[test]
 fn forgotten_guards_are_released_when_the_client_drops() {
-    let caps = Capacities { max_locks: 64, max_holds: 64, max_owners: 4, ..Default::default() };
+    let caps = Capacities {
+        max_locks: 64,
+        max_holds: 64,
+        max_owners: 4,
+        ..Default::default()
+    };
     let table = Arc::new(LockTable::anonymous(&caps).unwrap());
     let other = Client::with_table(table.clone(), "other").unwrap();
     {

@@ -28,7 +28,11 @@ impl LockTable {
         let w = sh
             .hpool()
             .take_newest(HoldState::Free, HoldState::Waiting, clock::now())
-            .ok_or(Error::PoolFull { pool: "hold/wait", shard: Some(sh.no), capacity: sh.holds().len() as u32 })?
+            .ok_or(Error::PoolFull {
+                pool: "hold/wait",
+                shard: Some(sh.no),
+                capacity: sh.holds().len() as u32,
+            })?
             .0;
         let hold = &sh.holds()[w as usize];
         hold.entry.store(i, R);
@@ -47,7 +51,8 @@ impl LockTable {
         e.wait_tail.store(w, R);
         e.waiters.store(e.waiters.load(R) + 1, R);
         if sh.epool().state(Idx(i))? == EntryState::Idle {
-            sh.epool().transition(Idx(i), EntryState::Idle, EntryState::Held, clock::coarse())?;
+            sh.epool()
+                .transition(Idx(i), EntryState::Idle, EntryState::Held, clock::coarse())?;
         }
         sh.bump(STAT_WAITS);
         Ok(w)
@@ -90,7 +95,8 @@ impl LockTable {
             e.mode.store(Mode::Exclusive.to_u32(), R);
             hold.token.store(token, R);
             hold.flags.store(died, R);
-            sh.hpool().transition(Idx(head), HoldState::Waiting, HoldState::Granted, now)?;
+            sh.hpool()
+                .transition(Idx(head), HoldState::Waiting, HoldState::Granted, now)?;
             hold.futex.store(GRANTED, Ordering::Release);
             sh.bump(STAT_GRANTS);
             sh.bump(STAT_HANDOFFS);
@@ -104,7 +110,8 @@ impl LockTable {
             }
             let next = h.next.load(R);
             Self::dequeue(sh, e, cur);
-            sh.hpool().transition(Idx(cur), HoldState::Waiting, HoldState::Held, now)?;
+            sh.hpool()
+                .transition(Idx(cur), HoldState::Waiting, HoldState::Held, now)?;
             let owner = h.owner.load(R);
             self.add_reader(sh, e, i, cur, owner);
             let token = sh.next_token();
@@ -128,12 +135,14 @@ impl LockTable {
         let was_head = e.wait_head.load(R) == w;
         Self::dequeue(sh, e, w);
         hold.futex.store(WAIT, R);
-        sh.hpool().transition(Idx(w), HoldState::Waiting, HoldState::Free, clock::coarse())?;
+        sh.hpool()
+            .transition(Idx(w), HoldState::Waiting, HoldState::Free, clock::coarse())?;
         if e.mode.load(R) != MODE_NONE {
             return Ok(None);
         }
         if e.waiters.load(R) == 0 {
-            sh.epool().transition(Idx(i), EntryState::Held, EntryState::Idle, clock::coarse())?;
+            sh.epool()
+                .transition(Idx(i), EntryState::Held, EntryState::Idle, clock::coarse())?;
             return Ok(None);
         }
         if was_head {
@@ -178,13 +187,15 @@ impl LockTable {
                         mode,
                     };
                     if mode == Mode::Exclusive {
-                        sh.hpool().transition(Idx(w), HoldState::Granted, HoldState::Free, clock::coarse())?;
+                        sh.hpool()
+                            .transition(Idx(w), HoldState::Granted, HoldState::Free, clock::coarse())?;
                     }
                     return Ok(g);
                 }
                 WOKEN if e.mode.load(R) == MODE_NONE => {
                     Self::dequeue(sh, e, w);
-                    sh.hpool().transition(Idx(w), HoldState::Waiting, HoldState::Free, clock::coarse())?;
+                    sh.hpool()
+                        .transition(Idx(w), HoldState::Waiting, HoldState::Free, clock::coarse())?;
                     hold.futex.store(WAIT, R);
                     return self.grant_now(sh, i, mode, me, clock::coarse());
                 }
@@ -199,7 +210,10 @@ impl LockTable {
                 if let Some(f) = wake {
                     futex_wake(f, 1);
                 }
-                return Err(Error::TimedOut { waited: clock::now().since(started), holder });
+                return Err(Error::TimedOut {
+                    waited: clock::now().since(started),
+                    holder,
+                });
             }
             drop(guard);
         }
