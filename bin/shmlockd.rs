@@ -7,6 +7,7 @@
 //!
 //! Exit status: 0 after a clean shutdown, 2 on any error (printed as `shmlockd: ...`).
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -20,7 +21,7 @@ use tracing::{info, warn};
 
 /// The shmlock supervisor: creates or adopts the lock segment and keeps it.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version)]
 struct Args {
     /// TOML config file (see config/shmlock.toml); built-in defaults without it.
     #[arg(long, value_name = "FILE")]
@@ -46,7 +47,7 @@ struct Args {
     /// Remove the segment on exit (by default it stays for local users).
     #[arg(long)]
     remove_on_exit: bool,
-    /// Log filter, e.g. `info` or `shmlock=debug` [default: $RUST_LOG, then info].
+    /// Log filter, e.g. `info` or `shmlockd=debug` [default: $RUST_LOG, then info].
     #[arg(long, value_name = "FILTER")]
     log_level: Option<String>,
 }
@@ -59,7 +60,7 @@ struct ConfigFile {
     segment: toml::Table,
 }
 
-/// What the config file says, validated.
+/// What the config file says (validated after the flags are applied, in `capacities`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Config {
     /// `[segment] name`, if given.
@@ -77,7 +78,11 @@ impl Config {
         let name = match seg.remove("name") {
             None => None,
             Some(toml::Value::String(s)) => Some(s),
-            Some(v) => return Err(anyhow!("[segment] name: expected a string such as \"/shmlock\", found {v}")),
+            Some(v) => {
+                return Err(anyhow!(
+                    "[segment] name: expected a string such as \"/shmlock\", found {v}"
+                ))
+            }
         };
         let caps: Capacities = toml::Value::Table(seg).try_into().context("[segment]")?;
         Ok(Config { name, caps })
@@ -119,7 +124,11 @@ fn init_logging(filter: Option<&str>) -> Result<()> {
         Some(f) => EnvFilter::try_new(f).with_context(|| format!("--log-level {f:?}"))?,
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
     Ok(())
 }
 
@@ -130,32 +139,36 @@ fn mib(bytes: usize) -> f64 {
 /// Opens segment `name` if it exists (same layout version), else creates it with `caps`.
 /// Returns the table and whether it was created.
 fn create_or_adopt(name: &str, caps: &Capacities) -> Result<(LockTable, bool)> {
-    let adopt = |name: &str| {
-        LockTable::open(name).map_err(|e| match e {
-            Error::WrongVersion { .. } => anyhow!(e).context(format!(
-                "cannot adopt segment {name}: it was made by another shmlock build; once its users \
-                 have stopped, remove /dev/shm{name} (or pick another --segment)"
-            )),
-            e => anyhow!(e).context(format!("cannot adopt segment {name}")),
-        })
-    };
-    match LockTable::open(name) {
+    let opened = match LockTable::open(name) {
         Err(Error::SegmentMissing { .. }) => match LockTable::create(name, caps) {
-            Ok(t) => Ok((t, true)),
-            // Another process created it between our open and create.
-            Err(Error::SegmentExists { .. }) => Ok((adopt(name)?, false)),
-            Err(e) => Err(anyhow!(e).context(format!("cannot create segment {name}"))),
+            Ok(t) => return Ok((t, true)),
+            // Another process created it between our open and our create.
+            Err(Error::SegmentExists { .. }) => LockTable::open(name),
+            Err(e) => return Err(anyhow!(e).context(format!("cannot create segment {name}"))),
         },
-        Ok(t) => Ok((t, false)),
-        Err(_) => Ok((adopt(name)?, false)),
-    }
+        other => other,
+    };
+    opened.map(|t| (t, false)).map_err(|e| {
+        let e = match e {
+            Error::WrongVersion { .. } => anyhow!(
+                "{e} (it was made by another shmlock build; once its users have stopped, remove \
+                 /dev/shm{name}, or use another --segment)"
+            ),
+            Error::SegmentNameInvalid { .. } => return anyhow!(e),
+            e => anyhow!(e),
+        };
+        e.context(format!("cannot adopt segment {name}"))
+    })
 }
 
 fn run(args: Args) -> Result<()> {
     init_logging(args.log_level.as_deref())?;
     let config = match &args.config {
         Some(path) => Config::load(path)?,
-        None => Config { name: None, caps: Capacities::default() },
+        None => Config {
+            name: None,
+            caps: Capacities::default(),
+        },
     };
     let caps = capacities(&args, config.caps)?;
     let name = segment_name(args.segment.clone(), config.name);
@@ -236,7 +249,13 @@ mod tests {
 
     #[test]
     fn empty_config_is_the_defaults() {
-        assert_eq!(Config::parse("").unwrap(), Config { name: None, caps: Capacities::default() });
+        assert_eq!(
+            Config::parse("").unwrap(),
+            Config {
+                name: None,
+                caps: Capacities::default()
+            }
+        );
         assert_eq!(Config::parse("[segment]\n").unwrap().caps, Capacities::default());
     }
 

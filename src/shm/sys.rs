@@ -2,6 +2,8 @@
 //!
 //! Everything else that touches the OS goes through `nix`'s safe wrappers.
 
+#![allow(clippy::disallowed_methods)] // The one module allowed to call mmap and raw syscalls (.clippy.toml).
+
 use std::num::NonZeroUsize;
 use std::os::fd::AsFd;
 use std::ptr::NonNull;
