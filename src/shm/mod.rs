@@ -190,14 +190,7 @@ impl Segment {
                 Error::io("posix_fallocate", name, e)
             })
         })?;
-        let base = sys::map_shared(&fd, len).map_err(|e| cleanup(Error::io("mmap", name, e)))?;
-        let seg = Segment {
-            id: next_id(),
-            name: name.to_string(),
-            base,
-            len,
-            _fd: Some(fd),
-        };
+        let seg = Self::map_file(name, fd, len).map_err(cleanup)?;
         seg.write_header(specs, &offsets, total, params);
         if let Err(e) = init(&seg) {
             return Err(cleanup(e));
@@ -246,6 +239,17 @@ impl Segment {
         Ok(seg)
     }
 
+    fn map_file(name: &str, fd: File, len: usize) -> Result<Segment> {
+        let base = sys::map_shared(&fd, len).map_err(|e| Error::io("mmap", name, e))?;
+        Ok(Segment {
+            id: next_id(),
+            name: name.to_string(),
+            base,
+            len,
+            _fd: Some(fd),
+        })
+    }
+
     fn write_header(&self, specs: &[RegionSpec], offsets: &[u64], total: u64, params: &[u64; PARAMS]) {
         let h = self.header();
         h.version.store(LAYOUT_VERSION, Ordering::Relaxed);
@@ -289,14 +293,7 @@ impl Segment {
             return Err(Error::SegmentTooSmall { size, needed: hsize });
         }
         let len = size as usize;
-        let base = sys::map_shared(&fd, len).map_err(|e| Error::io("mmap", name, e))?;
-        let seg = Segment {
-            id: next_id(),
-            name: name.to_string(),
-            base,
-            len,
-            _fd: Some(fd),
-        };
+        let seg = Self::map_file(name, fd, len)?;
         seg.validate()?;
         Ok(seg)
     }
