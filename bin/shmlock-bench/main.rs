@@ -1,1 +1,442 @@
-fn main(){}
+//! `shmlock-bench`: lock/unlock throughput, lookup cost at load, multi-process scaling and
+//! contention for shmlock next to flock(2) and a robust process-shared pthread mutex, in the
+//! spirit of redis-benchmark.
+//!
+//! ```text
+//! shmlock-bench stream --ops 200000
+//! shmlock-bench many-held --n 1000,100000 --system shmlock
+//! shmlock-bench parallel --procs 2 --json
+//! shmlock-bench contention --procs 4 --seconds 1 --repeat 3
+//! ```
+//!
+//! # Layout
+//! - `main.rs`: arguments, scenario driver, notes.
+//! - `fixture.rs`: per-run objects of each system; `with_peer` runs a generic job on a peer.
+//! - `peer.rs`: `trait Peer` and its three implementations.
+//! - `procs.rs`: multi-process runs and the hidden `worker` subcommand.
+//! - `report.rs`: results, tables, JSON.
+//! - `hist.rs`: the fixed log-linear wait histogram.
+//! - `cleanup.rs`: registry of created objects; the SIGINT/SIGTERM thread.
+//! - `sys.rs`: the only unsafe code (mappings, pthread, flock, affinity, rlimit).
+
+mod cleanup;
+mod fixture;
+mod hist;
+mod peer;
+mod procs;
+mod report;
+mod sys;
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+use shmlock::Capacities;
+
+use fixture::{with_peer, Fixture, Job, Namer, System};
+use peer::Peer;
+use procs::{Multi, MultiRun};
+use report::{Extra, Row, Run};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "shmlock-bench",
+    version,
+    about = "Benchmark shmlock against flock(2) and robust pthread mutexes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// N x { lock("ABCD"); unlock("ABCD") } in one process (op = one lock + unlock).
+    Stream,
+    /// Lock N distinct names, then unlock them all (op = one lock or one unlock).
+    ManyHeld {
+        /// Numbers of names, comma separated.
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000,100000")]
+        n: Vec<u64>,
+    },
+    /// P processes streaming at once, each on its own name; aggregate throughput.
+    Parallel,
+    /// P processes on one name: lock; counter += 1; unlock, for --seconds (or --ops each).
+    Contention,
+    /// Every scenario with its defaults (many-held at 1000,10000,100000).
+    All,
+    #[command(hide = true)]
+    Worker(procs::WorkerArgs),
+}
+
+#[derive(Debug, Args)]
+struct Common {
+    /// Which system(s) to run.
+    #[arg(long, value_enum, default_value = "all", global = true)]
+    system: SystemArg,
+    /// Operations per process [stream, parallel: 2000000; contention: run --seconds instead].
+    #[arg(long, global = true)]
+    ops: Option<u64>,
+    /// Processes for parallel and contention [default: number of CPUs].
+    #[arg(long, global = true)]
+    procs: Option<usize>,
+    /// Duration of a contention run, when --ops is not given.
+    #[arg(long, default_value_t = 2.0, global = true)]
+    seconds: f64,
+    /// Run each measurement R times; report the median run, with min and max ns/op.
+    #[arg(long, default_value_t = 1, global = true)]
+    repeat: usize,
+    /// One JSON object per scenario per system (per n) on stdout, instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Prefix of the bench's segment and object names [default: /shmlock-bench-PID].
+    #[arg(long, global = true)]
+    segment: Option<String>,
+    /// Pin worker i to CPU i % ncpu.
+    #[arg(long, global = true)]
+    pin: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum SystemArg {
+    Shmlock,
+    Flock,
+    Pthread,
+    All,
+}
+
+impl SystemArg {
+    fn systems(self) -> Vec<System> {
+        match self {
+            SystemArg::Shmlock => vec![System::Shmlock],
+            SystemArg::Flock => vec![System::Flock],
+            SystemArg::Pthread => vec![System::Pthread],
+            SystemArg::All => System::ALL.to_vec(),
+        }
+    }
+}
+
+const DEFAULT_OPS: u64 = 2_000_000;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Worker(w) => procs::worker_main(w),
+        cmd => cleanup::install().and_then(|()| Bench::new(cli.common)?.run(cmd)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shmlock-bench: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The parent process's state.
+struct Bench {
+    c: Common,
+    namer: Namer,
+    systems: Vec<System>,
+    procs: usize,
+    /// Open-files limit (raised to the hard limit), for flock many-held.
+    nofile: u64,
+}
+
+impl Bench {
+    fn new(c: Common) -> Result<Bench> {
+        let prefix = c
+            .segment
+            .clone()
+            .unwrap_or_else(|| format!("/shmlock-bench-{}", std::process::id()));
+        anyhow::ensure!(c.repeat >= 1, "--repeat must be at least 1");
+        anyhow::ensure!(c.seconds > 0.0 && c.seconds.is_finite(), "--seconds must be positive");
+        let procs = c
+            .procs
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+        anyhow::ensure!(procs >= 1, "--procs must be at least 1");
+        Ok(Bench {
+            namer: Namer::new(prefix)?,
+            systems: c.system.systems(),
+            procs,
+            nofile: sys::raise_nofile_limit(),
+            c,
+        })
+    }
+
+    fn run(&self, cmd: Cmd) -> Result<()> {
+        match cmd {
+            Cmd::Stream => self.stream(),
+            Cmd::ManyHeld { n } => self.many_held(&n),
+            Cmd::Parallel => self.multi(Multi::Parallel),
+            Cmd::Contention => self.multi(Multi::Contention),
+            Cmd::All => {
+                self.stream()?;
+                self.many_held(&[1_000, 10_000, 100_000])?;
+                self.multi(Multi::Parallel)?;
+                self.multi(Multi::Contention)
+            }
+            Cmd::Worker(_) => unreachable!("handled in main"),
+        }
+    }
+
+    /// Runs `once` `repeat` times and summarizes; prints the JSON line at once.
+    fn measure(
+        &self,
+        scenario: &'static str,
+        system: System,
+        n: Option<u64>,
+        procs: Option<usize>,
+        mut once: impl FnMut() -> Result<Run>,
+    ) -> Result<Row> {
+        let runs = (0..self.c.repeat).map(|_| once()).collect::<Result<Vec<_>>>()?;
+        let row = Row::from_runs(scenario, system.name(), n, procs, runs);
+        if self.c.json {
+            println!("{}", row.json());
+        }
+        Ok(row)
+    }
+
+    fn finish(&self, title: &str, rows: &[Row], mut notes: Vec<String>) {
+        if self.c.json {
+            return;
+        }
+        for s in &self.systems {
+            notes.push(system_note(*s).to_string());
+        }
+        report::print_scenario(title, rows, &notes);
+    }
+
+    fn stream(&self) -> Result<()> {
+        let ops = self.c.ops.unwrap_or(DEFAULT_OPS);
+        let names = vec!["ABCD".to_string()];
+        let caps = Capacities {
+            max_owners: 64,
+            ..Default::default()
+        };
+        let mut rows = Vec::new();
+        for &s in &self.systems {
+            rows.push(self.measure("stream", s, None, None, || {
+                let mut fx = Fixture::create(s, &self.namer, &names, &caps)?;
+                with_peer(&mut fx.opened, names.clone(), "bench-stream", StreamJob { ops })
+            })?);
+        }
+        self.finish(
+            &format!("stream: {ops} x {{ lock(\"ABCD\"); unlock(\"ABCD\") }} in one process"),
+            &rows,
+            vec![
+                "op = one lock + unlock pair".into(),
+                format!("shmlock segment: default capacities ({})", caps_text(&caps)),
+            ],
+        );
+        Ok(())
+    }
+
+    fn many_held(&self, ns: &[u64]) -> Result<()> {
+        let mut rows = Vec::new();
+        let mut notes = vec![
+            "op = one lock or one unlock; fresh segment / files / mutexes for every run".into(),
+            "shmlock segment: max_locks = n, max_holds = 1024, max_owners = 64".into(),
+        ];
+        for &n in ns {
+            anyhow::ensure!(n >= 1 && n <= u64::from(u32::MAX), "--n {n}: out of range");
+            let names: Vec<String> = (0..n).map(|i| format!("held-{i}")).collect();
+            let caps = Capacities {
+                max_locks: n as u32,
+                max_holds: 1024,
+                max_owners: 64,
+                ..Default::default()
+            };
+            for &s in &self.systems {
+                if s == System::Flock && n + 64 > self.nofile {
+                    let why = format!(
+                        "flock skipped at n = {n}: holding n locks needs n open files, \
+                         RLIMIT_NOFILE is {}",
+                        self.nofile
+                    );
+                    if self.c.json {
+                        eprintln!("shmlock-bench: {why}");
+                    }
+                    notes.push(why);
+                    continue;
+                }
+                rows.push(self.measure("many-held", s, Some(n), None, || {
+                    let mut fx = Fixture::create(s, &self.namer, &names, &caps)?;
+                    with_peer(
+                        &mut fx.opened,
+                        names.clone(),
+                        "bench-many-held",
+                        ManyHeldJob { n: n as usize },
+                    )
+                })?);
+            }
+        }
+        self.finish(
+            &format!("many-held: lock n distinct names, then unlock them all (n = {ns:?})"),
+            &rows,
+            notes,
+        );
+        Ok(())
+    }
+
+    fn multi(&self, scenario: Multi) -> Result<()> {
+        let (name, ops) = match scenario {
+            Multi::Parallel => ("parallel", Some(self.c.ops.unwrap_or(DEFAULT_OPS))),
+            Multi::Contention => ("contention", self.c.ops),
+        };
+        let mut rows = Vec::new();
+        for &s in &self.systems {
+            let run = MultiRun {
+                namer: &self.namer,
+                system: s,
+                scenario,
+                procs: self.procs,
+                ops,
+                seconds: self.c.seconds,
+                pin: self.c.pin,
+            };
+            let row = self.measure(name, s, None, Some(self.procs), || run.run())?;
+            if let Extra::Contention {
+                exclusion_ok: false, ..
+            } = row.median.extra
+            {
+                eprintln!(
+                    "shmlock-bench: {}: MUTUAL EXCLUSION BROKEN (counter != grants)",
+                    s.name()
+                );
+            }
+            rows.push(row);
+        }
+        let p = self.procs;
+        let (title, mut notes) = match scenario {
+            Multi::Parallel => (
+                format!(
+                    "parallel: {p} processes, each {} x lock/unlock of its own name",
+                    ops.unwrap_or(0)
+                ),
+                vec!["op = one lock + unlock pair; ops/s is the aggregate over all processes".into()],
+            ),
+            Multi::Contention => (
+                match ops {
+                    Some(o) => format!("contention: {p} processes x {o} grants of one name"),
+                    None => format!("contention: {p} processes on one name for {} s", self.c.seconds),
+                },
+                vec![
+                    "op = one grant (lock; counter += 1; unlock); ops/s = handoffs/s; wait = time inside each \
+                     lock call (its two clock reads are in ns/op too)"
+                        .into(),
+                    "spread = max/min grants per process; excl = the shared counter equals the grants".into(),
+                ],
+            ),
+        };
+        notes.push(format!(
+            "workers are separate processes{}; started together by a flag in shared memory",
+            if self.c.pin {
+                ", pinned to CPU i % ncpu"
+            } else {
+                ", not pinned"
+            }
+        ));
+        self.finish(&title, &rows, notes);
+        Ok(())
+    }
+}
+
+fn caps_text(c: &Capacities) -> String {
+    format!(
+        "max_locks {}, max_holds {}, max_owners {}",
+        c.max_locks, c.max_holds, c.max_owners
+    )
+}
+
+fn system_note(s: System) -> &'static str {
+    match s {
+        System::Shmlock => "shmlock: client.lock(name) -> guard, guard.unlock(); named segment in /dev/shm",
+        System::Flock => {
+            "flock: one file per name in a fresh directory under $TMPDIR (/tmp); lock = open(O_CREAT) + \
+             flock(LOCK_EX), unlock = close(2)"
+        }
+        System::Pthread => {
+            "pthread: robust process-shared mutex per name, 64-byte slots in a /dev/shm mapping; no name \
+             lookup: locks are addressed by array index"
+        }
+    }
+}
+
+const WARMUP: u64 = 10_000;
+
+struct StreamJob {
+    ops: u64,
+}
+
+impl Job for StreamJob {
+    type Out = Run;
+
+    fn run<P: Peer>(self, p: &mut P) -> Result<Run> {
+        for _ in 0..WARMUP.min(self.ops) {
+            p.lock(0)?;
+            p.unlock(0)?;
+        }
+        let t = Instant::now();
+        stream_loop(p, self.ops)?;
+        Ok(Run {
+            ops: self.ops,
+            seconds: t.elapsed().as_secs_f64(),
+            extra: Extra::None,
+        })
+    }
+}
+
+#[inline(never)]
+fn stream_loop<P: Peer>(p: &mut P, ops: u64) -> Result<()> {
+    for _ in 0..ops {
+        p.lock(0)?;
+        p.unlock(0)?;
+    }
+    Ok(())
+}
+
+struct ManyHeldJob {
+    n: usize,
+}
+
+impl Job for ManyHeldJob {
+    type Out = Run;
+
+    fn run<P: Peer>(self, p: &mut P) -> Result<Run> {
+        let t0 = Instant::now();
+        lock_all(p, self.n)?;
+        let t1 = Instant::now();
+        unlock_all(p, self.n)?;
+        let t2 = Instant::now();
+        let (l, u) = ((t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64());
+        let n = self.n as f64;
+        Ok(Run {
+            ops: 2 * self.n as u64,
+            seconds: l + u,
+            extra: Extra::ManyHeld {
+                lock_ns_per_op: l * 1e9 / n,
+                unlock_ns_per_op: u * 1e9 / n,
+            },
+        })
+    }
+}
+
+#[inline(never)]
+fn lock_all<P: Peer>(p: &mut P, n: usize) -> Result<()> {
+    for i in 0..n {
+        p.lock(i)?;
+    }
+    Ok(())
+}
+
+#[inline(never)]
+fn unlock_all<P: Peer>(p: &mut P, n: usize) -> Result<()> {
+    for i in 0..n {
+        p.unlock(i)?;
+    }
+    Ok(())
+}

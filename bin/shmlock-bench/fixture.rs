@@ -1,0 +1,180 @@
+//! Per-run objects of each system (a segment, a directory of lock files, a mutex array), made
+//! before a run and removed after it, and the generic entry point that builds a [`Peer`] over
+//! them and runs a [`Job`] with static dispatch.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use shmlock::{Capacities, Client, LockTable};
+
+use crate::cleanup::{self, Registered};
+use crate::peer::{FlockPeer, Peer, PthreadPeer, ShmlockPeer};
+use crate::sys::MutexArray;
+
+/// A lock system under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum System {
+    /// shmlock, in-process client on a named segment.
+    Shmlock,
+    /// flock(2) on one file per name.
+    Flock,
+    /// Robust process-shared pthread mutexes, one per name, by index.
+    Pthread,
+}
+
+impl System {
+    pub(crate) const ALL: [System; 3] = [System::Shmlock, System::Flock, System::Pthread];
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            System::Shmlock => "shmlock",
+            System::Flock => "flock",
+            System::Pthread => "pthread",
+        }
+    }
+}
+
+/// Names objects of one bench process: `{prefix}-{kind}-{seq}`.
+#[derive(Debug)]
+pub(crate) struct Namer {
+    prefix: String,
+    seq: std::cell::Cell<u32>,
+}
+
+impl Namer {
+    pub(crate) fn new(prefix: String) -> Result<Namer> {
+        match prefix.strip_prefix('/') {
+            Some(rest) if !rest.is_empty() && !rest.contains('/') && rest.len() <= 150 => {}
+            _ => bail!("--segment {prefix:?}: must be '/' followed by 1..=150 characters, none of them '/'"),
+        }
+        Ok(Namer {
+            prefix,
+            seq: std::cell::Cell::new(0),
+        })
+    }
+
+    /// A fresh `/dev/shm` object name.
+    pub(crate) fn shm(&self, kind: &str) -> String {
+        let k = self.seq.get();
+        self.seq.set(k + 1);
+        format!("{}-{kind}-{k}", self.prefix)
+    }
+
+    /// A fresh directory path under the temp dir (usually /tmp).
+    pub(crate) fn dir(&self, kind: &str) -> PathBuf {
+        std::env::temp_dir().join(&self.shm(kind)[1..])
+    }
+}
+
+/// A system's objects, opened in this process.
+pub(crate) enum Opened {
+    Shmlock(Arc<LockTable>),
+    Flock(PathBuf),
+    /// The mapping made at creation is reused by the creating process (its pages are faulted in
+    /// already, as the shmlock creator's are); other processes map it again.
+    Pthread(Option<MutexArray>, String),
+}
+
+impl Opened {
+    /// Opens the objects another process created at `target` (segment, directory, object name).
+    pub(crate) fn open(system: System, target: &str) -> Result<Opened> {
+        Ok(match system {
+            System::Shmlock => Opened::Shmlock(Arc::new(
+                LockTable::open(target).with_context(|| format!("open segment {target}"))?,
+            )),
+            System::Flock => Opened::Flock(PathBuf::from(target)),
+            System::Pthread => Opened::Pthread(None, target.to_string()),
+        })
+    }
+}
+
+/// What a run made; removed on drop.
+pub(crate) struct Fixture {
+    pub(crate) opened: Opened,
+    /// The name other processes open it by.
+    pub(crate) target: String,
+    _reg: Registered,
+}
+
+impl Fixture {
+    /// Makes `system`'s objects for lock names `names`; `caps` sizes a shmlock segment.
+    pub(crate) fn create(system: System, namer: &Namer, names: &[String], caps: &Capacities) -> Result<Fixture> {
+        match system {
+            System::Shmlock => {
+                let name = namer.shm("seg");
+                let (table, reg) = cleanup::segment(&name, || {
+                    LockTable::create(&name, caps).with_context(|| format!("create segment {name}"))
+                })?;
+                Ok(Fixture {
+                    opened: Opened::Shmlock(Arc::new(table)),
+                    target: name,
+                    _reg: reg,
+                })
+            }
+            System::Flock => {
+                let dir = namer.dir("flock");
+                let reg = cleanup::dir(dir.clone())?;
+                FlockPeer::new(&dir, names, true)?;
+                Ok(Fixture {
+                    target: dir.to_string_lossy().into_owned(),
+                    opened: Opened::Flock(dir),
+                    _reg: reg,
+                })
+            }
+            System::Pthread => {
+                let name = namer.shm("pthread");
+                let (arr, reg) = cleanup::shm_object(&name, || MutexArray::create(&name, names.len()))?;
+                Ok(Fixture {
+                    opened: Opened::Pthread(Some(arr), name.clone()),
+                    target: name,
+                    _reg: reg,
+                })
+            }
+        }
+    }
+}
+
+/// Work to run against any peer; generic, so each peer gets its own monomorphized copy.
+pub(crate) trait Job {
+    type Out;
+    fn run<P: Peer>(self, peer: &mut P) -> Result<Self::Out>;
+}
+
+/// Builds the peer for `opened` over `names` (shmlock owner label `label`) and runs `job`.
+pub(crate) fn with_peer<J: Job>(opened: &mut Opened, names: Vec<String>, label: &str, job: J) -> Result<J::Out> {
+    match opened {
+        Opened::Shmlock(table) => {
+            let client = Client::with_table(Arc::clone(table), label).context("register a shmlock client")?;
+            let mut peer = ShmlockPeer::new(&client, names);
+            run_job(&mut peer, job)
+        }
+        Opened::Flock(dir) => {
+            let mut peer = FlockPeer::new(dir, &names, false)?;
+            run_job(&mut peer, job)
+        }
+        Opened::Pthread(arr, name) => {
+            let arr = match arr.take() {
+                Some(a) => a,
+                None => MutexArray::open(name)?,
+            };
+            if arr.len() < names.len() {
+                bail!("{name} has {} mutexes, {} needed", arr.len(), names.len());
+            }
+            let mut peer = PthreadPeer::new(arr);
+            let out = run_job(&mut peer, job);
+            if peer.recovered > 0 {
+                eprintln!(
+                    "shmlock-bench: pthread: {} locks found their owner dead (EOWNERDEAD)",
+                    peer.recovered
+                );
+            }
+            out
+        }
+    }
+}
+
+fn run_job<P: Peer, J: Job>(peer: &mut P, job: J) -> Result<J::Out> {
+    let out = job.run(peer);
+    out.with_context(|| format!("{} peer", peer.name()))
+}

@@ -1,0 +1,143 @@
+//! The systems under test behind one small trait (parking_lot's benchmark pattern).
+//!
+//! A peer is built over a fixed set of lock names and addresses them by index, so the timed loops
+//! do no formatting or allocation. The loops are generic over `P: Peer` (static dispatch): each
+//! peer's calls are inlined into its own copy of the loop, and none pays for a virtual call.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use shmlock::{Client, LockGuard};
+
+use crate::sys;
+
+/// A lock system under test.
+pub(crate) trait Peer {
+    /// Its name in the output.
+    fn name(&self) -> &'static str;
+    /// Locks name `i` exclusively, waiting as long as it takes.
+    fn lock(&mut self, i: usize) -> Result<()>;
+    /// Unlocks name `i`, locked by this peer.
+    fn unlock(&mut self, i: usize) -> Result<()>;
+}
+
+/// shmlock through the public API: `client.lock(name)` by name; unlock through the guard.
+pub(crate) struct ShmlockPeer<'c> {
+    client: &'c Client,
+    names: Vec<String>,
+    guards: Vec<Option<LockGuard<'c>>>,
+}
+
+impl<'c> ShmlockPeer<'c> {
+    pub(crate) fn new(client: &'c Client, names: Vec<String>) -> Self {
+        let mut guards = Vec::with_capacity(names.len());
+        guards.resize_with(names.len(), || None);
+        ShmlockPeer { client, names, guards }
+    }
+}
+
+impl Peer for ShmlockPeer<'_> {
+    fn name(&self) -> &'static str {
+        "shmlock"
+    }
+
+    #[inline]
+    fn lock(&mut self, i: usize) -> Result<()> {
+        let g = self.client.lock(self.names[i].as_bytes())?;
+        self.guards[i] = Some(g);
+        Ok(())
+    }
+
+    #[inline]
+    fn unlock(&mut self, i: usize) -> Result<()> {
+        let g = self.guards[i]
+            .take()
+            .context("unlock of a name this peer does not hold")?;
+        Ok(g.unlock()?)
+    }
+}
+
+/// flock(2) by name: lock = open(O_CREAT) + flock(LOCK_EX); unlock = close(2), which releases
+/// the lock. One file per name.
+pub(crate) struct FlockPeer {
+    paths: Vec<PathBuf>,
+    files: Vec<Option<File>>,
+    open: OpenOptions,
+}
+
+impl FlockPeer {
+    /// One file per name in `dir`; `create` makes them now, outside any timed loop.
+    pub(crate) fn new(dir: &Path, names: &[String], create: bool) -> Result<Self> {
+        let mut open = OpenOptions::new();
+        open.read(true).write(true).create(true).mode(0o600);
+        let paths: Vec<PathBuf> = names.iter().map(|n| dir.join(n)).collect();
+        if create {
+            for p in &paths {
+                open.open(p).with_context(|| format!("create {}", p.display()))?;
+            }
+        }
+        let mut files = Vec::with_capacity(paths.len());
+        files.resize_with(paths.len(), || None);
+        Ok(FlockPeer { paths, files, open })
+    }
+}
+
+impl Peer for FlockPeer {
+    fn name(&self) -> &'static str {
+        "flock"
+    }
+
+    #[inline]
+    fn lock(&mut self, i: usize) -> Result<()> {
+        let f = self
+            .open
+            .open(&self.paths[i])
+            .with_context(|| format!("open {}", self.paths[i].display()))?;
+        sys::flock_exclusive(&f).context("flock")?;
+        self.files[i] = Some(f);
+        Ok(())
+    }
+
+    #[inline]
+    fn unlock(&mut self, i: usize) -> Result<()> {
+        let f = self.files[i]
+            .take()
+            .context("unlock of a name this peer does not hold")?;
+        drop(f); // close(2) releases the flock
+        Ok(())
+    }
+}
+
+/// Robust process-shared pthread mutexes, one per name, addressed by index (no name lookup).
+pub(crate) struct PthreadPeer {
+    mutexes: sys::MutexArray,
+    /// Times a lock found its previous owner dead (EOWNERDEAD) and made it consistent.
+    pub(crate) recovered: u64,
+}
+
+impl PthreadPeer {
+    pub(crate) fn new(mutexes: sys::MutexArray) -> Self {
+        PthreadPeer { mutexes, recovered: 0 }
+    }
+}
+
+impl Peer for PthreadPeer {
+    fn name(&self) -> &'static str {
+        "pthread"
+    }
+
+    #[inline]
+    fn lock(&mut self, i: usize) -> Result<()> {
+        if self.mutexes.lock(i).context("pthread_mutex_lock")? {
+            self.recovered += 1;
+        }
+        Ok(())
+    }
+
+    #[inline]
+    fn unlock(&mut self, i: usize) -> Result<()> {
+        Ok(self.mutexes.unlock(i)?)
+    }
+}
