@@ -13,7 +13,8 @@ use std::time::Duration;
 use nix::errno::Errno;
 use nix::sys::mman::{mmap, mmap_anonymous, munmap, MapFlags, ProtFlags};
 
-/// Maps `len` bytes of `fd` shared, read-write.
+/// Maps `len` bytes of `fd` shared, read-write, with page tables populated up front so that the
+/// lock path never takes a page fault on first touch.
 pub(super) fn map_shared(fd: impl AsFd, len: usize) -> Result<NonNull<u8>, Errno> {
     let len = NonZeroUsize::new(len).ok_or(Errno::EINVAL)?;
     // SAFETY: we ask the kernel for a fresh mapping at an address of its choosing (no MAP_FIXED),
@@ -23,7 +24,7 @@ pub(super) fn map_shared(fd: impl AsFd, len: usize) -> Result<NonNull<u8>, Errno
             None,
             len,
             ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-            MapFlags::MAP_SHARED,
+            MapFlags::MAP_SHARED | MapFlags::MAP_POPULATE,
             fd,
             0,
         )?
