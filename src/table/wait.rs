@@ -103,15 +103,23 @@ impl LockTable {
             return Ok(Some(&hold.futex));
         }
         e.mode.store(Mode::Shared.to_u32(), R);
-        let mut cur = head;
+        self.grant_shared_run(sh, i, died, now)?;
+        Ok(None)
+    }
+
+    /// Grants every shared waiter at the head of entry `i`'s queue (up to the first exclusive
+    /// one) and wakes each. The entry must be free or held shared.
+    fn grant_shared_run(&self, sh: &Shard<'_>, i: u32, died: u32, now: Nanos) -> Result<()> {
+        let e = sh.entry(i)?;
+        e.mode.store(Mode::Shared.to_u32(), R);
+        let mut cur = e.wait_head.load(R);
         while let Some(h) = sh.holds().get(cur as usize) {
             if h.mode.load(R) != Mode::Shared.to_u32() {
                 break;
             }
             let next = h.next.load(R);
             Self::dequeue(sh, e, cur);
-            sh.hpool()
-                .transition(Idx(cur), HoldState::Waiting, HoldState::Held, now)?;
+            sh.hpool().transition(Idx(cur), HoldState::Waiting, HoldState::Held, now)?;
             let owner = h.owner.load(R);
             self.add_reader(sh, e, i, cur, owner);
             let token = sh.next_token();
@@ -124,7 +132,7 @@ impl LockTable {
             sh.bump(STAT_HANDOFFS);
             cur = next;
         }
-        Ok(None)
+        Ok(())
     }
 
     /// Withdraws the WAITING request `w` on entry `i` (timeout or cleanup). If it had been woken
@@ -137,6 +145,11 @@ impl LockTable {
         hold.futex.store(WAIT, R);
         sh.hpool()
             .transition(Idx(w), HoldState::Waiting, HoldState::Free, clock::coarse())?;
+        if e.mode.load(R) == Mode::Shared.to_u32() {
+            // Readers hold it: shared requests that queued behind the one leaving may join now.
+            self.grant_shared_run(sh, i, 0, clock::coarse())?;
+            return Ok(None);
+        }
         if e.mode.load(R) != MODE_NONE {
             return Ok(None);
         }
