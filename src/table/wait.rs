@@ -119,7 +119,8 @@ impl LockTable {
             }
             let next = h.next.load(R);
             Self::dequeue(sh, e, cur);
-            sh.hpool().transition(Idx(cur), HoldState::Waiting, HoldState::Held, now)?;
+            sh.hpool()
+                .transition(Idx(cur), HoldState::Waiting, HoldState::Held, now)?;
             let owner = h.owner.load(R);
             self.add_reader(sh, e, i, cur, owner);
             let token = sh.next_token();
