@@ -6,7 +6,7 @@
 //! # Threads
 //! A `Client` is `Send + Sync` and may be shared between threads, but it is **one owner**: a lock
 //! request for a name the client already holds, from any thread, fails at once with
-//! [`Error::AlreadyHeld`](crate::Error::AlreadyHeld) instead of deadlocking; two threads that must exclude each other should
+//! [`Error::AlreadyHeld`] instead of deadlocking; two threads that must exclude each other should
 //! each open their own `Client`. While one thread's request is queued, another thread's request
 //! for the same name queues behind it.
 
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use crate::clock;
 use crate::config::Capacities;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::owner::OwnerKind;
 use crate::table::{LockTable, Mode, OwnerRef, RawGrant, Wait};
 
@@ -92,23 +92,36 @@ impl Client {
 
     fn acquire(&self, name: &[u8], mode: Mode, wait: Wait) -> Result<LockGuard<'_>> {
         let g = self.table.acquire(self.me, name, mode, wait)?;
+        Ok(self.guard(g))
+    }
+
+    /// A timed request: `waited` in a timeout error counts from this call, not from the
+    /// moment the request was queued, so it is never less than the time the caller allowed.
+    fn acquire_for(&self, name: &[u8], mode: Mode, timeout: Duration) -> Result<LockGuard<'_>> {
+        let start = clock::now();
+        match self
+            .table
+            .acquire(self.me, name, mode, Wait::Until(start.plus(timeout)))
+        {
+            Ok(g) => Ok(self.guard(g)),
+            Err(Error::TimedOut { holder, .. }) => Err(Error::TimedOut {
+                waited: clock::now().since(start),
+                holder,
+            }),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn guard(&self, g: RawGrant) -> LockGuard<'_> {
         let (w, bit) = (&self.touched[g.shard as usize / 64], 1u64 << (g.shard % 64));
         if w.load(Ordering::Relaxed) & bit == 0 {
             w.fetch_or(bit, Ordering::Relaxed);
         }
-        Ok(LockGuard {
+        LockGuard {
             client: self,
             raw: g,
             released: false,
-        })
-    }
-
-    fn deadline(d: Duration) -> Wait {
-        Wait::Until(clock::now().plus(d))
-    }
-
-    fn until(i: Instant) -> Wait {
-        Self::deadline(i.saturating_duration_since(Instant::now()))
+        }
     }
 
     /// Locks `name` exclusively, waiting as long as it takes.
@@ -116,19 +129,23 @@ impl Client {
         self.acquire(name.as_ref(), Mode::Exclusive, Wait::Forever)
     }
 
-    /// Locks `name` exclusively if that is possible at once; else [`Error::WouldBlock`](crate::Error::WouldBlock).
+    /// Locks `name` exclusively if that is possible at once; else [`Error::WouldBlock`].
     pub fn try_lock(&self, name: impl AsRef<[u8]>) -> Result<LockGuard<'_>> {
         self.acquire(name.as_ref(), Mode::Exclusive, Wait::No)
     }
 
-    /// Locks `name` exclusively, waiting at most `timeout`; else [`Error::TimedOut`](crate::Error::TimedOut).
+    /// Locks `name` exclusively, waiting at most `timeout`; else [`Error::TimedOut`].
     pub fn try_lock_for(&self, name: impl AsRef<[u8]>, timeout: Duration) -> Result<LockGuard<'_>> {
-        self.acquire(name.as_ref(), Mode::Exclusive, Self::deadline(timeout))
+        self.acquire_for(name.as_ref(), Mode::Exclusive, timeout)
     }
 
     /// Locks `name` exclusively, waiting until `deadline` at most.
     pub fn try_lock_until(&self, name: impl AsRef<[u8]>, deadline: Instant) -> Result<LockGuard<'_>> {
-        self.acquire(name.as_ref(), Mode::Exclusive, Self::until(deadline))
+        self.acquire_for(
+            name.as_ref(),
+            Mode::Exclusive,
+            deadline.saturating_duration_since(Instant::now()),
+        )
     }
 
     /// Locks `name` in shared mode, waiting as long as it takes.
@@ -136,23 +153,27 @@ impl Client {
         self.acquire(name.as_ref(), Mode::Shared, Wait::Forever)
     }
 
-    /// Locks `name` in shared mode if that is possible at once; else [`Error::WouldBlock`](crate::Error::WouldBlock).
+    /// Locks `name` in shared mode if that is possible at once; else [`Error::WouldBlock`].
     pub fn try_lock_shared(&self, name: impl AsRef<[u8]>) -> Result<LockGuard<'_>> {
         self.acquire(name.as_ref(), Mode::Shared, Wait::No)
     }
 
     /// Locks `name` in shared mode, waiting at most `timeout`.
     pub fn try_lock_shared_for(&self, name: impl AsRef<[u8]>, timeout: Duration) -> Result<LockGuard<'_>> {
-        self.acquire(name.as_ref(), Mode::Shared, Self::deadline(timeout))
+        self.acquire_for(name.as_ref(), Mode::Shared, timeout)
     }
 
     /// Locks `name` in shared mode, waiting until `deadline` at most.
     pub fn try_lock_shared_until(&self, name: impl AsRef<[u8]>, deadline: Instant) -> Result<LockGuard<'_>> {
-        self.acquire(name.as_ref(), Mode::Shared, Self::until(deadline))
+        self.acquire_for(
+            name.as_ref(),
+            Mode::Shared,
+            deadline.saturating_duration_since(Instant::now()),
+        )
     }
 
     /// Unlocks `name`, held by this client in either mode, whose guard was forgotten
-    /// (`std::mem::forget`) or leaked. [`Error::NotHeld`](crate::Error::NotHeld) if this client does not hold it.
+    /// (`std::mem::forget`) or leaked. [`Error::NotHeld`] if this client does not hold it.
     pub fn unlock(&self, name: impl AsRef<[u8]>) -> Result<()> {
         self.table.release_by_name(self.me, name.as_ref())
     }
@@ -206,7 +227,7 @@ impl LockGuard<'_> {
         }
     }
 
-    /// Unlocks now, reporting [`Error::NotHeld`](crate::Error::NotHeld) if the lock was taken away meanwhile.
+    /// Unlocks now, reporting [`Error::NotHeld`] if the lock was taken away meanwhile.
     pub fn unlock(mut self) -> Result<()> {
         self.released = true;
         self.client.table.release(self.client.me, &self.raw)
