@@ -122,6 +122,20 @@ pub(crate) struct RawGrant {
     pub(crate) mode: Mode,
 }
 
+impl RawGrant {
+    /// The grant of an existing hold, rebuilt from the table (for releases by name or cleanup).
+    fn existing(shard: u32, entry: u32, hold: u32, token: u64, mode: Mode) -> RawGrant {
+        RawGrant {
+            shard,
+            entry,
+            hold,
+            token,
+            owner_died: false,
+            mode,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Regions {
     hdr: Region<TableHdr>,
@@ -820,26 +834,14 @@ impl LockTable {
         let i = self.lookup(&sh, h, name).ok_or(Error::NotHeld)?;
         let e = sh.entry(i)?;
         let g = match Mode::from_u32(e.mode.load(Relaxed)) {
-            Some(Mode::Exclusive) if e.owner.load(Relaxed) == me.idx => RawGrant {
-                shard: sh.no,
-                entry: i,
-                hold: NIL,
-                token: e.token.load(Relaxed),
-                owner_died: false,
-                mode: Mode::Exclusive,
-            },
+            Some(Mode::Exclusive) if e.owner.load(Relaxed) == me.idx => {
+                RawGrant::existing(sh.no, i, NIL, e.token.load(Relaxed), Mode::Exclusive)
+            }
             Some(Mode::Shared) => {
                 let (hi, hold) = Self::readers(&sh, e)
                     .find(|(_, h)| h.owner.load(Relaxed) == me.idx)
                     .ok_or(Error::NotHeld)?;
-                RawGrant {
-                    shard: sh.no,
-                    entry: i,
-                    hold: hi,
-                    token: hold.token.load(Relaxed),
-                    owner_died: false,
-                    mode: Mode::Shared,
-                }
+                RawGrant::existing(sh.no, i, hi, hold.token.load(Relaxed), Mode::Shared)
             }
             _ => return Err(Error::NotHeld),
         };
@@ -864,14 +866,7 @@ impl LockTable {
             for i in held {
                 let e = sh.entry(i)?;
                 if e.mode.load(Relaxed) == Mode::Exclusive.to_u32() && e.owner.load(Relaxed) == me.idx {
-                    let g = RawGrant {
-                        shard: s,
-                        entry: i,
-                        hold: NIL,
-                        token: e.token.load(Relaxed),
-                        owner_died: false,
-                        mode: Mode::Exclusive,
-                    };
+                    let g = RawGrant::existing(s, i, NIL, e.token.load(Relaxed), Mode::Exclusive);
                     wakes.extend(self.release_locked(&sh, me, &g)?);
                     n += 1;
                 }
@@ -888,14 +883,7 @@ impl LockTable {
                     let entry = hold.entry.load(Relaxed);
                     match state {
                         HoldState::Held => {
-                            let g = RawGrant {
-                                shard: s,
-                                entry,
-                                hold: h,
-                                token: hold.token.load(Relaxed),
-                                owner_died: false,
-                                mode: Mode::Shared,
-                            };
+                            let g = RawGrant::existing(s, entry, h, hold.token.load(Relaxed), Mode::Shared);
                             wakes.extend(self.release_locked(&sh, me, &g)?);
                         }
                         HoldState::Waiting => wakes.extend(self.cancel_wait(&sh, entry, h)?),

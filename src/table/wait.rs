@@ -102,7 +102,6 @@ impl LockTable {
             sh.bump(STAT_HANDOFFS);
             return Ok(Some(&hold.futex));
         }
-        e.mode.store(Mode::Shared.to_u32(), R);
         self.grant_shared_run(sh, i, died, now)?;
         Ok(None)
     }
@@ -111,13 +110,13 @@ impl LockTable {
     /// one) and wakes each. The entry must be free or held shared.
     fn grant_shared_run(&self, sh: &Shard<'_>, i: u32, died: u32, now: Nanos) -> Result<()> {
         let e = sh.entry(i)?;
-        e.mode.store(Mode::Shared.to_u32(), R);
         let mut cur = e.wait_head.load(R);
         while let Some(h) = sh.holds().get(cur as usize) {
             if h.mode.load(R) != Mode::Shared.to_u32() {
                 break;
             }
             let next = h.next.load(R);
+            e.mode.store(Mode::Shared.to_u32(), R);
             Self::dequeue(sh, e, cur);
             sh.hpool()
                 .transition(Idx(cur), HoldState::Waiting, HoldState::Held, now)?;
