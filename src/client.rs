@@ -188,8 +188,11 @@ impl Drop for Client {
                 .filter(move |b| bits & (1 << b) != 0)
                 .map(move |b| (i * 64 + b) as u32)
         });
-        let _ = self.table.release_all(self.me, shards);
-        let _ = self.table.deregister(self.me);
+        // If releasing fails (a corrupt table), the record stays LIVE and is reaped with the
+        // process, rather than freed while it may still be named as a holder.
+        if self.table.release_all(self.me, shards).is_ok() {
+            let _ = self.table.deregister(self.me);
+        }
     }
 }
 

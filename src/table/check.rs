@@ -1,16 +1,14 @@
 //! `check`: verifies every invariant of the table; `stats`: counts for status displays.
 //!
-//! `check` takes each shard's latch in turn (as [`INSPECTOR`]), so each shard is seen at one
-//! instant even while other processes lock and unlock; a process dying inside a shard's critical
-//! section shows up as findings until that shard is repaired.
+//! `check` takes each shard's latch in turn (by pid, as [`pid_latch_id`]), so each shard is seen
+//! at one instant even while other processes lock and unlock. Taking a latch whose holder died
+//! repairs the shard first, so `check` reports what survives repair, not a dead process's
+//! half-done section.
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering::Relaxed;
 
 use super::*;
-
-/// Latch id used by inspection (never an owner's id: owner ids are index + 1 < 2^20 + 1).
-pub const INSPECTOR: u32 = 0x7fff_fffe;
 
 /// Counts over the whole table (read without latches: a consistent sum only when quiet).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -76,13 +74,14 @@ impl LockTable {
         let mut out = Vec::new();
         let op = self.owner_pool();
         {
-            let _g = Latch::new(&self.table_hdr().owner_latch).lock(INSPECTOR);
+            let _g = self.lock_owners();
             out.extend(op.check());
         }
-        let live = |o: u32| matches!(op.state(Idx(o)), Ok(OwnerState::Live));
+        // A REAPING owner still holds what its reaper has not released yet.
+        let live = |o: u32| matches!(op.state(Idx(o)), Ok(OwnerState::Live | OwnerState::Reaping));
         for s in 0..self.geo.shards {
             let sh = self.shard(s);
-            let _g = Latch::new(&sh.hdr.latch).lock(INSPECTOR);
+            let _g = self.lock_shard(&sh, pid_latch_id());
             let before = out.len();
             self.check_shard(&sh, &live, &mut out);
             for line in &mut out[before..] {
@@ -163,7 +162,7 @@ impl LockTable {
                 }
                 continue;
             }
-            if mode == MODE_NONE && waiters == 0 {
+            if mode == MODE_NONE && waiters == 0 && e.flags.load(Relaxed) & OWNER_DIED == 0 {
                 out.push(format!("entry {i} is HELD but nobody holds or waits"));
             }
             match Mode::from_u32(mode) {
@@ -210,6 +209,12 @@ impl LockTable {
                 }
                 if hp.state(Idx(cur)).ok() != Some(HoldState::Waiting) || hold.entry.load(Relaxed) != i {
                     out.push(format!("entry {i}: queued hold {cur} is not WAITING on this entry"));
+                }
+                if !live(hold.owner.load(Relaxed)) {
+                    out.push(format!(
+                        "entry {i}: queued hold {cur} belongs to owner {} which is not live",
+                        hold.owner.load(Relaxed)
+                    ));
                 }
                 if hold.prev.load(Relaxed) != prev {
                     out.push(format!("entry {i}: queued hold {cur} has a wrong prev link"));

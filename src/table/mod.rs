@@ -30,6 +30,7 @@
 
 mod check;
 mod entry;
+mod reap;
 mod shard;
 #[cfg(test)]
 mod tests;
@@ -48,9 +49,10 @@ use crate::pool::{Idx, ListHead, PoolNode, StatePool};
 use crate::shm::sys::futex_wake;
 use crate::shm::{Region, RegionSpec, Segment, PARAMS};
 
-pub use check::{TableStats, INSPECTOR};
+pub use check::TableStats;
 pub use entry::{Entry, EntryState, Hold, HoldState, Mode, GRANTED, MODE_NONE, OWNER_DIED, WAIT, WOKEN};
-pub use shard::{Latch, ShardHdr, STAT_GRANTS, STAT_HANDOFFS, STAT_TIMEOUTS, STAT_WAITS};
+pub use reap::{pid_latch_id, PID_ID};
+pub use shard::{Latch, ShardHdr, LATCH_SLEEP, STAT_GRANTS, STAT_HANDOFFS, STAT_REPAIRS, STAT_TIMEOUTS, STAT_WAITS};
 
 /// How long the oldest waiter may be passed over by barging requests before a release hands the
 /// lock to it directly.
@@ -62,13 +64,19 @@ pub(crate) const NIL: u32 = u32::MAX;
 #[repr(C, align(128))]
 #[derive(Debug, Default)]
 pub struct TableHdr {
-    /// Latch over the owner pool; holds the registering process's pid.
+    /// Latch over the owner pool and the supervisor fields; its id names a process by pid.
     pub owner_latch: AtomicU32,
-    /// Pid of the supervisor (shmlockd), 0 if none has attached.
+    /// Pid of the supervisor (shmlockd), 0 if none has claimed the segment.
     pub supervisor_pid: AtomicU32,
-    /// Owner pool list heads (FREE, LIVE).
-    pub owner_lists: [ListHead; 2],
-    _reserved: [AtomicU64; 11],
+    /// Owner pool list heads (FREE, LIVE, REAPING).
+    pub owner_lists: [ListHead; 3],
+    /// Start time of the supervisor's process (with its pid, immune to pid reuse).
+    pub supervisor_start: AtomicU64,
+    /// Bumped by every registration, so the supervisor notices new owners without a full scan.
+    pub registrations: AtomicU64,
+    /// Owners reaped since creation.
+    pub reaps: AtomicU64,
+    _reserved: [AtomicU64; 6],
 }
 // SAFETY: repr(C), atomics only, valid at zero, no pointers.
 crate::impl_shm_safe!(TableHdr);
@@ -451,15 +459,13 @@ impl LockTable {
 
     pub(crate) fn register(&self, kind: OwnerKind, label: &[u8]) -> Result<OwnerRef> {
         let me = ProcessId::current();
-        let _g = Latch::new(&self.table_hdr().owner_latch).lock(me.pid.clamp(1, (1 << 31) - 1));
+        let _g = self.lock_owners();
         let pool = self.owner_pool();
-        let idx = pool
-            .take_newest(OwnerState::Free, OwnerState::Free, clock::now())
-            .ok_or(Error::PoolFull {
-                pool: "owner",
-                shard: None,
-                capacity: self.geo.owners,
-            })?;
+        let idx = pool.newest(OwnerState::Free).ok_or(Error::PoolFull {
+            pool: "owner",
+            shard: None,
+            capacity: self.geo.owners,
+        })?;
         let o = &self.owners()[idx.get()];
         o.pid.store(me.pid, Relaxed);
         o.start_time.store(me.start_time, Relaxed);
@@ -469,11 +475,13 @@ impl LockTable {
         o.gen.store(gen, Relaxed);
         // The record is complete; publish it as LIVE last.
         pool.transition(idx, OwnerState::Free, OwnerState::Live, clock::now())?;
+        let hdr = self.table_hdr();
+        hdr.registrations.store(hdr.registrations.load(Relaxed) + 1, Relaxed);
         Ok(OwnerRef { idx: idx.0, gen })
     }
 
     pub(crate) fn deregister(&self, me: OwnerRef) -> Result<()> {
-        let _g = Latch::new(&self.table_hdr().owner_latch).lock(std::process::id().clamp(1, (1 << 31) - 1));
+        let _g = self.lock_owners();
         self.owner_pool()
             .transition(Idx(me.idx), OwnerState::Live, OwnerState::Free, clock::now())
     }
@@ -726,7 +734,7 @@ impl LockTable {
         let name = LockName::new(name, self.geo.max_name_len as usize)?.as_bytes();
         let h = name::hash(self.seed, name);
         let sh = self.shard(self.shard_of(h));
-        let guard = Latch::new(&sh.hdr.latch).lock(me.latch_id());
+        let guard = self.lock_shard(&sh, me.latch_id());
         let now = clock::coarse();
         let i = match self.lookup(&sh, h, name) {
             Some(i) => i,
@@ -740,7 +748,28 @@ impl LockTable {
             return self.grant_now(&sh, i, mode, me, now);
         }
         if wait == Wait::No {
-            return Err(Error::WouldBlock);
+            // Without shmlockd, a holder that died would fail every try_lock forever: when the
+            // lock was granted over a poll period ago, check its holders (at most once a poll
+            // period per process) and retry if one was dead and is now reaped.
+            static LAST_CHECK: AtomicU64 = AtomicU64::new(0);
+            let now = clock::now();
+            let stale = sh.epool().time(Idx(i)).is_ok_and(|t| now.since(t) >= wait::POLL)
+                && now.since(Nanos(LAST_CHECK.load(Relaxed))) >= wait::POLL;
+            if !stale {
+                return Err(Error::WouldBlock);
+            }
+            LAST_CHECK.store(now.0, Relaxed);
+            let suspects = Self::suspects(&sh, e, me);
+            drop(guard);
+            let mut reaped = false;
+            for o in suspects.into_iter().filter(|&o| o != NIL) {
+                reaped |= self.reap_if_dead(o, me.latch_id())?;
+            }
+            return if reaped {
+                self.acquire(me, name, mode, wait)
+            } else {
+                Err(Error::WouldBlock)
+            };
         }
         let w = self.enqueue(&sh, i, mode, me)?;
         drop(guard);
@@ -750,7 +779,7 @@ impl LockTable {
     /// Releases a grant.
     pub(crate) fn release(&self, me: OwnerRef, g: &RawGrant) -> Result<()> {
         let sh = self.shard(g.shard);
-        let guard = Latch::new(&sh.hdr.latch).lock(me.latch_id());
+        let guard = self.lock_shard(&sh, me.latch_id());
         let wake = self.release_locked(&sh, me, g)?;
         drop(guard);
         if let Some(w) = wake {
@@ -799,9 +828,7 @@ impl LockTable {
     fn after_release<'a>(&self, sh: &'a Shard<'_>, i: u32) -> Result<Option<&'a AtomicU32>> {
         let e = sh.entry(i)?;
         if e.waiters.load(Relaxed) == 0 {
-            // An IDLE entry's stamp is its last grant's: no clock read on the release path.
-            let pool = sh.epool();
-            pool.transition(Idx(i), EntryState::Held, EntryState::Idle, pool.time(Idx(i))?)?;
+            Self::settle(sh, i)?;
             return Ok(None);
         }
         let head = e.wait_head.load(Relaxed);
@@ -814,6 +841,17 @@ impl LockTable {
             return Ok(Some(&hold.futex));
         }
         Ok(None)
+    }
+
+    /// Entry `i`, free and with nobody waiting, goes IDLE (evictable); one that carries an
+    /// OWNER_DIED notice stays HELD until its next grant, so the notice is not evicted with it.
+    fn settle(sh: &Shard<'_>, i: u32) -> Result<()> {
+        if sh.entry(i)?.flags.load(Relaxed) & OWNER_DIED != 0 {
+            return Ok(());
+        }
+        // An IDLE entry's stamp is its last grant's: no clock read on the release path.
+        let pool = sh.epool();
+        pool.transition(Idx(i), EntryState::Held, EntryState::Idle, pool.time(Idx(i))?)
     }
 
     /// Looks up who holds entry `i`, for a timeout error.
@@ -845,7 +883,7 @@ impl LockTable {
         let name = LockName::new(name, self.geo.max_name_len as usize)?.as_bytes();
         let h = name::hash(self.seed, name);
         let sh = self.shard(self.shard_of(h));
-        let guard = Latch::new(&sh.hdr.latch).lock(me.latch_id());
+        let guard = self.lock_shard(&sh, me.latch_id());
         let i = self.lookup(&sh, h, name).ok_or(Error::NotHeld)?;
         let e = sh.entry(i)?;
         let g = match Mode::from_u32(e.mode.load(Relaxed)) {
@@ -868,58 +906,12 @@ impl LockTable {
         Ok(())
     }
 
-    /// Releases every hold and cancels every wait of `me` in `shards`, walking their HELD and
-    /// WAITING lists. Returns how many were released. Used when a handle is dropped, to release
-    /// what forgotten guards still hold.
+    /// Releases every hold and cancels every wait of `me` in `shards` (walking their HELD and
+    /// WAITING lists), waking any thread of `me` blocked on a request, which returns
+    /// [`Error::Cancelled`]. Returns how many were released. Used when a handle is dropped, to
+    /// release what forgotten guards still hold, and when a gateway session ends.
     pub(crate) fn release_all(&self, me: OwnerRef, shards: impl Iterator<Item = u32>) -> Result<usize> {
-        let mut n = 0;
-        for s in shards.filter(|&s| s < self.geo.shards) {
-            let sh = self.shard(s);
-            let guard = Latch::new(&sh.hdr.latch).lock(me.latch_id());
-            let mut wakes: Vec<&AtomicU32> = Vec::new();
-            let held: Vec<u32> = sh.epool().iter(EntryState::Held).map(|(i, _)| i.0).collect();
-            for i in held {
-                let e = sh.entry(i)?;
-                if e.mode.load(Relaxed) == Mode::Exclusive.to_u32() && e.owner.load(Relaxed) == me.idx {
-                    let g = RawGrant::existing(s, i, NIL, e.token.load(Relaxed), Mode::Exclusive);
-                    wakes.extend(self.release_locked(&sh, me, &g)?);
-                    n += 1;
-                }
-            }
-            for state in [HoldState::Held, HoldState::Waiting, HoldState::Granted] {
-                let mine: Vec<u32> = sh
-                    .hpool()
-                    .iter(state)
-                    .map(|(i, _)| i.0)
-                    .filter(|&i| sh.holds()[i as usize].owner.load(Relaxed) == me.idx)
-                    .collect();
-                for h in mine {
-                    let hold = &sh.holds()[h as usize];
-                    let entry = hold.entry.load(Relaxed);
-                    match state {
-                        HoldState::Held => {
-                            let g = RawGrant::existing(s, entry, h, hold.token.load(Relaxed), Mode::Shared);
-                            wakes.extend(self.release_locked(&sh, me, &g)?);
-                        }
-                        HoldState::Waiting => wakes.extend(self.cancel_wait(&sh, entry, h)?),
-                        _ => sh
-                            .hpool()
-                            .transition(Idx(h), HoldState::Granted, HoldState::Free, clock::coarse())?,
-                    }
-                    if state != HoldState::Held {
-                        // A thread of this owner may sleep on the request: it wakes, finds the
-                        // record no longer its own, and returns Error::Cancelled.
-                        wakes.push(&hold.futex);
-                    }
-                    n += 1;
-                }
-            }
-            drop(guard);
-            for w in wakes {
-                futex_wake(w, 1);
-            }
-        }
-        Ok(n)
+        self.release_owner(me.latch_id(), me.idx, shards, false)
     }
 }
 

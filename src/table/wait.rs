@@ -27,6 +27,18 @@ impl LockTable {
         let e = sh.entry(i)?;
         let w = Self::claim_hold(sh, i, me, mode, HoldState::Waiting, clock::now())?;
         let hold = &sh.holds()[w as usize];
+        Self::link_waiter(sh, e, w);
+        if sh.epool().state(Idx(i))? == EntryState::Idle {
+            sh.epool()
+                .transition(Idx(i), EntryState::Idle, EntryState::Held, clock::coarse())?;
+        }
+        sh.bump(STAT_WAITS);
+        Ok((w, hold.gen.load(R)))
+    }
+
+    /// Appends the filled-in WAITING hold `w` to entry `e`'s queue.
+    pub(super) fn link_waiter(sh: &Shard<'_>, e: &Entry, w: u32) {
+        let hold = &sh.holds()[w as usize];
         let tail = e.wait_tail.load(R);
         hold.prev.store(tail, R);
         hold.next.store(NIL, R);
@@ -36,16 +48,10 @@ impl LockTable {
         }
         e.wait_tail.store(w, R);
         e.waiters.store(e.waiters.load(R) + 1, R);
-        if sh.epool().state(Idx(i))? == EntryState::Idle {
-            sh.epool()
-                .transition(Idx(i), EntryState::Idle, EntryState::Held, clock::coarse())?;
-        }
-        sh.bump(STAT_WAITS);
-        Ok((w, hold.gen.load(R)))
     }
 
     /// Takes Hold `w` out of entry `i`'s queue.
-    fn dequeue(sh: &Shard<'_>, e: &Entry, w: u32) {
+    pub(super) fn dequeue(sh: &Shard<'_>, e: &Entry, w: u32) {
         let hold = &sh.holds()[w as usize];
         let (p, n) = (hold.prev.load(R), hold.next.load(R));
         match sh.holds().get(p as usize) {
@@ -94,7 +100,7 @@ impl LockTable {
 
     /// Grants every shared waiter at the head of entry `i`'s queue (up to the first exclusive
     /// one) and wakes each. The entry must be free or held shared.
-    fn grant_shared_run(&self, sh: &Shard<'_>, i: u32, died: u32, now: Nanos) -> Result<()> {
+    pub(super) fn grant_shared_run(&self, sh: &Shard<'_>, i: u32, died: u32, now: Nanos) -> Result<()> {
         let e = sh.entry(i)?;
         let mut cur = e.wait_head.load(R);
         while let Some(h) = sh.holds().get(cur as usize) {
@@ -139,8 +145,7 @@ impl LockTable {
             return Ok(None);
         }
         if e.waiters.load(R) == 0 {
-            sh.epool()
-                .transition(Idx(i), EntryState::Held, EntryState::Idle, clock::coarse())?;
+            Self::settle(sh, i)?;
             return Ok(None);
         }
         if was_head {
@@ -171,6 +176,7 @@ impl LockTable {
     ) -> Result<RawGrant> {
         let hold = sh.hold(w)?;
         let started = sh.hpool().time(Idx(w))?;
+        let mut checked = started;
         loop {
             let now = clock::now();
             let expired = matches!(wait, Wait::Until(d) if now >= d);
@@ -181,7 +187,7 @@ impl LockTable {
                 };
                 futex_wait(&hold.futex, WAIT, Some(sleep));
             }
-            let guard = Latch::new(&sh.hdr.latch).lock(me.latch_id());
+            let guard = self.lock_shard(sh, me.latch_id());
             let e = sh.entry(i)?;
             if !Self::still_mine(sh, w, gen, i, me) {
                 // Cancelled for us (release_all on this owner) or cleared by a repair.
@@ -226,7 +232,19 @@ impl LockTable {
                     holder,
                 });
             }
+            // Without shmlockd nobody else may notice that the holder died: every poll period,
+            // check the owners this request waits on, and reap the dead.
+            let now = clock::now();
+            let suspects = if now.since(checked) >= POLL {
+                checked = now;
+                Self::suspects(sh, e, me)
+            } else {
+                [NIL; 4]
+            };
             drop(guard);
+            for o in suspects.into_iter().filter(|&o| o != NIL) {
+                self.reap_if_dead(o, me.latch_id())?;
+            }
         }
     }
 }
