@@ -76,6 +76,7 @@ impl Client {
 
     /// Registers a new owner of `kind`.
     pub fn with_kind(table: Arc<LockTable>, kind: OwnerKind, label: &str) -> Result<Client> {
+        crate::chaos::arm_from_env();
         let me = table.register(kind, label.as_bytes())?;
         let words = table.geometry().shards.div_ceil(64) as usize;
         Ok(Client {

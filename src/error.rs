@@ -82,6 +82,12 @@ pub enum Error {
     /// (its handle or session was closed) while the request waited.
     #[error("the lock request was cancelled: its owner's locks were released")]
     Cancelled,
+    /// Another live process already supervises the segment.
+    #[error("segment is already supervised by shmlockd pid {pid}")]
+    SupervisorRunning {
+        /// The running supervisor's pid.
+        pid: u32,
+    },
     /// This owner already holds the lock (re-locking is an error, never a self-deadlock).
     #[error("this owner already holds the lock")]
     AlreadyHeld,

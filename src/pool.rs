@@ -65,11 +65,11 @@ pub struct PoolNode {
 #[derive(Debug, Default)]
 pub struct ListHead {
     /// Oldest record, or NIL.
-    head: AtomicU32,
+    pub(crate) head: AtomicU32,
     /// Newest record, or NIL.
-    tail: AtomicU32,
+    pub(crate) tail: AtomicU32,
     /// Number of records in the state.
-    count: AtomicU32,
+    pub(crate) count: AtomicU32,
     _pad: AtomicU32,
 }
 
@@ -242,6 +242,7 @@ impl<'a, S: PoolState> StatePool<'a, S> {
             });
         }
         self.unlink(i.0, node, self.list(expected));
+        crate::chaos::point();
         self.push_tail(i.0, node, new, now);
         Ok(())
     }

@@ -41,6 +41,12 @@ pub struct TableStats {
     pub handoffs: u64,
     /// Highest fencing token granted in any shard.
     pub max_token: u64,
+    /// Owners being reaped right now.
+    pub reaping: u64,
+    /// Owners reaped (their process died) since creation.
+    pub reaps: u64,
+    /// Shards repaired after a process died inside their critical section, since creation.
+    pub repairs: u64,
 }
 
 impl LockTable {
@@ -62,9 +68,12 @@ impl LockTable {
             st.timeouts += sh.hdr.stats[STAT_TIMEOUTS].load(Relaxed);
             st.handoffs += sh.hdr.stats[STAT_HANDOFFS].load(Relaxed);
             st.max_token = st.max_token.max(sh.hdr.token.load(Relaxed));
+            st.repairs += sh.hdr.stats[STAT_REPAIRS].load(Relaxed);
         }
         let op = self.owner_pool();
         st.owners = u64::from(op.count(OwnerState::Live));
+        st.reaping = u64::from(op.count(OwnerState::Reaping));
+        st.reaps = self.table_hdr().reaps.load(Relaxed);
         st.owner_capacity = u64::from(op.capacity());
         st
     }

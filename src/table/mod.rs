@@ -438,7 +438,7 @@ impl LockTable {
         }
     }
 
-    fn table_hdr(&self) -> &TableHdr {
+    pub(crate) fn table_hdr(&self) -> &TableHdr {
         &self.seg.slice(self.r.hdr)[0]
     }
 
@@ -450,6 +450,17 @@ impl LockTable {
         self.seg.slice(self.r.owners)
     }
 
+    pub(crate) fn owners_slice(&self) -> &[Owner] {
+        self.owners()
+    }
+
+    /// Owner records in state LIVE (read without the latch: a snapshot only when quiet).
+    pub(crate) fn live_owners(&self) -> impl Iterator<Item = &Owner> + '_ {
+        self.owner_pool()
+            .iter(OwnerState::Live)
+            .filter_map(|(i, _)| self.owners().get(i.get()))
+    }
+
     #[inline]
     fn shard_of(&self, h: u64) -> u32 {
         ((h >> 40) as u32) & (self.geo.shards - 1)
@@ -458,6 +469,11 @@ impl LockTable {
     // ---- owners ----------------------------------------------------------------------------
 
     pub(crate) fn register(&self, kind: OwnerKind, label: &[u8]) -> Result<OwnerRef> {
+        if self.owner_pool().count(OwnerState::Free) == 0 {
+            // Without shmlockd, owners of dead processes that nobody waited on are still
+            // registered: reap them before calling the pool full.
+            self.reap_dead(pid_latch_id())?;
+        }
         let me = ProcessId::current();
         let _g = self.lock_owners();
         let pool = self.owner_pool();
@@ -578,7 +594,9 @@ impl LockTable {
         e.waiters.store(0, Relaxed);
         e.flags.store(0, Relaxed);
         e.gen.store(e.gen.load(Relaxed).wrapping_add(1), Relaxed);
+        crate::chaos::point();
         sh.epool().transition(Idx(i), EntryState::Free, EntryState::Idle, now)?;
+        crate::chaos::point();
         let b = &sh.buckets()[self.bucket_of(h)];
         e.next.store(b.load(Relaxed), Relaxed);
         b.store(i, Relaxed);
@@ -658,6 +676,7 @@ impl LockTable {
         }
         let token = sh.next_token();
         e.token.store(token, Relaxed);
+        crate::chaos::point();
         let flags = e.flags.load(Relaxed);
         if flags & OWNER_DIED != 0 {
             e.flags.store(flags & !OWNER_DIED, Relaxed);
@@ -799,6 +818,7 @@ impl LockTable {
                     return Err(Error::NotHeld);
                 }
                 e.owner.store(NIL, Relaxed);
+                crate::chaos::point();
                 e.mode.store(MODE_NONE, Relaxed);
             }
             Mode::Shared => {
@@ -812,6 +832,7 @@ impl LockTable {
                     return Err(Error::NotHeld);
                 }
                 Self::remove_reader(sh, e, g.hold);
+                crate::chaos::point();
                 sh.hpool()
                     .transition(Idx(g.hold), HoldState::Held, HoldState::Free, clock::coarse())?;
                 if e.readers.load(Relaxed) > 0 {

@@ -68,7 +68,7 @@ impl LockTable {
     }
 
     /// Takes the owner-pool latch (by pid). If its holder died, rebuilds the owner pool's lists.
-    pub(super) fn lock_owners(&self) -> LatchGuard<'_> {
+    pub(crate) fn lock_owners(&self) -> LatchGuard<'_> {
         let g = Latch::new(&self.table_hdr().owner_latch).lock(pid_latch_id(), &|h| self.holder_dead(h));
         if g.recovered().is_some() {
             tracing::warn!("an owner-latch holder died; rebuilding the owner pool");

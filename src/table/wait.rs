@@ -27,6 +27,7 @@ impl LockTable {
         let e = sh.entry(i)?;
         let w = Self::claim_hold(sh, i, me, mode, HoldState::Waiting, clock::now())?;
         let hold = &sh.holds()[w as usize];
+        crate::chaos::point();
         Self::link_waiter(sh, e, w);
         if sh.epool().state(Idx(i))? == EntryState::Idle {
             sh.epool()
@@ -81,10 +82,12 @@ impl LockTable {
         sh.epool().touch(Idx(i), now)?;
         if hold.mode.load(R) == Mode::Exclusive.to_u32() {
             Self::dequeue(sh, e, head);
+            crate::chaos::point();
             let token = sh.next_token();
             e.token.store(token, R);
             e.owner.store(hold.owner.load(R), R);
             e.mode.store(Mode::Exclusive.to_u32(), R);
+            crate::chaos::point();
             hold.token.store(token, R);
             hold.flags.store(died, R);
             sh.hpool()
@@ -110,6 +113,7 @@ impl LockTable {
             let next = h.next.load(R);
             e.mode.store(Mode::Shared.to_u32(), R);
             Self::dequeue(sh, e, cur);
+            crate::chaos::point();
             sh.hpool()
                 .transition(Idx(cur), HoldState::Waiting, HoldState::Held, now)?;
             Self::add_reader(sh, e, cur);
