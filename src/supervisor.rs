@@ -2,22 +2,24 @@
 //!
 //! The [`Reaper`] holds a pidfd for every process that has an owner record and waits on all of
 //! them with one epoll: a process that dies (SIGKILL included) makes its pidfd readable at once,
-//! and its owners are reaped in the same round. New owners are noticed through the table's
-//! registration counter (checked every round, so within one poll interval), and a full scan of
-//! the owner records every [`FULL_SCAN`] is the safety net for anything missed. Pid reuse cannot
+//! and its owners are reaped in the same round. A registration bumps a futex word in the table;
+//! a small thread sleeping on it pokes an eventfd in the same epoll, so a new owner's process is
+//! watched at once. A full scan of the owner records every [`FULL_SCAN`] is the safety net for
+//! anything missed. Pid reuse cannot
 //! fool it: a pidfd names one process, and owner records carry the process start time.
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use crate::error::{Error, Result};
 use crate::owner::ProcessId;
-use crate::shm::sys::pidfd_open;
+use crate::shm::sys::{futex_wait, pidfd_open};
 use crate::table::{pid_latch_id, LockTable};
 
 /// How often the reaper checks every owner record, whatever the pidfds say.
@@ -82,10 +84,13 @@ impl LockTable {
         out
     }
 
-    pub(crate) fn registrations(&self) -> u64 {
+    pub(crate) fn registrations(&self) -> u32 {
         self.table_hdr().registrations.load(Relaxed)
     }
 }
+
+/// Epoll data of the registration eventfd (pids are below 2^22).
+const REGISTERED: u64 = u64::MAX;
 
 /// Watches owner processes and reaps the ones that die.
 #[derive(Debug)]
@@ -93,20 +98,59 @@ pub struct Reaper {
     table: Arc<LockTable>,
     epoll: Epoll,
     watched: HashMap<u32, (ProcessId, OwnedFd)>,
-    seen_registrations: Option<u64>,
+    seen_registrations: Option<u32>,
     last_full: Instant,
+    registered: Arc<EventFd>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        // The watcher thread sees this within one FULL_SCAN and ends.
+        self.stop.store(true, Relaxed);
+    }
 }
 
 impl Reaper {
     /// A reaper for `table`. Call [`run_once`](Self::run_once) in a loop.
     pub fn new(table: Arc<LockTable>) -> Result<Reaper> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(|e| Error::io("epoll_create", "-", e))?;
+        let registered = Arc::new(
+            EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+                .map_err(|e| Error::io("eventfd", "-", e))?,
+        );
+        epoll
+            .add(registered.as_ref(), EpollEvent::new(EpollFlags::EPOLLIN, REGISTERED))
+            .map_err(|e| Error::io("epoll_ctl", "-", e))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let (table, registered, stop) = (Arc::clone(&table), Arc::clone(&registered), Arc::clone(&stop));
+            std::thread::Builder::new()
+                .name("registrations".into())
+                .spawn(move || {
+                    let word = &table.table_hdr().registrations;
+                    while !stop.load(Relaxed) {
+                        let seen = word.load(Relaxed);
+                        futex_wait(word, seen, Some(FULL_SCAN));
+                        if word.load(Relaxed) != seen {
+                            let _ = registered.write(1);
+                        }
+                    }
+                })
+                .map_err(|e| Error::Io {
+                    op: "spawn the registration watcher",
+                    segment: "-".into(),
+                    source: e,
+                })?;
+        }
         Ok(Reaper {
             table,
             epoll,
             watched: HashMap::new(),
             seen_registrations: None,
             last_full: Instant::now(),
+            registered,
+            stop,
         })
     }
 
@@ -127,6 +171,10 @@ impl Reaper {
             Err(e) => return Err(Error::io("epoll_wait", "-", e)),
         };
         for ev in &events[..n] {
+            if ev.data() == REGISTERED {
+                let _ = self.registered.read();
+                continue;
+            }
             let pid = ev.data() as u32;
             if let Some((_, fd)) = self.watched.remove(&pid) {
                 let _ = self.epoll.delete(&fd);

@@ -72,8 +72,10 @@ pub struct TableHdr {
     pub owner_lists: [ListHead; 3],
     /// Start time of the supervisor's process (with its pid, immune to pid reuse).
     pub supervisor_start: AtomicU64,
-    /// Bumped by every registration, so the supervisor notices new owners without a full scan.
-    pub registrations: AtomicU64,
+    /// Bumped (and woken, as a futex) by every registration, so the supervisor watches a new
+    /// owner's process at once.
+    pub registrations: AtomicU32,
+    _pad: AtomicU32,
     /// Owners reaped since creation.
     pub reaps: AtomicU64,
     _reserved: [AtomicU64; 6],
@@ -492,7 +494,11 @@ impl LockTable {
         // The record is complete; publish it as LIVE last.
         pool.transition(idx, OwnerState::Free, OwnerState::Live, clock::now())?;
         let hdr = self.table_hdr();
-        hdr.registrations.store(hdr.registrations.load(Relaxed) + 1, Relaxed);
+        hdr.registrations.store(
+            hdr.registrations.load(Relaxed).wrapping_add(1),
+            std::sync::atomic::Ordering::Release,
+        );
+        futex_wake(&hdr.registrations, u32::MAX);
         Ok(OwnerRef { idx: idx.0, gen })
     }
 
