@@ -171,8 +171,8 @@ impl Daemon {
             .spawn()
             .expect("spawn shmlockd");
         let pid = child.id();
-        env.wait_for("shmlockd to claim the segment", |t| {
-            t.supervisor().is_some_and(|p| p.pid == pid)
+        wait_until("shmlockd to claim the segment", || {
+            env.table.supervisor().is_some_and(|p| p.pid == pid)
         });
         Daemon(child)
     }
@@ -367,8 +367,15 @@ fn chaos_never_breaks_exclusion_and_leaves_a_clean_table() {
     };
     let mut workers: Vec<ChildId> = (0..SLOTS).map(|k| spawn(&env, k, &mut rand)).collect();
     let (mut killed, mut self_killed) = (0, 0);
+    // First half without shmlockd (waiters reap, register reaps), then a shmlockd adopts the
+    // segment mid-chaos and reaps from then on.
+    let half = Instant::now() + Duration::from_secs(secs / 2);
     let end = Instant::now() + Duration::from_secs(secs);
+    let mut daemon = None;
     while Instant::now() < end {
+        if daemon.is_none() && Instant::now() >= half {
+            daemon = Some(Daemon::start(&env));
+        }
         std::thread::sleep(Duration::from_millis(20 + rand() % 200));
         let victim = (rand() % SLOTS as u64) as usize;
         for (k, w) in workers.iter_mut().enumerate() {
@@ -401,8 +408,22 @@ fn chaos_never_breaks_exclusion_and_leaves_a_clean_table() {
         violations.len(),
         violations.join("\n")
     );
-    // Every worker has exited; reap those that were killed (what shmlockd's scan does).
-    env.table.reap_dead(shmlock::table::pid_latch_id()).unwrap();
+    // Every worker has exited; shmlockd reaps those that were killed.
+    let quiet = || {
+        let st = env.table.stats();
+        (st.owners, st.reaping, st.held, st.shared_holds, st.waiting) == (0, 0, 0, 0, 0)
+    };
+    let deadline = Instant::now() + CHILD_DEADLINE;
+    while !quiet() {
+        assert!(
+            Instant::now() < deadline,
+            "shmlockd did not reap every killed worker: {:?}\ncheck: {:?}",
+            env.table.stats(),
+            env.table.check()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(daemon);
     let st = env.table.stats();
     eprintln!("chaos: {killed} killed by the driver, {self_killed} inside critical sections; {st:?}");
     assert!(self_killed >= 1 && st.repairs >= 1, "the repair path must run: {st:?}");

@@ -6,6 +6,8 @@
 //! half-done section.
 
 use std::collections::HashSet;
+
+use crate::pool::PoolState;
 use std::sync::atomic::Ordering::Relaxed;
 
 use super::*;
@@ -17,6 +19,8 @@ pub struct TableStats {
     pub held: u64,
     /// Entries in the index but neither held nor waited on.
     pub idle: u64,
+    /// Entries neither held nor waited on that carry an owner-died notice for the next holder.
+    pub died: u64,
     /// Free entries.
     pub free: u64,
     /// Entry capacity (all shards).
@@ -58,6 +62,7 @@ impl LockTable {
             let (ep, hp) = (sh.epool(), sh.hpool());
             st.held += u64::from(ep.count(EntryState::Held));
             st.idle += u64::from(ep.count(EntryState::Idle));
+            st.died += u64::from(ep.count(EntryState::Died));
             st.free += u64::from(ep.count(EntryState::Free));
             st.entry_capacity += u64::from(ep.capacity());
             st.shared_holds += u64::from(hp.count(HoldState::Held));
@@ -104,7 +109,7 @@ impl LockTable {
         let (ep, hp, entries, holds) = (sh.epool(), sh.hpool(), sh.entries(), sh.holds());
         out.extend(ep.check());
         out.extend(hp.check());
-        // The index: chains reach exactly the IDLE and HELD entries, each once, in the right bucket.
+        // The index: chains reach exactly the IDLE, HELD and DIED entries, each once, in the right bucket.
         let mut indexed = HashSet::new();
         let mut names = HashSet::new();
         for (b, head) in sh.buckets().iter().enumerate() {
@@ -123,7 +128,7 @@ impl LockTable {
                     out.push(format!("entry {cur} is in bucket {b} but its hash belongs elsewhere"));
                 }
                 match ep.state(Idx(cur)) {
-                    Ok(EntryState::Idle | EntryState::Held) => {}
+                    Ok(EntryState::Idle | EntryState::Held | EntryState::Died) => {}
                     st => out.push(format!("bucket {b} reaches entry {cur} in state {st:?}")),
                 }
                 let name = Self::name_of(sh, cur);
@@ -136,10 +141,10 @@ impl LockTable {
                 cur = e.next.load(Relaxed);
             }
         }
-        let in_use = ep.count(EntryState::Idle) + ep.count(EntryState::Held);
+        let in_use = ep.count(EntryState::Idle) + ep.count(EntryState::Held) + ep.count(EntryState::Died);
         if indexed.len() != in_use as usize {
             out.push(format!(
-                "{} entries indexed but {in_use} are IDLE or HELD",
+                "{} entries indexed but {in_use} are IDLE, HELD or DIED",
                 indexed.len()
             ));
         }
@@ -163,15 +168,22 @@ impl LockTable {
                     e.token.load(Relaxed)
                 ));
             }
-            if state == EntryState::Idle {
+            if state == EntryState::Idle || state == EntryState::Died {
                 if mode != MODE_NONE || owner != NIL || readers != 0 || waiters != 0 {
                     out.push(format!(
-                        "entry {i} is IDLE but has mode {mode}, {readers} readers, {waiters} waiters"
+                        "entry {i} is {} but has mode {mode}, {readers} readers, {waiters} waiters",
+                        state.name()
+                    ));
+                }
+                if (state == EntryState::Died) != (e.flags.load(Relaxed) & OWNER_DIED != 0) {
+                    out.push(format!(
+                        "entry {i} is {} but its owner-died flag disagrees",
+                        state.name()
                     ));
                 }
                 continue;
             }
-            if mode == MODE_NONE && waiters == 0 && e.flags.load(Relaxed) & OWNER_DIED == 0 {
+            if mode == MODE_NONE && waiters == 0 {
                 out.push(format!("entry {i} is HELD but nobody holds or waits"));
             }
             match Mode::from_u32(mode) {

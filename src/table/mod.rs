@@ -568,7 +568,12 @@ impl LockTable {
     /// one, which [`repair`](Self::repair) chains.
     fn insert(&self, sh: &Shard<'_>, h: u64, name: &[u8], now: Nanos) -> Result<u32> {
         if sh.epool().count(EntryState::Free) == 0 {
-            let Some((victim, _)) = sh.epool().oldest(EntryState::Idle) else {
+            // An idle entry first; an entry that only carries an owner-died notice only when no
+            // idle one is left (its notice is lost with it).
+            let victim = sh.epool().oldest(EntryState::Idle).map(|v| (v.0, EntryState::Idle));
+            let Some((victim, state)) =
+                victim.or_else(|| sh.epool().oldest(EntryState::Died).map(|v| (v.0, EntryState::Died)))
+            else {
                 return Err(Error::PoolFull {
                     pool: "lock entry",
                     shard: Some(sh.no),
@@ -576,7 +581,10 @@ impl LockTable {
                 });
             };
             self.unlink_from_bucket(sh, victim.0)?;
-            sh.epool().transition(victim, EntryState::Idle, EntryState::Free, now)?;
+            if state == EntryState::Died {
+                tracing::warn!(shard = sh.no, "entry pool full: evicting a lock's owner-died notice");
+            }
+            sh.epool().transition(victim, state, EntryState::Free, now)?;
         }
         let i = sh
             .epool()
@@ -675,7 +683,7 @@ impl LockTable {
         }
         let was_free = e.mode.load(Relaxed) == MODE_NONE;
         match sh.epool().state(Idx(i))? {
-            EntryState::Idle => sh.epool().transition(Idx(i), EntryState::Idle, EntryState::Held, now)?,
+            s @ (EntryState::Idle | EntryState::Died) => sh.epool().transition(Idx(i), s, EntryState::Held, now)?,
             EntryState::Held if was_free => sh.epool().touch(Idx(i), now)?,
             EntryState::Held => {}
             EntryState::Free => return Err(corrupt(format!("shard {} entry {i} granted while FREE", sh.no))),
@@ -870,15 +878,17 @@ impl LockTable {
         Ok(None)
     }
 
-    /// Entry `i`, free and with nobody waiting, goes IDLE (evictable); one that carries an
-    /// OWNER_DIED notice stays HELD until its next grant, so the notice is not evicted with it.
+    /// Entry `i`, free and with nobody waiting, goes IDLE (evictable), or DIED if it carries an
+    /// OWNER_DIED notice (evicted only when no IDLE entry is left).
     fn settle(sh: &Shard<'_>, i: u32) -> Result<()> {
-        if sh.entry(i)?.flags.load(Relaxed) & OWNER_DIED != 0 {
-            return Ok(());
-        }
+        let to = if sh.entry(i)?.flags.load(Relaxed) & OWNER_DIED != 0 {
+            EntryState::Died
+        } else {
+            EntryState::Idle
+        };
         // An IDLE entry's stamp is its last grant's: no clock read on the release path.
         let pool = sh.epool();
-        pool.transition(Idx(i), EntryState::Held, EntryState::Idle, pool.time(Idx(i))?)
+        pool.transition(Idx(i), EntryState::Held, to, pool.time(Idx(i))?)
     }
 
     /// Looks up who holds entry `i`, for a timeout error.

@@ -129,8 +129,10 @@ impl LockTable {
             }
             let i = hold.entry.load(Relaxed);
             let mode = Mode::from_u32(hold.mode.load(Relaxed));
-            let valid = matches!(ep.state(Idx(i)), Ok(EntryState::Idle | EntryState::Held))
-                && (hold.owner.load(Relaxed) as usize) < self.owners().len()
+            let valid = matches!(
+                ep.state(Idx(i)),
+                Ok(EntryState::Idle | EntryState::Held | EntryState::Died)
+            ) && (hold.owner.load(Relaxed) as usize) < self.owners().len()
                 && match state {
                     HoldState::Held => mode == Some(Mode::Shared),
                     HoldState::Granted => mode == Some(Mode::Exclusive),
@@ -204,10 +206,12 @@ impl LockTable {
                 continue;
             }
             let e = &entries[i as usize];
-            let busy = e.mode.load(Relaxed) != MODE_NONE
-                || e.waiters.load(Relaxed) > 0
-                || e.flags.load(Relaxed) & OWNER_DIED != 0;
-            let want = if busy { EntryState::Held } else { EntryState::Idle };
+            let busy = e.mode.load(Relaxed) != MODE_NONE || e.waiters.load(Relaxed) > 0;
+            let want = match (busy, e.flags.load(Relaxed) & OWNER_DIED != 0) {
+                (true, _) => EntryState::Held,
+                (false, true) => EntryState::Died,
+                (false, false) => EntryState::Idle,
+            };
             if state != want {
                 ep.transition(Idx(i), state, want, ep.time(Idx(i))?)?;
             }

@@ -28,8 +28,8 @@ pub struct ShardHdr {
     _pad0: AtomicU32,
     /// Last fencing token granted in this shard. Written under the latch.
     pub token: AtomicU64,
-    /// Entry pool list heads (FREE, IDLE, HELD).
-    pub entry_lists: [ListHead; 3],
+    /// Entry pool list heads (FREE, IDLE, HELD, DIED).
+    pub entry_lists: [ListHead; 4],
     /// Hold pool list heads (FREE, HELD, WAITING, GRANTED).
     pub hold_lists: [ListHead; 4],
     /// Statistics, written under the latch: grants, contended requests, timeouts, handoffs,

@@ -173,6 +173,7 @@ fn snapshot(table: &LockTable) -> Vec<LockView> {
         .epool()
         .iter(super::EntryState::Held)
         .chain(sh.epool().iter(super::EntryState::Idle))
+        .chain(sh.epool().iter(super::EntryState::Died))
         .map(|(i, _)| {
             let e = &sh.entries()[i.get()];
             let mut readers: Vec<u32> = LockTable::readers(&sh, e).map(|(_, h)| h.owner.load(Relaxed)).collect();
@@ -247,4 +248,38 @@ proptest! {
         prop_assert_eq!(table.stats().held, 0);
         prop_assert!(table.check().is_empty());
     }
+}
+
+#[test]
+fn an_owner_died_notice_survives_idle_entry_eviction() {
+    let caps = Capacities {
+        max_locks: 4,
+        max_holds: 4,
+        max_owners: 4,
+        shards: 1,
+        ..Default::default()
+    };
+    let table = Arc::new(LockTable::anonymous(&caps).unwrap());
+    let dead = table.register(crate::owner::OwnerKind::Local, b"dead").unwrap();
+    let g = table.acquire(dead, b"x", Mode::Exclusive, super::Wait::No).unwrap();
+    // What a reaper does for an owner whose process died.
+    assert_eq!(
+        table
+            .release_owner(crate::table::pid_latch_id(), dead.idx, 0..1, true)
+            .unwrap(),
+        1
+    );
+    assert_eq!(table.stats().died, 1);
+    let c = Client::with_table(table.clone(), "next").unwrap();
+    // Churn through many more names than the table has entries: idle entries are evicted, the
+    // one carrying the notice is not.
+    for i in 0..100 {
+        drop(c.lock(format!("other-{i}")).unwrap());
+    }
+    let again = c.lock("x").unwrap();
+    assert!(again.owner_died(), "the notice must survive eviction of idle entries");
+    assert!(again.token().0 > g.token);
+    drop(again);
+    assert!(!c.lock("x").unwrap().owner_died(), "the notice is given once");
+    assert!(table.check().is_empty());
 }

@@ -29,9 +29,11 @@ impl LockTable {
         let hold = &sh.holds()[w as usize];
         crate::chaos::point();
         Self::link_waiter(sh, e, w);
-        if sh.epool().state(Idx(i))? == EntryState::Idle {
-            sh.epool()
-                .transition(Idx(i), EntryState::Idle, EntryState::Held, clock::coarse())?;
+        match sh.epool().state(Idx(i))? {
+            s @ (EntryState::Idle | EntryState::Died) => {
+                sh.epool().transition(Idx(i), s, EntryState::Held, clock::coarse())?
+            }
+            _ => {}
         }
         sh.bump(STAT_WAITS);
         Ok((w, hold.gen.load(R)))
