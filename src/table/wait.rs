@@ -29,11 +29,8 @@ impl LockTable {
         let hold = &sh.holds()[w as usize];
         crate::chaos::point();
         Self::link_waiter(sh, e, w);
-        match sh.epool().state(Idx(i))? {
-            s @ (EntryState::Idle | EntryState::Died) => {
-                sh.epool().transition(Idx(i), s, EntryState::Held, clock::coarse())?
-            }
-            _ => {}
+        if let s @ (EntryState::Idle | EntryState::Died) = sh.epool().state(Idx(i))? {
+            sh.epool().transition(Idx(i), s, EntryState::Held, clock::coarse())?;
         }
         sh.bump(STAT_WAITS);
         Ok((w, hold.gen.load(R)))
