@@ -246,6 +246,16 @@ impl<'a, S: PoolState> StatePool<'a, S> {
         Ok(())
     }
 
+    /// The newest record in state `s`, left where it is: a caller fills a FREE record in and then
+    /// publishes it with [`transition`](Self::transition), so a record that is not FREE is always
+    /// complete, even if its writer is killed half way.
+    #[inline]
+    pub fn newest(&self, s: S) -> Option<Idx> {
+        let t = self.list(s).tail.load(Relaxed);
+        let node = self.nodes.get(t as usize)?;
+        (node.state.load(Relaxed) == s.to_u32()).then_some(Idx(t))
+    }
+
     /// Moves the oldest record of `from` to `to` (the pool's FIFO allocator); None if `from` is empty.
     #[inline]
     pub fn take_oldest(&self, from: S, to: S, now: Nanos) -> Option<Idx> {

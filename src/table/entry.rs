@@ -119,7 +119,8 @@ pub struct Hold {
     pub prev: AtomicU32,
     /// [`OWNER_DIED`] for a handed-off grant.
     pub flags: AtomicU32,
-    _pad: AtomicU32,
+    /// Bumped each time the record is taken, so a waiter can tell its request from a reuse.
+    pub gen: AtomicU32,
 }
 
 // SAFETY: repr(C), atomics only, valid at zero, no pointers.

@@ -533,23 +533,26 @@ impl LockTable {
     }
 
     /// Puts `name` in the index as an IDLE entry, taking a free entry or evicting the
-    /// least recently used idle one.
+    /// least recently used idle one. The entry is filled in while FREE and published (IDLE, then
+    /// chained) last, so a process killed half way leaves a FREE entry or a complete unchained
+    /// one, which [`repair`](Self::repair) chains.
     fn insert(&self, sh: &Shard<'_>, h: u64, name: &[u8], now: Nanos) -> Result<u32> {
-        let i = match sh.epool().take_newest(EntryState::Free, EntryState::Idle, now) {
-            Some(i) => i.0,
-            None => {
-                let Some((victim, _)) = sh.epool().oldest(EntryState::Idle) else {
-                    return Err(Error::PoolFull {
-                        pool: "lock entry",
-                        shard: Some(sh.no),
-                        capacity: sh.entries().len() as u32,
-                    });
-                };
-                self.unlink_from_bucket(sh, victim.0)?;
-                sh.epool().touch(victim, now)?;
-                victim.0
-            }
-        };
+        if sh.epool().count(EntryState::Free) == 0 {
+            let Some((victim, _)) = sh.epool().oldest(EntryState::Idle) else {
+                return Err(Error::PoolFull {
+                    pool: "lock entry",
+                    shard: Some(sh.no),
+                    capacity: sh.entries().len() as u32,
+                });
+            };
+            self.unlink_from_bucket(sh, victim.0)?;
+            sh.epool().transition(victim, EntryState::Idle, EntryState::Free, now)?;
+        }
+        let i = sh
+            .epool()
+            .newest(EntryState::Free)
+            .ok_or_else(|| corrupt(format!("shard {} entry pool lists are torn", sh.no)))?
+            .0;
         let e = sh.entry(i)?;
         let words = &sh.names()[i as usize * sh.words..(i as usize + 1) * sh.words];
         let mut chunks = name.chunks(8);
@@ -567,6 +570,7 @@ impl LockTable {
         e.waiters.store(0, Relaxed);
         e.flags.store(0, Relaxed);
         e.gen.store(e.gen.load(Relaxed).wrapping_add(1), Relaxed);
+        sh.epool().transition(Idx(i), EntryState::Free, EntryState::Idle, now)?;
         let b = &sh.buckets()[self.bucket_of(h)];
         e.next.store(b.load(Relaxed), Relaxed);
         b.store(i, Relaxed);
@@ -634,16 +638,8 @@ impl LockTable {
         let e = sh.entry(i)?;
         let mut hold = NIL;
         if mode == Mode::Shared {
-            let h = sh
-                .hpool()
-                .take_newest(HoldState::Free, HoldState::Held, now)
-                .ok_or(Error::PoolFull {
-                    pool: "hold/wait",
-                    shard: Some(sh.no),
-                    capacity: sh.holds().len() as u32,
-                })?;
-            hold = h.0;
-            self.add_reader(sh, e, i, h.0, me.idx);
+            hold = Self::claim_hold(sh, i, me, mode, HoldState::Held, now)?;
+            Self::add_reader(sh, e, hold);
         }
         let was_free = e.mode.load(Relaxed) == MODE_NONE;
         match sh.epool().state(Idx(i))? {
@@ -675,12 +671,31 @@ impl LockTable {
         })
     }
 
-    fn add_reader(&self, sh: &Shard<'_>, e: &Entry, i: u32, h: u32, owner: u32) {
-        let hold = &sh.holds()[h as usize];
+    /// Takes a FREE hold record for a request of `me` on entry `i`: fills it in, then publishes
+    /// it in state `to` (so a record that is not FREE is always complete). Returns its index.
+    fn claim_hold(sh: &Shard<'_>, i: u32, me: OwnerRef, mode: Mode, to: HoldState, now: Nanos) -> Result<u32> {
+        let h = sh.hpool().newest(HoldState::Free).ok_or(Error::PoolFull {
+            pool: "hold/wait",
+            shard: Some(sh.no),
+            capacity: sh.holds().len() as u32,
+        })?;
+        let hold = &sh.holds()[h.get()];
         hold.entry.store(i, Relaxed);
-        hold.owner.store(owner, Relaxed);
-        hold.mode.store(Mode::Shared.to_u32(), Relaxed);
+        hold.owner.store(me.idx, Relaxed);
+        hold.mode.store(mode.to_u32(), Relaxed);
         hold.flags.store(0, Relaxed);
+        hold.token.store(0, Relaxed);
+        hold.futex.store(WAIT, Relaxed);
+        hold.next.store(NIL, Relaxed);
+        hold.prev.store(NIL, Relaxed);
+        hold.gen.store(hold.gen.load(Relaxed).wrapping_add(1), Relaxed);
+        sh.hpool().transition(h, HoldState::Free, to, now)?;
+        Ok(h.0)
+    }
+
+    /// Links the filled-in hold `h` into entry `e`'s reader list.
+    fn add_reader(sh: &Shard<'_>, e: &Entry, h: u32) {
+        let hold = &sh.holds()[h as usize];
         let head = e.reader_head.load(Relaxed);
         hold.prev.store(NIL, Relaxed);
         hold.next.store(head, Relaxed);
@@ -890,6 +905,11 @@ impl LockTable {
                         _ => sh
                             .hpool()
                             .transition(Idx(h), HoldState::Granted, HoldState::Free, clock::coarse())?,
+                    }
+                    if state != HoldState::Held {
+                        // A thread of this owner may sleep on the request: it wakes, finds the
+                        // record no longer its own, and returns Error::Cancelled.
+                        wakes.push(&hold.futex);
                     }
                     n += 1;
                 }

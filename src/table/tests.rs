@@ -127,3 +127,37 @@ fn forgotten_guards_are_released_when_the_client_drops() {
     assert_eq!(table.stats().owners, 1);
     assert!(table.check().is_empty());
 }
+
+#[test]
+fn releasing_an_owner_cancels_its_blocked_requests() {
+    let caps = Capacities {
+        max_locks: 64,
+        max_holds: 64,
+        max_owners: 4,
+        ..Default::default()
+    };
+    let table = Arc::new(LockTable::anonymous(&caps).unwrap());
+    let holder = Client::with_table(table.clone(), "holder").unwrap();
+    let _g = holder.lock("x").unwrap();
+    let waiter = table.register(crate::owner::OwnerKind::Remote, b"session").unwrap();
+    let shards = table.geometry().shards;
+    std::thread::scope(|s| {
+        let blocked: Vec<_> = [Mode::Exclusive, Mode::Shared]
+            .into_iter()
+            .map(|mode| {
+                let t = &table;
+                s.spawn(move || t.acquire(waiter, b"x", mode, super::Wait::Forever))
+            })
+            .collect();
+        while table.stats().waiting < 2 {
+            std::thread::yield_now();
+        }
+        assert_eq!(table.release_all(waiter, 0..shards).unwrap(), 2);
+        for t in blocked {
+            assert!(matches!(t.join().unwrap(), Err(Error::Cancelled)));
+        }
+    });
+    assert_eq!(table.stats().waiting, 0);
+    assert!(table.check().is_empty());
+    table.deregister(waiter).unwrap();
+}

@@ -22,25 +22,11 @@ const R: Ordering = Ordering::Relaxed;
 pub(crate) const POLL: Duration = Duration::from_millis(50);
 
 impl LockTable {
-    /// Appends a WAITING request of `me` for entry `i`; returns its Hold index.
-    pub(super) fn enqueue(&self, sh: &Shard<'_>, i: u32, mode: Mode, me: OwnerRef) -> Result<u32> {
+    /// Appends a WAITING request of `me` for entry `i`; returns its Hold index and generation.
+    pub(super) fn enqueue(&self, sh: &Shard<'_>, i: u32, mode: Mode, me: OwnerRef) -> Result<(u32, u32)> {
         let e = sh.entry(i)?;
-        let w = sh
-            .hpool()
-            .take_newest(HoldState::Free, HoldState::Waiting, clock::now())
-            .ok_or(Error::PoolFull {
-                pool: "hold/wait",
-                shard: Some(sh.no),
-                capacity: sh.holds().len() as u32,
-            })?
-            .0;
+        let w = Self::claim_hold(sh, i, me, mode, HoldState::Waiting, clock::now())?;
         let hold = &sh.holds()[w as usize];
-        hold.entry.store(i, R);
-        hold.owner.store(me.idx, R);
-        hold.mode.store(mode.to_u32(), R);
-        hold.flags.store(0, R);
-        hold.token.store(0, R);
-        hold.futex.store(WAIT, R);
         let tail = e.wait_tail.load(R);
         hold.prev.store(tail, R);
         hold.next.store(NIL, R);
@@ -55,7 +41,7 @@ impl LockTable {
                 .transition(Idx(i), EntryState::Idle, EntryState::Held, clock::coarse())?;
         }
         sh.bump(STAT_WAITS);
-        Ok(w)
+        Ok((w, hold.gen.load(R)))
     }
 
     /// Takes Hold `w` out of entry `i`'s queue.
@@ -120,8 +106,7 @@ impl LockTable {
             Self::dequeue(sh, e, cur);
             sh.hpool()
                 .transition(Idx(cur), HoldState::Waiting, HoldState::Held, now)?;
-            let owner = h.owner.load(R);
-            self.add_reader(sh, e, i, cur, owner);
+            Self::add_reader(sh, e, cur);
             let token = sh.next_token();
             e.token.store(token, R);
             h.token.store(token, R);
@@ -165,12 +150,21 @@ impl LockTable {
         Ok(None)
     }
 
+    /// Is hold `w` still the request (generation `gen`) of `me` on entry `i`?
+    fn still_mine(sh: &Shard<'_>, w: u32, gen: u32, i: u32, me: OwnerRef) -> bool {
+        let hold = &sh.holds()[w as usize];
+        hold.gen.load(R) == gen
+            && hold.owner.load(R) == me.idx
+            && hold.entry.load(R) == i
+            && !matches!(sh.hpool().state(Idx(w)), Ok(HoldState::Free) | Err(_))
+    }
+
     /// Sleeps until the request `w` of `me` on entry `i` is granted, or the deadline passes.
     pub(super) fn wait_for_grant(
         &self,
         sh: &Shard<'_>,
         i: u32,
-        w: u32,
+        (w, gen): (u32, u32),
         me: OwnerRef,
         mode: Mode,
         wait: Wait,
@@ -189,6 +183,10 @@ impl LockTable {
             }
             let guard = Latch::new(&sh.hdr.latch).lock(me.latch_id());
             let e = sh.entry(i)?;
+            if !Self::still_mine(sh, w, gen, i, me) {
+                // Cancelled for us (release_all on this owner) or cleared by a repair.
+                return Err(Error::Cancelled);
+            }
             match hold.futex.load(R) {
                 GRANTED => {
                     let g = RawGrant {
