@@ -2,19 +2,22 @@
 //!
 //! For now it creates the segment (or adopts an existing one of the same layout version), logs
 //! what it did, and waits for SIGINT or SIGTERM; on exit it leaves the segment for local users
-//! unless `--remove-on-exit` is given. The reaper of dead owners, the TCP gateway and the
-//! single-instance check are planned (see README.md).
+//! unless `--remove-on-exit` is given. It also runs the TCP gateway for remote clients (on
+//! 127.0.0.1:7411 unless configured otherwise; `--no-gateway` turns it off). The reaper of dead
+//! owners and the single-instance check are planned (see README.md).
 //!
 //! Exit status: 0 after a clean shutdown, 2 on any error (printed as `shmlockd: ...`).
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{anyhow, Context, Result};
 use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
 use serde::Deserialize;
+use shmlock::gateway::{self, Gateway, GatewaySection};
 use shmlock::shm::{DEFAULT_SEGMENT, SEGMENT_ENV};
 use shmlock::{Capacities, Error, LockTable, Segment};
 use tracing::{info, warn};
@@ -47,17 +50,25 @@ struct Args {
     /// Remove the segment on exit (by default it stays for local users).
     #[arg(long)]
     remove_on_exit: bool,
+    /// Gateway address HOST:PORT (overrides `[gateway] listen`).
+    #[arg(long, value_name = "ADDR", conflicts_with = "no_gateway")]
+    listen: Option<String>,
+    /// Do not run the TCP gateway (overrides `[gateway] enabled`).
+    #[arg(long)]
+    no_gateway: bool,
     /// Log filter, e.g. `info` or `shmlockd=debug` [default: $RUST_LOG, then info].
     #[arg(long, value_name = "FILTER")]
     log_level: Option<String>,
 }
 
-/// The config file: only a `[segment]` table for now. Unknown tables are errors.
+/// The config file: `[segment]` and `[gateway]`. Unknown tables are errors.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ConfigFile {
     #[serde(default)]
     segment: toml::Table,
+    #[serde(default)]
+    gateway: GatewaySection,
 }
 
 /// What the config file says (validated after the flags are applied, in `capacities`).
@@ -67,6 +78,8 @@ struct Config {
     name: Option<String>,
     /// The rest of `[segment]`.
     caps: Capacities,
+    /// `[gateway]`.
+    gateway: GatewaySection,
 }
 
 impl Config {
@@ -85,7 +98,11 @@ impl Config {
             }
         };
         let caps: Capacities = toml::Value::Table(seg).try_into().context("[segment]")?;
-        Ok(Config { name, caps })
+        Ok(Config {
+            name,
+            caps,
+            gateway: file.gateway,
+        })
     }
 
     fn load(path: &Path) -> Result<Config> {
@@ -161,6 +178,20 @@ fn create_or_adopt(name: &str, caps: &Capacities) -> Result<(LockTable, bool)> {
     })
 }
 
+/// Starts the TCP gateway unless it is disabled (`--no-gateway` or `[gateway] enabled = false`).
+fn start_gateway(args: &Args, section: &GatewaySection, table: &Arc<LockTable>) -> Result<Option<Gateway>> {
+    if args.no_gateway || !section.enabled {
+        info!("gateway disabled");
+        return Ok(None);
+    }
+    let config = section.resolve(args.listen.as_deref())?;
+    let listen = config.listen;
+    let gw = gateway::serve(config, table.clone()).with_context(|| format!("cannot start the gateway on {listen}"))?;
+    // Tests and scripts that pass port 0 read the bound address from this line.
+    info!(listen = %gw.local_addr(), "gateway ready");
+    Ok(Some(gw))
+}
+
 fn run(args: Args) -> Result<()> {
     init_logging(args.log_level.as_deref())?;
     let config = match &args.config {
@@ -168,6 +199,7 @@ fn run(args: Args) -> Result<()> {
         None => Config {
             name: None,
             caps: Capacities::default(),
+            gateway: GatewaySection::default(),
         },
     };
     let caps = capacities(&args, config.caps)?;
@@ -181,6 +213,7 @@ fn run(args: Args) -> Result<()> {
     signals.thread_block().context("cannot block SIGINT/SIGTERM")?;
 
     let (table, created) = create_or_adopt(&name, &caps)?;
+    let table = Arc::new(table);
     let geo = table.geometry();
     let (max_locks, max_holds) = table.requested();
     let size = table.segment().size();
@@ -211,10 +244,13 @@ fn run(args: Args) -> Result<()> {
         let st = table.stats();
         info!(segment = %name, owners = st.owners, held = st.held, waiting = st.waiting, "segment state at adoption");
     }
+    let gateway = start_gateway(&args, &config.gateway, &table)?;
     info!("running; stop with SIGINT or SIGTERM");
 
     let sig = signals.wait().context("waiting for SIGINT/SIGTERM")?;
     info!(signal = %sig, "shutting down");
+    // Ends every remote session (releasing its locks) before the table goes.
+    drop(gateway);
     drop(table);
     if args.remove_on_exit {
         Segment::unlink(&name).with_context(|| format!("cannot remove segment {name}"))?;
@@ -245,6 +281,18 @@ mod tests {
         let c = Config::parse(include_str!("../config/shmlock.toml")).unwrap();
         assert_eq!(c.caps, Capacities::default());
         assert_eq!(c.name.as_deref(), Some(DEFAULT_SEGMENT));
+        assert_eq!(c.gateway, GatewaySection::default());
+    }
+
+    #[test]
+    fn gateway_flags() {
+        let args = Args::parse_from(["shmlockd", "--listen", "127.0.0.1:0"]);
+        let c = GatewaySection::default().resolve(args.listen.as_deref()).unwrap();
+        assert_eq!(c.listen.port(), 0);
+        assert!(Args::try_parse_from(["shmlockd", "--listen", "x", "--no-gateway"]).is_err());
+        let c = Config::parse("[gateway]\nenabled = false\nmax_line = 100\n").unwrap();
+        assert!(!c.gateway.enabled);
+        assert_eq!(c.gateway.max_line, 100);
     }
 
     #[test]
@@ -253,7 +301,8 @@ mod tests {
             Config::parse("").unwrap(),
             Config {
                 name: None,
-                caps: Capacities::default()
+                caps: Capacities::default(),
+                gateway: GatewaySection::default(),
             }
         );
         assert_eq!(Config::parse("[segment]\n").unwrap().caps, Capacities::default());
@@ -264,7 +313,9 @@ mod tests {
         let e = format!("{:#}", Config::parse("[segment]\nmax_lock = 5\n").unwrap_err());
         assert!(e.contains("max_lock"), "{e}");
         let e = format!("{:#}", Config::parse("[gateway]\nport = 1\n").unwrap_err());
-        assert!(e.contains("gateway"), "{e}");
+        assert!(e.contains("port"), "{e}");
+        let e = format!("{:#}", Config::parse("[gatewya]\n").unwrap_err());
+        assert!(e.contains("gatewya"), "{e}");
         let e = format!("{:#}", Config::parse("[segment]\nname = 5\n").unwrap_err());
         assert!(e.contains("name"), "{e}");
     }

@@ -19,12 +19,15 @@
 //! - [`pool`]: generic state pools (per-state FIFO lists of fixed records).
 //! - [`table`]: the lock table: shards, name index, grants, queues, fairness.
 //! - [`client`]: [`Client`] handles and RAII [`LockGuard`]s.
+//! - [`gateway`]: the TCP gateway (`shmlockd` serves remote clients with it); [`gateway::proto`]
+//!   is the wire protocol of `docs/PROTOCOL.md`.
 //! - [`owner`], [`name`], [`clock`], [`config`], [`error`]: the vocabulary.
 
 pub mod client;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod gateway;
 pub mod name;
 pub mod owner;
 pub mod pool;
