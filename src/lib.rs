@@ -21,6 +21,7 @@
 //! - [`client`]: [`Client`] handles and RAII [`LockGuard`]s.
 //! - [`gateway`]: the TCP gateway (`shmlockd` serves remote clients with it); [`gateway::proto`]
 //!   is the wire protocol of `docs/PROTOCOL.md`.
+//! - [`remote`]: [`RemoteClient`](remote::RemoteClient), the same API through a gateway.
 //! - [`owner`], [`name`], [`clock`], [`config`], [`error`]: the vocabulary.
 
 pub mod client;
@@ -31,6 +32,7 @@ pub mod gateway;
 pub mod name;
 pub mod owner;
 pub mod pool;
+pub mod remote;
 pub mod shm;
 pub mod table;
 
