@@ -164,7 +164,7 @@ impl Daemon {
         let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let log = std::fs::File::create(env.path(&format!("shmlockd-{n}.log"))).expect("daemon log");
         let child = Command::new(env!("CARGO_BIN_EXE_shmlockd"))
-            .args(["--segment", &env.segment, "--log-level", "debug"])
+            .args(["--segment", &env.segment, "--log-level", "debug", "--no-gateway"])
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup"))
             .stderr(log)
@@ -296,7 +296,7 @@ fn a_second_shmlockd_refuses_and_names_the_running_one() {
     let env = TestEnv::new("second-daemon");
     let d = Daemon::start(&env);
     let out = Command::new(env!("CARGO_BIN_EXE_shmlockd"))
-        .args(["--segment", &env.segment])
+        .args(["--segment", &env.segment, "--no-gateway"])
         .output()
         .expect("run shmlockd");
     assert_eq!(out.status.code(), Some(2));

@@ -60,7 +60,7 @@ pub(crate) fn run(segment: &str, rounds: usize, daemon: bool, json: bool) -> Res
             path.display()
         );
         let child = Command::new(&path)
-            .args(["--segment", segment, "--log-level", "error"])
+            .args(["--segment", segment, "--log-level", "error", "--no-gateway"])
             .stdin(Stdio::null())
             .spawn()
             .with_context(|| format!("start {}", path.display()))?;
