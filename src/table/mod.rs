@@ -30,6 +30,7 @@
 
 mod check;
 mod entry;
+mod inspect;
 mod shard;
 #[cfg(test)]
 mod tests;
@@ -50,6 +51,7 @@ use crate::shm::{Region, RegionSpec, Segment, PARAMS};
 
 pub use check::{TableStats, INSPECTOR};
 pub use entry::{Entry, EntryState, Hold, HoldState, Mode, GRANTED, MODE_NONE, OWNER_DIED, WAIT, WOKEN};
+pub use inspect::{Forced, LockInfo, OwnerInfo, Party, PoolCounts, SupervisorInfo};
 pub use shard::{Latch, ShardHdr, STAT_GRANTS, STAT_HANDOFFS, STAT_TIMEOUTS, STAT_WAITS};
 
 /// How long the oldest waiter may be passed over by barging requests before a release hands the
