@@ -132,7 +132,6 @@ type RawParty = (u32, u32, u64, Nanos);
 /// shared by the shard's locks (holders first, up to `waiters`), resolved to owners later.
 #[derive(Debug, Clone, Copy)]
 struct RawLock {
-    entry: u32,
     mode: u32,
     token: u64,
     flags: u32,
@@ -141,13 +140,25 @@ struct RawLock {
     to: usize,
 }
 
+/// One shard's locks as copied under its latch.
+#[derive(Debug)]
+struct ShardCopy {
+    shard: u32,
+    locks: Vec<(RawLock, Vec<u8>)>,
+    parties: Vec<RawParty>,
+}
+
 impl LockTable {
     /// Every lock that is held or waited on, shard by shard, each copied under its shard latch.
-    /// Unordered.
+    /// Unordered. Ages are measured from one instant, taken after the last shard was copied.
     pub fn locks(&self) -> Vec<LockInfo> {
-        let mut out = Vec::new();
-        for s in 0..self.geo.shards {
-            self.copy_shard(&self.shard(s), &mut out);
+        let copies: Vec<ShardCopy> = (0..self.geo.shards).map(|s| self.copy_shard(&self.shard(s))).collect();
+        let now = clock::now();
+        let mut out = Vec::with_capacity(copies.iter().map(|c| c.locks.len()).sum());
+        for c in copies {
+            for (r, name) in c.locks {
+                out.push(self.resolve(&r, &c.parties, name, c.shard, now));
+            }
         }
         out
     }
@@ -168,8 +179,8 @@ impl LockTable {
         Ok(Some(self.resolve(&r, &parties, name.to_vec(), sh.no, clock::now())))
     }
 
-    /// Appends shard `sh`'s HELD entries (held or waited on) to `out`.
-    fn copy_shard(&self, sh: &Shard<'_>, out: &mut Vec<LockInfo>) {
+    /// Copies shard `sh`'s HELD entries (held or waited on) with their names.
+    fn copy_shard(&self, sh: &Shard<'_>) -> ShardCopy {
         // Reserve outside the latch; counts read without it are a good guess.
         let n = sh.epool().count(EntryState::Held) as usize + 4;
         let mut locks = Vec::with_capacity(n);
@@ -178,20 +189,26 @@ impl LockTable {
         {
             let _g = Latch::new(&sh.hdr.latch).lock(INSPECTOR);
             for (i, _) in sh.epool().iter(EntryState::Held) {
-                locks.push(Self::copy_entry(sh, i.0, &mut parties));
+                let r = Self::copy_entry(sh, i.0, &mut parties);
+                let len = sh.entries().get(i.get()).map_or(0, |e| e.name_len.load(Relaxed));
+                locks.push((r, len as usize));
                 let at = i.get() * sh.words;
                 names.extend(sh.names()[at..at + sh.words].iter().map(|w| w.load(Relaxed)));
             }
         }
-        let now = clock::now();
-        for (r, words) in locks.iter().zip(names.chunks(sh.words)) {
-            let len = sh
-                .entries()
-                .get(r.entry as usize)
-                .map_or(0, |e| e.name_len.load(Relaxed) as usize);
-            let mut name: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
-            name.truncate(len.min(sh.words * 8));
-            out.push(self.resolve(r, &parties, name, sh.no, now));
+        let locks = locks
+            .into_iter()
+            .zip(names.chunks(sh.words))
+            .map(|((r, len), words)| {
+                let mut name: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+                name.truncate(len.min(sh.words * 8));
+                (r, name)
+            })
+            .collect();
+        ShardCopy {
+            shard: sh.no,
+            locks,
+            parties,
         }
     }
 
@@ -200,7 +217,6 @@ impl LockTable {
     fn copy_entry(sh: &Shard<'_>, i: u32, parties: &mut Vec<RawParty>) -> RawLock {
         let from = parties.len();
         let mut r = RawLock {
-            entry: i,
             mode: MODE_NONE,
             token: 0,
             flags: 0,
@@ -253,7 +269,7 @@ impl LockTable {
             }
         };
         let mut holders: Vec<Party> = parties[r.from..r.waiters].iter().map(party).collect();
-        holders.sort_by(|a, b| b.age.cmp(&a.age));
+        holders.sort_by_key(|p| std::cmp::Reverse(p.age));
         LockInfo {
             name,
             shard,
@@ -404,5 +420,107 @@ impl LockTable {
             holders: info.holders,
             waiters: info.waiters.len() as u32,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use crate::client::Client;
+    use crate::config::Capacities;
+    use crate::error::Error;
+    use crate::table::{LockTable, Mode};
+
+    fn table() -> Arc<LockTable> {
+        let caps = Capacities {
+            max_locks: 16,
+            max_holds: 16,
+            max_owners: 8,
+            shards: 1,
+            ..Default::default()
+        };
+        Arc::new(LockTable::anonymous(&caps).expect("table"))
+    }
+
+    #[test]
+    fn snapshots_show_holders_and_the_queue_in_order() {
+        let t = table();
+        let (a, b, c) = (
+            Client::with_table(t.clone(), "a").expect("a"),
+            Client::with_table(t.clone(), "b").expect("b"),
+            Client::with_table(t.clone(), "c").expect("c"),
+        );
+        let ga = a.lock_shared("n").expect("a");
+        let gb = b.lock_shared("n").expect("b");
+        // Snapshot while the writer waits, then force the readers out (before asserting
+        // anything, so that a failed assertion cannot leave the writer waiting forever).
+        let (locks, one, owners, forced, told) = std::thread::scope(|s| {
+            let waiter = s.spawn(|| c.lock("n").map(|g| g.owner_died()));
+            while t.stats().waiting == 0 {
+                std::thread::yield_now();
+            }
+            let locks = t.locks();
+            let one = t.lock_info(b"n");
+            let owners = t.owners_info(&locks);
+            let forced = t.force_release(b"n");
+            (locks, one, owners, forced, waiter.join().expect("waiter"))
+        });
+        assert_eq!(locks.len(), 1);
+        let l = &locks[0];
+        assert_eq!((l.name.as_slice(), l.mode), (&b"n"[..], Some(Mode::Shared)));
+        let labels: Vec<&str> = l.holders.iter().map(|p| p.label.as_str()).collect();
+        assert!(labels.contains(&"a") && labels.contains(&"b"), "{labels:?}");
+        assert_eq!(l.waiters.len(), 1);
+        assert_eq!((l.waiters[0].label.as_str(), l.waiters[0].mode), ("c", Mode::Exclusive));
+        let one = one.expect("valid name").expect("in the index");
+        assert_eq!(
+            (&one.name, one.token, one.holders.len(), one.waiters.len()),
+            (&l.name, l.token, 2, 1)
+        );
+        let by_label = |x: &str| owners.iter().find(|o| o.label == x).expect("owner");
+        assert_eq!((by_label("a").holds, by_label("a").waits), (1, 0));
+        assert_eq!((by_label("c").holds, by_label("c").waits), (0, 1));
+        assert!(owners.iter().all(|o| o.alive && o.pid == std::process::id()));
+        // Forcing out both readers granted the writer, which was told.
+        let forced = forced.expect("force");
+        assert_eq!(
+            (forced.mode, forced.holders.len(), forced.waiters),
+            (Mode::Shared, 2, 1)
+        );
+        assert!(told.expect("lock"), "the writer must be told");
+        assert!(matches!(ga.unlock(), Err(Error::NotHeld)));
+        assert!(matches!(gb.unlock(), Err(Error::NotHeld)));
+        assert!(t.check().is_empty(), "{:?}", t.check());
+        assert!(t.locks().is_empty());
+    }
+
+    #[test]
+    fn force_release_of_a_free_or_unknown_lock_is_not_held() {
+        let t = table();
+        let a = Client::with_table(t.clone(), "a").expect("a");
+        drop(a.lock("idle").expect("lock"));
+        assert!(matches!(t.force_release(b"idle"), Err(Error::NotHeld)));
+        assert!(matches!(t.force_release(b"never"), Err(Error::NotHeld)));
+        assert!(matches!(t.force_release(b""), Err(Error::NameInvalid { .. })));
+        // Not forced: the next grant is not told anything.
+        assert!(!a.lock("idle").expect("lock").owner_died());
+        assert!(t.check().is_empty());
+    }
+
+    #[test]
+    fn pool_counts_cover_every_state_and_sum_to_capacity() {
+        let t = table();
+        let a = Client::with_table(t.clone(), "a").expect("a");
+        let _g = a.lock_shared("x").expect("lock");
+        for p in t.pool_counts() {
+            let sum: u64 = p.states.iter().map(|(_, n)| n).sum();
+            assert_eq!(sum, p.capacity, "{p:?}");
+        }
+        let counts = t.pool_counts();
+        assert_eq!(counts[0].states, [("FREE", 15), ("IDLE", 0), ("HELD", 1)]);
+        assert!(counts[1].states.contains(&("HELD", 1)));
+        assert!(counts[2].states.contains(&("LIVE", 1)));
+        assert_eq!(t.supervisor().pid, None);
     }
 }
