@@ -1,23 +1,33 @@
 //! `shmlockd`: the shmlock supervisor.
 //!
-//! For now it creates the segment (or adopts an existing one of the same layout version), logs
-//! what it did, and waits for SIGINT or SIGTERM; on exit it leaves the segment for local users
-//! unless `--remove-on-exit` is given. The reaper of dead owners, the TCP gateway and the
-//! single-instance check are planned (see README.md).
+//! It creates the segment (or adopts an existing one of the same layout version, reaping whatever
+//! died while no supervisor ran), claims it as its only supervisor (a second `shmlockd` on the
+//! same segment refuses to start and names the pid that runs), and reaps the owners of processes
+//! that die, watching each through a pidfd, until SIGINT or SIGTERM; on exit it leaves the
+//! segment for local users unless `--remove-on-exit` is given.
 //!
 //! Exit status: 0 after a clean shutdown, 2 on any error (printed as `shmlockd: ...`).
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
 use serde::Deserialize;
 use shmlock::shm::{DEFAULT_SEGMENT, SEGMENT_ENV};
+use shmlock::supervisor::Reaper;
+use shmlock::table::pid_latch_id;
 use shmlock::{Capacities, Error, LockTable, Segment};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
+
+/// Longest wait of one reaper round: bounds how late a new owner is watched and how late a
+/// shutdown is noticed (a watched process's death is seen at once).
+const REAPER_ROUND: Duration = Duration::from_millis(20);
 
 /// The shmlock supervisor: creates or adopts the lock segment and keeps it.
 #[derive(Debug, Parser)]
@@ -181,6 +191,10 @@ fn run(args: Args) -> Result<()> {
     signals.thread_block().context("cannot block SIGINT/SIGTERM")?;
 
     let (table, created) = create_or_adopt(&name, &caps)?;
+    let table = Arc::new(table);
+    table
+        .claim_supervisor()
+        .with_context(|| format!("cannot supervise segment {name}"))?;
     let geo = table.geometry();
     let (max_locks, max_holds) = table.requested();
     let size = table.segment().size();
@@ -210,11 +224,32 @@ fn run(args: Args) -> Result<()> {
         }
         let st = table.stats();
         info!(segment = %name, owners = st.owners, held = st.held, waiting = st.waiting, "segment state at adoption");
+        let reaped = table.reap_dead(pid_latch_id())?;
+        info!(segment = %name, reaped, "reaped owners that died while no supervisor ran");
     }
-    info!("running; stop with SIGINT or SIGTERM");
+    let stop = Arc::new(AtomicBool::new(false));
+    let reaper = {
+        let (table, stop) = (table.clone(), stop.clone());
+        let mut reaper = Reaper::new(table)?;
+        std::thread::Builder::new()
+            .name("reaper".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Err(e) = reaper.run_once(REAPER_ROUND) {
+                        error!("reaper: {e}");
+                        std::thread::sleep(REAPER_ROUND);
+                    }
+                }
+            })
+            .context("cannot start the reaper thread")?
+    };
+    info!(pid = std::process::id(), "running; stop with SIGINT or SIGTERM");
 
     let sig = signals.wait().context("waiting for SIGINT/SIGTERM")?;
     info!(signal = %sig, "shutting down");
+    stop.store(true, Ordering::Relaxed);
+    let _ = reaper.join();
+    table.release_supervisor();
     drop(table);
     if args.remove_on_exit {
         Segment::unlink(&name).with_context(|| format!("cannot remove segment {name}"))?;

@@ -76,6 +76,7 @@ impl Client {
 
     /// Registers a new owner of `kind`.
     pub fn with_kind(table: Arc<LockTable>, kind: OwnerKind, label: &str) -> Result<Client> {
+        crate::chaos::arm_from_env();
         let me = table.register(kind, label.as_bytes())?;
         let words = table.geometry().shards.div_ceil(64) as usize;
         Ok(Client {
@@ -188,8 +189,11 @@ impl Drop for Client {
                 .filter(move |b| bits & (1 << b) != 0)
                 .map(move |b| (i * 64 + b) as u32)
         });
-        let _ = self.table.release_all(self.me, shards);
-        let _ = self.table.deregister(self.me);
+        // If releasing fails (a corrupt table), the record stays LIVE and is reaped with the
+        // process, rather than freed while it may still be named as a holder.
+        if self.table.release_all(self.me, shards).is_ok() {
+            let _ = self.table.deregister(self.me);
+        }
     }
 }
 

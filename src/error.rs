@@ -78,6 +78,16 @@ pub enum Error {
         /// Who held the lock at the deadline, if anyone.
         holder: Option<HolderInfo>,
     },
+    /// A waiting request was withdrawn on its owner's behalf: the owner's locks were released
+    /// (its handle or session was closed) while the request waited.
+    #[error("the lock request was cancelled: its owner's locks were released")]
+    Cancelled,
+    /// Another live process already supervises the segment.
+    #[error("segment is already supervised by shmlockd pid {pid}")]
+    SupervisorRunning {
+        /// The running supervisor's pid.
+        pid: u32,
+    },
     /// This owner already holds the lock (re-locking is an error, never a self-deadlock).
     #[error("this owner already holds the lock")]
     AlreadyHeld,

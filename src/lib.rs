@@ -21,6 +21,7 @@
 //! - [`client`]: [`Client`] handles and RAII [`LockGuard`]s.
 //! - [`owner`], [`name`], [`clock`], [`config`], [`error`]: the vocabulary.
 
+pub mod chaos;
 pub mod client;
 pub mod clock;
 pub mod config;
@@ -29,6 +30,7 @@ pub mod name;
 pub mod owner;
 pub mod pool;
 pub mod shm;
+pub mod supervisor;
 pub mod table;
 
 pub use client::{Client, FencingToken, Grant, LockGuard};

@@ -25,7 +25,9 @@ pub struct Owner {
     pub label_len: AtomicU32,
     /// Free-form label (up to 32 bytes), e.g. a program name or a remote address.
     pub label: [AtomicU64; 4],
-    _reserved: [AtomicU64; 1],
+    /// While REAPING: the pid of the process reaping this record (a reaper that dies is replaced).
+    pub reaper: AtomicU32,
+    _pad: AtomicU32,
 }
 
 // SAFETY: repr(C), atomics only, valid at zero, no pointers.
@@ -41,12 +43,14 @@ pub const LABEL_MAX: usize = 32;
 pub enum OwnerState {
     /// Unused.
     Free = 0,
-    /// Registered by a live handle.
+    /// Registered by a handle (whose process may have died since: liveness is the process's).
     Live = 1,
+    /// Its process died; a reaper is releasing what it held. Never re-registered until FREE.
+    Reaping = 2,
 }
 
 impl PoolState for OwnerState {
-    const COUNT: usize = 2;
+    const COUNT: usize = 3;
     const POOL: &'static str = "owner";
     fn to_u32(self) -> u32 {
         self as u32
@@ -55,6 +59,7 @@ impl PoolState for OwnerState {
         match v {
             0 => Some(OwnerState::Free),
             1 => Some(OwnerState::Live),
+            2 => Some(OwnerState::Reaping),
             _ => None,
         }
     }
@@ -62,6 +67,7 @@ impl PoolState for OwnerState {
         match self {
             OwnerState::Free => "FREE",
             OwnerState::Live => "LIVE",
+            OwnerState::Reaping => "REAPING",
         }
     }
 }
@@ -105,15 +111,35 @@ impl ProcessId {
             start_time: start_time(pid).unwrap_or(0),
         }
     }
+
+    /// Is this process still running? A zombie (exited, not yet waited for) is not, and neither
+    /// is a process that now has this pid but started at another time (pid reuse).
+    pub fn is_alive(self) -> bool {
+        match proc_stat(self.pid) {
+            Some((state, start)) => !matches!(state, 'Z' | 'X') && (self.start_time == 0 || start == self.start_time),
+            None => false,
+        }
+    }
 }
 
 /// Start time of process `pid` (field 22 of /proc/PID/stat), or None if it does not exist.
 pub fn start_time(pid: u32) -> Option<u64> {
+    proc_stat(pid).map(|(_, start)| start)
+}
+
+/// Is some process with this pid running (not a zombie)? For ids that name a process by pid only.
+pub fn pid_alive(pid: u32) -> bool {
+    pid != 0 && proc_stat(pid).is_some_and(|(state, _)| !matches!(state, 'Z' | 'X'))
+}
+
+/// State letter (field 3) and start time (field 22) of process `pid`.
+fn proc_stat(pid: u32) -> Option<(char, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may contain spaces and ')'; fields after the last ')' are plain.
-    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut rest = stat[stat.rfind(')')? + 1..].split_ascii_whitespace();
     // rest starts with field 3 (state); field 22 is the 20th field of rest.
-    rest.split_ascii_whitespace().nth(19)?.parse().ok()
+    let state = rest.next()?.chars().next()?;
+    Some((state, rest.nth(18)?.parse().ok()?))
 }
 
 impl Owner {
@@ -128,6 +154,14 @@ impl Owner {
             w.store(u64::from_le_bytes(b), Relaxed);
         }
         self.label_len.store(label.len() as u32, Relaxed);
+    }
+
+    /// The process this record names.
+    pub fn process(&self) -> ProcessId {
+        ProcessId {
+            pid: self.pid.load(Relaxed),
+            start_time: self.start_time.load(Relaxed),
+        }
     }
 
     /// The label (lossy UTF-8).
@@ -151,6 +185,33 @@ mod tests {
         assert!(me.start_time > 0);
         assert_eq!(start_time(me.pid), Some(me.start_time));
         assert_eq!(start_time(u32::MAX - 1), None);
+        assert!(me.is_alive());
+        assert!(
+            !ProcessId {
+                start_time: me.start_time + 1,
+                ..me
+            }
+            .is_alive(),
+            "pid reuse"
+        );
+        assert!(pid_alive(me.pid) && !pid_alive(u32::MAX - 1));
+    }
+
+    #[test]
+    fn a_zombie_is_not_alive() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let id = ProcessId {
+            pid: child.id(),
+            start_time: start_time(child.id()).unwrap_or(0),
+        };
+        // Not waited for yet: it becomes a zombie once it exits.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while id.is_alive() {
+            assert!(std::time::Instant::now() < deadline, "child never exited");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(!pid_alive(id.pid));
+        child.wait().unwrap();
     }
 
     #[test]

@@ -65,11 +65,11 @@ pub struct PoolNode {
 #[derive(Debug, Default)]
 pub struct ListHead {
     /// Oldest record, or NIL.
-    head: AtomicU32,
+    pub(crate) head: AtomicU32,
     /// Newest record, or NIL.
-    tail: AtomicU32,
+    pub(crate) tail: AtomicU32,
     /// Number of records in the state.
-    count: AtomicU32,
+    pub(crate) count: AtomicU32,
     _pad: AtomicU32,
 }
 
@@ -242,8 +242,19 @@ impl<'a, S: PoolState> StatePool<'a, S> {
             });
         }
         self.unlink(i.0, node, self.list(expected));
+        crate::chaos::point();
         self.push_tail(i.0, node, new, now);
         Ok(())
+    }
+
+    /// The newest record in state `s`, left where it is: a caller fills a FREE record in and then
+    /// publishes it with [`transition`](Self::transition), so a record that is not FREE is always
+    /// complete, even if its writer is killed half way.
+    #[inline]
+    pub fn newest(&self, s: S) -> Option<Idx> {
+        let t = self.list(s).tail.load(Relaxed);
+        let node = self.nodes.get(t as usize)?;
+        (node.state.load(Relaxed) == s.to_u32()).then_some(Idx(t))
     }
 
     /// Moves the oldest record of `from` to `to` (the pool's FIFO allocator); None if `from` is empty.

@@ -4,7 +4,6 @@
 //! lock holders are child processes re-running this binary (see `common`), so pids, owners and
 //! liveness are real. Every `shmlock` run has a deadline ([`cli`]) and is killed past it.
 
-#[allow(dead_code)] // the helpers that locking.rs uses and these tests do not
 mod common;
 
 use std::fs;

@@ -24,6 +24,7 @@ mod fixture;
 mod hist;
 mod peer;
 mod procs;
+mod reap;
 mod report;
 mod sys;
 
@@ -68,8 +69,23 @@ enum Cmd {
     Contention,
     /// Every scenario with its defaults (many-held at 1000,10000,100000).
     All,
+    /// A holder is SIGKILLed while another process waits: time from the kill to the waiter's
+    /// grant, with shmlockd running and without it (both unless one is chosen).
+    Reap {
+        /// Rounds per setting.
+        #[arg(long, default_value_t = 100)]
+        rounds: usize,
+        /// Only with shmlockd running (it reaps through pidfds).
+        #[arg(long, conflicts_with = "no_daemon")]
+        daemon: bool,
+        /// Only without shmlockd (the waiter reaps the dead holder itself).
+        #[arg(long)]
+        no_daemon: bool,
+    },
     #[command(hide = true)]
     Worker(procs::WorkerArgs),
+    #[command(hide = true)]
+    ReapHolder(reap::HolderArgs),
 }
 
 #[derive(Debug, Args)]
@@ -125,6 +141,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Worker(w) => procs::worker_main(w),
+        Cmd::ReapHolder(a) => reap::holder_main(a),
         cmd => cleanup::install().and_then(|()| Bench::new(cli.common)?.run(cmd)),
     };
     match result {
@@ -179,7 +196,25 @@ impl Bench {
                 self.multi(Multi::Parallel)?;
                 self.multi(Multi::Contention)
             }
-            Cmd::Worker(_) => unreachable!("handled in main"),
+            Cmd::Reap {
+                rounds,
+                daemon,
+                no_daemon,
+            } => {
+                let prefix = self
+                    .c
+                    .segment
+                    .clone()
+                    .unwrap_or_else(|| format!("/shmlock-bench-{}", std::process::id()));
+                for d in [true, false]
+                    .into_iter()
+                    .filter(|&d| if d { !no_daemon } else { !daemon })
+                {
+                    reap::run(&format!("{prefix}-reap-{d}"), rounds, d, self.c.json)?;
+                }
+                Ok(())
+            }
+            Cmd::Worker(_) | Cmd::ReapHolder(_) => unreachable!("handled in main"),
         }
     }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use shmlock::config::Geometry;
 use shmlock::owner::OwnerKind;
-use shmlock::table::{LockInfo, OwnerInfo, Party, PoolCounts, SupervisorInfo, TableStats};
+use shmlock::table::{LockInfo, OwnerInfo, Party, PoolCounts, TableStats};
 use shmlock::{LockTable, Mode};
 
 /// What `check` said.
@@ -36,7 +36,8 @@ pub(crate) struct Status {
     geometry: Geometry,
     stats: TableStats,
     pools: Vec<PoolCounts>,
-    supervisor: SupervisorInfo,
+    /// The supervisor's pid and whether it runs (same pid and start time).
+    supervisor: Option<(u32, bool)>,
     check: CheckOutcome,
 }
 
@@ -57,7 +58,7 @@ impl Status {
             geometry: table.geometry(),
             stats: table.stats(),
             pools: table.pool_counts(),
-            supervisor: table.supervisor(),
+            supervisor: table.supervisor().map(|p| (p.pid, p.is_alive())),
             check,
         }
     }
@@ -103,21 +104,20 @@ impl Status {
             let states: Vec<String> = p.states.iter().map(|(st, n)| format!("{n} {st}")).collect();
             line(pool_label(p.pool), format!("{} of {}", states.join(", "), p.capacity));
         }
-        let sup = &self.supervisor;
         line(
             "supervisor",
-            match sup.pid {
+            match self.supervisor {
                 None => "none attached".into(),
-                Some(pid) if sup.alive => format!("pid {pid}, running"),
-                Some(pid) => format!("pid {pid}, not running"),
+                Some((pid, true)) => format!("pid {pid}, running"),
+                Some((pid, false)) => format!("pid {pid}, not running"),
             },
         );
         line("fencing", format!("counter {} (highest token granted)", s.max_token));
         line(
             "counters",
             format!(
-                "{} grants, {} waits, {} timeouts, {} handoffs",
-                s.grants, s.waits, s.timeouts, s.handoffs
+                "{} grants, {} waits, {} timeouts, {} handoffs, {} reaps, {} repairs",
+                s.grants, s.waits, s.timeouts, s.handoffs, s.reaps, s.repairs
             ),
         );
         match &self.check {
@@ -173,7 +173,10 @@ impl Status {
                 "capacity": p.capacity,
                 "states": p.states.iter().map(|(st, n)| (st.to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
             })).collect::<Vec<_>>(),
-            "supervisor": { "pid": self.supervisor.pid, "alive": self.supervisor.alive },
+            "supervisor": {
+                "pid": self.supervisor.map(|s| s.0),
+                "alive": self.supervisor.is_some_and(|s| s.1),
+            },
             "fencing_counter": self.stats.max_token,
             "stats": self.stats,
             "check": { "completed": completed, "violations": violations },

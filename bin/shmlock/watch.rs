@@ -164,9 +164,9 @@ fn render_frame(
         s.held,
         s.waiting,
         s.owners,
-        match sup.pid {
-            Some(pid) if sup.alive => format!("pid {pid}"),
-            Some(pid) => format!("pid {pid} (not running)"),
+        match sup {
+            Some(p) if p.is_alive() => format!("pid {}", p.pid),
+            Some(p) => format!("pid {} (not running)", p.pid),
             None => "none".into(),
         },
         s.max_token,

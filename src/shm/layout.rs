@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64};
 pub const MAGIC: u64 = u64::from_le_bytes(*b"SHMLOCK1");
 
 /// Bumped on any change to any shared struct or to the meaning of a param.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Most regions a segment can describe.
 pub const MAX_REGIONS: usize = 12;

@@ -131,3 +131,17 @@ pub fn clock_ns(id: libc::clockid_t) -> u64 {
     }
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
+
+/// A pidfd for process `pid` (Linux 5.3+): it becomes readable when the process exits, even if
+/// nobody waits for it, and it never names a later process that reuses the pid.
+pub fn pidfd_open(pid: u32) -> Result<std::os::fd::OwnedFd, Errno> {
+    use std::os::fd::FromRawFd;
+    let pid = libc::pid_t::try_from(pid).map_err(|_| Errno::ESRCH)?;
+    // SAFETY: pidfd_open takes a pid and flags by value and touches no memory of ours.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: on success the syscall returned a new file descriptor that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(r as i32) })
+}

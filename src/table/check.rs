@@ -1,16 +1,16 @@
 //! `check`: verifies every invariant of the table; `stats`: counts for status displays.
 //!
-//! `check` takes each shard's latch in turn (as [`INSPECTOR`]), so each shard is seen at one
-//! instant even while other processes lock and unlock; a process dying inside a shard's critical
-//! section shows up as findings until that shard is repaired.
+//! `check` takes each shard's latch in turn (by pid, as [`pid_latch_id`]), so each shard is seen
+//! at one instant even while other processes lock and unlock. Taking a latch whose holder died
+//! repairs the shard first, so `check` reports what survives repair, not a dead process's
+//! half-done section.
 
 use std::collections::HashSet;
+
+use crate::pool::PoolState;
 use std::sync::atomic::Ordering::Relaxed;
 
 use super::*;
-
-/// Latch id used by inspection (never an owner's id: owner ids are index + 1 < 2^20 + 1).
-pub const INSPECTOR: u32 = 0x7fff_fffe;
 
 /// Counts over the whole table (read without latches: a consistent sum only when quiet).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -19,6 +19,8 @@ pub struct TableStats {
     pub held: u64,
     /// Entries in the index but neither held nor waited on.
     pub idle: u64,
+    /// Entries neither held nor waited on that carry an owner-died notice for the next holder.
+    pub died: u64,
     /// Free entries.
     pub free: u64,
     /// Entry capacity (all shards).
@@ -43,6 +45,12 @@ pub struct TableStats {
     pub handoffs: u64,
     /// Highest fencing token granted in any shard.
     pub max_token: u64,
+    /// Owners being reaped right now.
+    pub reaping: u64,
+    /// Owners reaped (their process died) since creation.
+    pub reaps: u64,
+    /// Shards repaired after a process died inside their critical section, since creation.
+    pub repairs: u64,
 }
 
 impl LockTable {
@@ -54,6 +62,7 @@ impl LockTable {
             let (ep, hp) = (sh.epool(), sh.hpool());
             st.held += u64::from(ep.count(EntryState::Held));
             st.idle += u64::from(ep.count(EntryState::Idle));
+            st.died += u64::from(ep.count(EntryState::Died));
             st.free += u64::from(ep.count(EntryState::Free));
             st.entry_capacity += u64::from(ep.capacity());
             st.shared_holds += u64::from(hp.count(HoldState::Held));
@@ -64,9 +73,12 @@ impl LockTable {
             st.timeouts += sh.hdr.stats[STAT_TIMEOUTS].load(Relaxed);
             st.handoffs += sh.hdr.stats[STAT_HANDOFFS].load(Relaxed);
             st.max_token = st.max_token.max(sh.hdr.token.load(Relaxed));
+            st.repairs += sh.hdr.stats[STAT_REPAIRS].load(Relaxed);
         }
         let op = self.owner_pool();
         st.owners = u64::from(op.count(OwnerState::Live));
+        st.reaping = u64::from(op.count(OwnerState::Reaping));
+        st.reaps = self.table_hdr().reaps.load(Relaxed);
         st.owner_capacity = u64::from(op.capacity());
         st
     }
@@ -76,13 +88,14 @@ impl LockTable {
         let mut out = Vec::new();
         let op = self.owner_pool();
         {
-            let _g = Latch::new(&self.table_hdr().owner_latch).lock(INSPECTOR);
+            let _g = self.lock_owners();
             out.extend(op.check());
         }
-        let live = |o: u32| matches!(op.state(Idx(o)), Ok(OwnerState::Live));
+        // A REAPING owner still holds what its reaper has not released yet.
+        let live = |o: u32| matches!(op.state(Idx(o)), Ok(OwnerState::Live | OwnerState::Reaping));
         for s in 0..self.geo.shards {
             let sh = self.shard(s);
-            let _g = Latch::new(&sh.hdr.latch).lock(INSPECTOR);
+            let _g = self.lock_shard(&sh, pid_latch_id());
             let before = out.len();
             self.check_shard(&sh, &live, &mut out);
             for line in &mut out[before..] {
@@ -96,7 +109,7 @@ impl LockTable {
         let (ep, hp, entries, holds) = (sh.epool(), sh.hpool(), sh.entries(), sh.holds());
         out.extend(ep.check());
         out.extend(hp.check());
-        // The index: chains reach exactly the IDLE and HELD entries, each once, in the right bucket.
+        // The index: chains reach exactly the IDLE, HELD and DIED entries, each once, in the right bucket.
         let mut indexed = HashSet::new();
         let mut names = HashSet::new();
         for (b, head) in sh.buckets().iter().enumerate() {
@@ -115,7 +128,7 @@ impl LockTable {
                     out.push(format!("entry {cur} is in bucket {b} but its hash belongs elsewhere"));
                 }
                 match ep.state(Idx(cur)) {
-                    Ok(EntryState::Idle | EntryState::Held) => {}
+                    Ok(EntryState::Idle | EntryState::Held | EntryState::Died) => {}
                     st => out.push(format!("bucket {b} reaches entry {cur} in state {st:?}")),
                 }
                 let name = Self::name_of(sh, cur);
@@ -128,10 +141,10 @@ impl LockTable {
                 cur = e.next.load(Relaxed);
             }
         }
-        let in_use = ep.count(EntryState::Idle) + ep.count(EntryState::Held);
+        let in_use = ep.count(EntryState::Idle) + ep.count(EntryState::Held) + ep.count(EntryState::Died);
         if indexed.len() != in_use as usize {
             out.push(format!(
-                "{} entries indexed but {in_use} are IDLE or HELD",
+                "{} entries indexed but {in_use} are IDLE, HELD or DIED",
                 indexed.len()
             ));
         }
@@ -155,10 +168,17 @@ impl LockTable {
                     e.token.load(Relaxed)
                 ));
             }
-            if state == EntryState::Idle {
+            if state == EntryState::Idle || state == EntryState::Died {
                 if mode != MODE_NONE || owner != NIL || readers != 0 || waiters != 0 {
                     out.push(format!(
-                        "entry {i} is IDLE but has mode {mode}, {readers} readers, {waiters} waiters"
+                        "entry {i} is {} but has mode {mode}, {readers} readers, {waiters} waiters",
+                        state.name()
+                    ));
+                }
+                if (state == EntryState::Died) != (e.flags.load(Relaxed) & OWNER_DIED != 0) {
+                    out.push(format!(
+                        "entry {i} is {} but its owner-died flag disagrees",
+                        state.name()
                     ));
                 }
                 continue;
@@ -210,6 +230,12 @@ impl LockTable {
                 }
                 if hp.state(Idx(cur)).ok() != Some(HoldState::Waiting) || hold.entry.load(Relaxed) != i {
                     out.push(format!("entry {i}: queued hold {cur} is not WAITING on this entry"));
+                }
+                if !live(hold.owner.load(Relaxed)) {
+                    out.push(format!(
+                        "entry {i}: queued hold {cur} belongs to owner {} which is not live",
+                        hold.owner.load(Relaxed)
+                    ));
                 }
                 if hold.prev.load(Relaxed) != prev {
                     out.push(format!("entry {i}: queued hold {cur} has a wrong prev link"));

@@ -119,7 +119,8 @@ pub struct Hold {
     pub prev: AtomicU32,
     /// [`OWNER_DIED`] for a handed-off grant.
     pub flags: AtomicU32,
-    _pad: AtomicU32,
+    /// Bumped each time the record is taken, so a waiter can tell its request from a reuse.
+    pub gen: AtomicU32,
 }
 
 // SAFETY: repr(C), atomics only, valid at zero, no pointers.
@@ -141,21 +142,24 @@ pub enum EntryState {
     Idle = 1,
     /// Held or waited on.
     Held = 2,
+    /// In the index, not held and not waited on, carrying an owner-died notice for its next
+    /// holder: not evicted while an IDLE entry can be, so the notice outlives cache pressure.
+    Died = 3,
 }
 
 impl PoolState for EntryState {
-    const COUNT: usize = 3;
+    const COUNT: usize = 4;
     const POOL: &'static str = "lock entry";
     fn to_u32(self) -> u32 {
         self as u32
     }
     fn from_u32(v: u32) -> Option<Self> {
-        [EntryState::Free, EntryState::Idle, EntryState::Held]
+        [EntryState::Free, EntryState::Idle, EntryState::Held, EntryState::Died]
             .get(v as usize)
             .copied()
     }
     fn name(self) -> &'static str {
-        ["FREE", "IDLE", "HELD"][self as usize]
+        ["FREE", "IDLE", "HELD", "DIED"][self as usize]
     }
 }
 

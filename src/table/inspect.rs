@@ -1,7 +1,7 @@
 //! Read-only snapshots of the table for the admin CLI, and [`LockTable::force_release`].
 //!
 //! # Concurrency
-//! Each shard is copied under its own latch (taken as [`INSPECTOR`]), so every lock is seen at
+//! Each shard is copied under its own latch (taken by pid, as [`pid_latch_id`], repairing a shard whose latch holder died), so every lock is seen at
 //! one instant, consistent with itself; different shards are seen at slightly different
 //! instants. Under a latch the snapshot only copies words into vectors reserved beforehand: no
 //! syscall, no wait, and no allocation unless the shard grew meanwhile. Owner records, labels
@@ -18,7 +18,6 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use super::*;
-use crate::owner;
 use crate::pool::PoolState;
 
 /// A holder or a waiter of a lock, as the snapshot saw it.
@@ -105,15 +104,6 @@ pub struct PoolCounts {
     pub states: Vec<(&'static str, u64)>,
 }
 
-/// The supervisor recorded in the table header.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SupervisorInfo {
-    /// Its pid, `None` if no supervisor ever attached.
-    pub pid: Option<u32>,
-    /// True if a process with that pid exists now.
-    pub alive: bool,
-}
-
 /// What [`LockTable::force_release`] took away.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Forced {
@@ -170,7 +160,7 @@ impl LockTable {
         let sh = self.shard(self.shard_of(h));
         let mut parties = Vec::with_capacity(16);
         let r = {
-            let _g = Latch::new(&sh.hdr.latch).lock(INSPECTOR);
+            let _g = self.lock_shard(&sh, pid_latch_id());
             let Some(i) = self.lookup(&sh, h, name) else {
                 return Ok(None);
             };
@@ -187,7 +177,7 @@ impl LockTable {
         let mut names: Vec<u64> = Vec::with_capacity(n * sh.words);
         let mut parties = Vec::with_capacity(n + sh.hpool().count(HoldState::Waiting) as usize + 4);
         {
-            let _g = Latch::new(&sh.hdr.latch).lock(INSPECTOR);
+            let _g = self.lock_shard(sh, pid_latch_id());
             for (i, _) in sh.epool().iter(EntryState::Held) {
                 let r = Self::copy_entry(sh, i.0, &mut parties);
                 let len = sh.entries().get(i.get()).map_or(0, |e| e.name_len.load(Relaxed));
@@ -287,7 +277,7 @@ impl LockTable {
         let pool = self.owner_pool();
         let mut raw = Vec::with_capacity(pool.capacity() as usize - pool.count(OwnerState::Free) as usize + 4);
         {
-            let _g = Latch::new(&self.table_hdr().owner_latch).lock(INSPECTOR);
+            let _g = self.lock_owners();
             for v in 1..OwnerState::COUNT as u32 {
                 let Some(state) = OwnerState::from_u32(v) else { continue };
                 for (i, since) in pool.iter(state) {
@@ -316,7 +306,7 @@ impl LockTable {
                     kind: OwnerKind::from_u32(o.kind.load(Relaxed)),
                     label: o.label(),
                     state: state.name(),
-                    alive: owner::start_time(pid) == Some(o.start_time.load(Relaxed)),
+                    alive: o.process().is_alive(),
                     registered_for: now.since(since),
                     holds: holds.get(&idx).copied().unwrap_or(0),
                     waits: waits.get(&idx).copied().unwrap_or(0),
@@ -343,24 +333,6 @@ impl LockTable {
         vec![counts(&entries), counts(&holds), counts(&[self.owner_pool()])]
     }
 
-    /// The supervisor recorded in the table header, and whether its process exists.
-    pub fn supervisor(&self) -> SupervisorInfo {
-        let pid = self.table_hdr().supervisor_pid.load(Relaxed);
-        if pid == 0 {
-            return SupervisorInfo {
-                pid: None,
-                alive: false,
-            };
-        }
-        let alive = i32::try_from(pid).is_ok_and(|p| {
-            !matches!(
-                nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None),
-                Err(nix::errno::Errno::ESRCH)
-            )
-        });
-        SupervisorInfo { pid: Some(pid), alive }
-    }
-
     /// Takes lock `name` away from its holder(s): the lock is released as if they had released
     /// it, with `OWNER_DIED` set so the next grantee is told; the oldest waiter is woken or
     /// granted as on any release. [`Error::NotHeld`] if nobody holds it.
@@ -378,7 +350,7 @@ impl LockTable {
         let mode;
         let r;
         {
-            let _g = Latch::new(&sh.hdr.latch).lock(INSPECTOR);
+            let _g = self.lock_shard(&sh, pid_latch_id());
             let i = self.lookup(&sh, h, name).ok_or(Error::NotHeld)?;
             let e = sh.entry(i)?;
             mode = Mode::from_u32(e.mode.load(Relaxed)).ok_or(Error::NotHeld)?;
@@ -518,9 +490,9 @@ mod tests {
             assert_eq!(sum, p.capacity, "{p:?}");
         }
         let counts = t.pool_counts();
-        assert_eq!(counts[0].states, [("FREE", 15), ("IDLE", 0), ("HELD", 1)]);
+        assert_eq!(counts[0].states, [("FREE", 15), ("IDLE", 0), ("HELD", 1), ("DIED", 0)]);
         assert!(counts[1].states.contains(&("HELD", 1)));
         assert!(counts[2].states.contains(&("LIVE", 1)));
-        assert_eq!(t.supervisor().pid, None);
+        assert_eq!(t.supervisor(), None);
     }
 }

@@ -31,6 +31,7 @@
 mod check;
 mod entry;
 mod inspect;
+mod reap;
 mod shard;
 #[cfg(test)]
 mod tests;
@@ -49,10 +50,11 @@ use crate::pool::{Idx, ListHead, PoolNode, StatePool};
 use crate::shm::sys::futex_wake;
 use crate::shm::{Region, RegionSpec, Segment, PARAMS};
 
-pub use check::{TableStats, INSPECTOR};
+pub use check::TableStats;
 pub use entry::{Entry, EntryState, Hold, HoldState, Mode, GRANTED, MODE_NONE, OWNER_DIED, WAIT, WOKEN};
-pub use inspect::{Forced, LockInfo, OwnerInfo, Party, PoolCounts, SupervisorInfo};
-pub use shard::{Latch, ShardHdr, STAT_GRANTS, STAT_HANDOFFS, STAT_TIMEOUTS, STAT_WAITS};
+pub use inspect::{Forced, LockInfo, OwnerInfo, Party, PoolCounts};
+pub use reap::{pid_latch_id, PID_ID};
+pub use shard::{Latch, ShardHdr, LATCH_SLEEP, STAT_GRANTS, STAT_HANDOFFS, STAT_REPAIRS, STAT_TIMEOUTS, STAT_WAITS};
 
 /// How long the oldest waiter may be passed over by barging requests before a release hands the
 /// lock to it directly.
@@ -64,13 +66,21 @@ pub(crate) const NIL: u32 = u32::MAX;
 #[repr(C, align(128))]
 #[derive(Debug, Default)]
 pub struct TableHdr {
-    /// Latch over the owner pool; holds the registering process's pid.
+    /// Latch over the owner pool and the supervisor fields; its id names a process by pid.
     pub owner_latch: AtomicU32,
-    /// Pid of the supervisor (shmlockd), 0 if none has attached.
+    /// Pid of the supervisor (shmlockd), 0 if none has claimed the segment.
     pub supervisor_pid: AtomicU32,
-    /// Owner pool list heads (FREE, LIVE).
-    pub owner_lists: [ListHead; 2],
-    _reserved: [AtomicU64; 11],
+    /// Owner pool list heads (FREE, LIVE, REAPING).
+    pub owner_lists: [ListHead; 3],
+    /// Start time of the supervisor's process (with its pid, immune to pid reuse).
+    pub supervisor_start: AtomicU64,
+    /// Bumped (and woken, as a futex) by every registration, so the supervisor watches a new
+    /// owner's process at once.
+    pub registrations: AtomicU32,
+    _pad: AtomicU32,
+    /// Owners reaped since creation.
+    pub reaps: AtomicU64,
+    _reserved: [AtomicU64; 6],
 }
 // SAFETY: repr(C), atomics only, valid at zero, no pointers.
 crate::impl_shm_safe!(TableHdr);
@@ -432,7 +442,7 @@ impl LockTable {
         }
     }
 
-    fn table_hdr(&self) -> &TableHdr {
+    pub(crate) fn table_hdr(&self) -> &TableHdr {
         &self.seg.slice(self.r.hdr)[0]
     }
 
@@ -444,6 +454,17 @@ impl LockTable {
         self.seg.slice(self.r.owners)
     }
 
+    pub(crate) fn owners_slice(&self) -> &[Owner] {
+        self.owners()
+    }
+
+    /// Owner records in state LIVE (read without the latch: a snapshot only when quiet).
+    pub(crate) fn live_owners(&self) -> impl Iterator<Item = &Owner> + '_ {
+        self.owner_pool()
+            .iter(OwnerState::Live)
+            .filter_map(|(i, _)| self.owners().get(i.get()))
+    }
+
     #[inline]
     fn shard_of(&self, h: u64) -> u32 {
         ((h >> 40) as u32) & (self.geo.shards - 1)
@@ -452,16 +473,19 @@ impl LockTable {
     // ---- owners ----------------------------------------------------------------------------
 
     pub(crate) fn register(&self, kind: OwnerKind, label: &[u8]) -> Result<OwnerRef> {
+        if self.owner_pool().count(OwnerState::Free) == 0 {
+            // Without shmlockd, owners of dead processes that nobody waited on are still
+            // registered: reap them before calling the pool full.
+            self.reap_dead(pid_latch_id())?;
+        }
         let me = ProcessId::current();
-        let _g = Latch::new(&self.table_hdr().owner_latch).lock(me.pid.clamp(1, (1 << 31) - 1));
+        let _g = self.lock_owners();
         let pool = self.owner_pool();
-        let idx = pool
-            .take_newest(OwnerState::Free, OwnerState::Free, clock::now())
-            .ok_or(Error::PoolFull {
-                pool: "owner",
-                shard: None,
-                capacity: self.geo.owners,
-            })?;
+        let idx = pool.newest(OwnerState::Free).ok_or(Error::PoolFull {
+            pool: "owner",
+            shard: None,
+            capacity: self.geo.owners,
+        })?;
         let o = &self.owners()[idx.get()];
         o.pid.store(me.pid, Relaxed);
         o.start_time.store(me.start_time, Relaxed);
@@ -471,11 +495,17 @@ impl LockTable {
         o.gen.store(gen, Relaxed);
         // The record is complete; publish it as LIVE last.
         pool.transition(idx, OwnerState::Free, OwnerState::Live, clock::now())?;
+        let hdr = self.table_hdr();
+        hdr.registrations.store(
+            hdr.registrations.load(Relaxed).wrapping_add(1),
+            std::sync::atomic::Ordering::Release,
+        );
+        futex_wake(&hdr.registrations, u32::MAX);
         Ok(OwnerRef { idx: idx.0, gen })
     }
 
     pub(crate) fn deregister(&self, me: OwnerRef) -> Result<()> {
-        let _g = Latch::new(&self.table_hdr().owner_latch).lock(std::process::id().clamp(1, (1 << 31) - 1));
+        let _g = self.lock_owners();
         self.owner_pool()
             .transition(Idx(me.idx), OwnerState::Live, OwnerState::Free, clock::now())
     }
@@ -535,23 +565,34 @@ impl LockTable {
     }
 
     /// Puts `name` in the index as an IDLE entry, taking a free entry or evicting the
-    /// least recently used idle one.
+    /// least recently used idle one. The entry is filled in while FREE and published (IDLE, then
+    /// chained) last, so a process killed half way leaves a FREE entry or a complete unchained
+    /// one, which [`repair`](Self::repair) chains.
     fn insert(&self, sh: &Shard<'_>, h: u64, name: &[u8], now: Nanos) -> Result<u32> {
-        let i = match sh.epool().take_newest(EntryState::Free, EntryState::Idle, now) {
-            Some(i) => i.0,
-            None => {
-                let Some((victim, _)) = sh.epool().oldest(EntryState::Idle) else {
-                    return Err(Error::PoolFull {
-                        pool: "lock entry",
-                        shard: Some(sh.no),
-                        capacity: sh.entries().len() as u32,
-                    });
-                };
-                self.unlink_from_bucket(sh, victim.0)?;
-                sh.epool().touch(victim, now)?;
-                victim.0
+        if sh.epool().count(EntryState::Free) == 0 {
+            // An idle entry first; an entry that only carries an owner-died notice only when no
+            // idle one is left (its notice is lost with it).
+            let victim = sh.epool().oldest(EntryState::Idle).map(|v| (v.0, EntryState::Idle));
+            let Some((victim, state)) =
+                victim.or_else(|| sh.epool().oldest(EntryState::Died).map(|v| (v.0, EntryState::Died)))
+            else {
+                return Err(Error::PoolFull {
+                    pool: "lock entry",
+                    shard: Some(sh.no),
+                    capacity: sh.entries().len() as u32,
+                });
+            };
+            self.unlink_from_bucket(sh, victim.0)?;
+            if state == EntryState::Died {
+                tracing::warn!(shard = sh.no, "entry pool full: evicting a lock's owner-died notice");
             }
-        };
+            sh.epool().transition(victim, state, EntryState::Free, now)?;
+        }
+        let i = sh
+            .epool()
+            .newest(EntryState::Free)
+            .ok_or_else(|| corrupt(format!("shard {} entry pool lists are torn", sh.no)))?
+            .0;
         let e = sh.entry(i)?;
         let words = &sh.names()[i as usize * sh.words..(i as usize + 1) * sh.words];
         let mut chunks = name.chunks(8);
@@ -569,6 +610,9 @@ impl LockTable {
         e.waiters.store(0, Relaxed);
         e.flags.store(0, Relaxed);
         e.gen.store(e.gen.load(Relaxed).wrapping_add(1), Relaxed);
+        crate::chaos::point();
+        sh.epool().transition(Idx(i), EntryState::Free, EntryState::Idle, now)?;
+        crate::chaos::point();
         let b = &sh.buckets()[self.bucket_of(h)];
         e.next.store(b.load(Relaxed), Relaxed);
         b.store(i, Relaxed);
@@ -636,26 +680,19 @@ impl LockTable {
         let e = sh.entry(i)?;
         let mut hold = NIL;
         if mode == Mode::Shared {
-            let h = sh
-                .hpool()
-                .take_newest(HoldState::Free, HoldState::Held, now)
-                .ok_or(Error::PoolFull {
-                    pool: "hold/wait",
-                    shard: Some(sh.no),
-                    capacity: sh.holds().len() as u32,
-                })?;
-            hold = h.0;
-            self.add_reader(sh, e, i, h.0, me.idx);
+            hold = Self::claim_hold(sh, i, me, mode, HoldState::Held, now)?;
+            Self::add_reader(sh, e, hold);
         }
         let was_free = e.mode.load(Relaxed) == MODE_NONE;
         match sh.epool().state(Idx(i))? {
-            EntryState::Idle => sh.epool().transition(Idx(i), EntryState::Idle, EntryState::Held, now)?,
+            s @ (EntryState::Idle | EntryState::Died) => sh.epool().transition(Idx(i), s, EntryState::Held, now)?,
             EntryState::Held if was_free => sh.epool().touch(Idx(i), now)?,
             EntryState::Held => {}
             EntryState::Free => return Err(corrupt(format!("shard {} entry {i} granted while FREE", sh.no))),
         }
         let token = sh.next_token();
         e.token.store(token, Relaxed);
+        crate::chaos::point();
         let flags = e.flags.load(Relaxed);
         if flags & OWNER_DIED != 0 {
             e.flags.store(flags & !OWNER_DIED, Relaxed);
@@ -677,12 +714,31 @@ impl LockTable {
         })
     }
 
-    fn add_reader(&self, sh: &Shard<'_>, e: &Entry, i: u32, h: u32, owner: u32) {
-        let hold = &sh.holds()[h as usize];
+    /// Takes a FREE hold record for a request of `me` on entry `i`: fills it in, then publishes
+    /// it in state `to` (so a record that is not FREE is always complete). Returns its index.
+    fn claim_hold(sh: &Shard<'_>, i: u32, me: OwnerRef, mode: Mode, to: HoldState, now: Nanos) -> Result<u32> {
+        let h = sh.hpool().newest(HoldState::Free).ok_or(Error::PoolFull {
+            pool: "hold/wait",
+            shard: Some(sh.no),
+            capacity: sh.holds().len() as u32,
+        })?;
+        let hold = &sh.holds()[h.get()];
         hold.entry.store(i, Relaxed);
-        hold.owner.store(owner, Relaxed);
-        hold.mode.store(Mode::Shared.to_u32(), Relaxed);
+        hold.owner.store(me.idx, Relaxed);
+        hold.mode.store(mode.to_u32(), Relaxed);
         hold.flags.store(0, Relaxed);
+        hold.token.store(0, Relaxed);
+        hold.futex.store(WAIT, Relaxed);
+        hold.next.store(NIL, Relaxed);
+        hold.prev.store(NIL, Relaxed);
+        hold.gen.store(hold.gen.load(Relaxed).wrapping_add(1), Relaxed);
+        sh.hpool().transition(h, HoldState::Free, to, now)?;
+        Ok(h.0)
+    }
+
+    /// Links the filled-in hold `h` into entry `e`'s reader list.
+    fn add_reader(sh: &Shard<'_>, e: &Entry, h: u32) {
+        let hold = &sh.holds()[h as usize];
         let head = e.reader_head.load(Relaxed);
         hold.prev.store(NIL, Relaxed);
         hold.next.store(head, Relaxed);
@@ -713,7 +769,7 @@ impl LockTable {
         let name = LockName::new(name, self.geo.max_name_len as usize)?.as_bytes();
         let h = name::hash(self.seed, name);
         let sh = self.shard(self.shard_of(h));
-        let guard = Latch::new(&sh.hdr.latch).lock(me.latch_id());
+        let guard = self.lock_shard(&sh, me.latch_id());
         let now = clock::coarse();
         let i = match self.lookup(&sh, h, name) {
             Some(i) => i,
@@ -727,7 +783,28 @@ impl LockTable {
             return self.grant_now(&sh, i, mode, me, now);
         }
         if wait == Wait::No {
-            return Err(Error::WouldBlock);
+            // Without shmlockd, a holder that died would fail every try_lock forever: when the
+            // lock was granted over a poll period ago, check its holders (at most once a poll
+            // period per process) and retry if one was dead and is now reaped.
+            static LAST_CHECK: AtomicU64 = AtomicU64::new(0);
+            let now = clock::now();
+            let stale = sh.epool().time(Idx(i)).is_ok_and(|t| now.since(t) >= wait::POLL)
+                && now.since(Nanos(LAST_CHECK.load(Relaxed))) >= wait::POLL;
+            if !stale {
+                return Err(Error::WouldBlock);
+            }
+            LAST_CHECK.store(now.0, Relaxed);
+            let suspects = Self::suspects(&sh, e, me);
+            drop(guard);
+            let mut reaped = false;
+            for o in suspects.into_iter().filter(|&o| o != NIL) {
+                reaped |= self.reap_if_dead(o, me.latch_id())?;
+            }
+            return if reaped {
+                self.acquire(me, name, mode, wait)
+            } else {
+                Err(Error::WouldBlock)
+            };
         }
         let w = self.enqueue(&sh, i, mode, me)?;
         drop(guard);
@@ -737,7 +814,7 @@ impl LockTable {
     /// Releases a grant.
     pub(crate) fn release(&self, me: OwnerRef, g: &RawGrant) -> Result<()> {
         let sh = self.shard(g.shard);
-        let guard = Latch::new(&sh.hdr.latch).lock(me.latch_id());
+        let guard = self.lock_shard(&sh, me.latch_id());
         let wake = self.release_locked(&sh, me, g)?;
         drop(guard);
         if let Some(w) = wake {
@@ -757,6 +834,7 @@ impl LockTable {
                     return Err(Error::NotHeld);
                 }
                 e.owner.store(NIL, Relaxed);
+                crate::chaos::point();
                 e.mode.store(MODE_NONE, Relaxed);
             }
             Mode::Shared => {
@@ -770,6 +848,7 @@ impl LockTable {
                     return Err(Error::NotHeld);
                 }
                 Self::remove_reader(sh, e, g.hold);
+                crate::chaos::point();
                 sh.hpool()
                     .transition(Idx(g.hold), HoldState::Held, HoldState::Free, clock::coarse())?;
                 if e.readers.load(Relaxed) > 0 {
@@ -786,9 +865,7 @@ impl LockTable {
     fn after_release<'a>(&self, sh: &'a Shard<'_>, i: u32) -> Result<Option<&'a AtomicU32>> {
         let e = sh.entry(i)?;
         if e.waiters.load(Relaxed) == 0 {
-            // An IDLE entry's stamp is its last grant's: no clock read on the release path.
-            let pool = sh.epool();
-            pool.transition(Idx(i), EntryState::Held, EntryState::Idle, pool.time(Idx(i))?)?;
+            Self::settle(sh, i)?;
             return Ok(None);
         }
         let head = e.wait_head.load(Relaxed);
@@ -801,6 +878,19 @@ impl LockTable {
             return Ok(Some(&hold.futex));
         }
         Ok(None)
+    }
+
+    /// Entry `i`, free and with nobody waiting, goes IDLE (evictable), or DIED if it carries an
+    /// OWNER_DIED notice (evicted only when no IDLE entry is left).
+    fn settle(sh: &Shard<'_>, i: u32) -> Result<()> {
+        let to = if sh.entry(i)?.flags.load(Relaxed) & OWNER_DIED != 0 {
+            EntryState::Died
+        } else {
+            EntryState::Idle
+        };
+        // An IDLE entry's stamp is its last grant's: no clock read on the release path.
+        let pool = sh.epool();
+        pool.transition(Idx(i), EntryState::Held, to, pool.time(Idx(i))?)
     }
 
     /// Looks up who holds entry `i`, for a timeout error.
@@ -832,7 +922,7 @@ impl LockTable {
         let name = LockName::new(name, self.geo.max_name_len as usize)?.as_bytes();
         let h = name::hash(self.seed, name);
         let sh = self.shard(self.shard_of(h));
-        let guard = Latch::new(&sh.hdr.latch).lock(me.latch_id());
+        let guard = self.lock_shard(&sh, me.latch_id());
         let i = self.lookup(&sh, h, name).ok_or(Error::NotHeld)?;
         let e = sh.entry(i)?;
         let g = match Mode::from_u32(e.mode.load(Relaxed)) {
@@ -855,53 +945,12 @@ impl LockTable {
         Ok(())
     }
 
-    /// Releases every hold and cancels every wait of `me` in `shards`, walking their HELD and
-    /// WAITING lists. Returns how many were released. Used when a handle is dropped, to release
-    /// what forgotten guards still hold.
+    /// Releases every hold and cancels every wait of `me` in `shards` (walking their HELD and
+    /// WAITING lists), waking any thread of `me` blocked on a request, which returns
+    /// [`Error::Cancelled`]. Returns how many were released. Used when a handle is dropped, to
+    /// release what forgotten guards still hold, and when a gateway session ends.
     pub(crate) fn release_all(&self, me: OwnerRef, shards: impl Iterator<Item = u32>) -> Result<usize> {
-        let mut n = 0;
-        for s in shards.filter(|&s| s < self.geo.shards) {
-            let sh = self.shard(s);
-            let guard = Latch::new(&sh.hdr.latch).lock(me.latch_id());
-            let mut wakes: Vec<&AtomicU32> = Vec::new();
-            let held: Vec<u32> = sh.epool().iter(EntryState::Held).map(|(i, _)| i.0).collect();
-            for i in held {
-                let e = sh.entry(i)?;
-                if e.mode.load(Relaxed) == Mode::Exclusive.to_u32() && e.owner.load(Relaxed) == me.idx {
-                    let g = RawGrant::existing(s, i, NIL, e.token.load(Relaxed), Mode::Exclusive);
-                    wakes.extend(self.release_locked(&sh, me, &g)?);
-                    n += 1;
-                }
-            }
-            for state in [HoldState::Held, HoldState::Waiting, HoldState::Granted] {
-                let mine: Vec<u32> = sh
-                    .hpool()
-                    .iter(state)
-                    .map(|(i, _)| i.0)
-                    .filter(|&i| sh.holds()[i as usize].owner.load(Relaxed) == me.idx)
-                    .collect();
-                for h in mine {
-                    let hold = &sh.holds()[h as usize];
-                    let entry = hold.entry.load(Relaxed);
-                    match state {
-                        HoldState::Held => {
-                            let g = RawGrant::existing(s, entry, h, hold.token.load(Relaxed), Mode::Shared);
-                            wakes.extend(self.release_locked(&sh, me, &g)?);
-                        }
-                        HoldState::Waiting => wakes.extend(self.cancel_wait(&sh, entry, h)?),
-                        _ => sh
-                            .hpool()
-                            .transition(Idx(h), HoldState::Granted, HoldState::Free, clock::coarse())?,
-                    }
-                    n += 1;
-                }
-            }
-            drop(guard);
-            for w in wakes {
-                futex_wake(w, 1);
-            }
-        }
-        Ok(n)
+        self.release_owner(me.latch_id(), me.idx, shards, false)
     }
 }
 

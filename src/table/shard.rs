@@ -8,7 +8,10 @@
 //!
 //! The word names its holder so that a survivor can tell whose critical section a dead process
 //! left behind. Critical sections never block, allocate or do I/O; a contended latch spins
-//! briefly, then sleeps on the word (shared futex) with a bounded timeout.
+//! briefly, then sleeps on the word (shared futex) with a bounded timeout. A waiter that has seen
+//! the same holder for [`LATCH_SLEEP`] asks whether that holder is dead; if so it takes the latch
+//! over with one CAS (which also settles a race between two recoverers) and the guard says whose
+//! section it inherited, so the caller repairs what that section may have left half done.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
@@ -25,13 +28,14 @@ pub struct ShardHdr {
     _pad0: AtomicU32,
     /// Last fencing token granted in this shard. Written under the latch.
     pub token: AtomicU64,
-    /// Entry pool list heads (FREE, IDLE, HELD).
-    pub entry_lists: [ListHead; 3],
+    /// Entry pool list heads (FREE, IDLE, HELD, DIED).
+    pub entry_lists: [ListHead; 4],
     /// Hold pool list heads (FREE, HELD, WAITING, GRANTED).
     pub hold_lists: [ListHead; 4],
-    /// Statistics, written under the latch: grants, contended requests, timeouts, handoffs.
-    pub stats: [AtomicU64; 4],
-    _reserved: [AtomicU64; 4],
+    /// Statistics, written under the latch: grants, contended requests, timeouts, handoffs,
+    /// repairs after a holder died inside its critical section.
+    pub stats: [AtomicU64; 5],
+    _reserved: [AtomicU64; 3],
 }
 
 // SAFETY: repr(C), atomics only, valid at zero, no pointers.
@@ -46,11 +50,14 @@ pub const STAT_WAITS: usize = 1;
 pub const STAT_TIMEOUTS: usize = 2;
 /// Index of `ShardHdr::stats`.
 pub const STAT_HANDOFFS: usize = 3;
+/// Index of `ShardHdr::stats`.
+pub const STAT_REPAIRS: usize = 4;
 
 const WAITERS: u32 = 1 << 31;
 const SPINS: u32 = 64;
-/// Longest single sleep on a latch; after it the waiter re-examines the word.
-const LATCH_SLEEP: Duration = Duration::from_millis(10);
+/// Longest single sleep on a latch; after it the waiter re-examines the word, and a holder seen
+/// for this long is checked for death.
+pub const LATCH_SLEEP: Duration = Duration::from_millis(10);
 
 /// A latch over an `AtomicU32` in the segment.
 #[derive(Debug, Clone, Copy)]
@@ -63,6 +70,15 @@ pub struct Latch<'a> {
 #[must_use]
 pub struct LatchGuard<'a> {
     word: &'a AtomicU32,
+    recovered: Option<u32>,
+}
+
+impl LatchGuard<'_> {
+    /// The id of a dead holder whose latch this guard took over: its critical section may be
+    /// half done, and the caller must repair what the latch guards before using it.
+    pub fn recovered(&self) -> Option<u32> {
+        self.recovered
+    }
 }
 
 impl<'a> Latch<'a> {
@@ -71,22 +87,27 @@ impl<'a> Latch<'a> {
         Latch { word }
     }
 
-    /// Takes the latch for `id` (non-zero, below bit 31).
+    /// Takes the latch for `id` (non-zero, below bit 31). `dead(holder)` tells whether a holder
+    /// that has kept the latch for a while is dead; it is asked only on that slow path.
     #[inline]
-    pub fn lock(self, id: u32) -> LatchGuard<'a> {
+    pub fn lock(self, id: u32, dead: &dyn Fn(u32) -> bool) -> LatchGuard<'a> {
         debug_assert!(id != 0 && id & WAITERS == 0);
+        let mut recovered = None;
         if self
             .word
             .compare_exchange(0, id, Ordering::Acquire, Ordering::Relaxed)
             .is_err()
         {
-            self.lock_slow(id);
+            recovered = self.lock_slow(id, dead);
         }
-        LatchGuard { word: self.word }
+        LatchGuard {
+            word: self.word,
+            recovered,
+        }
     }
 
     #[cold]
-    fn lock_slow(self, id: u32) {
+    fn lock_slow(self, id: u32, dead: &dyn Fn(u32) -> bool) -> Option<u32> {
         for _ in 0..SPINS {
             std::hint::spin_loop();
             if self.word.load(Ordering::Relaxed) == 0
@@ -95,9 +116,11 @@ impl<'a> Latch<'a> {
                     .compare_exchange(0, id, Ordering::Acquire, Ordering::Relaxed)
                     .is_ok()
             {
-                return;
+                return None;
             }
         }
+        // The holder we have been waiting on, and since when.
+        let mut seen = (0, std::time::Instant::now());
         loop {
             let v = self.word.load(Ordering::Relaxed);
             if v == 0 {
@@ -107,7 +130,20 @@ impl<'a> Latch<'a> {
                     .compare_exchange(0, id | WAITERS, Ordering::Acquire, Ordering::Relaxed)
                     .is_ok()
                 {
-                    return;
+                    return None;
+                }
+                continue;
+            }
+            let holder = v & !WAITERS;
+            if holder != seen.0 {
+                seen = (holder, std::time::Instant::now());
+            } else if seen.1.elapsed() >= LATCH_SLEEP && dead(holder) {
+                if self
+                    .word
+                    .compare_exchange(v, id | (v & WAITERS), Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    return Some(holder);
                 }
                 continue;
             }

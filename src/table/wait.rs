@@ -22,25 +22,23 @@ const R: Ordering = Ordering::Relaxed;
 pub(crate) const POLL: Duration = Duration::from_millis(50);
 
 impl LockTable {
-    /// Appends a WAITING request of `me` for entry `i`; returns its Hold index.
-    pub(super) fn enqueue(&self, sh: &Shard<'_>, i: u32, mode: Mode, me: OwnerRef) -> Result<u32> {
+    /// Appends a WAITING request of `me` for entry `i`; returns its Hold index and generation.
+    pub(super) fn enqueue(&self, sh: &Shard<'_>, i: u32, mode: Mode, me: OwnerRef) -> Result<(u32, u32)> {
         let e = sh.entry(i)?;
-        let w = sh
-            .hpool()
-            .take_newest(HoldState::Free, HoldState::Waiting, clock::now())
-            .ok_or(Error::PoolFull {
-                pool: "hold/wait",
-                shard: Some(sh.no),
-                capacity: sh.holds().len() as u32,
-            })?
-            .0;
+        let w = Self::claim_hold(sh, i, me, mode, HoldState::Waiting, clock::now())?;
         let hold = &sh.holds()[w as usize];
-        hold.entry.store(i, R);
-        hold.owner.store(me.idx, R);
-        hold.mode.store(mode.to_u32(), R);
-        hold.flags.store(0, R);
-        hold.token.store(0, R);
-        hold.futex.store(WAIT, R);
+        crate::chaos::point();
+        Self::link_waiter(sh, e, w);
+        if let s @ (EntryState::Idle | EntryState::Died) = sh.epool().state(Idx(i))? {
+            sh.epool().transition(Idx(i), s, EntryState::Held, clock::coarse())?;
+        }
+        sh.bump(STAT_WAITS);
+        Ok((w, hold.gen.load(R)))
+    }
+
+    /// Appends the filled-in WAITING hold `w` to entry `e`'s queue.
+    pub(super) fn link_waiter(sh: &Shard<'_>, e: &Entry, w: u32) {
+        let hold = &sh.holds()[w as usize];
         let tail = e.wait_tail.load(R);
         hold.prev.store(tail, R);
         hold.next.store(NIL, R);
@@ -50,16 +48,10 @@ impl LockTable {
         }
         e.wait_tail.store(w, R);
         e.waiters.store(e.waiters.load(R) + 1, R);
-        if sh.epool().state(Idx(i))? == EntryState::Idle {
-            sh.epool()
-                .transition(Idx(i), EntryState::Idle, EntryState::Held, clock::coarse())?;
-        }
-        sh.bump(STAT_WAITS);
-        Ok(w)
     }
 
     /// Takes Hold `w` out of entry `i`'s queue.
-    fn dequeue(sh: &Shard<'_>, e: &Entry, w: u32) {
+    pub(super) fn dequeue(sh: &Shard<'_>, e: &Entry, w: u32) {
         let hold = &sh.holds()[w as usize];
         let (p, n) = (hold.prev.load(R), hold.next.load(R));
         match sh.holds().get(p as usize) {
@@ -89,10 +81,12 @@ impl LockTable {
         sh.epool().touch(Idx(i), now)?;
         if hold.mode.load(R) == Mode::Exclusive.to_u32() {
             Self::dequeue(sh, e, head);
+            crate::chaos::point();
             let token = sh.next_token();
             e.token.store(token, R);
             e.owner.store(hold.owner.load(R), R);
             e.mode.store(Mode::Exclusive.to_u32(), R);
+            crate::chaos::point();
             hold.token.store(token, R);
             hold.flags.store(died, R);
             sh.hpool()
@@ -108,7 +102,7 @@ impl LockTable {
 
     /// Grants every shared waiter at the head of entry `i`'s queue (up to the first exclusive
     /// one) and wakes each. The entry must be free or held shared.
-    fn grant_shared_run(&self, sh: &Shard<'_>, i: u32, died: u32, now: Nanos) -> Result<()> {
+    pub(super) fn grant_shared_run(&self, sh: &Shard<'_>, i: u32, died: u32, now: Nanos) -> Result<()> {
         let e = sh.entry(i)?;
         let mut cur = e.wait_head.load(R);
         while let Some(h) = sh.holds().get(cur as usize) {
@@ -118,10 +112,10 @@ impl LockTable {
             let next = h.next.load(R);
             e.mode.store(Mode::Shared.to_u32(), R);
             Self::dequeue(sh, e, cur);
+            crate::chaos::point();
             sh.hpool()
                 .transition(Idx(cur), HoldState::Waiting, HoldState::Held, now)?;
-            let owner = h.owner.load(R);
-            self.add_reader(sh, e, i, cur, owner);
+            Self::add_reader(sh, e, cur);
             let token = sh.next_token();
             e.token.store(token, R);
             h.token.store(token, R);
@@ -154,8 +148,7 @@ impl LockTable {
             return Ok(None);
         }
         if e.waiters.load(R) == 0 {
-            sh.epool()
-                .transition(Idx(i), EntryState::Held, EntryState::Idle, clock::coarse())?;
+            Self::settle(sh, i)?;
             return Ok(None);
         }
         if was_head {
@@ -165,18 +158,28 @@ impl LockTable {
         Ok(None)
     }
 
+    /// Is hold `w` still the request (generation `gen`) of `me` on entry `i`?
+    fn still_mine(sh: &Shard<'_>, w: u32, gen: u32, i: u32, me: OwnerRef) -> bool {
+        let hold = &sh.holds()[w as usize];
+        hold.gen.load(R) == gen
+            && hold.owner.load(R) == me.idx
+            && hold.entry.load(R) == i
+            && !matches!(sh.hpool().state(Idx(w)), Ok(HoldState::Free) | Err(_))
+    }
+
     /// Sleeps until the request `w` of `me` on entry `i` is granted, or the deadline passes.
     pub(super) fn wait_for_grant(
         &self,
         sh: &Shard<'_>,
         i: u32,
-        w: u32,
+        (w, gen): (u32, u32),
         me: OwnerRef,
         mode: Mode,
         wait: Wait,
     ) -> Result<RawGrant> {
         let hold = sh.hold(w)?;
         let started = sh.hpool().time(Idx(w))?;
+        let mut checked = started;
         loop {
             let now = clock::now();
             let expired = matches!(wait, Wait::Until(d) if now >= d);
@@ -187,8 +190,12 @@ impl LockTable {
                 };
                 futex_wait(&hold.futex, WAIT, Some(sleep));
             }
-            let guard = Latch::new(&sh.hdr.latch).lock(me.latch_id());
+            let guard = self.lock_shard(sh, me.latch_id());
             let e = sh.entry(i)?;
+            if !Self::still_mine(sh, w, gen, i, me) {
+                // Cancelled for us (release_all on this owner) or cleared by a repair.
+                return Err(Error::Cancelled);
+            }
             match hold.futex.load(R) {
                 GRANTED => {
                     let g = RawGrant {
@@ -228,7 +235,19 @@ impl LockTable {
                     holder,
                 });
             }
+            // Without shmlockd nobody else may notice that the holder died: every poll period,
+            // check the owners this request waits on, and reap the dead.
+            let now = clock::now();
+            let suspects = if now.since(checked) >= POLL {
+                checked = now;
+                Self::suspects(sh, e, me)
+            } else {
+                [NIL; 4]
+            };
             drop(guard);
+            for o in suspects.into_iter().filter(|&o| o != NIL) {
+                self.reap_if_dead(o, me.latch_id())?;
+            }
         }
     }
 }
