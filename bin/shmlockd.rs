@@ -2,9 +2,10 @@
 //!
 //! It creates the segment (or adopts an existing one of the same layout version, reaping whatever
 //! died while no supervisor ran), claims it as its only supervisor (a second `shmlockd` on the
-//! same segment refuses to start and names the pid that runs), and reaps the owners of processes
-//! that die, watching each through a pidfd, until SIGINT or SIGTERM; on exit it leaves the
-//! segment for local users unless `--remove-on-exit` is given.
+//! same segment refuses to start and names the pid that runs), reaps the owners of processes that
+//! die (watching each through a pidfd), and runs the TCP gateway for remote clients (on
+//! 127.0.0.1:7411 unless configured otherwise; `--no-gateway` turns it off), until SIGINT or
+//! SIGTERM. On exit it leaves the segment for local users unless `--remove-on-exit` is given.
 //!
 //! Exit status: 0 after a clean shutdown, 2 on any error (printed as `shmlockd: ...`).
 
@@ -19,6 +20,7 @@ use anyhow::{anyhow, Context, Result};
 use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
 use serde::Deserialize;
+use shmlock::gateway::{self, Gateway, GatewaySection};
 use shmlock::shm::{DEFAULT_SEGMENT, SEGMENT_ENV};
 use shmlock::supervisor::Reaper;
 use shmlock::table::pid_latch_id;
@@ -57,17 +59,25 @@ struct Args {
     /// Remove the segment on exit (by default it stays for local users).
     #[arg(long)]
     remove_on_exit: bool,
+    /// Gateway address HOST:PORT (overrides `[gateway] listen`).
+    #[arg(long, value_name = "ADDR", conflicts_with = "no_gateway")]
+    listen: Option<String>,
+    /// Do not run the TCP gateway (overrides `[gateway] enabled`).
+    #[arg(long)]
+    no_gateway: bool,
     /// Log filter, e.g. `info` or `shmlockd=debug` [default: $RUST_LOG, then info].
     #[arg(long, value_name = "FILTER")]
     log_level: Option<String>,
 }
 
-/// The config file: only a `[segment]` table for now. Unknown tables are errors.
+/// The config file: `[segment]` and `[gateway]`. Unknown tables are errors.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ConfigFile {
     #[serde(default)]
     segment: toml::Table,
+    #[serde(default)]
+    gateway: GatewaySection,
 }
 
 /// What the config file says (validated after the flags are applied, in `capacities`).
@@ -77,6 +87,8 @@ struct Config {
     name: Option<String>,
     /// The rest of `[segment]`.
     caps: Capacities,
+    /// `[gateway]`.
+    gateway: GatewaySection,
 }
 
 impl Config {
@@ -95,7 +107,11 @@ impl Config {
             }
         };
         let caps: Capacities = toml::Value::Table(seg).try_into().context("[segment]")?;
-        Ok(Config { name, caps })
+        Ok(Config {
+            name,
+            caps,
+            gateway: file.gateway,
+        })
     }
 
     fn load(path: &Path) -> Result<Config> {
@@ -171,6 +187,20 @@ fn create_or_adopt(name: &str, caps: &Capacities) -> Result<(LockTable, bool)> {
     })
 }
 
+/// Starts the TCP gateway unless it is disabled (`--no-gateway` or `[gateway] enabled = false`).
+fn start_gateway(args: &Args, section: &GatewaySection, table: &Arc<LockTable>) -> Result<Option<Gateway>> {
+    if args.no_gateway || !section.enabled {
+        info!("gateway disabled");
+        return Ok(None);
+    }
+    let config = section.resolve(args.listen.as_deref())?;
+    let listen = config.listen;
+    let gw = gateway::serve(config, table.clone()).with_context(|| format!("cannot start the gateway on {listen}"))?;
+    // Tests and scripts that pass port 0 read the bound address from this line.
+    info!(listen = %gw.local_addr(), "gateway ready");
+    Ok(Some(gw))
+}
+
 fn run(args: Args) -> Result<()> {
     init_logging(args.log_level.as_deref())?;
     let config = match &args.config {
@@ -178,6 +208,7 @@ fn run(args: Args) -> Result<()> {
         None => Config {
             name: None,
             caps: Capacities::default(),
+            gateway: GatewaySection::default(),
         },
     };
     let caps = capacities(&args, config.caps)?;
@@ -243,10 +274,13 @@ fn run(args: Args) -> Result<()> {
             })
             .context("cannot start the reaper thread")?
     };
+    let gateway = start_gateway(&args, &config.gateway, &table)?;
     info!(pid = std::process::id(), "running; stop with SIGINT or SIGTERM");
 
     let sig = signals.wait().context("waiting for SIGINT/SIGTERM")?;
     info!(signal = %sig, "shutting down");
+    // Ends every remote session (releasing its locks) before the table goes.
+    drop(gateway);
     stop.store(true, Ordering::Relaxed);
     let _ = reaper.join();
     table.release_supervisor();
@@ -280,6 +314,18 @@ mod tests {
         let c = Config::parse(include_str!("../config/shmlock.toml")).unwrap();
         assert_eq!(c.caps, Capacities::default());
         assert_eq!(c.name.as_deref(), Some(DEFAULT_SEGMENT));
+        assert_eq!(c.gateway, GatewaySection::default());
+    }
+
+    #[test]
+    fn gateway_flags() {
+        let args = Args::parse_from(["shmlockd", "--listen", "127.0.0.1:0"]);
+        let c = GatewaySection::default().resolve(args.listen.as_deref()).unwrap();
+        assert_eq!(c.listen.port(), 0);
+        assert!(Args::try_parse_from(["shmlockd", "--listen", "x", "--no-gateway"]).is_err());
+        let c = Config::parse("[gateway]\nenabled = false\nmax_line = 100\n").unwrap();
+        assert!(!c.gateway.enabled);
+        assert_eq!(c.gateway.max_line, 100);
     }
 
     #[test]
@@ -288,7 +334,8 @@ mod tests {
             Config::parse("").unwrap(),
             Config {
                 name: None,
-                caps: Capacities::default()
+                caps: Capacities::default(),
+                gateway: GatewaySection::default(),
             }
         );
         assert_eq!(Config::parse("[segment]\n").unwrap().caps, Capacities::default());
@@ -299,7 +346,9 @@ mod tests {
         let e = format!("{:#}", Config::parse("[segment]\nmax_lock = 5\n").unwrap_err());
         assert!(e.contains("max_lock"), "{e}");
         let e = format!("{:#}", Config::parse("[gateway]\nport = 1\n").unwrap_err());
-        assert!(e.contains("gateway"), "{e}");
+        assert!(e.contains("port"), "{e}");
+        let e = format!("{:#}", Config::parse("[gatewya]\n").unwrap_err());
+        assert!(e.contains("gatewya"), "{e}");
         let e = format!("{:#}", Config::parse("[segment]\nname = 5\n").unwrap_err());
         assert!(e.contains("name"), "{e}");
     }

@@ -156,6 +156,22 @@ pub enum Error {
         /// What is wrong.
         why: String,
     },
+    /// The gateway refused a request with an error code (see docs/PROTOCOL.md).
+    #[error("gateway error {code}: {message}")]
+    Remote {
+        /// The protocol's error code, e.g. `TOO_MANY_LOCKS`.
+        code: String,
+        /// The gateway's message.
+        message: String,
+    },
+    /// The connection to the gateway failed, closed, or carried something unexpected.
+    #[error("gateway {addr}: {why}")]
+    Connection {
+        /// The gateway's address.
+        addr: String,
+        /// What happened.
+        why: String,
+    },
     /// A system call failed.
     #[error("{op} failed for segment {segment}")]
     Io {

@@ -19,6 +19,9 @@
 //! - [`pool`]: generic state pools (per-state FIFO lists of fixed records).
 //! - [`table`]: the lock table: shards, name index, grants, queues, fairness.
 //! - [`client`]: [`Client`] handles and RAII [`LockGuard`]s.
+//! - [`gateway`]: the TCP gateway (`shmlockd` serves remote clients with it); [`gateway::proto`]
+//!   is the wire protocol of `docs/PROTOCOL.md`.
+//! - [`remote`]: [`RemoteClient`](remote::RemoteClient), the same API through a gateway.
 //! - [`owner`], [`name`], [`clock`], [`config`], [`error`]: the vocabulary.
 
 pub mod chaos;
@@ -26,9 +29,11 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod gateway;
 pub mod name;
 pub mod owner;
 pub mod pool;
+pub mod remote;
 pub mod shm;
 pub mod supervisor;
 pub mod table;

@@ -3,13 +3,15 @@
 //! them and runs a [`Job`] with static dispatch.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::{bail, Context, Result};
+use shmlock::gateway::{self, Gateway, GatewayConfig};
+use shmlock::remote::RemoteClient;
 use shmlock::{Capacities, Client, LockTable};
 
 use crate::cleanup::{self, Registered};
-use crate::peer::{FlockPeer, Peer, PthreadPeer, ShmlockPeer};
+use crate::peer::{FlockPeer, Peer, PthreadPeer, RemotePeer, ShmlockPeer};
 use crate::sys::MutexArray;
 
 /// A lock system under test.
@@ -21,7 +23,13 @@ pub(crate) enum System {
     Flock,
     /// Robust process-shared pthread mutexes, one per name, by index.
     Pthread,
+    /// shmlock through the TCP gateway: `--remote ADDR`, else a gateway started in the bench
+    /// process on a fresh segment. Not part of `all`.
+    Remote,
 }
+
+/// The gateway address given with `--remote`, if any (set once, from the command line).
+pub(crate) static REMOTE_ADDR: OnceLock<String> = OnceLock::new();
 
 impl System {
     pub(crate) const ALL: [System; 3] = [System::Shmlock, System::Flock, System::Pthread];
@@ -31,6 +39,7 @@ impl System {
             System::Shmlock => "shmlock",
             System::Flock => "flock",
             System::Pthread => "pthread",
+            System::Remote => "remote",
         }
     }
 }
@@ -74,6 +83,12 @@ pub(crate) enum Opened {
     /// The mapping made at creation is reused by the creating process (its pages are faulted in
     /// already, as the shmlock creator's are); other processes map it again.
     Pthread(Option<MutexArray>, String),
+    /// A gateway address (and the gateway, when this process runs it).
+    Remote {
+        addr: String,
+        /// Kept running while the fixture lives.
+        _gateway: Option<Gateway>,
+    },
 }
 
 impl Opened {
@@ -85,6 +100,10 @@ impl Opened {
             )),
             System::Flock => Opened::Flock(PathBuf::from(target)),
             System::Pthread => Opened::Pthread(None, target.to_string()),
+            System::Remote => Opened::Remote {
+                addr: target.to_string(),
+                _gateway: None,
+            },
         })
     }
 }
@@ -122,6 +141,34 @@ impl Fixture {
                     _reg: reg,
                 })
             }
+            System::Remote => {
+                let name = namer.shm("seg");
+                let (table, reg) = cleanup::segment(&name, || {
+                    LockTable::create(&name, caps).with_context(|| format!("create segment {name}"))
+                })?;
+                let (addr, gw) = match REMOTE_ADDR.get() {
+                    Some(addr) => (addr.clone(), None),
+                    None => {
+                        let config = GatewayConfig {
+                            listen: "127.0.0.1:0".parse().expect("valid address"),
+                            idle_timeout: None,
+                            max_connections: 1 << 16,
+                            max_locks_per_session: caps.max_locks as usize,
+                            ..GatewayConfig::default()
+                        };
+                        let gw = gateway::serve(config, Arc::new(table)).context("start the gateway")?;
+                        (gw.local_addr().to_string(), Some(gw))
+                    }
+                };
+                Ok(Fixture {
+                    opened: Opened::Remote {
+                        addr: addr.clone(),
+                        _gateway: gw,
+                    },
+                    target: addr,
+                    _reg: reg,
+                })
+            }
             System::Pthread => {
                 let name = namer.shm("pthread");
                 let (arr, reg) = cleanup::shm_object(&name, || MutexArray::create(&name, names.len()))?;
@@ -147,6 +194,11 @@ pub(crate) fn with_peer<J: Job>(opened: &mut Opened, names: Vec<String>, label: 
         Opened::Shmlock(table) => {
             let client = Client::with_table(Arc::clone(table), label).context("register a shmlock client")?;
             let mut peer = ShmlockPeer::new(&client, names);
+            run_job(&mut peer, job)
+        }
+        Opened::Remote { addr, .. } => {
+            let client = RemoteClient::connect(addr.as_str()).with_context(|| format!("connect to gateway {addr}"))?;
+            let mut peer = RemotePeer::new(&client, names);
             run_job(&mut peer, job)
         }
         Opened::Flock(dir) => {

@@ -114,6 +114,10 @@ struct Common {
     /// Pin worker i to CPU i % ncpu.
     #[arg(long, global = true)]
     pin: bool,
+    /// With --system remote: the gateway to use (e.g. a running shmlockd's 127.0.0.1:7411)
+    /// [default: a gateway in the bench process on a fresh segment].
+    #[arg(long, value_name = "ADDR", global = true)]
+    remote: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -121,6 +125,8 @@ enum SystemArg {
     Shmlock,
     Flock,
     Pthread,
+    /// shmlock through the TCP gateway (not part of `all`).
+    Remote,
     All,
 }
 
@@ -130,6 +136,7 @@ impl SystemArg {
             SystemArg::Shmlock => vec![System::Shmlock],
             SystemArg::Flock => vec![System::Flock],
             SystemArg::Pthread => vec![System::Pthread],
+            SystemArg::Remote => vec![System::Remote],
             SystemArg::All => System::ALL.to_vec(),
         }
     }
@@ -170,6 +177,9 @@ impl Bench {
             .clone()
             .unwrap_or_else(|| format!("/shmlock-bench-{}", std::process::id()));
         anyhow::ensure!(c.repeat >= 1, "--repeat must be at least 1");
+        if let Some(addr) = &c.remote {
+            let _ = fixture::REMOTE_ADDR.set(addr.clone());
+        }
         anyhow::ensure!(c.seconds > 0.0 && c.seconds.is_finite(), "--seconds must be positive");
         let procs = c
             .procs
@@ -393,6 +403,10 @@ fn system_note(s: System) -> &'static str {
         System::Flock => {
             "flock: one file per name in a fresh directory under $TMPDIR (/tmp); lock = open(O_CREAT) + \
              flock(LOCK_EX), unlock = close(2)"
+        }
+        System::Remote => {
+            "remote: RemoteClient::lock(name) -> guard, guard.unlock() over TCP loopback: two round \
+             trips per pair, no pipelining"
         }
         System::Pthread => {
             "pthread: robust process-shared mutex per name, 64-byte slots in a /dev/shm mapping; no name \

@@ -9,6 +9,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use shmlock::remote::{RemoteClient, RemoteGuard};
 use shmlock::{Client, LockGuard};
 
 use crate::sys;
@@ -41,6 +42,43 @@ impl<'c> ShmlockPeer<'c> {
 impl Peer for ShmlockPeer<'_> {
     fn name(&self) -> &'static str {
         "shmlock"
+    }
+
+    #[inline]
+    fn lock(&mut self, i: usize) -> Result<()> {
+        let g = self.client.lock(self.names[i].as_bytes())?;
+        self.guards[i] = Some(g);
+        Ok(())
+    }
+
+    #[inline]
+    fn unlock(&mut self, i: usize) -> Result<()> {
+        let g = self.guards[i]
+            .take()
+            .context("unlock of a name this peer does not hold")?;
+        Ok(g.unlock()?)
+    }
+}
+
+/// shmlock through the gateway: `client.lock(name)` over TCP; `guard.unlock()` waits for the
+/// answer, so each pair is two round trips.
+pub(crate) struct RemotePeer<'c> {
+    client: &'c RemoteClient,
+    names: Vec<String>,
+    guards: Vec<Option<RemoteGuard<'c>>>,
+}
+
+impl<'c> RemotePeer<'c> {
+    pub(crate) fn new(client: &'c RemoteClient, names: Vec<String>) -> Self {
+        let mut guards = Vec::with_capacity(names.len());
+        guards.resize_with(names.len(), || None);
+        RemotePeer { client, names, guards }
+    }
+}
+
+impl Peer for RemotePeer<'_> {
+    fn name(&self) -> &'static str {
+        "remote"
     }
 
     #[inline]

@@ -1,0 +1,419 @@
+//! The TCP gateway: remote clients lock names in the table through `shmlockd`.
+//!
+//! [`serve`] binds a listener and runs it on a tokio runtime of its own (its own threads), so the
+//! caller needs no async code; the returned [`Gateway`] stops it when dropped. The protocol is
+//! specified in `docs/PROTOCOL.md` and implemented, sans I/O, in [`proto`].
+//!
+//! # Layout
+//! - [`proto`]: request/response parsing and encoding, error codes.
+//! - `session`: one connection = one session = one owner of kind
+//!   [`Remote`](crate::owner::OwnerKind::Remote), labelled with the peer address.
+//! - this file: configuration, the listener, connection limits, shutdown.
+//!
+//! # Concurrency
+//! Each connection is a tokio task that owns its session state (no locks). Requests that can be
+//! decided at once (`TRY`, `UNLOCK`, an uncontended `LOCK`) run inline on that task: they take a
+//! shard latch for a few dozen instructions and never sleep. A `LOCK` that has to wait runs
+//! `LockTable::acquire` on a blocking thread (`spawn_blocking`) that sleeps on the waiter's futex
+//! in the segment; its result comes back to the session task over a channel. The number of such
+//! threads is bounded per session (`max_waits_per_session`) and in all (`max_waits`); the
+//! runtime's blocking pool has room for all of them plus the sessions' cleanups. When a session
+//! ends, `LockTable::release_all` releases its holds and cancels its waits, which makes its
+//! blocked threads return; the owner is deregistered once they all have.
+
+pub mod proto;
+mod session;
+
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tracing::{info, warn};
+
+use crate::error::{Error, Result};
+use crate::table::LockTable;
+
+/// Default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7411";
+
+/// How the gateway runs (validated; see [`GatewaySection`] for the config-file form).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayConfig {
+    /// Address to listen on; port 0 picks a free port ([`Gateway::local_addr`] tells which).
+    pub listen: SocketAddr,
+    /// A session silent this long is ended; None: never.
+    pub idle_timeout: Option<Duration>,
+    /// The shared secret; None: no authentication.
+    pub auth_token: Option<String>,
+    /// Sessions at once.
+    pub max_connections: usize,
+    /// Longest request line in bytes (without LF).
+    pub max_line: usize,
+    /// Names a session may hold or wait for at once.
+    pub max_locks_per_session: usize,
+    /// Waiting `LOCK` requests of one session.
+    pub max_waits_per_session: usize,
+    /// Waiting `LOCK` requests of all sessions (each takes a thread while it waits).
+    pub max_waits: usize,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            listen: DEFAULT_LISTEN.parse().expect("valid default address"),
+            idle_timeout: Some(Duration::from_secs(60)),
+            auth_token: None,
+            max_connections: 1024,
+            max_line: 512,
+            max_locks_per_session: 1024,
+            max_waits_per_session: 64,
+            max_waits: 1024,
+        }
+    }
+}
+
+/// The `[gateway]` table of the config file; every key optional, defaults as in
+/// `config/shmlock.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewaySection {
+    /// Whether shmlockd runs the gateway.
+    pub enabled: bool,
+    /// `HOST:PORT` to listen on.
+    pub listen: String,
+    /// Idle timeout with a unit: `"500ms"`, `"60s"`, `"5m"`; `"0s"` = never.
+    pub idle_timeout: String,
+    /// The shared secret inline ("" = none).
+    pub auth_token: String,
+    /// A file holding the secret (first line; "" = none). Excludes `auth_token`.
+    pub auth_token_file: String,
+    /// See [`GatewayConfig::max_connections`].
+    pub max_connections: usize,
+    /// See [`GatewayConfig::max_line`].
+    pub max_line: usize,
+    /// See [`GatewayConfig::max_locks_per_session`].
+    pub max_locks_per_session: usize,
+    /// See [`GatewayConfig::max_waits_per_session`].
+    pub max_waits_per_session: usize,
+    /// See [`GatewayConfig::max_waits`].
+    pub max_waits: usize,
+}
+
+impl Default for GatewaySection {
+    fn default() -> Self {
+        let d = GatewayConfig::default();
+        GatewaySection {
+            enabled: true,
+            listen: DEFAULT_LISTEN.to_string(),
+            idle_timeout: "60s".to_string(),
+            auth_token: String::new(),
+            auth_token_file: String::new(),
+            max_connections: d.max_connections,
+            max_line: d.max_line,
+            max_locks_per_session: d.max_locks_per_session,
+            max_waits_per_session: d.max_waits_per_session,
+            max_waits: d.max_waits,
+        }
+    }
+}
+
+/// Parses a duration with a unit: `ms`, `s` or `m` (e.g. `"250ms"`, `"60s"`).
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit())?);
+    let n: u64 = num.parse().ok()?;
+    match unit.trim() {
+        "ms" => Some(Duration::from_millis(n)),
+        "s" => Some(Duration::from_secs(n)),
+        "m" => n.checked_mul(60).map(Duration::from_secs),
+        _ => None,
+    }
+}
+
+impl GatewaySection {
+    /// Validates the section (reading the token file) into a [`GatewayConfig`]; `listen`
+    /// overrides the `listen` key. Errors name the key.
+    pub fn resolve(&self, listen: Option<&str>) -> Result<GatewayConfig> {
+        let bad = |key, why: String| Error::Config { key, why };
+        let addr = listen.unwrap_or(&self.listen);
+        let listen = addr
+            .parse()
+            .map_err(|_| bad("gateway.listen", format!("{addr:?} is not an IP:PORT address")))?;
+        let idle = parse_duration(&self.idle_timeout).ok_or_else(|| {
+            bad(
+                "gateway.idle_timeout",
+                format!("{:?} is not a duration such as \"60s\" or \"500ms\"", self.idle_timeout),
+            )
+        })?;
+        let auth_token = match (self.auth_token.is_empty(), self.auth_token_file.is_empty()) {
+            (true, true) => None,
+            (false, true) => Some(self.auth_token.clone()),
+            (true, false) => Some(read_token(&PathBuf::from(&self.auth_token_file))?),
+            (false, false) => {
+                return Err(bad(
+                    "gateway.auth_token",
+                    "set auth_token or auth_token_file, not both".into(),
+                ))
+            }
+        };
+        if let Some(t) = &auth_token {
+            if !valid_secret(t.as_bytes()) {
+                return Err(bad(
+                    "gateway.auth_token",
+                    "the secret must be 1..=256 bytes without spaces or control bytes".into(),
+                ));
+            }
+        }
+        let positive = |key, v: usize, max: usize| {
+            if (1..=max).contains(&v) {
+                Ok(v)
+            } else {
+                Err(bad(key, format!("{v} is not in 1..={max}")))
+            }
+        };
+        Ok(GatewayConfig {
+            listen,
+            idle_timeout: (!idle.is_zero()).then_some(idle),
+            auth_token,
+            max_connections: positive("gateway.max_connections", self.max_connections, 1 << 20)?,
+            max_line: positive("gateway.max_line", self.max_line, 1 << 20)?,
+            max_locks_per_session: positive("gateway.max_locks_per_session", self.max_locks_per_session, 1 << 26)?,
+            max_waits_per_session: positive("gateway.max_waits_per_session", self.max_waits_per_session, 1 << 16)?,
+            max_waits: positive("gateway.max_waits", self.max_waits, 1 << 16)?,
+        })
+    }
+}
+
+fn valid_secret(s: &[u8]) -> bool {
+    (1..=256).contains(&s.len()) && !s.iter().any(|&b| b <= b' ' || b == 0x7f)
+}
+
+fn read_token(path: &PathBuf) -> Result<String> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
+        key: "gateway.auth_token_file",
+        why: format!("cannot read {}: {e}", path.display()),
+    })?;
+    Ok(text.lines().next().unwrap_or("").trim().to_string())
+}
+
+/// State shared by the listener and every session.
+#[derive(Debug)]
+struct Shared {
+    table: Arc<LockTable>,
+    config: GatewayConfig,
+    /// Permits for waiting requests of all sessions.
+    waits: Arc<Semaphore>,
+    /// Number of shards, for `release_all`.
+    shards: u32,
+    max_name: usize,
+}
+
+/// A running gateway; dropping it (or [`Gateway::shutdown`]) stops it, ending every session.
+#[derive(Debug)]
+pub struct Gateway {
+    addr: SocketAddr,
+    stop: Option<watch::Sender<bool>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Gateway {
+    /// The address the gateway listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting, ends every session (releasing their locks), and waits for that.
+    pub fn shutdown(mut self) {
+        self.stop_now();
+    }
+
+    fn stop_now(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(true);
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.stop_now();
+    }
+}
+
+/// Starts the gateway on `config.listen`, serving `table`. Binding happens before this returns,
+/// so a busy address is an error here.
+pub fn serve(config: GatewayConfig, table: Arc<LockTable>) -> Result<Gateway> {
+    let io = |op, e: std::io::Error| Error::Io {
+        op,
+        segment: table.segment().name().to_string(),
+        source: e,
+    };
+    let listener = StdListener::bind(config.listen).map_err(|e| io("gateway bind", e))?;
+    listener.set_nonblocking(true).map_err(|e| io("gateway bind", e))?;
+    let addr = listener.local_addr().map_err(|e| io("gateway bind", e))?;
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        // Every waiting request holds a blocking thread; sessions' cleanups need a few more.
+        .max_blocking_threads(config.max_waits + 64)
+        .thread_stack_size(256 * 1024)
+        .thread_name("shmlock-gw")
+        .enable_all()
+        .build()
+        .map_err(|e| io("gateway runtime", e))?;
+    let geo = table.geometry();
+    let shared = Arc::new(Shared {
+        waits: Arc::new(Semaphore::new(config.max_waits)),
+        shards: geo.shards,
+        max_name: geo.max_name_len as usize,
+        table,
+        config,
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let thread = std::thread::Builder::new()
+        .name("shmlock-gw-main".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(l) => accept_loop(l, shared, stop_rx).await,
+                    Err(e) => warn!(error = %e, "gateway: cannot register the listener"),
+                }
+            });
+            // Sessions have finished their cleanup (accept_loop waits for them).
+            rt.shutdown_timeout(Duration::from_secs(5));
+        })
+        .map_err(|e| Error::Io {
+            op: "gateway thread",
+            segment: String::new(),
+            source: e,
+        })?;
+    info!(%addr, "gateway listening");
+    Ok(Gateway {
+        addr,
+        stop: Some(stop_tx),
+        thread: Some(thread),
+    })
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let conns = Arc::new(Semaphore::new(shared.config.max_connections));
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = stop.changed() => break,
+            // Reap finished session tasks so the set does not grow.
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                warn!(error = %e, "gateway: accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        match conns.clone().try_acquire_owned() {
+            Ok(permit) => {
+                tasks.spawn(session::run(stream, peer, shared.clone(), permit, stop.clone()));
+            }
+            Err(_) => {
+                tasks.spawn(session::refuse(
+                    stream,
+                    format!(
+                        "the gateway serves at most {} connections",
+                        shared.config.max_connections
+                    ),
+                ));
+            }
+        }
+    }
+    drop(listener);
+    while tasks.join_next().await.is_some() {}
+    info!("gateway stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("60s"), Some(Duration::from_secs(60)));
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("0s"), Some(Duration::ZERO));
+        for bad in ["", "60", "s", "1h", "-1s", "1.5s"] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn section_defaults_resolve_to_config_defaults() {
+        assert_eq!(
+            GatewaySection::default().resolve(None).unwrap(),
+            GatewayConfig::default()
+        );
+        let c = GatewaySection::default().resolve(Some("127.0.0.1:0")).unwrap();
+        assert_eq!(c.listen.port(), 0);
+    }
+
+    #[test]
+    fn section_errors_name_the_key() {
+        let e = |s: GatewaySection| s.resolve(None).unwrap_err().to_string();
+        let d = GatewaySection::default;
+        assert!(e(GatewaySection {
+            listen: "localhost".into(),
+            ..d()
+        })
+        .contains("gateway.listen"));
+        assert!(e(GatewaySection {
+            idle_timeout: "soon".into(),
+            ..d()
+        })
+        .contains("gateway.idle_timeout"));
+        assert!(e(GatewaySection { max_line: 0, ..d() }).contains("gateway.max_line"));
+        assert!(e(GatewaySection { max_waits: 0, ..d() }).contains("gateway.max_waits"));
+        let both = GatewaySection {
+            auth_token: "a".into(),
+            auth_token_file: "/nonexistent".into(),
+            ..d()
+        };
+        assert!(e(both).contains("not both"));
+        let missing = GatewaySection {
+            auth_token_file: "/nonexistent/token".into(),
+            ..d()
+        };
+        assert!(e(missing).contains("gateway.auth_token_file"));
+        assert!(e(GatewaySection {
+            auth_token: "two words".into(),
+            ..d()
+        })
+        .contains("gateway.auth_token"));
+    }
+
+    #[test]
+    fn token_file_first_line_is_the_secret() {
+        let path = std::env::temp_dir().join(format!("shmlock-token-{}", std::process::id()));
+        std::fs::write(&path, "s3cret\nignored\n").unwrap();
+        let c = GatewaySection {
+            auth_token_file: path.display().to_string(),
+            idle_timeout: "0s".into(),
+            ..GatewaySection::default()
+        }
+        .resolve(None)
+        .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(c.auth_token.as_deref(), Some("s3cret"));
+        assert_eq!(c.idle_timeout, None);
+    }
+}

@@ -1,0 +1,673 @@
+//! The TCP gateway and the remote client, with real processes where it matters: remote and local
+//! processes contending on one name (a witness proves exclusion), a remote client killed with
+//! SIGKILL, the `shmlockd` binary serving remote clients. Other tests run the gateway in this
+//! process ([`gateway::serve`] on `127.0.0.1:0`) and talk to it over raw sockets, so each line on
+//! the wire is checked.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{await_file, signal, wait_until, ChildCtx, TestEnv, Words, CHILD_DEADLINE, DEADLINE};
+use shmlock::gateway::{self, Gateway, GatewayConfig};
+use shmlock::remote::{ConnectOptions, RemoteClient};
+use shmlock::{Capacities, Error, Mode};
+
+const FLAG: usize = 0;
+const COUNT: usize = 1;
+
+// ---- child processes -------------------------------------------------------------------------
+
+/// Not a test: the entry point of child processes. Does nothing unless `SHMLOCK_TEST_ROLE` is set.
+#[test]
+fn child_process() {
+    let Some(ctx) = ChildCtx::from_env() else { return };
+    match ctx.role.as_str() {
+        "counter" => role_counter(&ctx),
+        "remote_hold" => role_remote_hold(&ctx),
+        other => panic!("unknown role {other:?}"),
+    }
+}
+
+/// Increments the witness counter `iters` times under lock `counter`, taken locally
+/// (`how=local`) or through the gateway at `addr` (`how=remote`); checks the witness flag.
+fn role_counter(ctx: &ChildCtx) {
+    let id: u64 = ctx.param("id");
+    let how: String = ctx.param("how");
+    if how == "local" {
+        let local = ctx.client(&format!("counter-{id}"));
+        count(ctx, id, || local.lock("counter").expect("local lock"));
+    } else {
+        let addr: String = ctx.param("addr");
+        let remote = RemoteClient::connect(addr.as_str()).expect("connect");
+        count(ctx, id, || remote.lock("counter").expect("remote lock"));
+    }
+}
+
+fn count<G>(ctx: &ChildCtx, id: u64, mut lock: impl FnMut() -> G) {
+    let iters: u64 = ctx.param("iters");
+    let words = Words::open(&ctx.path("words"));
+    ctx.barrier();
+    for i in 0..iters {
+        let g = lock();
+        let flag = words.get(FLAG);
+        assert_eq!(
+            flag, 0,
+            "child {id}, iteration {i}: child {flag} is in the critical section too"
+        );
+        words.set(FLAG, id);
+        let c = words.get(COUNT);
+        if i % 4 == 0 {
+            std::thread::yield_now();
+        }
+        words.set(COUNT, c + 1);
+        let flag = words.get(FLAG);
+        assert_eq!(
+            flag, id,
+            "child {id}, iteration {i}: child {flag} entered the critical section"
+        );
+        words.set(FLAG, 0);
+        drop(g);
+    }
+}
+
+/// Through the gateway at `addr`: locks `x` and `y`, queues a request for `z` (held by the
+/// parent), signals `held`, and then waits to be killed.
+fn role_remote_hold(ctx: &ChildCtx) {
+    let addr: String = ctx.param("addr");
+    let c = RemoteClient::connect(addr.as_str()).expect("connect");
+    let x = c.lock("x").expect("lock x");
+    let y = c.lock_shared("y").expect("lock y");
+    let z = c.start_lock("z", Mode::Exclusive, None).expect("send lock z");
+    c.ping().expect("ping"); // the LOCK z was processed before the PING's answer
+    signal(&ctx.path("held"), "");
+    std::thread::sleep(CHILD_DEADLINE * 2);
+    drop((x, y, z));
+    panic!("was not killed");
+}
+
+// ---- helpers ---------------------------------------------------------------------------------
+
+/// A gateway on a free loopback port, serving `env`'s table, with `f` applied to the defaults.
+fn serve(env: &TestEnv, f: impl FnOnce(&mut GatewayConfig)) -> Gateway {
+    let mut c = GatewayConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..GatewayConfig::default()
+    };
+    f(&mut c);
+    gateway::serve(c, Arc::clone(&env.table)).expect("start gateway")
+}
+
+/// A raw connection: send lines, read lines, every read with a deadline.
+struct Raw {
+    w: TcpStream,
+    r: BufReader<TcpStream>,
+}
+
+impl Raw {
+    /// Connects and reads the greeting.
+    fn connect(addr: SocketAddr) -> Raw {
+        let mut raw = Self::connect_bare(addr);
+        let hello = raw.line();
+        assert!(hello.starts_with("* HELLO shmlock 1 "), "{hello}");
+        raw
+    }
+
+    fn connect_bare(addr: SocketAddr) -> Raw {
+        let w = TcpStream::connect(addr).expect("connect");
+        w.set_read_timeout(Some(DEADLINE)).unwrap();
+        let r = BufReader::new(w.try_clone().unwrap());
+        Raw { w, r }
+    }
+
+    fn send(&mut self, text: &str) {
+        self.w.write_all(text.as_bytes()).expect("send");
+    }
+
+    /// The next line, without its LF; "" at EOF.
+    fn line(&mut self) -> String {
+        let mut s = String::new();
+        self.r.read_line(&mut s).expect("read (a deadline passed?)");
+        s.trim_end_matches('\n').to_string()
+    }
+
+    fn ask(&mut self, text: &str) -> String {
+        self.send(&format!("{text}\n"));
+        self.line()
+    }
+
+    /// Reads until EOF (or a reset); fails after the deadline.
+    fn expect_closed(&mut self) {
+        let mut rest = Vec::new();
+        let _ = self.r.read_to_end(&mut rest);
+    }
+}
+
+fn code(line: &str) -> &str {
+    let mut w = line.split(' ');
+    match (w.next(), w.next(), w.next()) {
+        (Some(_), Some("ERR"), Some(code)) => code,
+        _ => panic!("not an error line: {line}"),
+    }
+}
+
+fn quiet_within(env: &TestEnv, owners: u64) {
+    env.wait_for("the table to be quiet", |t| {
+        let st = t.stats();
+        st.held == 0 && st.waiting == 0 && st.shared_holds == 0 && st.owners == owners
+    });
+    env.assert_quiet();
+}
+
+// ---- exclusion between remote and local processes --------------------------------------------
+
+#[test]
+fn remote_and_local_processes_exclude_each_other_through_shmlockd() {
+    let env = TestEnv::new("gw-excl");
+    // The real daemon, adopting the test's segment, on a free port read back from its log.
+    let log = env.path("shmlockd.log");
+    let mut daemon = Daemon(
+        Command::new(env!("CARGO_BIN_EXE_shmlockd"))
+            .args([
+                "--segment",
+                &env.segment,
+                "--listen",
+                "127.0.0.1:0",
+                "--log-level",
+                "info",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn shmlockd"),
+    );
+    let mut addr = String::new();
+    wait_until("shmlockd to log its gateway address", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(i) = text.find("gateway ready listen=") {
+            let rest = &text[i + "gateway ready listen=".len()..];
+            addr = rest.split_whitespace().next().unwrap_or("").to_string();
+        }
+        !addr.is_empty()
+    });
+    let words = Words::create(&env.path("words"), 2);
+    let (iters, hows) = (300u64, ["local", "remote", "local", "remote"]);
+    for (i, how) in hows.iter().enumerate() {
+        env.spawn(
+            "counter",
+            &[("id", &(i + 1)), ("iters", &iters), ("how", how), ("addr", &addr)],
+        );
+    }
+    env.release_barrier(hows.len());
+    env.wait_all_checked();
+    assert_eq!(words.get(COUNT), hows.len() as u64 * iters, "lost updates");
+    quiet_within(&env, 0);
+    // The daemon stops cleanly on SIGTERM.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.0.id() as i32),
+        nix::sys::signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = Instant::now() + DEADLINE;
+    let status = loop {
+        if let Some(s) = daemon.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "shmlockd did not stop");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert!(
+        status.success(),
+        "shmlockd: {status}\n{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    // A remote session shows in the table as a remote owner labelled with its address; the
+    // daemon's own gateway sessions were all deregistered (checked by quiet_within above).
+}
+
+/// Kills the daemon if the test fails before it stops it.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+#[test]
+fn remote_grants_carry_increasing_tokens_and_shared_mode_works() {
+    let env = TestEnv::new("gw-tokens");
+    let gw = serve(&env, |_| {});
+    let local = env.client("local");
+    let (a, b) = (
+        RemoteClient::connect(gw.local_addr()).unwrap(),
+        RemoteClient::connect(gw.local_addr()).unwrap(),
+    );
+    let mut last = 0;
+    for i in 0..20 {
+        let t = match i % 3 {
+            // A guard's drop does not wait for the gateway's answer; unlock() does.
+            0 => {
+                let g = a.lock("n").unwrap();
+                let t = g.token().0;
+                g.unlock().unwrap();
+                t
+            }
+            1 => {
+                let g = b.try_lock("n").unwrap();
+                let t = g.token().0;
+                g.unlock().unwrap();
+                t
+            }
+            _ => local.lock("n").unwrap().token().0,
+        };
+        assert!(t > last, "token {t} after {last}");
+        last = t;
+    }
+    // Shared: two remote readers and a local one together; a remote writer is refused.
+    let ra = a.lock_shared("s").unwrap();
+    let rb = b.try_lock_shared("s").unwrap();
+    let rl = local.try_lock_shared("s").unwrap();
+    assert_eq!(
+        (ra.mode(), rb.mode(), ra.owner_died()),
+        (Mode::Shared, Mode::Shared, false)
+    );
+    drop(rl);
+    let w = RemoteClient::connect(gw.local_addr()).unwrap();
+    assert!(matches!(w.try_lock("s"), Err(Error::WouldBlock)));
+    assert!(matches!(
+        w.try_lock_for("s", Duration::from_millis(30)),
+        Err(Error::TimedOut { .. })
+    ));
+    assert!(matches!(a.try_lock_shared("s"), Err(Error::AlreadyHeld)));
+    ra.unlock().unwrap();
+    drop(rb);
+    let g = w.try_lock_for("s", DEADLINE).unwrap();
+    assert!(matches!(w.unlock("nothing"), Err(Error::NotHeld)));
+    g.unlock().unwrap();
+    drop((a, b, w));
+    quiet_within(&env, 1);
+}
+
+// ---- sessions end: kill, close, idle ---------------------------------------------------------
+
+#[test]
+fn killing_a_remote_client_process_releases_its_locks_and_cancels_its_waits() {
+    let env = TestEnv::new("gw-kill");
+    let gw = serve(&env, |_| {});
+    let local = env.client("local");
+    let z = local.lock("z").unwrap();
+    let child = env.spawn("remote_hold", &[("addr", &gw.local_addr())]);
+    await_file(&env.path("held"));
+    assert!(matches!(local.try_lock("x"), Err(Error::WouldBlock)));
+    assert!(matches!(local.try_lock("y"), Err(Error::WouldBlock)));
+    // The request for z queues on a gateway thread, a moment after the session read it.
+    wait_until("the remote wait for z", || env.table.stats().waiting == 1);
+    assert_eq!(env.table.stats().owners, 2);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(env.pid(child) as i32),
+        nix::sys::signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(!env.wait(child).success());
+    // (env.wait_for would stop at the child's failed exit status; this one is intended.)
+    wait_until("the killed client's locks to be released", || {
+        let st = env.table.stats();
+        st.held == 1 && st.waiting == 0 && st.owners == 1
+    });
+    drop(local.try_lock("x").unwrap());
+    drop(local.try_lock("y").unwrap());
+    drop(z);
+    env.assert_quiet();
+}
+
+#[test]
+fn closing_a_connection_cancels_its_waits_and_frees_the_session() {
+    let env = TestEnv::new("gw-close");
+    let gw = serve(&env, |_| {});
+    let local = env.client("local");
+    let held = (local.lock("a").unwrap(), local.lock("c").unwrap());
+    let mut raw = Raw::connect(gw.local_addr());
+    assert!(raw.ask("1 LOCK b").starts_with("1 GRANTED "));
+    raw.send("2 LOCK a\n3 LOCK c SHARED TIMEOUT 60000\n");
+    env.wait_for("the remote waits to queue", |t| t.stats().waiting == 2);
+    drop(raw);
+    env.wait_for("the session to end", |t| {
+        let st = t.stats();
+        st.waiting == 0 && st.owners == 1 && st.held == 2
+    });
+    drop(local.try_lock("b").unwrap());
+    drop(held);
+}
+
+#[test]
+fn idle_sessions_are_ended_but_the_remote_client_keeps_itself_alive() {
+    let env = TestEnv::new("gw-idle");
+    let gw = serve(&env, |c| c.idle_timeout = Some(Duration::from_millis(300)));
+    let local = env.client("local");
+    let mut raw = Raw::connect(gw.local_addr());
+    assert!(raw.ask("1 LOCK x").starts_with("1 GRANTED "));
+    let t = Instant::now();
+    let line = raw.line();
+    assert_eq!(code(&line), "IDLE_TIMEOUT", "{line}");
+    assert!(t.elapsed() >= Duration::from_millis(250));
+    raw.expect_closed();
+    // The lock was released before the closing line was sent.
+    drop(local.try_lock("x").unwrap());
+
+    let client = RemoteClient::connect(gw.local_addr()).unwrap();
+    assert_eq!(client.hello().idle_timeout, Some(Duration::from_millis(300)));
+    let g = client.lock("y").unwrap();
+    std::thread::sleep(Duration::from_millis(1000)); // over three idle timeouts, pings only
+    assert!(matches!(local.try_lock("y"), Err(Error::WouldBlock)));
+    g.unlock().unwrap();
+    drop(client);
+    quiet_within(&env, 1);
+}
+
+// ---- out of order, pipelining, retries -------------------------------------------------------
+
+#[test]
+fn a_waiting_request_blocks_nothing_on_its_connection_or_others() {
+    let env = TestEnv::new("gw-order");
+    let gw = serve(&env, |_| {});
+    let local = env.client("local");
+    let a = local.lock("A").unwrap();
+    let mut raw = Raw::connect(gw.local_addr());
+    assert!(raw.ask("b LOCK B").starts_with("b GRANTED "));
+    raw.send("a LOCK A\n");
+    // The unlock of B, sent after the lock of A, is answered first; so is a ping.
+    assert_eq!(raw.ask("u UNLOCK B"), "u OK");
+    assert_eq!(raw.ask("p PING"), "p PONG");
+    // Another connection is served meanwhile, and can take B.
+    let other = RemoteClient::connect(gw.local_addr()).unwrap();
+    drop(other.lock("B").unwrap());
+    drop(a);
+    let line = raw.line();
+    assert!(line.starts_with("a GRANTED "), "{line}");
+
+    // The same through the client: a pending lock does not stop other calls.
+    let c = RemoteClient::connect(gw.local_addr()).unwrap();
+    let hold = local.lock("Q").unwrap();
+    let held_r = c.lock("R").unwrap();
+    let pending = c.start_lock("Q", Mode::Exclusive, None).unwrap();
+    held_r.unlock().unwrap();
+    c.ping().unwrap();
+    drop(hold);
+    let q = pending.wait().unwrap();
+    assert_eq!(q.name(), b"Q");
+    drop(q);
+    // A pending lock given up before its answer is unlocked when granted.
+    let hold = local.lock("P").unwrap();
+    drop(c.start_lock("P", Mode::Exclusive, None).unwrap());
+    drop(hold);
+    env.wait_for("the abandoned grant to be unlocked", |t| t.stats().held == 1); // A, raw's
+    drop((c, other, raw));
+    quiet_within(&env, 1);
+}
+
+#[test]
+fn pipelined_requests_are_answered_in_order_and_retries_take_nothing_twice() {
+    let env = TestEnv::new("gw-pipe");
+    let gw = serve(&env, |_| {});
+    let mut raw = Raw::connect(gw.local_addr());
+    let mut batch = String::new();
+    for i in 0..50 {
+        batch.push_str(&format!("l{i} LOCK n{i}\nu{i} UNLOCK n{i}\n"));
+    }
+    raw.send(&batch);
+    for i in 0..50 {
+        assert!(raw.line().starts_with(&format!("l{i} GRANTED ")));
+        assert_eq!(raw.line(), format!("u{i} OK"));
+    }
+    // A retry with the same tag gets the same grant; another tag is refused.
+    let first = raw.ask("t1 LOCK r");
+    assert!(first.starts_with("t1 GRANTED "), "{first}");
+    assert_eq!(raw.ask("t1 LOCK r"), first);
+    assert_eq!(code(&raw.ask("t2 LOCK r")), "ALREADY_HELD");
+    assert_eq!(code(&raw.ask("t2 TRY r")), "ALREADY_HELD");
+    assert_eq!(env.table.stats().held, 1);
+    // Waiting twice for one name, or with a tag in use, is refused.
+    let local = env.client("local");
+    let w = local.lock("w").unwrap();
+    raw.send("w1 LOCK w\n");
+    assert_eq!(code(&raw.ask("w2 LOCK w")), "ALREADY_WAITING");
+    assert_eq!(code(&raw.ask("w1 LOCK other")), "TAG_IN_USE");
+    assert_eq!(code(&raw.ask("w3 UNLOCK w")), "NOT_HELD");
+    drop(w);
+    assert!(raw.line().starts_with("w1 GRANTED "));
+    assert_eq!(raw.ask("q QUIT"), "q BYE");
+    raw.expect_closed();
+    quiet_within(&env, 1);
+}
+
+// ---- auth ------------------------------------------------------------------------------------
+
+#[test]
+fn with_a_token_only_auth_and_ping_are_served_before_auth() {
+    let env = TestEnv::new("gw-auth");
+    let gw = serve(&env, |c| c.auth_token = Some("s3cret".into()));
+    let mut raw = Raw::connect_bare(gw.local_addr());
+    assert!(raw.line().contains(" auth=required "));
+    assert_eq!(raw.ask("p PING"), "p PONG");
+    assert_eq!(code(&raw.ask("1 LOCK x")), "AUTH_REQUIRED");
+    assert_eq!(code(&raw.ask("2 UNLOCK x")), "AUTH_REQUIRED");
+    assert_eq!(code(&raw.ask("3 QUIT")), "AUTH_REQUIRED");
+    assert_eq!(env.table.stats().held, 0);
+    assert_eq!(raw.ask("4 AUTH s3cret"), "4 OK");
+    assert!(raw.ask("5 LOCK x").starts_with("5 GRANTED "));
+
+    let mut bad = Raw::connect(gw.local_addr());
+    assert_eq!(code(&bad.ask("1 AUTH guess")), "AUTH_FAILED");
+    bad.expect_closed();
+
+    let opts = |t: &str| ConnectOptions {
+        auth_token: Some(t.into()),
+        ..Default::default()
+    };
+    assert!(RemoteClient::connect_with(gw.local_addr(), &opts("nope")).is_err());
+    let c = RemoteClient::connect_with(gw.local_addr(), &opts("s3cret")).unwrap();
+    drop(c.lock("y").unwrap());
+    let unauth = RemoteClient::connect(gw.local_addr()).unwrap();
+    assert!(matches!(unauth.lock("y"), Err(Error::Remote { code, .. }) if code == "AUTH_REQUIRED"));
+    drop((raw, c, unauth));
+    quiet_within(&env, 0);
+}
+
+// ---- limits ----------------------------------------------------------------------------------
+
+#[test]
+fn every_limit_answers_with_its_code() {
+    let caps = Capacities {
+        max_name_len: 8,
+        ..common::small_caps()
+    };
+    let env = TestEnv::with_caps("gw-limits", &caps);
+    let gw = serve(&env, |c| {
+        c.max_line = 64;
+        c.max_locks_per_session = 3;
+        c.max_waits_per_session = 2;
+        c.max_waits = 3;
+        c.max_connections = 4;
+    });
+    let local = env.client("local");
+    let busy: Vec<_> = (0..4).map(|i| local.lock(format!("busy{i}")).unwrap()).collect();
+
+    let mut a = Raw::connect(gw.local_addr());
+    assert_eq!(code(&a.ask("1 LOCK 123456789")), "BAD_NAME");
+    assert!(a.ask("2 LOCK 12345678").contains("GRANTED"));
+    // Waits per session.
+    a.send("3 LOCK busy0\n4 LOCK busy1\n");
+    assert_eq!(code(&a.ask("5 LOCK busy2")), "TOO_MANY_LOCKS");
+    assert_eq!(a.ask("6 UNLOCK 12345678"), "6 OK");
+    assert_eq!(code(&a.ask("7 LOCK busy2")), "TOO_MANY_WAITS");
+    // The server-wide wait limit: a third wait elsewhere fits, a fourth does not.
+    let mut b = Raw::connect(gw.local_addr());
+    b.send("1 LOCK busy2\n");
+    env.wait_for("three waits", |t| t.stats().waiting == 3);
+    assert_eq!(code(&b.ask("2 LOCK busy3")), "SERVER_BUSY");
+    // A try does not wait, so it is served.
+    assert_eq!(code(&b.ask("3 TRY busy3")), "BUSY");
+    // Connections: a, b, c, d fit; e is refused politely and closed.
+    let c = Raw::connect(gw.local_addr());
+    let d = Raw::connect(gw.local_addr());
+    let mut e = Raw::connect_bare(gw.local_addr());
+    assert_eq!(code(&e.line()), "TOO_MANY_CONNECTIONS");
+    e.expect_closed();
+    drop((c, d));
+    // Line length: 64 is fine, 65 closes.
+    let mut c = {
+        let mut tries = 0;
+        loop {
+            let mut r = Raw::connect_bare(gw.local_addr());
+            if r.line().starts_with("* HELLO") {
+                break r;
+            }
+            tries += 1;
+            assert!(tries < 1000, "the freed connection slots were not reused");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    let ping = format!("p PING {}", "x".repeat(64 - 7));
+    assert_eq!(ping.len(), 64);
+    assert_eq!(c.ask(&ping), "p PONG");
+    c.send(&format!("{ping}x\n"));
+    assert_eq!(code(&c.line()), "LINE_TOO_LONG");
+    c.expect_closed();
+    // Also without a newline at all.
+    let mut c = Raw::connect(gw.local_addr());
+    c.send(&"y".repeat(1000));
+    assert_eq!(code(&c.line()), "LINE_TOO_LONG");
+    c.expect_closed();
+    drop(busy);
+    assert!(a.line().contains("GRANTED"));
+    assert!(a.line().contains("GRANTED"));
+    assert!(b.line().contains("GRANTED"));
+    drop((a, b));
+    quiet_within(&env, 1);
+}
+
+#[test]
+fn a_full_owner_pool_refuses_connections_politely() {
+    let caps = Capacities {
+        max_owners: 2,
+        ..common::small_caps()
+    };
+    let env = TestEnv::with_caps("gw-owners", &caps);
+    let gw = serve(&env, |_| {});
+    let _local = env.client("local");
+    let _a = Raw::connect(gw.local_addr());
+    let mut b = Raw::connect_bare(gw.local_addr());
+    let line = b.line();
+    assert_eq!(code(&line), "TOO_MANY_CONNECTIONS", "{line}");
+    b.expect_closed();
+    assert!(
+        matches!(RemoteClient::connect(gw.local_addr()), Err(Error::Remote { code, .. }) if code == "TOO_MANY_CONNECTIONS")
+    );
+}
+
+// ---- malformed input --------------------------------------------------------------------------
+
+#[test]
+fn garbage_and_bad_lines_never_harm_other_sessions() {
+    let env = TestEnv::new("gw-garbage");
+    let gw = serve(&env, |_| {});
+    let good = RemoteClient::connect(gw.local_addr()).unwrap();
+    let held = good.lock("keep").unwrap();
+    let bad_lines = [
+        "",
+        "   ",
+        "x",
+        "!!",
+        "1",
+        "1 LOCK",
+        "1 LOCK a b c",
+        "1 LOCK a TIMEOUT",
+        "1 LOCK a TIMEOUT -5",
+        "1 LOCK a TIMEOUT 99999999999999999999",
+        "1 TRY a TIMEOUT 1",
+        "1 UNLOCK",
+        "1 AUTH",
+        "1 FROB",
+        "* PING",
+        "1 LOCK a\x01b",
+        "1 LOCK \x7f",
+        "1 try keep",
+        "1 UNLOCK keep",
+    ];
+    let mut raw = Raw::connect(gw.local_addr());
+    for l in bad_lines {
+        raw.send(&format!("{l}\r\n"));
+    }
+    raw.send("end PING\n");
+    let mut answers = 0;
+    loop {
+        let line = raw.line();
+        assert!(!line.is_empty(), "closed on a malformed line");
+        if line == "end PONG" {
+            break;
+        }
+        answers += 1;
+    }
+    assert_eq!(answers, bad_lines.len() - 2, "every non-blank line gets one answer");
+    // Random bytes: each connection gets some error lines or a close, nothing else.
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    for round in 0..20 {
+        let mut r = Raw::connect(gw.local_addr());
+        let bytes: Vec<u8> = (0..4096)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                // Half the rounds avoid NUL so the lines are parsed, not dropped as binary.
+                let b = (seed >> 24) as u8;
+                if round % 2 == 0 && b == 0 {
+                    b'\n'
+                } else {
+                    b
+                }
+            })
+            .collect();
+        let _ = r.w.write_all(&bytes);
+        let _ = r.w.shutdown(std::net::Shutdown::Write);
+        r.expect_closed();
+    }
+    // The good session is untouched: its lock is still held, and it is served.
+    assert!(good.ping().is_ok());
+    let local = env.client("local");
+    assert!(matches!(local.try_lock("keep"), Err(Error::WouldBlock)));
+    drop(good.lock("other").unwrap());
+    held.unlock().unwrap();
+    drop((good, raw));
+    quiet_within(&env, 1);
+    assert!(env.table.check().is_empty());
+}
+
+// ---- shutdown --------------------------------------------------------------------------------
+
+#[test]
+fn shutdown_ends_sessions_and_cancels_their_waits() {
+    let env = TestEnv::new("gw-stop");
+    let gw = serve(&env, |_| {});
+    let local = env.client("local");
+    let held = local.lock("x").unwrap();
+    let mut raw = Raw::connect(gw.local_addr());
+    assert!(raw.ask("1 LOCK y").contains("GRANTED"));
+    raw.send("2 LOCK x\n");
+    env.wait_for("the remote wait", |t| t.stats().waiting == 1);
+    let t = std::thread::spawn(move || gw.shutdown());
+    assert_eq!(code(&raw.line()), "SHUTTING_DOWN");
+    raw.expect_closed();
+    t.join().unwrap();
+    let st = env.table.stats();
+    assert_eq!((st.waiting, st.owners, st.held), (0, 1, 1), "{st:?}");
+    drop(held);
+}
