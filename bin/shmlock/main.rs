@@ -1,32 +1,51 @@
 //! `shmlock`: the admin CLI. Works on the segment directly; no daemon needed.
 //!
-//! Implemented: `status`. Planned: `locks`, `owners`, `show`, `release --force`, `check`, `watch`,
-//! `run` and `--remote` (see README.md).
+//! Subcommands: `status`, `locks`, `owners`, `show`, `release --force`, `check`, `watch`, `run`.
+//! Parsing and dispatch live here, text and JSON in `render`, the live view in `watch`, and
+//! `run` (flock(1) for named locks) in `exec`.
 //!
-//! Exit status: 0 ok, 2 error (printed as `shmlock: ...`). A closed stdout (`| head`) exits 0.
+//! Exit status: 0 ok; 1 when `check` finds problems, `release` finds the lock not held, or `show`
+//! finds no such lock; 2 on errors (one line on stderr, `shmlock: ...`); `run` exits with its
+//! command's status, or 75 (EX_TEMPFAIL) when the lock was not had in time. A closed stdout
+//! (`| head`) exits 0.
 
+mod exec;
 mod render;
+mod watch;
 
-use std::io::Write;
+use std::ffi::OsString;
+use std::io::{ErrorKind, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::process::ExitCode;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{anyhow, Result};
-use clap::{Parser, Subcommand};
+use anyhow::{anyhow, bail, Result};
+use clap::{Args, Parser, Subcommand};
 use shmlock::shm::default_segment_name;
 use shmlock::{Error, LockTable};
 
-use render::{CheckOutcome, Status};
+use render::{escape_name, CheckOutcome, Status};
 
-/// How long `status` waits for `check` (which takes every shard's latch in turn). A latch is held
-/// for a few dozen instructions; one that stays taken this long belongs to a dead process.
+/// How long `status` and `check` wait for the check (which takes every shard's latch in turn).
+/// A latch is held for a few dozen instructions; one that stays taken this long belongs to a
+/// dead process.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Exit status when `check` finds problems, or the lock to release or show is not there.
+const EXIT_FOUND: u8 = 1;
+/// Exit status on errors.
+const EXIT_ERROR: u8 = 2;
 
 /// Inspect and administer a shmlock segment.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(
+    version,
+    after_help = "Examples:\n  shmlock status\n  shmlock locks --held-longer-than 5s\n  \
+                  shmlock run --timeout 2s nightly-backup -- ./backup.sh\n  \
+                  SHMLOCK_SEGMENT=/test shmlock owners --json"
+)]
 struct Cli {
     /// Segment name, e.g. /shmlock [default: $SHMLOCK_SEGMENT, then /shmlock].
     #[arg(long, global = true, value_name = "NAME")]
@@ -37,12 +56,142 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Capacities, geometry, counts per pool state, counters, and a consistency check.
+    /// Capacities, counts per pool state, supervisor, fencing counter, totals, and a check.
+    #[command(after_help = "Example:\n  shmlock status --json | jq .pools")]
     Status {
-        /// Print JSON instead of a table.
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
+    /// Every lock held or waited on: holders, how long, waiters, token; longest held first.
+    #[command(after_help = "Examples:\n  shmlock locks\n  shmlock locks --name-prefix orders/ \
+                            --held-longer-than 30s\n  shmlock locks --json | jq '.[0].holders'")]
+    Locks(LocksArgs),
+    /// Every registered owner (client handle): pid, kind, label, alive or dead, locks held.
+    #[command(after_help = "Example:\n  shmlock owners --json | jq '.[] | select(.alive | not)'")]
+    Owners {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Everything about one lock: holders, and the waiters queue in order.
+    #[command(after_help = "Example:\n  shmlock show orders/42")]
+    Show {
+        /// The lock name.
+        name: OsString,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take a lock away from its holder(s); the next waiter gets it and is told the owner died.
+    #[command(
+        after_help = "The holder is not told until it next uses the lock (its unlock then reports \
+                            that it no longer holds it), so use this only on a holder that is stuck or \
+                            gone.\n\nExample:\n  shmlock release orders/42 --force"
+    )]
+    Release {
+        /// The lock name.
+        name: OsString,
+        /// Really take the lock away (required).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Check every invariant of the table: exit 0 when consistent, 1 with one line per finding.
+    #[command(after_help = "Example:\n  shmlock check || echo \"segment needs attention\"")]
+    Check,
+    /// A live view (every second): busiest and longest-held locks, grants/s, waits/s; q quits.
+    #[command(after_help = "Example:\n  shmlock watch\n  shmlock watch --count 3 > snapshot.txt")]
+    Watch {
+        /// Seconds between refreshes, e.g. 1s or 500ms.
+        #[arg(long, default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
+        interval: Duration,
+        /// Stop after this many refreshes [default: until q or Ctrl-C].
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+    },
+    /// Hold a lock while a command runs, like flock(1); exits with the command's status.
+    #[command(
+        after_help = "Exits 75 (EX_TEMPFAIL) with a message on stderr when the lock is not had \
+                            in time.\n\nExamples:\n  shmlock run nightly-backup -- ./backup.sh --full\n  \
+                            shmlock run --timeout 250ms --shared config -- cat /etc/app.conf\n  \
+                            shmlock run --nonblock cron-job -- ./job.sh || echo \"already running\""
+    )]
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+struct LocksArgs {
+    /// Only locks whose name starts with these bytes.
+    #[arg(long, value_name = "PREFIX")]
+    name_prefix: Option<OsString>,
+    /// Only locks held longer than this, e.g. 250ms, 5s, 2m.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    held_longer_than: Option<Duration>,
+    /// Print a JSON array instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RunArgs {
+    /// Take the lock in shared mode (default: exclusive).
+    #[arg(long)]
+    shared: bool,
+    /// Give up after this long, e.g. 250ms, 5s, 2m [default: wait as long as it takes].
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION", conflicts_with = "nonblock")]
+    timeout: Option<Duration>,
+    /// Give up at once if the lock is busy.
+    #[arg(long, short = 'n')]
+    nonblock: bool,
+    /// The lock name.
+    name: OsString,
+    /// The command and its arguments (after `--`).
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<OsString>,
+}
+
+/// `250ms`, `5s`, `2m`, `1h 30m` (humantime).
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 250ms, 5s, 2m)"))
+}
+
+/// Says what went wrong opening `segment`, and what to do about it, in one line.
+fn open_error(segment: &str, e: Error) -> anyhow::Error {
+    match e {
+        Error::SegmentMissing { .. } => anyhow!(
+            "segment {segment} does not exist: start the supervisor with `shmlockd` (from a source \
+             tree: `cargo run --release --bin shmlockd`), or name another with --segment or \
+             $SHMLOCK_SEGMENT"
+        ),
+        Error::WrongVersion { found, expected } => anyhow!(
+            "segment {segment} has layout version {found} but this shmlock understands version \
+             {expected}: use the shmlock built with the running shmlockd"
+        ),
+        Error::WrongMagic { .. } | Error::SegmentTooSmall { .. } => {
+            anyhow!("{segment} (/dev/shm{segment}) is not a shmlock segment: {e}")
+        }
+        Error::Io { ref source, .. } if source.kind() == ErrorKind::PermissionDenied => anyhow!(
+            "permission denied opening segment {segment} (/dev/shm{segment}): run as a user the \
+             segment's mode allows (shmlockd's `mode` setting)"
+        ),
+        Error::SegmentNameInvalid { .. } => anyhow!("bad segment name: {e}"),
+        e => anyhow!(e).context(format!("cannot open segment {segment}")),
+    }
+}
+
+/// Opens `segment`, explaining failures.
+fn open(segment: &str) -> Result<Arc<LockTable>> {
+    LockTable::open(segment)
+        .map(Arc::new)
+        .map_err(|e| open_error(segment, e))
+}
+
+/// Says what is wrong with a lock name.
+fn name_error(name: &[u8], e: Error) -> anyhow::Error {
+    match e {
+        Error::NameInvalid { .. } => anyhow!("bad lock name \"{}\": {e}", escape_name(name)),
+        e => anyhow!(e),
+    }
 }
 
 /// Runs `table.check()` on a helper thread, giving up after `timeout`.
@@ -62,54 +211,211 @@ fn check_with_timeout(table: &Arc<LockTable>, timeout: Duration) -> CheckOutcome
     }
 }
 
-/// Opens `segment`; a missing one is reported as the library says it (with how to start one).
-fn open(segment: &str) -> Result<LockTable> {
-    LockTable::open(segment).map_err(|e| match e {
-        Error::SegmentMissing { .. } | Error::SegmentNameInvalid { .. } => anyhow!(e),
-        e => anyhow!(e).context(format!("cannot open segment {segment}")),
-    })
-}
-
-fn status(segment: &str, json: bool, out: &mut impl Write) -> Result<()> {
-    let table = Arc::new(open(segment)?);
-    let check = check_with_timeout(&table, CHECK_TIMEOUT);
-    let status = Status::gather(&table, check);
-    if json {
-        serde_json::to_writer_pretty(&mut *out, &status.to_json())?;
-        writeln!(out)?;
-    } else {
-        out.write_all(status.to_text().as_bytes())?;
-    }
-    out.flush()?;
+fn write_json(out: &mut impl Write, v: &serde_json::Value) -> Result<()> {
+    serde_json::to_writer_pretty(&mut *out, v)?;
+    writeln!(out)?;
     Ok(())
 }
 
-fn run(cli: Cli) -> Result<()> {
-    let segment = cli.segment.unwrap_or_else(default_segment_name);
-    let mut out = std::io::stdout().lock();
-    match cli.command {
-        Command::Status { json } => status(&segment, json, &mut out),
+fn status(table: &Arc<LockTable>, json: bool, out: &mut impl Write) -> Result<ExitCode> {
+    let check = check_with_timeout(table, CHECK_TIMEOUT);
+    let status = Status::gather(table, check);
+    if json {
+        write_json(out, &status.to_json())?;
+    } else {
+        out.write_all(status.to_text().as_bytes())?;
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn locks(table: &LockTable, a: &LocksArgs, out: &mut impl Write) -> Result<ExitCode> {
+    let mut locks = table.locks();
+    if let Some(p) = &a.name_prefix {
+        locks.retain(|l| l.name.starts_with(p.as_bytes()));
+    }
+    if let Some(d) = a.held_longer_than {
+        locks.retain(|l| !l.holders.is_empty() && l.held_for() > d);
+    }
+    render::sort_locks(&mut locks);
+    if a.json {
+        write_json(out, &locks.iter().map(render::lock_json).collect())?;
+    } else {
+        out.write_all(render::locks_text(&locks).as_bytes())?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn owners(table: &LockTable, json: bool, out: &mut impl Write) -> Result<ExitCode> {
+    let mut owners = table.owners_info(&table.locks());
+    owners.sort_by_key(|o| std::cmp::Reverse(o.registered_for));
+    if json {
+        write_json(out, &owners.iter().map(render::owner_json).collect())?;
+    } else {
+        out.write_all(render::owners_text(&owners).as_bytes())?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn show(table: &LockTable, name: &[u8], json: bool, out: &mut impl Write) -> Result<ExitCode> {
+    let info = table.lock_info(name).map_err(|e| name_error(name, e))?;
+    match info {
+        Some(l) if json => write_json(out, &render::lock_json(&l))?,
+        Some(l) => out.write_all(render::show_text(&l).as_bytes())?,
+        None => {
+            eprintln!(
+                "shmlock: no lock named \"{}\" (never locked, or evicted since)",
+                escape_name(name)
+            );
+            return Ok(ExitCode::from(EXIT_FOUND));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn release(table: &LockTable, name: &[u8], force: bool, out: &mut impl Write) -> Result<ExitCode> {
+    let shown = escape_name(name);
+    if !force {
+        let holders = match table.lock_info(name).map_err(|e| name_error(name, e))? {
+            Some(l) if !l.holders.is_empty() => {
+                let pids: Vec<String> = l.holders.iter().map(|p| p.pid.to_string()).collect();
+                format!(" (held by pid {})", pids.join(", "))
+            }
+            _ => String::new(),
+        };
+        bail!(
+            "refusing to release \"{shown}\"{holders} without --force: its holder keeps running and \
+             is told only when it next uses the lock"
+        );
+    }
+    match table.force_release(name) {
+        Ok(f) => {
+            let who: Vec<String> = f
+                .holders
+                .iter()
+                .map(|p| match p.label.as_str() {
+                    "" => format!("pid {}", p.pid),
+                    l => format!("pid {} ({l})", p.pid),
+                })
+                .collect();
+            let mode = match f.mode {
+                shmlock::Mode::Exclusive => "exclusive",
+                shmlock::Mode::Shared => "shared",
+            };
+            let next = match f.waiters {
+                0 => "nobody waits; the next to lock it is told the owner died".to_string(),
+                n => format!("{n} waiting; the oldest gets it and is told the owner died"),
+            };
+            writeln!(out, "released \"{shown}\" ({mode}) from {}: {next}", who.join(", "))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(Error::NotHeld) => {
+            eprintln!("shmlock: \"{shown}\" is not held");
+            Ok(ExitCode::from(EXIT_FOUND))
+        }
+        Err(e) => Err(name_error(name, e)),
+    }
+}
+
+fn check(table: &Arc<LockTable>, out: &mut impl Write) -> Result<ExitCode> {
+    match check_with_timeout(table, CHECK_TIMEOUT) {
+        CheckOutcome::Consistent => {
+            writeln!(out, "ok: {} is consistent", table.segment().name())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        CheckOutcome::Violations(v) => {
+            for line in v {
+                writeln!(out, "{line}")?;
+            }
+            Ok(ExitCode::from(EXIT_FOUND))
+        }
+        CheckOutcome::TimedOut(t) => bail!(
+            "check did not finish within {}: a shard latch stays taken (a process may have died \
+             inside a critical section)",
+            render::human(t)
+        ),
+        CheckOutcome::NotRun => bail!("check not run: could not start a thread"),
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let segment = cli.segment.unwrap_or_else(default_segment_name);
+    let table = open(&segment)?;
+    let mut out = std::io::stdout().lock();
+    let code = match cli.command {
+        Command::Status { json } => status(&table, json, &mut out),
+        Command::Locks(a) => locks(&table, &a, &mut out),
+        Command::Owners { json } => owners(&table, json, &mut out),
+        Command::Show { name, json } => show(&table, name.as_bytes(), json, &mut out),
+        Command::Release { name, force } => release(&table, name.as_bytes(), force, &mut out),
+        Command::Check => check(&table, &mut out),
+        Command::Watch { interval, count } => {
+            drop(out);
+            return watch::watch(&table, interval, count);
+        }
+        Command::Run(a) => {
+            drop(out);
+            return exec::run(table, &a);
+        }
+    }?;
+    out.flush()?;
+    Ok(code)
 }
 
 /// True if `e` is a broken pipe on stdout, which ends output quietly (ripgrep's rule).
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         c.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-            || c.downcast_ref::<serde_json::Error>().and_then(|j| j.io_error_kind())
-                == Some(std::io::ErrorKind::BrokenPipe)
+            .is_some_and(|io| io.kind() == ErrorKind::BrokenPipe)
+            || c.downcast_ref::<serde_json::Error>().and_then(|j| j.io_error_kind()) == Some(ErrorKind::BrokenPipe)
     })
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("shmlock: {e:#}");
-            ExitCode::from(2)
+            ExitCode::from(EXIT_ERROR)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_valid_and_every_subcommand_has_an_example() {
+        Cli::command().debug_assert();
+        for sub in Cli::command().get_subcommands() {
+            let help = sub.get_after_help().map(|h| h.to_string()).unwrap_or_default();
+            assert!(help.contains("shmlock "), "{} has no example", sub.get_name());
+        }
+    }
+
+    #[test]
+    fn durations_parse_in_the_documented_forms() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("soon").unwrap_err().contains("examples"));
+    }
+
+    #[test]
+    fn permission_denied_says_so_and_names_the_file() {
+        // Tests run as root here, where no file is unreadable; the message is checked directly.
+        let e = Error::Io {
+            op: "open",
+            segment: "/s".into(),
+            source: std::io::Error::from(ErrorKind::PermissionDenied),
+        };
+        let msg = format!("{:#}", open_error("/s", e));
+        assert!(
+            msg.starts_with("permission denied opening segment /s (/dev/shm/s)"),
+            "{msg}"
+        );
     }
 }

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use shmlock::config::Geometry;
-use shmlock::table::TableStats;
-use shmlock::LockTable;
+use shmlock::owner::OwnerKind;
+use shmlock::table::{LockInfo, OwnerInfo, Party, PoolCounts, TableStats};
+use shmlock::{LockTable, Mode};
 
 /// What `check` said.
 #[derive(Debug)]
@@ -34,6 +35,9 @@ pub(crate) struct Status {
     max_holds: u64,
     geometry: Geometry,
     stats: TableStats,
+    pools: Vec<PoolCounts>,
+    /// The supervisor's pid and whether it runs (same pid and start time).
+    supervisor: Option<(u32, bool)>,
     check: CheckOutcome,
 }
 
@@ -53,6 +57,8 @@ impl Status {
             max_holds,
             geometry: table.geometry(),
             stats: table.stats(),
+            pools: table.pool_counts(),
+            supervisor: table.supervisor().map(|p| (p.pid, p.is_alive())),
             check,
         }
     }
@@ -94,26 +100,24 @@ impl Status {
                 g.buckets_per_shard
             ),
         );
+        for p in &self.pools {
+            let states: Vec<String> = p.states.iter().map(|(st, n)| format!("{n} {st}")).collect();
+            line(pool_label(p.pool), format!("{} of {}", states.join(", "), p.capacity));
+        }
         line(
-            "entries",
-            format!(
-                "{} held, {} idle, {} free of {}",
-                s.held, s.idle, s.free, s.entry_capacity
-            ),
+            "supervisor",
+            match self.supervisor {
+                None => "none attached".into(),
+                Some((pid, true)) => format!("pid {pid}, running"),
+                Some((pid, false)) => format!("pid {pid}, not running"),
+            },
         );
-        line(
-            "holds",
-            format!(
-                "{} shared, {} waiting, of {}",
-                s.shared_holds, s.waiting, s.hold_capacity
-            ),
-        );
-        line("owners", format!("{} live of {}", s.owners, s.owner_capacity));
+        line("fencing", format!("counter {} (highest token granted)", s.max_token));
         line(
             "counters",
             format!(
-                "{} grants, {} waits, {} timeouts, {} handoffs; highest token {}",
-                s.grants, s.waits, s.timeouts, s.handoffs, s.max_token
+                "{} grants, {} waits, {} timeouts, {} handoffs, {} reaps, {} repairs",
+                s.grants, s.waits, s.timeouts, s.handoffs, s.reaps, s.repairs
             ),
         );
         match &self.check {
@@ -164,9 +168,302 @@ impl Status {
                 "max_name_len": g.max_name_len,
                 "name_words": g.name_words,
             },
+            "pools": self.pools.iter().map(|p| json!({
+                "pool": p.pool,
+                "capacity": p.capacity,
+                "states": p.states.iter().map(|(st, n)| (st.to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
+            })).collect::<Vec<_>>(),
+            "supervisor": {
+                "pid": self.supervisor.map(|s| s.0),
+                "alive": self.supervisor.is_some_and(|s| s.1),
+            },
+            "fencing_counter": self.stats.max_token,
             "stats": self.stats,
             "check": { "completed": completed, "violations": violations },
         })
+    }
+}
+
+// ---- locks, owners, show ---------------------------------------------------------------------
+
+/// A lock name as printable text: valid UTF-8 stays as it is, except that control characters
+/// and bytes that are not UTF-8 become `\xNN` and a backslash becomes `\\` (so the form is
+/// unambiguous).
+pub(crate) fn escape_name(name: &[u8]) -> String {
+    let mut out = String::with_capacity(name.len());
+    for chunk in name.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                c if c.is_control() && c.is_ascii() => {
+                    let _ = write!(out, "\\x{:02x}", c as u32);
+                }
+                c if c.is_control() => {
+                    let _ = write!(out, "\\u{{{:x}}}", c as u32);
+                }
+                c => out.push(c),
+            }
+        }
+        for b in chunk.invalid() {
+            let _ = write!(out, "\\x{b:02x}");
+        }
+    }
+    out
+}
+
+fn mode_str(m: Option<Mode>) -> &'static str {
+    match m {
+        Some(Mode::Exclusive) => "exclusive",
+        Some(Mode::Shared) => "shared",
+        None => "none",
+    }
+}
+
+fn kind_str(k: Option<OwnerKind>) -> &'static str {
+    match k {
+        Some(OwnerKind::Local) => "local",
+        Some(OwnerKind::Remote) => "remote",
+        None => "unknown",
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// `1234 (label)`, `1234`, or `1234 remote 10.0.0.1:4000`.
+fn who(p: &Party) -> String {
+    match (p.kind, p.label.is_empty()) {
+        (_, true) => p.pid.to_string(),
+        (Some(OwnerKind::Remote), false) => format!("{} remote {}", p.pid, p.label),
+        _ => format!("{} ({})", p.pid, p.label),
+    }
+}
+
+fn party_json(p: &Party, waiter: bool) -> Value {
+    let mut v = json!({
+        "pid": p.pid,
+        "owner": p.owner,
+        "kind": kind_str(p.kind),
+        "label": p.label,
+        "mode": mode_str(Some(p.mode)),
+    });
+    if waiter {
+        v["waited_ms"] = json!(ms(p.age));
+    } else {
+        v["held_ms"] = json!(ms(p.age));
+        v["token"] = json!(p.token);
+    }
+    v
+}
+
+/// One lock as JSON (the fields are documented in README.md, "locks --json").
+pub(crate) fn lock_json(l: &LockInfo) -> Value {
+    json!({
+        "name": escape_name(&l.name),
+        "mode": l.mode.map(|m| mode_str(Some(m))),
+        "holders": l.holders.iter().map(|p| party_json(p, false)).collect::<Vec<_>>(),
+        "held_ms": ms(l.held_for()),
+        "waiters": l.waiters.len(),
+        "oldest_wait_ms": l.oldest_wait().map(ms),
+        "queue": l.waiters.iter().map(|p| party_json(p, true)).collect::<Vec<_>>(),
+        "token": l.token,
+        "owner_died": l.owner_died,
+        "shard": l.shard,
+    })
+}
+
+/// Sorts locks longest held first, then longest waited for, then by name.
+pub(crate) fn sort_locks(locks: &mut [LockInfo]) {
+    locks.sort_by(|a, b| {
+        b.held_for()
+            .cmp(&a.held_for())
+            .then_with(|| b.oldest_wait().cmp(&a.oldest_wait()))
+            .then_with(|| a.name.cmp(&b.name))
+    });
+}
+
+/// A text table with left-aligned columns.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut w: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.chars().count());
+        }
+    }
+    let mut o = String::new();
+    let mut put = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut line = String::new();
+        for (i, c) in cells.enumerate() {
+            let _ = write!(line, "{c:<width$}  ", width = w[i]);
+        }
+        let _ = writeln!(o, "{}", line.trim_end());
+    };
+    put(&mut header.iter().copied());
+    for r in rows {
+        put(&mut r.iter().map(String::as_str));
+    }
+    o
+}
+
+/// The `locks` table (or a line saying there are none).
+pub(crate) fn locks_text(locks: &[LockInfo]) -> String {
+    if locks.is_empty() {
+        return "no locks held or waited on\n".into();
+    }
+    let rows: Vec<Vec<String>> = locks
+        .iter()
+        .map(|l| {
+            let holders: Vec<String> = l.holders.iter().map(who).collect();
+            vec![
+                escape_name(&l.name),
+                mode_str(l.mode).into(),
+                if holders.is_empty() {
+                    "-".into()
+                } else {
+                    holders.join(", ")
+                },
+                if l.holders.is_empty() {
+                    "-".into()
+                } else {
+                    human(l.held_for())
+                },
+                l.waiters.len().to_string(),
+                l.oldest_wait().map_or("-".into(), human),
+                l.token.to_string(),
+                if l.owner_died {
+                    "owner-died".into()
+                } else {
+                    String::new()
+                },
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAME",
+            "MODE",
+            "HOLDERS",
+            "HELD",
+            "WAITERS",
+            "OLDEST WAIT",
+            "TOKEN",
+            "FLAGS",
+        ],
+        &rows,
+    )
+}
+
+/// `show NAME`: everything about one lock.
+pub(crate) fn show_text(l: &LockInfo) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "name       {}", escape_name(&l.name));
+    let _ = writeln!(
+        o,
+        "mode       {}",
+        if l.mode.is_none() { "free" } else { mode_str(l.mode) }
+    );
+    let _ = writeln!(o, "token      {} (latest grant)", l.token);
+    let _ = writeln!(
+        o,
+        "owner died {}",
+        if l.owner_died {
+            "yes (the next grantee is told)"
+        } else {
+            "no"
+        }
+    );
+    let _ = writeln!(o, "shard      {}", l.shard);
+    let _ = writeln!(o, "holders    {}", l.holders.len());
+    for p in &l.holders {
+        let _ = writeln!(
+            o,
+            "  pid {:<8} owner {:<5} {:<6} {:<9} held {:<8} token {}  {}",
+            p.pid,
+            p.owner,
+            kind_str(p.kind),
+            mode_str(Some(p.mode)),
+            human(p.age),
+            p.token,
+            p.label
+        );
+    }
+    let _ = writeln!(o, "waiters    {} (queue order, oldest first)", l.waiters.len());
+    for (i, p) in l.waiters.iter().enumerate() {
+        let _ = writeln!(
+            o,
+            "  {:>3}. pid {:<8} owner {:<5} {:<6} {:<9} waiting {:<8} {}",
+            i + 1,
+            p.pid,
+            p.owner,
+            kind_str(p.kind),
+            mode_str(Some(p.mode)),
+            human(p.age),
+            p.label
+        );
+    }
+    o
+}
+
+/// One owner as JSON (fields documented in README.md, "owners --json").
+pub(crate) fn owner_json(o: &OwnerInfo) -> Value {
+    json!({
+        "idx": o.idx,
+        "pid": o.pid,
+        "kind": kind_str(o.kind),
+        "label": o.label,
+        "state": o.state,
+        "alive": o.alive,
+        "registered_ms": ms(o.registered_for),
+        "holds": o.holds,
+        "waits": o.waits,
+    })
+}
+
+/// The `owners` table.
+pub(crate) fn owners_text(owners: &[OwnerInfo]) -> String {
+    if owners.is_empty() {
+        return "no owners registered\n".into();
+    }
+    let rows: Vec<Vec<String>> = owners
+        .iter()
+        .map(|o| {
+            vec![
+                o.pid.to_string(),
+                kind_str(o.kind).into(),
+                o.label.clone(),
+                if o.alive { "alive".into() } else { "dead".into() },
+                format!("{} ago", human(o.registered_for)),
+                o.holds.to_string(),
+                o.waits.to_string(),
+                o.idx.to_string(),
+                o.state.into(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "PID",
+            "KIND",
+            "LABEL",
+            "PROCESS",
+            "REGISTERED",
+            "HOLDS",
+            "WAITS",
+            "OWNER",
+            "STATE",
+        ],
+        &rows,
+    )
+}
+
+/// The label of a pool's line in `status`.
+fn pool_label(pool: &str) -> &'static str {
+    match pool {
+        "lock entry" => "entries",
+        "hold/wait" => "holds",
+        "owner" => "owners",
+        _ => "pool",
     }
 }
 
@@ -176,7 +473,7 @@ fn plural(n: u32, noun: &str) -> String {
 }
 
 /// `1h 2m`, `3m 4s`, `5.6s`, `78ms`.
-fn human(d: Duration) -> String {
+pub(crate) fn human(d: Duration) -> String {
     let s = d.as_secs();
     match s {
         0 => format!("{}ms", d.as_millis()),
@@ -198,5 +495,13 @@ mod tests {
         assert_eq!(human(Duration::from_secs(184)), "3m 4s");
         assert_eq!(human(Duration::from_secs(3_720)), "1h 2m");
         assert_eq!(human(Duration::from_secs(90_000)), "1d 1h");
+    }
+
+    #[test]
+    fn names_are_escaped_unambiguously() {
+        assert_eq!(escape_name(b"orders/42"), "orders/42");
+        assert_eq!(escape_name("caf\u{e9}".as_bytes()), "caf\u{e9}");
+        assert_eq!(escape_name(b"a\xffb"), "a\\xffb");
+        assert_eq!(escape_name(b"a\\b\n"), "a\\\\b\\x0a");
     }
 }

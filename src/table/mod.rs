@@ -30,6 +30,7 @@
 
 mod check;
 mod entry;
+mod inspect;
 mod reap;
 mod shard;
 #[cfg(test)]
@@ -51,6 +52,7 @@ use crate::shm::{Region, RegionSpec, Segment, PARAMS};
 
 pub use check::TableStats;
 pub use entry::{Entry, EntryState, Hold, HoldState, Mode, GRANTED, MODE_NONE, OWNER_DIED, WAIT, WOKEN};
+pub use inspect::{Forced, LockInfo, OwnerInfo, Party, PoolCounts};
 pub use reap::{pid_latch_id, PID_ID};
 pub use shard::{Latch, ShardHdr, LATCH_SLEEP, STAT_GRANTS, STAT_HANDOFFS, STAT_REPAIRS, STAT_TIMEOUTS, STAT_WAITS};
 

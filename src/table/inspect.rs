@@ -1,0 +1,498 @@
+//! Read-only snapshots of the table for the admin CLI, and [`LockTable::force_release`].
+//!
+//! # Concurrency
+//! Each shard is copied under its own latch (taken by pid, as [`pid_latch_id`], repairing a shard whose latch holder died), so every lock is seen at
+//! one instant, consistent with itself; different shards are seen at slightly different
+//! instants. Under a latch the snapshot only copies words into vectors reserved beforehand: no
+//! syscall, no wait, and no allocation unless the shard grew meanwhile. Owner records, labels
+//! and process liveness (`/proc/PID/stat`) are looked up after the latch is dropped, so an owner
+//! that deregisters in between may show with the next owner's details; a display, not a proof.
+//!
+//! # Forced release
+//! [`LockTable::force_release`] takes a lock away from its holder(s) as if they had released it,
+//! with the entry's `OWNER_DIED` flag set first, so the next grantee (the oldest waiter, or the
+//! next process to lock the name) is told. A forced-out holder learns it when it next uses its
+//! guard: the guard's token no longer matches and `unlock` reports [`Error::NotHeld`].
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use super::*;
+use crate::pool::PoolState;
+
+/// A holder or a waiter of a lock, as the snapshot saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Party {
+    /// Owner record index.
+    pub owner: u32,
+    /// The owner's process id.
+    pub pid: u32,
+    /// The owner's kind (`None` if the record holds an unknown number).
+    pub kind: Option<OwnerKind>,
+    /// The owner's label (a program name, or a remote address for gateway sessions).
+    pub label: String,
+    /// The mode held or asked for.
+    pub mode: Mode,
+    /// Fencing token of this holder's grant (0 for a waiter).
+    pub token: u64,
+    /// How long it has held the lock, or waited for it, when the snapshot was taken.
+    pub age: Duration,
+}
+
+/// One lock (an entry that is held or waited on).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockInfo {
+    /// The name, as stored (any bytes).
+    pub name: Vec<u8>,
+    /// The shard the name hashes to.
+    pub shard: u32,
+    /// The mode it is held in; `None` while it is free but waited on (a waiter is picking it up).
+    pub mode: Option<Mode>,
+    /// Holders: the exclusive one, or every shared one (longest held first).
+    pub holders: Vec<Party>,
+    /// Waiters in queue order (oldest first).
+    pub waiters: Vec<Party>,
+    /// Fencing token of the latest grant.
+    pub token: u64,
+    /// The previous holder died or was forced out, and the next grantee has not been told yet.
+    pub owner_died: bool,
+}
+
+impl LockInfo {
+    /// How long the longest holder has held it (zero if nobody holds it).
+    pub fn held_for(&self) -> Duration {
+        self.holders.iter().map(|p| p.age).max().unwrap_or_default()
+    }
+
+    /// How long the oldest waiter has waited, if anyone waits.
+    pub fn oldest_wait(&self) -> Option<Duration> {
+        self.waiters.iter().map(|p| p.age).max()
+    }
+}
+
+/// One registered owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnerInfo {
+    /// Owner record index.
+    pub idx: u32,
+    /// Process id.
+    pub pid: u32,
+    /// Kind (`None` if the record holds an unknown number).
+    pub kind: Option<OwnerKind>,
+    /// Label.
+    pub label: String,
+    /// The pool state's name (`LIVE`, or another non-free state a newer build adds).
+    pub state: &'static str,
+    /// True if a process with this pid and start time exists (`/proc/PID/stat`).
+    pub alive: bool,
+    /// How long ago it registered.
+    pub registered_for: Duration,
+    /// Locks it holds (in either mode).
+    pub holds: u32,
+    /// Requests it has queued.
+    pub waits: u32,
+}
+
+/// How many records of one pool are in each state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolCounts {
+    /// The pool's name.
+    pub pool: &'static str,
+    /// Capacity (all shards).
+    pub capacity: u64,
+    /// `(state name, count)` for every state, in the state's numeric order.
+    pub states: Vec<(&'static str, u64)>,
+}
+
+/// What [`LockTable::force_release`] took away.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forced {
+    /// The mode the lock was held in.
+    pub mode: Mode,
+    /// The holders forced out.
+    pub holders: Vec<Party>,
+    /// Waiters queued when it was released (the oldest is granted next).
+    pub waiters: u32,
+}
+
+/// A holder or waiter copied under a shard latch: `(owner, mode, token, since)`.
+type RawParty = (u32, u32, u64, Nanos);
+
+/// A lock's words, copied under its shard latch; its parties are `parties[from..to]` of a vector
+/// shared by the shard's locks (holders first, up to `waiters`), resolved to owners later.
+#[derive(Debug, Clone, Copy)]
+struct RawLock {
+    mode: u32,
+    token: u64,
+    flags: u32,
+    from: usize,
+    waiters: usize,
+    to: usize,
+}
+
+/// One shard's locks as copied under its latch.
+#[derive(Debug)]
+struct ShardCopy {
+    shard: u32,
+    locks: Vec<(RawLock, Vec<u8>)>,
+    parties: Vec<RawParty>,
+}
+
+impl LockTable {
+    /// Every lock that is held or waited on, shard by shard, each copied under its shard latch.
+    /// Unordered. Ages are measured from one instant, taken after the last shard was copied.
+    pub fn locks(&self) -> Vec<LockInfo> {
+        let copies: Vec<ShardCopy> = (0..self.geo.shards).map(|s| self.copy_shard(&self.shard(s))).collect();
+        let now = clock::now();
+        let mut out = Vec::with_capacity(copies.iter().map(|c| c.locks.len()).sum());
+        for c in copies {
+            for (r, name) in c.locks {
+                out.push(self.resolve(&r, &c.parties, name, c.shard, now));
+            }
+        }
+        out
+    }
+
+    /// The lock named `name`, if it is in the index (held, waited on, or idle).
+    pub fn lock_info(&self, name: &[u8]) -> Result<Option<LockInfo>> {
+        let name = LockName::new(name, self.geo.max_name_len as usize)?.as_bytes();
+        let h = name::hash(self.seed, name);
+        let sh = self.shard(self.shard_of(h));
+        let mut parties = Vec::with_capacity(16);
+        let r = {
+            let _g = self.lock_shard(&sh, pid_latch_id());
+            let Some(i) = self.lookup(&sh, h, name) else {
+                return Ok(None);
+            };
+            Self::copy_entry(&sh, i, &mut parties)
+        };
+        Ok(Some(self.resolve(&r, &parties, name.to_vec(), sh.no, clock::now())))
+    }
+
+    /// Copies shard `sh`'s HELD entries (held or waited on) with their names.
+    fn copy_shard(&self, sh: &Shard<'_>) -> ShardCopy {
+        // Reserve outside the latch; counts read without it are a good guess.
+        let n = sh.epool().count(EntryState::Held) as usize + 4;
+        let mut locks = Vec::with_capacity(n);
+        let mut names: Vec<u64> = Vec::with_capacity(n * sh.words);
+        let mut parties = Vec::with_capacity(n + sh.hpool().count(HoldState::Waiting) as usize + 4);
+        {
+            let _g = self.lock_shard(sh, pid_latch_id());
+            for (i, _) in sh.epool().iter(EntryState::Held) {
+                let r = Self::copy_entry(sh, i.0, &mut parties);
+                let len = sh.entries().get(i.get()).map_or(0, |e| e.name_len.load(Relaxed));
+                locks.push((r, len as usize));
+                let at = i.get() * sh.words;
+                names.extend(sh.names()[at..at + sh.words].iter().map(|w| w.load(Relaxed)));
+            }
+        }
+        let locks = locks
+            .into_iter()
+            .zip(names.chunks(sh.words))
+            .map(|((r, len), words)| {
+                let mut name: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+                name.truncate(len.min(sh.words * 8));
+                (r, name)
+            })
+            .collect();
+        ShardCopy {
+            shard: sh.no,
+            locks,
+            parties,
+        }
+    }
+
+    /// Copies entry `i`'s words, holders and queue (under the shard latch), appending its
+    /// parties to `parties`.
+    fn copy_entry(sh: &Shard<'_>, i: u32, parties: &mut Vec<RawParty>) -> RawLock {
+        let from = parties.len();
+        let mut r = RawLock {
+            mode: MODE_NONE,
+            token: 0,
+            flags: 0,
+            from,
+            waiters: from,
+            to: from,
+        };
+        let Ok(e) = sh.entry(i) else { return r };
+        r.mode = e.mode.load(Relaxed);
+        r.token = e.token.load(Relaxed);
+        r.flags = e.flags.load(Relaxed);
+        match Mode::from_u32(r.mode) {
+            Some(Mode::Exclusive) => {
+                let since = sh.epool().time(Idx(i)).unwrap_or(Nanos::ZERO);
+                parties.push((e.owner.load(Relaxed), r.mode, r.token, since));
+            }
+            Some(Mode::Shared) => {
+                for (h, hold) in Self::readers(sh, e) {
+                    let since = sh.hpool().time(Idx(h)).unwrap_or(Nanos::ZERO);
+                    parties.push((hold.owner.load(Relaxed), r.mode, hold.token.load(Relaxed), since));
+                }
+            }
+            None => {}
+        }
+        r.waiters = parties.len();
+        let holds = sh.holds();
+        let mut cur = e.wait_head.load(Relaxed);
+        for _ in 0..holds.len() {
+            let Some(hold) = holds.get(cur as usize) else { break };
+            let since = sh.hpool().time(Idx(cur)).unwrap_or(Nanos::ZERO);
+            parties.push((hold.owner.load(Relaxed), hold.mode.load(Relaxed), 0, since));
+            cur = hold.next.load(Relaxed);
+        }
+        r.to = parties.len();
+        r
+    }
+
+    /// Turns a copied lock into a [`LockInfo`], looking owners up (outside any latch).
+    fn resolve(&self, r: &RawLock, parties: &[RawParty], name: Vec<u8>, shard: u32, now: Nanos) -> LockInfo {
+        let party = |&(owner, mode, token, since): &RawParty| {
+            let o = self.owners().get(owner as usize);
+            Party {
+                owner,
+                pid: o.map_or(0, |o| o.pid.load(Relaxed)),
+                kind: o.and_then(|o| OwnerKind::from_u32(o.kind.load(Relaxed))),
+                label: o.map(Owner::label).unwrap_or_default(),
+                mode: Mode::from_u32(mode).unwrap_or(Mode::Exclusive),
+                token,
+                age: now.since(since),
+            }
+        };
+        let mut holders: Vec<Party> = parties[r.from..r.waiters].iter().map(party).collect();
+        holders.sort_by_key(|p| std::cmp::Reverse(p.age));
+        LockInfo {
+            name,
+            shard,
+            mode: Mode::from_u32(r.mode),
+            holders,
+            waiters: parties[r.waiters..r.to].iter().map(party).collect(),
+            token: r.token,
+            owner_died: r.flags & OWNER_DIED != 0,
+        }
+    }
+
+    /// Every registered owner, with the locks it holds and the requests it has queued (counted
+    /// from `locks`, a snapshot taken by [`locks`](Self::locks)).
+    pub fn owners_info(&self, locks: &[LockInfo]) -> Vec<OwnerInfo> {
+        let pool = self.owner_pool();
+        let mut raw = Vec::with_capacity(pool.capacity() as usize - pool.count(OwnerState::Free) as usize + 4);
+        {
+            let _g = self.lock_owners();
+            for v in 1..OwnerState::COUNT as u32 {
+                let Some(state) = OwnerState::from_u32(v) else { continue };
+                for (i, since) in pool.iter(state) {
+                    raw.push((i.0, state, since));
+                }
+            }
+        }
+        let mut holds: HashMap<u32, u32> = HashMap::new();
+        let mut waits: HashMap<u32, u32> = HashMap::new();
+        for l in locks {
+            for p in &l.holders {
+                *holds.entry(p.owner).or_default() += 1;
+            }
+            for p in &l.waiters {
+                *waits.entry(p.owner).or_default() += 1;
+            }
+        }
+        let now = clock::now();
+        raw.into_iter()
+            .filter_map(|(idx, state, since)| {
+                let o = self.owners().get(idx as usize)?;
+                let pid = o.pid.load(Relaxed);
+                Some(OwnerInfo {
+                    idx,
+                    pid,
+                    kind: OwnerKind::from_u32(o.kind.load(Relaxed)),
+                    label: o.label(),
+                    state: state.name(),
+                    alive: o.process().is_alive(),
+                    registered_for: now.since(since),
+                    holds: holds.get(&idx).copied().unwrap_or(0),
+                    waits: waits.get(&idx).copied().unwrap_or(0),
+                })
+            })
+            .collect()
+    }
+
+    /// Counts per state of the lock entry, hold/wait and owner pools (read without latches).
+    pub fn pool_counts(&self) -> Vec<PoolCounts> {
+        fn counts<S: PoolState>(pools: &[StatePool<'_, S>]) -> PoolCounts {
+            PoolCounts {
+                pool: S::POOL,
+                capacity: pools.iter().map(|p| u64::from(p.capacity())).sum(),
+                states: (0..S::COUNT as u32)
+                    .filter_map(S::from_u32)
+                    .map(|s| (s.name(), pools.iter().map(|p| u64::from(p.count(s))).sum()))
+                    .collect(),
+            }
+        }
+        let shards: Vec<Shard<'_>> = (0..self.geo.shards).map(|s| self.shard(s)).collect();
+        let entries: Vec<_> = shards.iter().map(Shard::epool).collect();
+        let holds: Vec<_> = shards.iter().map(Shard::hpool).collect();
+        vec![counts(&entries), counts(&holds), counts(&[self.owner_pool()])]
+    }
+
+    /// Takes lock `name` away from its holder(s): the lock is released as if they had released
+    /// it, with `OWNER_DIED` set so the next grantee is told; the oldest waiter is woken or
+    /// granted as on any release. [`Error::NotHeld`] if nobody holds it.
+    ///
+    /// A holder forced out learns it on its next use of the guard ([`Error::NotHeld`]); until
+    /// then it may still believe it holds the lock, so use this only on holders that are stuck
+    /// or gone, and use fencing tokens where that matters.
+    pub fn force_release(&self, name: &[u8]) -> Result<Forced> {
+        let name = LockName::new(name, self.geo.max_name_len as usize)?.as_bytes();
+        let h = name::hash(self.seed, name);
+        let sh = self.shard(self.shard_of(h));
+        let mut parties = Vec::with_capacity(16);
+        let mut grants = Vec::with_capacity(16);
+        let mut wakes: Vec<&AtomicU32> = Vec::with_capacity(2);
+        let mode;
+        let r;
+        {
+            let _g = self.lock_shard(&sh, pid_latch_id());
+            let i = self.lookup(&sh, h, name).ok_or(Error::NotHeld)?;
+            let e = sh.entry(i)?;
+            mode = Mode::from_u32(e.mode.load(Relaxed)).ok_or(Error::NotHeld)?;
+            r = Self::copy_entry(&sh, i, &mut parties);
+            match mode {
+                Mode::Exclusive => grants.push((
+                    e.owner.load(Relaxed),
+                    RawGrant::existing(sh.no, i, NIL, e.token.load(Relaxed), mode),
+                )),
+                Mode::Shared => grants.extend(Self::readers(&sh, e).map(|(hi, hold)| {
+                    (
+                        hold.owner.load(Relaxed),
+                        RawGrant::existing(sh.no, i, hi, hold.token.load(Relaxed), mode),
+                    )
+                })),
+            }
+            // Set before the last release, whose hand-off or next grant passes it on.
+            let flags = e.flags.load(Relaxed);
+            e.flags.store(flags | OWNER_DIED, Relaxed);
+            for (owner, g) in &grants {
+                let as_holder = OwnerRef { idx: *owner, gen: 0 };
+                match self.release_locked(&sh, as_holder, g) {
+                    Ok(w) => wakes.extend(w),
+                    Err(err) => {
+                        if e.mode.load(Relaxed) != MODE_NONE {
+                            e.flags.store(flags, Relaxed);
+                        }
+                        return Err(err);
+                    }
+                }
+            }
+        }
+        for w in wakes {
+            futex_wake(w, 1);
+        }
+        let info = self.resolve(&r, &parties, name.to_vec(), sh.no, clock::now());
+        Ok(Forced {
+            mode,
+            holders: info.holders,
+            waiters: info.waiters.len() as u32,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use crate::client::Client;
+    use crate::config::Capacities;
+    use crate::error::Error;
+    use crate::table::{LockTable, Mode};
+
+    fn table() -> Arc<LockTable> {
+        let caps = Capacities {
+            max_locks: 16,
+            max_holds: 16,
+            max_owners: 8,
+            shards: 1,
+            ..Default::default()
+        };
+        Arc::new(LockTable::anonymous(&caps).expect("table"))
+    }
+
+    #[test]
+    fn snapshots_show_holders_and_the_queue_in_order() {
+        let t = table();
+        let (a, b, c) = (
+            Client::with_table(t.clone(), "a").expect("a"),
+            Client::with_table(t.clone(), "b").expect("b"),
+            Client::with_table(t.clone(), "c").expect("c"),
+        );
+        let ga = a.lock_shared("n").expect("a");
+        let gb = b.lock_shared("n").expect("b");
+        // Snapshot while the writer waits, then force the readers out (before asserting
+        // anything, so that a failed assertion cannot leave the writer waiting forever).
+        let (locks, one, owners, forced, told) = std::thread::scope(|s| {
+            let waiter = s.spawn(|| c.lock("n").map(|g| g.owner_died()));
+            while t.stats().waiting == 0 {
+                std::thread::yield_now();
+            }
+            let locks = t.locks();
+            let one = t.lock_info(b"n");
+            let owners = t.owners_info(&locks);
+            let forced = t.force_release(b"n");
+            (locks, one, owners, forced, waiter.join().expect("waiter"))
+        });
+        assert_eq!(locks.len(), 1);
+        let l = &locks[0];
+        assert_eq!((l.name.as_slice(), l.mode), (&b"n"[..], Some(Mode::Shared)));
+        let labels: Vec<&str> = l.holders.iter().map(|p| p.label.as_str()).collect();
+        assert!(labels.contains(&"a") && labels.contains(&"b"), "{labels:?}");
+        assert_eq!(l.waiters.len(), 1);
+        assert_eq!((l.waiters[0].label.as_str(), l.waiters[0].mode), ("c", Mode::Exclusive));
+        let one = one.expect("valid name").expect("in the index");
+        assert_eq!(
+            (&one.name, one.token, one.holders.len(), one.waiters.len()),
+            (&l.name, l.token, 2, 1)
+        );
+        let by_label = |x: &str| owners.iter().find(|o| o.label == x).expect("owner");
+        assert_eq!((by_label("a").holds, by_label("a").waits), (1, 0));
+        assert_eq!((by_label("c").holds, by_label("c").waits), (0, 1));
+        assert!(owners.iter().all(|o| o.alive && o.pid == std::process::id()));
+        // Forcing out both readers granted the writer, which was told.
+        let forced = forced.expect("force");
+        assert_eq!(
+            (forced.mode, forced.holders.len(), forced.waiters),
+            (Mode::Shared, 2, 1)
+        );
+        assert!(told.expect("lock"), "the writer must be told");
+        assert!(matches!(ga.unlock(), Err(Error::NotHeld)));
+        assert!(matches!(gb.unlock(), Err(Error::NotHeld)));
+        assert!(t.check().is_empty(), "{:?}", t.check());
+        assert!(t.locks().is_empty());
+    }
+
+    #[test]
+    fn force_release_of_a_free_or_unknown_lock_is_not_held() {
+        let t = table();
+        let a = Client::with_table(t.clone(), "a").expect("a");
+        drop(a.lock("idle").expect("lock"));
+        assert!(matches!(t.force_release(b"idle"), Err(Error::NotHeld)));
+        assert!(matches!(t.force_release(b"never"), Err(Error::NotHeld)));
+        assert!(matches!(t.force_release(b""), Err(Error::NameInvalid { .. })));
+        // Not forced: the next grant is not told anything.
+        assert!(!a.lock("idle").expect("lock").owner_died());
+        assert!(t.check().is_empty());
+    }
+
+    #[test]
+    fn pool_counts_cover_every_state_and_sum_to_capacity() {
+        let t = table();
+        let a = Client::with_table(t.clone(), "a").expect("a");
+        let _g = a.lock_shared("x").expect("lock");
+        for p in t.pool_counts() {
+            let sum: u64 = p.states.iter().map(|(_, n)| n).sum();
+            assert_eq!(sum, p.capacity, "{p:?}");
+        }
+        let counts = t.pool_counts();
+        assert_eq!(counts[0].states, [("FREE", 15), ("IDLE", 0), ("HELD", 1), ("DIED", 0)]);
+        assert!(counts[1].states.contains(&("HELD", 1)));
+        assert!(counts[2].states.contains(&("LIVE", 1)));
+        assert_eq!(t.supervisor(), None);
+    }
+}
