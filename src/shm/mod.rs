@@ -75,6 +75,27 @@ fn shm_path(name: &str) -> PathBuf {
     PathBuf::from(format!("/dev/shm{name}"))
 }
 
+/// Removes `NAME.tmp.PID` objects left by creators of `name` that were killed half way (their
+/// pid no longer runs), so they do not hold /dev/shm space forever.
+fn remove_stale_tmp(name: &str) {
+    let prefix = format!("{}.tmp.", name.trim_start_matches('/'));
+    let Ok(dir) = std::fs::read_dir("/dev/shm") else { return };
+    for entry in dir.flatten() {
+        let file = entry.file_name();
+        let Some(pid) = file
+            .to_str()
+            .and_then(|f| f.strip_prefix(&prefix))
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let gone = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) == Err(Errno::ESRCH);
+        if gone {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// A typed handle to one region, valid for the segment that produced it.
 #[derive(Debug)]
 pub struct Region<T> {
@@ -153,6 +174,7 @@ impl Segment {
         if final_path.exists() {
             return Err(Error::SegmentExists { name: name.to_string() });
         }
+        remove_stale_tmp(name);
         let tmp_name = format!("{name}.tmp.{}", std::process::id());
         let tmp_path = shm_path(&tmp_name);
         let _ = std::fs::remove_file(&tmp_path);
@@ -471,6 +493,30 @@ mod tests {
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
         )
+    }
+
+    #[test]
+    fn create_removes_what_killed_creators_left_behind() {
+        let name = unique("stale");
+        // A pid that cannot run (above pid_max).
+        let dead = shm_path(&format!("{name}.tmp.2147483646"));
+        let other = shm_path(&format!("{name}x.tmp.2147483646"));
+        for p in [&dead, &other] {
+            std::fs::write(p, b"half built").unwrap();
+        }
+        let seg = Segment::create(
+            &name,
+            &[RegionSpec::of::<AtomicU32>(1)],
+            &[0; PARAMS],
+            0o600,
+            |_| Ok(()),
+        )
+        .unwrap();
+        assert!(!dead.exists(), "a dead creator's object is removed");
+        assert!(other.exists(), "another segment's objects are left alone");
+        drop(seg);
+        let _ = std::fs::remove_file(&other);
+        Segment::unlink(&name).unwrap();
     }
 
     #[test]
