@@ -12,13 +12,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{await_file, signal, wait_until, ChildCtx, TestEnv, Words, CHILD_DEADLINE, DEADLINE};
+use common::{
+    await_file, signal, wait_until, witnessed_section, ChildCtx, TestEnv, Words, CHILD_DEADLINE, COUNT, DEADLINE,
+};
 use shmlock::gateway::{self, Gateway, GatewayConfig};
 use shmlock::remote::{ConnectOptions, RemoteClient};
 use shmlock::{Capacities, Error, Mode};
-
-const FLAG: usize = 0;
-const COUNT: usize = 1;
 
 // ---- child processes -------------------------------------------------------------------------
 
@@ -54,23 +53,7 @@ fn count<G>(ctx: &ChildCtx, id: u64, mut lock: impl FnMut() -> G) {
     ctx.barrier();
     for i in 0..iters {
         let g = lock();
-        let flag = words.get(FLAG);
-        assert_eq!(
-            flag, 0,
-            "child {id}, iteration {i}: child {flag} is in the critical section too"
-        );
-        words.set(FLAG, id);
-        let c = words.get(COUNT);
-        if i % 4 == 0 {
-            std::thread::yield_now();
-        }
-        words.set(COUNT, c + 1);
-        let flag = words.get(FLAG);
-        assert_eq!(
-            flag, id,
-            "child {id}, iteration {i}: child {flag} entered the critical section"
-        );
-        words.set(FLAG, 0);
+        witnessed_section(&words, id, i);
         drop(g);
     }
 }

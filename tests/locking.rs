@@ -12,7 +12,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{await_file, read_lines, signal, wait_until, within, ChildCtx, Log, TestEnv, Words, DEADLINE};
+use common::{
+    await_file, read_lines, signal, wait_until, within, witnessed_section, ChildCtx, Log, TestEnv, Words, COUNT,
+    DEADLINE, FLAG,
+};
 use shmlock::{Capacities, Client, Error, LockGuard, LockTable, Mode};
 
 /// Asserts that `$e` is `Err` matching `$p` (a guard returned by `Ok` is released at once).
@@ -85,9 +88,6 @@ fn short_timeout() -> Duration {
     Duration::from_micros([10, 100, 1000][N.fetch_add(1, Ordering::Relaxed) as usize % 3])
 }
 
-const FLAG: usize = 0;
-const COUNT: usize = 1;
-
 /// `iters` times: lock "counter", check and set the flag word, increment the counter word by a
 /// plain read and write, check the flag is still ours, clear it, unlock.
 fn role_counter(ctx: &ChildCtx) {
@@ -100,23 +100,7 @@ fn role_counter(ctx: &ChildCtx) {
     for i in 0..iters {
         let g = acquire(&client, "counter", &how);
         assert_eq!(g.mode(), Mode::Exclusive);
-        let flag = words.get(FLAG);
-        assert_eq!(
-            flag, 0,
-            "child {id}, iteration {i}: child {flag} is in the critical section too"
-        );
-        words.set(FLAG, id);
-        let c = words.get(COUNT);
-        if i % 4 == 0 {
-            std::thread::yield_now(); // widen the window, and let the others queue
-        }
-        words.set(COUNT, c + 1);
-        let flag = words.get(FLAG);
-        assert_eq!(
-            flag, id,
-            "child {id}, iteration {i}: child {flag} entered the critical section"
-        );
-        words.set(FLAG, 0);
+        witnessed_section(&words, id, i);
         drop(g);
     }
 }

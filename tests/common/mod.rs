@@ -132,6 +132,34 @@ impl Words {
     }
 }
 
+/// Word of a counter witness ([`Words`]) naming the child inside the critical section (0: none).
+pub(crate) const FLAG: usize = 0;
+/// Word of a counter witness counting the critical sections entered.
+pub(crate) const COUNT: usize = 1;
+
+/// One witnessed critical section of child `id` (iteration `i`), to run while holding the lock:
+/// asserts nobody else is inside, marks itself inside, bumps the count (yielding now and then to
+/// widen the window and let others queue), and asserts nobody entered meanwhile.
+pub(crate) fn witnessed_section(words: &Words, id: u64, i: u64) {
+    let flag = words.get(FLAG);
+    assert_eq!(
+        flag, 0,
+        "child {id}, iteration {i}: child {flag} is in the critical section too"
+    );
+    words.set(FLAG, id);
+    let c = words.get(COUNT);
+    if i % 4 == 0 {
+        std::thread::yield_now();
+    }
+    words.set(COUNT, c + 1);
+    let flag = words.get(FLAG);
+    assert_eq!(
+        flag, id,
+        "child {id}, iteration {i}: child {flag} entered the critical section"
+    );
+    words.set(FLAG, 0);
+}
+
 /// An append-only event log shared by processes: each line is one `write` to an `O_APPEND` file,
 /// so lines never interleave and their order is the order in which the writes happened.
 #[derive(Debug)]
