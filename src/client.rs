@@ -69,7 +69,7 @@ impl Client {
         Self::with_table(Arc::new(LockTable::create_or_open(segment, caps)?), "")
     }
 
-    /// Registers a new owner, labelled `label` (up to 32 bytes; shown by the CLI), on `table`.
+    /// Registers a new owner, labelled `label` (up to 24 bytes; shown by the CLI), on `table`.
     pub fn with_table(table: Arc<LockTable>, label: &str) -> Result<Client> {
         Self::with_kind(table, OwnerKind::Local, label)
     }
@@ -91,6 +91,7 @@ impl Client {
         &self.table
     }
 
+    #[inline]
     fn acquire(&self, name: &[u8], mode: Mode, wait: Wait) -> Result<LockGuard<'_>> {
         let g = self.table.acquire(self.me, name, mode, wait)?;
         Ok(self.guard(g))
@@ -113,6 +114,7 @@ impl Client {
         }
     }
 
+    #[inline]
     fn guard(&self, g: RawGrant) -> LockGuard<'_> {
         let (w, bit) = (&self.touched[g.shard as usize / 64], 1u64 << (g.shard % 64));
         if w.load(Ordering::Relaxed) & bit == 0 {
@@ -232,6 +234,7 @@ impl LockGuard<'_> {
     }
 
     /// Unlocks now, reporting [`Error::NotHeld`] if the lock was taken away meanwhile.
+    #[inline]
     pub fn unlock(mut self) -> Result<()> {
         self.released = true;
         self.client.table.release(self.client.me, &self.raw)
@@ -239,6 +242,7 @@ impl LockGuard<'_> {
 }
 
 impl Drop for LockGuard<'_> {
+    #[inline]
     fn drop(&mut self) {
         if !self.released {
             let _ = self.client.table.release(self.client.me, &self.raw);

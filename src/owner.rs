@@ -23,8 +23,10 @@ pub struct Owner {
     pub gen: AtomicU32,
     /// Length of the label in bytes.
     pub label_len: AtomicU32,
-    /// Free-form label (up to 32 bytes), e.g. a program name or a remote address.
-    pub label: [AtomicU64; 4],
+    /// Free-form label (up to 24 bytes), e.g. a program name or a remote address.
+    pub label: [AtomicU64; 3],
+    /// Grants this owner took on the fast path (written only by the owner; summed by `stats`).
+    pub fast_grants: AtomicU64,
     /// While REAPING: the pid of the process reaping this record (a reaper that dies is replaced).
     pub reaper: AtomicU32,
     _pad: AtomicU32,
@@ -35,7 +37,7 @@ crate::impl_shm_safe!(Owner);
 const _: () = assert!(std::mem::size_of::<Owner>() == 64 && std::mem::align_of::<Owner>() == 8);
 
 /// Maximum label length.
-pub const LABEL_MAX: usize = 32;
+pub const LABEL_MAX: usize = 24;
 
 /// Owner pool states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1036,13 +1036,13 @@ fn fencing_tokens_survive_eviction_of_the_entry() {
     let c = env.spawn("evict", &[("rounds", &5)]);
     env.wait_success(c);
     let theirs: u64 = await_file(&env.path("evict-token")).parse().expect("token");
-    assert!(theirs > again.0);
     let st = env.table.stats();
     assert_eq!((st.idle, st.held, st.free), (2, 0, 0), "{st:?}");
+    // Tokens order the grants of one name; "a"'s entry was reused by "b" and "c" meanwhile.
     let after = client.lock("a").expect("lock a after eviction").token();
     assert!(
-        after.0 > theirs,
-        "token {after} after eviction, {again} before, {theirs} in between"
+        after > again,
+        "token {after} after eviction, {again} before ({theirs} given to other names in between)"
     );
     env.assert_quiet();
 }

@@ -61,7 +61,17 @@ impl LockTable {
             let sh = self.shard(s);
             let (ep, hp) = (sh.epool(), sh.hpool());
             st.held += u64::from(ep.count(EntryState::Held));
-            st.idle += u64::from(ep.count(EntryState::Idle));
+            // Fast holds leave their entries IDLE: count them as held.
+            let fast = ep
+                .iter(EntryState::Idle)
+                .filter(|(i, _)| {
+                    sh.entries()
+                        .get(i.get())
+                        .is_some_and(|e| lw_val(e.lw.load(Relaxed)) & FAST_OWNER != 0)
+                })
+                .count() as u64;
+            st.held += fast;
+            st.idle += u64::from(ep.count(EntryState::Idle)) - fast;
             st.died += u64::from(ep.count(EntryState::Died));
             st.free += u64::from(ep.count(EntryState::Free));
             st.entry_capacity += u64::from(ep.capacity());
@@ -79,6 +89,10 @@ impl LockTable {
         st.owners = u64::from(op.count(OwnerState::Live));
         st.reaping = u64::from(op.count(OwnerState::Reaping));
         st.reaps = self.table_hdr().reaps.load(Relaxed);
+        st.grants += self.table_hdr().retired_fast_grants.load(Relaxed);
+        for (i, _) in op.iter(OwnerState::Live).chain(op.iter(OwnerState::Reaping)) {
+            st.grants += self.owners().get(i.get()).map_or(0, |o| o.fast_grants.load(Relaxed));
+        }
         st.owner_capacity = u64::from(op.capacity());
         st
     }
@@ -96,6 +110,10 @@ impl LockTable {
         for s in 0..self.geo.shards {
             let sh = self.shard(s);
             let _g = self.lock_shard(&sh, pid_latch_id());
+            // Fast holds into the latched form, so the HELD list names every holder.
+            if let Err(e) = Self::pin_fast_holds(&sh, None) {
+                out.push(format!("shard {s}: {e}"));
+            }
             let before = out.len();
             self.check_shard(&sh, &live, &mut out);
             for line in &mut out[before..] {
@@ -148,7 +166,6 @@ impl LockTable {
                 indexed.len()
             ));
         }
-        let max_token = sh.hdr.token.load(Relaxed);
         let (mut readers_total, mut waiters_total) = (0u64, 0u64);
         for (i, e) in entries.iter().enumerate() {
             let i = i as u32;
@@ -162,11 +179,21 @@ impl LockTable {
                 e.readers.load(Relaxed),
                 e.waiters.load(Relaxed),
             );
-            if e.token.load(Relaxed) > max_token {
-                out.push(format!(
-                    "entry {i}: token {} above the shard's {max_token}",
-                    e.token.load(Relaxed)
-                ));
+            // A fast hold may appear on an IDLE entry at any moment, latch or not; it must name
+            // an owner, and nothing else may carry one.
+            let w = lw_val(e.lw.load(Relaxed));
+            let fast = w & FAST_OWNER;
+            if fast != 0 {
+                if state != EntryState::Idle || w & SLOW != 0 {
+                    out.push(format!(
+                        "entry {i}: a fast hold on a {} entry (word {w:#x})",
+                        state.name()
+                    ));
+                } else if !live(fast - 1) {
+                    out.push(format!("entry {i}: fast holder {} is not a live owner", fast - 1));
+                }
+            } else if w == 0 && state != EntryState::Idle {
+                out.push(format!("entry {i} is {} but open to fast locking", state.name()));
             }
             if state == EntryState::Idle || state == EntryState::Died {
                 if mode != MODE_NONE || owner != NIL || readers != 0 || waiters != 0 {
@@ -175,7 +202,7 @@ impl LockTable {
                         state.name()
                     ));
                 }
-                if (state == EntryState::Died) != (e.flags.load(Relaxed) & OWNER_DIED != 0) {
+                if (state == EntryState::Died) != e.died() {
                     out.push(format!(
                         "entry {i} is {} but its owner-died flag disagrees",
                         state.name()

@@ -6,7 +6,7 @@
 //!  0 hash        u64  name hash               0 token   u64  fencing token of this grant
 //!  8 token       u64  last token granted      8 entry   u32  entry index (in the shard)
 //! 16 next        u32  bucket chain           12 owner   u32  owner index
-//! 20 name_len    u32                         16 mode    u32  Mode
+//! 20 name_len    u16, flags u16 (OWNER_DIED)  16 mode    u32  Mode
 //! 24 mode        u32  Mode of the grant      20 futex   u32  WAIT / WOKEN / GRANTED
 //! 28 owner       u32  exclusive holder       24 next    u32  entry's reader list or queue
 //! 32 readers     u32  shared holders         28 prev    u32
@@ -14,17 +14,29 @@
 //! 40 wait_head   u32  FIFO queue of Holds    36 _pad
 //! 44 wait_tail   u32
 //! 48 waiters     u32
-//! 52 flags       u32  OWNER_DIED
-//! 56 gen         u32  bumped on reuse
-//! 60 _pad
+//! 52 since       u32  exclusive grant time, coarse ms (wraps in 49 days)
+//! 56 lw          u64  lock word: gen (high 32) | SLOW bit | fast holder (owner + 1)
 //! ```
 //! The name lives in the shard's name region (`name_words` u64s per entry, same index).
 //!
 //! # Concurrency
 //! Every field is written only under the shard latch (Relaxed stores; the latch orders them),
-//! except `Hold::futex`, which its waiter also reads without the latch (Acquire) to sleep on.
+//! except `Hold::futex`, which its waiter also reads without the latch (Acquire) to sleep on, and
+//! the entry's lock word `lw` with the `token` of a fast grant.
+//!
+//! # The lock word and the fast path
+//! `lw` = `gen << 32 | val`. `gen` changes whenever the entry is freed or reused, so a CAS by a
+//! process that looked the name up before the reuse fails. `val` is 0 when the lock is free and
+//! nothing about it needs the latch (no shared holders, no waiters, no owner-died notice, entry in
+//! the index): then an exclusive lock is one CAS `gen|0 -> gen|owner+1` without the latch
+//! ("fast hold"), and its unlock the reverse CAS. Anything else sets the [`SLOW`] bit, which makes
+//! both CASes fail and sends their callers to the latch. Under the latch, a section first *pins*
+//! the entry (`fetch_or(SLOW)`): a fast hold it finds is converted into the latched form (`mode`
+//! Exclusive, `owner`, pool state HELD), so every latched code path sees one representation. At
+//! the end it *publishes* (`val` back to 0) if the entry is free and needs nothing of the latch.
+//! A fast holder is therefore named in exactly one place: `lw` while fast, `owner` once pinned.
 
-use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering::Relaxed};
 
 use crate::pool::PoolState;
 
@@ -76,8 +88,10 @@ pub struct Entry {
     pub token: AtomicU64,
     /// Next entry in the bucket chain (NIL ends it).
     pub next: AtomicU32,
-    /// Length of the name.
-    pub name_len: AtomicU32,
+    /// Length of the name (at most 1024).
+    pub name_len: AtomicU16,
+    /// [`OWNER_DIED`] (see [`Entry::died`]).
+    pub flags: AtomicU16,
     /// [`MODE_NONE`] or a [`Mode`].
     pub mode: AtomicU32,
     /// Owner index of the exclusive holder, NIL if none.
@@ -92,11 +106,60 @@ pub struct Entry {
     pub wait_tail: AtomicU32,
     /// Number of queued waiters.
     pub waiters: AtomicU32,
-    /// [`OWNER_DIED`].
-    pub flags: AtomicU32,
-    /// Bumped each time the entry is (re)used for a name.
-    pub gen: AtomicU32,
-    _pad: AtomicU32,
+    /// When the current exclusive grant was made: CLOCK_MONOTONIC_COARSE in milliseconds,
+    /// truncated to 32 bits (ages are taken modulo 2^32 ms, so holds past 49 days alias).
+    pub since: AtomicU32,
+    /// The lock word (see the module docs).
+    pub lw: AtomicU64,
+}
+
+impl Entry {
+    /// Does the entry carry an owner-died notice for its next grantee?
+    #[inline]
+    pub fn died(&self) -> bool {
+        u32::from(self.flags.load(Relaxed)) & OWNER_DIED != 0
+    }
+
+    /// Sets or clears the owner-died notice.
+    #[inline]
+    pub fn set_died(&self, died: bool) {
+        self.flags.store(u16::from(died) * OWNER_DIED as u16, Relaxed);
+    }
+
+    /// Stamps the current exclusive grant with the time `now`.
+    #[inline]
+    pub fn stamp(&self, now: crate::clock::Nanos) {
+        self.since.store((now.0 / 1_000_000) as u32, Relaxed);
+    }
+
+    /// When the current exclusive grant was made, as seen from `now`.
+    pub fn since(&self, now: crate::clock::Nanos) -> crate::clock::Nanos {
+        let age_ms = ((now.0 / 1_000_000) as u32).wrapping_sub(self.since.load(Relaxed));
+        crate::clock::Nanos(now.0.saturating_sub(u64::from(age_ms) * 1_000_000))
+    }
+}
+
+/// `Entry::lw` bit: the latch manages this lock now; fast CASes must fail.
+pub const SLOW: u32 = 1 << 31;
+/// `Entry::lw` bits naming a fast holder (owner index + 1).
+pub const FAST_OWNER: u32 = (1 << 24) - 1;
+
+/// Builds a lock word.
+#[inline]
+pub fn lock_word(gen: u32, val: u32) -> u64 {
+    u64::from(gen) << 32 | u64::from(val)
+}
+
+/// The generation of a lock word.
+#[inline]
+pub fn lw_gen(w: u64) -> u32 {
+    (w >> 32) as u32
+}
+
+/// The value (SLOW bit and fast holder) of a lock word.
+#[inline]
+pub fn lw_val(w: u64) -> u32 {
+    w as u32
 }
 
 /// A shared hold or a waiting request.

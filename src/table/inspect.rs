@@ -164,7 +164,10 @@ impl LockTable {
             let Some(i) = self.lookup(&sh, h, name) else {
                 return Ok(None);
             };
-            Self::copy_entry(&sh, i, &mut parties)
+            Self::pin(&sh, i)?;
+            let r = Self::copy_entry(&sh, i, &mut parties);
+            Self::publish(&sh, i);
+            r
         };
         Ok(Some(self.resolve(&r, &parties, name.to_vec(), sh.no, clock::now())))
     }
@@ -178,6 +181,8 @@ impl LockTable {
         let mut parties = Vec::with_capacity(n + sh.hpool().count(HoldState::Waiting) as usize + 4);
         {
             let _g = self.lock_shard(sh, pid_latch_id());
+            // A failure leaves some fast holds out of the copy; nothing to repair.
+            let _ = Self::pin_fast_holds(sh, None);
             for (i, _) in sh.epool().iter(EntryState::Held) {
                 let r = Self::copy_entry(sh, i.0, &mut parties);
                 let len = sh.entries().get(i.get()).map_or(0, |e| e.name_len.load(Relaxed));
@@ -217,10 +222,10 @@ impl LockTable {
         let Ok(e) = sh.entry(i) else { return r };
         r.mode = e.mode.load(Relaxed);
         r.token = e.token.load(Relaxed);
-        r.flags = e.flags.load(Relaxed);
+        r.flags = if e.died() { OWNER_DIED } else { 0 };
         match Mode::from_u32(r.mode) {
             Some(Mode::Exclusive) => {
-                let since = sh.epool().time(Idx(i)).unwrap_or(Nanos::ZERO);
+                let since = e.since(clock::coarse());
                 parties.push((e.owner.load(Relaxed), r.mode, r.token, since));
             }
             Some(Mode::Shared) => {
@@ -352,8 +357,13 @@ impl LockTable {
         {
             let _g = self.lock_shard(&sh, pid_latch_id());
             let i = self.lookup(&sh, h, name).ok_or(Error::NotHeld)?;
+            Self::pin(&sh, i)?;
             let e = sh.entry(i)?;
-            mode = Mode::from_u32(e.mode.load(Relaxed)).ok_or(Error::NotHeld)?;
+            let Some(m) = Mode::from_u32(e.mode.load(Relaxed)) else {
+                Self::publish(&sh, i);
+                return Err(Error::NotHeld);
+            };
+            mode = m;
             r = Self::copy_entry(&sh, i, &mut parties);
             match mode {
                 Mode::Exclusive => grants.push((
@@ -368,15 +378,15 @@ impl LockTable {
                 })),
             }
             // Set before the last release, whose hand-off or next grant passes it on.
-            let flags = e.flags.load(Relaxed);
-            e.flags.store(flags | OWNER_DIED, Relaxed);
+            let died = e.died();
+            e.set_died(true);
             for (owner, g) in &grants {
                 let as_holder = OwnerRef { idx: *owner, gen: 0 };
                 match self.release_locked(&sh, as_holder, g) {
                     Ok(w) => wakes.extend(w),
                     Err(err) => {
                         if e.mode.load(Relaxed) != MODE_NONE {
-                            e.flags.store(flags, Relaxed);
+                            e.set_died(died);
                         }
                         return Err(err);
                     }

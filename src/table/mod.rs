@@ -51,7 +51,10 @@ use crate::shm::sys::futex_wake;
 use crate::shm::{Region, RegionSpec, Segment, PARAMS};
 
 pub use check::TableStats;
-pub use entry::{Entry, EntryState, Hold, HoldState, Mode, GRANTED, MODE_NONE, OWNER_DIED, WAIT, WOKEN};
+pub use entry::{
+    lock_word, lw_gen, lw_val, Entry, EntryState, Hold, HoldState, Mode, FAST_OWNER, GRANTED, MODE_NONE, OWNER_DIED,
+    SLOW, WAIT, WOKEN,
+};
 pub use inspect::{Forced, LockInfo, OwnerInfo, Party, PoolCounts};
 pub use reap::{pid_latch_id, PID_ID};
 pub use shard::{Latch, ShardHdr, LATCH_SLEEP, STAT_GRANTS, STAT_HANDOFFS, STAT_REPAIRS, STAT_TIMEOUTS, STAT_WAITS};
@@ -80,7 +83,9 @@ pub struct TableHdr {
     _pad: AtomicU32,
     /// Owners reaped since creation.
     pub reaps: AtomicU64,
-    _reserved: [AtomicU64; 6],
+    /// Fast grants of owners no longer registered (see `Owner::fast_grants`).
+    pub retired_fast_grants: AtomicU64,
+    _reserved: [AtomicU64; 5],
 }
 // SAFETY: repr(C), atomics only, valid at zero, no pointers.
 crate::impl_shm_safe!(TableHdr);
@@ -132,6 +137,8 @@ pub(crate) struct RawGrant {
     pub(crate) token: u64,
     pub(crate) owner_died: bool,
     pub(crate) mode: Mode,
+    /// The entry's generation at the grant (a fast unlock CASes the lock word against it).
+    pub(crate) gen: u32,
 }
 
 impl RawGrant {
@@ -144,6 +151,7 @@ impl RawGrant {
             token,
             owner_died: false,
             mode,
+            gen: 0,
         }
     }
 }
@@ -221,8 +229,11 @@ impl<'a> Shard<'a> {
             .get(h as usize)
             .ok_or_else(|| corrupt(format!("shard {} hold {h} out of range", self.no)))
     }
-    fn next_token(&self) -> u64 {
-        let t = self.hdr.token.load(Relaxed) + 1;
+    /// The next fencing token for entry `e` (latch held): above the shard's counter, which is
+    /// the floor for entries inserted later, and above the entry's own last token, which fast
+    /// grants raise without the latch.
+    fn next_token(&self, e: &Entry) -> u64 {
+        let t = self.hdr.token.load(Relaxed).max(e.token.load(Relaxed)) + 1;
         self.hdr.token.store(t, Relaxed);
         t
     }
@@ -331,6 +342,7 @@ impl LockTable {
             for w in [&e.next, &e.owner, &e.reader_head, &e.wait_head, &e.wait_tail] {
                 w.store(NIL, Relaxed);
             }
+            e.lw.store(lock_word(0, SLOW), Relaxed); // FREE: no fast CAS may touch it
         }
         for h in seg.slice(r.holds) {
             for w in [&h.entry, &h.owner, &h.next, &h.prev] {
@@ -454,6 +466,16 @@ impl LockTable {
         self.seg.slice(self.r.owners)
     }
 
+    /// Moves owner `idx`'s fast-grant count into the table's (owner latch held).
+    fn retire_fast_grants(&self, idx: u32) {
+        if let Some(o) = self.owners().get(idx as usize) {
+            let hdr = self.table_hdr();
+            let n = o.fast_grants.swap(0, Relaxed);
+            hdr.retired_fast_grants
+                .store(hdr.retired_fast_grants.load(Relaxed).wrapping_add(n), Relaxed);
+        }
+    }
+
     pub(crate) fn owners_slice(&self) -> &[Owner] {
         self.owners()
     }
@@ -490,6 +512,7 @@ impl LockTable {
         o.pid.store(me.pid, Relaxed);
         o.start_time.store(me.start_time, Relaxed);
         o.kind.store(kind as u32, Relaxed);
+        o.fast_grants.store(0, Relaxed);
         o.set_label(label);
         let gen = o.gen.load(Relaxed).wrapping_add(1);
         o.gen.store(gen, Relaxed);
@@ -506,6 +529,7 @@ impl LockTable {
 
     pub(crate) fn deregister(&self, me: OwnerRef) -> Result<()> {
         let _g = self.lock_owners();
+        self.retire_fast_grants(me.idx);
         self.owner_pool()
             .transition(Idx(me.idx), OwnerState::Live, OwnerState::Free, clock::now())
     }
@@ -569,10 +593,18 @@ impl LockTable {
     /// chained) last, so a process killed half way leaves a FREE entry or a complete unchained
     /// one, which [`repair`](Self::repair) chains.
     fn insert(&self, sh: &Shard<'_>, h: u64, name: &[u8], now: Nanos) -> Result<u32> {
-        if sh.epool().count(EntryState::Free) == 0 {
-            // An idle entry first; an entry that only carries an owner-died notice only when no
-            // idle one is left (its notice is lost with it).
-            let victim = sh.epool().oldest(EntryState::Idle).map(|v| (v.0, EntryState::Idle));
+        // Evict: an idle entry first (skipping any that turn out fast-held: pinning makes them
+        // HELD), an entry that only carries an owner-died notice only when no idle one is left
+        // (its notice is lost with it).
+        let mut tries = sh.epool().count(EntryState::Idle);
+        while sh.epool().count(EntryState::Free) == 0 {
+            let idle = if tries > 0 {
+                sh.epool().oldest(EntryState::Idle)
+            } else {
+                None
+            };
+            tries = tries.saturating_sub(1);
+            let victim = idle.map(|v| (v.0, EntryState::Idle));
             let Some((victim, state)) =
                 victim.or_else(|| sh.epool().oldest(EntryState::Died).map(|v| (v.0, EntryState::Died)))
             else {
@@ -582,10 +614,22 @@ impl LockTable {
                     capacity: sh.entries().len() as u32,
                 });
             };
-            self.unlink_from_bucket(sh, victim.0)?;
+            Self::pin(sh, victim.0)?;
+            if sh.epool().state(victim)? != state {
+                continue; // it was fast-held
+            }
             if state == EntryState::Died {
                 tracing::warn!(shard = sh.no, "entry pool full: evicting a lock's owner-died notice");
             }
+            let e = sh.entry(victim.0)?;
+            self.unlink_from_bucket(sh, victim.0)?;
+            // Fast grants raised the entry's token past the shard's counter: keep the counter a
+            // floor for the names inserted later.
+            sh.hdr
+                .token
+                .store(sh.hdr.token.load(Relaxed).max(e.token.load(Relaxed)), Relaxed);
+            let w = e.lw.load(Relaxed);
+            e.lw.store(lock_word(lw_gen(w).wrapping_add(1), SLOW), Relaxed);
             sh.epool().transition(victim, state, EntryState::Free, now)?;
         }
         let i = sh
@@ -600,7 +644,7 @@ impl LockTable {
             w.store(chunks.next().map_or(0, name::word), Relaxed);
         }
         e.hash.store(h, Relaxed);
-        e.name_len.store(name.len() as u32, Relaxed);
+        e.name_len.store(name.len() as u16, Relaxed);
         e.mode.store(MODE_NONE, Relaxed);
         e.owner.store(NIL, Relaxed);
         e.readers.store(0, Relaxed);
@@ -608,15 +652,120 @@ impl LockTable {
         e.wait_head.store(NIL, Relaxed);
         e.wait_tail.store(NIL, Relaxed);
         e.waiters.store(0, Relaxed);
-        e.flags.store(0, Relaxed);
-        e.gen.store(e.gen.load(Relaxed).wrapping_add(1), Relaxed);
+        e.set_died(false);
+        e.token.store(sh.hdr.token.load(Relaxed), Relaxed);
+        let w = e.lw.load(Relaxed);
+        e.lw.store(lock_word(lw_gen(w).wrapping_add(1), SLOW), Relaxed);
         crate::chaos::point();
         sh.epool().transition(Idx(i), EntryState::Free, EntryState::Idle, now)?;
         crate::chaos::point();
         let b = &sh.buckets()[self.bucket_of(h)];
         e.next.store(b.load(Relaxed), Relaxed);
-        b.store(i, Relaxed);
+        // Release: a lookup without the latch that reaches the entry sees its name.
+        b.store(i, std::sync::atomic::Ordering::Release);
         Ok(i)
+    }
+
+    /// Pins entry `i` for a latched section (see [`entry`]): sets SLOW so no fast CAS can change
+    /// its lock word, and turns a fast hold into the latched form (mode, owner, pool state HELD).
+    fn pin(sh: &Shard<'_>, i: u32) -> Result<()> {
+        let e = sh.entry(i)?;
+        let old = e.lw.fetch_or(u64::from(SLOW), std::sync::atomic::Ordering::Acquire);
+        let holder = lw_val(old) & FAST_OWNER;
+        if holder != 0 {
+            e.lw.store(lock_word(lw_gen(old), SLOW), Relaxed);
+            e.owner.store(holder - 1, Relaxed);
+            e.mode.store(Mode::Exclusive.to_u32(), Relaxed);
+            // Its grant moved nothing in the pool; the stamp is from when the latch first saw it.
+            if let s @ (EntryState::Idle | EntryState::Died) = sh.epool().state(Idx(i))? {
+                sh.epool().transition(Idx(i), s, EntryState::Held, clock::coarse())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Pins every fast hold in shard `sh` (of owner `who` only, if given), so that the HELD list
+    /// names every holder. For inspection, `check` and reaping; the latch is held.
+    fn pin_fast_holds(sh: &Shard<'_>, who: Option<u32>) -> Result<()> {
+        let fast: Vec<u32> = sh
+            .epool()
+            .iter(EntryState::Idle)
+            .map(|(i, _)| i.0)
+            .filter(|&i| {
+                let holder = sh.entries()[i as usize].lw.load(Relaxed) as u32 & FAST_OWNER;
+                holder != 0 && who.is_none_or(|w| holder == w + 1)
+            })
+            .collect();
+        for i in fast {
+            Self::pin(sh, i)?;
+        }
+        Ok(())
+    }
+
+    /// Ends a latched section on entry `i`: if the lock is free and needs nothing of the latch
+    /// (IDLE: no holders, waiters or notice), opens it to fast CASes again.
+    fn publish(sh: &Shard<'_>, i: u32) {
+        let Some(e) = sh.entries().get(i as usize) else { return };
+        if lw_val(e.lw.load(Relaxed)) & FAST_OWNER != 0 {
+            return; // granted as a fast hold in this section
+        }
+        if matches!(sh.epool().state(Idx(i)), Ok(EntryState::Idle))
+            && e.mode.load(Relaxed) == MODE_NONE
+            && e.readers.load(Relaxed) == 0
+            && e.waiters.load(Relaxed) == 0
+            && !e.died()
+        {
+            let w = e.lw.load(Relaxed);
+            e.lw.store(lock_word(lw_gen(w), 0), std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    /// The exclusive lock of `me` on `name` by one CAS on the entry's lock word, without the
+    /// latch; `None` sends the caller to the latched path (name not indexed, lock not free, or
+    /// the entry changed under us).
+    #[inline(always)]
+    fn try_fast(&self, sh: &Shard<'_>, h: u64, name: &[u8], me: OwnerRef) -> Option<Result<RawGrant>> {
+        use std::sync::atomic::Ordering::{AcqRel, Acquire};
+        let entries = sh.entries();
+        let mut cur = sh.buckets()[self.bucket_of(h)].load(Acquire);
+        for _ in 0..entries.len() {
+            let e = entries.get(cur as usize)?;
+            if e.hash.load(Relaxed) == h {
+                // Read the word before the name: if the CAS below succeeds, the entry was not
+                // reused in between (reuse pins, then bumps the generation), so the name held.
+                let w = e.lw.load(Acquire);
+                if e.name_len.load(Relaxed) as usize == name.len() && Self::name_eq(sh, cur as usize, name) {
+                    return match lw_val(w) {
+                        0 => {
+                            e.lw.compare_exchange(w, w | u64::from(me.idx + 1), AcqRel, Relaxed)
+                                .ok()?;
+                            let token = e.token.load(Relaxed) + 1;
+                            e.token.store(token, Relaxed);
+                            e.stamp(clock::coarse());
+                            // The owner's own line; load + store, not an RMW (a statistic:
+                            // threads sharing one Client may lose a count).
+                            if let Some(o) = self.owners().get(me.idx as usize) {
+                                o.fast_grants
+                                    .store(o.fast_grants.load(Relaxed).wrapping_add(1), Relaxed);
+                            }
+                            Some(Ok(RawGrant {
+                                shard: sh.no,
+                                entry: cur,
+                                hold: NIL,
+                                token,
+                                owner_died: false,
+                                mode: Mode::Exclusive,
+                                gen: lw_gen(w),
+                            }))
+                        }
+                        v if v == me.idx + 1 => Some(Err(Error::AlreadyHeld)),
+                        _ => None,
+                    };
+                }
+            }
+            cur = e.next.load(Acquire);
+        }
+        None
     }
 
     /// The name of entry `e` (for inspection and errors).
@@ -678,6 +827,35 @@ impl LockTable {
     /// Grants entry `i` to `me` (the caller checked that it may).
     fn grant_now(&self, sh: &Shard<'_>, i: u32, mode: Mode, me: OwnerRef, now: Nanos) -> Result<RawGrant> {
         let e = sh.entry(i)?;
+        if mode == Mode::Exclusive && e.waiters.load(Relaxed) == 0 && e.readers.load(Relaxed) == 0 {
+            // Nobody waits: grant it as a fast hold (IDLE, named by the lock word alone), so its
+            // unlock is one CAS and the pool lists are not touched on either side.
+            match sh.epool().state(Idx(i))? {
+                EntryState::Idle => {}
+                EntryState::Free => return Err(corrupt(format!("shard {} entry {i} granted while FREE", sh.no))),
+                s => sh.epool().transition(Idx(i), s, EntryState::Idle, now)?,
+            }
+            let token = sh.next_token(e);
+            e.token.store(token, Relaxed);
+            crate::chaos::point();
+            let died = e.died();
+            e.set_died(false);
+            e.stamp(now);
+            e.mode.store(MODE_NONE, Relaxed);
+            e.owner.store(NIL, Relaxed);
+            let gen = lw_gen(e.lw.load(Relaxed));
+            e.lw.store(lock_word(gen, me.idx + 1), std::sync::atomic::Ordering::Release);
+            sh.bump(STAT_GRANTS);
+            return Ok(RawGrant {
+                shard: sh.no,
+                entry: i,
+                hold: NIL,
+                token,
+                owner_died: died,
+                mode,
+                gen,
+            });
+        }
         let mut hold = NIL;
         if mode == Mode::Shared {
             hold = Self::claim_hold(sh, i, me, mode, HoldState::Held, now)?;
@@ -690,14 +868,15 @@ impl LockTable {
             EntryState::Held => {}
             EntryState::Free => return Err(corrupt(format!("shard {} entry {i} granted while FREE", sh.no))),
         }
-        let token = sh.next_token();
+        let token = sh.next_token(e);
         e.token.store(token, Relaxed);
         crate::chaos::point();
-        let flags = e.flags.load(Relaxed);
-        if flags & OWNER_DIED != 0 {
-            e.flags.store(flags & !OWNER_DIED, Relaxed);
+        let died = e.died();
+        if died {
+            e.set_died(false);
         }
         if mode == Mode::Exclusive {
+            e.stamp(now);
             e.owner.store(me.idx, Relaxed);
         } else {
             sh.holds()[hold as usize].token.store(token, Relaxed);
@@ -709,8 +888,9 @@ impl LockTable {
             entry: i,
             hold,
             token,
-            owner_died: flags & OWNER_DIED != 0,
+            owner_died: died,
             mode,
+            gen: lw_gen(e.lw.load(Relaxed)),
         })
     }
 
@@ -764,10 +944,23 @@ impl LockTable {
         e.readers.store(e.readers.load(Relaxed).saturating_sub(1), Relaxed);
     }
 
-    /// Locks `name` for `me`.
+    /// Locks `name` for `me`. The fast path is inlined into the caller (so the grant stays in
+    /// registers); everything else is out of line.
+    #[inline]
     pub(crate) fn acquire(&self, me: OwnerRef, name: &[u8], mode: Mode, wait: Wait) -> Result<RawGrant> {
         let name = LockName::new(name, self.geo.max_name_len as usize)?.as_bytes();
         let h = name::hash(self.seed, name);
+        if mode == Mode::Exclusive {
+            if let Some(r) = self.try_fast(&self.shard(self.shard_of(h)), h, name, me) {
+                return r;
+            }
+        }
+        self.acquire_latched(me, name, h, mode, wait)
+    }
+
+    /// The latched path of [`acquire`](Self::acquire).
+    #[inline(never)]
+    fn acquire_latched(&self, me: OwnerRef, name: &[u8], h: u64, mode: Mode, wait: Wait) -> Result<RawGrant> {
         let sh = self.shard(self.shard_of(h));
         let guard = self.lock_shard(&sh, me.latch_id());
         let now = clock::coarse();
@@ -775,14 +968,19 @@ impl LockTable {
             Some(i) => i,
             None => self.insert(&sh, h, name, now)?,
         };
+        Self::pin(&sh, i)?;
         let e = sh.entry(i)?;
         if Self::holds_it(&sh, e, me) {
+            Self::publish(&sh, i);
             return Err(Error::AlreadyHeld);
         }
         if Self::can_take(&sh, e, mode) {
-            return self.grant_now(&sh, i, mode, me, now);
+            let g = self.grant_now(&sh, i, mode, me, now);
+            Self::publish(&sh, i);
+            return g;
         }
         if wait == Wait::No {
+            Self::publish(&sh, i);
             // Without shmlockd, a holder that died would fail every try_lock forever: when the
             // lock was granted over a poll period ago, check its holders (at most once a poll
             // period per process) and retry if one was dead and is now reaped.
@@ -801,23 +999,54 @@ impl LockTable {
                 reaped |= self.reap_if_dead(o, me.latch_id())?;
             }
             return if reaped {
-                self.acquire(me, name, mode, wait)
+                self.acquire_latched(me, name, h, mode, wait)
             } else {
                 Err(Error::WouldBlock)
             };
         }
-        let w = self.enqueue(&sh, i, mode, me)?;
+        let w = self.enqueue(&sh, i, mode, me);
+        Self::publish(&sh, i);
+        let w = w?;
         drop(guard);
         self.wait_for_grant(&sh, i, w, me, mode, wait)
     }
 
-    /// Releases a grant.
+    /// Releases a grant: a fast hold by one CAS (inlined), anything else under the latch.
+    #[inline]
     pub(crate) fn release(&self, me: OwnerRef, g: &RawGrant) -> Result<()> {
+        if g.hold == NIL {
+            // A fast hold: one CAS back, unless the latch has taken the lock over meanwhile.
+            if let Some(e) = self
+                .seg
+                .slice(self.r.entries)
+                .get((g.shard as usize) * self.geo.entries_per_shard as usize + g.entry as usize)
+            {
+                if e.token.load(Relaxed) == g.token
+                    && e.lw
+                        .compare_exchange(
+                            lock_word(g.gen, me.idx + 1),
+                            lock_word(g.gen, 0),
+                            std::sync::atomic::Ordering::Release,
+                            Relaxed,
+                        )
+                        .is_ok()
+                {
+                    return Ok(());
+                }
+            }
+        }
+        self.release_latched(me, g)
+    }
+
+    #[inline(never)]
+    fn release_latched(&self, me: OwnerRef, g: &RawGrant) -> Result<()> {
         let sh = self.shard(g.shard);
         let guard = self.lock_shard(&sh, me.latch_id());
-        let wake = self.release_locked(&sh, me, g)?;
+        Self::pin(&sh, g.entry)?;
+        let wake = self.release_locked(&sh, me, g);
+        Self::publish(&sh, g.entry);
         drop(guard);
-        if let Some(w) = wake {
+        if let Some(w) = wake? {
             futex_wake(w, 1);
         }
         Ok(())
@@ -883,7 +1112,7 @@ impl LockTable {
     /// Entry `i`, free and with nobody waiting, goes IDLE (evictable), or DIED if it carries an
     /// OWNER_DIED notice (evicted only when no IDLE entry is left).
     fn settle(sh: &Shard<'_>, i: u32) -> Result<()> {
-        let to = if sh.entry(i)?.flags.load(Relaxed) & OWNER_DIED != 0 {
+        let to = if sh.entry(i)?.died() {
             EntryState::Died
         } else {
             EntryState::Idle
@@ -898,7 +1127,7 @@ impl LockTable {
         let e = sh.entries().get(i as usize)?;
         let now = clock::now();
         let (owner, since, holders) = match Mode::from_u32(e.mode.load(Relaxed))? {
-            Mode::Exclusive => (e.owner.load(Relaxed), sh.epool().time(Idx(i)).ok()?, 1),
+            Mode::Exclusive => (e.owner.load(Relaxed), e.since(now), 1),
             Mode::Shared => {
                 let (h, hold) = Self::readers(sh, e).last()?;
                 (
@@ -924,22 +1153,26 @@ impl LockTable {
         let sh = self.shard(self.shard_of(h));
         let guard = self.lock_shard(&sh, me.latch_id());
         let i = self.lookup(&sh, h, name).ok_or(Error::NotHeld)?;
+        Self::pin(&sh, i)?;
         let e = sh.entry(i)?;
         let g = match Mode::from_u32(e.mode.load(Relaxed)) {
-            Some(Mode::Exclusive) if e.owner.load(Relaxed) == me.idx => {
-                RawGrant::existing(sh.no, i, NIL, e.token.load(Relaxed), Mode::Exclusive)
-            }
-            Some(Mode::Shared) => {
-                let (hi, hold) = Self::readers(&sh, e)
-                    .find(|(_, h)| h.owner.load(Relaxed) == me.idx)
-                    .ok_or(Error::NotHeld)?;
-                RawGrant::existing(sh.no, i, hi, hold.token.load(Relaxed), Mode::Shared)
-            }
-            _ => return Err(Error::NotHeld),
+            Some(Mode::Exclusive) if e.owner.load(Relaxed) == me.idx => Ok(RawGrant::existing(
+                sh.no,
+                i,
+                NIL,
+                e.token.load(Relaxed),
+                Mode::Exclusive,
+            )),
+            Some(Mode::Shared) => Self::readers(&sh, e)
+                .find(|(_, h)| h.owner.load(Relaxed) == me.idx)
+                .map(|(hi, hold)| RawGrant::existing(sh.no, i, hi, hold.token.load(Relaxed), Mode::Shared))
+                .ok_or(Error::NotHeld),
+            _ => Err(Error::NotHeld),
         };
-        let wake = self.release_locked(&sh, me, &g)?;
+        let wake = g.and_then(|g| self.release_locked(&sh, me, &g));
+        Self::publish(&sh, i);
         drop(guard);
-        if let Some(w) = wake {
+        if let Some(w) = wake? {
             futex_wake(w, 1);
         }
         Ok(())

@@ -86,6 +86,17 @@ impl LockTable {
         ep.rebuild();
         hp.rebuild();
         let now = clock::now();
+        // Close every lock word to fast CASes and take fast holds into the latched form (the
+        // states are recomputed below). Published again at the end.
+        for e in sh.entries() {
+            let old = e.lw.fetch_or(u64::from(SLOW), Ordering::Acquire);
+            let holder = lw_val(old) & FAST_OWNER;
+            if holder != 0 {
+                e.lw.store(lock_word(lw_gen(old), SLOW), Relaxed);
+                e.owner.store(holder - 1, Relaxed);
+                e.mode.store(Mode::Exclusive.to_u32(), Relaxed);
+            }
+        }
         let (entries, holds) = (sh.entries(), sh.holds());
         let max_len = self.geo.max_name_len as usize;
 
@@ -207,7 +218,7 @@ impl LockTable {
             }
             let e = &entries[i as usize];
             let busy = e.mode.load(Relaxed) != MODE_NONE || e.waiters.load(Relaxed) > 0;
-            let want = match (busy, e.flags.load(Relaxed) & OWNER_DIED != 0) {
+            let want = match (busy, e.died()) {
                 (true, _) => EntryState::Held,
                 (false, true) => EntryState::Died,
                 (false, false) => EntryState::Idle,
@@ -228,6 +239,7 @@ impl LockTable {
                 m if m == Mode::Shared.to_u32() && head_shared => self.grant_shared_run(sh, i, 0, now)?,
                 _ => {}
             }
+            Self::publish(sh, i);
         }
         Ok(())
     }
@@ -280,6 +292,7 @@ impl LockTable {
         {
             let _g = self.lock_owners();
             if self.owner_pool().state(Idx(idx))? == OwnerState::Reaping && o.reaper.load(Relaxed) == me {
+                self.retire_fast_grants(idx);
                 self.owner_pool()
                     .transition(Idx(idx), OwnerState::Reaping, OwnerState::Free, clock::now())?;
             }
@@ -334,10 +347,12 @@ impl LockTable {
         for s in shards.filter(|&s| s < self.geo.shards) {
             let sh = self.shard(s);
             let guard = self.lock_shard(&sh, as_id);
+            Self::pin_fast_holds(&sh, Some(who))?;
             let mut wakes: Vec<&AtomicU32> = Vec::new();
+            let mut touched: Vec<u32> = Vec::new();
             let mark = |e: &Entry| {
                 if died {
-                    e.flags.store(e.flags.load(Relaxed) | OWNER_DIED, Relaxed);
+                    e.set_died(true);
                 }
             };
             let held: Vec<u32> = sh.epool().iter(EntryState::Held).map(|(i, _)| i.0).collect();
@@ -347,6 +362,7 @@ impl LockTable {
                     mark(e);
                     let g = RawGrant::existing(s, i, NIL, e.token.load(Relaxed), Mode::Exclusive);
                     wakes.extend(self.release_locked(&sh, who_ref, &g)?);
+                    touched.push(i);
                     n += 1;
                 }
             }
@@ -360,6 +376,8 @@ impl LockTable {
                 for h in mine {
                     let hold = &sh.holds()[h as usize];
                     let entry = hold.entry.load(Relaxed);
+                    Self::pin(&sh, entry)?;
+                    touched.push(entry);
                     match state {
                         HoldState::Held => {
                             mark(sh.entry(entry)?);
@@ -378,6 +396,9 @@ impl LockTable {
                     }
                     n += 1;
                 }
+            }
+            for i in touched {
+                Self::publish(&sh, i);
             }
             drop(guard);
             for w in wakes {

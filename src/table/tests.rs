@@ -178,10 +178,17 @@ fn snapshot(table: &LockTable) -> Vec<LockView> {
             let e = &sh.entries()[i.get()];
             let mut readers: Vec<u32> = LockTable::readers(&sh, e).map(|(_, h)| h.owner.load(Relaxed)).collect();
             readers.sort_unstable();
+            // A fast hold is named by the lock word, a latched one by mode and owner.
+            let fast = crate::table::lw_val(e.lw.load(Relaxed)) & crate::table::FAST_OWNER;
+            let (mode, owner) = if fast != 0 {
+                (Mode::Exclusive.to_u32(), fast - 1)
+            } else {
+                (e.mode.load(Relaxed), e.owner.load(Relaxed))
+            };
             (
                 LockTable::name_of(&sh, i.0),
-                e.mode.load(Relaxed),
-                e.owner.load(Relaxed),
+                mode,
+                owner,
                 readers,
                 e.token.load(Relaxed),
             )

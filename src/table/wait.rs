@@ -73,18 +73,18 @@ impl LockTable {
     pub(super) fn hand_off<'a>(&self, sh: &'a Shard<'_>, i: u32) -> Result<Option<&'a AtomicU32>> {
         let e = sh.entry(i)?;
         let now = clock::coarse();
-        let flags = e.flags.load(R);
-        e.flags.store(flags & !OWNER_DIED, R);
-        let died = flags & OWNER_DIED;
+        let died = if e.died() { OWNER_DIED } else { 0 };
+        e.set_died(false);
         let head = e.wait_head.load(R);
         let hold = sh.hold(head)?;
         sh.epool().touch(Idx(i), now)?;
         if hold.mode.load(R) == Mode::Exclusive.to_u32() {
             Self::dequeue(sh, e, head);
             crate::chaos::point();
-            let token = sh.next_token();
+            let token = sh.next_token(e);
             e.token.store(token, R);
             e.owner.store(hold.owner.load(R), R);
+            e.stamp(now);
             e.mode.store(Mode::Exclusive.to_u32(), R);
             crate::chaos::point();
             hold.token.store(token, R);
@@ -116,7 +116,7 @@ impl LockTable {
             sh.hpool()
                 .transition(Idx(cur), HoldState::Waiting, HoldState::Held, now)?;
             Self::add_reader(sh, e, cur);
-            let token = sh.next_token();
+            let token = sh.next_token(e);
             e.token.store(token, R);
             h.token.store(token, R);
             h.flags.store(died, R);
@@ -191,9 +191,11 @@ impl LockTable {
                 futex_wait(&hold.futex, WAIT, Some(sleep));
             }
             let guard = self.lock_shard(sh, me.latch_id());
+            Self::pin(sh, i)?;
             let e = sh.entry(i)?;
             if !Self::still_mine(sh, w, gen, i, me) {
                 // Cancelled for us (release_all on this owner) or cleared by a repair.
+                Self::publish(sh, i);
                 return Err(Error::Cancelled);
             }
             match hold.futex.load(R) {
@@ -205,6 +207,7 @@ impl LockTable {
                         token: hold.token.load(R),
                         owner_died: hold.flags.load(R) & OWNER_DIED != 0,
                         mode,
+                        gen: lw_gen(e.lw.load(R)),
                     };
                     if mode == Mode::Exclusive {
                         sh.hpool()
@@ -217,14 +220,18 @@ impl LockTable {
                     sh.hpool()
                         .transition(Idx(w), HoldState::Waiting, HoldState::Free, clock::coarse())?;
                     hold.futex.store(WAIT, R);
-                    return self.grant_now(sh, i, mode, me, clock::coarse());
+                    let g = self.grant_now(sh, i, mode, me, clock::coarse());
+                    Self::publish(sh, i);
+                    return g;
                 }
                 WOKEN => hold.futex.store(WAIT, R), // a barging request got it first
                 _ => {}
             }
             if matches!(wait, Wait::Until(d) if clock::now() >= d) {
                 let holder = self.holder_info(sh, i);
-                let wake = self.cancel_wait(sh, i, w)?;
+                let wake = self.cancel_wait(sh, i, w);
+                Self::publish(sh, i);
+                let wake = wake?;
                 sh.bump(STAT_TIMEOUTS);
                 drop(guard);
                 if let Some(f) = wake {
