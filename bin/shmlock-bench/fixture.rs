@@ -198,7 +198,7 @@ pub(crate) fn with_peer<J: Job>(opened: &mut Opened, names: Vec<String>, label: 
         }
         Opened::Remote { addr, .. } => {
             let client = RemoteClient::connect(addr.as_str()).with_context(|| format!("connect to gateway {addr}"))?;
-            let mut peer = RemotePeer::new(&client, names);
+            let mut peer = RemotePeer::new(&client, addr, names);
             run_job(&mut peer, job)
         }
         Opened::Flock(dir) => {

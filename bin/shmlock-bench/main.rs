@@ -24,6 +24,7 @@ mod fixture;
 mod hist;
 mod peer;
 mod procs;
+mod raw;
 mod reap;
 mod report;
 mod sys;
@@ -96,9 +97,13 @@ struct Common {
     /// Operations per process [stream, parallel: 2000000; contention: run --seconds instead].
     #[arg(long, global = true)]
     ops: Option<u64>,
-    /// Processes for parallel and contention [default: number of CPUs].
-    #[arg(long, global = true)]
+    /// Processes for parallel and contention, each one client [default: number of CPUs].
+    #[arg(long, visible_alias = "clients", global = true)]
     procs: Option<usize>,
+    /// stream and parallel with remote or redis: send D lock/unlock pairs in one batch before
+    /// reading their answers (as redis-benchmark -P); 1 = one request at a time.
+    #[arg(long, value_name = "D", default_value_t = 1, global = true)]
+    pipeline: usize,
     /// Duration of a contention run, when --ops is not given.
     #[arg(long, default_value_t = 2.0, global = true)]
     seconds: f64,
@@ -177,6 +182,7 @@ impl Bench {
             .clone()
             .unwrap_or_else(|| format!("/shmlock-bench-{}", std::process::id()));
         anyhow::ensure!(c.repeat >= 1, "--repeat must be at least 1");
+        anyhow::ensure!(c.pipeline >= 1, "--pipeline must be at least 1");
         if let Some(addr) = &c.remote {
             let _ = fixture::REMOTE_ADDR.set(addr.clone());
         }
@@ -266,16 +272,24 @@ impl Bench {
         for &s in &self.systems {
             rows.push(self.measure("stream", s, None, None, || {
                 let mut fx = Fixture::create(s, &self.namer, &names, &caps)?;
-                with_peer(&mut fx.opened, names.clone(), "bench-stream", StreamJob { ops })
+                let job = StreamJob {
+                    ops,
+                    depth: self.c.pipeline,
+                };
+                with_peer(&mut fx.opened, names.clone(), "bench-stream", job)
             })?);
+        }
+        let mut notes = vec![
+            "op = one lock + unlock pair".into(),
+            format!("shmlock segment: default capacities ({})", caps_text(&caps)),
+        ];
+        if self.c.pipeline > 1 {
+            notes.push(pipeline_note(self.c.pipeline));
         }
         self.finish(
             &format!("stream: {ops} x {{ lock(\"ABCD\"); unlock(\"ABCD\") }} in one process"),
             &rows,
-            vec![
-                "op = one lock + unlock pair".into(),
-                format!("shmlock segment: default capacities ({})", caps_text(&caps)),
-            ],
+            notes,
         );
         Ok(())
     }
@@ -342,6 +356,7 @@ impl Bench {
                 ops,
                 seconds: self.c.seconds,
                 pin: self.c.pin,
+                depth: self.c.pipeline,
             };
             let row = self.measure(name, s, None, Some(self.procs), || run.run())?;
             if let Extra::Contention {
@@ -377,6 +392,9 @@ impl Bench {
                 ],
             ),
         };
+        if self.c.pipeline > 1 && scenario == Multi::Parallel {
+            notes.push(pipeline_note(self.c.pipeline));
+        }
         notes.push(format!(
             "workers are separate processes{}; started together by a flag in shared memory",
             if self.c.pin {
@@ -397,6 +415,14 @@ fn caps_text(c: &Capacities) -> String {
     )
 }
 
+fn pipeline_note(depth: usize) -> String {
+    format!(
+        "pipelined: {depth} lock/unlock pairs sent in one write, then their {} answers read \
+         (remote: bare protocol lines on a second connection; redis: one MULTI-less pipeline)",
+        2 * depth
+    )
+}
+
 fn system_note(s: System) -> &'static str {
     match s {
         System::Shmlock => "shmlock: client.lock(name) -> guard, guard.unlock(); named segment in /dev/shm",
@@ -406,7 +432,7 @@ fn system_note(s: System) -> &'static str {
         }
         System::Remote => {
             "remote: RemoteClient::lock(name) -> guard, guard.unlock() over TCP loopback: two round \
-             trips per pair, no pipelining"
+             trips per pair (with --pipeline: see the pipelined note)"
         }
         System::Pthread => {
             "pthread: robust process-shared mutex per name, 64-byte slots in a /dev/shm mapping; no name \
@@ -419,33 +445,41 @@ const WARMUP: u64 = 10_000;
 
 struct StreamJob {
     ops: u64,
+    /// Pairs per pipelined batch; 1: no pipelining.
+    depth: usize,
 }
 
 impl Job for StreamJob {
     type Out = Run;
 
     fn run<P: Peer>(self, p: &mut P) -> Result<Run> {
-        for _ in 0..WARMUP.min(self.ops) {
-            p.lock(0)?;
-            p.unlock(0)?;
-        }
+        stream_loop(p, 0, WARMUP.min(self.ops), self.depth)?;
         let t = Instant::now();
-        stream_loop(p, self.ops)?;
+        let ops = stream_loop(p, 0, self.ops, self.depth)?;
         Ok(Run {
-            ops: self.ops,
+            ops,
             seconds: t.elapsed().as_secs_f64(),
             extra: Extra::None,
         })
     }
 }
 
+/// `ops` x { lock(i); unlock(i) }, in batches of `depth` if it is above 1 (then `ops` is rounded
+/// up to whole batches). Returns the pairs done.
 #[inline(never)]
-fn stream_loop<P: Peer>(p: &mut P, ops: u64) -> Result<()> {
-    for _ in 0..ops {
-        p.lock(0)?;
-        p.unlock(0)?;
+pub(crate) fn stream_loop<P: Peer>(p: &mut P, i: usize, ops: u64, depth: usize) -> Result<u64> {
+    if depth <= 1 {
+        for _ in 0..ops {
+            p.lock(i)?;
+            p.unlock(i)?;
+        }
+        return Ok(ops);
     }
-    Ok(())
+    let batches = ops.div_ceil(depth as u64);
+    for _ in 0..batches {
+        p.pipelined(i, depth)?;
+    }
+    Ok(batches * depth as u64)
 }
 
 struct ManyHeldJob {
