@@ -20,6 +20,7 @@
 //! - `sys.rs`: the only unsafe code (mappings, pthread, flock, affinity, rlimit).
 
 mod cleanup;
+mod connections;
 mod fixture;
 mod hist;
 mod peer;
@@ -68,6 +69,14 @@ enum Cmd {
     Parallel,
     /// P processes on one name: lock; counter += 1; unlock, for --seconds (or --ops each).
     Contention,
+    /// N concurrent gateway sessions, each holding one lock: time to open them, the daemon's
+    /// memory before and after, and lock/unlock pairs/s round-robin over them (--ops, default
+    /// 20000). Starts a shmlockd (built next to the bench) sized for N, unless --remote is given.
+    Connections {
+        /// Numbers of sessions, comma separated.
+        #[arg(long, value_delimiter = ',', default_value = "1000")]
+        n: Vec<u64>,
+    },
     /// Every scenario with its defaults (many-held at 1000,10000,100000).
     All,
     /// A holder is SIGKILLed while another process waits: time from the kill to the waiter's
@@ -123,6 +132,9 @@ struct Common {
     /// [default: a gateway in the bench process on a fresh segment].
     #[arg(long, value_name = "ADDR", global = true)]
     remote: Option<String>,
+    /// With --remote: the pid of the shmlockd serving it, whose memory `connections` reads.
+    #[arg(long, value_name = "PID", global = true, requires = "remote")]
+    daemon_pid: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -206,6 +218,7 @@ impl Bench {
             Cmd::ManyHeld { n } => self.many_held(&n),
             Cmd::Parallel => self.multi(Multi::Parallel),
             Cmd::Contention => self.multi(Multi::Contention),
+            Cmd::Connections { n } => self.connections(&n),
             Cmd::All => {
                 self.stream()?;
                 self.many_held(&[1_000, 10_000, 100_000])?;
@@ -337,6 +350,55 @@ impl Bench {
             &format!("many-held: lock n distinct names, then unlock them all (n = {ns:?})"),
             &rows,
             notes,
+        );
+        Ok(())
+    }
+
+    fn connections(&self, ns: &[u64]) -> Result<()> {
+        let ops = self.c.ops.unwrap_or(20_000);
+        let target = connections::Target {
+            namer: &self.namer,
+            remote: self.c.remote.as_deref(),
+            daemon_pid: self.c.daemon_pid,
+        };
+        let mut rows = Vec::new();
+        for &n in ns {
+            anyhow::ensure!(n >= 1, "--n must be at least 1");
+            anyhow::ensure!(
+                n + 64 <= self.nofile,
+                "--n {n}: the bench needs a descriptor per session and RLIMIT_NOFILE is {} (raise the \
+                 hard limit: ulimit -Hn)",
+                self.nofile
+            );
+            rows.push(self.measure("connections", System::Remote, Some(n), None, || {
+                connections::run(&target, n, ops)
+            })?);
+        }
+        if self.c.json {
+            return Ok(());
+        }
+        let daemon = match (&self.c.remote, self.c.daemon_pid) {
+            (Some(a), Some(p)) => format!("the shmlockd at {a} (pid {p})"),
+            (Some(a), None) => format!("the gateway at {a}; memory not read (no --daemon-pid)"),
+            (None, _) => "a shmlockd started by the bench on a fresh segment, max_connections = n, \
+                          max_owners = n + 64, idle_timeout off"
+                .to_string(),
+        };
+        report::print_scenario(
+            &format!("connections: n sessions at once, each holding one lock (n = {ns:?})"),
+            &rows,
+            &[
+                format!("daemon: {daemon}"),
+                "open s = connect + greeting + LOCK granted, one session after another".into(),
+                format!(
+                    "op = one lock + unlock pair (two round trips) on session k % n, {ops} ops with all \
+                     sessions open"
+                ),
+                "rss = the daemon's VmRSS (includes the segment pages it touched); anon = RssAnon \
+                 (private memory); per session = (with all open - before) / n, after a warm-up"
+                    .into(),
+                "n+1th = a session beyond max_connections, which must be refused".into(),
+            ],
         );
         Ok(())
     }

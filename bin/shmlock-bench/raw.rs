@@ -11,8 +11,8 @@ use shmlock::gateway::proto::{self, Response};
 
 /// One session, driven synchronously.
 pub(crate) struct RawConn {
+    /// The socket, read through the buffer and written directly (one descriptor a session).
     rd: BufReader<TcpStream>,
-    wr: TcpStream,
     out: Vec<u8>,
     line: Vec<u8>,
     next_tag: u64,
@@ -28,12 +28,16 @@ enum Expect {
 impl RawConn {
     /// Connects and reads the greeting.
     pub(crate) fn connect(addr: &str) -> Result<RawConn> {
-        let wr = TcpStream::connect(addr).with_context(|| format!("connect to gateway {addr}"))?;
-        wr.set_nodelay(true)?;
+        Self::connect_with(addr, 4096)
+    }
+
+    /// Connects with a read buffer of `buf` bytes and reads the greeting.
+    pub(crate) fn connect_with(addr: &str, buf: usize) -> Result<RawConn> {
+        let s = TcpStream::connect(addr).with_context(|| format!("connect to gateway {addr}"))?;
+        s.set_nodelay(true)?;
         let mut c = RawConn {
-            rd: BufReader::with_capacity(4096, wr.try_clone()?),
-            wr,
-            out: Vec::with_capacity(256),
+            rd: BufReader::with_capacity(buf, s),
+            out: Vec::new(),
             line: Vec::with_capacity(128),
             next_tag: 1,
         };
@@ -69,7 +73,8 @@ impl RawConn {
 
     /// Sends everything queued in one write.
     pub(crate) fn flush(&mut self) -> Result<()> {
-        self.wr.write_all(&self.out).context("send to the gateway")?;
+        let mut s: &TcpStream = self.rd.get_ref();
+        s.write_all(&self.out).context("send to the gateway")?;
         self.out.clear();
         Ok(())
     }
@@ -97,6 +102,28 @@ impl RawConn {
     /// Reads one answer, which must be `OK`.
     pub(crate) fn expect_ok(&mut self) -> Result<()> {
         self.expect(Expect::Ok)
+    }
+
+    /// `LOCK name` then `UNLOCK name`, each waiting for its answer (two round trips).
+    pub(crate) fn pair(&mut self, name: &str) -> Result<()> {
+        self.queue_lock(name);
+        self.flush()?;
+        self.expect_granted()?;
+        self.queue_unlock(name);
+        self.flush()?;
+        self.expect_ok()
+    }
+
+    /// Sends `QUIT` and waits for the gateway to close the connection (its locks are free then).
+    pub(crate) fn quit(mut self) -> Result<()> {
+        let _ = writeln!(self.out, "{} QUIT", self.next_tag);
+        self.flush()?;
+        loop {
+            self.line.clear();
+            if self.rd.read_until(b'\n', &mut self.line)? == 0 {
+                return Ok(());
+            }
+        }
     }
 
     /// `depth` x { LOCK name; UNLOCK name } in one write, then the 2 x depth answers in order
