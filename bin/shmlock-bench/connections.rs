@@ -195,10 +195,7 @@ pub(crate) fn run(t: &Target<'_>, n: u64, ops: u64) -> Result<Run> {
     let after = mem("after")?;
 
     // The limit is n when the bench started the daemon: one more must be refused politely.
-    let over_limit_refused = match daemon {
-        Some(_) => Some(RawConn::connect_with(&addr, 256).is_err()),
-        None => None,
-    };
+    let over_limit_refused = daemon.as_ref().map(|_| RawConn::connect_with(&addr, 256).is_err());
 
     let names: Vec<String> = (0..n).map(|i| format!("op-{i}")).collect();
     let t1 = Instant::now();
