@@ -24,6 +24,8 @@ mod connections;
 mod fixture;
 mod hist;
 mod peer;
+#[cfg(feature = "peers")]
+mod peers;
 mod procs;
 mod raw;
 mod reap;
@@ -100,9 +102,9 @@ enum Cmd {
 
 #[derive(Debug, Args)]
 struct Common {
-    /// Which system(s) to run.
-    #[arg(long, value_enum, default_value = "all", global = true)]
-    system: SystemArg,
+    /// Which system(s) to run, comma separated (e.g. remote,redis,postgres).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "all", global = true)]
+    system: Vec<SystemArg>,
     /// Operations per process [stream, parallel: 2000000; contention: run --seconds instead].
     #[arg(long, global = true)]
     ops: Option<u64>,
@@ -135,6 +137,17 @@ struct Common {
     /// With --remote: the pid of the shmlockd serving it, whose memory `connections` reads.
     #[arg(long, value_name = "PID", global = true, requires = "remote")]
     daemon_pid: Option<u32>,
+    /// With --system redis: the server.
+    #[arg(long, value_name = "URL", default_value = "redis://127.0.0.1:6379/", global = true)]
+    redis_url: String,
+    /// With --system postgres: the server (user with a password, or trust, on loopback).
+    #[arg(
+        long,
+        value_name = "URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres",
+        global = true
+    )]
+    pg_url: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -144,6 +157,10 @@ enum SystemArg {
     Pthread,
     /// shmlock through the TCP gateway (not part of `all`).
     Remote,
+    /// Redis at --redis-url: SET NX PX + compare-and-delete (build with --features peers).
+    Redis,
+    /// PostgreSQL advisory locks at --pg-url (build with --features peers).
+    Postgres,
     All,
 }
 
@@ -154,6 +171,8 @@ impl SystemArg {
             SystemArg::Flock => vec![System::Flock],
             SystemArg::Pthread => vec![System::Pthread],
             SystemArg::Remote => vec![System::Remote],
+            SystemArg::Redis => vec![System::Redis],
+            SystemArg::Postgres => vec![System::Postgres],
             SystemArg::All => System::ALL.to_vec(),
         }
     }
@@ -198,6 +217,14 @@ impl Bench {
         if let Some(addr) = &c.remote {
             let _ = fixture::REMOTE_ADDR.set(addr.clone());
         }
+        let _ = fixture::REDIS_URL.set(c.redis_url.clone());
+        let _ = fixture::PG_URL.set(c.pg_url.clone());
+        let mut systems = Vec::new();
+        for s in c.system.iter().flat_map(|s| s.systems()) {
+            if !systems.contains(&s) {
+                systems.push(s);
+            }
+        }
         anyhow::ensure!(c.seconds > 0.0 && c.seconds.is_finite(), "--seconds must be positive");
         let procs = c
             .procs
@@ -205,7 +232,7 @@ impl Bench {
         anyhow::ensure!(procs >= 1, "--procs must be at least 1");
         Ok(Bench {
             namer: Namer::new(prefix)?,
-            systems: c.system.systems(),
+            systems,
             procs,
             nofile: sys::raise_nofile_limit(),
             c,
@@ -495,6 +522,14 @@ fn system_note(s: System) -> &'static str {
         System::Remote => {
             "remote: RemoteClient::lock(name) -> guard, guard.unlock() over TCP loopback: two round \
              trips per pair (with --pipeline: see the pipelined note)"
+        }
+        System::Redis => {
+            "redis: SET key token NX PX 30000 (retried at once while nil), unlock = compare-and-delete \
+             Lua script by EVALSHA; one connection per client"
+        }
+        System::Postgres => {
+            "postgres: SELECT pg_advisory_lock(k) / pg_advisory_unlock(k), prepared, k = FNV-1a 64 of \
+             the name; one connection per client"
         }
         System::Pthread => {
             "pthread: robust process-shared mutex per name, 64-byte slots in a /dev/shm mapping; no name \
