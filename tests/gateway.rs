@@ -432,6 +432,43 @@ fn pipelined_requests_are_answered_in_order_and_retries_take_nothing_twice() {
     quiet_within(&env, 1);
 }
 
+#[test]
+fn lines_split_across_reads_and_batches_beyond_one_read_are_served() {
+    let env = TestEnv::new("gw-split");
+    let gw = serve(&env, |_| {});
+    let mut raw = Raw::connect(gw.local_addr());
+    raw.w.set_nodelay(true).unwrap();
+    // One request in pieces, with pauses so that the gateway reads each piece on its own.
+    for piece in ["a1 LO", "CK sp", "lit EXCLUSIVE\r", "\n"] {
+        raw.send(piece);
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    assert!(raw.line().starts_with("a1 GRANTED "));
+    // A partial line, then its end together with whole lines.
+    raw.send("a2 UNLO");
+    std::thread::sleep(Duration::from_millis(30));
+    raw.send("CK split\na3 PING\na4 TRY split\na5 UNL");
+    std::thread::sleep(Duration::from_millis(30));
+    raw.send("OCK split\n");
+    assert_eq!(raw.line(), "a2 OK");
+    assert_eq!(raw.line(), "a3 PONG");
+    assert!(raw.line().starts_with("a4 GRANTED "));
+    assert_eq!(raw.line(), "a5 OK");
+    // Many kilobytes in one write: more than one read's worth, lines cut anywhere.
+    let mut batch = String::new();
+    for i in 0..2000 {
+        batch.push_str(&format!("b{i} LOCK name-{i}\nc{i} UNLOCK name-{i}\n"));
+    }
+    raw.send(&batch);
+    for i in 0..2000 {
+        assert!(raw.line().starts_with(&format!("b{i} GRANTED ")));
+        assert_eq!(raw.line(), format!("c{i} OK"));
+    }
+    assert_eq!(raw.ask("q QUIT"), "q BYE");
+    raw.expect_closed();
+    quiet_within(&env, 0);
+}
+
 // ---- auth ------------------------------------------------------------------------------------
 
 #[test]

@@ -26,10 +26,22 @@ pub(crate) enum System {
     /// shmlock through the TCP gateway: `--remote ADDR`, else a gateway started in the bench
     /// process on a fresh segment. Not part of `all`.
     Remote,
+    /// Redis at `--redis-url` (feature `peers`). Not part of `all`.
+    Redis,
+    /// PostgreSQL advisory locks at `--pg-url` (feature `peers`). Not part of `all`.
+    Postgres,
 }
 
 /// The gateway address given with `--remote`, if any (set once, from the command line).
 pub(crate) static REMOTE_ADDR: OnceLock<String> = OnceLock::new();
+/// `--redis-url`.
+pub(crate) static REDIS_URL: OnceLock<String> = OnceLock::new();
+/// `--pg-url`.
+pub(crate) static PG_URL: OnceLock<String> = OnceLock::new();
+
+#[cfg(not(feature = "peers"))]
+const NO_PEERS: &str = "this shmlock-bench was built without Redis and PostgreSQL clients: \
+                        build it with `--features peers`";
 
 impl System {
     pub(crate) const ALL: [System; 3] = [System::Shmlock, System::Flock, System::Pthread];
@@ -40,6 +52,8 @@ impl System {
             System::Flock => "flock",
             System::Pthread => "pthread",
             System::Remote => "remote",
+            System::Redis => "redis",
+            System::Postgres => "postgres",
         }
     }
 }
@@ -89,6 +103,23 @@ pub(crate) enum Opened {
         /// Kept running while the fixture lives.
         _gateway: Option<Gateway>,
     },
+    /// A server URL, and the prefix of this run's keys.
+    Redis {
+        url: String,
+        prefix: String,
+    },
+    Postgres {
+        url: String,
+        prefix: String,
+    },
+}
+
+/// A server's target string: `{prefix} {url}` (the prefix has no spaces).
+fn split_target(target: &str) -> Result<(String, String)> {
+    let (prefix, url) = target
+        .split_once(' ')
+        .with_context(|| format!("target {target:?}: expected PREFIX URL"))?;
+    Ok((prefix.to_string(), url.to_string()))
 }
 
 impl Opened {
@@ -104,6 +135,14 @@ impl Opened {
                 addr: target.to_string(),
                 _gateway: None,
             },
+            System::Redis => {
+                let (prefix, url) = split_target(target)?;
+                Opened::Redis { url, prefix }
+            }
+            System::Postgres => {
+                let (prefix, url) = split_target(target)?;
+                Opened::Postgres { url, prefix }
+            }
         })
     }
 }
@@ -113,7 +152,7 @@ pub(crate) struct Fixture {
     pub(crate) opened: Opened,
     /// The name other processes open it by.
     pub(crate) target: String,
-    _reg: Registered,
+    _reg: Option<Registered>,
 }
 
 impl Fixture {
@@ -128,7 +167,7 @@ impl Fixture {
                 Ok(Fixture {
                     opened: Opened::Shmlock(Arc::new(table)),
                     target: name,
-                    _reg: reg,
+                    _reg: Some(reg),
                 })
             }
             System::Flock => {
@@ -138,7 +177,7 @@ impl Fixture {
                 Ok(Fixture {
                     target: dir.to_string_lossy().into_owned(),
                     opened: Opened::Flock(dir),
-                    _reg: reg,
+                    _reg: Some(reg),
                 })
             }
             System::Remote => {
@@ -166,8 +205,30 @@ impl Fixture {
                         _gateway: gw,
                     },
                     target: addr,
-                    _reg: reg,
+                    _reg: Some(reg),
                 })
+            }
+            System::Redis | System::Postgres => {
+                #[cfg(not(feature = "peers"))]
+                bail!(NO_PEERS);
+                #[cfg(feature = "peers")]
+                {
+                    let (kind, url) = match system {
+                        System::Redis => ("redis", REDIS_URL.get()),
+                        _ => ("postgres", PG_URL.get()),
+                    };
+                    let url = url.context("no server URL")?.clone();
+                    // The prefix names this run's keys; a check that the server answers.
+                    let prefix = namer.shm(kind)[1..].to_string();
+                    let target = format!("{prefix} {url}");
+                    let mut opened = Opened::open(system, &target)?;
+                    with_peer(&mut opened, names[..1].to_vec(), "bench-check", CheckJob)?;
+                    Ok(Fixture {
+                        opened,
+                        target,
+                        _reg: None,
+                    })
+                }
             }
             System::Pthread => {
                 let name = namer.shm("pthread");
@@ -175,7 +236,7 @@ impl Fixture {
                 Ok(Fixture {
                     opened: Opened::Pthread(Some(arr), name.clone()),
                     target: name,
-                    _reg: reg,
+                    _reg: Some(reg),
                 })
             }
         }
@@ -198,8 +259,32 @@ pub(crate) fn with_peer<J: Job>(opened: &mut Opened, names: Vec<String>, label: 
         }
         Opened::Remote { addr, .. } => {
             let client = RemoteClient::connect(addr.as_str()).with_context(|| format!("connect to gateway {addr}"))?;
-            let mut peer = RemotePeer::new(&client, names);
+            let mut peer = RemotePeer::new(&client, addr, names);
             run_job(&mut peer, job)
+        }
+        Opened::Redis { url, prefix } => {
+            #[cfg(feature = "peers")]
+            {
+                let mut peer = crate::peers::RedisPeer::connect(url, prefix, &names)?;
+                run_job(&mut peer, job)
+            }
+            #[cfg(not(feature = "peers"))]
+            {
+                let _ = (url, prefix, job);
+                bail!(NO_PEERS)
+            }
+        }
+        Opened::Postgres { url, prefix } => {
+            #[cfg(feature = "peers")]
+            {
+                let mut peer = crate::peers::PgPeer::connect(url, prefix, &names)?;
+                run_job(&mut peer, job)
+            }
+            #[cfg(not(feature = "peers"))]
+            {
+                let _ = (url, prefix, job);
+                bail!(NO_PEERS)
+            }
         }
         Opened::Flock(dir) => {
             let mut peer = FlockPeer::new(dir, &names, false)?;
@@ -223,6 +308,19 @@ pub(crate) fn with_peer<J: Job>(opened: &mut Opened, names: Vec<String>, label: 
             }
             out
         }
+    }
+}
+
+/// One lock and unlock: the server is there and answers as expected.
+#[cfg(feature = "peers")]
+struct CheckJob;
+
+#[cfg(feature = "peers")]
+impl Job for CheckJob {
+    type Out = ();
+    fn run<P: Peer>(self, p: &mut P) -> Result<()> {
+        p.lock(0)?;
+        p.unlock(0)
     }
 }
 

@@ -20,10 +20,14 @@
 //! - `sys.rs`: the only unsafe code (mappings, pthread, flock, affinity, rlimit).
 
 mod cleanup;
+mod connections;
 mod fixture;
 mod hist;
 mod peer;
+#[cfg(feature = "peers")]
+mod peers;
 mod procs;
+mod raw;
 mod reap;
 mod report;
 mod sys;
@@ -67,6 +71,14 @@ enum Cmd {
     Parallel,
     /// P processes on one name: lock; counter += 1; unlock, for --seconds (or --ops each).
     Contention,
+    /// N concurrent gateway sessions, each holding one lock: time to open them, the daemon's
+    /// memory before and after, and lock/unlock pairs/s round-robin over them (--ops, default
+    /// 20000). Starts a shmlockd (built next to the bench) sized for N, unless --remote is given.
+    Connections {
+        /// Numbers of sessions, comma separated.
+        #[arg(long, value_delimiter = ',', default_value = "1000")]
+        n: Vec<u64>,
+    },
     /// Every scenario with its defaults (many-held at 1000,10000,100000).
     All,
     /// A holder is SIGKILLed while another process waits: time from the kill to the waiter's
@@ -90,15 +102,19 @@ enum Cmd {
 
 #[derive(Debug, Args)]
 struct Common {
-    /// Which system(s) to run.
-    #[arg(long, value_enum, default_value = "all", global = true)]
-    system: SystemArg,
+    /// Which system(s) to run, comma separated (e.g. remote,redis,postgres).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "all", global = true)]
+    system: Vec<SystemArg>,
     /// Operations per process [stream, parallel: 2000000; contention: run --seconds instead].
     #[arg(long, global = true)]
     ops: Option<u64>,
-    /// Processes for parallel and contention [default: number of CPUs].
-    #[arg(long, global = true)]
+    /// Processes for parallel and contention, each one client [default: number of CPUs].
+    #[arg(long, visible_alias = "clients", global = true)]
     procs: Option<usize>,
+    /// stream and parallel with remote or redis: send D lock/unlock pairs in one batch before
+    /// reading their answers (as redis-benchmark -P); 1 = one request at a time.
+    #[arg(long, value_name = "D", default_value_t = 1, global = true)]
+    pipeline: usize,
     /// Duration of a contention run, when --ops is not given.
     #[arg(long, default_value_t = 2.0, global = true)]
     seconds: f64,
@@ -118,6 +134,20 @@ struct Common {
     /// [default: a gateway in the bench process on a fresh segment].
     #[arg(long, value_name = "ADDR", global = true)]
     remote: Option<String>,
+    /// With --remote: the pid of the shmlockd serving it, whose memory `connections` reads.
+    #[arg(long, value_name = "PID", global = true, requires = "remote")]
+    daemon_pid: Option<u32>,
+    /// With --system redis: the server.
+    #[arg(long, value_name = "URL", default_value = "redis://127.0.0.1:6379/", global = true)]
+    redis_url: String,
+    /// With --system postgres: the server (user with a password, or trust, on loopback).
+    #[arg(
+        long,
+        value_name = "URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres",
+        global = true
+    )]
+    pg_url: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -127,6 +157,10 @@ enum SystemArg {
     Pthread,
     /// shmlock through the TCP gateway (not part of `all`).
     Remote,
+    /// Redis at --redis-url: SET NX PX + compare-and-delete (build with --features peers).
+    Redis,
+    /// PostgreSQL advisory locks at --pg-url (build with --features peers).
+    Postgres,
     All,
 }
 
@@ -137,6 +171,8 @@ impl SystemArg {
             SystemArg::Flock => vec![System::Flock],
             SystemArg::Pthread => vec![System::Pthread],
             SystemArg::Remote => vec![System::Remote],
+            SystemArg::Redis => vec![System::Redis],
+            SystemArg::Postgres => vec![System::Postgres],
             SystemArg::All => System::ALL.to_vec(),
         }
     }
@@ -177,8 +213,17 @@ impl Bench {
             .clone()
             .unwrap_or_else(|| format!("/shmlock-bench-{}", std::process::id()));
         anyhow::ensure!(c.repeat >= 1, "--repeat must be at least 1");
+        anyhow::ensure!(c.pipeline >= 1, "--pipeline must be at least 1");
         if let Some(addr) = &c.remote {
             let _ = fixture::REMOTE_ADDR.set(addr.clone());
+        }
+        let _ = fixture::REDIS_URL.set(c.redis_url.clone());
+        let _ = fixture::PG_URL.set(c.pg_url.clone());
+        let mut systems = Vec::new();
+        for s in c.system.iter().flat_map(|s| s.systems()) {
+            if !systems.contains(&s) {
+                systems.push(s);
+            }
         }
         anyhow::ensure!(c.seconds > 0.0 && c.seconds.is_finite(), "--seconds must be positive");
         let procs = c
@@ -187,7 +232,7 @@ impl Bench {
         anyhow::ensure!(procs >= 1, "--procs must be at least 1");
         Ok(Bench {
             namer: Namer::new(prefix)?,
-            systems: c.system.systems(),
+            systems,
             procs,
             nofile: sys::raise_nofile_limit(),
             c,
@@ -200,6 +245,7 @@ impl Bench {
             Cmd::ManyHeld { n } => self.many_held(&n),
             Cmd::Parallel => self.multi(Multi::Parallel),
             Cmd::Contention => self.multi(Multi::Contention),
+            Cmd::Connections { n } => self.connections(&n),
             Cmd::All => {
                 self.stream()?;
                 self.many_held(&[1_000, 10_000, 100_000])?;
@@ -266,16 +312,24 @@ impl Bench {
         for &s in &self.systems {
             rows.push(self.measure("stream", s, None, None, || {
                 let mut fx = Fixture::create(s, &self.namer, &names, &caps)?;
-                with_peer(&mut fx.opened, names.clone(), "bench-stream", StreamJob { ops })
+                let job = StreamJob {
+                    ops,
+                    depth: self.c.pipeline,
+                };
+                with_peer(&mut fx.opened, names.clone(), "bench-stream", job)
             })?);
+        }
+        let mut notes = vec![
+            "op = one lock + unlock pair".into(),
+            format!("shmlock segment: default capacities ({})", caps_text(&caps)),
+        ];
+        if self.c.pipeline > 1 {
+            notes.push(pipeline_note(self.c.pipeline));
         }
         self.finish(
             &format!("stream: {ops} x {{ lock(\"ABCD\"); unlock(\"ABCD\") }} in one process"),
             &rows,
-            vec![
-                "op = one lock + unlock pair".into(),
-                format!("shmlock segment: default capacities ({})", caps_text(&caps)),
-            ],
+            notes,
         );
         Ok(())
     }
@@ -327,6 +381,55 @@ impl Bench {
         Ok(())
     }
 
+    fn connections(&self, ns: &[u64]) -> Result<()> {
+        let ops = self.c.ops.unwrap_or(20_000);
+        let target = connections::Target {
+            namer: &self.namer,
+            remote: self.c.remote.as_deref(),
+            daemon_pid: self.c.daemon_pid,
+        };
+        let mut rows = Vec::new();
+        for &n in ns {
+            anyhow::ensure!(n >= 1, "--n must be at least 1");
+            anyhow::ensure!(
+                n + 64 <= self.nofile,
+                "--n {n}: the bench needs a descriptor per session and RLIMIT_NOFILE is {} (raise the \
+                 hard limit: ulimit -Hn)",
+                self.nofile
+            );
+            rows.push(self.measure("connections", System::Remote, Some(n), None, || {
+                connections::run(&target, n, ops)
+            })?);
+        }
+        if self.c.json {
+            return Ok(());
+        }
+        let daemon = match (&self.c.remote, self.c.daemon_pid) {
+            (Some(a), Some(p)) => format!("the shmlockd at {a} (pid {p})"),
+            (Some(a), None) => format!("the gateway at {a}; memory not read (no --daemon-pid)"),
+            (None, _) => "a shmlockd started by the bench on a fresh segment, max_connections = n, \
+                          max_owners = n + 64, idle_timeout off"
+                .to_string(),
+        };
+        report::print_scenario(
+            &format!("connections: n sessions at once, each holding one lock (n = {ns:?})"),
+            &rows,
+            &[
+                format!("daemon: {daemon}"),
+                "open s = connect + greeting + LOCK granted, one session after another".into(),
+                format!(
+                    "op = one lock + unlock pair (two round trips) on session k % n, {ops} ops with all \
+                     sessions open"
+                ),
+                "rss = the daemon's VmRSS (includes the segment pages it touched); anon = RssAnon \
+                 (private memory); per session = (with all open - before) / n, after a warm-up"
+                    .into(),
+                "n+1th = a session beyond max_connections, which must be refused".into(),
+            ],
+        );
+        Ok(())
+    }
+
     fn multi(&self, scenario: Multi) -> Result<()> {
         let (name, ops) = match scenario {
             Multi::Parallel => ("parallel", Some(self.c.ops.unwrap_or(DEFAULT_OPS))),
@@ -342,6 +445,7 @@ impl Bench {
                 ops,
                 seconds: self.c.seconds,
                 pin: self.c.pin,
+                depth: self.c.pipeline,
             };
             let row = self.measure(name, s, None, Some(self.procs), || run.run())?;
             if let Extra::Contention {
@@ -377,6 +481,9 @@ impl Bench {
                 ],
             ),
         };
+        if self.c.pipeline > 1 && scenario == Multi::Parallel {
+            notes.push(pipeline_note(self.c.pipeline));
+        }
         notes.push(format!(
             "workers are separate processes{}; started together by a flag in shared memory",
             if self.c.pin {
@@ -397,6 +504,14 @@ fn caps_text(c: &Capacities) -> String {
     )
 }
 
+fn pipeline_note(depth: usize) -> String {
+    format!(
+        "pipelined: {depth} lock/unlock pairs sent in one write, then their {} answers read \
+         (remote: bare protocol lines on a second connection; redis: one MULTI-less pipeline)",
+        2 * depth
+    )
+}
+
 fn system_note(s: System) -> &'static str {
     match s {
         System::Shmlock => "shmlock: client.lock(name) -> guard, guard.unlock(); named segment in /dev/shm",
@@ -406,7 +521,15 @@ fn system_note(s: System) -> &'static str {
         }
         System::Remote => {
             "remote: RemoteClient::lock(name) -> guard, guard.unlock() over TCP loopback: two round \
-             trips per pair, no pipelining"
+             trips per pair (with --pipeline: see the pipelined note)"
+        }
+        System::Redis => {
+            "redis: SET key token NX PX 30000 (retried at once while nil), unlock = compare-and-delete \
+             Lua script by EVALSHA; one connection per client"
+        }
+        System::Postgres => {
+            "postgres: SELECT pg_advisory_lock(k) / pg_advisory_unlock(k), prepared, k = FNV-1a 64 of \
+             the name; one connection per client"
         }
         System::Pthread => {
             "pthread: robust process-shared mutex per name, 64-byte slots in a /dev/shm mapping; no name \
@@ -419,33 +542,41 @@ const WARMUP: u64 = 10_000;
 
 struct StreamJob {
     ops: u64,
+    /// Pairs per pipelined batch; 1: no pipelining.
+    depth: usize,
 }
 
 impl Job for StreamJob {
     type Out = Run;
 
     fn run<P: Peer>(self, p: &mut P) -> Result<Run> {
-        for _ in 0..WARMUP.min(self.ops) {
-            p.lock(0)?;
-            p.unlock(0)?;
-        }
+        stream_loop(p, 0, WARMUP.min(self.ops), self.depth)?;
         let t = Instant::now();
-        stream_loop(p, self.ops)?;
+        let ops = stream_loop(p, 0, self.ops, self.depth)?;
         Ok(Run {
-            ops: self.ops,
+            ops,
             seconds: t.elapsed().as_secs_f64(),
             extra: Extra::None,
         })
     }
 }
 
+/// `ops` x { lock(i); unlock(i) }, in batches of `depth` if it is above 1 (then `ops` is rounded
+/// up to whole batches). Returns the pairs done.
 #[inline(never)]
-fn stream_loop<P: Peer>(p: &mut P, ops: u64) -> Result<()> {
-    for _ in 0..ops {
-        p.lock(0)?;
-        p.unlock(0)?;
+pub(crate) fn stream_loop<P: Peer>(p: &mut P, i: usize, ops: u64, depth: usize) -> Result<u64> {
+    if depth <= 1 {
+        for _ in 0..ops {
+            p.lock(i)?;
+            p.unlock(i)?;
+        }
+        return Ok(ops);
     }
-    Ok(())
+    let batches = ops.div_ceil(depth as u64);
+    for _ in 0..batches {
+        p.pipelined(i, depth)?;
+    }
+    Ok(batches * depth as u64)
 }
 
 struct ManyHeldJob {

@@ -8,10 +8,11 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use shmlock::remote::{RemoteClient, RemoteGuard};
 use shmlock::{Client, LockGuard};
 
+use crate::raw::RawConn;
 use crate::sys;
 
 /// A lock system under test.
@@ -22,6 +23,12 @@ pub(crate) trait Peer {
     fn lock(&mut self, i: usize) -> Result<()>;
     /// Unlocks name `i`, locked by this peer.
     fn unlock(&mut self, i: usize) -> Result<()>;
+    /// `depth` x { lock name `i`; unlock it } sent in one batch before any answer is read, as
+    /// redis-benchmark -P does. Only systems with a network protocol can.
+    fn pipelined(&mut self, i: usize, depth: usize) -> Result<()> {
+        let _ = (i, depth);
+        bail!("{} has no pipelining (--pipeline is for remote and redis)", self.name())
+    }
 }
 
 /// shmlock through the public API: `client.lock(name)` by name; unlock through the guard.
@@ -61,18 +68,27 @@ impl Peer for ShmlockPeer<'_> {
 }
 
 /// shmlock through the gateway: `client.lock(name)` over TCP; `guard.unlock()` waits for the
-/// answer, so each pair is two round trips.
+/// answer, so each pair is two round trips. Pipelined batches go over a second, bare
+/// connection ([`RawConn`]) opened at the first batch.
 pub(crate) struct RemotePeer<'c> {
     client: &'c RemoteClient,
+    addr: String,
     names: Vec<String>,
     guards: Vec<Option<RemoteGuard<'c>>>,
+    raw: Option<RawConn>,
 }
 
 impl<'c> RemotePeer<'c> {
-    pub(crate) fn new(client: &'c RemoteClient, names: Vec<String>) -> Self {
+    pub(crate) fn new(client: &'c RemoteClient, addr: &str, names: Vec<String>) -> Self {
         let mut guards = Vec::with_capacity(names.len());
         guards.resize_with(names.len(), || None);
-        RemotePeer { client, names, guards }
+        RemotePeer {
+            client,
+            addr: addr.to_string(),
+            names,
+            guards,
+            raw: None,
+        }
     }
 }
 
@@ -94,6 +110,14 @@ impl Peer for RemotePeer<'_> {
             .take()
             .context("unlock of a name this peer does not hold")?;
         Ok(g.unlock()?)
+    }
+
+    fn pipelined(&mut self, i: usize, depth: usize) -> Result<()> {
+        let raw = match &mut self.raw {
+            Some(r) => r,
+            None => self.raw.insert(RawConn::connect(&self.addr)?),
+        };
+        raw.pipelined_pairs(&self.names[i], depth)
     }
 }
 

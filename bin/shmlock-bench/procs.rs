@@ -14,6 +14,7 @@ use crate::fixture::{with_peer, Fixture, Job, Namer, Opened, System};
 use crate::hist::Hist;
 use crate::peer::Peer;
 use crate::report::{Extra, Run};
+use crate::stream_loop;
 use crate::sys::{self, Control, ControlMap};
 
 /// The multi-process scenarios.
@@ -70,6 +71,9 @@ pub(crate) struct WorkerArgs {
     /// Pin to this CPU.
     #[arg(long)]
     cpu: Option<usize>,
+    /// Pairs per pipelined batch (parallel).
+    #[arg(long, default_value_t = 1)]
+    depth: usize,
 }
 
 /// What a worker prints: one JSON line.
@@ -96,6 +100,7 @@ struct WorkerJob<'a> {
     scenario: Multi,
     index: usize,
     ops: Option<u64>,
+    depth: usize,
 }
 
 impl Job for WorkerJob<'_> {
@@ -103,9 +108,13 @@ impl Job for WorkerJob<'_> {
 
     fn run<P: Peer>(self, p: &mut P) -> Result<WorkerReport> {
         let k = self.scenario.lock_index(self.index);
-        for _ in 0..WARMUP {
-            p.lock(k)?;
-            p.unlock(k)?;
+        match self.scenario {
+            Multi::Parallel => {
+                stream_loop(p, k, WARMUP, self.depth)?;
+            }
+            Multi::Contention => {
+                stream_loop(p, k, WARMUP, 1)?;
+            }
         }
         let mut hist = Hist::new();
         self.ctl.ready.fetch_add(1, AcqRel);
@@ -116,8 +125,7 @@ impl Job for WorkerJob<'_> {
         let ops = match self.scenario {
             Multi::Parallel => {
                 let n = self.ops.context("parallel needs --ops")?;
-                stream_loop(p, k, n)?;
-                n
+                stream_loop(p, k, n, self.depth)?
             }
             Multi::Contention => contention_loop(p, self.ctl, self.ops, &mut hist)?,
         };
@@ -130,15 +138,6 @@ impl Job for WorkerJob<'_> {
             hist: hist.sparse(),
         })
     }
-}
-
-#[inline(never)]
-fn stream_loop<P: Peer>(p: &mut P, k: usize, ops: u64) -> Result<()> {
-    for _ in 0..ops {
-        p.lock(k)?;
-        p.unlock(k)?;
-    }
-    Ok(())
 }
 
 /// lock; counter += 1 (plain load + store); unlock; until `ops` or the stop flag. Records the
@@ -176,6 +175,7 @@ pub(crate) fn worker_main(a: WorkerArgs) -> Result<()> {
         scenario: a.scenario,
         index: a.index,
         ops: a.grants,
+        depth: a.depth,
     };
     let label = format!("bench-worker-{}", a.index);
     let report = with_peer(&mut opened, a.scenario.names(a.nprocs), &label, job)?;
@@ -192,6 +192,8 @@ pub(crate) struct MultiRun<'a> {
     pub(crate) ops: Option<u64>,
     pub(crate) seconds: f64,
     pub(crate) pin: bool,
+    /// Pairs per pipelined batch (parallel).
+    pub(crate) depth: usize,
 }
 
 /// Running workers; killed and reaped if dropped before they are collected.
@@ -232,6 +234,9 @@ impl MultiRun<'_> {
                 .args(["--parent", &std::process::id().to_string()]);
             if let Some(ops) = self.ops {
                 cmd.args(["--grants", &ops.to_string()]);
+            }
+            if self.depth > 1 {
+                cmd.args(["--depth", &self.depth.to_string()]);
             }
             if self.pin {
                 cmd.args(["--cpu", &(i % ncpu).to_string()]);

@@ -40,6 +40,20 @@ pub(crate) enum Extra {
         exclusion_ok: bool,
         grants: Vec<u64>,
     },
+    /// `connections`: ops/s are pairs with all sessions open.
+    Connections {
+        sessions: u64,
+        open_seconds: f64,
+        /// The daemon's VmRSS before opening and with all open (None: pid unknown).
+        rss_before_kib: Option<u64>,
+        rss_after_kib: Option<u64>,
+        /// VmRSS growth / sessions.
+        rss_bytes_per_session: Option<f64>,
+        /// RssAnon growth / sessions (private memory, without the segment's shared pages).
+        anon_bytes_per_session: Option<f64>,
+        /// One session beyond the limit was refused (None: limit unknown).
+        over_limit_refused: Option<bool>,
+    },
 }
 
 /// The median of `repeat` runs of one scenario on one system.
@@ -117,6 +131,23 @@ impl Row {
                 j.exclusion_ok = Some(*exclusion_ok);
                 j.grants_per_proc = Some(grants.clone());
             }
+            Extra::Connections {
+                sessions,
+                open_seconds,
+                rss_before_kib,
+                rss_after_kib,
+                rss_bytes_per_session,
+                anon_bytes_per_session,
+                over_limit_refused,
+            } => {
+                j.sessions = Some(*sessions);
+                j.open_seconds = Some(*open_seconds);
+                j.rss_before_kib = *rss_before_kib;
+                j.rss_after_kib = *rss_after_kib;
+                j.rss_bytes_per_session = *rss_bytes_per_session;
+                j.anon_bytes_per_session = *anon_bytes_per_session;
+                j.over_limit_refused = *over_limit_refused;
+            }
         }
         serde_json::to_string(&j).expect("a struct of numbers and strings serializes")
     }
@@ -155,6 +186,20 @@ struct JsonRow {
     exclusion_ok: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     grants_per_proc: Option<Vec<u64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sessions: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    open_seconds: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rss_before_kib: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rss_after_kib: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rss_bytes_per_session: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    anon_bytes_per_session: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    over_limit_refused: Option<bool>,
 }
 
 /// `1234567` as `1,234,567`.
@@ -274,6 +319,37 @@ pub(crate) fn print_scenario(title: &str, rows: &[Row], notes: &[String]) {
                         "inf".into()
                     },
                     if *exclusion_ok { "ok".into() } else { "BROKEN".into() },
+                ]);
+            }
+            Extra::Connections {
+                sessions: _,
+                open_seconds,
+                rss_before_kib,
+                rss_after_kib,
+                rss_bytes_per_session,
+                anon_bytes_per_session,
+                over_limit_refused,
+            } => {
+                let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
+                h.extend([
+                    "open s",
+                    "rss before KiB",
+                    "rss after KiB",
+                    "rss B/session",
+                    "anon B/session",
+                    "n+1th",
+                ]);
+                c.extend([
+                    format!("{open_seconds:.3}"),
+                    opt(rss_before_kib.map(|v| v as f64)),
+                    opt(rss_after_kib.map(|v| v as f64)),
+                    opt(*rss_bytes_per_session),
+                    opt(*anon_bytes_per_session),
+                    match over_limit_refused {
+                        Some(true) => "refused".into(),
+                        Some(false) => "ACCEPTED".into(),
+                        None => "-".into(),
+                    },
                 ]);
             }
         }

@@ -255,6 +255,7 @@ pub fn serve(config: GatewayConfig, table: Arc<LockTable>) -> Result<Gateway> {
         segment: table.segment().name().to_string(),
         source: e,
     };
+    raise_nofile_limit(config.max_connections as u64 + 64);
     let listener = StdListener::bind(config.listen).map_err(|e| io("gateway bind", e))?;
     listener.set_nonblocking(true).map_err(|e| io("gateway bind", e))?;
     let addr = listener.local_addr().map_err(|e| io("gateway bind", e))?;
@@ -300,6 +301,34 @@ pub fn serve(config: GatewayConfig, table: Arc<LockTable>) -> Result<Gateway> {
         stop: Some(stop_tx),
         thread: Some(thread),
     })
+}
+
+/// Raises the soft open-files limit towards `want` (at most the hard limit), so that a gateway
+/// configured for many connections is not stopped by a shell's default of 1024 descriptors;
+/// warns when even the hard limit is lower.
+fn raise_nofile_limit(want: u64) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft >= want {
+        return;
+    }
+    let new = want.min(hard);
+    if new > soft {
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, new, hard) {
+            warn!(error = %e, "gateway: cannot raise the open-files limit");
+            return;
+        }
+    }
+    if new < want {
+        warn!(
+            limit = new,
+            max_connections = want - 64,
+            "gateway: the open-files limit (hard limit {hard}) is below max_connections; \
+             connections beyond it wait in the listen queue (raise it: ulimit -Hn, LimitNOFILE=)"
+        );
+    }
 }
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
@@ -70,6 +70,15 @@ enum Flow {
     Close(Close),
 }
 
+/// What a readable socket gave.
+enum Read {
+    /// Nothing after all (a spurious wake-up).
+    Nothing,
+    /// Data, handled.
+    Lines,
+    Close(Close),
+}
+
 struct Session {
     shared: Arc<Shared>,
     me: OwnerRef,
@@ -78,7 +87,11 @@ struct Session {
     held: HashMap<Box<[u8]>, Held>,
     /// Names waited for, with the waiting request's tag.
     waiting: HashMap<Box<[u8]>, Box<str>>,
-    done: mpsc::UnboundedSender<Done>,
+    /// Where waiters report; made by the first `LOCK` that waits, so sessions that never wait
+    /// keep no channel (a tokio channel allocates a block of 32 slots up front).
+    done: Option<mpsc::UnboundedSender<Box<Done>>>,
+    /// The receiver of a channel just made, until `serve` or `cleanup` takes it.
+    new_rx: Option<mpsc::UnboundedReceiver<Box<Done>>>,
     /// Set when the session ends: waiter threads that have not started give up at once.
     closing: Arc<AtomicBool>,
 }
@@ -96,7 +109,7 @@ pub(super) async fn run(
         Err(e) => return refuse(stream, format!("no room for another session: {e}")).await,
     };
     debug!(%peer, owner = me.idx, "session opened");
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut rx = None;
     let mut s = Session {
         authed: shared.config.auth_token.is_none(),
         shared,
@@ -104,7 +117,8 @@ pub(super) async fn run(
         peer,
         held: HashMap::new(),
         waiting: HashMap::new(),
-        done: tx,
+        done: None,
+        new_rx: None,
         closing: Arc::new(AtomicBool::new(false)),
     };
     let (mut rd, mut wr) = stream.into_split();
@@ -141,66 +155,52 @@ impl Session {
         &mut self,
         rd: &mut OwnedReadHalf,
         wr: &mut OwnedWriteHalf,
-        rx: &mut mpsc::UnboundedReceiver<Done>,
+        rx: &mut Option<mpsc::UnboundedReceiver<Box<Done>>>,
         stop: &mut watch::Receiver<bool>,
         out: &mut Vec<u8>,
     ) -> Close {
-        let max_line = self.shared.config.max_line;
         let idle = self.shared.config.idle_timeout;
         // Far enough to never fire when there is no idle timeout (the branch is disabled too).
         let idle_for = idle.unwrap_or(Duration::from_secs(86_400));
         let sleep = tokio::time::sleep(idle_for);
         tokio::pin!(sleep);
-        let mut buf: Vec<u8> = Vec::new();
+        // Only a partial line waits here: an idle session keeps no read buffer.
+        let mut partial: Vec<u8> = Vec::new();
         loop {
             if !out.is_empty() {
                 if wr.write_all(out).await.is_err() {
                     return None;
                 }
                 out.clear();
+                if out.capacity() > 8192 {
+                    *out = Vec::new();
+                }
             }
             if *stop.borrow() {
                 return Some((ErrorCode::ShuttingDown, "the server is stopping".into()));
             }
-            // Room for one read; an idle session keeps a small buffer.
-            buf.reserve(1024);
+            self.take_rx(rx);
             tokio::select! {
                 _ = stop.changed() => {
                     return Some((ErrorCode::ShuttingDown, "the server is stopping".into()));
                 }
-                Some(d) = rx.recv() => self.complete(d, out),
-                r = rd.read_buf(&mut buf) => {
-                    match r {
-                        Ok(0) | Err(_) => return None,
-                        Ok(_) => {}
+                Some(d) = async {
+                    match rx.as_mut() {
+                        Some(r) => r.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => self.complete(*d, out),
+                r = rd.readable() => {
+                    if r.is_err() {
+                        return None;
+                    }
+                    match self.on_readable(rd, &mut partial, out) {
+                        Read::Nothing => continue,
+                        Read::Lines => {}
+                        Read::Close(c) => return c,
                     }
                     if let Some(deadline) = idle.map(|d| tokio::time::Instant::now() + d) {
                         sleep.as_mut().reset(deadline);
-                    }
-                    let mut start = 0;
-                    while let Some(n) = buf[start..].iter().position(|&b| b == b'\n') {
-                        let line = proto::trim_eol(&buf[start..start + n]);
-                        start += n + 1;
-                        if line.len() > max_line {
-                            return Some(too_long(max_line));
-                        }
-                        if line.contains(&0) {
-                            return Some(binary());
-                        }
-                        if let Flow::Close(c) = self.handle(line, out) {
-                            return c;
-                        }
-                    }
-                    buf.drain(..start);
-                    // A partial line may still end with CR LF.
-                    if buf.len() > max_line + 1 {
-                        return Some(too_long(max_line));
-                    }
-                    if buf.contains(&0) {
-                        return Some(binary());
-                    }
-                    if buf.is_empty() && buf.capacity() > 8192 {
-                        buf = Vec::new();
                     }
                 }
                 _ = &mut sleep, if idle.is_some() => {
@@ -211,6 +211,62 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Moves the receiver of a channel made by the first waiting `LOCK` to where `serve` polls it.
+    fn take_rx(&mut self, rx: &mut Option<mpsc::UnboundedReceiver<Box<Done>>>) {
+        if let Some(r) = self.new_rx.take() {
+            *rx = Some(r);
+        }
+    }
+
+    /// Reads what the socket has into a stack buffer and handles every whole line; a partial
+    /// line is kept in `partial` until its LF comes.
+    fn on_readable(&mut self, rd: &OwnedReadHalf, partial: &mut Vec<u8>, out: &mut Vec<u8>) -> Read {
+        let max_line = self.shared.config.max_line;
+        let mut chunk = [0u8; 4096];
+        let got = match rd.try_read(&mut chunk) {
+            Ok(0) => return Read::Close(None),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Read::Nothing,
+            Err(_) => return Read::Close(None),
+        };
+        let buffered = !partial.is_empty();
+        if buffered {
+            partial.extend_from_slice(&chunk[..got]);
+        }
+        let data: &[u8] = if buffered { partial } else { &chunk[..got] };
+        let mut start = 0;
+        while let Some(n) = data[start..].iter().position(|&b| b == b'\n') {
+            let line = proto::trim_eol(&data[start..start + n]);
+            start += n + 1;
+            if line.len() > max_line {
+                return Read::Close(Some(too_long(max_line)));
+            }
+            if line.contains(&0) {
+                return Read::Close(Some(binary()));
+            }
+            if let Flow::Close(c) = self.handle(line, out) {
+                return Read::Close(c);
+            }
+        }
+        let rest = &data[start..];
+        // A partial line may still end with CR LF.
+        if rest.len() > max_line + 1 {
+            return Read::Close(Some(too_long(max_line)));
+        }
+        if rest.contains(&0) {
+            return Read::Close(Some(binary()));
+        }
+        if buffered {
+            partial.drain(..start);
+        } else {
+            partial.extend_from_slice(&chunk[start..got]);
+        }
+        if partial.is_empty() && partial.capacity() > 0 {
+            *partial = Vec::new();
+        }
+        Read::Lines
     }
 
     fn handle(&mut self, line: &[u8], out: &mut Vec<u8>) -> Flow {
@@ -321,12 +377,15 @@ impl Session {
         let (tag, name): (Box<str>, Box<[u8]>) = (tag.into(), name.into());
         self.waiting.insert(name.clone(), tag.clone());
         let deadline = timeout.map(|t| clock::now().plus(t));
-        let (table, me, tx, closing) = (
-            self.shared.table.clone(),
-            self.me,
-            self.done.clone(),
-            self.closing.clone(),
-        );
+        let tx = match &self.done {
+            Some(tx) => tx.clone(),
+            None => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                self.new_rx = Some(rx);
+                self.done.insert(tx).clone()
+            }
+        };
+        let (table, me, closing) = (self.shared.table.clone(), self.me, self.closing.clone());
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let result = if closing.load(Ordering::Acquire) {
@@ -334,12 +393,12 @@ impl Session {
             } else {
                 table.acquire(me, &name, mode, deadline.map_or(Wait::Forever, Wait::Until))
             };
-            let _ = tx.send(Done {
+            let _ = tx.send(Box::new(Done {
                 tag,
                 name,
                 started,
                 result,
-            });
+            }));
         });
     }
 
@@ -390,8 +449,9 @@ impl Session {
     }
 
     /// Releases everything, cancels every wait, waits for the waiter threads, deregisters.
-    async fn cleanup(&mut self, rx: &mut mpsc::UnboundedReceiver<Done>) {
+    async fn cleanup(&mut self, rx: &mut Option<mpsc::UnboundedReceiver<Box<Done>>>) {
         self.closing.store(true, Ordering::Release);
+        self.take_rx(rx);
         let (table, me, shards) = (self.shared.table.clone(), self.me, self.shared.shards);
         let release_all = || {
             let table = table.clone();
@@ -401,6 +461,8 @@ impl Session {
             tracing::warn!(peer = %self.peer, error = %e, "gateway: releasing a session's locks failed");
         }
         while !self.waiting.is_empty() {
+            // A session that waited made the channel (take_rx above moved its receiver here).
+            let Some(rx) = rx.as_mut() else { break };
             match tokio::time::timeout(CLEANUP_RETRY, rx.recv()).await {
                 Ok(Some(d)) => {
                     self.waiting.remove(&d.name);
