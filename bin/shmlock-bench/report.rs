@@ -32,6 +32,8 @@ pub(crate) enum Extra {
     ManyHeld {
         lock_ns_per_op: f64,
         unlock_ns_per_op: f64,
+        /// The same n names locked and unlocked again, now that the table knows them.
+        warm_ns_per_op: f64,
     },
     Contention {
         p50_wait_us: f64,
@@ -113,9 +115,11 @@ impl Row {
             Extra::ManyHeld {
                 lock_ns_per_op,
                 unlock_ns_per_op,
+                warm_ns_per_op,
             } => {
                 j.lock_ns_per_op = Some(*lock_ns_per_op);
                 j.unlock_ns_per_op = Some(*unlock_ns_per_op);
+                j.warm_ns_per_op = Some(*warm_ns_per_op);
             }
             Extra::Contention {
                 p50_wait_us,
@@ -172,6 +176,8 @@ struct JsonRow {
     lock_ns_per_op: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     unlock_ns_per_op: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    warm_ns_per_op: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     handoffs_per_sec: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -298,9 +304,14 @@ pub(crate) fn print_scenario(title: &str, rows: &[Row], notes: &[String]) {
             Extra::ManyHeld {
                 lock_ns_per_op,
                 unlock_ns_per_op,
+                warm_ns_per_op,
             } => {
-                h.extend(["lock ns", "unlock ns"]);
-                c.extend([format!("{lock_ns_per_op:.1}"), format!("{unlock_ns_per_op:.1}")]);
+                h.extend(["lock ns", "unlock ns", "warm ns/op"]);
+                c.extend([
+                    format!("{lock_ns_per_op:.1}"),
+                    format!("{unlock_ns_per_op:.1}"),
+                    format!("{warm_ns_per_op:.1}"),
+                ]);
             }
             Extra::Contention {
                 p50_wait_us,
