@@ -59,6 +59,9 @@ pub use inspect::{Forced, LockInfo, OwnerInfo, Party, PoolCounts};
 pub use reap::{pid_latch_id, PID_ID};
 pub use shard::{Latch, ShardHdr, LATCH_SLEEP, STAT_GRANTS, STAT_HANDOFFS, STAT_REPAIRS, STAT_TIMEOUTS, STAT_WAITS};
 
+/// Rounds a fast lock request watches a lock held fast by another owner before queueing.
+pub const SPIN: u32 = 200;
+
 /// How long the oldest waiter may be passed over by barging requests before a release hands the
 /// lock to it directly.
 pub const FAIR_AFTER: Duration = Duration::from_micros(200);
@@ -722,10 +725,12 @@ impl LockTable {
 
     /// The exclusive lock of `me` on `name` by one CAS on the entry's lock word, without the
     /// latch; `None` sends the caller to the latched path (name not indexed, lock not free, or
-    /// the entry changed under us).
+    /// the entry changed under us). With `spin`, a lock held fast by another owner (so nobody is
+    /// queued) is watched for [`SPIN`] rounds before giving up: a critical section is usually far
+    /// shorter than the sleep and cross-CPU wake-up that queueing costs.
     #[inline(always)]
-    fn try_fast(&self, sh: &Shard<'_>, h: u64, name: &[u8], me: OwnerRef) -> Option<Result<RawGrant>> {
-        use std::sync::atomic::Ordering::{AcqRel, Acquire};
+    fn try_fast(&self, sh: &Shard<'_>, h: u64, name: &[u8], me: OwnerRef, spin: bool) -> Option<Result<RawGrant>> {
+        use std::sync::atomic::Ordering::Acquire;
         let entries = sh.entries();
         let mut cur = sh.buckets()[self.bucket_of(h)].load(Acquire);
         for _ in 0..entries.len() {
@@ -736,29 +741,20 @@ impl LockTable {
                 let w = e.lw.load(Acquire);
                 if e.name_len.load(Relaxed) as usize == name.len() && Self::name_eq(sh, cur as usize, name) {
                     return match lw_val(w) {
-                        0 => {
-                            e.lw.compare_exchange(w, w | u64::from(me.idx + 1), AcqRel, Relaxed)
-                                .ok()?;
-                            let token = e.token.load(Relaxed) + 1;
-                            e.token.store(token, Relaxed);
-                            e.stamp(clock::coarse());
-                            // The owner's own line; load + store, not an RMW (a statistic:
-                            // threads sharing one Client may lose a count).
-                            if let Some(o) = self.owners().get(me.idx as usize) {
-                                o.fast_grants
-                                    .store(o.fast_grants.load(Relaxed).wrapping_add(1), Relaxed);
-                            }
-                            Some(Ok(RawGrant {
-                                shard: sh.no,
-                                entry: cur,
-                                hold: NIL,
-                                token,
-                                owner_died: false,
-                                mode: Mode::Exclusive,
-                                gen: lw_gen(w),
-                            }))
-                        }
+                        0 => self.fast_grant(sh, e, cur, w, me).map(Ok),
                         v if v == me.idx + 1 => Some(Err(Error::AlreadyHeld)),
+                        v if spin && v & SLOW == 0 => {
+                            let free = lock_word(lw_gen(w), 0);
+                            for _ in 0..SPIN {
+                                std::hint::spin_loop();
+                                match e.lw.load(Relaxed) {
+                                    x if x == free => return self.fast_grant(sh, e, cur, free, me).map(Ok),
+                                    x if lw_gen(x) != lw_gen(w) || lw_val(x) & SLOW != 0 => return None,
+                                    _ => {}
+                                }
+                            }
+                            None
+                        }
                         _ => None,
                     };
                 }
@@ -766,6 +762,36 @@ impl LockTable {
             cur = e.next.load(Acquire);
         }
         None
+    }
+
+    /// The CAS of [`try_fast`](Self::try_fast) from the free word `w`, and the grant it makes.
+    #[inline(always)]
+    fn fast_grant(&self, sh: &Shard<'_>, e: &Entry, i: u32, w: u64, me: OwnerRef) -> Option<RawGrant> {
+        e.lw.compare_exchange(
+            w,
+            w | u64::from(me.idx + 1),
+            std::sync::atomic::Ordering::AcqRel,
+            Relaxed,
+        )
+        .ok()?;
+        let token = e.token.load(Relaxed) + 1;
+        e.token.store(token, Relaxed);
+        e.stamp(clock::coarse());
+        // The owner's own line; load + store, not an RMW (a statistic: threads sharing one
+        // Client may lose a count).
+        if let Some(o) = self.owners().get(me.idx as usize) {
+            o.fast_grants
+                .store(o.fast_grants.load(Relaxed).wrapping_add(1), Relaxed);
+        }
+        Some(RawGrant {
+            shard: sh.no,
+            entry: i,
+            hold: NIL,
+            token,
+            owner_died: false,
+            mode: Mode::Exclusive,
+            gen: lw_gen(w),
+        })
     }
 
     /// The name of entry `e` (for inspection and errors).
@@ -951,7 +977,7 @@ impl LockTable {
         let name = LockName::new(name, self.geo.max_name_len as usize)?.as_bytes();
         let h = name::hash(self.seed, name);
         if mode == Mode::Exclusive {
-            if let Some(r) = self.try_fast(&self.shard(self.shard_of(h)), h, name, me) {
+            if let Some(r) = self.try_fast(&self.shard(self.shard_of(h)), h, name, me, wait != Wait::No) {
                 return r;
             }
         }
