@@ -207,8 +207,6 @@ struct Shared {
     config: GatewayConfig,
     /// Permits for waiting requests of all sessions.
     waits: Arc<Semaphore>,
-    /// Number of shards, for `release_all`.
-    shards: u32,
     max_name: usize,
 }
 
@@ -272,7 +270,6 @@ pub fn serve(config: GatewayConfig, table: Arc<LockTable>) -> Result<Gateway> {
     let geo = table.geometry();
     let shared = Arc::new(Shared {
         waits: Arc::new(Semaphore::new(config.max_waits)),
-        shards: geo.shards,
         max_name: geo.max_name_len as usize,
         table,
         config,

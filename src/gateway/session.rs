@@ -9,7 +9,7 @@
 //!
 //! # Ending
 //! Whatever ends the session (EOF, `QUIT`, idle timeout, a closing error, shutdown), `cleanup`
-//! runs: `release_all` over every shard releases its holds and cancels its waits (blocked threads
+//! runs: `release_all` over the shards it holds or waits in releases its holds and cancels its waits (blocked threads
 //! return `Error::Cancelled`); once every waiter has reported, the owner is deregistered. Only
 //! then is the final line written and the socket closed, so a client that sees the close knows
 //! its locks are free.
@@ -452,10 +452,20 @@ impl Session {
     async fn cleanup(&mut self, rx: &mut Option<mpsc::UnboundedReceiver<Box<Done>>>) {
         self.closing.store(true, Ordering::Release);
         self.take_rx(rx);
-        let (table, me, shards) = (self.shared.table.clone(), self.me, self.shared.shards);
+        let (table, me) = (self.shared.table.clone(), self.me);
+        // Only the shards this session holds or waits in: ending a session must not cost a walk
+        // of the whole table.
+        let mut shards: Vec<u32> = self
+            .held
+            .values()
+            .map(|h| h.grant.shard)
+            .chain(self.waiting.keys().map(|n| table.shard_of_name(n)))
+            .collect();
+        shards.sort_unstable();
+        shards.dedup();
         let release_all = || {
-            let table = table.clone();
-            tokio::task::spawn_blocking(move || table.release_all(me, 0..shards))
+            let (table, shards) = (table.clone(), shards.clone());
+            tokio::task::spawn_blocking(move || table.release_all(me, shards.into_iter()))
         };
         if let Ok(Err(e)) = release_all().await {
             tracing::warn!(peer = %self.peer, error = %e, "gateway: releasing a session's locks failed");

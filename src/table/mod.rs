@@ -490,6 +490,11 @@ impl LockTable {
             .filter_map(|(i, _)| self.owners().get(i.get()))
     }
 
+    /// The shard that `name` lives in (any bytes; an invalid name maps somewhere harmless).
+    pub(crate) fn shard_of_name(&self, name: &[u8]) -> u32 {
+        self.shard_of(name::hash(self.seed, name))
+    }
+
     #[inline]
     fn shard_of(&self, h: u64) -> u32 {
         ((h >> 40) as u32) & (self.geo.shards - 1)
