@@ -118,8 +118,12 @@ pub(crate) fn run(segment: &str, rounds: usize, daemon: bool, json: bool) -> Res
         let _ = child.wait();
         reg.disarm();
     }
-    let (p50, p99) = (hist.quantile(0.5) / 1e3, hist.quantile(0.99) / 1e3);
+    // Histogram quantiles are bucket bounds: never report one above the largest sample.
     let max_us = max as f64 / 1e3;
+    let (p50, p99) = (
+        (hist.quantile(0.5) / 1e3).min(max_us),
+        (hist.quantile(0.99) / 1e3).min(max_us),
+    );
     if json {
         println!(
             "{}",
