@@ -91,9 +91,20 @@ impl Client {
         &self.table
     }
 
-    #[inline]
+    /// The fast path inline (the grant goes from registers straight into the guard), the rest
+    /// out of line.
+    #[inline(always)]
     fn acquire(&self, name: &[u8], mode: Mode, wait: Wait) -> Result<LockGuard<'_>> {
-        let g = self.table.acquire(self.me, name, mode, wait)?;
+        match self.table.acquire_fast(self.me, name, mode, wait) {
+            Some(Ok(g)) => Ok(self.guard(g)),
+            Some(Err(e)) => Err(e),
+            None => self.acquire_slow(name, mode, wait),
+        }
+    }
+
+    #[inline(never)]
+    fn acquire_slow(&self, name: &[u8], mode: Mode, wait: Wait) -> Result<LockGuard<'_>> {
+        let g = self.table.acquire_slow(self.me, name, mode, wait)?;
         Ok(self.guard(g))
     }
 
@@ -128,6 +139,7 @@ impl Client {
     }
 
     /// Locks `name` exclusively, waiting as long as it takes.
+    #[inline(always)]
     pub fn lock(&self, name: impl AsRef<[u8]>) -> Result<LockGuard<'_>> {
         self.acquire(name.as_ref(), Mode::Exclusive, Wait::Forever)
     }
@@ -234,7 +246,7 @@ impl LockGuard<'_> {
     }
 
     /// Unlocks now, reporting [`Error::NotHeld`] if the lock was taken away meanwhile.
-    #[inline]
+    #[inline(always)]
     pub fn unlock(mut self) -> Result<()> {
         self.released = true;
         self.client.table.release(self.client.me, &self.raw)

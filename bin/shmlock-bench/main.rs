@@ -570,8 +570,7 @@ impl Job for StreamJob {
 pub(crate) fn stream_loop<P: Peer>(p: &mut P, i: usize, ops: u64, depth: usize) -> Result<u64> {
     if depth <= 1 {
         for _ in 0..ops {
-            p.lock(i)?;
-            p.unlock(i)?;
+            p.pair(i)?;
         }
         return Ok(ops);
     }

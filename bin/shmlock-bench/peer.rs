@@ -23,6 +23,13 @@ pub(crate) trait Peer {
     fn lock(&mut self, i: usize) -> Result<()>;
     /// Unlocks name `i`, locked by this peer.
     fn unlock(&mut self, i: usize) -> Result<()>;
+    /// Locks name `i` exclusively and unlocks it again, as a caller with nothing to do in
+    /// between writes it (for a guard-based API: the guard on the stack, not stored away).
+    #[inline]
+    fn pair(&mut self, i: usize) -> Result<()> {
+        self.lock(i)?;
+        self.unlock(i)
+    }
     /// `depth` x { lock name `i`; unlock it } sent in one batch before any answer is read, as
     /// redis-benchmark -P does. Only systems with a network protocol can.
     fn pipelined(&mut self, i: usize, depth: usize) -> Result<()> {
@@ -64,6 +71,11 @@ impl Peer for ShmlockPeer<'_> {
             .take()
             .context("unlock of a name this peer does not hold")?;
         Ok(g.unlock()?)
+    }
+
+    #[inline]
+    fn pair(&mut self, i: usize) -> Result<()> {
+        Ok(self.client.lock(self.names[i].as_bytes())?.unlock()?)
     }
 }
 

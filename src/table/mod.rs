@@ -465,6 +465,7 @@ impl LockTable {
         StatePool::new(self.seg.slice(self.r.owner_nodes), &self.table_hdr().owner_lists)
     }
 
+    #[inline]
     fn owners(&self) -> &[Owner] {
         self.seg.slice(self.r.owners)
     }
@@ -549,7 +550,7 @@ impl LockTable {
         (h as usize) & (self.geo.buckets_per_shard as usize - 1)
     }
 
-    #[inline]
+    #[inline(always)]
     fn name_eq(sh: &Shard<'_>, e: usize, name: &[u8]) -> bool {
         let words = &sh.names()[e * sh.words..(e + 1) * sh.words];
         words
@@ -748,23 +749,29 @@ impl LockTable {
                     return match lw_val(w) {
                         0 => self.fast_grant(sh, e, cur, w, me).map(Ok),
                         v if v == me.idx + 1 => Some(Err(Error::AlreadyHeld)),
-                        v if spin && v & SLOW == 0 => {
-                            let free = lock_word(lw_gen(w), 0);
-                            for _ in 0..SPIN {
-                                std::hint::spin_loop();
-                                match e.lw.load(Relaxed) {
-                                    x if x == free => return self.fast_grant(sh, e, cur, free, me).map(Ok),
-                                    x if lw_gen(x) != lw_gen(w) || lw_val(x) & SLOW != 0 => return None,
-                                    _ => {}
-                                }
-                            }
-                            None
-                        }
+                        v if spin && v & SLOW == 0 => self.spin_fast(sh, e, cur, w, me).map(Ok),
                         _ => None,
                     };
                 }
             }
             cur = e.next.load(Acquire);
+        }
+        None
+    }
+
+    /// Watches a word `w` held fast by another owner for [`SPIN`] rounds and takes it if it
+    /// comes free; `None` once it is held longer, reused, or taken over by the latch. Out of line:
+    /// the uncontended path stays small enough to inline.
+    #[inline(never)]
+    fn spin_fast(&self, sh: &Shard<'_>, e: &Entry, i: u32, w: u64, me: OwnerRef) -> Option<RawGrant> {
+        let free = lock_word(lw_gen(w), 0);
+        for _ in 0..SPIN {
+            std::hint::spin_loop();
+            match e.lw.load(Relaxed) {
+                x if x == free => return self.fast_grant(sh, e, i, free, me),
+                x if lw_gen(x) != lw_gen(w) || lw_val(x) & SLOW != 0 => return None,
+                _ => {}
+            }
         }
         None
     }
@@ -975,17 +982,34 @@ impl LockTable {
         e.readers.store(e.readers.load(Relaxed).saturating_sub(1), Relaxed);
     }
 
-    /// Locks `name` for `me`. The fast path is inlined into the caller (so the grant stays in
-    /// registers); everything else is out of line.
+    /// Locks `name` for `me`.
     #[inline]
     pub(crate) fn acquire(&self, me: OwnerRef, name: &[u8], mode: Mode, wait: Wait) -> Result<RawGrant> {
+        match self.acquire_fast(me, name, mode, wait) {
+            Some(r) => r,
+            None => self.acquire_slow(me, name, mode, wait),
+        }
+    }
+
+    /// The lock-word fast path of [`acquire`](Self::acquire), meant to be inlined into the
+    /// caller so that the grant stays in registers; `None` sends the caller to
+    /// [`acquire_slow`](Self::acquire_slow). (Merging the two paths' results before the caller
+    /// uses them would put the grant through memory, and its reload stalls on store forwarding.)
+    #[inline(always)]
+    pub(crate) fn acquire_fast(&self, me: OwnerRef, name: &[u8], mode: Mode, wait: Wait) -> Option<Result<RawGrant>> {
+        if mode != Mode::Exclusive || name.is_empty() || name.len() > self.geo.max_name_len as usize {
+            return None;
+        }
+        let h = name::hash(self.seed, name);
+        self.try_fast(&self.shard(self.shard_of(h)), h, name, me, wait != Wait::No)
+    }
+
+    /// Everything [`acquire_fast`](Self::acquire_fast) leaves: name errors, shared mode, and
+    /// locks that are not free (or not yet in the index).
+    #[inline(never)]
+    pub(crate) fn acquire_slow(&self, me: OwnerRef, name: &[u8], mode: Mode, wait: Wait) -> Result<RawGrant> {
         let name = LockName::new(name, self.geo.max_name_len as usize)?.as_bytes();
         let h = name::hash(self.seed, name);
-        if mode == Mode::Exclusive {
-            if let Some(r) = self.try_fast(&self.shard(self.shard_of(h)), h, name, me, wait != Wait::No) {
-                return r;
-            }
-        }
         self.acquire_latched(me, name, h, mode, wait)
     }
 
@@ -1043,7 +1067,7 @@ impl LockTable {
     }
 
     /// Releases a grant: a fast hold by one CAS (inlined), anything else under the latch.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn release(&self, me: OwnerRef, g: &RawGrant) -> Result<()> {
         if g.hold == NIL {
             // A fast hold: one CAS back, unless the latch has taken the lock over meanwhile.
