@@ -1010,12 +1010,12 @@ impl LockTable {
     pub(crate) fn acquire_slow(&self, me: OwnerRef, name: &[u8], mode: Mode, wait: Wait) -> Result<RawGrant> {
         let name = LockName::new(name, self.geo.max_name_len as usize)?.as_bytes();
         let h = name::hash(self.seed, name);
-        self.acquire_latched(me, name, h, mode, wait)
+        self.acquire_latched(me, name, h, mode, wait, true)
     }
 
     /// The latched path of [`acquire`](Self::acquire).
     #[inline(never)]
-    fn acquire_latched(&self, me: OwnerRef, name: &[u8], h: u64, mode: Mode, wait: Wait) -> Result<RawGrant> {
+    fn acquire_latched(&self, me: OwnerRef, name: &[u8], h: u64, mode: Mode, wait: Wait, spin: bool) -> Result<RawGrant> {
         let sh = self.shard(self.shard_of(h));
         let guard = self.lock_shard(&sh, me.latch_id());
         let now = clock::coarse();
@@ -1054,16 +1054,36 @@ impl LockTable {
                 reaped |= self.reap_if_dead(o, me.latch_id())?;
             }
             return if reaped {
-                self.acquire_latched(me, name, h, mode, wait)
+                self.acquire_latched(me, name, h, mode, wait, spin)
             } else {
                 Err(Error::WouldBlock)
             };
+        }
+        if spin && e.mode.load(Relaxed) == Mode::Exclusive.to_u32() {
+            // Held by one owner (the latch manages it: others wait, or it was pinned). Its
+            // critical section is likely shorter than a sleep and a wake-up: watch for the
+            // release a few microseconds before queueing.
+            Self::publish(&sh, i);
+            drop(guard);
+            Self::spin_until_free(e);
+            return self.acquire_latched(me, name, h, mode, wait, false);
         }
         let w = self.enqueue(&sh, i, mode, me);
         Self::publish(&sh, i);
         let w = w?;
         drop(guard);
         self.wait_for_grant(&sh, i, w, me, mode, wait)
+    }
+
+    /// Watches entry `e` for [`SPIN`] rounds at most, until nobody holds it exclusively.
+    #[inline(never)]
+    fn spin_until_free(e: &Entry) {
+        for _ in 0..SPIN {
+            std::hint::spin_loop();
+            if e.mode.load(Relaxed) != Mode::Exclusive.to_u32() {
+                return;
+            }
+        }
     }
 
     /// Releases a grant: a fast hold by one CAS (inlined), anything else under the latch.
