@@ -279,6 +279,11 @@ impl Background {
         bg
     }
 
+    /// The `shmlock` process's id.
+    fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.as_ref().expect("child").id() as i32)
+    }
+
     /// What it wrote to stderr so far.
     fn stderr(&self) -> String {
         std::fs::read_to_string(&self.err).unwrap_or_default()
@@ -395,6 +400,13 @@ fn run_remote_exits_with_the_commands_status() {
     assert_eq!(job["mode"], "exclusive");
     assert_eq!(job["holders"][0]["kind"], "remote");
     let o = shmlock(&["run", "--remote", &d.addr, "--shared", "job", "--", "true"]);
+    assert_code(&o, 0);
+    // SIGTERM is passed on to the command; `shmlock` outlives it, releases, and passes its status
+    // on (the client's threads must not take the signal).
+    let bg = Background::start(&env, &["--remote", &d.addr, "job"], "started", "never");
+    nix::sys::signal::kill(bg.pid(), nix::sys::signal::SIGTERM).expect("kill");
+    assert_eq!(bg.finish(), (Some(128 + 15), String::new()));
+    let o = shmlock(&["--segment", &env.segment, "run", "--nonblock", "job", "--", "true"]);
     assert_code(&o, 0);
     env.wait_for("the gateway sessions to end", |t| t.stats().owners == 0);
     env.assert_quiet();

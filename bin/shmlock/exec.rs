@@ -30,7 +30,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, Result};
-use nix::sys::signal::{kill, SigSet, Signal};
+use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
 use nix::unistd::Pid;
 use shmlock::gateway::proto::ErrorCode;
 use shmlock::remote::{ConnectOptions, RemoteClient, RemoteGuard};
@@ -136,11 +136,10 @@ pub(crate) fn run_remote(addr: &str, token: Option<String>, a: &RunArgs) -> Resu
     };
     // The client's threads start with the forwarded signals blocked (see the module docs); the
     // wait for the lock below runs with them unblocked, so Ctrl-C still ends it.
-    let signals = run_signals();
-    let blocked = signals.thread_block().is_ok();
+    let before = run_signals().thread_swap_mask(SigmaskHow::SIG_BLOCK);
     let connected = RemoteClient::connect_with(addr, &options);
-    if blocked {
-        let _ = signals.thread_unblock();
+    if let Ok(mask) = before {
+        let _ = mask.thread_set_mask();
     }
     let client = Arc::new(connected.map_err(|e| connect_error(addr, e))?);
     if client.hello().auth_required && token.is_none() {
