@@ -11,17 +11,40 @@
 //! command; SIGINT and SIGQUIT are not, since a terminal sends them to the command itself (it is
 //! in the same process group). The signals are blocked only after the spawn, so the command
 //! starts with the usual mask.
+//!
+//! # Through a gateway (`--remote HOST:PORT`)
+//! The lock is taken by a [`RemoteClient`] session instead, which lives as long as `shmlock`
+//! does: the client answers the gateway's idle timeout by itself, and a monitor thread pings
+//! the gateway every second (or every third of a shorter idle timeout) while the command runs.
+//! If the connection breaks, or no ping is answered within the gateway's idle timeout (after
+//! which the gateway ends a session it has not heard from), the lock is gone: `shmlock` says so
+//! on stderr at once and again when the command ends. The command keeps running, since stopping
+//! it half-way may do more harm than running it unprotected; with `--kill-on-loss` it is sent
+//! SIGTERM instead. Either way `shmlock` exits with the command's status. The client's own
+//! threads are started with the forwarded signals blocked, so that they stay with the sigwait
+//! thread.
 
 use std::process::{Command, ExitCode};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{anyhow, Result};
-use nix::sys::signal::{kill, SigSet, Signal};
+use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
 use nix::unistd::Pid;
+use shmlock::gateway::proto::ErrorCode;
+use shmlock::remote::{ConnectOptions, RemoteClient, RemoteGuard};
+use shmlock::table::LockInfo;
 use shmlock::{Client, Error, LockGuard, LockTable};
 
+use crate::remote::{token_needed, Gateway, CONNECT_TIMEOUT};
 use crate::render::{escape_name, human};
 use crate::{name_error, RunArgs};
+
+/// How long `run --remote` waits for the gateway to answer the final `UNLOCK`.
+const UNLOCK_DEADLINE: Duration = Duration::from_secs(10);
+/// How often `run --remote` pings the gateway while the command runs (at most).
+const PING_EVERY: Duration = Duration::from_secs(1);
 
 /// sysexits.h EX_TEMPFAIL: the lock was not had in time.
 pub(crate) const EX_TEMPFAIL: u8 = 75;
@@ -59,26 +82,273 @@ pub(crate) fn run(table: Arc<LockTable>, a: &RunArgs) -> Result<ExitCode> {
         }
         Err(e) => return Err(name_error(name, e)),
     };
-    let code = run_child(a, &program)?;
+    let code = run_child(a, &program, |_| {})?;
     release(guard, &shown);
     Ok(ExitCode::from(code))
 }
 
 /// `, held by pid 1234 (label) for 2.0s`, or nothing if that cannot be told.
 fn holders(table: &LockTable, name: &[u8]) -> String {
-    match table.lock_info(name) {
-        Ok(Some(l)) if !l.holders.is_empty() => {
-            let who: Vec<String> = l
-                .holders
-                .iter()
-                .map(|p| match p.label.as_str() {
-                    "" => format!("pid {} for {}", p.pid, human(p.age)),
-                    label => format!("pid {} ({label}) for {}", p.pid, human(p.age)),
-                })
-                .collect();
-            format!(", held by {}", who.join(", "))
+    table
+        .lock_info(name)
+        .ok()
+        .flatten()
+        .map_or(String::new(), |l| describe_holders(&l))
+}
+
+/// `, held by pid 1234 (label) for 2.0s`, or nothing if nobody holds `l`.
+fn describe_holders(l: &LockInfo) -> String {
+    if l.holders.is_empty() {
+        return String::new();
+    }
+    let who: Vec<String> = l
+        .holders
+        .iter()
+        .map(|p| match p.label.as_str() {
+            "" => format!("pid {} for {}", p.pid, human(p.age)),
+            label => format!("pid {} ({label}) for {}", p.pid, human(p.age)),
+        })
+        .collect();
+    format!(", held by {}", who.join(", "))
+}
+
+/// The signals `run` forwards to (or leaves with) the command, taken by a sigwait thread.
+fn run_signals() -> SigSet {
+    let mut signals = SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGQUIT, Signal::SIGTERM, Signal::SIGHUP] {
+        signals.add(s);
+    }
+    signals
+}
+
+/// Runs `a.command` holding lock `a.name` taken through the gateway at `addr`.
+pub(crate) fn run_remote(addr: &str, token: Option<String>, a: &RunArgs) -> Result<ExitCode> {
+    use std::os::unix::ffi::OsStrExt;
+    let name = a.name.as_bytes();
+    let shown = escape_name(name);
+    let program = a.command[0].to_string_lossy().into_owned();
+    // `ConnectOptions` may gain fields; the others keep their defaults.
+    #[allow(clippy::needless_update)]
+    let options = ConnectOptions {
+        auth_token: token.clone(),
+        connect_timeout: Some(CONNECT_TIMEOUT),
+        ..ConnectOptions::default()
+    };
+    // The client's threads start with the forwarded signals blocked (see the module docs); the
+    // wait for the lock below runs with them unblocked, so Ctrl-C still ends it.
+    let before = run_signals().thread_swap_mask(SigmaskHow::SIG_BLOCK);
+    let connected = RemoteClient::connect_with(addr, &options);
+    if let Ok(mask) = before {
+        let _ = mask.thread_set_mask();
+    }
+    let client = Arc::new(connected.map_err(|e| connect_error(addr, e))?);
+    if client.hello().auth_required && token.is_none() {
+        return Err(token_needed(addr));
+    }
+    let got = match (a.shared, a.nonblock, a.timeout) {
+        (false, true, _) => client.try_lock(name),
+        (true, true, _) => client.try_lock_shared(name),
+        (false, false, Some(t)) => client.try_lock_for(name, t),
+        (true, false, Some(t)) => client.try_lock_shared_for(name, t),
+        (false, false, None) => client.lock(name),
+        (true, false, None) => client.lock_shared(name),
+    };
+    let guard = match got {
+        Ok(g) => g,
+        Err(Error::WouldBlock) => {
+            eprintln!(
+                "shmlock: lock \"{shown}\" is busy{}; not running {program}",
+                remote_holders(addr, token.as_deref(), name)
+            );
+            return Ok(ExitCode::from(EX_TEMPFAIL));
         }
-        _ => String::new(),
+        Err(e @ Error::TimedOut { .. }) => {
+            eprintln!(
+                "shmlock: lock \"{shown}\" not acquired: {e}{}; not running {program}",
+                remote_holders(addr, token.as_deref(), name)
+            );
+            return Ok(ExitCode::from(EX_TEMPFAIL));
+        }
+        Err(e) => return Err(lock_error(addr, &shown, e)),
+    };
+    let lost: Arc<Mutex<Option<String>>> = Arc::default();
+    let finished = Arc::new(AtomicBool::new(false));
+    let (stop, stopped) = mpsc::channel::<()>();
+    let code = run_child(a, &program, |pid| {
+        let m = Monitor {
+            client: Arc::clone(&client),
+            addr: addr.to_string(),
+            shown: shown.clone(),
+            program: program.clone(),
+            pid: pid.filter(|_| a.kill_on_loss),
+            lost: Arc::clone(&lost),
+            finished: Arc::clone(&finished),
+        };
+        m.start(stopped);
+    })?;
+    finished.store(true, Ordering::Release);
+    drop(stop);
+    let why = lost.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    match why {
+        Some(why) => {
+            eprintln!(
+                "shmlock: warning: {program} ran partly without lock \"{shown}\": the gateway \
+                 connection to {addr} was lost ({why})"
+            );
+            drop(guard);
+        }
+        None => release_remote(guard, addr, &shown, code),
+    }
+    Ok(ExitCode::from(code))
+}
+
+/// Says what went wrong connecting to (and authenticating with) the gateway.
+fn connect_error(addr: &str, e: Error) -> anyhow::Error {
+    match e {
+        Error::Connection { why, .. } => anyhow!(
+            "cannot connect to the gateway at {addr}: {why} (is shmlockd running there, with its \
+             gateway on?)"
+        ),
+        Error::Remote { code, message } if code == ErrorCode::AuthFailed.as_str() => {
+            anyhow!("the gateway at {addr} refused the token: {message}")
+        }
+        Error::Remote { code, message } => anyhow!("the gateway at {addr} refused the session: {code} {message}"),
+        e => anyhow!(e).context(format!("cannot connect to the gateway at {addr}")),
+    }
+}
+
+/// Says why a lock request through the gateway failed (other than busy or timed out).
+fn lock_error(addr: &str, shown: &str, e: Error) -> anyhow::Error {
+    match e {
+        Error::Remote { code, .. } if code == ErrorCode::AuthRequired.as_str() => token_needed(addr),
+        Error::Connection { why, .. } => anyhow!("lost the gateway at {addr} while locking \"{shown}\": {why}"),
+        e => anyhow!("cannot lock \"{shown}\" through the gateway at {addr}: {e}"),
+    }
+}
+
+/// `, held by ...` as the gateway's `LOCKS` tells it, or nothing (best effort: a second,
+/// short connection).
+fn remote_holders(addr: &str, token: Option<&str>, name: &[u8]) -> String {
+    let Ok(mut gw) = Gateway::connect(addr, token) else {
+        return String::new();
+    };
+    match gw.locks(Some(name)) {
+        Ok(locks) => locks
+            .iter()
+            .find(|l| l.name == name)
+            .map_or(String::new(), describe_holders),
+        Err(_) => String::new(),
+    }
+}
+
+/// Unlocks through the gateway, giving up after [`UNLOCK_DEADLINE`]: exiting closes the
+/// connection, which releases the lock as well.
+fn release_remote(guard: RemoteGuard<'_>, addr: &str, shown: &str, code: u8) {
+    let (done, waiting) = mpsc::channel::<()>();
+    let what = format!(
+        "shmlock: warning: the gateway at {addr} did not answer UNLOCK \"{shown}\" within {}s; \
+                        exiting, which closes the session and so releases the lock",
+        UNLOCK_DEADLINE.as_secs()
+    );
+    let _ = std::thread::Builder::new()
+        .name("unlock-deadline".into())
+        .spawn(move || {
+            if let Err(mpsc::RecvTimeoutError::Timeout) = waiting.recv_timeout(UNLOCK_DEADLINE) {
+                eprintln!("{what}");
+                std::process::exit(i32::from(code));
+            }
+        });
+    match guard.unlock() {
+        Ok(()) => {}
+        Err(Error::NotHeld) => eprintln!(
+            "shmlock: warning: lock \"{shown}\" was taken away (shmlock release --force) while the \
+             command ran"
+        ),
+        Err(e) => eprintln!("shmlock: warning: unlocking \"{shown}\" through the gateway at {addr}: {e}"),
+    }
+    drop(done);
+}
+
+/// Watches the gateway session while the command runs (see the module docs).
+struct Monitor {
+    client: Arc<RemoteClient>,
+    addr: String,
+    shown: String,
+    program: String,
+    /// The command, to stop on loss (`--kill-on-loss`).
+    pid: Option<Pid>,
+    /// Why the lock was lost, once it was.
+    lost: Arc<Mutex<Option<String>>>,
+    /// Set when the command has ended: nothing is reported after that.
+    finished: Arc<AtomicBool>,
+}
+
+impl Monitor {
+    /// Starts the pinger and the watcher; both end when `stopped`'s sender is dropped (a ping
+    /// that never returns leaves its thread behind, which the exit ends).
+    fn start(self, stopped: mpsc::Receiver<()>) {
+        let idle = self.client.hello().idle_timeout;
+        let every = idle.map_or(PING_EVERY, |t| (t / 3).clamp(Duration::from_millis(10), PING_EVERY));
+        let (events, heard) = mpsc::channel::<Result<(), String>>();
+        let client = Arc::clone(&self.client);
+        let pinger = std::thread::Builder::new()
+            .name("gateway-ping".into())
+            .spawn(move || loop {
+                if let Err(mpsc::RecvTimeoutError::Disconnected) = stopped.recv_timeout(every) {
+                    return;
+                }
+                let r = client.ping().map(|_| ()).map_err(|e| match e {
+                    Error::Connection { why, .. } => why,
+                    e => e.to_string(),
+                });
+                let failed = r.is_err();
+                if events.send(r).is_err() || failed {
+                    return;
+                }
+            });
+        if pinger.is_err() {
+            eprintln!("shmlock: warning: cannot start a thread to watch the gateway session");
+            return;
+        }
+        let _ = std::thread::Builder::new().name("gateway-watch".into()).spawn(move || {
+            // Without an idle timeout the gateway never ends a silent session: only a broken
+            // connection loses the lock.
+            let silence = idle.unwrap_or(Duration::from_secs(86_400 * 365));
+            let why = loop {
+                match heard.recv_timeout(silence + every) {
+                    Ok(Ok(())) => {}
+                    Ok(Err(why)) => break why,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        break format!(
+                            "no answer for {}, and the gateway ends sessions it does not hear from \
+                             within {}",
+                            human(silence + every),
+                            human(silence)
+                        )
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            };
+            self.report(why);
+        });
+    }
+
+    fn report(self, why: String) {
+        if self.finished.load(Ordering::Acquire) {
+            return;
+        }
+        let what = match self.pid {
+            Some(_) => format!("stopping {} (SIGTERM), as --kill-on-loss asks", self.program),
+            None => format!("{} keeps running (--kill-on-loss would stop it)", self.program),
+        };
+        eprintln!(
+            "shmlock: lost the gateway connection to {} ({why}): lock \"{}\" is no longer held; {what}",
+            self.addr, self.shown
+        );
+        *self.lost.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+        if let Some(pid) = self.pid {
+            let _ = kill(pid, Signal::SIGTERM);
+        }
     }
 }
 
@@ -94,8 +364,10 @@ fn release(guard: LockGuard<'_>, shown: &str) {
     }
 }
 
-/// Runs the command to completion; returns the exit status to pass on.
-fn run_child(a: &RunArgs, program: &str) -> Result<u8> {
+/// Runs the command to completion; returns the exit status to pass on. `started` is called with
+/// the command's pid once it runs and the forwarded signals are blocked (threads it starts
+/// inherit that).
+fn run_child(a: &RunArgs, program: &str, started: impl FnOnce(Option<Pid>)) -> Result<u8> {
     let mut child = match Command::new(&a.command[0]).args(&a.command[1..]).spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -107,10 +379,7 @@ fn run_child(a: &RunArgs, program: &str) -> Result<u8> {
         }
     };
     let pid = i32::try_from(child.id()).ok().map(Pid::from_raw);
-    let mut signals = SigSet::empty();
-    for s in [Signal::SIGINT, Signal::SIGQUIT, Signal::SIGTERM, Signal::SIGHUP] {
-        signals.add(s);
-    }
+    let signals = run_signals();
     let blocked = signals.thread_block().is_ok();
     if blocked {
         // Threads inherit the mask, so this one is the only taker of these signals.
@@ -126,6 +395,7 @@ fn run_child(a: &RunArgs, program: &str) -> Result<u8> {
             }
         });
     }
+    started(pid);
     let status = child.wait().map_err(|e| anyhow!("waiting for {program}: {e}"))?;
     use std::os::unix::process::ExitStatusExt;
     Ok(match (status.code(), status.signal()) {

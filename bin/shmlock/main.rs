@@ -2,7 +2,9 @@
 //!
 //! Subcommands: `status`, `locks`, `owners`, `show`, `release --force`, `check`, `watch`, `run`.
 //! Parsing and dispatch live here, text and JSON in `render`, the live view in `watch`, and
-//! `run` (flock(1) for named locks) in `exec`.
+//! `run` (flock(1) for named locks) in `exec`. `status`, `locks` and `run` also work through
+//! shmlockd's gateway with `--remote HOST:PORT` (`remote`, and `exec` for `run`); the other
+//! subcommands need the segment (they do not offer `--remote`).
 //!
 //! Exit status: 0 ok; 1 when `check` finds problems, `release` finds the lock not held, or `show`
 //! finds no such lock; 2 on errors (one line on stderr, `shmlock: ...`); `run` exits with its
@@ -10,6 +12,7 @@
 //! (`| head`) exits 0.
 
 mod exec;
+mod remote;
 mod render;
 mod watch;
 
@@ -26,6 +29,7 @@ use clap::{Args, Parser, Subcommand};
 use shmlock::shm::default_segment_name;
 use shmlock::{Error, LockTable};
 
+use remote::RemoteArgs;
 use render::{escape_name, CheckOutcome, Status};
 
 /// How long `status` and `check` wait for the check (which takes every shard's latch in turn).
@@ -57,15 +61,19 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Capacities, counts per pool state, supervisor, fencing counter, totals, and a check.
-    #[command(after_help = "Example:\n  shmlock status --json | jq .pools")]
+    #[command(after_help = "Examples:\n  shmlock status --json | jq .pools\n  \
+                            SHMLOCK_AUTH_TOKEN=s3cret shmlock status --remote 10.0.0.5:7411")]
     Status {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
     /// Every lock held or waited on: holders, how long, waiters, token; longest held first.
     #[command(after_help = "Examples:\n  shmlock locks\n  shmlock locks --name-prefix orders/ \
-                            --held-longer-than 30s\n  shmlock locks --json | jq '.[0].holders'")]
+                            --held-longer-than 30s\n  shmlock locks --json | jq '.[0].holders'\n  \
+                            shmlock locks --remote 10.0.0.5:7411 --auth-token-file /etc/shmlock/token")]
     Locks(LocksArgs),
     /// Every registered owner (client handle): pid, kind, label, alive or dead, locks held.
     #[command(after_help = "Example:\n  shmlock owners --json | jq '.[] | select(.alive | not)'")]
@@ -112,9 +120,14 @@ enum Command {
     /// Hold a lock while a command runs, like flock(1); exits with the command's status.
     #[command(
         after_help = "Exits 75 (EX_TEMPFAIL) with a message on stderr when the lock is not had \
-                            in time.\n\nExamples:\n  shmlock run nightly-backup -- ./backup.sh --full\n  \
+                            in time.\n\nWith --remote the lock is held by a gateway session. If that \
+                            session is lost while CMD runs (connection broken, or no answer within the \
+                            gateway's idle timeout), the lock is gone: shmlock says so on stderr at once, \
+                            lets CMD run on (or sends it SIGTERM with --kill-on-loss), and exits with \
+                            CMD's status.\n\nExamples:\n  shmlock run nightly-backup -- ./backup.sh --full\n  \
                             shmlock run --timeout 250ms --shared config -- cat /etc/app.conf\n  \
-                            shmlock run --nonblock cron-job -- ./job.sh || echo \"already running\""
+                            shmlock run --nonblock cron-job -- ./job.sh || echo \"already running\"\n  \
+                            shmlock run --remote 10.0.0.5:7411 --kill-on-loss deploy -- ./deploy.sh"
     )]
     Run(RunArgs),
 }
@@ -130,6 +143,8 @@ struct LocksArgs {
     /// Print a JSON array instead of a table.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    remote: RemoteArgs,
 }
 
 #[derive(Debug, Args)]
@@ -143,6 +158,12 @@ pub(crate) struct RunArgs {
     /// Give up at once if the lock is busy.
     #[arg(long, short = 'n')]
     nonblock: bool,
+    #[command(flatten)]
+    remote: RemoteArgs,
+    /// With --remote: send CMD SIGTERM if the gateway session (and so the lock) is lost while it
+    /// runs [default: warn and let it run].
+    #[arg(long, requires = "remote")]
+    kill_on_loss: bool,
     /// The lock name.
     name: OsString,
     /// The command and its arguments (after `--`).
@@ -202,7 +223,7 @@ fn check_with_timeout(table: &Arc<LockTable>, timeout: Duration) -> CheckOutcome
         let _ = tx.send(t.check());
     });
     if spawned.is_err() {
-        return CheckOutcome::NotRun;
+        return CheckOutcome::NotRun("could not start a thread");
     }
     match rx.recv_timeout(timeout) {
         Ok(v) if v.is_empty() => CheckOutcome::Consistent,
@@ -219,7 +240,10 @@ fn write_json(out: &mut impl Write, v: &serde_json::Value) -> Result<()> {
 
 fn status(table: &Arc<LockTable>, json: bool, out: &mut impl Write) -> Result<ExitCode> {
     let check = check_with_timeout(table, CHECK_TIMEOUT);
-    let status = Status::gather(table, check);
+    print_status(&Status::gather(table, check), json, out)
+}
+
+fn print_status(status: &Status, json: bool, out: &mut impl Write) -> Result<ExitCode> {
     if json {
         write_json(out, &status.to_json())?;
     } else {
@@ -233,6 +257,11 @@ fn locks(table: &LockTable, a: &LocksArgs, out: &mut impl Write) -> Result<ExitC
     if let Some(p) = &a.name_prefix {
         locks.retain(|l| l.name.starts_with(p.as_bytes()));
     }
+    print_locks(locks, a, out)
+}
+
+/// Filters (`--held-longer-than`), sorts and prints `locks`, from the segment or a gateway.
+fn print_locks(mut locks: Vec<shmlock::table::LockInfo>, a: &LocksArgs, out: &mut impl Write) -> Result<ExitCode> {
     if let Some(d) = a.held_longer_than {
         locks.retain(|l| !l.holders.is_empty() && l.held_for() > d);
     }
@@ -333,16 +362,51 @@ fn check(table: &Arc<LockTable>, out: &mut impl Write) -> Result<ExitCode> {
              inside a critical section)",
             render::human(t)
         ),
-        CheckOutcome::NotRun => bail!("check not run: could not start a thread"),
+        CheckOutcome::NotRun(why) => bail!("check not run: {why}"),
     }
 }
 
+/// `--remote` given to `status`, `locks` or `run`: through the gateway at `addr`.
+fn run_remote(cli: Cli, addr: &str) -> Result<ExitCode> {
+    if cli.segment.is_some() {
+        bail!("--segment and --remote exclude each other: through a gateway, the segment is shmlockd's");
+    }
+    let mut out = std::io::stdout().lock();
+    let code = match &cli.command {
+        Command::Status { json, remote } => {
+            let status = remote::Gateway::connect(addr, remote.token()?.as_deref())?.status()?;
+            print_status(&status, *json, &mut out)
+        }
+        Command::Locks(a) => {
+            let mut gw = remote::Gateway::connect(addr, a.remote.token()?.as_deref())?;
+            let locks = gw.locks(a.name_prefix.as_ref().map(|p| p.as_bytes()))?;
+            print_locks(locks, a, &mut out)
+        }
+        Command::Run(a) => {
+            drop(out);
+            return exec::run_remote(addr, a.remote.token()?, a);
+        }
+        _ => bail!("--remote is not supported by this subcommand"),
+    }?;
+    out.flush()?;
+    Ok(code)
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
+    let remote = match &cli.command {
+        Command::Status { remote, .. } => remote.remote.clone(),
+        Command::Locks(a) => a.remote.remote.clone(),
+        Command::Run(a) => a.remote.remote.clone(),
+        _ => None,
+    };
+    if let Some(addr) = remote {
+        return run_remote(cli, &addr);
+    }
     let segment = cli.segment.unwrap_or_else(default_segment_name);
     let table = open(&segment)?;
     let mut out = std::io::stdout().lock();
     let code = match cli.command {
-        Command::Status { json } => status(&table, json, &mut out),
+        Command::Status { json, .. } => status(&table, json, &mut out),
         Command::Locks(a) => locks(&table, &a, &mut out),
         Command::Owners { json } => owners(&table, json, &mut out),
         Command::Show { name, json } => show(&table, name.as_bytes(), json, &mut out),

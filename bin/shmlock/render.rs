@@ -1,13 +1,13 @@
-//! Text and JSON renderings of what the CLI reads from a segment.
+//! Text and JSON renderings of what the CLI reads from a segment, or from a gateway's admin
+//! queries (`--remote`): both give the same snapshot types, so the output is the same.
 
 use std::fmt::Write as _;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use shmlock::config::Geometry;
+use shmlock::gateway::admin::StatusReport;
 use shmlock::owner::OwnerKind;
-use shmlock::table::{LockInfo, OwnerInfo, Party, PoolCounts, TableStats};
+use shmlock::table::{LockInfo, OwnerInfo, Party};
 use shmlock::{LockTable, Mode};
 
 /// What `check` said.
@@ -19,75 +19,49 @@ pub(crate) enum CheckOutcome {
     Violations(Vec<String>),
     /// Did not finish in time (a shard latch stayed taken).
     TimedOut(Duration),
-    /// Could not be started.
-    NotRun,
+    /// Not run; why.
+    NotRun(&'static str),
 }
 
-/// A snapshot for `shmlock status`.
+/// A snapshot for `shmlock status`: read from the segment, or sent by a gateway (`--remote`).
 #[derive(Debug)]
 pub(crate) struct Status {
-    segment: String,
-    size: usize,
-    layout_version: u32,
-    /// Time since creation, if the segment was made during this boot.
-    age: Option<Duration>,
-    max_locks: u64,
-    max_holds: u64,
-    geometry: Geometry,
-    stats: TableStats,
-    pools: Vec<PoolCounts>,
-    /// The supervisor's pid and whether it runs (same pid and start time).
-    supervisor: Option<(u32, bool)>,
+    report: StatusReport,
     check: CheckOutcome,
 }
 
 impl Status {
+    pub(crate) fn new(report: StatusReport, check: CheckOutcome) -> Status {
+        Status { report, check }
+    }
+
     pub(crate) fn gather(table: &LockTable, check: CheckOutcome) -> Status {
-        let seg = table.segment();
-        let h = seg.header();
-        let same_boot = [h.boot_id[0].load(Relaxed), h.boot_id[1].load(Relaxed)] == shmlock::shm::boot_id();
-        let created = shmlock::clock::Nanos(h.created_ns.load(Relaxed));
-        let (max_locks, max_holds) = table.requested();
-        Status {
-            segment: seg.name().to_string(),
-            size: seg.size(),
-            layout_version: h.version.load(Relaxed),
-            age: same_boot.then(|| shmlock::clock::now().since(created)),
-            max_locks,
-            max_holds,
-            geometry: table.geometry(),
-            stats: table.stats(),
-            pools: table.pool_counts(),
-            supervisor: table.supervisor().map(|p| (p.pid, p.is_alive())),
-            check,
-        }
+        Status::new(StatusReport::gather(table), check)
     }
 
     pub(crate) fn to_text(&self) -> String {
-        let (g, s) = (&self.geometry, &self.stats);
+        let r = &self.report;
+        let (g, s) = (&r.geometry, &r.stats);
         let mut o = String::new();
         let mut line = |label: &str, value: String| {
             let _ = writeln!(o, "{label:<10} {value}");
         };
-        line("segment", format!("{} (/dev/shm{})", self.segment, self.segment));
-        let age = self
-            .age
-            .map(|a| format!(", created {} ago", human(a)))
-            .unwrap_or_default();
+        line("segment", format!("{} (/dev/shm{})", r.segment, r.segment));
+        let age = r.age.map(|a| format!(", created {} ago", human(a))).unwrap_or_default();
         line(
             "size",
             format!(
                 "{:.1} MiB ({} bytes), layout version {}{age}",
-                self.size as f64 / (1024.0 * 1024.0),
-                self.size,
-                self.layout_version
+                r.size as f64 / (1024.0 * 1024.0),
+                r.size,
+                r.layout_version
             ),
         );
         line(
             "capacity",
             format!(
                 "{} locks, {} holds, {} owners, names up to {} bytes",
-                self.max_locks, self.max_holds, g.owners, g.max_name_len
+                r.max_locks, r.max_holds, g.owners, g.max_name_len
             ),
         );
         line(
@@ -100,13 +74,13 @@ impl Status {
                 g.buckets_per_shard
             ),
         );
-        for p in &self.pools {
+        for p in &r.pools {
             let states: Vec<String> = p.states.iter().map(|(st, n)| format!("{n} {st}")).collect();
-            line(pool_label(p.pool), format!("{} of {}", states.join(", "), p.capacity));
+            line(pool_label(&p.pool), format!("{} of {}", states.join(", "), p.capacity));
         }
         line(
             "supervisor",
-            match self.supervisor {
+            match r.supervisor {
                 None => "none attached".into(),
                 Some((pid, true)) => format!("pid {pid}, running"),
                 Some((pid, false)) => format!("pid {pid}, not running"),
@@ -136,26 +110,27 @@ impl Status {
                     human(*t)
                 ),
             ),
-            CheckOutcome::NotRun => line("check", "not run (could not start a thread)".into()),
+            CheckOutcome::NotRun(why) => line("check", format!("not run ({why})")),
         }
         o
     }
 
     pub(crate) fn to_json(&self) -> Value {
-        let g = &self.geometry;
+        let r = &self.report;
+        let g = &r.geometry;
         let (completed, violations) = match &self.check {
             CheckOutcome::Consistent => (true, Vec::new()),
             CheckOutcome::Violations(v) => (true, v.clone()),
-            CheckOutcome::TimedOut(_) | CheckOutcome::NotRun => (false, Vec::new()),
+            CheckOutcome::TimedOut(_) | CheckOutcome::NotRun(_) => (false, Vec::new()),
         };
         json!({
-            "segment": self.segment,
-            "size_bytes": self.size,
-            "layout_version": self.layout_version,
-            "age_ms": self.age.map(|a| a.as_millis() as u64),
+            "segment": r.segment,
+            "size_bytes": r.size,
+            "layout_version": r.layout_version,
+            "age_ms": r.age.map(|a| a.as_millis() as u64),
             "capacities": {
-                "max_locks": self.max_locks,
-                "max_holds": self.max_holds,
+                "max_locks": r.max_locks,
+                "max_holds": r.max_holds,
                 "max_owners": g.owners,
                 "max_name_len": g.max_name_len,
             },
@@ -168,17 +143,17 @@ impl Status {
                 "max_name_len": g.max_name_len,
                 "name_words": g.name_words,
             },
-            "pools": self.pools.iter().map(|p| json!({
+            "pools": r.pools.iter().map(|p| json!({
                 "pool": p.pool,
                 "capacity": p.capacity,
-                "states": p.states.iter().map(|(st, n)| (st.to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
+                "states": p.states.iter().map(|(st, n)| (st.clone(), json!(n))).collect::<serde_json::Map<_, _>>(),
             })).collect::<Vec<_>>(),
             "supervisor": {
-                "pid": self.supervisor.map(|s| s.0),
-                "alive": self.supervisor.is_some_and(|s| s.1),
+                "pid": r.supervisor.map(|s| s.0),
+                "alive": r.supervisor.is_some_and(|s| s.1),
             },
-            "fencing_counter": self.stats.max_token,
-            "stats": self.stats,
+            "fencing_counter": r.stats.max_token,
+            "stats": r.stats,
             "check": { "completed": completed, "violations": violations },
         })
     }

@@ -6,6 +6,7 @@
 //!
 //! # Layout
 //! - [`proto`]: request/response parsing and encoding, error codes.
+//! - [`admin`]: the admin queries `LOCKS` and `STATUS` (read-only table snapshots on the wire).
 //! - `session`: one connection = one session = one owner of kind
 //!   [`Remote`](crate::owner::OwnerKind::Remote), labelled with the peer address.
 //! - this file: configuration, the listener, connection limits, shutdown.
@@ -21,6 +22,7 @@
 //! ends, `LockTable::release_all` releases its holds and cancels its waits, which makes its
 //! blocked threads return; the owner is deregistered once they all have.
 
+pub mod admin;
 pub mod proto;
 mod session;
 

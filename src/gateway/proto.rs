@@ -18,6 +18,10 @@ pub const MAX_TAG: usize = 32;
 pub const MAX_TIMEOUT_MS: u64 = 86_400_000;
 /// The tag of lines that answer no request.
 pub const SERVER_TAG: &str = "*";
+/// Most locks one `LOCKS` response lists (its `LIMIT`).
+pub const MAX_LOCKS_LIMIT: u32 = 10_000;
+/// Locks one `LOCKS` response lists when it gives no `LIMIT`.
+pub const DEFAULT_LOCKS_LIMIT: u32 = 1_000;
 
 /// The stable error codes of the protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -161,6 +165,25 @@ pub enum Command<'a> {
     },
     /// `QUIT`.
     Quit,
+    /// `LOCKS [PREFIX P] [AFTER NAME] [LIMIT N]`: a page of the locks held or waited on.
+    Locks(LocksQuery<'a>),
+    /// `STATUS [CHECK]`: capacities, pool counts, counters; with `check`, the invariant check.
+    Status {
+        /// Run the table's invariant check (a walk of every shard) too.
+        check: bool,
+    },
+}
+
+/// The arguments of `LOCKS`. `prefix` and `after` are words as sent: escaped
+/// ([`decode_word`]), already checked to decode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LocksQuery<'a> {
+    /// Only names starting with these bytes (escaped).
+    pub prefix: Option<&'a [u8]>,
+    /// Only names after this one in byte order (escaped): the `NEXT` of the previous page.
+    pub after: Option<&'a [u8]>,
+    /// At most this many locks (1..=[`MAX_LOCKS_LIMIT`]); None: [`DEFAULT_LOCKS_LIMIT`].
+    pub limit: Option<u32>,
 }
 
 /// A parsed request line.
@@ -289,6 +312,46 @@ pub fn parse_request(line: &[u8]) -> Result<Option<Request<'_>>, ParseError<'_>>
     } else if verb.eq_ignore_ascii_case(b"AUTH") {
         let secret = it.next().ok_or_else(|| bad("missing secret".into()))?;
         Command::Auth { secret }
+    } else if verb.eq_ignore_ascii_case(b"LOCKS") {
+        let mut q = LocksQuery::default();
+        while let Some(opt) = it.next() {
+            let upper = opt.to_ascii_uppercase();
+            let (slot, what) = match upper.as_slice() {
+                b"PREFIX" => (&mut q.prefix, "PREFIX"),
+                b"AFTER" => (&mut q.after, "AFTER"),
+                b"LIMIT" => {
+                    if q.limit.is_some() {
+                        return Err(bad("LIMIT given twice".into()));
+                    }
+                    let v = it.next().unwrap_or(b"");
+                    let n = std::str::from_utf8(v)
+                        .ok()
+                        .filter(|s| s.bytes().all(|b| b.is_ascii_digit()))
+                        .and_then(|s| s.parse::<u32>().ok())
+                        .filter(|n| (1..=MAX_LOCKS_LIMIT).contains(n))
+                        .ok_or_else(|| bad(format!("LIMIT wants 1..={MAX_LOCKS_LIMIT}, got {}", lossy(v))))?;
+                    q.limit = Some(n);
+                    continue;
+                }
+                _ => return Err(bad(format!("unknown option {}", lossy(opt)))),
+            };
+            if slot.is_some() {
+                return Err(bad(format!("{what} given twice")));
+            }
+            let v = it.next().ok_or_else(|| bad(format!("{what} wants a name")))?;
+            if decode_word(v).is_none() {
+                return Err(bad(format!("{what}: bad %-escape in {}", lossy(v))));
+            }
+            *slot = Some(v);
+        }
+        Command::Locks(q)
+    } else if verb.eq_ignore_ascii_case(b"STATUS") {
+        let check = match it.next() {
+            None => false,
+            Some(w) if w.eq_ignore_ascii_case(b"CHECK") => true,
+            Some(w) => return Err(bad(format!("unknown option {}", lossy(w)))),
+        };
+        Command::Status { check }
     } else if verb.eq_ignore_ascii_case(b"PING") {
         return Ok(Some(Request {
             tag,
@@ -315,6 +378,54 @@ pub fn mode_word(mode: Mode) -> &'static str {
         Mode::Exclusive => "EXCLUSIVE",
         Mode::Shared => "SHARED",
     }
+}
+
+/// Appends `bytes` as one word of an admin response (`LOCKS`, `STATUS`): every byte outside
+/// `!`..=`~` (0x21..=0x7E), and `%` itself, becomes `%XX` (two upper-case hex digits), so the
+/// word is printable ASCII and holds no space; the empty string is `-`, and the one-byte string
+/// `-` is `%2D`.
+pub fn encode_word(out: &mut Vec<u8>, bytes: &[u8]) {
+    if bytes.is_empty() {
+        out.push(b'-');
+        return;
+    }
+    if bytes == b"-" {
+        out.extend_from_slice(b"%2D");
+        return;
+    }
+    for &b in bytes {
+        if (0x21..=0x7e).contains(&b) && b != b'%' {
+            out.push(b);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+}
+
+/// Decodes a word escaped as [`encode_word`] does: `%XX` (hex, either case) is that byte, `-`
+/// alone is the empty string, any other byte is itself (so a name without `%` may be sent as it
+/// is). None if a `%` is not followed by two hex digits.
+pub fn decode_word(word: &[u8]) -> Option<Vec<u8>> {
+    if word == b"-" {
+        return Some(Vec::new());
+    }
+    let mut out = Vec::with_capacity(word.len());
+    let mut i = 0;
+    while i < word.len() {
+        if word[i] == b'%' {
+            let hex = word.get(i + 1..i + 3)?;
+            let hex = std::str::from_utf8(hex).ok()?;
+            if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return None;
+            }
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(word[i]);
+            i += 1;
+        }
+    }
+    Some(out)
 }
 
 /// Appends `tag GRANTED token died mode\n`.
@@ -539,6 +650,17 @@ mod tests {
         assert_eq!(ok("x PING whatever you like"), Command::Ping);
         assert_eq!(ok("x AUTH s3cret"), Command::Auth { secret: b"s3cret" });
         assert_eq!(ok("x QUIT"), Command::Quit);
+        assert_eq!(ok("x LOCKS"), Command::Locks(LocksQuery::default()));
+        assert_eq!(
+            ok("x locks limit 5 after orders%2F9 PREFIX orders/"),
+            Command::Locks(LocksQuery {
+                prefix: Some(b"orders/"),
+                after: Some(b"orders%2F9"),
+                limit: Some(5)
+            })
+        );
+        assert_eq!(ok("x STATUS"), Command::Status { check: false });
+        assert_eq!(ok("x status check"), Command::Status { check: true });
         assert_eq!(parse_request(b"   \r\n").unwrap(), None);
         assert_eq!(parse_request(b"").unwrap(), None);
         let r = parse_request("é-tag LOCK é".as_bytes());
@@ -578,6 +700,37 @@ mod tests {
         assert_eq!(err("9 AUTH").2, "missing secret");
         assert_eq!(err("9 LOCK a\tb").2, "control byte in request");
         assert_eq!(err("9 LOCK a\x00").1, ErrorCode::BadRequest);
+        assert_eq!(err("9 LOCKS LIMIT 0").2, "LIMIT wants 1..=10000, got 0");
+        assert!(err("9 LOCKS LIMIT 10001").2.starts_with("LIMIT wants"));
+        assert!(err("9 LOCKS LIMIT").2.starts_with("LIMIT wants"));
+        assert_eq!(err("9 LOCKS LIMIT 1 LIMIT 2").2, "LIMIT given twice");
+        assert_eq!(err("9 LOCKS PREFIX a PREFIX b").2, "PREFIX given twice");
+        assert_eq!(err("9 LOCKS AFTER").2, "AFTER wants a name");
+        assert_eq!(err("9 LOCKS PREFIX a%zz").2, "PREFIX: bad %-escape in a%zz");
+        assert_eq!(err("9 LOCKS SIDEWAYS").2, "unknown option SIDEWAYS");
+        assert_eq!(err("9 STATUS NOW").2, "unknown option NOW");
+        assert_eq!(err("9 STATUS CHECK CHECK").2, "unexpected argument CHECK");
+    }
+
+    #[test]
+    fn words_escape_unambiguously() {
+        let enc = |b: &[u8]| {
+            let mut v = Vec::new();
+            encode_word(&mut v, b);
+            String::from_utf8(v).unwrap()
+        };
+        assert_eq!(enc(b"orders/42"), "orders/42");
+        assert_eq!(enc(b"a b%c\n"), "a%20b%25c%0A");
+        assert_eq!(enc("é".as_bytes()), "%C3%A9");
+        assert_eq!(enc(b""), "-");
+        assert_eq!(enc(b"-"), "%2D");
+        assert_eq!(enc(b"--"), "--");
+        assert_eq!(decode_word(b"a%20b%25c%0a").unwrap(), b"a b%c\n");
+        assert_eq!(decode_word("é".as_bytes()).unwrap(), "é".as_bytes());
+        assert_eq!(decode_word(b"-").unwrap(), b"");
+        for bad in [&b"%"[..], b"%2", b"a%g0", b"%\xff\xff"] {
+            assert_eq!(decode_word(bad), None, "{bad:?}");
+        }
     }
 
     #[test]
@@ -662,6 +815,14 @@ mod tests {
             Just("PING".to_string()),
             Just("AUTH".to_string()),
             Just("QUIT".to_string()),
+            Just("LOCKS".to_string()),
+            Just("status".to_string()),
+            Just("PREFIX".to_string()),
+            Just("after".to_string()),
+            Just("LIMIT".to_string()),
+            Just("CHECK".to_string()),
+            Just("a%2Fb".to_string()),
+            Just("a%zz".to_string()),
             Just("SHARED".to_string()),
             Just("exclusive".to_string()),
             Just("TIMEOUT".to_string()),
@@ -678,6 +839,16 @@ mod tests {
         fn parser_never_panics_on_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = parse_request(&bytes);
             let _ = parse_response(&bytes);
+            let _ = decode_word(&bytes);
+        }
+
+        /// Any bytes escape to one printable ASCII word that decodes back to them.
+        #[test]
+        fn words_round_trip(bytes in proptest::collection::vec(any::<u8>(), 0..80)) {
+            let mut w = Vec::new();
+            encode_word(&mut w, &bytes);
+            prop_assert!(!w.is_empty() && w.iter().all(|b| (0x21..=0x7e).contains(b)));
+            prop_assert_eq!(decode_word(&w), Some(bytes));
         }
 
         #[test]
@@ -711,13 +882,30 @@ mod tests {
                             prop_assert_eq!(secret, ws[1].as_bytes());
                         }
                         Command::Quit => prop_assert_eq!(ws.len(), 1),
+                        Command::Locks(q) => {
+                            prop_assert_eq!(verb.as_str(), "LOCKS");
+                            // Options come in pairs, each at most once, values that decode.
+                            prop_assert_eq!(ws.len() % 2, 1);
+                            let opt = |o: &str| ws[1..].chunks(2).find(|c| c[0].eq_ignore_ascii_case(o)).map(|c| c[1].as_str());
+                            prop_assert_eq!(q.prefix, opt("PREFIX").map(str::as_bytes));
+                            prop_assert_eq!(q.after, opt("AFTER").map(str::as_bytes));
+                            prop_assert_eq!(q.limit, opt("LIMIT").map(|n| n.parse::<u32>().unwrap()));
+                            for v in [q.prefix, q.after].into_iter().flatten() {
+                                prop_assert!(decode_word(v).is_some());
+                            }
+                        }
+                        Command::Status { check } => {
+                            prop_assert_eq!(verb.as_str(), "STATUS");
+                            prop_assert_eq!(check, ws.len() == 2);
+                            prop_assert!(ws.len() == 1 || ws[1].eq_ignore_ascii_case("CHECK"));
+                        }
                     }
                 }
                 Ok(None) => prop_assert!(false, "a tagged line is never blank"),
                 Err(e) => {
                     prop_assert_eq!(e.tag, tag.as_str());
                     prop_assert!(!e.message.is_empty());
-                    let known = ["LOCK", "TRY", "UNLOCK", "PING", "AUTH", "QUIT"];
+                    let known = ["LOCK", "TRY", "UNLOCK", "PING", "AUTH", "QUIT", "LOCKS", "STATUS"];
                     let is_known = ws.first().is_some_and(|v| known.contains(&v.to_ascii_uppercase().as_str()));
                     prop_assert_eq!(e.code == ErrorCode::UnknownCommand, !ws.is_empty() && !is_known);
                 }

@@ -303,6 +303,8 @@ impl Session {
             Command::Lock { name, mode, timeout } => self.lock(tag, name, mode, timeout, out),
             Command::Try { name, mode } => self.lock(tag, name, mode, Some(Duration::ZERO), out),
             Command::Unlock { name } => self.unlock(tag, name, out),
+            Command::Locks(q) => super::admin::serve_locks(&self.shared.table, tag, &q, out),
+            Command::Status { check } => super::admin::serve_status(&self.shared.table, tag, check, out),
         }
         Flow::Go
     }
