@@ -1015,7 +1015,15 @@ impl LockTable {
 
     /// The latched path of [`acquire`](Self::acquire).
     #[inline(never)]
-    fn acquire_latched(&self, me: OwnerRef, name: &[u8], h: u64, mode: Mode, wait: Wait, spin: bool) -> Result<RawGrant> {
+    fn acquire_latched(
+        &self,
+        me: OwnerRef,
+        name: &[u8],
+        h: u64,
+        mode: Mode,
+        wait: Wait,
+        spin: bool,
+    ) -> Result<RawGrant> {
         let sh = self.shard(self.shard_of(h));
         let guard = self.lock_shard(&sh, me.latch_id());
         let now = clock::coarse();

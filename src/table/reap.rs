@@ -194,6 +194,10 @@ impl LockTable {
                 hp.transition(Idx(h), HoldState::Granted, HoldState::Waiting, now)?;
                 hold.futex.store(WAIT, Relaxed);
                 Self::link_waiter(sh, e, h);
+            } else if hold.futex.load(Relaxed) != GRANTED {
+                // The handing process died between the grant and the wake-up: wake the grantee.
+                hold.futex.store(GRANTED, Ordering::Release);
+                futex_wake(&hold.futex, 1);
             }
         }
         // An exclusive owner that also waits on the same entry was being handed the lock when the

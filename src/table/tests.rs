@@ -290,3 +290,52 @@ fn an_owner_died_notice_survives_idle_entry_eviction() {
     assert!(!c.lock("x").unwrap().owner_died(), "the notice is given once");
     assert!(table.check().is_empty());
 }
+
+/// A releaser killed inside a handoff, after the grant was recorded but before the grantee's
+/// futex said so: the grantee must still get the lock (from the waiting loop, and after repair),
+/// never time out on a lock that is its own.
+#[test]
+fn a_handoff_cut_short_before_the_wake_is_still_a_grant() {
+    use super::{HoldState, Idx, Wait, GRANTED, WAIT};
+    let caps = Capacities {
+        max_locks: 4,
+        max_holds: 4,
+        max_owners: 4,
+        shards: 1,
+        ..Default::default()
+    };
+    for repair in [false, true] {
+        let table = Arc::new(LockTable::anonymous(&caps).unwrap());
+        let (a, b) = (
+            table.register(crate::owner::OwnerKind::Local, b"a").unwrap(),
+            table.register(crate::owner::OwnerKind::Local, b"b").unwrap(),
+        );
+        let held = table.acquire(a, b"x", Mode::Exclusive, Wait::No).unwrap();
+        let sh = table.shard(0);
+        let (i, w) = {
+            let _l = table.lock_shard(&sh, crate::table::pid_latch_id());
+            let i = table.lookup(&sh, crate::name::hash(table.seed, b"x"), b"x").unwrap();
+            LockTable::pin(&sh, i).unwrap();
+            let w = table.enqueue(&sh, i, Mode::Exclusive, b).unwrap();
+            // What `release` of a's grant does, up to the grantee's futex store.
+            sh.entry(i).unwrap().mode.store(crate::table::MODE_NONE, Relaxed);
+            sh.entry(i).unwrap().owner.store(NIL, Relaxed);
+            table.hand_off(&sh, i).unwrap();
+            sh.holds()[w.0 as usize].futex.store(WAIT, Relaxed);
+            if repair {
+                table.repair(&sh).unwrap();
+                assert_eq!(sh.holds()[w.0 as usize].futex.load(Relaxed), GRANTED);
+            }
+            (i, w)
+        };
+        assert_eq!(sh.hpool().state(Idx(w.0)).unwrap(), HoldState::Granted);
+        let deadline = crate::clock::now().plus(std::time::Duration::from_millis(1));
+        let g = table
+            .wait_for_grant(&sh, i, w, b, Mode::Exclusive, Wait::Until(deadline))
+            .expect("the handed-off lock is b's");
+        assert!(g.token > held.token);
+        table.release(b, &g).unwrap();
+        assert!(matches!(table.release(a, &held), Err(Error::NotHeld)));
+        assert!(table.check().is_empty(), "{:?}", table.check());
+    }
+}

@@ -198,8 +198,11 @@ impl LockTable {
                 Self::publish(sh, i);
                 return Err(Error::Cancelled);
             }
+            // The pool state is the truth (the futex word only wakes the sleeper): a grant whose
+            // maker died before storing GRANTED into the futex is still a grant.
+            let granted = matches!(sh.hpool().state(Idx(w)), Ok(HoldState::Granted | HoldState::Held));
             match hold.futex.load(R) {
-                GRANTED => {
+                _ if granted => {
                     let g = RawGrant {
                         shard: sh.no,
                         entry: i,
