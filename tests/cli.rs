@@ -11,13 +11,10 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
 
-use common::{await_file, signal, ChildCtx, ChildId, TestEnv, DEADLINE};
+use common::cli::*;
+use common::{await_file, signal, ChildCtx, TestEnv, DEADLINE};
 use serde_json::Value;
-use shmlock::Error;
-
-const EX_TEMPFAIL: i32 = 75;
 
 // ---- child processes -------------------------------------------------------------------------
 
@@ -30,53 +27,6 @@ fn child_process() {
         "wait" => role_wait(&ctx),
         other => panic!("unknown role {other:?}"),
     }
-}
-
-/// Names are passed as hex so that any bytes can be.
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Vec<u8> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
-        .collect()
-}
-
-/// Holds every lock in `locks` (`x:HEXNAME` exclusive, `s:HEXNAME` shared, comma separated)
-/// under one client labelled `label`, `gap_ms` apart if given, writes file `held`, waits for file `go`, then unlocks
-/// each with `LockGuard::unlock` and writes the results (`ok` or `not-held`, one line each) to
-/// file `result`.
-fn role_hold(ctx: &ChildCtx) {
-    let locks: String = ctx.param("locks");
-    let label: String = ctx.param("label");
-    let client = ctx.client(&label);
-    let gap = Duration::from_millis(ctx.opt_param("gap_ms").map_or(0, |g| g.parse().expect("gap_ms")));
-    let guards: Vec<_> = locks
-        .split(',')
-        .map(|l| {
-            std::thread::sleep(gap);
-            let (mode, name) = l.split_once(':').expect("mode:name");
-            let name = unhex(name);
-            match mode {
-                "x" => client.lock(&name),
-                _ => client.lock_shared(&name),
-            }
-            .expect("lock")
-        })
-        .collect();
-    signal(&ctx.path("held"), "");
-    await_file(&ctx.path("go"));
-    let results: Vec<&str> = guards
-        .into_iter()
-        .map(|g| match g.unlock() {
-            Ok(()) => "ok",
-            Err(Error::NotHeld) => "not-held",
-            Err(e) => panic!("unlock: {e}"),
-        })
-        .collect();
-    signal(&ctx.path("result"), &results.join("\n"));
 }
 
 /// Locks `name` exclusively, waiting as long as it takes; writes `owner_died=BOOL` to file
@@ -126,66 +76,6 @@ fn cli_with(segment: &str, args: &[&str], stdin: Option<&[u8]>, env: &[(&str, &s
             panic!("shmlock {args:?} did not exit within {DEADLINE:?}; killed");
         }
     }
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// Asserts the exit code, showing the output otherwise.
-#[track_caller]
-fn assert_code(o: &Output, code: i32) {
-    assert_eq!(
-        o.status.code(),
-        Some(code),
-        "exit status {}\nstdout:\n{}\nstderr:\n{}",
-        o.status,
-        stdout(o),
-        stderr(o)
-    );
-}
-
-/// Asserts a failure with exactly one line on stderr that contains every one of `parts`.
-#[track_caller]
-fn assert_error_line(o: &Output, parts: &[&str]) {
-    assert_code(o, 2);
-    let err = stderr(o);
-    assert_eq!(err.lines().count(), 1, "expected one line on stderr, got:\n{err}");
-    assert!(err.starts_with("shmlock: "), "{err}");
-    for p in parts {
-        assert!(err.contains(p), "stderr lacks {p:?}:\n{err}");
-    }
-}
-
-fn json(o: &Output) -> Value {
-    assert_code(o, 0);
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", stdout(o)))
-}
-
-/// A child holding `locks` (see [`role_hold`]); returns once it holds them all.
-fn spawn_holder(env: &TestEnv, locks: &[(&str, &[u8])], label: &str) -> ChildId {
-    let spec: Vec<String> = locks.iter().map(|(m, n)| format!("{m}:{}", hex(n))).collect();
-    // Apart in time, so that "longest held first" has one right order.
-    let id = env.spawn(
-        "hold",
-        &[("locks", &spec.join(",")), ("label", &label), ("gap_ms", &30)],
-    );
-    env.wait_for("the holder to hold its locks", |_| env.path("held").exists());
-    id
-}
-
-/// The lock named `name` in a `locks --json` array.
-fn find<'a>(locks: &'a Value, name: &str) -> &'a Value {
-    locks
-        .as_array()
-        .expect("array")
-        .iter()
-        .find(|l| l["name"] == name)
-        .unwrap_or_else(|| panic!("no lock {name:?} in {locks:#}"))
 }
 
 /// A file in /dev/shm made by a test (not through the library); removed on drop.
@@ -290,7 +180,7 @@ fn run_exits_with_the_commands_status() {
 #[test]
 fn run_exits_75_when_the_lock_is_not_had_in_time() {
     let env = TestEnv::new("run_busy");
-    let holder = spawn_holder(&env, &[("x", b"busy")], "holder");
+    let holder = spawn_holder_apart(&env, &[("x", b"busy")], "holder", 30);
     let pid = env.pid(holder).to_string();
     let ran = env.path("ran");
     let ran = ran.to_str().expect("utf-8 path");
@@ -325,10 +215,11 @@ fn run_exits_75_when_the_lock_is_not_had_in_time() {
 #[test]
 fn locks_and_owners_show_a_child_holding_locks() {
     let env = TestEnv::new("locks_json");
-    let holder = spawn_holder(
+    let holder = spawn_holder_apart(
         &env,
         &[("x", b"orders/42"), ("s", b"config"), ("x", b"raw\xff\x01")],
         "worker-7",
+        30,
     );
     let pid = u64::from(env.pid(holder));
     let locks = json(&cli(&env.segment, &["locks", "--json"]));
@@ -407,7 +298,7 @@ fn locks_and_owners_show_a_child_holding_locks() {
 #[test]
 fn owners_reports_a_dead_owner_as_dead() {
     let env = TestEnv::new("owners_dead");
-    let holder = spawn_holder(&env, &[("x", b"left-behind")], "doomed");
+    let holder = spawn_holder_apart(&env, &[("x", b"left-behind")], "doomed", 30);
     let pid = u64::from(env.pid(holder));
     let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
     env.wait(holder);
@@ -425,7 +316,7 @@ fn owners_reports_a_dead_owner_as_dead() {
 #[test]
 fn show_lists_the_waiters_queue_in_order() {
     let env = TestEnv::new("show_queue");
-    let holder = spawn_holder(&env, &[("x", b"q")], "holder");
+    let holder = spawn_holder_apart(&env, &[("x", b"q")], "holder", 30);
     let waiter = env.spawn("wait", &[("name", &hex(b"q"))]);
     env.wait_for("the waiter to queue", |t| t.stats().waiting == 1);
     let l = json(&cli(&env.segment, &["show", "q", "--json"]));
@@ -460,7 +351,7 @@ fn watch_quits_on_q() {
 #[test]
 fn release_force_hands_the_lock_on_and_the_holder_learns_it() {
     let env = TestEnv::new("release");
-    let holder = spawn_holder(&env, &[("x", b"victim")], "stuck");
+    let holder = spawn_holder_apart(&env, &[("x", b"victim")], "stuck", 30);
     let waiter = env.spawn("wait", &[("name", &hex(b"victim"))]);
     env.wait_for("the waiter to queue", |t| t.stats().waiting == 1);
 
@@ -492,7 +383,7 @@ fn release_force_hands_the_lock_on_and_the_holder_learns_it() {
 #[test]
 fn release_force_of_an_unwaited_lock_tells_the_next_locker() {
     let env = TestEnv::new("release_idle");
-    let holder = spawn_holder(&env, &[("s", b"shared-victim")], "reader");
+    let holder = spawn_holder_apart(&env, &[("s", b"shared-victim")], "reader", 30);
     assert_code(&cli(&env.segment, &["release", "--force", "shared-victim"]), 0);
     let o = cli(&env.segment, &["locks", "--json"]);
     assert_eq!(json(&o), Value::Array(vec![]));
@@ -544,7 +435,7 @@ fn check_exits_0_when_clean_and_1_with_findings_when_corrupt() {
 #[test]
 fn status_shows_pools_supervisor_and_fencing_counter() {
     let env = TestEnv::new("status");
-    let holder = spawn_holder(&env, &[("x", b"a"), ("x", b"b")], "h");
+    let holder = spawn_holder_apart(&env, &[("x", b"a"), ("x", b"b")], "h", 30);
     let s = json(&cli(&env.segment, &["status", "--json"]));
     let entries = &s["pools"][0];
     assert_eq!(entries["pool"], "lock entry");

@@ -12,10 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Instant;
 
-use common::{await_file, signal, wait_until, ChildCtx, ChildId, TestEnv, DEADLINE};
+use common::cli::*;
+use common::{signal, wait_until, ChildCtx, TestEnv, DEADLINE};
 use serde_json::Value;
-
-const EX_TEMPFAIL: i32 = 75;
 
 // ---- child processes -------------------------------------------------------------------------
 
@@ -27,47 +26,6 @@ fn child_process() {
         "hold" => role_hold(&ctx),
         other => panic!("unknown role {other:?}"),
     }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Vec<u8> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
-        .collect()
-}
-
-/// Holds every lock of `locks` (`x:HEXNAME` exclusive, `s:HEXNAME` shared, comma separated) under
-/// one client labelled `label`, writes file `held`, and waits for file `go`.
-fn role_hold(ctx: &ChildCtx) {
-    let locks: String = ctx.param("locks");
-    let label: String = ctx.param("label");
-    let client = ctx.client(&label);
-    let guards: Vec<_> = locks
-        .split(',')
-        .map(|l| {
-            let (mode, name) = l.split_once(':').expect("mode:name");
-            let name = unhex(name);
-            match mode {
-                "x" => client.lock(&name).expect("lock"),
-                _ => client.lock_shared(&name).expect("lock_shared"),
-            }
-        })
-        .collect();
-    signal(&ctx.path("held"), "");
-    await_file(&ctx.path("go"));
-    drop(guards);
-}
-
-/// A child holding `locks`; returns once it holds them all.
-fn spawn_holder(env: &TestEnv, locks: &[(&str, &[u8])], label: &str) -> ChildId {
-    let spec: Vec<String> = locks.iter().map(|(m, n)| format!("{m}:{}", hex(n))).collect();
-    let id = env.spawn("hold", &[("locks", &spec.join(",")), ("label", &label)]);
-    env.wait_for("the holder to hold its locks", |_| env.path("held").exists());
-    id
 }
 
 // ---- the daemon and the CLI ------------------------------------------------------------------
@@ -173,53 +131,6 @@ fn shmlock_env(args: &[&str], env: &[(&str, &str)]) -> Output {
 
 fn shmlock(args: &[&str]) -> Output {
     shmlock_env(args, &[])
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-#[track_caller]
-fn assert_code(o: &Output, code: i32) {
-    assert_eq!(
-        o.status.code(),
-        Some(code),
-        "exit status {}\nstdout:\n{}\nstderr:\n{}",
-        o.status,
-        stdout(o),
-        stderr(o)
-    );
-}
-
-/// Asserts a failure with exactly one line on stderr that contains every one of `parts`.
-#[track_caller]
-fn assert_error_line(o: &Output, parts: &[&str]) {
-    assert_code(o, 2);
-    let err = stderr(o);
-    assert_eq!(err.lines().count(), 1, "expected one line on stderr, got:\n{err}");
-    assert!(err.starts_with("shmlock: "), "{err}");
-    for p in parts {
-        assert!(err.contains(p), "stderr lacks {p:?}:\n{err}");
-    }
-}
-
-fn json(o: &Output) -> Value {
-    assert_code(o, 0);
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", stdout(o)))
-}
-
-/// The lock named `name` in a `locks --json` array.
-fn find<'a>(locks: &'a Value, name: &str) -> &'a Value {
-    locks
-        .as_array()
-        .expect("array")
-        .iter()
-        .find(|l| l["name"] == name)
-        .unwrap_or_else(|| panic!("no lock {name:?} in {locks:#}"))
 }
 
 /// `v` without the fields that are ages (`*_ms`), which differ between two snapshots.

@@ -23,6 +23,8 @@
 // Each test file uses part of this module; what one file leaves unused is not dead.
 #![allow(dead_code)]
 
+pub(crate) mod cli;
+
 use std::fmt::{Debug, Display};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
