@@ -15,22 +15,38 @@
 //!
 //! # Concurrency
 //! Requests are pipelined: each gets a numeric tag, is written at once under a short mutex, and
-//! waits for its own response, which a reader thread matches by tag. So several threads may share
-//! one client (they are one owner, as with a local `Client`), and [`RemoteClient::start_lock`]
-//! sends a request without waiting for it. When the gateway announces an idle timeout, a
-//! keep-alive thread sends `PING` whenever nothing was sent for a third of it.
+//! waits for its own response, matched by tag. So several threads may share one client (they are
+//! one owner, as with a local `Client`), and [`RemoteClient::start_lock`] sends a request without
+//! waiting for it.
+//!
+//! Responses are read by the callers themselves (leader/follower): a caller waiting for its
+//! answer reads the socket if nobody else does, and hands every line it reads to the request it
+//! answers; other callers park until their answer is handed to them or the reading role is
+//! handed to them. So a lone caller's round trip is a write and a blocking read in its own
+//! thread, with no second thread to wake. A background thread reads only answers nobody waits
+//! for (unlocks sent by dropped guards, pings) when no caller reads, after a short delay, and
+//! sends the keep-alive `PING` whenever nothing was sent for a third of the gateway's idle
+//! timeout.
+//!
+//! Lock order: `reader` (held by whoever has the reading role, `State::reading`) before
+//! `state`; `writer` is taken alone. The reading role is taken and given up under `state`.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
 
 use crate::client::{FencingToken, Grant};
 use crate::error::{Error, Result};
 use crate::gateway::proto::{self, ErrorCode, Hello, Response};
 use crate::table::Mode;
+
+/// How long answers nobody waits for may stay unread while no caller reads, before the
+/// background thread reads them (a caller that comes meanwhile reads them on its way).
+const DRAIN_DELAY: Duration = Duration::from_millis(2);
 
 /// Options for [`RemoteClient::connect_with`].
 #[derive(Debug, Clone, Default)]
@@ -53,26 +69,117 @@ type Reply = Result<Answer>;
 /// Who waits for a tag's response.
 #[derive(Debug)]
 enum Slot {
-    /// A caller, on this channel.
-    Caller(mpsc::SyncSender<Reply>),
+    /// A caller: its answer once read, and its thread while it is parked in `wait`.
+    Caller {
+        reply: Option<Reply>,
+        parked: Option<Thread>,
+    },
     /// Nobody (fire-and-forget requests).
     Nobody,
     /// Nobody; a lock request given up: if it is granted, unlock it.
     UnlockOnGrant(Box<[u8]>),
 }
 
+impl Slot {
+    fn caller() -> Slot {
+        Slot::Caller {
+            reply: None,
+            parked: None,
+        }
+    }
+
+    /// True if nobody waits for the answer.
+    fn orphan(&self) -> bool {
+        !matches!(self, Slot::Caller { .. })
+    }
+}
+
 #[derive(Debug, Default)]
-struct Pending {
+struct State {
     slots: HashMap<u64, Slot>,
     /// Why the connection ended, once it has.
     closed: Option<String>,
+    /// Someone (a caller or the background thread) has the reading role and may lock `reader`.
+    reading: bool,
+    /// Callers inside `wait`.
+    waiting: usize,
+    /// Slots whose answer nobody waits for.
+    orphans: usize,
+    /// The background thread sleeps with no drain planned: wake it when answers nobody waits
+    /// for may be left unread.
+    bg_idle: bool,
+    /// The client is being dropped.
+    stop: bool,
+}
+
+/// The write side, with a line buffer reused by every request.
+#[derive(Debug)]
+struct Writer {
+    stream: TcpStream,
+    line: Vec<u8>,
+}
+
+/// The read side: bytes read and not yet handed out are `buf[start..end]`.
+#[derive(Debug)]
+struct Reader {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Reader {
+    fn new(stream: TcpStream) -> Reader {
+        Reader {
+            stream,
+            buf: vec![0; 4096],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// The next whole line already read (with its LF), if any.
+    fn next_line(&mut self) -> Option<&[u8]> {
+        let n = self.buf[self.start..self.end].iter().position(|&b| b == b'\n')?;
+        let line = self.start..self.start + n + 1;
+        self.start = line.end;
+        Some(&self.buf[line])
+    }
+
+    /// Reads what the socket has (blocking until something comes); why not, if it ended.
+    fn fill(&mut self) -> std::result::Result<(), String> {
+        if self.start == self.end {
+            (self.start, self.end) = (0, 0);
+        } else if self.end == self.buf.len() {
+            if self.start > 0 {
+                self.buf.copy_within(self.start..self.end, 0);
+                (self.start, self.end) = (0, self.end - self.start);
+            } else {
+                self.buf.resize(self.buf.len() * 2, 0);
+            }
+        }
+        loop {
+            match self.stream.read(&mut self.buf[self.end..]) {
+                Ok(0) => return Err("connection closed by the gateway".into()),
+                Ok(n) => {
+                    self.end += n;
+                    return Ok(());
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(format!("receive failed: {e}")),
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
 struct Inner {
     addr: String,
-    writer: Mutex<TcpStream>,
-    pending: Mutex<Pending>,
+    writer: Mutex<Writer>,
+    state: Mutex<State>,
+    /// The background thread waits here.
+    bg: Condvar,
+    reader: Mutex<Reader>,
     next_tag: AtomicU64,
     /// Milliseconds since `epoch` of the last request sent (for the keep-alive).
     last_send: AtomicU64,
@@ -84,13 +191,33 @@ struct Inner {
 pub struct RemoteClient {
     inner: Arc<Inner>,
     hello: Hello,
-    /// Dropping it stops the keep-alive thread.
-    stop_keepalive: Option<mpsc::Sender<()>>,
-    threads: Vec<std::thread::JoinHandle<()>>,
+    background: Option<thread::JoinHandle<()>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Appends `n` in decimal.
+fn push_u64(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+/// What to do, outside the state lock, after a line was handed out.
+enum After {
+    Nothing,
+    Wake(Thread),
+    Unlock(Box<[u8]>),
 }
 
 impl Inner {
@@ -101,23 +228,47 @@ impl Inner {
         }
     }
 
-    /// Registers `slot` under a new tag and sends `tag` + `rest`.
-    fn send(&self, rest: &[u8], slot: Slot) -> Result<u64> {
+    fn closed_err(&self, st: &State) -> Error {
+        self.conn_err(st.closed.clone().unwrap_or_else(|| "connection closed".into()))
+    }
+
+    /// Counts an answer nobody waits for; wakes the background thread if it may have to read it.
+    fn add_orphan(&self, st: &mut State) {
+        st.orphans += 1;
+        if st.bg_idle && !st.reading {
+            st.bg_idle = false;
+            self.bg.notify_one();
+        }
+    }
+
+    /// Registers `slot` under a new tag and sends `tag`, a space, what `request` appends, LF.
+    fn send(&self, slot: Slot, request: impl FnOnce(&mut Vec<u8>)) -> Result<u64> {
         let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
         {
-            let mut p = lock(&self.pending);
-            if let Some(why) = &p.closed {
-                return Err(self.conn_err(why.clone()));
+            let mut st = lock(&self.state);
+            if st.closed.is_some() {
+                return Err(self.closed_err(&st));
             }
-            p.slots.insert(tag, slot);
+            if slot.orphan() {
+                self.add_orphan(&mut st);
+            }
+            st.slots.insert(tag, slot);
         }
-        let mut line = Vec::with_capacity(rest.len() + 24);
-        let _ = write!(line, "{tag} ");
-        line.extend_from_slice(rest);
-        line.push(b'\n');
-        let r = lock(&self.writer).write_all(&line);
+        let r = {
+            let mut w = lock(&self.writer);
+            let w = &mut *w;
+            w.line.clear();
+            push_u64(&mut w.line, tag);
+            w.line.push(b' ');
+            request(&mut w.line);
+            w.line.push(b'\n');
+            w.stream.write_all(&w.line)
+        };
         if let Err(e) = r {
-            lock(&self.pending).slots.remove(&tag);
+            let mut st = lock(&self.state);
+            if st.slots.remove(&tag).is_some_and(|s| s.orphan()) {
+                st.orphans -= 1;
+            }
             return Err(self.conn_err(format!("send failed: {e}")));
         }
         let ms = self.epoch.elapsed().as_millis() as u64;
@@ -126,45 +277,146 @@ impl Inner {
     }
 
     /// Sends a request and waits for its response.
-    fn call(&self, rest: &[u8]) -> Reply {
-        let (tx, rx) = mpsc::sync_channel(1);
-        self.send(rest, Slot::Caller(tx))?;
-        self.wait(&rx)
+    fn call(&self, request: impl FnOnce(&mut Vec<u8>)) -> Reply {
+        let tag = self.send(Slot::caller(), request)?;
+        self.wait(tag)
     }
 
-    fn wait(&self, rx: &mpsc::Receiver<Reply>) -> Reply {
-        rx.recv().unwrap_or_else(|_| {
-            let why = lock(&self.pending).closed.clone();
-            Err(self.conn_err(why.unwrap_or_else(|| "connection closed".into())))
-        })
-    }
-
-    /// The reader thread: matches responses to slots until the connection ends.
-    fn read_loop(self: &Arc<Self>, mut rd: BufReader<TcpStream>) {
-        let mut line = Vec::with_capacity(128);
-        let why = loop {
-            line.clear();
-            match rd.read_until(b'\n', &mut line) {
-                Ok(0) => break "connection closed by the gateway".to_string(),
-                Ok(_) => {}
-                Err(e) => break format!("receive failed: {e}"),
-            }
-            match self.dispatch(&line) {
-                Ok(()) => {}
-                Err(why) => break why,
+    /// Waits for the answer to `tag` (a `Slot::Caller`): reads the socket itself while nobody
+    /// else does, else parks until a reader hands it its answer or the reading role.
+    fn wait(&self, tag: u64) -> Reply {
+        let mut st = lock(&self.state);
+        st.waiting += 1;
+        let reply = loop {
+            let reading = st.reading;
+            match st.slots.get_mut(&tag) {
+                Some(Slot::Caller { reply, parked }) => {
+                    if let Some(r) = reply.take() {
+                        st.slots.remove(&tag);
+                        break r;
+                    }
+                    if !reading {
+                        *parked = None;
+                        st.reading = true;
+                        drop(st);
+                        self.lead(tag);
+                        st = lock(&self.state);
+                        st.reading = false;
+                        continue;
+                    }
+                    if parked.is_none() {
+                        *parked = Some(thread::current());
+                    }
+                    drop(st);
+                    thread::park();
+                    st = lock(&self.state);
+                }
+                // The connection ended (its slots were dropped), or the slot was given up,
+                // which only a `PendingLock` never waited for does.
+                _ => break Err(self.closed_err(&st)),
             }
         };
-        let slots = {
-            let mut p = lock(&self.pending);
-            if p.closed.is_none() {
-                p.closed = Some(why);
-            }
-            std::mem::take(&mut p.slots)
-        };
-        drop(slots); // callers' receivers now fail, and read `closed`
+        st.waiting -= 1;
+        self.hand_off(st);
+        reply
     }
 
-    fn dispatch(&self, line: &[u8]) -> std::result::Result<(), String> {
+    /// With the reading role free: gives it to a caller still waiting, if any, else lets the
+    /// background thread read answers nobody waits for.
+    fn hand_off(&self, st: MutexGuard<'_, State>) {
+        if st.reading {
+            return;
+        }
+        if st.waiting > 0 {
+            let next = st.slots.values().find_map(|s| match s {
+                Slot::Caller {
+                    reply: None,
+                    parked: Some(t),
+                } => Some(t.clone()),
+                _ => None,
+            });
+            drop(st);
+            if let Some(t) = next {
+                t.unpark();
+            }
+        } else if st.orphans > 0 && st.bg_idle {
+            let mut st = st;
+            st.bg_idle = false;
+            self.bg.notify_one();
+        }
+    }
+
+    /// The leader: reads until the answer to `tag` has come (or the connection ended), handing
+    /// out every line read. Called with the reading role.
+    fn lead(&self, tag: u64) {
+        let mut rd = lock(&self.reader);
+        loop {
+            let mut mine = false;
+            while let Some(line) = rd.next_line() {
+                match self.dispatch(line, tag) {
+                    Ok(m) => mine |= m,
+                    Err(why) => return self.close(why),
+                }
+            }
+            if mine {
+                return;
+            }
+            if let Err(why) = rd.fill() {
+                return self.close(why);
+            }
+        }
+    }
+
+    /// The background thread's reading: while answers nobody waits for are due and no caller
+    /// waits. Called with the reading role.
+    fn drain(&self) {
+        let mut rd = lock(&self.reader);
+        loop {
+            while let Some(line) = rd.next_line() {
+                if let Err(why) = self.dispatch(line, 0) {
+                    return self.close(why);
+                }
+            }
+            {
+                let st = lock(&self.state);
+                if st.orphans == 0 || st.waiting > 0 || st.closed.is_some() {
+                    return;
+                }
+            }
+            if let Err(why) = rd.fill() {
+                return self.close(why);
+            }
+        }
+    }
+
+    /// The connection ended: fails every request still unanswered and wakes their callers.
+    /// Answers already read stay with their callers.
+    fn close(&self, why: String) {
+        let mut woken = Vec::new();
+        {
+            let mut st = lock(&self.state);
+            if st.closed.is_none() {
+                st.closed = Some(why);
+            }
+            st.slots.retain(|_, s| match s {
+                Slot::Caller { reply: Some(_), .. } => true,
+                Slot::Caller { parked, .. } => {
+                    woken.extend(parked.take());
+                    false
+                }
+                _ => false,
+            });
+            st.orphans = 0;
+            self.bg.notify_one();
+        }
+        for t in woken {
+            t.unpark();
+        }
+    }
+
+    /// Hands one response line to its slot; true if it answers `own`. Err: the connection must
+    /// end, for this reason.
+    fn dispatch(&self, line: &[u8], own: u64) -> std::result::Result<bool, String> {
         let resp = proto::parse_response(line)?;
         let (tag, reply) = match resp {
             Response::Granted {
@@ -192,30 +444,107 @@ impl Inner {
                     if code.is_none_or(ErrorCode::closes) {
                         return Err(why);
                     }
-                    return Ok(()); // BAD_TAG: we never send bad tags
+                    return Ok(false); // BAD_TAG: we never send bad tags
                 }
                 (tag, Err(remote_error(code, code_word, message)))
             }
-            Response::Hello(_) => return Ok(()),
+            Response::Hello(_) => return Ok(false),
         };
         let Ok(tag) = tag.parse::<u64>() else {
             return Err(format!("response with a tag we never sent: {tag}"));
         };
-        let slot = lock(&self.pending).slots.remove(&tag);
-        match slot {
-            Some(Slot::Caller(tx)) => {
-                let _ = tx.send(reply);
-            }
-            Some(Slot::UnlockOnGrant(name)) => {
-                if let Ok(Answer::Granted(_)) = reply {
-                    let mut rest = b"UNLOCK ".to_vec();
-                    rest.extend_from_slice(&name);
-                    let _ = self.send(&rest, Slot::Nobody);
+        let after = {
+            let mut st = lock(&self.state);
+            match st.slots.get_mut(&tag) {
+                Some(Slot::Caller {
+                    reply: r @ None,
+                    parked,
+                }) => {
+                    *r = Some(reply);
+                    parked.take().map_or(After::Nothing, After::Wake)
                 }
+                Some(Slot::Caller { .. }) => After::Nothing, // answered twice: keep the first
+                Some(_) => {
+                    st.orphans -= 1;
+                    match st.slots.remove(&tag) {
+                        Some(Slot::UnlockOnGrant(name)) if matches!(reply, Ok(Answer::Granted(_))) => {
+                            After::Unlock(name)
+                        }
+                        _ => After::Nothing,
+                    }
+                }
+                None => After::Nothing,
             }
-            Some(Slot::Nobody) | None => {}
+        };
+        match after {
+            After::Nothing => {}
+            After::Wake(t) => t.unpark(),
+            After::Unlock(name) => {
+                let _ = self.send(Slot::Nobody, |l| {
+                    l.extend_from_slice(b"UNLOCK ");
+                    l.extend_from_slice(&name);
+                });
+            }
         }
-        Ok(())
+        Ok(tag == own)
+    }
+
+    /// The background thread: keep-alive pings, and reading answers nobody waits for while no
+    /// caller reads. Ends when the client is dropped or the connection ends.
+    fn background(&self, keepalive: Option<Duration>) {
+        let mut st = lock(&self.state);
+        let mut drain_at: Option<Instant> = None;
+        loop {
+            if st.stop || st.closed.is_some() {
+                return;
+            }
+            let now = Instant::now();
+            let mut wake = None;
+            if let Some(every) = keepalive {
+                let since = Duration::from_millis(self.last_send.load(Ordering::Relaxed));
+                let due = self.epoch + since + every;
+                if now >= due {
+                    drop(st);
+                    let _ = self.send(Slot::Nobody, |l| l.extend_from_slice(b"PING"));
+                    st = lock(&self.state);
+                    continue;
+                }
+                wake = Some(due);
+            }
+            if st.orphans > 0 && !st.reading {
+                match drain_at {
+                    Some(t) if now >= t => {
+                        drain_at = None;
+                        st.reading = true;
+                        drop(st);
+                        self.drain();
+                        st = lock(&self.state);
+                        st.reading = false;
+                        if st.waiting > 0 {
+                            self.hand_off(st);
+                            st = lock(&self.state);
+                        }
+                        continue;
+                    }
+                    Some(_) => {}
+                    None => drain_at = Some(now + DRAIN_DELAY),
+                }
+            } else {
+                drain_at = None;
+            }
+            if let Some(t) = drain_at {
+                wake = Some(wake.map_or(t, |w: Instant| w.min(t)));
+            }
+            st.bg_idle = drain_at.is_none();
+            st = match wake {
+                None => self.bg.wait(st).unwrap_or_else(|p| p.into_inner()),
+                Some(t) => {
+                    let d = t.saturating_duration_since(now);
+                    self.bg.wait_timeout(st, d).unwrap_or_else(|p| p.into_inner()).0
+                }
+            };
+            st.bg_idle = false;
+        }
     }
 }
 
@@ -268,9 +597,15 @@ impl RemoteClient {
         let stream = stream.ok_or_else(|| err(&shown, last))?;
         let io = |e: std::io::Error| err(&shown, e.to_string());
         stream.set_nodelay(true).map_err(io)?;
-        let mut rd = BufReader::new(stream.try_clone().map_err(io)?);
-        let mut line = Vec::new();
-        rd.read_until(b'\n', &mut line).map_err(io)?;
+        let mut rd = Reader::new(stream.try_clone().map_err(io)?);
+        let line = loop {
+            if let Some(line) = rd.next_line() {
+                break line.to_vec();
+            }
+            if let Err(e) = rd.fill() {
+                return Err(err(&shown, format!("closed before greeting ({e})")));
+            }
+        };
         let hello = match proto::parse_response(&line) {
             Ok(Response::Hello(h)) => h,
             Ok(Response::Error {
@@ -280,61 +615,41 @@ impl RemoteClient {
                 ..
             }) => return Err(remote_error(code, code_word, message)),
             Ok(_) => return Err(err(&shown, "no greeting".into())),
-            Err(e) if line.is_empty() => return Err(err(&shown, format!("closed before greeting ({e})"))),
             Err(e) => return Err(err(&shown, e)),
         };
         let inner = Arc::new(Inner {
             addr: shown,
-            writer: Mutex::new(stream),
-            pending: Mutex::default(),
+            writer: Mutex::new(Writer {
+                stream,
+                line: Vec::with_capacity(128),
+            }),
+            state: Mutex::default(),
+            bg: Condvar::new(),
+            reader: Mutex::new(rd),
             next_tag: AtomicU64::new(1),
             last_send: AtomicU64::new(0),
             epoch: Instant::now(),
         });
-        let reader = {
+        let keepalive = hello.idle_timeout.map(|t| (t / 3).max(Duration::from_millis(10)));
+        let background = {
             let inner2 = inner.clone();
-            std::thread::Builder::new()
-                .name("shmlock-remote-rd".into())
-                .spawn(move || inner2.read_loop(rd))
-                .map_err(|e| inner_err(&inner, e))?
+            thread::Builder::new()
+                .name("shmlock-remote".into())
+                .spawn(move || inner2.background(keepalive))
+                .map_err(|e| inner.conn_err(format!("cannot start a thread: {e}")))?
         };
-        let mut client = RemoteClient {
+        let client = RemoteClient {
             inner,
             hello,
-            stop_keepalive: None,
-            threads: vec![reader],
+            background: Some(background),
         };
-        if let Some(t) = client.hello.idle_timeout {
-            client.start_keepalive(t / 3)?;
-        }
         if let Some(token) = &options.auth_token {
-            let mut rest = b"AUTH ".to_vec();
-            rest.extend_from_slice(token.as_bytes());
-            client.inner.call(&rest)?;
+            client.inner.call(|l| {
+                l.extend_from_slice(b"AUTH ");
+                l.extend_from_slice(token.as_bytes());
+            })?;
         }
         Ok(client)
-    }
-
-    fn start_keepalive(&mut self, every: Duration) -> Result<()> {
-        let every = every.max(Duration::from_millis(10));
-        let (tx, rx) = mpsc::channel::<()>();
-        let inner = self.inner.clone();
-        let t = std::thread::Builder::new()
-            .name("shmlock-remote-ka".into())
-            .spawn(move || loop {
-                match rx.recv_timeout(every) {
-                    Err(mpsc::RecvTimeoutError::Timeout) => {}
-                    _ => return,
-                }
-                let idle = inner.epoch.elapsed().as_millis() as u64 - inner.last_send.load(Ordering::Relaxed);
-                if idle >= every.as_millis() as u64 && inner.send(b"PING", Slot::Nobody).is_err() {
-                    return;
-                }
-            })
-            .map_err(|e| inner_err(&self.inner, e))?;
-        self.stop_keepalive = Some(tx);
-        self.threads.push(t);
-        Ok(())
     }
 
     /// The gateway's greeting: protocol version, limits, idle timeout.
@@ -347,28 +662,28 @@ impl RemoteClient {
     pub fn start_lock(&self, name: impl AsRef<[u8]>, mode: Mode, timeout: Option<Duration>) -> Result<PendingLock<'_>> {
         let name = name.as_ref();
         check_name(name)?;
-        let mut rest = Vec::with_capacity(name.len() + 32);
-        rest.extend_from_slice(if timeout == Some(Duration::ZERO) {
-            b"TRY "
-        } else {
-            b"LOCK "
-        });
-        rest.extend_from_slice(name);
-        rest.extend_from_slice(match mode {
-            Mode::Exclusive => b" EXCLUSIVE",
-            Mode::Shared => b" SHARED",
-        });
-        if let Some(t) = timeout.filter(|t| !t.is_zero()) {
-            let ms = t.as_millis().clamp(1, u128::from(proto::MAX_TIMEOUT_MS));
-            let _ = write!(rest, " TIMEOUT {ms}");
-        }
-        let (tx, rx) = mpsc::sync_channel(1);
-        let tag = self.inner.send(&rest, Slot::Caller(tx))?;
+        let tag = self.inner.send(Slot::caller(), |l| {
+            l.extend_from_slice(if timeout == Some(Duration::ZERO) {
+                b"TRY "
+            } else {
+                b"LOCK "
+            });
+            l.extend_from_slice(name);
+            l.extend_from_slice(match mode {
+                Mode::Exclusive => b" EXCLUSIVE",
+                Mode::Shared => b" SHARED",
+            });
+            if let Some(t) = timeout.filter(|t| !t.is_zero()) {
+                let ms = t.as_millis().clamp(1, u128::from(proto::MAX_TIMEOUT_MS));
+                l.extend_from_slice(b" TIMEOUT ");
+                push_u64(l, ms as u64);
+            }
+        })?;
         Ok(PendingLock {
             client: self,
             name: name.into(),
             tag,
-            rx: Some(rx),
+            waited: false,
             timeout,
             started: Instant::now(),
         })
@@ -417,29 +732,28 @@ impl RemoteClient {
     pub fn unlock(&self, name: impl AsRef<[u8]>) -> Result<()> {
         let name = name.as_ref();
         check_name(name)?;
-        let mut rest = b"UNLOCK ".to_vec();
-        rest.extend_from_slice(name);
-        self.inner.call(&rest).map(|_| ())
+        self.inner
+            .call(|l| {
+                l.extend_from_slice(b"UNLOCK ");
+                l.extend_from_slice(name);
+            })
+            .map(|_| ())
     }
 
     /// Sends `UNLOCK` without waiting for the answer (guards' drop).
     fn unlock_async(&self, name: &[u8]) {
-        let mut rest = Vec::with_capacity(name.len() + 8);
-        rest.extend_from_slice(b"UNLOCK ");
-        rest.extend_from_slice(name);
-        let _ = self.inner.send(&rest, Slot::Nobody);
+        let _ = self.inner.send(Slot::Nobody, |l| {
+            l.extend_from_slice(b"UNLOCK ");
+            l.extend_from_slice(name);
+        });
     }
 
     /// A round trip to the gateway; returns how long it took.
     pub fn ping(&self) -> Result<Duration> {
         let t = Instant::now();
-        self.inner.call(b"PING")?;
+        self.inner.call(|l| l.extend_from_slice(b"PING"))?;
         Ok(t.elapsed())
     }
-}
-
-fn inner_err(inner: &Inner, e: std::io::Error) -> Error {
-    inner.conn_err(format!("cannot start a thread: {e}"))
 }
 
 /// Names go on the wire as one word: no spaces or control bytes.
@@ -455,9 +769,14 @@ fn check_name(name: &[u8]) -> Result<()> {
 
 impl Drop for RemoteClient {
     fn drop(&mut self) {
-        self.stop_keepalive = None;
-        let _ = lock(&self.inner.writer).shutdown(Shutdown::Both);
-        for t in self.threads.drain(..) {
+        {
+            let mut st = lock(&self.inner.state);
+            st.stop = true;
+            self.inner.bg.notify_one();
+        }
+        // Ends a blocking read of the background thread too.
+        let _ = lock(&self.inner.writer).stream.shutdown(Shutdown::Both);
+        if let Some(t) = self.background.take() {
             let _ = t.join();
         }
     }
@@ -470,7 +789,8 @@ pub struct PendingLock<'a> {
     client: &'a RemoteClient,
     name: Box<[u8]>,
     tag: u64,
-    rx: Option<mpsc::Receiver<Reply>>,
+    /// `wait` was called: the answer is no longer ours to give up.
+    waited: bool,
     timeout: Option<Duration>,
     started: Instant,
 }
@@ -478,8 +798,8 @@ pub struct PendingLock<'a> {
 impl<'a> PendingLock<'a> {
     /// Waits for the answer.
     pub fn wait(mut self) -> Result<RemoteGuard<'a>> {
-        let rx = self.rx.take().expect("answer not yet taken");
-        let reply = self.client.inner.wait(&rx);
+        self.waited = true;
+        let reply = self.client.inner.wait(self.tag);
         match reply {
             Ok(Answer::Granted(grant)) => Ok(RemoteGuard {
                 client: self.client,
@@ -499,17 +819,32 @@ impl<'a> PendingLock<'a> {
 
 impl Drop for PendingLock<'_> {
     fn drop(&mut self) {
-        if self.rx.is_none() {
+        if self.waited {
             return;
         }
         // Given up: if the answer has not come yet, unlock when it does.
-        let mut p = lock(&self.client.inner.pending);
-        if let Some(slot) = p.slots.get_mut(&self.tag) {
-            *slot = Slot::UnlockOnGrant(std::mem::take(&mut self.name));
-            return;
-        }
-        drop(p);
-        if let Some(Ok(Answer::Granted(_))) = self.rx.as_ref().and_then(|rx| rx.try_recv().ok()) {
+        let inner = &self.client.inner;
+        let mut st = lock(&inner.state);
+        let granted = match st.slots.get_mut(&self.tag) {
+            Some(slot @ Slot::Caller { reply: None, .. }) => {
+                *slot = Slot::UnlockOnGrant(std::mem::take(&mut self.name));
+                inner.add_orphan(&mut st);
+                false
+            }
+            Some(Slot::Caller { .. }) => {
+                let slot = st.slots.remove(&self.tag);
+                matches!(
+                    slot,
+                    Some(Slot::Caller {
+                        reply: Some(Ok(Answer::Granted(_))),
+                        ..
+                    })
+                )
+            }
+            _ => false,
+        };
+        drop(st);
+        if granted {
             self.client.unlock_async(&self.name);
         }
     }

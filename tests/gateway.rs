@@ -7,16 +7,17 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{
-    await_file, signal, wait_until, witnessed_section, ChildCtx, TestEnv, Words, CHILD_DEADLINE, COUNT, DEADLINE,
+    await_file, signal, wait_until, within, witnessed_section, ChildCtx, TestEnv, Words, CHILD_DEADLINE, COUNT,
+    DEADLINE,
 };
 use shmlock::gateway::{self, Gateway, GatewayConfig};
-use shmlock::remote::{ConnectOptions, RemoteClient};
+use shmlock::remote::{ConnectOptions, RemoteClient, RemoteGuard};
 use shmlock::{Capacities, Error, Mode};
 
 // ---- child processes -------------------------------------------------------------------------
@@ -467,6 +468,137 @@ fn lines_split_across_reads_and_batches_beyond_one_read_are_served() {
     assert_eq!(raw.ask("q QUIT"), "q BYE");
     raw.expect_closed();
     quiet_within(&env, 0);
+}
+
+// ---- one client, many threads ----------------------------------------------------------------
+
+/// The callers of a shared client read the socket for each other (whoever waits reads, and hands
+/// on what it reads): every kind of request from several threads at once, guards dropped on
+/// another thread (answers nobody waits for), and a long wait that spans all of it.
+#[test]
+fn threads_sharing_one_remote_client_each_get_their_own_answers() {
+    const THREADS: usize = 4;
+    const ITERS: usize = 200;
+    let env = TestEnv::new("gw-share");
+    let gw = serve(&env, |_| {});
+    let (addr, table) = (gw.local_addr(), Arc::clone(&env.table));
+    within("threads sharing one client", move || {
+        let client = RemoteClient::connect(addr).unwrap();
+        let other = RemoteClient::connect(addr).unwrap();
+        let gate = other.lock("gate").unwrap();
+        std::thread::scope(|s| {
+            // Waits until every worker is done: a caller that may read for all the others.
+            let waiter = s.spawn(|| client.lock("gate").map(|g| g.token()));
+            wait_until("the wait for gate", || table.stats().waiting == 1);
+            let (tx, rx) = std::sync::mpsc::channel::<RemoteGuard<'_>>();
+            s.spawn(move || rx.into_iter().for_each(drop));
+            let workers: Vec<_> = (0..THREADS)
+                .map(|t| {
+                    let (tx, client) = (tx.clone(), &client);
+                    s.spawn(move || {
+                        for i in 0..ITERS {
+                            let name = format!("t{t}-{i}");
+                            match i % 4 {
+                                0 => tx.send(client.lock(&name).unwrap()).unwrap(),
+                                1 => client.try_lock(&name).unwrap().unlock().unwrap(),
+                                2 => {
+                                    let p = client.start_lock(&name, Mode::Shared, Some(DEADLINE)).unwrap();
+                                    client.ping().unwrap();
+                                    let g = p.wait().unwrap();
+                                    assert_eq!((g.name(), g.mode()), (name.as_bytes(), Mode::Shared));
+                                }
+                                _ => {
+                                    std::mem::forget(client.lock(&name).unwrap());
+                                    assert!(matches!(client.try_lock(&name), Err(Error::AlreadyHeld)));
+                                    client.unlock(&name).unwrap();
+                                }
+                            }
+                        }
+                    })
+                })
+                .collect();
+            drop(tx);
+            for w in workers {
+                w.join().unwrap();
+            }
+            assert!(!waiter.is_finished());
+            drop(gate);
+            assert!(waiter.join().unwrap().is_ok());
+        });
+        // Every unlock reached the gateway, those sent by dropped guards too.
+        wait_until("every unlock", || table.stats().held == 0);
+        client.ping().unwrap();
+    });
+    quiet_within(&env, 0);
+}
+
+/// A connection that ends while one caller reads it and others wait for their answers fails
+/// every one of them, and every later request at once.
+#[test]
+fn a_connection_lost_while_callers_wait_fails_each_of_them() {
+    const WAITERS: usize = 4;
+    // A gateway that goes away without a closing line: a fake one that takes the requests and
+    // drops the connection.
+    let fake = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = fake.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        let (conn, _) = fake.accept().unwrap();
+        let mut w = conn.try_clone().unwrap();
+        w.write_all(
+            b"* HELLO shmlock 1 auth=none idle_timeout_ms=0 max_line=512 max_name=64 max_locks=9 max_waits=9\n",
+        )
+        .unwrap();
+        let mut r = BufReader::new(conn);
+        for _ in 0..WAITERS {
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            assert!(line.contains(" LOCK w"), "{line}");
+        }
+    });
+    let client = Arc::new(RemoteClient::connect(addr).unwrap());
+    let waiters: Vec<_> = (0..WAITERS)
+        .map(|i| {
+            let c = Arc::clone(&client);
+            std::thread::spawn(move || c.lock(format!("w{i}")).map(|g| g.token()))
+        })
+        .collect();
+    server.join().unwrap();
+    let results = within("every waiter to fail", move || {
+        waiters.into_iter().map(|w| w.join().unwrap()).collect::<Vec<_>>()
+    });
+    for r in results {
+        assert!(
+            matches!(&r, Err(Error::Connection { why, .. }) if why.contains("closed")),
+            "{r:?}"
+        );
+    }
+    assert!(matches!(client.ping(), Err(Error::Connection { .. })));
+
+    // The same with the real gateway, which says why before it closes.
+    let env = TestEnv::new("gw-lost");
+    let gw = serve(&env, |_| {});
+    let local = env.client("local");
+    let held: Vec<_> = (0..WAITERS).map(|i| local.lock(format!("w{i}")).unwrap()).collect();
+    let client = Arc::new(RemoteClient::connect(gw.local_addr()).unwrap());
+    let waiters: Vec<_> = (0..WAITERS)
+        .map(|i| {
+            let c = Arc::clone(&client);
+            std::thread::spawn(move || c.lock(format!("w{i}")).map(|g| g.token()))
+        })
+        .collect();
+    env.wait_for("the remote waits", |t| t.stats().waiting == WAITERS as u64);
+    gw.shutdown();
+    let results = within("every waiter to fail", move || {
+        waiters.into_iter().map(|w| w.join().unwrap()).collect::<Vec<_>>()
+    });
+    for r in results {
+        assert!(
+            matches!(&r, Err(Error::Connection { why, .. }) if why.contains("SHUTTING_DOWN")),
+            "{r:?}"
+        );
+    }
+    assert!(matches!(client.lock("x"), Err(Error::Connection { .. })));
+    drop(held);
 }
 
 // ---- auth ------------------------------------------------------------------------------------

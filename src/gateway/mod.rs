@@ -1,7 +1,7 @@
 //! The TCP gateway: remote clients lock names in the table through `shmlockd`.
 //!
-//! [`serve`] binds a listener and runs it on a tokio runtime of its own (its own threads), so the
-//! caller needs no async code; the returned [`Gateway`] stops it when dropped. The protocol is
+//! [`serve`] binds a listener and runs it on a tokio runtime of its own (one thread for every
+//! connection, plus a pool of blocking threads for waits), so the caller needs no async code; the returned [`Gateway`] stops it when dropped. The protocol is
 //! specified in `docs/PROTOCOL.md` and implemented, sans I/O, in [`proto`].
 //!
 //! # Layout
@@ -12,7 +12,11 @@
 //! - this file: configuration, the listener, connection limits, shutdown.
 //!
 //! # Concurrency
-//! Each connection is a tokio task that owns its session state (no locks). Requests that can be
+//! Each connection is a tokio task that owns its session state (no locks). The tasks share one
+//! thread (a `current_thread` runtime, as Redis serves every client on one thread): a request
+//! costs a socket read, a few hundred nanoseconds of table work and a write, and the
+//! multi-thread scheduler's per-poll bookkeeping and work stealing cost more than a second core
+//! gains here (measured in docs/ARCHITECTURE.md). Requests that can be
 //! decided at once (`TRY`, `UNLOCK`, an uncontended `LOCK`) run inline on that task: they take a
 //! shard latch for a few dozen instructions and never sleep. A `LOCK` that has to wait runs
 //! `LockTable::acquire` on a blocking thread (`spawn_blocking`) that sleeps on the waiter's futex
@@ -259,9 +263,8 @@ pub fn serve(config: GatewayConfig, table: Arc<LockTable>) -> Result<Gateway> {
     let listener = StdListener::bind(config.listen).map_err(|e| io("gateway bind", e))?;
     listener.set_nonblocking(true).map_err(|e| io("gateway bind", e))?;
     let addr = listener.local_addr().map_err(|e| io("gateway bind", e))?;
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
+    // One thread serves every connection (see the module docs); waits run on blocking threads.
+    let rt = tokio::runtime::Builder::new_current_thread()
         // Every waiting request holds a blocking thread; sessions' cleanups need a few more.
         .max_blocking_threads(config.max_waits + 64)
         .thread_stack_size(256 * 1024)

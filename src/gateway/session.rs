@@ -7,6 +7,14 @@
 //! buffer and written when the task has nothing else to do, so pipelined requests that arrive in
 //! one read are answered with one write.
 //!
+//! # I/O
+//! The stream is used whole (not split into halves): one `read` per readable event, and a read
+//! that fills less than the buffer took everything the socket had, so readiness is cleared then
+//! and there (a second `read` would only return `EAGAIN`). An uncontended request therefore
+//! costs one `read`, one `write` and the wait for the next event.
+//! The idle timer is not re-armed per read: a read stamps the time, and the timer, when it
+//! fires, re-arms itself from that stamp.
+//!
 //! # Ending
 //! Whatever ends the session (EOF, `QUIT`, idle timeout, a closing error, shutdown), `cleanup`
 //! runs: `release_all` over the shards it holds or waits in releases its holds and cancels its waits (blocked threads
@@ -15,13 +23,14 @@
 //! its locks are free.
 
 use std::collections::HashMap;
+use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 use tracing::debug;
@@ -98,7 +107,7 @@ struct Session {
 
 /// Serves one accepted connection until it ends, then cleans up.
 pub(super) async fn run(
-    stream: TcpStream,
+    mut stream: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
     _permit: OwnedSemaphorePermit,
@@ -121,17 +130,16 @@ pub(super) async fn run(
         new_rx: None,
         closing: Arc::new(AtomicBool::new(false)),
     };
-    let (mut rd, mut wr) = stream.into_split();
     let mut out = Vec::with_capacity(128);
     proto::encode_hello(&mut out, &s.hello());
-    let close = s.serve(&mut rd, &mut wr, &mut rx, &mut stop, &mut out).await;
+    let close = s.serve(&mut stream, &mut rx, &mut stop, &mut out).await;
     s.cleanup(&mut rx).await;
     if let Some((code, msg)) = close {
         proto::encode_error(&mut out, proto::SERVER_TAG, code, &msg);
     }
     let _ = tokio::time::timeout(FINAL_WRITE, async {
-        let _ = wr.write_all(&out).await;
-        let _ = wr.shutdown().await;
+        let _ = stream.write_all(&out).await;
+        let _ = stream.shutdown().await;
     })
     .await;
     debug!(%peer, "session closed");
@@ -153,22 +161,31 @@ impl Session {
 
     async fn serve(
         &mut self,
-        rd: &mut OwnedReadHalf,
-        wr: &mut OwnedWriteHalf,
+        stream: &mut TcpStream,
         rx: &mut Option<mpsc::UnboundedReceiver<Box<Done>>>,
         stop: &mut watch::Receiver<bool>,
         out: &mut Vec<u8>,
     ) -> Close {
+        let stopping = || Some((ErrorCode::ShuttingDown, "the server is stopping".into()));
         let idle = self.shared.config.idle_timeout;
         // Far enough to never fire when there is no idle timeout (the branch is disabled too).
         let idle_for = idle.unwrap_or(Duration::from_secs(86_400));
-        let sleep = tokio::time::sleep(idle_for);
+        // When the last bytes came; the timer re-arms itself from it when it fires.
+        let mut heard = tokio::time::Instant::now();
+        let sleep = tokio::time::sleep_until(heard + idle_for);
         tokio::pin!(sleep);
+        if *stop.borrow() {
+            return stopping();
+        }
+        // One future for the whole session (made per iteration, it would register with the
+        // channel and deregister again every time).
+        let stopped = stop.changed();
+        tokio::pin!(stopped);
         // Only a partial line waits here: an idle session keeps no read buffer.
         let mut partial: Vec<u8> = Vec::new();
         loop {
             if !out.is_empty() {
-                if wr.write_all(out).await.is_err() {
+                if stream.write_all(out).await.is_err() {
                     return None;
                 }
                 out.clear();
@@ -176,34 +193,34 @@ impl Session {
                     *out = Vec::new();
                 }
             }
-            if *stop.borrow() {
-                return Some((ErrorCode::ShuttingDown, "the server is stopping".into()));
-            }
             self.take_rx(rx);
             tokio::select! {
-                _ = stop.changed() => {
-                    return Some((ErrorCode::ShuttingDown, "the server is stopping".into()));
-                }
+                _ = &mut stopped => return stopping(),
                 Some(d) = async {
                     match rx.as_mut() {
                         Some(r) => r.recv().await,
                         None => std::future::pending().await,
                     }
                 } => self.complete(*d, out),
-                r = rd.readable() => {
+                r = stream.readable() => {
                     if r.is_err() {
                         return None;
                     }
-                    match self.on_readable(rd, &mut partial, out) {
+                    match self.on_readable(stream, &mut partial, out) {
                         Read::Nothing => continue,
                         Read::Lines => {}
                         Read::Close(c) => return c,
                     }
-                    if let Some(deadline) = idle.map(|d| tokio::time::Instant::now() + d) {
-                        sleep.as_mut().reset(deadline);
+                    if idle.is_some() {
+                        heard = tokio::time::Instant::now();
                     }
                 }
                 _ = &mut sleep, if idle.is_some() => {
+                    let due = heard + idle_for;
+                    if due > tokio::time::Instant::now() {
+                        sleep.as_mut().reset(due);
+                        continue;
+                    }
                     return Some((
                         ErrorCode::IdleTimeout,
                         format!("nothing received for {}ms", idle_for.as_millis()),
@@ -222,13 +239,14 @@ impl Session {
 
     /// Reads what the socket has into a stack buffer and handles every whole line; a partial
     /// line is kept in `partial` until its LF comes.
-    fn on_readable(&mut self, rd: &OwnedReadHalf, partial: &mut Vec<u8>, out: &mut Vec<u8>) -> Read {
+    fn on_readable(&mut self, stream: &TcpStream, partial: &mut Vec<u8>, out: &mut Vec<u8>) -> Read {
         let max_line = self.shared.config.max_line;
         let mut chunk = [0u8; 4096];
-        let got = match rd.try_read(&mut chunk) {
+        let got = match read_some(stream, &mut chunk) {
             Ok(0) => return Read::Close(None),
             Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Read::Nothing,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Read::Nothing,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Read::Nothing,
             Err(_) => return Read::Close(None),
         };
         let buffered = !partial.is_empty();
@@ -493,6 +511,29 @@ impl Session {
         if let Err(e) = table.deregister(me) {
             tracing::warn!(peer = %self.peer, error = %e, "gateway: deregistering a session failed");
         }
+    }
+}
+
+/// One `read` into `buf`, as `TcpStream::try_read`, except that a read that fills less than
+/// `buf` also clears the stream's readiness: it took everything the socket had, so the next
+/// read would only return `EAGAIN` (a syscall per request saved). Bytes that came after the
+/// read raised a newer readiness event, which clearing this one leaves in place (tokio clears
+/// only the event it saw before the closure ran), so no wake-up is lost.
+fn read_some(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let fd = stream.as_raw_fd();
+    let mut short = 0;
+    let r = stream.try_io(Interest::READABLE, || match nix::unistd::read(fd, buf) {
+        Ok(n) if n > 0 && n < buf.len() => {
+            short = n;
+            // The only way to tell tokio the socket is drained.
+            Err(io::ErrorKind::WouldBlock.into())
+        }
+        Ok(n) => Ok(n),
+        Err(errno) => Err(io::Error::from(errno)),
+    });
+    match r {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && short > 0 => Ok(short),
+        r => r,
     }
 }
 
