@@ -23,6 +23,7 @@ fn child_process() {
         "holder" => role_holder(&ctx),
         "waiter" => role_waiter(&ctx),
         "worker" => role_worker(&ctx),
+        "registrar" => role_registrar(&ctx),
         other => panic!("unknown role {other:?}"),
     }
 }
@@ -48,6 +49,16 @@ fn role_waiter(ctx: &ChildCtx) {
     signal(&ctx.path("waiting"), "");
     let g = client.lock(&name).expect("lock");
     signal(&ctx.path("got"), &format!("{} {}", g.token(), g.owner_died()));
+}
+
+/// Waits for file `go`, registers an owner (panics if it cannot), writes file `registered-{k}`,
+/// and waits for file `done`.
+fn role_registrar(ctx: &ChildCtx) {
+    await_file(&ctx.path("go"));
+    let client = ctx.client("registrar");
+    signal(&ctx.path(&format!("registered-{}", ctx.param::<u32>("k"))), "");
+    await_file(&ctx.path("done"));
+    drop(client);
 }
 
 /// Names the chaos workers lock.
@@ -439,4 +450,37 @@ fn chaos_never_breaks_exclusion_and_leaves_a_clean_table() {
         Ok(Mode::Shared)
     ));
     let _ = LockTable::open(&env.segment).expect("reopen");
+}
+
+/// Without shmlockd, owners of dead processes stay registered until a registration finds the
+/// owner pool full and reaps them. Processes starting together all find it full; while the first
+/// reaps, the others must wait for it, not report a full pool.
+#[test]
+fn processes_registering_at_once_into_a_pool_of_dead_owners_all_get_in() {
+    // Many shards make each reap take a while (it visits every shard), so the registrars meet
+    // one in progress.
+    let caps = shmlock::Capacities {
+        max_owners: 8,
+        max_locks: 65536,
+        shards: 4096,
+        ..common::small_caps()
+    };
+    let env = TestEnv::with_caps("register-race", &caps);
+    let dead: Vec<ChildId> = (0..8)
+        .map(|k| hold(&env, &format!("held-{k}"), "exclusive", &format!("ready-{k}")))
+        .collect();
+    for d in dead {
+        env.kill(d);
+    }
+    let registrars: Vec<ChildId> = (0..6).map(|k| env.spawn("registrar", &[("k", &k)])).collect();
+    signal(&env.path("go"), "");
+    for k in 0..6 {
+        await_file(&env.path(&format!("registered-{k}")));
+    }
+    signal(&env.path("done"), "");
+    for r in registrars {
+        env.wait_success(r);
+    }
+    assert_eq!(env.table.stats().held, 0, "the dead holders' locks were released");
+    env.assert_quiet();
 }

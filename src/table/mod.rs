@@ -504,19 +504,37 @@ impl LockTable {
     // ---- owners ----------------------------------------------------------------------------
 
     pub(crate) fn register(&self, kind: OwnerKind, label: &[u8]) -> Result<OwnerRef> {
-        if self.owner_pool().count(OwnerState::Free) == 0 {
+        let deadline = clock::now().plus(Duration::from_secs(2));
+        loop {
+            {
+                let _g = self.lock_owners();
+                if let Some(idx) = self.owner_pool().newest(OwnerState::Free) {
+                    return self.register_at(idx, kind, label);
+                }
+            }
             // Without shmlockd, owners of dead processes that nobody waited on are still
-            // registered: reap them before calling the pool full.
-            self.reap_dead(pid_latch_id())?;
+            // registered: reap them before calling the pool full. Processes starting together
+            // all get here; one that finds the dead already being reaped by another waits for
+            // that reaper to free them.
+            let reaped = self.reap_dead(pid_latch_id())? > 0;
+            let reaping = self.owner_pool().count(OwnerState::Reaping) > 0;
+            if !(reaped || reaping) || clock::now() >= deadline {
+                return Err(Error::PoolFull {
+                    pool: "owner",
+                    shard: None,
+                    capacity: self.geo.owners,
+                });
+            }
+            if !reaped {
+                std::thread::sleep(Duration::from_millis(1));
+            }
         }
+    }
+
+    /// Fills the FREE owner record `idx` for this process and makes it LIVE (owner latch held).
+    fn register_at(&self, idx: Idx, kind: OwnerKind, label: &[u8]) -> Result<OwnerRef> {
         let me = ProcessId::current();
-        let _g = self.lock_owners();
         let pool = self.owner_pool();
-        let idx = pool.newest(OwnerState::Free).ok_or(Error::PoolFull {
-            pool: "owner",
-            shard: None,
-            capacity: self.geo.owners,
-        })?;
         let o = &self.owners()[idx.get()];
         o.pid.store(me.pid, Relaxed);
         o.start_time.store(me.start_time, Relaxed);
