@@ -13,7 +13,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 
 use common::cli::*;
-use common::{await_file, signal, ChildCtx, TestEnv, DEADLINE};
+use common::{await_file, signal, ChildCtx, TestEnv};
 use serde_json::Value;
 
 // ---- child processes -------------------------------------------------------------------------
@@ -64,18 +64,7 @@ fn cli_with(segment: &str, args: &[&str], stdin: Option<&[u8]>, env: &[(&str, &s
         let mut pipe = child.stdin.take().expect("stdin");
         pipe.write_all(input).expect("write stdin");
     }
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(DEADLINE) {
-        Ok(out) => out.expect("wait for shmlock"),
-        Err(_) => {
-            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-            panic!("shmlock {args:?} did not exit within {DEADLINE:?}; killed");
-        }
-    }
+    output_within(child, &format!("shmlock {args:?}"))
 }
 
 /// A file in /dev/shm made by a test (not through the library); removed on drop.

@@ -107,22 +107,6 @@ fn shmlock_cmd(args: &[&str], env: &[(&str, &str)]) -> Command {
     cmd
 }
 
-/// Waits for `child`'s output, killing it (and failing) after [`DEADLINE`].
-fn output_within(child: Child, what: &str) -> Output {
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(DEADLINE) {
-        Ok(out) => out.expect("wait for shmlock"),
-        Err(_) => {
-            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-            panic!("{what} did not exit within {DEADLINE:?}; killed");
-        }
-    }
-}
-
 /// Runs `shmlock args` with the extra environment `env`, with a deadline.
 fn shmlock_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     let child = shmlock_cmd(args, env).spawn().expect("spawn shmlock");

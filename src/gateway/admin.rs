@@ -18,9 +18,9 @@
 //! # Cost
 //! Every `LOCKS` request copies the whole table (as `shmlock locks` does: each shard under its
 //! latch, briefly) and sorts the matching names; `STATUS CHECK` walks every shard under its latch.
-//! Both run on the session's runtime thread, which is first handed over to the runtime
-//! ([`tokio::task::block_in_place`]) so other sessions are not held up. Admin queries are for
-//! people and monitoring, not for a hot path.
+//! Both run inline on the gateway's one runtime thread, so every other session waits for them
+//! (milliseconds for tens of thousands of locks). Admin queries are for people and monitoring,
+//! not for a hot path; moving them to a blocking thread (as a waiting `LOCK` is) would lift that.
 
 use std::io::Write as _;
 use std::sync::atomic::Ordering::Relaxed;
@@ -145,23 +145,13 @@ pub struct LocksPage {
 
 // ---- serving ---------------------------------------------------------------------------------
 
-/// Runs `f`, which may take a while (a walk of the table), handing the runtime thread over first
-/// when on a multi-threaded tokio runtime.
-fn blocking<R>(f: impl FnOnce() -> R) -> R {
-    use tokio::runtime::{Handle, RuntimeFlavor};
-    match Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
-        _ => f(),
-    }
-}
-
 /// Answers `LOCKS` from `table`: a page of the locks held or waited on, appended to `out`.
 pub fn serve_locks(table: &LockTable, tag: &str, q: &LocksQuery<'_>, out: &mut Vec<u8>) {
     // The parser has checked that both decode.
     let prefix = q.prefix.and_then(decode_word).unwrap_or_default();
     let after = q.after.and_then(decode_word);
     let limit = q.limit.unwrap_or(proto::DEFAULT_LOCKS_LIMIT) as usize;
-    let locks = blocking(|| table.locks());
+    let locks = table.locks();
     encode_locks(out, tag, locks, &prefix, after.as_deref(), limit);
 }
 
@@ -169,7 +159,7 @@ pub fn serve_locks(table: &LockTable, tag: &str, q: &LocksQuery<'_>, out: &mut V
 pub fn serve_status(table: &LockTable, tag: &str, check: bool, out: &mut Vec<u8>) {
     let report = StatusReport::gather(table);
     let check = if check {
-        blocking(|| CheckReport::from_findings(table.check()))
+        CheckReport::from_findings(table.check())
     } else {
         CheckReport::Skipped
     };

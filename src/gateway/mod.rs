@@ -1,8 +1,9 @@
 //! The TCP gateway: remote clients lock names in the table through `shmlockd`.
 //!
 //! [`serve`] binds a listener and runs it on a tokio runtime of its own (one thread for every
-//! connection, plus a pool of blocking threads for waits), so the caller needs no async code; the returned [`Gateway`] stops it when dropped. The protocol is
-//! specified in `docs/PROTOCOL.md` and implemented, sans I/O, in [`proto`].
+//! connection, plus a pool of blocking threads for waits), so the caller needs no async code;
+//! the returned [`Gateway`] stops it when dropped. The protocol is specified in
+//! `docs/PROTOCOL.md` and implemented, sans I/O, in [`proto`].
 //!
 //! # Layout
 //! - [`proto`]: request/response parsing and encoding, error codes.

@@ -2,13 +2,13 @@
 //! and judging `shmlock` commands.
 #![allow(dead_code)]
 
-use std::process::Output;
+use std::process::{Child, Command, Output};
 use std::time::Duration;
 
 use serde_json::Value;
 use shmlock::Error;
 
-use super::{await_file, signal, ChildCtx, ChildId, TestEnv};
+use super::{await_file, signal, ChildCtx, ChildId, TestEnv, DEADLINE};
 
 /// `shmlock run`'s exit status when the lock was not had in time (EX_TEMPFAIL).
 pub(crate) const EX_TEMPFAIL: i32 = 75;
@@ -123,4 +123,20 @@ pub(crate) fn find<'a>(locks: &'a Value, name: &str) -> &'a Value {
         .iter()
         .find(|l| l["name"] == name)
         .unwrap_or_else(|| panic!("no lock {name:?} in {locks:#}"))
+}
+
+/// Waits for `child`'s output, killing it (and failing) after [`DEADLINE`].
+pub(crate) fn output_within(child: Child, what: &str) -> Output {
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(DEADLINE) {
+        Ok(out) => out.expect("wait for shmlock"),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("{what} did not exit within {DEADLINE:?}; killed");
+        }
+    }
 }
