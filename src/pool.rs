@@ -257,6 +257,17 @@ impl<'a, S: PoolState> StatePool<'a, S> {
         (node.state.load(Relaxed) == s.to_u32()).then_some(Idx(t))
     }
 
+    /// The record [`newest`](Self::newest) would most likely return, read from the list head
+    /// alone (so without the pool's lock it may be stale), with a prefetch of its node issued:
+    /// a caller about to take it under the lock starts the cache misses early.
+    #[inline]
+    pub fn newest_hint(&self, s: S) -> Option<Idx> {
+        let t = self.list(s).tail.load(Relaxed);
+        let node = self.nodes.get(t as usize)?;
+        crate::shm::sys::prefetch(node);
+        Some(Idx(t))
+    }
+
     /// Moves the oldest record of `from` to `to` (the pool's FIFO allocator); None if `from` is empty.
     #[inline]
     pub fn take_oldest(&self, from: S, to: S, now: Nanos) -> Option<Idx> {

@@ -758,7 +758,11 @@ impl LockTable {
         let entries = sh.entries();
         let mut cur = sh.buckets()[self.bucket_of(h)].load(Acquire);
         for _ in 0..entries.len() {
-            let e = entries.get(cur as usize)?;
+            let Some(e) = entries.get(cur as usize) else {
+                // Not in the index: the latched path will insert it.
+                Self::prefetch_insert(sh);
+                return None;
+            };
             if e.hash.load(Relaxed) == h {
                 // Read the word before the name: if the CAS below succeeds, the entry was not
                 // reused in between (reuse pins, then bumps the generation), so the name held.
@@ -775,6 +779,23 @@ impl LockTable {
             cur = e.next.load(Acquire);
         }
         None
+    }
+
+    /// Starts the cache misses of an [`insert`](Self::insert) before its latch is taken: the
+    /// shard's newest FREE entry (the one insert takes, if nobody takes it first), its pool node
+    /// and its name, which are fetched in parallel with the latch and the lookup under it
+    /// instead of one after the other under the latch.
+    #[cold]
+    #[inline(never)]
+    fn prefetch_insert(sh: &Shard<'_>) {
+        if let Some(i) = sh.epool().newest_hint(EntryState::Free) {
+            if let Some(e) = sh.entries().get(i.get()) {
+                crate::shm::sys::prefetch(e);
+            }
+            if let Some(w) = sh.names().get(i.get() * sh.words) {
+                crate::shm::sys::prefetch(w);
+            }
+        }
     }
 
     /// Watches a word `w` held fast by another owner for [`SPIN`] rounds and takes it if it
@@ -1046,10 +1067,14 @@ impl LockTable {
         let guard = self.lock_shard(&sh, me.latch_id());
         let now = clock::coarse();
         let i = match self.lookup(&sh, h, name) {
-            Some(i) => i,
+            Some(i) => {
+                Self::pin(&sh, i)?;
+                i
+            }
+            // A new entry's word was stored SLOW under this latch: no fast CAS can have changed
+            // it, so it needs no pin (which would stall on the new entry's line).
             None => self.insert(&sh, h, name, now)?,
         };
-        Self::pin(&sh, i)?;
         let e = sh.entry(i)?;
         if Self::holds_it(&sh, e, me) {
             Self::publish(&sh, i);
