@@ -480,7 +480,9 @@ impl Bench {
                     "op = one grant (lock; counter += 1; unlock); ops/s = handoffs/s; wait = time inside each \
                      lock call (its two clock reads are in ns/op too)"
                         .into(),
-                    "spread = max/min grants per process; excl = the shared counter equals the grants".into(),
+                    "spread = max/min grants per process; max dev = the largest |grants - mean| / mean of one \
+                     process; excl = the shared counter equals the grants"
+                        .into(),
                 ],
             ),
         };

@@ -307,6 +307,7 @@ impl MultiRun<'_> {
                     p50_wait_us: hist.quantile(0.50) / 1e3,
                     p99_wait_us: hist.quantile(0.99) / 1e3,
                     share_spread: if lo == 0 { f64::INFINITY } else { hi as f64 / lo as f64 },
+                    share_max_dev: max_dev_from_mean(&grants),
                     exclusion_ok: counter == total,
                     grants,
                 }
@@ -324,5 +325,28 @@ impl MultiRun<'_> {
             Multi::Parallel => "parallel",
             Multi::Contention => "contention",
         }
+    }
+}
+
+/// The largest distance of one process's grants from the mean, as a fraction of the mean (0.25:
+/// some process got 25% more or less than an equal share); 0 without grants.
+fn max_dev_from_mean(grants: &[u64]) -> f64 {
+    let mean = grants.iter().sum::<u64>() as f64 / grants.len().max(1) as f64;
+    if mean == 0.0 {
+        return 0.0;
+    }
+    grants
+        .iter()
+        .map(|&g| (g as f64 - mean).abs() / mean)
+        .fold(0.0, f64::max)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn max_dev_is_the_worst_share_against_the_mean() {
+        assert_eq!(super::max_dev_from_mean(&[100, 100]), 0.0);
+        assert!((super::max_dev_from_mean(&[50, 100, 150]) - 0.5).abs() < 1e-9);
+        assert_eq!(super::max_dev_from_mean(&[0, 0]), 0.0);
     }
 }

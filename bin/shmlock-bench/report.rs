@@ -39,6 +39,8 @@ pub(crate) enum Extra {
         p50_wait_us: f64,
         p99_wait_us: f64,
         share_spread: f64,
+        /// max |grants - mean| / mean over the processes.
+        share_max_dev: f64,
         exclusion_ok: bool,
         grants: Vec<u64>,
     },
@@ -125,6 +127,7 @@ impl Row {
                 p50_wait_us,
                 p99_wait_us,
                 share_spread,
+                share_max_dev,
                 exclusion_ok,
                 grants,
             } => {
@@ -132,6 +135,7 @@ impl Row {
                 j.p50_wait_us = Some(*p50_wait_us);
                 j.p99_wait_us = Some(*p99_wait_us);
                 j.share_spread = Some(*share_spread);
+                j.share_max_dev = Some(*share_max_dev);
                 j.exclusion_ok = Some(*exclusion_ok);
                 j.grants_per_proc = Some(grants.clone());
             }
@@ -187,6 +191,9 @@ struct JsonRow {
     /// max/min grants per process; null when some process got none.
     #[serde(skip_serializing_if = "Option::is_none")]
     share_spread: Option<f64>,
+    /// The largest |grants - mean| / mean of one process (0.25 = 25% off an equal share).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    share_max_dev: Option<f64>,
     /// The shared counter incremented inside the critical section equals the grants.
     #[serde(skip_serializing_if = "Option::is_none")]
     exclusion_ok: Option<bool>,
@@ -317,10 +324,11 @@ pub(crate) fn print_scenario(title: &str, rows: &[Row], notes: &[String]) {
                 p50_wait_us,
                 p99_wait_us,
                 share_spread,
+                share_max_dev,
                 exclusion_ok,
                 ..
             } => {
-                h.extend(["p50 wait us", "p99 wait us", "spread", "excl"]);
+                h.extend(["p50 wait us", "p99 wait us", "spread", "max dev", "excl"]);
                 c.extend([
                     format!("{p50_wait_us:.2}"),
                     format!("{p99_wait_us:.2}"),
@@ -329,6 +337,7 @@ pub(crate) fn print_scenario(title: &str, rows: &[Row], notes: &[String]) {
                     } else {
                         "inf".into()
                     },
+                    format!("{:.0}%", share_max_dev * 100.0),
                     if *exclusion_ok { "ok".into() } else { "BROKEN".into() },
                 ]);
             }

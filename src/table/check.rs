@@ -179,12 +179,15 @@ impl LockTable {
                 e.readers.load(Relaxed),
                 e.waiters.load(Relaxed),
             );
-            // A fast hold may appear on an IDLE entry at any moment, latch or not; it must name
-            // an owner, and nothing else may carry one.
+            // A fast hold may appear at any moment, latch or not, on an IDLE entry or on a free
+            // HELD one whose head waiter was woken (`publish`); it must name an owner, and
+            // nothing else may carry one.
             let w = lw_val(e.lw.load(Relaxed));
             let fast = w & FAST_OWNER;
+            let may_open = state == EntryState::Idle
+                || (state == EntryState::Held && mode == MODE_NONE && readers == 0 && waiters > 0);
             if fast != 0 {
-                if state != EntryState::Idle || w & SLOW != 0 {
+                if !may_open || w & SLOW != 0 {
                     out.push(format!(
                         "entry {i}: a fast hold on a {} entry (word {w:#x})",
                         state.name()
@@ -192,8 +195,18 @@ impl LockTable {
                 } else if !live(fast - 1) {
                     out.push(format!("entry {i}: fast holder {} is not a live owner", fast - 1));
                 }
-            } else if w == 0 && state != EntryState::Idle {
+            } else if w == 0 && !may_open {
                 out.push(format!("entry {i} is {} but open to fast locking", state.name()));
+            }
+            // Open with waiters only while the head waiter is awake: a fast release wakes nobody.
+            let head_woken = sh
+                .holds()
+                .get(e.wait_head.load(Relaxed) as usize)
+                .is_some_and(|h| h.futex.load(Relaxed) == WOKEN);
+            if w & SLOW == 0 && state == EntryState::Held && !head_woken {
+                out.push(format!(
+                    "entry {i} is open to fast locking while its head waiter sleeps"
+                ));
             }
             if state == EntryState::Idle || state == EntryState::Died {
                 if mode != MODE_NONE || owner != NIL || readers != 0 || waiters != 0 {

@@ -714,9 +714,12 @@ impl LockTable {
     /// Pins every fast hold in shard `sh` (of owner `who` only, if given), so that the HELD list
     /// names every holder. For inspection, `check` and reaping; the latch is held.
     fn pin_fast_holds(sh: &Shard<'_>, who: Option<u32>) -> Result<()> {
+        // Fast holds sit on IDLE entries, and on HELD ones whose word was opened while their
+        // head waiter was awake (see `publish`).
         let fast: Vec<u32> = sh
             .epool()
             .iter(EntryState::Idle)
+            .chain(sh.epool().iter(EntryState::Held))
             .map(|(i, _)| i.0)
             .filter(|&i| {
                 let holder = sh.entries()[i as usize].lw.load(Relaxed) as u32 & FAST_OWNER;
@@ -729,22 +732,43 @@ impl LockTable {
         Ok(())
     }
 
-    /// Ends a latched section on entry `i`: if the lock is free and needs nothing of the latch
-    /// (IDLE: no holders, waiters or notice), opens it to fast CASes again.
+    /// Ends a latched section on entry `i`: if the lock is free and needs nothing of the latch,
+    /// opens it to fast CASes again. That is when it is IDLE (no holders, waiters or notice), and
+    /// also when it is free with exclusive waiters whose head has been woken and has not waited
+    /// [`FAIR_AFTER`] yet (see [`open_to_barging`](Self::open_to_barging)).
     fn publish(sh: &Shard<'_>, i: u32) {
         let Some(e) = sh.entries().get(i as usize) else { return };
         if lw_val(e.lw.load(Relaxed)) & FAST_OWNER != 0 {
             return; // granted as a fast hold in this section
         }
-        if matches!(sh.epool().state(Idx(i)), Ok(EntryState::Idle))
-            && e.mode.load(Relaxed) == MODE_NONE
-            && e.readers.load(Relaxed) == 0
-            && e.waiters.load(Relaxed) == 0
-            && !e.died()
-        {
+        let free = e.mode.load(Relaxed) == MODE_NONE && e.readers.load(Relaxed) == 0 && !e.died();
+        let open = free
+            && match sh.epool().state(Idx(i)) {
+                Ok(EntryState::Idle) => e.waiters.load(Relaxed) == 0,
+                Ok(EntryState::Held) => Self::open_to_barging(sh, e),
+                _ => false,
+            };
+        if open {
             let w = e.lw.load(Relaxed);
             e.lw.store(lock_word(lw_gen(w), 0), std::sync::atomic::Ordering::Release);
         }
+    }
+
+    /// May the free entry `e`, which has waiters, be taken by fast CASes until its oldest waiter
+    /// comes for it? Yes while that waiter wants exclusive mode, is already woken (`WOKEN`: it
+    /// will take the latch and look, so no release needs to wake it) and has not waited
+    /// [`FAIR_AFTER`]. This is a futex mutex's rule: a release wakes one waiter, and until it
+    /// runs (a cross-CPU wake-up is tens of microseconds) the lock goes to whoever asks, at the
+    /// price of one CAS instead of two latched sections. The waiter that finds the lock taken
+    /// pins the entry again (so the holder's release is latched and wakes it) and sleeps; once it
+    /// has waited `FAIR_AFTER` the word stays closed and the next release hands the lock to it.
+    fn open_to_barging(sh: &Shard<'_>, e: &Entry) -> bool {
+        let head = e.wait_head.load(Relaxed);
+        sh.holds().get(head as usize).is_some_and(|h| {
+            h.futex.load(Relaxed) == WOKEN
+                && h.mode.load(Relaxed) == Mode::Exclusive.to_u32()
+                && !Self::starving(sh, head)
+        })
     }
 
     /// The exclusive lock of `me` on `name` by one CAS on the entry's lock word, without the

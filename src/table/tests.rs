@@ -339,3 +339,116 @@ fn a_handoff_cut_short_before_the_wake_is_still_a_grant() {
         assert!(table.check().is_empty(), "{:?}", table.check());
     }
 }
+
+#[test]
+fn while_the_head_waiter_is_woken_the_lock_is_open_to_fast_cas() {
+    use super::{lw_val, HoldState, Idx, Wait, FAST_OWNER, SLOW, WAIT, WOKEN};
+    use std::time::Duration;
+    let caps = Capacities {
+        max_locks: 4,
+        max_holds: 4,
+        max_owners: 4,
+        shards: 1,
+        ..Default::default()
+    };
+    let table = Arc::new(LockTable::anonymous(&caps).unwrap());
+    let reg = |label: &[u8]| table.register(crate::owner::OwnerKind::Local, label).unwrap();
+    let (a, b, c) = (reg(b"a"), reg(b"b"), reg(b"c"));
+    let sh = table.shard(0);
+    let held = table.acquire(a, b"x", Mode::Exclusive, Wait::No).unwrap();
+    // b queues behind a's hold, as a blocked `lock` does before it sleeps. Its request is
+    // stamped in the future, so it cannot count as starving however slowly this test runs.
+    let (i, w) = {
+        let _l = table.lock_shard(&sh, crate::table::pid_latch_id());
+        let i = table.lookup(&sh, crate::name::hash(table.seed, b"x"), b"x").unwrap();
+        LockTable::pin(&sh, i).unwrap();
+        let w = table.enqueue(&sh, i, Mode::Exclusive, b).unwrap();
+        let later = crate::clock::now().plus(Duration::from_secs(3600));
+        sh.hpool().touch(Idx(w.0), later).unwrap();
+        LockTable::publish(&sh, i);
+        (i, w)
+    };
+    let e = sh.entry(i).unwrap();
+    let hold = &sh.holds()[w.0 as usize];
+    assert_ne!(lw_val(e.lw.load(Relaxed)) & SLOW, 0, "closed while its waiter sleeps");
+
+    // a's release wakes b and opens the word: c takes the lock with one CAS meanwhile.
+    table.release(a, &held).unwrap();
+    assert_eq!(hold.futex.load(Relaxed), WOKEN);
+    assert_eq!(
+        lw_val(e.lw.load(Relaxed)),
+        0,
+        "open while the woken waiter is on its way"
+    );
+    assert!(table.check().is_empty(), "{:?}", table.check());
+    let by_c = table.acquire(c, b"x", Mode::Exclusive, Wait::No).unwrap();
+    assert_eq!(lw_val(e.lw.load(Relaxed)) & FAST_OWNER, c.idx + 1, "a fast hold");
+    assert!(by_c.token > held.token);
+    assert!(table.check().is_empty(), "{:?}", table.check());
+
+    // b comes, finds c holding it, and sleeps again: the word closes, so c's release is latched
+    // and wakes b, which then takes the lock.
+    {
+        let _l = table.lock_shard(&sh, crate::table::pid_latch_id());
+        LockTable::pin(&sh, i).unwrap();
+        assert_eq!(e.mode.load(Relaxed), Mode::Exclusive.to_u32());
+        hold.futex.store(WAIT, Relaxed);
+        LockTable::publish(&sh, i);
+    }
+    assert_ne!(lw_val(e.lw.load(Relaxed)) & SLOW, 0);
+    assert!(table.check().is_empty(), "{:?}", table.check());
+    table.release(c, &by_c).unwrap();
+    assert_eq!(hold.futex.load(Relaxed), WOKEN);
+    let deadline = crate::clock::now().plus(Duration::from_secs(5));
+    let by_b = table
+        .wait_for_grant(&sh, i, w, b, Mode::Exclusive, Wait::Until(deadline))
+        .expect("the woken waiter takes the free lock");
+    assert!(by_b.token > by_c.token);
+    assert_eq!(sh.hpool().state(Idx(w.0)).unwrap(), HoldState::Free);
+    table.release(b, &by_b).unwrap();
+    assert!(table.check().is_empty(), "{:?}", table.check());
+    assert_eq!(table.stats().held, 0);
+}
+
+#[test]
+fn a_starving_head_waiter_keeps_the_lock_closed_and_gets_it_handed_over() {
+    use super::{lw_val, HoldState, Idx, Wait, GRANTED, SLOW};
+    use std::time::Duration;
+    let caps = Capacities {
+        max_locks: 4,
+        max_holds: 4,
+        max_owners: 4,
+        shards: 1,
+        ..Default::default()
+    };
+    let table = Arc::new(LockTable::anonymous(&caps).unwrap());
+    let reg = |label: &[u8]| table.register(crate::owner::OwnerKind::Local, label).unwrap();
+    let (a, b) = (reg(b"a"), reg(b"b"));
+    let sh = table.shard(0);
+    let held = table.acquire(a, b"x", Mode::Exclusive, Wait::No).unwrap();
+    let (i, w) = {
+        let _l = table.lock_shard(&sh, crate::table::pid_latch_id());
+        let i = table.lookup(&sh, crate::name::hash(table.seed, b"x"), b"x").unwrap();
+        LockTable::pin(&sh, i).unwrap();
+        let w = table.enqueue(&sh, i, Mode::Exclusive, b).unwrap();
+        LockTable::publish(&sh, i);
+        (i, w)
+    };
+    // b has waited past FAIR_AFTER: a's release hands the lock to it, and the word stays shut.
+    std::thread::sleep(super::FAIR_AFTER + Duration::from_millis(1));
+    table.release(a, &held).unwrap();
+    let e = sh.entry(i).unwrap();
+    assert_eq!(sh.holds()[w.0 as usize].futex.load(Relaxed), GRANTED);
+    assert_eq!(sh.hpool().state(Idx(w.0)).unwrap(), HoldState::Granted);
+    assert_ne!(lw_val(e.lw.load(Relaxed)) & SLOW, 0);
+    assert!(matches!(
+        table.acquire(a, b"x", Mode::Exclusive, Wait::No),
+        Err(Error::WouldBlock)
+    ));
+    let deadline = crate::clock::now().plus(Duration::from_secs(5));
+    let g = table
+        .wait_for_grant(&sh, i, w, b, Mode::Exclusive, Wait::Until(deadline))
+        .unwrap();
+    table.release(b, &g).unwrap();
+    assert!(table.check().is_empty(), "{:?}", table.check());
+}
