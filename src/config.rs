@@ -48,7 +48,8 @@ pub struct Geometry {
     pub entries_per_shard: u32,
     /// Hold/wait records per shard.
     pub holds_per_shard: u32,
-    /// Hash buckets per shard (power of two, at least 2x entries).
+    /// Hash buckets per shard: twice the entries, rounded up to 32 (one cache line of 16-bit
+    /// chain heads).
     pub buckets_per_shard: u32,
     /// Owner records.
     pub owners: u32,
@@ -68,6 +69,11 @@ fn per_shard(total: u32, shards: u32) -> u32 {
     let with_headroom = (mean + 6.0 * mean.sqrt() + 8.0).ceil() as u32;
     with_headroom.div_ceil(16) * 16
 }
+
+/// Most lock entries one shard may have: bucket heads are 16-bit entry indices (`u16::MAX` is
+/// "empty"), which keeps the bucket array a quarter of the size of 32-bit heads in a
+/// power-of-two table, and so far more of it in the cache and the TLB.
+pub const MAX_ENTRIES_PER_SHARD: u32 = u16::MAX as u32 - 1;
 
 impl Capacities {
     /// Checks every value, naming the key at fault.
@@ -109,12 +115,28 @@ impl Capacities {
         let shards = if self.shards != 0 {
             self.shards
         } else {
-            // About 256 locks per shard at least, at most 256 shards.
-            (self.max_locks / 256).max(1).next_power_of_two().min(256)
+            // About 256 locks per shard at least, at most 256 shards unless a shard would
+            // outgrow its 16-bit bucket heads.
+            let mut s = (self.max_locks / 256).max(1).next_power_of_two().min(256);
+            while per_shard(self.max_locks, s) > MAX_ENTRIES_PER_SHARD {
+                s *= 2;
+            }
+            s
         };
         let entries_per_shard = per_shard(self.max_locks, shards);
+        if entries_per_shard > MAX_ENTRIES_PER_SHARD {
+            return Err(Error::Config {
+                key: "shards",
+                why: format!(
+                    "{shards} shards for max_locks = {} need {entries_per_shard} lock entries per \
+                     shard, more than the {MAX_ENTRIES_PER_SHARD} a shard can index: use more \
+                     shards, or 0 (auto)",
+                    self.max_locks
+                ),
+            });
+        }
         let holds_per_shard = per_shard(self.max_holds, shards);
-        let buckets_per_shard = (entries_per_shard * 2).next_power_of_two();
+        let buckets_per_shard = (entries_per_shard * 2).div_ceil(32) * 32;
         Ok(Geometry {
             shards,
             entries_per_shard,
@@ -150,8 +172,29 @@ mod tests {
         let g = c.geometry().unwrap();
         assert_eq!(
             (g.entries_per_shard, g.holds_per_shard, g.buckets_per_shard),
-            (5, 3, 16)
+            (5, 3, 32)
         );
+    }
+
+    #[test]
+    fn shards_grow_so_that_no_shard_outgrows_its_16_bit_bucket_heads() {
+        let c = Capacities {
+            max_locks: 1 << 26,
+            ..Default::default()
+        };
+        let g = c.geometry().unwrap();
+        assert!(g.shards > 256, "{g:?}");
+        assert!(g.entries_per_shard <= MAX_ENTRIES_PER_SHARD);
+        assert!(g.entries_per_shard as u64 * g.shards as u64 >= 1 << 26);
+        let too_few = Capacities {
+            max_locks: 1 << 20,
+            shards: 8,
+            ..Default::default()
+        };
+        match too_few.geometry() {
+            Err(Error::Config { key: "shards", why }) => assert!(why.contains("65534"), "{why}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

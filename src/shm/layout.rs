@@ -9,13 +9,13 @@
 //! the segment, does not overlap another, and has the stride the caller's type needs.
 
 use std::mem::{align_of, offset_of, size_of};
-use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64};
 
 /// "SHMLOCK1" read as a little-endian u64.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"SHMLOCK1");
 
 /// Bumped on any change to any shared struct or to the meaning of a param.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Most regions a segment can describe.
 pub const MAX_REGIONS: usize = 12;
@@ -37,6 +37,8 @@ pub unsafe trait ShmSafe: Sync + Sized {}
 unsafe impl ShmSafe for AtomicU32 {}
 // SAFETY: as for AtomicU32.
 unsafe impl ShmSafe for AtomicU64 {}
+// SAFETY: as for AtomicU32.
+unsafe impl ShmSafe for AtomicU16 {}
 
 /// One region's place in the segment.
 #[repr(C)]

@@ -130,8 +130,8 @@ impl LockTable {
         // The index: chains reach exactly the IDLE, HELD and DIED entries, each once, in the right bucket.
         let mut indexed = HashSet::new();
         let mut names = HashSet::new();
-        for (b, head) in sh.buckets().iter().enumerate() {
-            let mut cur = head.load(Relaxed);
+        for (b, first) in sh.buckets().iter().enumerate() {
+            let mut cur = head(first, Relaxed);
             while cur != NIL {
                 let Some(e) = entries.get(cur as usize) else {
                     out.push(format!("bucket {b} reaches entry {cur}, out of range"));

@@ -37,7 +37,7 @@ mod shard;
 mod tests;
 mod wait;
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -166,7 +166,7 @@ struct Regions {
     entries: Region<Entry>,
     entry_nodes: Region<PoolNode>,
     names: Region<AtomicU64>,
-    buckets: Region<AtomicU32>,
+    buckets: Region<AtomicU16>,
     holds: Region<Hold>,
     hold_nodes: Region<PoolNode>,
     owners: Region<Owner>,
@@ -203,7 +203,7 @@ impl<'a> Shard<'a> {
         &self.t.seg.slice(self.t.r.names)[self.span(self.t.geo.entries_per_shard * self.t.geo.name_words)]
     }
     #[inline]
-    fn buckets(&self) -> &'a [AtomicU32] {
+    fn buckets(&self) -> &'a [AtomicU16] {
         &self.t.seg.slice(self.t.r.buckets)[self.span(self.t.geo.buckets_per_shard)]
     }
     #[inline]
@@ -244,6 +244,23 @@ impl<'a> Shard<'a> {
         let s = &self.hdr.stats[stat];
         s.store(s.load(Relaxed).wrapping_add(1), Relaxed);
     }
+}
+
+/// A bucket's chain head: an entry index, or NIL for an empty bucket (stored as `u16::MAX`).
+#[inline(always)]
+fn head(b: &AtomicU16, order: std::sync::atomic::Ordering) -> u32 {
+    match b.load(order) {
+        u16::MAX => NIL,
+        v => u32::from(v),
+    }
+}
+
+/// Makes entry `i` (below [`MAX_ENTRIES_PER_SHARD`](crate::config::MAX_ENTRIES_PER_SHARD), or
+/// NIL for none) the head of bucket `b`.
+#[inline(always)]
+fn set_head(b: &AtomicU16, i: u32, order: std::sync::atomic::Ordering) {
+    debug_assert!(i == NIL || i < crate::config::MAX_ENTRIES_PER_SHARD);
+    b.store(if i == NIL { u16::MAX } else { i as u16 }, order);
 }
 
 fn corrupt(what: String) -> Error {
@@ -306,7 +323,7 @@ impl LockTable {
             RegionSpec::of::<Entry>(s * e),
             RegionSpec::of::<PoolNode>(s * e),
             RegionSpec::of::<AtomicU64>(s * e * u64::from(g.name_words)),
-            RegionSpec::of::<AtomicU32>(s * b),
+            RegionSpec::of::<AtomicU16>(s * b),
             RegionSpec::of::<Hold>(s * h),
             RegionSpec::of::<PoolNode>(s * h),
             RegionSpec::of::<Owner>(o),
@@ -353,7 +370,7 @@ impl LockTable {
             }
         }
         for b in seg.slice(r.buckets) {
-            b.store(NIL, Relaxed);
+            set_head(b, NIL, Relaxed);
         }
         let (e, h) = (g.entries_per_shard as usize, g.holds_per_shard as usize);
         let (en, hn) = (seg.slice(r.entry_nodes), seg.slice(r.hold_nodes));
@@ -404,7 +421,8 @@ impl LockTable {
             geo.name_words as usize,
         );
         let ok = s.is_power_of_two()
-            && b.is_power_of_two()
+            && b >= 1
+            && e <= crate::config::MAX_ENTRIES_PER_SHARD as usize
             && e >= 1
             && e < NIL as usize
             && h < NIL as usize
@@ -563,9 +581,12 @@ impl LockTable {
 
     // ---- the index -------------------------------------------------------------------------
 
+    /// The bucket of hash `h` in its shard: the low 32 bits scaled to the bucket count
+    /// (multiply and shift, so the count need not be a power of two; the shard comes from bits
+    /// 40 and up).
     #[inline]
     fn bucket_of(&self, h: u64) -> usize {
-        (h as usize) & (self.geo.buckets_per_shard as usize - 1)
+        ((u64::from(h as u32) * u64::from(self.geo.buckets_per_shard)) >> 32) as usize
     }
 
     #[inline(always)]
@@ -579,7 +600,7 @@ impl LockTable {
 
     #[inline]
     fn lookup(&self, sh: &Shard<'_>, h: u64, name: &[u8]) -> Option<u32> {
-        let mut cur = sh.buckets()[self.bucket_of(h)].load(Relaxed);
+        let mut cur = head(&sh.buckets()[self.bucket_of(h)], Relaxed);
         let mut steps = sh.entries().len();
         while let Some(e) = sh.entries().get(cur as usize) {
             if e.hash.load(Relaxed) == h
@@ -598,9 +619,9 @@ impl LockTable {
     fn unlink_from_bucket(&self, sh: &Shard<'_>, i: u32) -> Result<()> {
         let e = sh.entry(i)?;
         let b = &sh.buckets()[self.bucket_of(e.hash.load(Relaxed))];
-        let mut cur = b.load(Relaxed);
+        let mut cur = head(b, Relaxed);
         if cur == i {
-            b.store(e.next.load(Relaxed), Relaxed);
+            set_head(b, e.next.load(Relaxed), Relaxed);
             return Ok(());
         }
         for _ in 0..sh.entries().len() {
@@ -687,9 +708,9 @@ impl LockTable {
         sh.epool().transition(Idx(i), EntryState::Free, EntryState::Idle, now)?;
         crate::chaos::point();
         let b = &sh.buckets()[self.bucket_of(h)];
-        e.next.store(b.load(Relaxed), Relaxed);
+        e.next.store(head(b, Relaxed), Relaxed);
         // Release: a lookup without the latch that reaches the entry sees its name.
-        b.store(i, std::sync::atomic::Ordering::Release);
+        set_head(b, i, std::sync::atomic::Ordering::Release);
         Ok(i)
     }
 
@@ -780,7 +801,7 @@ impl LockTable {
     fn try_fast(&self, sh: &Shard<'_>, h: u64, name: &[u8], me: OwnerRef, spin: bool) -> Option<Result<RawGrant>> {
         use std::sync::atomic::Ordering::Acquire;
         let entries = sh.entries();
-        let mut cur = sh.buckets()[self.bucket_of(h)].load(Acquire);
+        let mut cur = head(&sh.buckets()[self.bucket_of(h)], Acquire);
         for _ in 0..entries.len() {
             let Some(e) = entries.get(cur as usize) else {
                 // Not in the index: the latched path will insert it.
@@ -1090,14 +1111,14 @@ impl LockTable {
         let sh = self.shard(self.shard_of(h));
         let guard = self.lock_shard(&sh, me.latch_id());
         let now = clock::coarse();
-        let i = match self.lookup(&sh, h, name) {
+        let (i, inserted) = match self.lookup(&sh, h, name) {
             Some(i) => {
                 Self::pin(&sh, i)?;
-                i
+                (i, false)
             }
             // A new entry's word was stored SLOW under this latch: no fast CAS can have changed
             // it, so it needs no pin (which would stall on the new entry's line).
-            None => self.insert(&sh, h, name, now)?,
+            None => (self.insert(&sh, h, name, now)?, true),
         };
         let e = sh.entry(i)?;
         if Self::holds_it(&sh, e, me) {
@@ -1107,6 +1128,14 @@ impl LockTable {
         if Self::can_take(&sh, e, mode) {
             let g = self.grant_now(&sh, i, mode, me, now);
             Self::publish(&sh, i);
+            drop(guard);
+            if inserted {
+                // The shard's next insert will most likely take the FREE entry that is newest
+                // now: fetch its lines while the caller goes on, so that they are in the cache
+                // by then. Only after the latch is dropped: a locked instruction (the latch's
+                // release) would wait for the prefetches to complete.
+                Self::prefetch_insert(&sh);
+            }
             return g;
         }
         if wait == Wait::No {

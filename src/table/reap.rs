@@ -102,7 +102,7 @@ impl LockTable {
 
         // Entries: keep those whose name is whole and unique; chain them.
         for b in sh.buckets() {
-            b.store(NIL, Relaxed);
+            set_head(b, NIL, Relaxed);
         }
         let mut names = std::collections::HashSet::new();
         for (i, e) in entries.iter().enumerate() {
@@ -125,8 +125,8 @@ impl LockTable {
             e.wait_tail.store(NIL, Relaxed);
             e.waiters.store(0, Relaxed);
             let b = &sh.buckets()[self.bucket_of(e.hash.load(Relaxed))];
-            e.next.store(b.load(Relaxed), Relaxed);
-            b.store(i as u32, Relaxed);
+            e.next.store(head(b, Relaxed), Relaxed);
+            set_head(b, i as u32, Relaxed);
         }
 
         // Holds: drop those that name nothing valid; relink readers; queue waiters by age.

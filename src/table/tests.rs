@@ -226,7 +226,7 @@ proptest! {
         let before = snapshot(&table);
         let sh = table.shard(0);
         for b in sh.buckets() {
-            b.store(junk % 7, Relaxed);
+            b.store((junk % 7) as u16, Relaxed);
         }
         for l in sh.hdr.entry_lists.iter().chain(sh.hdr.hold_lists.iter()) {
             l.head.store(junk % 5, Relaxed);
