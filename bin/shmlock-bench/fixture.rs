@@ -11,8 +11,8 @@ use shmlock::remote::RemoteClient;
 use shmlock::{Capacities, Client, LockTable};
 
 use crate::cleanup::{self, Registered};
-use crate::peer::{FlockPeer, Peer, PthreadPeer, RemotePeer, ShmlockPeer};
-use crate::sys::MutexArray;
+use crate::peer::{FlockPeer, Peer, ProbePeer, PthreadPeer, RemotePeer, ShmlockPeer};
+use crate::sys::{MutexArray, ProbeTable};
 
 /// A lock system under test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -23,6 +23,9 @@ pub(crate) enum System {
     Flock,
     /// Robust process-shared pthread mutexes, one per name, by index.
     Pthread,
+    /// A bare shared-memory hash table, name lookup + CAS: the cost floor of locking by name.
+    /// Not part of `all`.
+    Probe,
     /// shmlock through the TCP gateway: `--remote ADDR`, else a gateway started in the bench
     /// process on a fresh segment. Not part of `all`.
     Remote,
@@ -51,6 +54,7 @@ impl System {
             System::Shmlock => "shmlock",
             System::Flock => "flock",
             System::Pthread => "pthread",
+            System::Probe => "probe",
             System::Remote => "remote",
             System::Redis => "redis",
             System::Postgres => "postgres",
@@ -97,6 +101,8 @@ pub(crate) enum Opened {
     /// The mapping made at creation is reused by the creating process (its pages are faulted in
     /// already, as the shmlock creator's are); other processes map it again.
     Pthread(Option<MutexArray>, String),
+    /// As for Pthread.
+    Probe(Option<ProbeTable>, String),
     /// A gateway address (and the gateway, when this process runs it).
     Remote {
         addr: String,
@@ -131,6 +137,7 @@ impl Opened {
             )),
             System::Flock => Opened::Flock(PathBuf::from(target)),
             System::Pthread => Opened::Pthread(None, target.to_string()),
+            System::Probe => Opened::Probe(None, target.to_string()),
             System::Remote => Opened::Remote {
                 addr: target.to_string(),
                 _gateway: None,
@@ -230,6 +237,15 @@ impl Fixture {
                     })
                 }
             }
+            System::Probe => {
+                let name = namer.shm("probe");
+                let (table, reg) = cleanup::shm_object(&name, || ProbeTable::create(&name, names.len()))?;
+                Ok(Fixture {
+                    opened: Opened::Probe(Some(table), name.clone()),
+                    target: name,
+                    _reg: Some(reg),
+                })
+            }
             System::Pthread => {
                 let name = namer.shm("pthread");
                 let (arr, reg) = cleanup::shm_object(&name, || MutexArray::create(&name, names.len()))?;
@@ -288,6 +304,14 @@ pub(crate) fn with_peer<J: Job>(opened: &mut Opened, names: Vec<String>, label: 
         }
         Opened::Flock(dir) => {
             let mut peer = FlockPeer::new(dir, &names, false)?;
+            run_job(&mut peer, job)
+        }
+        Opened::Probe(table, name) => {
+            let table = match table.take() {
+                Some(t) => t,
+                None => ProbeTable::open(name)?,
+            };
+            let mut peer = ProbePeer::new(table, names)?;
             run_job(&mut peer, job)
         }
         Opened::Pthread(arr, name) => {

@@ -155,6 +155,9 @@ enum SystemArg {
     Shmlock,
     Flock,
     Pthread,
+    /// A bare shared-memory hash table, name lookup + CAS: the cost floor of locking by name,
+    /// with none of shmlock's guarantees (not part of `all`).
+    Probe,
     /// shmlock through the TCP gateway (not part of `all`).
     Remote,
     /// Redis at --redis-url: SET NX PX + compare-and-delete (build with --features peers).
@@ -170,6 +173,7 @@ impl SystemArg {
             SystemArg::Shmlock => vec![System::Shmlock],
             SystemArg::Flock => vec![System::Flock],
             SystemArg::Pthread => vec![System::Pthread],
+            SystemArg::Probe => vec![System::Probe],
             SystemArg::Remote => vec![System::Remote],
             SystemArg::Redis => vec![System::Redis],
             SystemArg::Postgres => vec![System::Postgres],
@@ -535,6 +539,12 @@ fn system_note(s: System) -> &'static str {
         System::Postgres => {
             "postgres: SELECT pg_advisory_lock(k) / pg_advisory_unlock(k), prepared, k = FNV-1a 64 of \
              the name; one connection per client"
+        }
+        System::Probe => {
+            "probe: the floor of any by-name lock in shared memory, not a lock manager: an \
+             open-addressing hash table (linear probing, 2n+ slots) of 64-byte slots holding name and \
+             lock word, the same hash as shmlock; lock = probe + CAS, unlock = one store; no owners, \
+             tokens, crash safety or sleeping (waiters spin and yield)"
         }
         System::Pthread => {
             "pthread: robust process-shared mutex per name, 64-byte slots in a /dev/shm mapping; no name \

@@ -215,3 +215,110 @@ impl Peer for PthreadPeer {
         Ok(self.mutexes.unlock(i)?)
     }
 }
+
+/// The cost floor of locking by name in shared memory: a bare open-addressing hash table
+/// ([`sys::ProbeTable`]) with the name and the lock word in one 64-byte slot, looked up by the
+/// same hash shmlock uses; lock = probe + CAS, unlock = one store. No owner records, no fencing
+/// tokens, no crash safety, no fairness and no sleeping (a waiter spins, yielding the CPU after
+/// a few rounds): what any by-name lock must pay at least, to compare shmlock's costs with.
+pub(crate) struct ProbePeer {
+    table: sys::ProbeTable,
+    names: Vec<String>,
+    /// The slot each name was found in by its last lock.
+    held: Vec<u32>,
+}
+
+impl ProbePeer {
+    pub(crate) fn new(table: sys::ProbeTable, names: Vec<String>) -> Result<Self> {
+        if let Some(n) = names.iter().find(|n| n.len() > sys::PROBE_NAME_LEN) {
+            bail!("probe: name {n:?} is longer than {} bytes", sys::PROBE_NAME_LEN);
+        }
+        let held = vec![u32::MAX; names.len()];
+        Ok(ProbePeer { table, names, held })
+    }
+
+    /// The slot holding `name` (hash `h`), claimed for it if it was not in the table.
+    #[inline]
+    fn slot(&self, name: &[u8], h: u64) -> Result<usize> {
+        use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
+        let slots = self.table.slots();
+        let mask = slots.len() - 1;
+        let mut i = h as usize & mask;
+        for _ in 0..slots.len() {
+            let s = &slots[i];
+            match s.hash.load(Acquire) {
+                0 => {
+                    if s.hash.compare_exchange(0, h, AcqRel, Acquire).is_err() {
+                        continue; // claimed meanwhile: look at it again
+                    }
+                    for (w, c) in s.name.iter().zip(name.chunks(8)) {
+                        w.store(shmlock::name::word(c), Relaxed);
+                    }
+                    s.len.store(name.len() as u64 | 1 << 63, Release);
+                    return Ok(i);
+                }
+                x if x == h => {
+                    // Claimed: wait for the claimer to write the name (bit 63 of len).
+                    let len = loop {
+                        let l = s.len.load(Acquire);
+                        if l != 0 {
+                            break l & !(1 << 63);
+                        }
+                        std::hint::spin_loop();
+                    };
+                    if len == name.len() as u64
+                        && s.name
+                            .iter()
+                            .zip(name.chunks(8))
+                            .all(|(w, c)| w.load(Relaxed) == shmlock::name::word(c))
+                    {
+                        return Ok(i);
+                    }
+                }
+                _ => {}
+            }
+            i = (i + 1) & mask;
+        }
+        bail!("probe table full")
+    }
+}
+
+impl Peer for ProbePeer {
+    fn name(&self) -> &'static str {
+        "probe"
+    }
+
+    #[inline]
+    fn lock(&mut self, i: usize) -> Result<()> {
+        use std::sync::atomic::Ordering::{Acquire, Relaxed};
+        let name = self.names[i].as_bytes();
+        let h = shmlock::name::hash(0x5eed, name) | 1;
+        let s = self.slot(name, h)?;
+        let word = &self.table.slots()[s].word;
+        let mut spins = 0u32;
+        while word.compare_exchange(0, 1, Acquire, Relaxed).is_err() {
+            while word.load(Relaxed) != 0 {
+                spins += 1;
+                if spins % 64 == 0 {
+                    std::thread::yield_now();
+                } else {
+                    std::hint::spin_loop();
+                }
+            }
+        }
+        self.held[i] = s as u32;
+        Ok(())
+    }
+
+    #[inline]
+    fn unlock(&mut self, i: usize) -> Result<()> {
+        let s = std::mem::replace(&mut self.held[i], u32::MAX);
+        let slot = self
+            .table
+            .slots()
+            .get(s as usize)
+            .context("unlock of a name not held")?;
+        slot.word.store(0, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+}

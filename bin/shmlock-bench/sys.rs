@@ -343,3 +343,65 @@ pub(crate) fn raise_nofile_limit() -> u64 {
     }
     lim.rlim_cur
 }
+
+/// One slot of [`ProbeTable`]: a name and its lock word in one cache line.
+#[repr(C, align(64))]
+pub(crate) struct ProbeSlot {
+    /// 0 free, 1 held.
+    pub(crate) word: AtomicU64,
+    /// The name's hash with the low bit set (0 = empty slot); claimed by CAS.
+    pub(crate) hash: AtomicU64,
+    /// The name's length in bytes (at most [`PROBE_NAME_LEN`]).
+    pub(crate) len: AtomicU64,
+    /// The name, little-endian words, zero padded.
+    pub(crate) name: [AtomicU64; 5],
+}
+
+/// Longest name a [`ProbeSlot`] holds.
+pub(crate) const PROBE_NAME_LEN: usize = 40;
+
+const _: () = assert!(size_of::<ProbeSlot>() == 64);
+// SAFETY: repr(C), only atomics, no pointers.
+unsafe impl ZeroValid for ProbeSlot {}
+
+/// The `probe` peer's table: an open-addressing hash table of [`ProbeSlot`]s (linear probing,
+/// a power of two at least twice the names) in a shared mapping.
+pub(crate) struct ProbeTable {
+    map: SharedMap,
+}
+
+impl ProbeTable {
+    /// Creates `/dev/shm{name}` with room for `n` names (all slots empty: zero).
+    pub(crate) fn create(name: &str, n: usize) -> Result<ProbeTable> {
+        let slots = (2 * n.max(1)).next_power_of_two();
+        let map = SharedMap::create(name, slots * size_of::<ProbeSlot>())?;
+        let table = ProbeTable { map };
+        // Fault every page in now, as shmlock's segment is (MAP_POPULATE) and the pthread
+        // mutexes are (initialized): the timed loops must not pay first-touch page faults.
+        for s in table.slots().iter().step_by(4096 / size_of::<ProbeSlot>()) {
+            s.word.store(0, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(table)
+    }
+
+    /// Maps a table made by [`ProbeTable::create`].
+    pub(crate) fn open(name: &str) -> Result<ProbeTable> {
+        let map = SharedMap::open(name)?;
+        let slots = map.len() / size_of::<ProbeSlot>();
+        if slots == 0 || !slots.is_power_of_two() || map.len() % size_of::<ProbeSlot>() != 0 {
+            bail!("{name} is {} bytes, not a probe table", map.len());
+        }
+        Ok(ProbeTable { map })
+    }
+
+    /// The slots (a power of two of them).
+    #[inline]
+    pub(crate) fn slots(&self) -> &[ProbeSlot] {
+        let n = self.map.len / size_of::<ProbeSlot>();
+        // SAFETY: the mapping is page aligned (so 64-aligned), `n * 64` bytes of it are inside
+        // it, and it stays mapped for the borrow of `self` (module contract). `ProbeSlot` is
+        // valid for any bytes (zero at creation, later written only through its atomics) and is
+        // reached only through `&`, so sharing it with other processes is sharing atomics.
+        unsafe { std::slice::from_raw_parts(self.map.ptr.as_ptr().cast::<ProbeSlot>(), n) }
+    }
+}
