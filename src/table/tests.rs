@@ -452,3 +452,53 @@ fn a_starving_head_waiter_keeps_the_lock_closed_and_gets_it_handed_over() {
     table.release(b, &g).unwrap();
     assert!(table.check().is_empty(), "{:?}", table.check());
 }
+
+#[test]
+fn a_woken_waiter_that_finds_the_lock_taken_waits_on_and_times_out_cleanly() {
+    use super::{lw_val, Idx, Wait, SLOW, WOKEN};
+    use std::time::Duration;
+    let caps = Capacities {
+        max_locks: 4,
+        max_holds: 4,
+        max_owners: 4,
+        shards: 1,
+        ..Default::default()
+    };
+    let table = Arc::new(LockTable::anonymous(&caps).unwrap());
+    let reg = |label: &[u8]| table.register(crate::owner::OwnerKind::Local, label).unwrap();
+    let (a, b, c) = (reg(b"a"), reg(b"b"), reg(b"c"));
+    let sh = table.shard(0);
+    let held = table.acquire(a, b"x", Mode::Exclusive, Wait::No).unwrap();
+    let (i, w) = {
+        let _l = table.lock_shard(&sh, crate::table::pid_latch_id());
+        let i = table.lookup(&sh, crate::name::hash(table.seed, b"x"), b"x").unwrap();
+        LockTable::pin(&sh, i).unwrap();
+        let w = table.enqueue(&sh, i, Mode::Exclusive, b).unwrap();
+        let later = crate::clock::now().plus(Duration::from_secs(3600));
+        sh.hpool().touch(Idx(w.0), later).unwrap();
+        LockTable::publish(&sh, i);
+        (i, w)
+    };
+    table.release(a, &held).unwrap();
+    let by_c = table.acquire(c, b"x", Mode::Exclusive, Wait::No).unwrap();
+    let hold = &sh.holds()[w.0 as usize];
+    assert_eq!(hold.futex.load(Relaxed), WOKEN);
+    // b comes while c holds the lock and never lets go: b watches it, looks again, goes back to
+    // waiting (closing the word, so that c's release would wake it) and gives up at its deadline.
+    let deadline = crate::clock::now().plus(Duration::from_millis(20));
+    let r = table.wait_for_grant(&sh, i, w, b, Mode::Exclusive, Wait::Until(deadline));
+    match r {
+        Err(Error::TimedOut { holder, .. }) => assert_eq!(holder.map(|h| h.holders), Some(1)),
+        other => panic!("{other:?}"),
+    }
+    let e = sh.entry(i).unwrap();
+    assert_eq!(table.stats().waiting, 0);
+    assert!(table.check().is_empty(), "{:?}", table.check());
+    table.release(c, &by_c).unwrap();
+    assert_eq!(
+        lw_val(e.lw.load(Relaxed)) & SLOW,
+        0,
+        "free and nobody waits: open again"
+    );
+    assert!(table.check().is_empty(), "{:?}", table.check());
+}

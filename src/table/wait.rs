@@ -180,6 +180,8 @@ impl LockTable {
         let hold = sh.hold(w)?;
         let started = sh.hpool().time(Idx(w))?;
         let mut checked = started;
+        // Whether this wake-up already watched the holder (see the WOKEN arms below).
+        let mut spun = false;
         loop {
             let now = clock::now();
             let expired = matches!(wait, Wait::Until(d) if now >= d);
@@ -227,7 +229,23 @@ impl LockTable {
                     Self::publish(sh, i);
                     return g;
                 }
-                WOKEN => hold.futex.store(WAIT, R), // a barging request got it first
+                WOKEN if !spun && e.mode.load(R) == Mode::Exclusive.to_u32() => {
+                    // A barging request got it first, but we are running now and its critical
+                    // section is likely short: watch it for a few microseconds, still WOKEN (so
+                    // its release needs no wake and leaves the lock open), then look again.
+                    // Without this a woken waiter would mostly find the lock taken by the
+                    // processes that never slept, and get it only by a handoff.
+                    spun = true;
+                    Self::publish(sh, i);
+                    drop(guard);
+                    Self::spin_until_free(e);
+                    continue;
+                }
+                WOKEN => {
+                    // Still taken: sleep until a release wakes us again.
+                    hold.futex.store(WAIT, R);
+                    spun = false;
+                }
                 _ => {}
             }
             if matches!(wait, Wait::Until(d) if clock::now() >= d) {
