@@ -27,8 +27,9 @@
 //! # The lock word and the fast path
 //! `lw` = `gen << 32 | val`. `gen` changes whenever the entry is freed or reused, so a CAS by a
 //! process that looked the name up before the reuse fails. `val` is 0 when the lock is free and
-//! nothing about it needs the latch (no shared holders, no waiters, no owner-died notice, entry in
-//! the index): then an exclusive lock is one CAS `gen|0 -> gen|owner+1` without the latch
+//! nothing about it needs the latch (no shared holders, no owner-died notice, entry in the index,
+//! and nobody waiting, or only waiters whose head has been woken and is on its way): then an
+//! exclusive lock is one CAS `gen|0 -> gen|owner+1` without the latch
 //! ("fast hold"), and its unlock the reverse CAS. Anything else sets the [`SLOW`] bit, which makes
 //! both CASes fail and sends their callers to the latch. Under the latch, a section first *pins*
 //! the entry (`fetch_or(SLOW)`): a fast hold it finds is converted into the latched form (`mode`

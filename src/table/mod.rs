@@ -23,10 +23,13 @@
 //!
 //! # Fairness
 //! A free lock may be taken by whoever asks ("barging"), which keeps the uncontended and lightly
-//! contended paths fast. A release wakes only the oldest waiter; once that waiter has waited
-//! [`FAIR_AFTER`], the release hands the lock to it directly and new requests queue behind it
-//! (parking_lot's "eventual fairness"). Shared requests queue behind any waiter, so readers never
-//! starve a queued writer; a release that reaches shared waiters grants the whole run of them.
+//! contended paths fast. A release wakes only the oldest waiter, and until that waiter comes for
+//! the lock its word stays open to fast CASes (see `open_to_barging`); a woken waiter that finds
+//! the lock taken watches it for [`SPIN`] rounds before it sleeps again. Once the oldest waiter
+//! has waited [`FAIR_AFTER`], the release hands the lock to it directly and new requests queue
+//! behind it (parking_lot's "eventual fairness"). Shared requests queue behind any waiter, so
+//! readers never starve a queued writer; a release that reaches shared waiters grants the whole
+//! run of them.
 
 mod check;
 mod entry;
