@@ -257,15 +257,20 @@ proptest! {
     }
 }
 
-#[test]
-fn an_owner_died_notice_survives_idle_entry_eviction() {
-    let caps = Capacities {
+/// One shard of 4 entries, 4 holds and 4 owners: capacities are exact, every record in view.
+fn tiny_caps() -> Capacities {
+    Capacities {
         max_locks: 4,
         max_holds: 4,
         max_owners: 4,
         shards: 1,
         ..Default::default()
-    };
+    }
+}
+
+#[test]
+fn an_owner_died_notice_survives_idle_entry_eviction() {
+    let caps = tiny_caps();
     let table = Arc::new(LockTable::anonymous(&caps).unwrap());
     let dead = table.register(crate::owner::OwnerKind::Local, b"dead").unwrap();
     let g = table.acquire(dead, b"x", Mode::Exclusive, super::Wait::No).unwrap();
@@ -297,13 +302,7 @@ fn an_owner_died_notice_survives_idle_entry_eviction() {
 #[test]
 fn a_handoff_cut_short_before_the_wake_is_still_a_grant() {
     use super::{HoldState, Idx, Wait, GRANTED, WAIT};
-    let caps = Capacities {
-        max_locks: 4,
-        max_holds: 4,
-        max_owners: 4,
-        shards: 1,
-        ..Default::default()
-    };
+    let caps = tiny_caps();
     for repair in [false, true] {
         let table = Arc::new(LockTable::anonymous(&caps).unwrap());
         let (a, b) = (
@@ -340,34 +339,53 @@ fn a_handoff_cut_short_before_the_wake_is_still_a_grant() {
     }
 }
 
+/// A one-shard table where owner `a` holds "x" and owner `b` waits for it (queued as a blocked
+/// `lock` is before it sleeps); `c` is a third owner. With `fresh`, b's request is stamped an
+/// hour ahead, so it cannot count as starving however slowly the test runs.
+struct Queued {
+    table: Arc<LockTable>,
+    owners: [super::OwnerRef; 3],
+    held: super::RawGrant,
+    entry: u32,
+    wait: (u32, u32),
+}
+
+fn queued_behind_a_hold(fresh: bool) -> Queued {
+    use super::{Idx, Wait};
+    let caps = tiny_caps();
+    let table = Arc::new(LockTable::anonymous(&caps).unwrap());
+    let reg = |label: &[u8]| table.register(crate::owner::OwnerKind::Local, label).unwrap();
+    let owners = [reg(b"a"), reg(b"b"), reg(b"c")];
+    let held = table.acquire(owners[0], b"x", Mode::Exclusive, Wait::No).unwrap();
+    let (entry, wait) = {
+        let sh = table.shard(0);
+        let _l = table.lock_shard(&sh, crate::table::pid_latch_id());
+        let i = table.lookup(&sh, crate::name::hash(table.seed, b"x"), b"x").unwrap();
+        LockTable::pin(&sh, i).unwrap();
+        let w = table.enqueue(&sh, i, Mode::Exclusive, owners[1]).unwrap();
+        if fresh {
+            let later = crate::clock::now().plus(std::time::Duration::from_secs(3600));
+            sh.hpool().touch(Idx(w.0), later).unwrap();
+        }
+        LockTable::publish(&sh, i);
+        (i, w)
+    };
+    Queued {
+        table,
+        owners,
+        held,
+        entry,
+        wait,
+    }
+}
+
 #[test]
 fn while_the_head_waiter_is_woken_the_lock_is_open_to_fast_cas() {
     use super::{lw_val, HoldState, Idx, Wait, FAST_OWNER, SLOW, WAIT, WOKEN};
     use std::time::Duration;
-    let caps = Capacities {
-        max_locks: 4,
-        max_holds: 4,
-        max_owners: 4,
-        shards: 1,
-        ..Default::default()
-    };
-    let table = Arc::new(LockTable::anonymous(&caps).unwrap());
-    let reg = |label: &[u8]| table.register(crate::owner::OwnerKind::Local, label).unwrap();
-    let (a, b, c) = (reg(b"a"), reg(b"b"), reg(b"c"));
+    let q = queued_behind_a_hold(true);
+    let (table, [a, b, c], held, i, w) = (&q.table, q.owners, q.held, q.entry, q.wait);
     let sh = table.shard(0);
-    let held = table.acquire(a, b"x", Mode::Exclusive, Wait::No).unwrap();
-    // b queues behind a's hold, as a blocked `lock` does before it sleeps. Its request is
-    // stamped in the future, so it cannot count as starving however slowly this test runs.
-    let (i, w) = {
-        let _l = table.lock_shard(&sh, crate::table::pid_latch_id());
-        let i = table.lookup(&sh, crate::name::hash(table.seed, b"x"), b"x").unwrap();
-        LockTable::pin(&sh, i).unwrap();
-        let w = table.enqueue(&sh, i, Mode::Exclusive, b).unwrap();
-        let later = crate::clock::now().plus(Duration::from_secs(3600));
-        sh.hpool().touch(Idx(w.0), later).unwrap();
-        LockTable::publish(&sh, i);
-        (i, w)
-    };
     let e = sh.entry(i).unwrap();
     let hold = &sh.holds()[w.0 as usize];
     assert_ne!(lw_val(e.lw.load(Relaxed)) & SLOW, 0, "closed while its waiter sleeps");
@@ -414,26 +432,9 @@ fn while_the_head_waiter_is_woken_the_lock_is_open_to_fast_cas() {
 fn a_starving_head_waiter_keeps_the_lock_closed_and_gets_it_handed_over() {
     use super::{lw_val, HoldState, Idx, Wait, GRANTED, SLOW};
     use std::time::Duration;
-    let caps = Capacities {
-        max_locks: 4,
-        max_holds: 4,
-        max_owners: 4,
-        shards: 1,
-        ..Default::default()
-    };
-    let table = Arc::new(LockTable::anonymous(&caps).unwrap());
-    let reg = |label: &[u8]| table.register(crate::owner::OwnerKind::Local, label).unwrap();
-    let (a, b) = (reg(b"a"), reg(b"b"));
+    let q = queued_behind_a_hold(false);
+    let (table, [a, b, _], held, i, w) = (&q.table, q.owners, q.held, q.entry, q.wait);
     let sh = table.shard(0);
-    let held = table.acquire(a, b"x", Mode::Exclusive, Wait::No).unwrap();
-    let (i, w) = {
-        let _l = table.lock_shard(&sh, crate::table::pid_latch_id());
-        let i = table.lookup(&sh, crate::name::hash(table.seed, b"x"), b"x").unwrap();
-        LockTable::pin(&sh, i).unwrap();
-        let w = table.enqueue(&sh, i, Mode::Exclusive, b).unwrap();
-        LockTable::publish(&sh, i);
-        (i, w)
-    };
     // b has waited past FAIR_AFTER: a's release hands the lock to it, and the word stays shut.
     std::thread::sleep(super::FAIR_AFTER + Duration::from_millis(1));
     table.release(a, &held).unwrap();
@@ -455,30 +456,11 @@ fn a_starving_head_waiter_keeps_the_lock_closed_and_gets_it_handed_over() {
 
 #[test]
 fn a_woken_waiter_that_finds_the_lock_taken_waits_on_and_times_out_cleanly() {
-    use super::{lw_val, Idx, Wait, SLOW, WOKEN};
+    use super::{lw_val, Wait, SLOW, WOKEN};
     use std::time::Duration;
-    let caps = Capacities {
-        max_locks: 4,
-        max_holds: 4,
-        max_owners: 4,
-        shards: 1,
-        ..Default::default()
-    };
-    let table = Arc::new(LockTable::anonymous(&caps).unwrap());
-    let reg = |label: &[u8]| table.register(crate::owner::OwnerKind::Local, label).unwrap();
-    let (a, b, c) = (reg(b"a"), reg(b"b"), reg(b"c"));
+    let q = queued_behind_a_hold(true);
+    let (table, [a, b, c], held, i, w) = (&q.table, q.owners, q.held, q.entry, q.wait);
     let sh = table.shard(0);
-    let held = table.acquire(a, b"x", Mode::Exclusive, Wait::No).unwrap();
-    let (i, w) = {
-        let _l = table.lock_shard(&sh, crate::table::pid_latch_id());
-        let i = table.lookup(&sh, crate::name::hash(table.seed, b"x"), b"x").unwrap();
-        LockTable::pin(&sh, i).unwrap();
-        let w = table.enqueue(&sh, i, Mode::Exclusive, b).unwrap();
-        let later = crate::clock::now().plus(Duration::from_secs(3600));
-        sh.hpool().touch(Idx(w.0), later).unwrap();
-        LockTable::publish(&sh, i);
-        (i, w)
-    };
     table.release(a, &held).unwrap();
     let by_c = table.acquire(c, b"x", Mode::Exclusive, Wait::No).unwrap();
     let hold = &sh.holds()[w.0 as usize];
