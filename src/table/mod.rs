@@ -829,10 +829,12 @@ impl LockTable {
         None
     }
 
-    /// Starts the cache misses of an [`insert`](Self::insert) before its latch is taken: the
-    /// shard's newest FREE entry (the one insert takes, if nobody takes it first), its pool node
-    /// and its name, which are fetched in parallel with the latch and the lookup under it
-    /// instead of one after the other under the latch.
+    /// Starts the cache misses of an [`insert`](Self::insert): the shard's newest FREE entry (the
+    /// one insert takes, if nobody takes it first), its pool node and its name. Called by a
+    /// lookup that misses, before it takes the latch, and by each insert for the next one, once
+    /// its latch is dropped; so under the latch these lines are found in the cache instead of
+    /// fetched one after the other. Reads the FREE list head without the latch: at worst it
+    /// prefetches the wrong record.
     #[cold]
     #[inline(never)]
     fn prefetch_insert(sh: &Shard<'_>) {
