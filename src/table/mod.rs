@@ -762,8 +762,12 @@ impl LockTable {
     /// [`FAIR_AFTER`] yet (see [`open_to_barging`](Self::open_to_barging)).
     fn publish(sh: &Shard<'_>, i: u32) {
         let Some(e) = sh.entries().get(i as usize) else { return };
-        if lw_val(e.lw.load(Relaxed)) & FAST_OWNER != 0 {
-            return; // granted as a fast hold in this section
+        let w = e.lw.load(Relaxed);
+        if lw_val(w) != SLOW {
+            // Granted as a fast hold in this section, or already open (published earlier in
+            // it): only a pinned word is safe to store, since no CAS can change it meanwhile.
+            // Storing over an open one could wipe out a fast hold taken since it was read.
+            return;
         }
         let free = e.mode.load(Relaxed) == MODE_NONE && e.readers.load(Relaxed) == 0 && !e.died();
         let open = free
@@ -773,7 +777,6 @@ impl LockTable {
                 _ => false,
             };
         if open {
-            let w = e.lw.load(Relaxed);
             e.lw.store(lock_word(lw_gen(w), 0), std::sync::atomic::Ordering::Release);
         }
     }

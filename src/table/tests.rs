@@ -484,3 +484,72 @@ fn a_woken_waiter_that_finds_the_lock_taken_waits_on_and_times_out_cleanly() {
     );
     assert!(table.check().is_empty(), "{:?}", table.check());
 }
+
+/// Ending an owner with a handed-off grant it never collected releases that grant and drops the
+/// request, touching the entry twice; the second look must not reopen a word that the first
+/// already opened and a fast CAS took meanwhile, or two owners would hold the lock. The fast
+/// lockers are threads of this process with owners of their own: what races is two CPUs' atomics
+/// on the same word, the same between threads as between processes.
+#[test]
+fn ending_an_owner_with_an_uncollected_handoff_never_wipes_a_fast_hold() {
+    use super::{Idx, Wait};
+    use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
+    use std::time::Duration;
+    let table = Arc::new(LockTable::anonymous(&tiny_caps()).unwrap());
+    let reg = |label: &[u8]| table.register(crate::owner::OwnerKind::Local, label).unwrap();
+    let (b, c, d, e) = (reg(b"b"), reg(b"c"), reg(b"d"), reg(b"e"));
+    let g = table.acquire(c, b"x", Mode::Exclusive, Wait::No).unwrap();
+    table.release(c, &g).unwrap();
+    let stop = AtomicBool::new(false);
+    let (inside, overlaps, lost) = (AtomicU32::new(0), AtomicU64::new(0), AtomicU64::new(0));
+    std::thread::scope(|s| {
+        for me in [c, d] {
+            let (t, stop, inside, overlaps, lost) = (&table, &stop, &inside, &overlaps, &lost);
+            s.spawn(move || {
+                while !stop.load(Relaxed) {
+                    if let Ok(g) = t.acquire(me, b"x", Mode::Exclusive, Wait::No) {
+                        if inside.fetch_add(1, Relaxed) != 0 {
+                            overlaps.fetch_add(1, Relaxed);
+                        }
+                        for _ in 0..20 {
+                            std::hint::spin_loop();
+                        }
+                        inside.fetch_sub(1, Relaxed);
+                        if t.release(me, &g).is_err() {
+                            lost.fetch_add(1, Relaxed);
+                        }
+                    }
+                }
+            });
+        }
+        let sh = table.shard(0);
+        let h = crate::name::hash(table.seed, b"x");
+        let until = crate::clock::now().plus(Duration::from_secs(2));
+        let mut rounds = 0;
+        while rounds < 50_000 && crate::clock::now() < until && overlaps.load(Relaxed) + lost.load(Relaxed) == 0 {
+            {
+                let _l = table.lock_shard(&sh, crate::table::pid_latch_id());
+                let i = table.lookup(&sh, h, b"x").unwrap();
+                LockTable::pin(&sh, i).unwrap();
+                if sh.entry(i).unwrap().mode.load(Relaxed) != crate::table::MODE_NONE {
+                    LockTable::publish(&sh, i);
+                    continue; // a locker holds it: try again
+                }
+                // b gets x handed over and does not collect it; e waits behind, not starving.
+                table.enqueue(&sh, i, Mode::Exclusive, b).unwrap();
+                let w = table.enqueue(&sh, i, Mode::Exclusive, e).unwrap();
+                let later = crate::clock::now().plus(Duration::from_secs(3600));
+                sh.hpool().touch(Idx(w.0), later).unwrap();
+                assert!(table.hand_off(&sh, i).unwrap().is_some());
+                LockTable::publish(&sh, i);
+            }
+            rounds += 1;
+            table.release_all(b, 0..1).unwrap();
+            table.release_all(e, 0..1).unwrap();
+        }
+        stop.store(true, Relaxed);
+    });
+    assert_eq!(overlaps.load(Relaxed), 0, "two owners held x at once");
+    assert_eq!(lost.load(Relaxed), 0, "a fast hold was wiped");
+    assert!(table.check().is_empty(), "{:?}", table.check());
+}
