@@ -351,7 +351,8 @@ pub(crate) struct ProbeSlot {
     pub(crate) word: AtomicU64,
     /// The name's hash with the low bit set (0 = empty slot); claimed by CAS.
     pub(crate) hash: AtomicU64,
-    /// The name's length in bytes (at most [`PROBE_NAME_LEN`]).
+    /// The name's length in bytes (at most [`PROBE_NAME_LEN`]) with bit 63 set, stored once the
+    /// name is written; 0 while the claimer is still writing it.
     pub(crate) len: AtomicU64,
     /// The name, little-endian words, zero padded.
     pub(crate) name: [AtomicU64; 5],

@@ -146,8 +146,9 @@ pub fn pidfd_open(pid: u32) -> Result<std::os::fd::OwnedFd, Errno> {
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(r as i32) })
 }
 
-/// Hints the CPU to bring the cache line holding `r` into the cache (a prefetch: no load is
-/// ordered by it, nothing waits for it, and it never faults). A no-op off x86_64.
+/// Hints the CPU to bring the cache line holding `r` into the cache (a prefetch: it never
+/// faults and orders no load or store; but on x86 a locked instruction issued while it is in
+/// flight may wait for it, so issue it where no atomic RMW follows at once). A no-op off x86_64.
 #[inline(always)]
 pub fn prefetch<T>(r: &T) {
     #[cfg(target_arch = "x86_64")]
