@@ -22,6 +22,11 @@ impl Nanos {
         Duration::from_nanos(self.0.saturating_sub(earlier.0))
     }
 
+    /// Milliseconds, truncated to 32 bits (for stamps compared with wrapping arithmetic).
+    pub fn millis32(self) -> u32 {
+        (self.0 / 1_000_000) as u32
+    }
+
     /// `self + d`, saturating.
     pub fn plus(self, d: Duration) -> Nanos {
         Nanos(self.0.saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)))

@@ -29,7 +29,11 @@ pub struct Owner {
     pub fast_grants: AtomicU64,
     /// While REAPING: the pid of the process reaping this record (a reaper that dies is replaced).
     pub reaper: AtomicU32,
-    _pad: AtomicU32,
+    /// When some process last checked whether this owner's process is alive: CLOCK_MONOTONIC
+    /// (coarse) milliseconds, truncated to 32 bits. Claimed by a CAS, without a latch, by any
+    /// process that finds a lock it wants held or waited on by this owner, so the owner's
+    /// `/proc` entry is read at most once a poll period whoever asks, and however often.
+    pub checked: AtomicU32,
 }
 
 // SAFETY: repr(C), atomics only, valid at zero, no pointers.
@@ -114,11 +118,14 @@ impl ProcessId {
         }
     }
 
-    /// Is this process still running? A zombie (exited, not yet waited for) is not, and neither
-    /// is a process that now has this pid but started at another time (pid reuse).
+    /// Is this process still running? It is while any of its threads is: a thread-group leader
+    /// that has exited (`pthread_exit`, or a Rust main thread that ended while others run) shows
+    /// `Z` in `/proc/PID/stat` although the process still runs. A process is dead once every
+    /// thread is gone (a zombie waiting to be reaped, or no such pid), and a pid now used by a
+    /// process that started at another time (pid reuse) is not this process.
     pub fn is_alive(self) -> bool {
         match proc_stat(self.pid) {
-            Some((state, start)) => !matches!(state, 'Z' | 'X') && (self.start_time == 0 || start == self.start_time),
+            Some((state, start)) => (self.start_time == 0 || start == self.start_time) && running(self.pid, state),
             None => false,
         }
     }
@@ -129,14 +136,40 @@ pub fn start_time(pid: u32) -> Option<u64> {
     proc_stat(pid).map(|(_, start)| start)
 }
 
-/// Is some process with this pid running (not a zombie)? For ids that name a process by pid only.
+/// Is some process with this pid running (any of its threads not a zombie)? For ids that name a
+/// process by pid only.
 pub fn pid_alive(pid: u32) -> bool {
-    pid != 0 && proc_stat(pid).is_some_and(|(state, _)| !matches!(state, 'Z' | 'X'))
+    pid != 0 && proc_stat(pid).is_some_and(|(state, _)| running(pid, state))
+}
+
+/// Given the state letter of process `pid`'s thread-group leader: does any thread of it still
+/// run? The leader's own state says so unless the leader has exited (`Z`/`X`); then the process
+/// runs while another thread does. The kernel keeps an exited leader's `/proc/PID/task/PID` entry
+/// until the whole group has exited, and reports the process's exit (pidfd readable, `waitpid`)
+/// only then, so this agrees with the pidfd `shmlockd` watches.
+fn running(pid: u32, leader: char) -> bool {
+    if !matches!(leader, 'Z' | 'X') {
+        return true;
+    }
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    // Bounded by the process's own thread count (the kernel lists each thread once).
+    let leader = pid.to_string();
+    tasks.filter_map(|t| t.ok()).any(|t| {
+        t.file_name().to_str() != Some(&leader)
+            && read_stat(&t.path().join("stat")).is_some_and(|(state, _)| !matches!(state, 'Z' | 'X'))
+    })
 }
 
 /// State letter (field 3) and start time (field 22) of process `pid`.
 fn proc_stat(pid: u32) -> Option<(char, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    read_stat(std::path::Path::new(&format!("/proc/{pid}/stat")))
+}
+
+/// State letter (field 3) and start time (field 22) from a `stat` file of `/proc`.
+fn read_stat(path: &std::path::Path) -> Option<(char, u64)> {
+    let stat = std::fs::read_to_string(path).ok()?;
     // The command name (field 2) may contain spaces and ')'; fields after the last ')' are plain.
     let mut rest = stat[stat.rfind(')')? + 1..].split_ascii_whitespace();
     // rest starts with field 3 (state); field 22 is the 20th field of rest.
@@ -156,6 +189,13 @@ impl Owner {
             w.store(u64::from_le_bytes(b), Relaxed);
         }
         self.label_len.store(label.len() as u32, Relaxed);
+    }
+
+    /// Claims the liveness check of this owner if nobody has checked it within `period`
+    /// (stamped `now_ms`, coarse-clock milliseconds). Returns whether the caller should check.
+    pub fn claim_check(&self, now_ms: u32, period_ms: u32) -> bool {
+        let last = self.checked.load(Relaxed);
+        now_ms.wrapping_sub(last) >= period_ms && self.checked.compare_exchange(last, now_ms, Relaxed, Relaxed).is_ok()
     }
 
     /// The process this record names.

@@ -4,7 +4,7 @@
 //! ```text
 //! Entry (64 B)                                Hold (40 B)
 //!  0 hash        u64  name hash               0 token   u64  fencing token of this grant
-//!  8 token       u64  last token granted      8 entry   u32  entry index (in the shard)
+//!  8 token_base  u64  last token - gen (lw)   8 entry   u32  entry index (in the shard)
 //! 16 next        u32  bucket chain           12 owner   u32  owner index
 //! 20 name_len    u16, flags u16 (OWNER_DIED)  16 mode    u32  Mode
 //! 24 mode        u32  Mode of the grant      20 futex   u32  WAIT / WOKEN / GRANTED
@@ -22,11 +22,12 @@
 //! # Concurrency
 //! Every field is written only under the shard latch (Relaxed stores; the latch orders them),
 //! except `Hold::futex`, which its waiter also reads without the latch (Acquire) to sleep on, and
-//! the entry's lock word `lw` with the `token` of a fast grant.
+//! the entry's lock word `lw`, which a fast grant or unlock CASes without the latch.
 //!
 //! # The lock word and the fast path
-//! `lw` = `gen << 32 | val`. `gen` changes whenever the entry is freed or reused, so a CAS by a
-//! process that looked the name up before the reuse fails. `val` is 0 when the lock is free and
+//! `lw` = `gen << 32 | val`. `gen` changes with every grant and whenever the latch opens the word
+//! again (publish) or the entry is freed or reused, so a CAS by a process that read the word
+//! before any of that fails. `val` is 0 when the lock is free and
 //! nothing about it needs the latch (no shared holders, no owner-died notice, entry in the index,
 //! and nobody waiting, or only waiters whose head has been woken and is on its way): then an
 //! exclusive lock is one CAS `gen|0 -> gen|owner+1` without the latch
@@ -36,6 +37,17 @@
 //! Exclusive, `owner`, pool state HELD), so every latched code path sees one representation. At
 //! the end it *publishes* (`val` back to 0) if the entry is free and needs nothing of the latch.
 //! A fast holder is therefore named in exactly one place: `lw` while fast, `owner` once pinned.
+//!
+//! # Fencing tokens
+//! The entry's last token is `token_base + gen`, never stored on its own: a fast grant reads
+//! the word and the base, then CASes `gen|0 -> gen+1|owner+1`, so its token (`base + gen + 1`)
+//! is fixed by the CAS itself. Nothing is written after the CAS, so a latched section that pins
+//! the word right after it (a forced release, a reaper) reads exactly the holder's token from
+//! the word it pinned, and every later grant is above it. Latched code changes `gen` only while
+//! the word is pinned, and moves the base with it ([`Entry::set_word`]), so the last token stays
+//! put; since the word's `gen` has changed, a fast CAS that read the word (and so the base)
+//! before that fails. (A stale CAS could succeed only after exactly 2^32 changes of the word
+//! while its process stood between two instructions.)
 
 use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering::Relaxed};
 
@@ -72,6 +84,10 @@ pub const MODE_NONE: u32 = 0;
 /// Entry flag: the last holder died (or was forced out); told to the next grantee, then cleared.
 pub const OWNER_DIED: u32 = 1;
 
+/// `Hold::flags`: a grant that a forced release took away before its waiter collected it; the
+/// record (GRANTED) stays the waiter's until it does, and then it returns the forced-out grant.
+pub const FORCED: u32 = 2;
+
 /// `Hold::futex`: waiting.
 pub const WAIT: u32 = 0;
 /// `Hold::futex`: the lock was freed and this (head) waiter was woken to try for it.
@@ -85,8 +101,9 @@ pub const GRANTED: u32 = 2;
 pub struct Entry {
     /// Seeded hash of the name.
     pub hash: AtomicU64,
-    /// Fencing token of the latest grant.
-    pub token: AtomicU64,
+    /// Fencing token of the latest grant minus the lock word's `gen` (see the module docs); read
+    /// it through [`Entry::last_token`].
+    pub token_base: AtomicU64,
     /// Next entry in the bucket chain (NIL ends it).
     pub next: AtomicU32,
     /// Length of the name (at most 1024).
@@ -125,6 +142,35 @@ impl Entry {
     #[inline]
     pub fn set_died(&self, died: bool) {
         self.flags.store(u16::from(died) * OWNER_DIED as u16, Relaxed);
+    }
+
+    /// The token of the latest grant, as of lock word `w`.
+    #[inline(always)]
+    pub fn token_at(&self, w: u64) -> u64 {
+        self.token_base.load(Relaxed).wrapping_add(u64::from(lw_gen(w)))
+    }
+
+    /// The token of the latest grant (latch held, or for inspection).
+    #[inline]
+    pub fn last_token(&self) -> u64 {
+        self.token_at(self.lw.load(Relaxed))
+    }
+
+    /// Makes `t` the token of the latest grant (latch held, word pinned).
+    #[inline]
+    pub fn set_last_token(&self, t: u64) {
+        let gen = lw_gen(self.lw.load(Relaxed));
+        self.token_base.store(t.wrapping_sub(u64::from(gen)), Relaxed);
+    }
+
+    /// Stores lock word `gen|val` (latch held, word pinned, so no CAS changes it meanwhile),
+    /// keeping the latest grant's token: the base moves against the new `gen`. Release: a fast
+    /// CAS that reads the new word also reads the new base and whatever the section wrote.
+    #[inline]
+    pub fn set_word(&self, gen: u32, val: u32) {
+        let t = self.last_token();
+        self.token_base.store(t.wrapping_sub(u64::from(gen)), Relaxed);
+        self.lw.store(lock_word(gen, val), std::sync::atomic::Ordering::Release);
     }
 
     /// Stamps the current exclusive grant with the time `now`.
@@ -181,7 +227,7 @@ pub struct Hold {
     pub next: AtomicU32,
     /// Previous in the entry's reader list or wait queue.
     pub prev: AtomicU32,
-    /// [`OWNER_DIED`] for a handed-off grant.
+    /// [`OWNER_DIED`] for a handed-off grant; [`FORCED`].
     pub flags: AtomicU32,
     /// Bumped each time the record is taken, so a waiter can tell its request from a reuse.
     pub gen: AtomicU32,

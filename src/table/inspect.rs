@@ -221,7 +221,7 @@ impl LockTable {
         };
         let Ok(e) = sh.entry(i) else { return r };
         r.mode = e.mode.load(Relaxed);
-        r.token = e.token.load(Relaxed);
+        r.token = e.last_token();
         r.flags = if e.died() { OWNER_DIED } else { 0 };
         match Mode::from_u32(r.mode) {
             Some(Mode::Exclusive) => {
@@ -351,6 +351,7 @@ impl LockTable {
         let sh = self.shard(self.shard_of(h));
         let mut parties = Vec::with_capacity(16);
         let mut grants = Vec::with_capacity(16);
+        let mut uncollected = Vec::with_capacity(4);
         let mut wakes: Vec<&AtomicU32> = Vec::with_capacity(2);
         let mode;
         let r;
@@ -366,20 +367,48 @@ impl LockTable {
             mode = m;
             r = Self::copy_entry(&sh, i, &mut parties);
             match mode {
-                Mode::Exclusive => grants.push((
-                    e.owner.load(Relaxed),
-                    RawGrant::existing(sh.no, i, NIL, e.token.load(Relaxed), mode),
-                )),
-                Mode::Shared => grants.extend(Self::readers(&sh, e).map(|(hi, hold)| {
-                    (
-                        hold.owner.load(Relaxed),
-                        RawGrant::existing(sh.no, i, hi, hold.token.load(Relaxed), mode),
-                    )
-                })),
+                Mode::Exclusive => {
+                    let owner = e.owner.load(Relaxed);
+                    grants.push((owner, RawGrant::existing(sh.no, i, NIL, e.last_token(), mode)));
+                    // Handed over, and its waiter has not come for it yet (see below).
+                    uncollected.extend(sh.hpool().iter(HoldState::Granted).map(|(h, _)| h.0).filter(|&h| {
+                        let hold = &sh.holds()[h as usize];
+                        hold.entry.load(Relaxed) == i && hold.owner.load(Relaxed) == owner
+                    }));
+                }
+                Mode::Shared => {
+                    for (hi, hold) in Self::readers(&sh, e) {
+                        if hold.futex.load(Relaxed) == GRANTED {
+                            // Handed to a waiter that has not come for it yet.
+                            uncollected.push(hi);
+                        } else {
+                            let g = RawGrant::existing(sh.no, i, hi, hold.token.load(Relaxed), mode);
+                            grants.push((hold.owner.load(Relaxed), g));
+                        }
+                    }
+                }
             }
             // Set before the last release, whose hand-off or next grant passes it on.
             let died = e.died();
             e.set_died(true);
+            // A grant its waiter has not collected is forced out as any other, but its record
+            // stays the waiter's (GRANTED and FORCED; a shared one leaves the reader list) until
+            // the waiter collects it: the waiter returns the grant (whose unlock then says
+            // `NotHeld`, as a forced-out holder's does), never `Cancelled` for a request that
+            // nobody cancelled.
+            for &hi in &uncollected {
+                let hold = &sh.holds()[hi as usize];
+                hold.flags.store(hold.flags.load(Relaxed) | FORCED, Relaxed);
+                if mode == Mode::Shared {
+                    Self::remove_reader(&sh, e, hi);
+                    sh.hpool()
+                        .transition(Idx(hi), HoldState::Held, HoldState::Granted, clock::coarse())?;
+                }
+            }
+            if grants.is_empty() {
+                e.mode.store(MODE_NONE, Relaxed);
+                wakes.extend(self.after_release(&sh, i)?);
+            }
             for (owner, g) in &grants {
                 let as_holder = OwnerRef { idx: *owner, gen: 0 };
                 match self.release_locked(&sh, as_holder, g) {

@@ -55,8 +55,8 @@ use crate::shm::{Region, RegionSpec, Segment, PARAMS};
 
 pub use check::TableStats;
 pub use entry::{
-    lock_word, lw_gen, lw_val, Entry, EntryState, Hold, HoldState, Mode, FAST_OWNER, GRANTED, MODE_NONE, OWNER_DIED,
-    SLOW, WAIT, WOKEN,
+    lock_word, lw_gen, lw_val, Entry, EntryState, Hold, HoldState, Mode, FAST_OWNER, FORCED, GRANTED, MODE_NONE,
+    OWNER_DIED, SLOW, WAIT, WOKEN,
 };
 pub use inspect::{Forced, LockInfo, OwnerInfo, Party, PoolCounts};
 pub use reap::{pid_latch_id, PID_ID};
@@ -239,7 +239,7 @@ impl<'a> Shard<'a> {
     /// the floor for entries inserted later, and above the entry's own last token, which fast
     /// grants raise without the latch.
     fn next_token(&self, e: &Entry) -> u64 {
-        let t = self.hdr.token.load(Relaxed).max(e.token.load(Relaxed)) + 1;
+        let t = self.hdr.token.load(Relaxed).max(e.last_token()) + 1;
         self.hdr.token.store(t, Relaxed);
         t
     }
@@ -527,11 +527,21 @@ impl LockTable {
     pub(crate) fn register(&self, kind: OwnerKind, label: &[u8]) -> Result<OwnerRef> {
         let deadline = clock::now().plus(Duration::from_secs(2));
         loop {
-            {
+            let registered = {
                 let _g = self.lock_owners();
-                if let Some(idx) = self.owner_pool().newest(OwnerState::Free) {
-                    return self.register_at(idx, kind, label);
+                self.owner_pool()
+                    .newest(OwnerState::Free)
+                    .map(|idx| self.register_at(idx, kind, label))
+            };
+            if let Some(r) = registered {
+                if r.is_ok() {
+                    // Without shmlockd, nobody else may ever finish the reap of an owner whose
+                    // reaper died after releasing its locks (nothing it held is asked for).
+                    if let Err(e) = self.finish_abandoned_reaps(pid_latch_id()) {
+                        tracing::warn!("finishing abandoned reaps: {e}");
+                    }
                 }
+                return r;
             }
             // Without shmlockd, owners of dead processes that nobody waited on are still
             // registered: reap them before calling the pool full. Processes starting together
@@ -561,6 +571,13 @@ impl LockTable {
         o.start_time.store(me.start_time, Relaxed);
         o.kind.store(kind as u32, Relaxed);
         o.fast_grants.store(0, Relaxed);
+        // Due for a check as soon as it keeps a lock from someone (it may die at once).
+        o.checked.store(
+            clock::coarse()
+                .millis32()
+                .wrapping_sub(reap::CHECK_PERIOD.as_millis() as u32),
+            Relaxed,
+        );
         o.set_label(label);
         let gen = o.gen.load(Relaxed).wrapping_add(1);
         o.gen.store(gen, Relaxed);
@@ -678,9 +695,8 @@ impl LockTable {
             // floor for the names inserted later.
             sh.hdr
                 .token
-                .store(sh.hdr.token.load(Relaxed).max(e.token.load(Relaxed)), Relaxed);
-            let w = e.lw.load(Relaxed);
-            e.lw.store(lock_word(lw_gen(w).wrapping_add(1), SLOW), Relaxed);
+                .store(sh.hdr.token.load(Relaxed).max(e.last_token()), Relaxed);
+            e.set_word(lw_gen(e.lw.load(Relaxed)).wrapping_add(1), SLOW);
             sh.epool().transition(victim, state, EntryState::Free, now)?;
         }
         let i = sh
@@ -704,9 +720,8 @@ impl LockTable {
         e.wait_tail.store(NIL, Relaxed);
         e.waiters.store(0, Relaxed);
         e.set_died(false);
-        e.token.store(sh.hdr.token.load(Relaxed), Relaxed);
-        let w = e.lw.load(Relaxed);
-        e.lw.store(lock_word(lw_gen(w).wrapping_add(1), SLOW), Relaxed);
+        e.set_word(lw_gen(e.lw.load(Relaxed)).wrapping_add(1), SLOW);
+        e.set_last_token(sh.hdr.token.load(Relaxed));
         crate::chaos::point();
         sh.epool().transition(Idx(i), EntryState::Free, EntryState::Idle, now)?;
         crate::chaos::point();
@@ -777,7 +792,9 @@ impl LockTable {
                 _ => false,
             };
         if open {
-            e.lw.store(lock_word(lw_gen(w), 0), std::sync::atomic::Ordering::Release);
+            // A new generation: a fast CAS that read the word before this section fails, so no
+            // fast grant takes a token from a base this section may have moved.
+            e.set_word(lw_gen(w).wrapping_add(1), 0);
         }
     }
 
@@ -859,7 +876,8 @@ impl LockTable {
         let free = lock_word(lw_gen(w), 0);
         for _ in 0..SPIN {
             std::hint::spin_loop();
-            match e.lw.load(Relaxed) {
+            // Acquire, as in `try_fast`: the grant reads the token base after the word.
+            match e.lw.load(std::sync::atomic::Ordering::Acquire) {
                 x if x == free => return self.fast_grant(sh, e, i, free, me),
                 x if lw_gen(x) != lw_gen(w) || lw_val(x) & SLOW != 0 => return None,
                 _ => {}
@@ -868,18 +886,25 @@ impl LockTable {
         None
     }
 
-    /// The CAS of [`try_fast`](Self::try_fast) from the free word `w`, and the grant it makes.
+    /// The CAS of [`try_fast`](Self::try_fast) from the free word `w` (read with Acquire), and
+    /// the grant it makes. The token is the entry's last token (the base read here, after `w`,
+    /// plus `w`'s generation) + 1, and the CAS moves the word to the next generation: so the
+    /// token is fixed by the CAS (no other grant can have come between the read and the CAS
+    /// without changing the word), and nothing about it is written after it.
     #[inline(always)]
     fn fast_grant(&self, sh: &Shard<'_>, e: &Entry, i: u32, w: u64, me: OwnerRef) -> Option<RawGrant> {
+        let gen = lw_gen(w);
+        if gen == u32::MAX {
+            return None; // the latch moves the base with a wrapping generation
+        }
+        let token = e.token_at(w) + 1;
         e.lw.compare_exchange(
             w,
-            w | u64::from(me.idx + 1),
+            lock_word(gen + 1, me.idx + 1),
             std::sync::atomic::Ordering::AcqRel,
             Relaxed,
         )
         .ok()?;
-        let token = e.token.load(Relaxed) + 1;
-        e.token.store(token, Relaxed);
         e.stamp(clock::coarse());
         // The owner's own line; load + store, not an RMW (a statistic: threads sharing one
         // Client may lose a count).
@@ -894,7 +919,7 @@ impl LockTable {
             token,
             owner_died: false,
             mode: Mode::Exclusive,
-            gen: lw_gen(w),
+            gen: gen + 1,
         })
     }
 
@@ -966,15 +991,19 @@ impl LockTable {
                 s => sh.epool().transition(Idx(i), s, EntryState::Idle, now)?,
             }
             let token = sh.next_token(e);
-            e.token.store(token, Relaxed);
+            e.set_last_token(token);
             crate::chaos::point();
             let died = e.died();
-            e.set_died(false);
             e.stamp(now);
             e.mode.store(MODE_NONE, Relaxed);
             e.owner.store(NIL, Relaxed);
-            let gen = lw_gen(e.lw.load(Relaxed));
-            e.lw.store(lock_word(gen, me.idx + 1), std::sync::atomic::Ordering::Release);
+            // A new generation, as a fast grant's CAS makes one.
+            let gen = lw_gen(e.lw.load(Relaxed)).wrapping_add(1);
+            e.set_word(gen, me.idx + 1);
+            // Cleared only once the grant that reports it is recorded: a process killed before
+            // leaves the notice for whoever comes next (its own grant dies with it).
+            crate::chaos::point();
+            e.set_died(false);
             sh.bump(STAT_GRANTS);
             return Ok(RawGrant {
                 shard: sh.no,
@@ -999,12 +1028,9 @@ impl LockTable {
             EntryState::Free => return Err(corrupt(format!("shard {} entry {i} granted while FREE", sh.no))),
         }
         let token = sh.next_token(e);
-        e.token.store(token, Relaxed);
+        e.set_last_token(token);
         crate::chaos::point();
         let died = e.died();
-        if died {
-            e.set_died(false);
-        }
         if mode == Mode::Exclusive {
             e.stamp(now);
             e.owner.store(me.idx, Relaxed);
@@ -1012,6 +1038,11 @@ impl LockTable {
             sh.holds()[hold as usize].token.store(token, Relaxed);
         }
         e.mode.store(mode.to_u32(), Relaxed);
+        if died {
+            // As above: cleared once the grant is recorded.
+            crate::chaos::point();
+            e.set_died(false);
+        }
         sh.bump(STAT_GRANTS);
         Ok(RawGrant {
             shard: sh.no,
@@ -1146,30 +1177,20 @@ impl LockTable {
             }
             return g;
         }
+        // Without shmlockd nobody else may notice that the holder died: a caller that finds the
+        // lock kept from it by owners nobody has checked lately checks them now,
+        // whatever its timeout, reaps the dead and tries again. (Each owner is checked at most
+        // once a `CHECK_PERIOD` by all processes together; see `Owner::claim_check`.)
+        let due = self.due_suspects(&sh, e, me);
+        if due.iter().any(|&o| o != NIL) {
+            Self::publish(&sh, i);
+            drop(guard);
+            self.reap_suspects(due, me)?;
+            return self.acquire_latched(me, name, h, mode, wait, spin);
+        }
         if wait == Wait::No {
             Self::publish(&sh, i);
-            // Without shmlockd, a holder that died would fail every try_lock forever: when the
-            // lock was granted over a poll period ago, check its holders (at most once a poll
-            // period per process) and retry if one was dead and is now reaped.
-            static LAST_CHECK: AtomicU64 = AtomicU64::new(0);
-            let now = clock::now();
-            let stale = sh.epool().time(Idx(i)).is_ok_and(|t| now.since(t) >= wait::POLL)
-                && now.since(Nanos(LAST_CHECK.load(Relaxed))) >= wait::POLL;
-            if !stale {
-                return Err(Error::WouldBlock);
-            }
-            LAST_CHECK.store(now.0, Relaxed);
-            let suspects = Self::suspects(&sh, e, me);
-            drop(guard);
-            let mut reaped = false;
-            for o in suspects.into_iter().filter(|&o| o != NIL) {
-                reaped |= self.reap_if_dead(o, me.latch_id())?;
-            }
-            return if reaped {
-                self.acquire_latched(me, name, h, mode, wait, spin)
-            } else {
-                Err(Error::WouldBlock)
-            };
+            return Err(Error::WouldBlock);
         }
         if spin && e.mode.load(Relaxed) == Mode::Exclusive.to_u32() {
             // Held by one owner (the latch manages it: others wait, or it was pinned). Its
@@ -1203,20 +1224,21 @@ impl LockTable {
     pub(crate) fn release(&self, me: OwnerRef, g: &RawGrant) -> Result<()> {
         if g.hold == NIL {
             // A fast hold: one CAS back, unless the latch has taken the lock over meanwhile.
+            // The word's generation names this grant: every later grant, and any latched section
+            // that opened the word again, moved it on.
             if let Some(e) = self
                 .seg
                 .slice(self.r.entries)
                 .get((g.shard as usize) * self.geo.entries_per_shard as usize + g.entry as usize)
             {
-                if e.token.load(Relaxed) == g.token
-                    && e.lw
-                        .compare_exchange(
-                            lock_word(g.gen, me.idx + 1),
-                            lock_word(g.gen, 0),
-                            std::sync::atomic::Ordering::Release,
-                            Relaxed,
-                        )
-                        .is_ok()
+                if e.lw
+                    .compare_exchange(
+                        lock_word(g.gen, me.idx + 1),
+                        lock_word(g.gen, 0),
+                        std::sync::atomic::Ordering::Release,
+                        Relaxed,
+                    )
+                    .is_ok()
                 {
                     return Ok(());
                 }
@@ -1245,7 +1267,7 @@ impl LockTable {
             Mode::Exclusive => {
                 if e.mode.load(Relaxed) != Mode::Exclusive.to_u32()
                     || e.owner.load(Relaxed) != me.idx
-                    || e.token.load(Relaxed) != g.token
+                    || e.last_token() != g.token
                 {
                     return Err(Error::NotHeld);
                 }
@@ -1343,13 +1365,9 @@ impl LockTable {
         Self::pin(&sh, i)?;
         let e = sh.entry(i)?;
         let g = match Mode::from_u32(e.mode.load(Relaxed)) {
-            Some(Mode::Exclusive) if e.owner.load(Relaxed) == me.idx => Ok(RawGrant::existing(
-                sh.no,
-                i,
-                NIL,
-                e.token.load(Relaxed),
-                Mode::Exclusive,
-            )),
+            Some(Mode::Exclusive) if e.owner.load(Relaxed) == me.idx => {
+                Ok(RawGrant::existing(sh.no, i, NIL, e.last_token(), Mode::Exclusive))
+            }
             Some(Mode::Shared) => Self::readers(&sh, e)
                 .find(|(_, h)| h.owner.load(Relaxed) == me.idx)
                 .map(|(hi, hold)| RawGrant::existing(sh.no, i, hi, hold.token.load(Relaxed), Mode::Shared))

@@ -13,8 +13,10 @@
 //!   process to want the latch sees the same holder for [`LATCH_SLEEP`], finds it dead, takes
 //!   the latch over with one CAS, and [`repair`](LockTable::repair)s the shard before going on.
 //! - A dead owner's holds and waits are released by [`reap_if_dead`](LockTable::reap_if_dead):
-//!   by `shmlockd` as soon as the process's pidfd fires, or, without the daemon, by a waiter whose
-//!   holder has been silent for a poll period (and by `try_lock` on a lock granted long ago). The
+//!   by `shmlockd` as soon as the process's pidfd fires, or, without the daemon, by any caller
+//!   that finds the lock it wants kept from it by an owner nobody has checked for a
+//!   [`CHECK_PERIOD`] (a `try_lock` or a short timeout included; a sleeping waiter looks again
+//!   after each sleep of at most a poll period). The
 //!   owner record goes LIVE -> REAPING (under the owner latch, so one reaper wins) -> FREE; a
 //!   record stuck in REAPING because its reaper died too is taken over by the next reaper.
 //! - Every lock a dead owner held is released with the entry's OWNER_DIED flag set; the next
@@ -30,6 +32,11 @@ use crate::shm::sys::futex_wake;
 /// Latch ids with this bit name a process by pid (a process with no owner record, such as the
 /// CLI or a registering process); other ids are an owner index + 1.
 pub const PID_ID: u32 = 1 << 30;
+
+/// How often, at most, the processes that want a lock check together that an owner keeping it
+/// from them is alive (without `shmlockd`, this is how a dead holder is noticed). Half the
+/// waiters' poll period, so a waiter that sleeps a whole period finds the check due.
+pub(crate) const CHECK_PERIOD: std::time::Duration = std::time::Duration::from_millis(25);
 
 /// The latch id of this process, for latches taken without an owner record.
 pub fn pid_latch_id() -> u32 {
@@ -146,7 +153,7 @@ impl LockTable {
             ) && (hold.owner.load(Relaxed) as usize) < self.owners().len()
                 && match state {
                     HoldState::Held => mode == Some(Mode::Shared),
-                    HoldState::Granted => mode == Some(Mode::Exclusive),
+                    HoldState::Granted => mode == Some(Mode::Exclusive) || hold.flags.load(Relaxed) & FORCED != 0,
                     _ => mode.is_some(),
                 };
             if !valid {
@@ -171,7 +178,7 @@ impl LockTable {
             if ep.state(Idx(i as u32))? == EntryState::Free {
                 continue;
             }
-            token = token.max(e.token.load(Relaxed));
+            token = token.max(e.last_token());
             let owner = e.owner.load(Relaxed);
             if e.readers.load(Relaxed) > 0 {
                 e.mode.store(Mode::Shared.to_u32(), Relaxed);
@@ -187,17 +194,29 @@ impl LockTable {
         sh.hdr.token.store(token, Relaxed);
 
         // A handoff whose grantee has not picked it up must match the entry; else it waits again.
+        // (One forced out before its waiter came stays for the waiter: see `force_release`.)
         for h in granted {
             let hold = &holds[h as usize];
             let e = &entries[hold.entry.load(Relaxed) as usize];
+            if hold.flags.load(Relaxed) & FORCED != 0 {
+                continue;
+            }
             if e.mode.load(Relaxed) != Mode::Exclusive.to_u32() || e.owner.load(Relaxed) != hold.owner.load(Relaxed) {
                 hp.transition(Idx(h), HoldState::Granted, HoldState::Waiting, now)?;
                 hold.futex.store(WAIT, Relaxed);
                 Self::link_waiter(sh, e, h);
-            } else if hold.futex.load(Relaxed) != GRANTED {
-                // The handing process died between the grant and the wake-up: wake the grantee.
-                hold.futex.store(GRANTED, Ordering::Release);
-                futex_wake(&hold.futex, 1);
+            } else {
+                // The grant is recorded; a handing process that died before clearing the
+                // entry's notice had already stored it into the grant.
+                if e.died() {
+                    hold.flags.store(OWNER_DIED, Relaxed);
+                    e.set_died(false);
+                }
+                if hold.futex.load(Relaxed) != GRANTED {
+                    // The handing process died between the grant and the wake-up: wake it.
+                    hold.futex.store(GRANTED, Ordering::Release);
+                    futex_wake(&hold.futex, 1);
+                }
             }
         }
         // An exclusive owner that also waits on the same entry was being handed the lock when the
@@ -207,7 +226,10 @@ impl LockTable {
             let e = &entries[hold.entry.load(Relaxed) as usize];
             if e.mode.load(Relaxed) == Mode::Exclusive.to_u32() && e.owner.load(Relaxed) == hold.owner.load(Relaxed) {
                 Self::dequeue(sh, e, w);
-                hold.token.store(e.token.load(Relaxed), Relaxed);
+                hold.token.store(e.last_token(), Relaxed);
+                // The entry still carries the notice the handoff was passing on.
+                hold.flags.store(if e.died() { OWNER_DIED } else { 0 }, Relaxed);
+                e.set_died(false);
                 hp.transition(Idx(w), HoldState::Waiting, HoldState::Granted, now)?;
                 hold.futex.store(GRANTED, Ordering::Release);
                 futex_wake(&hold.futex, 1);
@@ -240,7 +262,7 @@ impl LockTable {
                         futex_wake(f, 1);
                     }
                 }
-                m if m == Mode::Shared.to_u32() && head_shared => self.grant_shared_run(sh, i, 0, now)?,
+                m if m == Mode::Shared.to_u32() && head_shared => self.grant_shared_run(sh, i, now)?,
                 _ => {}
             }
             Self::publish(sh, i);
@@ -248,7 +270,7 @@ impl LockTable {
         Ok(())
     }
 
-    /// Owners worth checking for death when a request on entry `i` has waited a poll period
+    /// Owners worth checking for death when a request on entry `e` cannot be granted
     /// (the latch is held): the exclusive holder, some shared holders, or, if the lock is free, the
     /// oldest waiter (a dead one woken to take the lock would block the queue). NIL pads.
     pub(super) fn suspects(sh: &Shard<'_>, e: &Entry, me: OwnerRef) -> [u32; 4] {
@@ -267,6 +289,27 @@ impl LockTable {
             }
         }
         out.map(|o| if o == me.idx { NIL } else { o })
+    }
+
+    /// The owners of [`suspects`](Self::suspects) that nobody has checked for a
+    /// [`CHECK_PERIOD`], each claimed for the caller to check (NIL for the rest).
+    pub(super) fn due_suspects(&self, sh: &Shard<'_>, e: &Entry, me: OwnerRef) -> [u32; 4] {
+        let now = clock::coarse().millis32();
+        let period = CHECK_PERIOD.as_millis() as u32;
+        Self::suspects(sh, e, me).map(|o| match self.owners().get(o as usize) {
+            Some(rec) if rec.claim_check(now, period) => o,
+            _ => NIL,
+        })
+    }
+
+    /// Reaps those of `owners` (NIL pads) whose processes are dead, latching as `me`. Returns
+    /// whether any was reaped.
+    pub(super) fn reap_suspects(&self, owners: [u32; 4], me: OwnerRef) -> Result<bool> {
+        let mut reaped = false;
+        for o in owners.into_iter().filter(|&o| o != NIL) {
+            reaped |= self.reap_if_dead(o, me.latch_id())?;
+        }
+        Ok(reaped)
     }
 
     /// Reaps owner `idx` if its process is dead: releases everything it holds (telling the next
@@ -308,6 +351,26 @@ impl LockTable {
             "reaped an owner whose process died"
         );
         Ok(true)
+    }
+
+    /// Finishes every reap left half done by a reaper that died (owner records in REAPING whose
+    /// reaper is gone). Costs one load when there are none. Returns how many were finished.
+    pub(crate) fn finish_abandoned_reaps(&self, as_id: u32) -> Result<usize> {
+        let pool = self.owner_pool();
+        if pool.count(OwnerState::Reaping) == 0 {
+            return Ok(0);
+        }
+        // Read without the latch: `reap_if_dead` looks again under it.
+        let stuck: Vec<u32> = pool
+            .iter(OwnerState::Reaping)
+            .map(|(i, _)| i.0)
+            .take(self.geo.owners as usize)
+            .collect();
+        let mut n = 0;
+        for idx in stuck {
+            n += usize::from(self.reap_if_dead(idx, as_id)?);
+        }
+        Ok(n)
     }
 
     /// Reaps every owner whose process is dead (a full scan). Returns how many were reaped.
@@ -364,7 +427,7 @@ impl LockTable {
                 let e = sh.entry(i)?;
                 if e.mode.load(Relaxed) == Mode::Exclusive.to_u32() && e.owner.load(Relaxed) == who {
                     mark(e);
-                    let g = RawGrant::existing(s, i, NIL, e.token.load(Relaxed), Mode::Exclusive);
+                    let g = RawGrant::existing(s, i, NIL, e.last_token(), Mode::Exclusive);
                     wakes.extend(self.release_locked(&sh, who_ref, &g)?);
                     touched.push(i);
                     n += 1;

@@ -185,13 +185,7 @@ fn snapshot(table: &LockTable) -> Vec<LockView> {
             } else {
                 (e.mode.load(Relaxed), e.owner.load(Relaxed))
             };
-            (
-                LockTable::name_of(&sh, i.0),
-                mode,
-                owner,
-                readers,
-                e.token.load(Relaxed),
-            )
+            (LockTable::name_of(&sh, i.0), mode, owner, readers, e.last_token())
         })
         .collect();
     out.sort();
@@ -552,4 +546,181 @@ fn ending_an_owner_with_an_uncollected_handoff_never_wipes_a_fast_hold() {
     assert_eq!(overlaps.load(Relaxed), 0, "two owners held x at once");
     assert_eq!(lost.load(Relaxed), 0, "a fast hold was wiped");
     assert!(table.check().is_empty(), "{:?}", table.check());
+}
+
+/// A fast grant's token is fixed by its CAS: a forced release that pins the word right after
+/// the CAS (before the holder has run one more instruction) leaves the forced-out holder a
+/// token below its successor's, and a CAS that read the word before any other grant or latched
+/// section fails instead of taking a token it did not see.
+#[test]
+fn a_fast_grant_forced_out_right_after_its_cas_keeps_the_lower_token() {
+    use super::{lw_val, Wait};
+    use std::sync::atomic::Ordering::Acquire;
+    let table = Arc::new(LockTable::anonymous(&tiny_caps()).unwrap());
+    let reg = |label: &[u8]| table.register(crate::owner::OwnerKind::Local, label).unwrap();
+    let (a, b) = (reg(b"a"), reg(b"b"));
+    table
+        .release(a, &table.acquire(a, b"x", Mode::Exclusive, Wait::No).unwrap())
+        .unwrap();
+    let sh = table.shard(0);
+    let i = table.lookup(&sh, crate::name::hash(table.seed, b"x"), b"x").unwrap();
+    let e = sh.entry(i).unwrap();
+    let w = e.lw.load(Acquire);
+    assert_eq!(lw_val(w), 0, "free and open to fast CASes");
+
+    // The CAS, as `try_fast` makes it; then, before anything else of a's runs, a forced release.
+    let by_a = table.fast_grant(&sh, e, i, w, a).expect("the word is free");
+    let forced = table.force_release(b"x").unwrap();
+    assert_eq!(forced.holders.len(), 1);
+    let by_b = table.acquire(b, b"x", Mode::Exclusive, Wait::No).unwrap();
+    assert!(by_b.owner_died, "b is told that a was forced out");
+    assert!(
+        by_b.token > by_a.token,
+        "successor {} after forced-out {}",
+        by_b.token,
+        by_a.token
+    );
+    assert!(matches!(table.release(a, &by_a), Err(Error::NotHeld)));
+    table.release(b, &by_b).unwrap();
+
+    // A word read before other grants came and went (latched or fast) no longer matches.
+    assert!(
+        table.fast_grant(&sh, e, i, w, a).is_none(),
+        "stale after a latched cycle"
+    );
+    let w2 = e.lw.load(Acquire);
+    table
+        .release(b, &table.acquire(b, b"x", Mode::Exclusive, Wait::No).unwrap())
+        .unwrap();
+    assert!(table.fast_grant(&sh, e, i, w2, a).is_none(), "stale after a fast cycle");
+    let last = table.acquire(a, b"x", Mode::Exclusive, Wait::No).unwrap();
+    assert!(last.token > by_b.token);
+    table.release(a, &last).unwrap();
+    assert!(table.check().is_empty(), "{:?}", table.check());
+}
+
+/// The pid of a process that has exited and been waited for.
+fn dead_pid() -> u32 {
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let pid = child.id();
+    child.wait().unwrap();
+    pid
+}
+
+/// Without shmlockd, a caller that finds a lock held by an owner nobody checked lately checks
+/// it at once, whatever its timeout: `try_lock` and a 1 ms `try_lock_for` get a dead holder's
+/// lock (with the notice) instead of giving up before the first poll period.
+#[test]
+fn a_dead_holder_is_reaped_by_callers_that_do_not_wait_a_poll_period() {
+    use super::{OwnerState, Wait};
+    use std::time::Duration;
+    for timeout in [None, Some(Duration::from_millis(1))] {
+        let table = Arc::new(LockTable::anonymous(&tiny_caps()).unwrap());
+        let dead = table.register(crate::owner::OwnerKind::Local, b"dead").unwrap();
+        let held = table.acquire(dead, b"x", Mode::Exclusive, Wait::No).unwrap();
+        // Its process exits holding the lock (an exited pid stands in for it).
+        table.owners()[dead.idx as usize].pid.store(dead_pid(), Relaxed);
+        let c = Client::with_table(table.clone(), "asker").unwrap();
+        let g = match timeout {
+            None => c.try_lock("x"),
+            Some(t) => c.try_lock_for("x", t),
+        }
+        .expect("the dead holder is reaped");
+        assert!(g.owner_died() && g.token().0 > held.token);
+        assert_eq!(
+            table.owner_pool().state(super::Idx(dead.idx)).unwrap(),
+            OwnerState::Free
+        );
+        drop(g);
+        assert!(table.check().is_empty(), "{:?}", table.check());
+    }
+}
+
+/// The liveness of an owner is checked at most once a check period, whoever asks.
+#[test]
+fn an_owner_is_checked_at_most_once_a_period() {
+    let o = crate::owner::Owner::default();
+    let period = super::reap::CHECK_PERIOD.as_millis() as u32;
+    let t = 1_000_000u32;
+    assert!(o.claim_check(t, period));
+    assert!(!o.claim_check(t, period) && !o.claim_check(t + period - 1, period));
+    assert!(o.claim_check(t + period, period));
+    // The stamp wraps with the clock's low 32 bits of milliseconds.
+    o.checked.store(u32::MAX - 1, Relaxed);
+    assert!(!o.claim_check(u32::MAX, period));
+    assert!(o.claim_check(period, period));
+}
+
+/// A grant handed to a waiter and forced out before the waiter came for it: the waiter gets
+/// the (forced-out) grant, never `Cancelled`, and the table stays consistent meanwhile.
+#[test]
+fn a_grant_forced_out_before_its_waiter_collects_it_is_not_a_cancellation() {
+    use super::{HoldState, Idx, Wait, GRANTED};
+    use std::time::Duration;
+    for mode in [Mode::Shared, Mode::Exclusive] {
+        let table = Arc::new(LockTable::anonymous(&tiny_caps()).unwrap());
+        let reg = |label: &[u8]| table.register(crate::owner::OwnerKind::Local, label).unwrap();
+        let (a, b, c) = (reg(b"a"), reg(b"b"), reg(b"c"));
+        let held = table.acquire(a, b"x", Mode::Exclusive, Wait::No).unwrap();
+        let sh = table.shard(0);
+        let (i, w) = {
+            let _l = table.lock_shard(&sh, crate::table::pid_latch_id());
+            let i = table.lookup(&sh, crate::name::hash(table.seed, b"x"), b"x").unwrap();
+            LockTable::pin(&sh, i).unwrap();
+            let w = table.enqueue(&sh, i, mode, b).unwrap();
+            LockTable::publish(&sh, i);
+            (i, w)
+        };
+        // b has waited past FAIR_AFTER (an exclusive waiter is handed the lock only then).
+        std::thread::sleep(super::FAIR_AFTER + Duration::from_millis(1));
+        table.release(a, &held).unwrap();
+        assert_eq!(sh.holds()[w.0 as usize].futex.load(Relaxed), GRANTED, "{mode:?}");
+        table.force_release(b"x").unwrap();
+        assert_eq!(sh.hpool().state(Idx(w.0)).unwrap(), HoldState::Granted);
+        assert!(table.check().is_empty(), "{mode:?}: {:?}", table.check());
+        // A repair meanwhile keeps it b's.
+        {
+            let _l = table.lock_shard(&sh, crate::table::pid_latch_id());
+            table.repair(&sh).unwrap();
+        }
+        let by_c = table
+            .acquire(c, b"x", mode, Wait::No)
+            .expect("the lock was forced free");
+        let deadline = crate::clock::now().plus(Duration::from_secs(5));
+        let by_b = table
+            .wait_for_grant(&sh, i, w, b, mode, Wait::Until(deadline))
+            .expect("b's request was granted, not cancelled");
+        assert!(by_b.token < by_c.token, "{mode:?}");
+        assert!(matches!(table.release(b, &by_b), Err(Error::NotHeld)), "{mode:?}");
+        table.release(c, &by_c).unwrap();
+        assert!(table.check().is_empty(), "{mode:?}: {:?}", table.check());
+        assert_eq!(table.stats().held, 0);
+    }
+}
+
+/// A reaper that died after releasing a dead owner's locks leaves the owner REAPING, and
+/// nothing it held is asked for: the next registration finishes the reap.
+#[test]
+fn an_abandoned_reap_is_finished_by_the_next_registration() {
+    use super::{Idx, OwnerState};
+    let table = Arc::new(LockTable::anonymous(&tiny_caps()).unwrap());
+    let dead = table.register(crate::owner::OwnerKind::Local, b"dead").unwrap();
+    let o = &table.owners()[dead.idx as usize];
+    o.pid.store(dead_pid(), Relaxed);
+    {
+        let _g = table.lock_owners();
+        table
+            .owner_pool()
+            .transition(
+                Idx(dead.idx),
+                OwnerState::Live,
+                OwnerState::Reaping,
+                crate::clock::now(),
+            )
+            .unwrap();
+        o.reaper.store(dead_pid(), Relaxed);
+    }
+    let _c = Client::with_table(table.clone(), "next").unwrap();
+    assert_eq!(table.owner_pool().count(OwnerState::Reaping), 0);
+    assert_eq!(table.owner_pool().state(Idx(dead.idx)).unwrap(), OwnerState::Free);
 }

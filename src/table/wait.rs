@@ -70,11 +70,14 @@ impl LockTable {
     /// Hands the free entry `i` to its oldest waiter (and, if that waiter wants shared mode, to
     /// the whole run of shared waiters behind it). Wakes shared grantees here; returns the
     /// exclusive grantee's futex for the caller to wake after dropping the latch.
+    ///
+    /// The entry's owner-died notice is cleared only once the grant that carries it is recorded
+    /// (the grantee's hold says GRANTED with the flag): a process killed anywhere before leaves
+    /// the notice on the entry, and repair, finishing the handoff, passes it on.
     pub(super) fn hand_off<'a>(&self, sh: &'a Shard<'_>, i: u32) -> Result<Option<&'a AtomicU32>> {
         let e = sh.entry(i)?;
         let now = clock::coarse();
         let died = if e.died() { OWNER_DIED } else { 0 };
-        e.set_died(false);
         let head = e.wait_head.load(R);
         let hold = sh.hold(head)?;
         sh.epool().touch(Idx(i), now)?;
@@ -82,7 +85,7 @@ impl LockTable {
             Self::dequeue(sh, e, head);
             crate::chaos::point();
             let token = sh.next_token(e);
-            e.token.store(token, R);
+            e.set_last_token(token);
             e.owner.store(hold.owner.load(R), R);
             e.stamp(now);
             e.mode.store(Mode::Exclusive.to_u32(), R);
@@ -91,19 +94,25 @@ impl LockTable {
             hold.flags.store(died, R);
             sh.hpool()
                 .transition(Idx(head), HoldState::Waiting, HoldState::Granted, now)?;
+            crate::chaos::point();
+            e.set_died(false);
             hold.futex.store(GRANTED, Ordering::Release);
             sh.bump(STAT_GRANTS);
             sh.bump(STAT_HANDOFFS);
             return Ok(Some(&hold.futex));
         }
-        self.grant_shared_run(sh, i, died, now)?;
+        self.grant_shared_run(sh, i, now)?;
         Ok(None)
     }
 
     /// Grants every shared waiter at the head of entry `i`'s queue (up to the first exclusive
-    /// one) and wakes each. The entry must be free or held shared.
-    pub(super) fn grant_shared_run(&self, sh: &Shard<'_>, i: u32, died: u32, now: Nanos) -> Result<()> {
+    /// one) and wakes each, telling each of the entry's owner-died notice, which is cleared once
+    /// the whole run is granted (so a process killed half way leaves it for the rest, whom
+    /// repair grants). The entry must be free or held shared.
+    pub(super) fn grant_shared_run(&self, sh: &Shard<'_>, i: u32, now: Nanos) -> Result<()> {
         let e = sh.entry(i)?;
+        let died = if e.died() { OWNER_DIED } else { 0 };
+        let mut granted = false;
         let mut cur = e.wait_head.load(R);
         while let Some(h) = sh.holds().get(cur as usize) {
             if h.mode.load(R) != Mode::Shared.to_u32() {
@@ -117,14 +126,19 @@ impl LockTable {
                 .transition(Idx(cur), HoldState::Waiting, HoldState::Held, now)?;
             Self::add_reader(sh, e, cur);
             let token = sh.next_token(e);
-            e.token.store(token, R);
+            e.set_last_token(token);
             h.token.store(token, R);
             h.flags.store(died, R);
             h.futex.store(GRANTED, Ordering::Release);
             futex_wake(&h.futex, 1);
             sh.bump(STAT_GRANTS);
             sh.bump(STAT_HANDOFFS);
+            granted = true;
             cur = next;
+        }
+        if granted && died != 0 {
+            crate::chaos::point();
+            e.set_died(false);
         }
         Ok(())
     }
@@ -141,7 +155,7 @@ impl LockTable {
             .transition(Idx(w), HoldState::Waiting, HoldState::Free, clock::coarse())?;
         if e.mode.load(R) == Mode::Shared.to_u32() {
             // Readers hold it: shared requests that queued behind the one leaving may join now.
-            self.grant_shared_run(sh, i, 0, clock::coarse())?;
+            self.grant_shared_run(sh, i, clock::coarse())?;
             return Ok(None);
         }
         if e.mode.load(R) != MODE_NONE {
@@ -179,7 +193,6 @@ impl LockTable {
     ) -> Result<RawGrant> {
         let hold = sh.hold(w)?;
         let started = sh.hpool().time(Idx(w))?;
-        let mut checked = started;
         // Whether this wake-up already watched the holder (see the WOKEN arms below).
         let mut spun = false;
         loop {
@@ -214,9 +227,15 @@ impl LockTable {
                         mode,
                         gen: lw_gen(e.lw.load(R)),
                     };
-                    if mode == Mode::Exclusive {
-                        sh.hpool()
-                            .transition(Idx(w), HoldState::Granted, HoldState::Free, clock::coarse())?;
+                    match (mode, sh.hpool().state(Idx(w))?) {
+                        // A shared grant stays the reader's hold; marked collected (futex WAIT),
+                        // so a forced release tells it from one handed over and not yet taken.
+                        (Mode::Shared, HoldState::Held) => hold.futex.store(WAIT, R),
+                        // An exclusive handoff, or a shared grant forced out before we came
+                        // (see `force_release`): the record has served its purpose.
+                        _ => sh
+                            .hpool()
+                            .transition(Idx(w), HoldState::Granted, HoldState::Free, clock::coarse())?,
                     }
                     return Ok(g);
                 }
@@ -263,19 +282,11 @@ impl LockTable {
                     holder,
                 });
             }
-            // Without shmlockd nobody else may notice that the holder died: every poll period,
-            // check the owners this request waits on, and reap the dead.
-            let now = clock::now();
-            let suspects = if now.since(checked) >= POLL {
-                checked = now;
-                Self::suspects(sh, e, me)
-            } else {
-                [NIL; 4]
-            };
+            // Without shmlockd nobody else may notice that the holder died: check the owners
+            // this request waits on that nobody has checked lately, and reap the dead.
+            let due = self.due_suspects(sh, e, me);
             drop(guard);
-            for o in suspects.into_iter().filter(|&o| o != NIL) {
-                self.reap_if_dead(o, me.latch_id())?;
-            }
+            self.reap_suspects(due, me)?;
         }
     }
 }
