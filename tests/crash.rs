@@ -24,6 +24,7 @@ fn child_process() {
         "waiter" => role_waiter(&ctx),
         "worker" => role_worker(&ctx),
         "registrar" => role_registrar(&ctx),
+        "reaper" => role_reaper(&ctx),
         other => panic!("unknown role {other:?}"),
     }
 }
@@ -59,6 +60,21 @@ fn role_registrar(ctx: &ChildCtx) {
     signal(&ctx.path(&format!("registered-{}", ctx.param::<u32>("k"))), "");
     await_file(&ctx.path("done"));
     drop(client);
+}
+
+/// Arms the chaos point `chaos`, then asks for `name` twice with a 300 ms timeout (reaping the
+/// dead holder it finds, as any caller without shmlockd does); exits normally if it lives.
+fn role_reaper(ctx: &ChildCtx) {
+    let name: String = ctx.param("name");
+    let client = ctx.client("reaper");
+    shmlock::chaos::kill_after(ctx.param("chaos"));
+    for _ in 0..2 {
+        match client.try_lock_for(&name, Duration::from_millis(300)) {
+            Ok(g) => drop(g),
+            Err(Error::TimedOut { .. }) => {}
+            Err(e) => panic!("reaper: {e}"),
+        }
+    }
 }
 
 /// Names the chaos workers lock.
@@ -483,4 +499,47 @@ fn processes_registering_at_once_into_a_pool_of_dead_owners_all_get_in() {
     }
     assert_eq!(env.table.stats().held, 0, "the dead holders' locks were released");
     env.assert_quiet();
+}
+
+/// The owner-died notice survives a reaper killed at any point of the handoff it makes: H holds
+/// `x` and is killed; W queues for `x` and is stopped (so it cannot reap H itself); R, armed to
+/// kill itself at its N-th chaos point, finds H dead, reaps it and hands `x` to W. W, resumed,
+/// must be told that its predecessor died, for every N, until N passes every chaos point R
+/// reaches (then R lives).
+#[test]
+fn the_owner_died_notice_survives_a_reaper_killed_at_every_chaos_point() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    use std::os::unix::process::ExitStatusExt;
+    let mut killed = 0;
+    for n in 1u32.. {
+        assert!(n < 500, "the reaper never lived through its chaos points");
+        let env = TestEnv::new("notice-chaos");
+        let h = hold(&env, "x", "exclusive", "h-ready");
+        let w = env.spawn("waiter", &[("name", &"x")]);
+        env.wait_for("W to queue for x", |t| {
+            t.lock_info(b"x").ok().flatten().is_some_and(|l| l.waiters.len() == 1)
+        });
+        let wpid = Pid::from_raw(env.pid(w) as i32);
+        kill(wpid, Signal::SIGSTOP).expect("SIGSTOP");
+        env.kill(h);
+        let r = env.spawn("reaper", &[("name", &"x"), ("chaos", &n)]);
+        let status = env.wait(r);
+        kill(wpid, Signal::SIGCONT).expect("SIGCONT");
+        let got = await_file(&env.path("got"));
+        assert_eq!(
+            got.split(' ').nth(1),
+            Some("true"),
+            "N={n} (reaper {status:?}): W got {got:?}, not told that H died"
+        );
+        env.wait_success(w);
+        assert!(env.table.check().is_empty(), "N={n}: {:?}", env.table.check());
+        if status.signal() != Some(libc::SIGKILL) {
+            assert!(status.success(), "N={n}: the reaper failed: {status:?}");
+            break;
+        }
+        killed += 1;
+    }
+    eprintln!("the reaper was killed at each of its first {killed} chaos points");
+    assert!(killed >= 5, "the walk reached only {killed} chaos points");
 }
