@@ -16,7 +16,8 @@
 //!   by `shmlockd` as soon as the process's pidfd fires, or, without the daemon, by any caller
 //!   that finds the lock it wants kept from it by an owner nobody has checked for a
 //!   [`CHECK_PERIOD`] (a `try_lock` or a short timeout included; a sleeping waiter looks again
-//!   after each sleep of at most a poll period). The
+//!   after each sleep, of at most 30 ms while no supervisor has claimed the segment, and at once
+//!   after a reap, so a chain of dead waiters handed the lock in turn costs no sleeps). The
 //!   owner record goes LIVE -> REAPING (under the owner latch, so one reaper wins) -> FREE; a
 //!   record stuck in REAPING because its reaper died too is taken over by the next reaper.
 //! - Every lock a dead owner held is released with the entry's OWNER_DIED flag set; the next
@@ -34,8 +35,8 @@ use crate::shm::sys::futex_wake;
 pub const PID_ID: u32 = 1 << 30;
 
 /// How often, at most, the processes that want a lock check together that an owner keeping it
-/// from them is alive (without `shmlockd`, this is how a dead holder is noticed). Half the
-/// waiters' poll period, so a waiter that sleeps a whole period finds the check due.
+/// from them is alive (without `shmlockd`, this is how a dead holder is noticed). Shorter than
+/// the waiters' sleeps, so a waiter that sleeps a whole sleep finds the check due.
 pub(crate) const CHECK_PERIOD: std::time::Duration = std::time::Duration::from_millis(25);
 
 /// The latch id of this process, for latches taken without an owner record.

@@ -21,6 +21,11 @@ const R: Ordering = Ordering::Relaxed;
 /// Longest single sleep of a waiter before it re-examines its request.
 pub(crate) const POLL: Duration = Duration::from_millis(50);
 
+/// Longest single sleep of a waiter when no supervisor watches the segment: a little over
+/// [`CHECK_PERIOD`](super::reap::CHECK_PERIOD), so that a waiter finds its holder's check due
+/// after every sleep (the coarse clock that stamps checks moves in steps of a few ms).
+pub(crate) const UNSUPERVISED_POLL: Duration = Duration::from_millis(30);
+
 impl LockTable {
     /// Appends a WAITING request of `me` for entry `i`; returns its Hold index and generation.
     pub(super) fn enqueue(&self, sh: &Shard<'_>, i: u32, mode: Mode, me: OwnerRef) -> Result<(u32, u32)> {
@@ -195,13 +200,18 @@ impl LockTable {
         let started = sh.hpool().time(Idx(w))?;
         // Whether this wake-up already watched the holder (see the WOKEN arms below).
         let mut spun = false;
+        // Whether the last pass reaped someone: then look again at once, since the lock may be
+        // ours now, or handed to a waiter that died too (each of a chain of dead owners would
+        // otherwise cost a sleep).
+        let mut reaped = false;
         loop {
             let now = clock::now();
             let expired = matches!(wait, Wait::Until(d) if now >= d);
-            if !expired && hold.futex.load(Ordering::Acquire) == WAIT {
+            if !expired && !reaped && hold.futex.load(Ordering::Acquire) == WAIT {
+                let poll = self.poll_period();
                 let sleep = match wait {
-                    Wait::Until(d) => Duration::from_nanos(d.0 - now.0).min(POLL),
-                    _ => POLL,
+                    Wait::Until(d) => Duration::from_nanos(d.0 - now.0).min(poll),
+                    _ => poll,
                 };
                 futex_wait(&hold.futex, WAIT, Some(sleep));
             }
@@ -286,7 +296,20 @@ impl LockTable {
             // this request waits on that nobody has checked lately, and reap the dead.
             let due = self.due_suspects(sh, e, me);
             drop(guard);
-            self.reap_suspects(due, me)?;
+            reaped = self.reap_suspects(due, me)?;
+        }
+    }
+
+    /// How long a waiter sleeps before it looks at its request again: [`POLL`] while a
+    /// supervisor has claimed the segment (it reaps dead holders itself, at once), else
+    /// [`UNSUPERVISED_POLL`], so that without shmlockd a dead holder is found by its waiters
+    /// within about 30 ms (the checks themselves stay at most one per period per owner, whoever
+    /// makes them: see `Owner::claim_check`).
+    fn poll_period(&self) -> Duration {
+        if self.table_hdr().supervisor_pid.load(R) != 0 {
+            POLL
+        } else {
+            UNSUPERVISED_POLL
         }
     }
 }
