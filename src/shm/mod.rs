@@ -833,6 +833,104 @@ mod tests {
     }
 
     #[test]
+    fn owners_parse_from_names_and_uids() {
+        assert_eq!(SegmentOwner::parse("", "k").unwrap(), SegmentOwner::MeOrRoot);
+        assert_eq!(SegmentOwner::parse("root", "k").unwrap(), SegmentOwner::Uid(0));
+        assert_eq!(SegmentOwner::parse(" 4242 ", "k").unwrap(), SegmentOwner::Uid(4242));
+        match SegmentOwner::parse("no-such-user-x", "owner") {
+            Err(Error::Config { key: "owner", why }) => assert!(why.contains("no user named"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(SegmentOwner::MeOrRoot.accepts(0));
+        assert!(SegmentOwner::MeOrRoot.accepts(geteuid().as_raw()));
+        assert!(
+            !SegmentOwner::Uid(7).accepts(0),
+            "a configured owner is the only one accepted"
+        );
+        assert_eq!(SegmentOwner::Uid(0).describe(), "root (uid 0)");
+    }
+
+    #[test]
+    fn a_segment_created_for_another_owner_is_given_to_it() {
+        if !geteuid().is_root() {
+            eprintln!("shm tests: not root: cannot create a segment for another uid; checking the refusal only");
+            let e = Segment::create(
+                &unique("chown"),
+                &[RegionSpec::of::<AtomicU64>(1)],
+                &[0; PARAMS],
+                0o600,
+                SegmentOwner::Uid(geteuid().as_raw() + 1),
+                |_| Ok(()),
+            )
+            .unwrap_err();
+            assert!(matches!(e, Error::Io { op, .. } if op.starts_with("fchown")), "{e}");
+            return;
+        }
+        let name = unique("chown");
+        let seg = Segment::create(
+            &name,
+            &[RegionSpec::of::<AtomicU64>(1)],
+            &[0; PARAMS],
+            0o600,
+            SegmentOwner::Uid(65534),
+            |_| Ok(()),
+        )
+        .unwrap();
+        let uid = std::fs::metadata(shm_path(&name)).unwrap().uid();
+        let refused = Segment::open_as(&name, SegmentOwner::MeOrRoot).map(|_| ());
+        let accepted = Segment::open_as(&name, SegmentOwner::Uid(65534)).map(|_| ());
+        Segment::unlink(&name).unwrap();
+        drop(seg);
+        assert_eq!(uid, 65534);
+        assert!(
+            matches!(refused, Err(Error::SegmentWrongOwner { uid: 65534, .. })),
+            "{refused:?}"
+        );
+        accepted.unwrap();
+    }
+
+    #[test]
+    fn a_retired_segment_is_refused_and_unlink_self_removes_only_itself() {
+        let name = unique("retired");
+        let seg = Segment::create(
+            &name,
+            &[RegionSpec::of::<AtomicU64>(1)],
+            &[0; PARAMS],
+            0o600,
+            SegmentOwner::MeOrRoot,
+            |_| Ok(()),
+        )
+        .unwrap();
+        // Another file put under the name since: left alone.
+        Segment::unlink(&name).unwrap();
+        std::fs::write(shm_path(&name), b"someone else's").unwrap();
+        assert!(seg.unlink_self().is_err());
+        assert!(shm_path(&name).exists());
+        std::fs::remove_file(shm_path(&name)).unwrap();
+        drop(seg);
+
+        let seg = Segment::create(
+            &name,
+            &[RegionSpec::of::<AtomicU64>(1)],
+            &[0; PARAMS],
+            0o600,
+            SegmentOwner::MeOrRoot,
+            |_| Ok(()),
+        )
+        .unwrap();
+        assert_eq!(seg.retired_by(), None);
+        seg.retire();
+        assert_eq!(seg.retired_by(), Some(std::process::id()));
+        let e = Segment::open(&name).unwrap_err();
+        assert!(
+            matches!(e, Error::SegmentRemoved { pid, .. } if pid == std::process::id()),
+            "{e}"
+        );
+        seg.unlink_self().unwrap();
+        assert!(!shm_path(&name).exists());
+    }
+
+    #[test]
     fn bad_names_are_refused() {
         for n in ["noslash", "/", "/a/b", ""] {
             assert!(matches!(Segment::open(n), Err(Error::SegmentNameInvalid { .. })), "{n}");
