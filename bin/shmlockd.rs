@@ -5,9 +5,15 @@
 //! same segment refuses to start and names the pid that runs), reaps the owners of processes that
 //! die (watching each through a pidfd), and runs the TCP gateway for remote clients (on
 //! 127.0.0.1:7411 unless configured otherwise; `--no-gateway` turns it off), until SIGINT or
-//! SIGTERM. On exit it leaves the segment for local users unless `--remove-on-exit` is given.
+//! SIGTERM. On exit it leaves the segment for local users unless `--remove-on-exit` is given,
+//! and even then while live processes still use it.
 //!
-//! Exit status: 0 after a clean shutdown, 2 on any error (printed as `shmlockd: ...`).
+//! It adopts only a segment whose file is owned as `--segment-owner` / `$SHMLOCK_SEGMENT_OWNER` /
+//! `[segment] owner` say (by default its own user or root), is no symbolic link, has one link,
+//! and has no permission bit beyond the configured `mode`.
+//!
+//! Exit status: 0 after a clean shutdown, 2 on any error (printed as `shmlockd: ...`), 3 after a
+//! clean shutdown in which `--remove-on-exit` left the segment because live processes use it.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -21,11 +27,14 @@ use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
 use serde::Deserialize;
 use shmlock::gateway::{self, Gateway, GatewaySection};
-use shmlock::shm::{DEFAULT_SEGMENT, SEGMENT_ENV};
+use shmlock::shm::{SegmentOwner, DEFAULT_SEGMENT, SEGMENT_ENV, SEGMENT_OWNER_ENV};
 use shmlock::supervisor::Reaper;
 use shmlock::table::pid_latch_id;
 use shmlock::{Capacities, Error, LockTable, Segment};
 use tracing::{error, info, warn};
+
+/// Exit status when `--remove-on-exit` left the segment in place because it is in use.
+const EXIT_LEFT_IN_USE: u8 = 3;
 
 /// Longest wait of one reaper round: bounds how late a new owner is watched and how late a
 /// shutdown is noticed (a watched process's death is seen at once).
@@ -56,9 +65,14 @@ struct Args {
     /// Number of shards, a power of two; 0 = automatic (overrides the config).
     #[arg(long, value_name = "N")]
     shards: Option<u32>,
-    /// Remove the segment on exit (by default it stays for local users).
+    /// Remove the segment on exit (by default it stays for local users); refused, with exit
+    /// status 3, while live processes other than shmlockd have owners in it.
     #[arg(long)]
     remove_on_exit: bool,
+    /// User name or uid that must own the segment's file [default: $SHMLOCK_SEGMENT_OWNER, then
+    /// `[segment] owner`, then shmlockd's own user or root]; a segment it creates is given to it.
+    #[arg(long, value_name = "USER")]
+    segment_owner: Option<String>,
     /// Gateway address HOST:PORT (overrides `[gateway] listen`).
     #[arg(long, value_name = "ADDR", conflicts_with = "no_gateway")]
     listen: Option<String>,
@@ -140,6 +154,11 @@ fn capacities(args: &Args, mut caps: Capacities) -> Result<Capacities> {
             *field = v;
         }
     }
+    match (&args.segment_owner, std::env::var(SEGMENT_OWNER_ENV)) {
+        (Some(o), _) => caps.owner = SegmentOwner::parse(o, "--segment-owner")?,
+        (None, Ok(o)) if !o.is_empty() => caps.owner = SegmentOwner::parse(&o, SEGMENT_OWNER_ENV)?,
+        _ => {}
+    }
     caps.validate()?;
     Ok(caps)
 }
@@ -165,11 +184,20 @@ fn mib(bytes: usize) -> f64 {
 /// Opens segment `name` if it exists (same layout version), else creates it with `caps`.
 /// Returns the table and whether it was created.
 fn create_or_adopt(name: &str, caps: &Capacities) -> Result<(LockTable, bool)> {
-    let opened = match LockTable::open(name) {
+    let opened = match LockTable::adopt(name, caps) {
+        // Retired by a supervisor killed before it could unlink it: it took no owner since.
+        Err(Error::SegmentRemoved { pid, .. }) => {
+            warn!(segment = %name, pid, "removing a segment retired by a supervisor that did not finish");
+            Segment::unlink(name).with_context(|| format!("cannot remove retired segment {name}"))?;
+            Err(Error::SegmentMissing { name: name.into() })
+        }
+        other => other,
+    };
+    let opened = match opened {
         Err(Error::SegmentMissing { .. }) => match LockTable::create(name, caps) {
             Ok(t) => return Ok((t, true)),
             // Another process created it between our open and our create.
-            Err(Error::SegmentExists { .. }) => LockTable::open(name),
+            Err(Error::SegmentExists { .. }) => LockTable::adopt(name, caps),
             Err(e) => return Err(anyhow!(e).context(format!("cannot create segment {name}"))),
         },
         other => other,
@@ -201,7 +229,7 @@ fn start_gateway(args: &Args, section: &GatewaySection, table: &Arc<LockTable>) 
     Ok(Some(gw))
 }
 
-fn run(args: Args) -> Result<()> {
+fn run(args: Args) -> Result<ExitCode> {
     init_logging(args.log_level.as_deref())?;
     let config = match &args.config {
         Some(path) => Config::load(path)?,
@@ -283,21 +311,25 @@ fn run(args: Args) -> Result<()> {
     drop(gateway);
     stop.store(true, Ordering::Relaxed);
     let _ = reaper.join();
+    let removed = args.remove_on_exit.then(|| table.remove_if_unused());
     table.release_supervisor();
     drop(table);
-    if args.remove_on_exit {
-        Segment::unlink(&name).with_context(|| format!("cannot remove segment {name}"))?;
-        info!(segment = %name, "removed segment");
-    } else {
-        info!(segment = %name, "left segment in place for local users");
+    match removed {
+        None => info!(segment = %name, "left segment in place for local users"),
+        Some(Ok(())) => info!(segment = %name, "removed segment"),
+        Some(Err(e @ Error::SegmentInUse { .. })) => {
+            eprintln!("shmlockd: --remove-on-exit: {e}");
+            return Ok(ExitCode::from(EXIT_LEFT_IN_USE));
+        }
+        Some(Err(e)) => return Err(anyhow!(e).context(format!("cannot remove segment {name}"))),
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
     match run(args) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("shmlockd: {e:#}");
             ExitCode::from(2)
@@ -351,6 +383,23 @@ mod tests {
         assert!(e.contains("gatewya"), "{e}");
         let e = format!("{:#}", Config::parse("[segment]\nname = 5\n").unwrap_err());
         assert!(e.contains("name"), "{e}");
+    }
+
+    #[test]
+    fn segment_owner_from_the_file_and_the_flag() {
+        assert_eq!(Config::parse("").unwrap().caps.owner, SegmentOwner::MeOrRoot);
+        let c = Config::parse("[segment]\nowner = \"root\"\n").unwrap();
+        assert_eq!(c.caps.owner, SegmentOwner::Uid(0));
+        let c = Config::parse("[segment]\nowner = 65534\n").unwrap();
+        assert_eq!(c.caps.owner, SegmentOwner::Uid(65534));
+        let e = format!(
+            "{:#}",
+            Config::parse("[segment]\nowner = \"no-such-user-x\"\n").unwrap_err()
+        );
+        assert!(e.contains("no user named \"no-such-user-x\""), "{e}");
+        let args = Args::parse_from(["shmlockd", "--segment-owner", "1234"]);
+        let caps = capacities(&args, c.caps).unwrap();
+        assert_eq!(caps.owner, SegmentOwner::Uid(1234), "the flag overrides the file");
     }
 
     #[test]

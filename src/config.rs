@@ -7,6 +7,7 @@
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::shm::SegmentOwner;
 
 /// What a segment is sized for. All pools are fixed at creation.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -24,6 +25,9 @@ pub struct Capacities {
     pub shards: u32,
     /// Permission bits of the segment object.
     pub mode: u32,
+    /// Who must own the segment's file (`[segment] owner`): a user name or uid; `""` (the
+    /// default) is the process's own user or root. See [`SegmentOwner`].
+    pub owner: SegmentOwner,
 }
 
 impl Default for Capacities {
@@ -35,6 +39,7 @@ impl Default for Capacities {
             max_name_len: 64,
             shards: 0,
             mode: 0o600,
+            owner: SegmentOwner::MeOrRoot,
         }
     }
 }

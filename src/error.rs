@@ -130,6 +130,92 @@ pub enum Error {
         /// The segment name.
         name: String,
     },
+    /// The segment's file belongs to a user this process does not accept (see
+    /// [`SegmentOwner`](crate::shm::SegmentOwner)): whoever owns it can rewrite the table,
+    /// release others' locks, or remove it.
+    #[error(
+        "segment {name} (/dev/shm{name}) is owned by {owner}, expected {expected}: refusing it \
+         (if that owner is trusted, name it with --segment-owner or $SHMLOCK_SEGMENT_OWNER; \
+         otherwise remove the file)"
+    )]
+    SegmentWrongOwner {
+        /// The segment name.
+        name: String,
+        /// The owner's uid.
+        uid: u32,
+        /// The owner, as `name (uid N)`.
+        owner: String,
+        /// Who was expected, as `name (uid N)` or two of them joined by `or`.
+        expected: String,
+    },
+    /// The segment's name in /dev/shm is a symbolic link, which is never followed.
+    #[error(
+        "segment {name} (/dev/shm{name}) is a symbolic link{}: refusing to follow it",
+        target.as_ref().map(|t| format!(" to {t}")).unwrap_or_default()
+    )]
+    SegmentSymlink {
+        /// The segment name.
+        name: String,
+        /// Where it points, if readable.
+        target: Option<String>,
+    },
+    /// The segment's name in /dev/shm is not a regular file (a directory, a FIFO, ...).
+    #[error("segment {name} (/dev/shm{name}) is {kind}, not a regular file: refusing it")]
+    SegmentNotRegular {
+        /// The segment name.
+        name: String,
+        /// What it is instead, e.g. "a directory".
+        kind: &'static str,
+    },
+    /// The segment's file has more than one name (a hard link made to it, or by it).
+    #[error(
+        "segment {name} (/dev/shm{name}) has {links} hard links; a segment has exactly one: \
+         refusing it"
+    )]
+    SegmentLinked {
+        /// The segment name.
+        name: String,
+        /// The link count found.
+        links: u64,
+    },
+    /// `shmlockd` adopting a segment whose permissions are wider than it is configured with.
+    #[error(
+        "segment {name} (/dev/shm{name}) has mode {found:#o}, wider than the configured mode \
+         {allowed:#o}: refusing to adopt it (narrow it with chmod, or configure its mode)"
+    )]
+    SegmentModeTooWide {
+        /// The segment name.
+        name: String,
+        /// The file's permission bits.
+        found: u32,
+        /// The configured mode.
+        allowed: u32,
+    },
+    /// `--remove-on-exit`: live processes other than the supervisor still have owners in the
+    /// segment, so it is left in place.
+    #[error(
+        "segment {name} is still used by pid {}: not removing it (its users would go on with a \
+         table that nobody else can open)",
+        pids.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+    )]
+    SegmentInUse {
+        /// The segment name.
+        name: String,
+        /// The processes that still have owner records in it.
+        pids: Vec<u32>,
+    },
+    /// The segment was retired by its supervisor (`shmlockd --remove-on-exit`) and is being
+    /// removed: it takes no new owners.
+    #[error(
+        "segment {name} was retired by shmlockd pid {pid} (--remove-on-exit) and takes no new \
+         users: open it again once shmlockd has restarted"
+    )]
+    SegmentRemoved {
+        /// The segment name.
+        name: String,
+        /// The supervisor that retired it.
+        pid: u32,
+    },
     /// Something in the segment contradicts its invariants.
     #[error("segment corrupt: {what}")]
     Corrupt {

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
+use crate::config::Capacities;
 use crate::error::{Error, Result};
 use crate::owner::ProcessId;
 use crate::shm::sys::{futex_wait, pidfd_open};
@@ -43,6 +44,59 @@ impl LockTable {
         hdr.supervisor_start.store(me.start_time, Relaxed);
         hdr.supervisor_pid.store(me.pid, Relaxed);
         Ok(())
+    }
+
+    /// Opens segment `name` for a supervisor to adopt: owned as `caps.owner` requires (see
+    /// [`LockTable::open_as`]) and with no permission bit beyond `caps.mode`
+    /// ([`Error::SegmentModeTooWide`]): a segment anyone may write is not one to supervise on
+    /// a configuration that says otherwise.
+    pub fn adopt(name: &str, caps: &Capacities) -> Result<LockTable> {
+        let table = LockTable::open_as(name, caps.owner)?;
+        if let Some(found) = table.segment().file_mode()? {
+            if found & !caps.mode != 0 {
+                return Err(Error::SegmentModeTooWide {
+                    name: name.to_string(),
+                    found,
+                    allowed: caps.mode,
+                });
+            }
+        }
+        Ok(table)
+    }
+
+    /// Removes the segment's name from /dev/shm if no live process but this one has an owner
+    /// record in it (`shmlockd --remove-on-exit`); otherwise leaves it and returns
+    /// [`Error::SegmentInUse`] naming those processes.
+    ///
+    /// Owners of dead processes are reaped first: they are no users. The check, the retirement
+    /// ([`Segment::retire`](crate::shm::Segment::retire)) and the unlink happen under the owner
+    /// latch, which every registration also takes, and a registration refuses a retired segment
+    /// ([`Error::SegmentRemoved`]). So every registration either happened before the check (it is
+    /// seen, and the segment stays) or is refused: no process can go on locking in a segment
+    /// whose name is gone while the next one locks in a new segment of the same name. A process
+    /// that opened the segment before and registers after gets `SegmentRemoved` and may open the
+    /// name again. Processes that only read it (`shmlock status`) have no owner and keep a
+    /// mapping of the removed segment until they drop it.
+    pub fn remove_if_unused(&self) -> Result<()> {
+        let me = std::process::id();
+        self.reap_dead(pid_latch_id())?;
+        let _g = self.lock_owners();
+        let mut pids: Vec<u32> = self
+            .live_owners()
+            .map(|o| o.process())
+            .filter(|p| p.pid != me && p.is_alive())
+            .map(|p| p.pid)
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        if !pids.is_empty() {
+            return Err(Error::SegmentInUse {
+                name: self.segment().name().to_string(),
+                pids,
+            });
+        }
+        self.segment().retire();
+        self.segment().unlink_self()
     }
 
     /// Gives up this process's supervisor claim (if it holds it).

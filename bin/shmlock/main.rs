@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
 use clap::{Args, Parser, Subcommand};
-use shmlock::shm::default_segment_name;
+use shmlock::shm::{default_segment_name, SegmentOwner};
 use shmlock::{Error, LockTable};
 
 use remote::RemoteArgs;
@@ -54,6 +54,10 @@ struct Cli {
     /// Segment name, e.g. /shmlock [default: $SHMLOCK_SEGMENT, then /shmlock].
     #[arg(long, global = true, value_name = "NAME")]
     segment: Option<String>,
+    /// User name or uid that must own the segment's file [default: $SHMLOCK_SEGMENT_OWNER, then
+    /// your own user or root].
+    #[arg(long, global = true, value_name = "USER")]
+    segment_owner: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -200,9 +204,14 @@ fn open_error(segment: &str, e: Error) -> anyhow::Error {
     }
 }
 
-/// Opens `segment`, explaining failures.
-fn open(segment: &str) -> Result<Arc<LockTable>> {
-    LockTable::open(segment)
+/// Opens `segment` if its file is owned as `owner` (`--segment-owner`) or else
+/// `$SHMLOCK_SEGMENT_OWNER` says, explaining failures.
+fn open(segment: &str, owner: Option<&str>) -> Result<Arc<LockTable>> {
+    let owner = match owner {
+        Some(o) => SegmentOwner::parse(o, "--segment-owner")?,
+        None => SegmentOwner::from_env()?,
+    };
+    LockTable::open_as(segment, owner)
         .map(Arc::new)
         .map_err(|e| open_error(segment, e))
 }
@@ -368,8 +377,11 @@ fn check(table: &Arc<LockTable>, out: &mut impl Write) -> Result<ExitCode> {
 
 /// `--remote` given to `status`, `locks` or `run`: through the gateway at `addr`.
 fn run_remote(cli: Cli, addr: &str) -> Result<ExitCode> {
-    if cli.segment.is_some() {
-        bail!("--segment and --remote exclude each other: through a gateway, the segment is shmlockd's");
+    if cli.segment.is_some() || cli.segment_owner.is_some() {
+        bail!(
+            "--segment and --remote exclude each other (--segment-owner and --remote too): through a \
+             gateway, the segment is shmlockd's"
+        );
     }
     let mut out = std::io::stdout().lock();
     let code = match &cli.command {
@@ -403,7 +415,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         return run_remote(cli, &addr);
     }
     let segment = cli.segment.unwrap_or_else(default_segment_name);
-    let table = open(&segment)?;
+    let table = open(&segment, cli.segment_owner.as_deref())?;
     let mut out = std::io::stdout().lock();
     let code = match cli.command {
         Command::Status { json, .. } => status(&table, json, &mut out),

@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64};
 /// "SHMLOCK1" read as a little-endian u64.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"SHMLOCK1");
 
-/// Bumped on any change to any shared struct or to the meaning of a param.
-pub const LAYOUT_VERSION: u32 = 3;
+/// Bumped on any change to any shared struct or to the meaning of a param (4: `Header::retired`).
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Most regions a segment can describe.
 pub const MAX_REGIONS: usize = 12;
@@ -73,7 +73,12 @@ pub struct Header {
     pub params: [AtomicU64; PARAMS],
     /// The region table.
     pub regions: [RegionDesc; MAX_REGIONS],
-    _reserved: [AtomicU64; 2],
+    /// 0 while the segment is in use; the pid of the supervisor that retired it (stored with
+    /// Release, under the table's owner latch, just before it unlinks the name) once it is being
+    /// removed. An opener refuses a retired segment and registration refuses new owners in it.
+    /// The only header field written after creation.
+    pub retired: AtomicU64,
+    _reserved: [AtomicU64; 1],
 }
 
 // SAFETY: repr(C), only atomics and arrays of atomics, valid at zero.
@@ -86,6 +91,7 @@ const _: () = assert!(offset_of!(Header, version) == 8);
 const _: () = assert!(offset_of!(Header, total_size) == 16);
 const _: () = assert!(offset_of!(Header, params) == 48);
 const _: () = assert!(offset_of!(Header, regions) == 176);
+const _: () = assert!(offset_of!(Header, retired) == 464);
 
 /// Declares that a type outside `shm` satisfies the [`ShmSafe`] contract, checking at compile time
 /// what can be checked (size a multiple of 4, alignment at most 128). The caller states why the

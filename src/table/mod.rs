@@ -284,13 +284,18 @@ impl LockTable {
     pub fn create(name: &str, caps: &Capacities) -> Result<LockTable> {
         let geo = caps.geometry()?;
         let (specs, params) = Self::plan(&geo, caps);
-        let seg = Segment::create(name, &specs, &params, caps.mode, |s| Self::init(s, &geo))?;
+        let seg = Segment::create(name, &specs, &params, caps.mode, caps.owner, |s| Self::init(s, &geo))?;
         Self::from_segment(Arc::new(seg))
     }
 
-    /// Opens an existing segment.
+    /// Opens an existing segment (owned as `$SHMLOCK_SEGMENT_OWNER` says: see [`Segment::open`]).
     pub fn open(name: &str) -> Result<LockTable> {
         Self::from_segment(Arc::new(Segment::open(name)?))
+    }
+
+    /// Opens an existing segment whose file is owned as `owner` requires.
+    pub fn open_as(name: &str, owner: crate::shm::SegmentOwner) -> Result<LockTable> {
+        Self::from_segment(Arc::new(Segment::open_as(name, owner)?))
     }
 
     /// Opens segment `name`, creating it with `caps` if it does not exist.
@@ -529,6 +534,13 @@ impl LockTable {
         loop {
             let registered = {
                 let _g = self.lock_owners();
+                // Retired under this latch by `remove_if_unused` (shmlockd --remove-on-exit).
+                if let Some(pid) = self.seg.retired_by() {
+                    return Err(Error::SegmentRemoved {
+                        name: self.seg.name().to_string(),
+                        pid,
+                    });
+                }
                 self.owner_pool()
                     .newest(OwnerState::Free)
                     .map(|idx| self.register_at(idx, kind, label))
