@@ -323,7 +323,7 @@ mod tests {
             assert_eq!(p.locks.len(), 1, "{max}");
             assert!(p.scanned <= PAGE_SCAN, "{max}: {}", p.scanned);
             if held > 100 {
-                let first = p.locks[0].0.entry as u32;
+                let first = p.locks[0].0.entry;
                 assert_eq!(p.scanned, first + 1, "{max}: LIMIT 1 looked past its lock");
             }
             let (names, worst) = walk(&t, b"", 1);
