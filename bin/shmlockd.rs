@@ -187,15 +187,29 @@ fn create_or_adopt(name: &str, caps: &Capacities) -> Result<(LockTable, bool)> {
     })
 }
 
-/// Starts the TCP gateway unless it is disabled (`--no-gateway` or `[gateway] enabled = false`).
-fn start_gateway(args: &Args, section: &GatewaySection, table: &Arc<LockTable>) -> Result<Option<Gateway>> {
+/// Validates the gateway's config and binds its address, unless the gateway is disabled
+/// (`--no-gateway` or `[gateway] enabled = false`). Done before the segment is touched, so a bad
+/// or busy address leaves nothing behind.
+fn bind_gateway(args: &Args, section: &GatewaySection) -> Result<Option<gateway::Bound>> {
     if args.no_gateway || !section.enabled {
-        info!("gateway disabled");
         return Ok(None);
     }
     let config = section.resolve(args.listen.as_deref())?;
     let listen = config.listen;
-    let gw = gateway::serve(config, table.clone()).with_context(|| format!("cannot start the gateway on {listen}"))?;
+    let bound = gateway::bind(config).with_context(|| format!("cannot start the gateway on {listen}"))?;
+    Ok(Some(bound))
+}
+
+/// Serves the bound gateway (if any) on `table`.
+fn start_gateway(bound: Option<gateway::Bound>, table: &Arc<LockTable>) -> Result<Option<Gateway>> {
+    let Some(bound) = bound else {
+        info!("gateway disabled");
+        return Ok(None);
+    };
+    let listen = bound.local_addr();
+    let gw = bound
+        .serve(table.clone())
+        .with_context(|| format!("cannot start the gateway on {listen}"))?;
     // Tests and scripts that pass port 0 read the bound address from this line.
     info!(listen = %gw.local_addr(), "gateway ready");
     Ok(Some(gw))
@@ -212,6 +226,10 @@ fn run(args: Args) -> Result<()> {
         },
     };
     let caps = capacities(&args, config.caps)?;
+    // Everything that can be checked before the segment exists is checked first: the geometry
+    // and the gateway's config and address (bound now, served once the table is there).
+    caps.geometry()?;
+    let bound = bind_gateway(&args, &config.gateway)?;
     let name = segment_name(args.segment.clone(), config.name);
 
     // Block the shutdown signals before touching the segment: a SIGINT during creation is then
@@ -274,7 +292,7 @@ fn run(args: Args) -> Result<()> {
             })
             .context("cannot start the reaper thread")?
     };
-    let gateway = start_gateway(&args, &config.gateway, &table)?;
+    let gateway = start_gateway(bound, &table)?;
     info!(pid = std::process::id(), "running; stop with SIGINT or SIGTERM");
 
     let sig = signals.wait().context("waiting for SIGINT/SIGTERM")?;

@@ -31,7 +31,7 @@ pub mod admin;
 pub mod proto;
 mod session;
 
-pub use session::MAX_UNSENT;
+pub use session::{HIGH_WATER, MAX_UNSENT};
 
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::PathBuf;

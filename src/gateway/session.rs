@@ -16,8 +16,10 @@
 //! Writes never block the session: pending output is written with `try_write` whenever there is
 //! some, and the rest waits for the socket to be writable inside the same `select!` as the reads,
 //! the idle timer, the other deadlines and the stop signal. A peer that leaves more than
-//! [`MAX_UNSENT`] bytes of answers unread (beyond what the kernel's socket buffers took) is not
-//! reading them: the session ends (`SLOW_READER`) and its locks are released.
+//! [`HIGH_WATER`] bytes of answers unwritten (beyond what the kernel's socket buffers took) gets
+//! no more requests read until they drain: a peer that does not read its answers so falls silent
+//! and the idle timeout ends it, releasing its locks, however many requests it keeps sending. Past
+//! [`MAX_UNSENT`] (answers to waits can still come) the session ends at once (`SLOW_READER`).
 //!
 //! # Deadlines
 //! - Idle: the timer counts from the last byte read, and is not charged while an admin query of
@@ -61,6 +63,10 @@ pub(super) const FINAL_WRITE: Duration = Duration::from_secs(1);
 const CLEANUP_RETRY: Duration = Duration::from_millis(20);
 /// Answers the peer has left unread, beyond the socket buffers, before the session is ended.
 pub const MAX_UNSENT: usize = 1 << 20;
+/// While more than this many bytes of answers wait to be written, the session reads no more
+/// requests: a peer that does not read its answers then falls silent, and the idle timeout ends
+/// it.
+pub const HIGH_WATER: usize = 256 * 1024;
 /// Far enough to stand for "never" in a timer.
 const NEVER: Duration = Duration::from_secs(86_400 * 365);
 
@@ -250,6 +256,7 @@ impl Session {
             }
             let paused = admin.is_some();
             let unwritten = *sent < out.len();
+            let backlog = out.len() - *sent > HIGH_WATER;
             let waiting_auth = self.me.is_none();
             let kick = self.ticket.as_ref().map(|t| t.kick.clone());
             tokio::select! {
@@ -305,7 +312,7 @@ impl Session {
                         return None;
                     }
                 }
-                r = stream.readable(), if !paused => {
+                r = stream.readable(), if !paused && !backlog => {
                     if r.is_err() {
                         return None;
                     }
