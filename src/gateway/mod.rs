@@ -33,18 +33,21 @@ mod session;
 
 pub use session::{HIGH_WATER, MAX_UNSENT};
 
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{watch, Notify, Semaphore};
 use tracing::{info, warn};
 
 use crate::error::{Error, Result};
 use crate::table::LockTable;
+
+/// Connections waiting to be accepted, at most (the kernel may cap it at `somaxconn`).
+const LISTEN_BACKLOG: u32 = 1024;
 
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7411";
@@ -331,12 +334,13 @@ impl Drop for Gateway {
 /// write gets one second, and releasing a session's locks is a few latched operations per lock.
 pub const STOP_BOUND: Duration = Duration::from_secs(2);
 
-/// A listening socket, bound but not yet served: what [`bind`] checks before anything else is
-/// set up (shmlockd binds before it creates the segment, so a bad or busy address leaves
-/// nothing behind).
+/// A socket bound to the gateway's address but not listening yet (connections are refused, not
+/// queued, until [`Bound::serve`]): what [`bind`] checks before anything else is set up
+/// (shmlockd binds before it creates the segment, so a bad or busy address leaves nothing
+/// behind, and a client that can connect finds the table there).
 #[derive(Debug)]
 pub struct Bound {
-    listener: StdListener,
+    socket: TcpSocket,
     addr: SocketAddr,
     config: GatewayConfig,
 }
@@ -356,10 +360,16 @@ pub fn bind(config: GatewayConfig) -> Result<Bound> {
         source: e,
     };
     raise_nofile_limit((config.max_connections + config.max_unauthenticated) as u64 + 64);
-    let listener = StdListener::bind(config.listen).map_err(|e| io("gateway bind", e))?;
-    listener.set_nonblocking(true).map_err(|e| io("gateway bind", e))?;
-    let addr = listener.local_addr().map_err(|e| io("gateway bind", e))?;
-    Ok(Bound { listener, addr, config })
+    let socket = match config.listen {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .map_err(|e| io("gateway socket", e))?;
+    // As std's TcpListener::bind: a port in TIME_WAIT may be reused, a listening one not.
+    socket.set_reuseaddr(true).map_err(|e| io("gateway bind", e))?;
+    socket.bind(config.listen).map_err(|e| io("gateway bind", e))?;
+    let addr = socket.local_addr().map_err(|e| io("gateway bind", e))?;
+    Ok(Bound { socket, addr, config })
 }
 
 /// Starts the gateway on `config.listen`, serving `table`. Binding happens before this returns,
@@ -371,10 +381,11 @@ pub fn serve(config: GatewayConfig, table: Arc<LockTable>) -> Result<Gateway> {
 impl Bound {
     /// Serves `table` on this socket until the returned [`Gateway`] is dropped.
     pub fn serve(self, table: Arc<LockTable>) -> Result<Gateway> {
-        let Bound { listener, addr, config } = self;
+        let Bound { socket, addr, config } = self;
+        let segment = table.segment().name().to_string();
         let io = |op, e: std::io::Error| Error::Io {
             op,
-            segment: table.segment().name().to_string(),
+            segment: segment.clone(),
             source: e,
         };
         // One thread serves every connection (see the module docs); waits run on blocking threads.
@@ -402,16 +413,16 @@ impl Bound {
             table,
             config,
         });
+        // Listening before this returns: a client may connect as soon as it has.
+        let listener = {
+            let _rt = rt.enter();
+            socket.listen(LISTEN_BACKLOG).map_err(|e| io("gateway listen", e))?
+        };
         let (stop_tx, stop_rx) = watch::channel(false);
         let thread = std::thread::Builder::new()
             .name("shmlock-gw-main".into())
             .spawn(move || {
-                rt.block_on(async move {
-                    match TcpListener::from_std(listener) {
-                        Ok(l) => accept_loop(l, shared, stop_rx).await,
-                        Err(e) => warn!(error = %e, "gateway: cannot register the listener"),
-                    }
-                });
+                rt.block_on(accept_loop(listener, shared, stop_rx));
                 // Sessions have finished their cleanup (accept_loop waits for them).
                 rt.shutdown_timeout(Duration::from_secs(1));
             })
