@@ -6,6 +6,10 @@
 //! die (watching each through a pidfd), and runs the TCP gateway for remote clients (on
 //! 127.0.0.1:7411 unless configured otherwise; `--no-gateway` turns it off), until SIGINT or
 //! SIGTERM. On exit it leaves the segment for local users unless `--remove-on-exit` is given.
+//! It checks what it can before it touches the segment (the config, the geometry, the gateway's
+//! address, which it binds then), so a bad config or a busy port exits 2 and leaves no segment
+//! behind. On SIGINT/SIGTERM it exits within `gateway::STOP_BOUND` (2 s) whatever the gateway's
+//! clients do.
 //!
 //! Exit status: 0 after a clean shutdown, 2 on any error (printed as `shmlockd: ...`).
 

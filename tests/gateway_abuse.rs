@@ -238,8 +238,21 @@ fn unauthenticated_connections_take_no_slot_no_owner_and_not_for_long() {
         ..Default::default()
     };
     let good = RemoteClient::connect_with(d.addr.as_str(), &opts).expect("a client with the secret");
-    good.lock("x").expect("lock").unlock().expect("unlock");
+    let x = good.lock("x").expect("lock");
+    let listed = good.locks(None).expect("LOCKS pages through RemoteClient");
+    assert_eq!(
+        listed.iter().map(|l| l.name.as_slice()).collect::<Vec<_>>(),
+        [&b"x"[..]]
+    );
+    x.unlock().expect("unlock");
     assert_eq!(env.table.stats().owners, 1);
+    // Admin queries too wait for AUTH.
+    let unauth = RemoteClient::connect(d.addr.as_str()).expect("connect");
+    match unauth.locks_page(None, None, 10) {
+        Err(shmlock::Error::Remote { code, .. }) => assert_eq!(code, "AUTH_REQUIRED"),
+        other => panic!("{other:?}"),
+    }
+    drop(unauth);
     // PING before AUTH is served but does not keep a connection: it goes at auth_timeout.
     let mut pinger = Raw::connect(&d.addr);
     assert!(pinger.line().starts_with("* HELLO"));
@@ -398,6 +411,21 @@ fn locks_pages_list_every_lock_held_throughout_exactly_once_while_others_churn()
         assert_eq!(seen.get(&format!("keep/{i}")), Some(&1), "keep/{i}");
     }
     assert!(seen.values().all(|&n| n == 1), "a lock came twice");
+    // RemoteClient pages the same way: small pages, then the whole walk, with a prefix.
+    let remote = RemoteClient::connect(d.addr.as_str()).expect("connect");
+    let p = remote.locks_page(Some(b"keep/"), None, 3).expect("a page");
+    assert!(p.locks.len() <= 3 && p.next.is_some(), "{p:?}");
+    let mut names: Vec<Vec<u8>> = remote
+        .locks(Some(b"keep/"))
+        .expect("walk")
+        .into_iter()
+        .map(|l| l.name)
+        .collect();
+    names.sort();
+    let mut want: Vec<Vec<u8>> = (0..500).map(|i| format!("keep/{i}").into_bytes()).collect();
+    want.sort();
+    assert_eq!(names, want);
+    drop(remote);
     // LIMIT 1: one lock, and the cursor of the next page is that lock's own slot.
     let l = raw.ask("o LOCKS LIMIT 1");
     assert!(l.starts_with("o LOCK keep/"), "{l}");

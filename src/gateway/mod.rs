@@ -26,6 +26,11 @@
 //! runtime's blocking pool has room for all of them plus the sessions' cleanups. When a session
 //! ends, `LockTable::release_all` releases its holds and cancels its waits, which makes its
 //! blocked threads return; the owner is deregistered once they all have.
+//!
+//! Admin queries (`LOCKS`, `STATUS`) never run on the session thread: a pool of
+//! [`admin::ADMIN_THREADS`] threads serves them from a bounded queue (see [`admin`]). Writes never
+//! block a session either (see `session`), so `Gateway::shutdown` takes at most [`STOP_BOUND`]
+//! whatever the clients do.
 
 pub mod admin;
 pub mod proto;
