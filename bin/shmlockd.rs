@@ -7,6 +7,10 @@
 //! 127.0.0.1:7411 unless configured otherwise; `--no-gateway` turns it off), until SIGINT or
 //! SIGTERM. On exit it leaves the segment for local users unless `--remove-on-exit` is given,
 //! and even then while live processes still use it.
+//! It checks what it can before it touches the segment (the config, the geometry, the gateway's
+//! address, which it binds then), so a bad config or a busy port exits 2 and leaves no segment
+//! behind. On SIGINT/SIGTERM it exits within `gateway::STOP_BOUND` (2 s) whatever the gateway's
+//! clients do.
 //!
 //! It adopts only a segment whose file is owned as `--segment-owner` / `$SHMLOCK_SEGMENT_OWNER` /
 //! `[segment] owner` say (by default its own user or root), is no symbolic link, has one link,
@@ -215,15 +219,29 @@ fn create_or_adopt(name: &str, caps: &Capacities) -> Result<(LockTable, bool)> {
     })
 }
 
-/// Starts the TCP gateway unless it is disabled (`--no-gateway` or `[gateway] enabled = false`).
-fn start_gateway(args: &Args, section: &GatewaySection, table: &Arc<LockTable>) -> Result<Option<Gateway>> {
+/// Validates the gateway's config and binds its address, unless the gateway is disabled
+/// (`--no-gateway` or `[gateway] enabled = false`). Done before the segment is touched, so a bad
+/// or busy address leaves nothing behind.
+fn bind_gateway(args: &Args, section: &GatewaySection) -> Result<Option<gateway::Bound>> {
     if args.no_gateway || !section.enabled {
-        info!("gateway disabled");
         return Ok(None);
     }
     let config = section.resolve(args.listen.as_deref())?;
     let listen = config.listen;
-    let gw = gateway::serve(config, table.clone()).with_context(|| format!("cannot start the gateway on {listen}"))?;
+    let bound = gateway::bind(config).with_context(|| format!("cannot start the gateway on {listen}"))?;
+    Ok(Some(bound))
+}
+
+/// Serves the bound gateway (if any) on `table`.
+fn start_gateway(bound: Option<gateway::Bound>, table: &Arc<LockTable>) -> Result<Option<Gateway>> {
+    let Some(bound) = bound else {
+        info!("gateway disabled");
+        return Ok(None);
+    };
+    let listen = bound.local_addr();
+    let gw = bound
+        .serve(table.clone())
+        .with_context(|| format!("cannot start the gateway on {listen}"))?;
     // Tests and scripts that pass port 0 read the bound address from this line.
     info!(listen = %gw.local_addr(), "gateway ready");
     Ok(Some(gw))
@@ -240,6 +258,10 @@ fn run(args: Args) -> Result<ExitCode> {
         },
     };
     let caps = capacities(&args, config.caps)?;
+    // Everything that can be checked before the segment exists is checked first: the geometry
+    // and the gateway's config and address (bound now, served once the table is there).
+    caps.geometry()?;
+    let bound = bind_gateway(&args, &config.gateway)?;
     let name = segment_name(args.segment.clone(), config.name);
 
     // Block the shutdown signals before touching the segment: a SIGINT during creation is then
@@ -302,7 +324,7 @@ fn run(args: Args) -> Result<ExitCode> {
             })
             .context("cannot start the reaper thread")?
     };
-    let gateway = start_gateway(&args, &config.gateway, &table)?;
+    let gateway = start_gateway(bound, &table)?;
     info!(pid = std::process::id(), "running; stop with SIGINT or SIGTERM");
 
     let sig = signals.wait().context("waiting for SIGINT/SIGTERM")?;

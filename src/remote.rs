@@ -41,8 +41,9 @@ use std::time::{Duration, Instant};
 
 use crate::client::{FencingToken, Grant};
 use crate::error::{Error, Result};
+use crate::gateway::admin::LocksPage;
 use crate::gateway::proto::{self, ErrorCode, Hello, Response};
-use crate::table::Mode;
+use crate::table::{Cursor, LockInfo, Mode};
 
 /// How long answers nobody waits for may stay unread while no caller reads, before the
 /// background thread reads them (a caller that comes meanwhile reads them on its way).
@@ -62,6 +63,8 @@ pub struct ConnectOptions {
 enum Answer {
     Granted(Grant),
     Done,
+    /// The lines of a multi-line answer (`LOCKS`), the last one ending it.
+    Lines(Vec<Vec<u8>>),
 }
 
 type Reply = Result<Answer>;
@@ -73,6 +76,9 @@ enum Slot {
     Caller {
         reply: Option<Reply>,
         parked: Option<Thread>,
+        /// For a multi-line answer: the lines so far (the answer is complete at its `END` or
+        /// `ERR` line).
+        lines: Option<Vec<Vec<u8>>>,
     },
     /// Nobody (fire-and-forget requests).
     Nobody,
@@ -85,6 +91,15 @@ impl Slot {
         Slot::Caller {
             reply: None,
             parked: None,
+            lines: None,
+        }
+    }
+
+    fn multi_line_caller() -> Slot {
+        Slot::Caller {
+            reply: None,
+            parked: None,
+            lines: Some(Vec::new()),
         }
     }
 
@@ -290,7 +305,7 @@ impl Inner {
         let reply = loop {
             let reading = st.reading;
             match st.slots.get_mut(&tag) {
-                Some(Slot::Caller { reply, parked }) => {
+                Some(Slot::Caller { reply, parked, .. }) => {
                     if let Some(r) = reply.take() {
                         st.slots.remove(&tag);
                         break r;
@@ -332,6 +347,7 @@ impl Inner {
                 Slot::Caller {
                     reply: None,
                     parked: Some(t),
+                    ..
                 } => Some(t.clone()),
                 _ => None,
             });
@@ -417,6 +433,27 @@ impl Inner {
     /// Hands one response line to its slot; true if it answers `own`. Err: the connection must
     /// end, for this reason.
     fn dispatch(&self, line: &[u8], own: u64) -> std::result::Result<bool, String> {
+        // A line of a multi-line answer goes to its caller as it is.
+        let first = line.split(|&b| b == b' ').next().unwrap_or_default();
+        if let Some(tag) = std::str::from_utf8(first).ok().and_then(|t| t.parse::<u64>().ok()) {
+            let mut st = lock(&self.state);
+            if let Some(Slot::Caller {
+                reply: reply @ None,
+                parked,
+                lines: Some(lines),
+            }) = st.slots.get_mut(&tag)
+            {
+                lines.push(line.to_vec());
+                if crate::gateway::admin::ends_response(line) {
+                    *reply = Some(Ok(Answer::Lines(std::mem::take(lines))));
+                    if let Some(t) = parked.take() {
+                        drop(st);
+                        t.unpark();
+                    }
+                }
+                return Ok(tag == own);
+            }
+        }
         let resp = proto::parse_response(line)?;
         let (tag, reply) = match resp {
             Response::Granted {
@@ -459,6 +496,7 @@ impl Inner {
                 Some(Slot::Caller {
                     reply: r @ None,
                     parked,
+                    ..
                 }) => {
                     *r = Some(reply);
                     parked.take().map_or(After::Nothing, After::Wake)
@@ -748,6 +786,64 @@ impl RemoteClient {
         });
     }
 
+    /// One page of `LOCKS` (see docs/PROTOCOL.md): at most `limit` (1..=10000) locks held or
+    /// waited on whose name starts with `prefix`, in table order, from the slot after `after`;
+    /// [`LocksPage::next`] is where the next page starts. Authenticate first where the gateway
+    /// wants it.
+    pub fn locks_page(&self, prefix: Option<&[u8]>, after: Option<Cursor>, limit: u32) -> Result<LocksPage> {
+        if let Some(p) = prefix {
+            check_name(p)?;
+        }
+        let tag = self.inner.send(Slot::multi_line_caller(), |l| {
+            l.extend_from_slice(b"LOCKS");
+            if let Some(p) = prefix {
+                l.extend_from_slice(b" PREFIX ");
+                proto::encode_word(l, p);
+            }
+            if let Some(c) = after {
+                l.extend_from_slice(format!(" AFTER {c}").as_bytes());
+            }
+            l.extend_from_slice(b" LIMIT ");
+            push_u64(l, u64::from(limit));
+        })?;
+        let lines = match self.inner.wait(tag)? {
+            Answer::Lines(lines) => lines,
+            _ => return Err(self.inner.conn_err("a LOCKS answer that is not a page")),
+        };
+        if let Some(last) = lines.last() {
+            if let Ok(Response::Error {
+                code,
+                code_word,
+                message,
+                ..
+            }) = proto::parse_response(last)
+            {
+                return Err(remote_error(code, code_word, message));
+            }
+        }
+        crate::gateway::admin::parse_locks(lines.iter().map(Vec::as_slice))
+            .map_err(|e| self.inner.conn_err(format!("a bad LOCKS answer: {e}")))
+    }
+
+    /// Every lock held or waited on whose name starts with `prefix`, page by page (in table
+    /// order; every lock held during the whole walk comes exactly once).
+    pub fn locks(&self, prefix: Option<&[u8]>) -> Result<Vec<LockInfo>> {
+        let (mut all, mut after) = (Vec::new(), None);
+        loop {
+            let page = self.locks_page(prefix, after, proto::MAX_LOCKS_LIMIT)?;
+            all.extend(page.locks);
+            match page.next {
+                Some(n) if after.is_some_and(|a| n <= a) => {
+                    return Err(self
+                        .inner
+                        .conn_err(format!("a LOCKS cursor that does not move on ({n})")))
+                }
+                Some(n) => after = Some(n),
+                None => return Ok(all),
+            }
+        }
+    }
+
     /// A round trip to the gateway; returns how long it took.
     pub fn ping(&self) -> Result<Duration> {
         let t = Instant::now();
@@ -807,7 +903,7 @@ impl<'a> PendingLock<'a> {
                 grant,
                 released: false,
             }),
-            Ok(Answer::Done) => Err(self.client.inner.conn_err("unexpected answer to LOCK")),
+            Ok(Answer::Done | Answer::Lines(_)) => Err(self.client.inner.conn_err("unexpected answer to LOCK")),
             Err(Error::Remote { code, .. }) if code == ErrorCode::Timeout.as_str() => Err(Error::TimedOut {
                 waited: self.started.elapsed().max(self.timeout.unwrap_or_default()),
                 holder: None,

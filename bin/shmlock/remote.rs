@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use shmlock::gateway::admin::{self, CheckReport};
 use shmlock::gateway::proto::{self, ErrorCode, Hello, Response};
-use shmlock::table::LockInfo;
+use shmlock::table::{Cursor, LockInfo};
 
 use crate::render::{CheckOutcome, Status};
 
@@ -220,11 +220,12 @@ impl Gateway {
         }
     }
 
-    /// Every lock held or waited on whose name starts with `prefix`, page by page.
+    /// Every lock held or waited on whose name starts with `prefix`, page by page (each page
+    /// starts after the cursor the previous one ended with, so every lock held throughout comes
+    /// once; the walk ends, since each cursor lies beyond the last).
     pub(crate) fn locks(&mut self, prefix: Option<&[u8]>) -> Result<Vec<LockInfo>> {
         let mut all = Vec::new();
-        let mut after: Option<Vec<u8>> = None;
-        let mut empty_pages = 0;
+        let mut after: Option<Cursor> = None;
         loop {
             let mut req = Vec::from(&b"LOCKS"[..]);
             if let Some(p) = prefix {
@@ -232,8 +233,7 @@ impl Gateway {
                 proto::encode_word(&mut req, p);
             }
             if let Some(a) = &after {
-                req.extend_from_slice(b" AFTER ");
-                proto::encode_word(&mut req, a);
+                req.extend_from_slice(format!(" AFTER {a}").as_bytes());
             }
             req.extend_from_slice(format!(" LIMIT {PAGE}").as_bytes());
             // Escaped words are ASCII.
@@ -241,11 +241,13 @@ impl Gateway {
             let lines = self.request(&req, admin::ends_response)?;
             let page = admin::parse_locks(lines.iter().map(Vec::as_slice))
                 .map_err(|e| anyhow!("the gateway at {} sent a bad LOCKS answer: {e}", self.addr))?;
-            empty_pages = if page.locks.is_empty() { empty_pages + 1 } else { 0 };
             all.extend(page.locks);
             match page.next {
-                Some(_) if empty_pages > 100 => {
-                    bail!("the gateway at {} keeps sending empty pages of LOCKS", self.addr)
+                Some(next) if after.is_some_and(|a| next <= a) => {
+                    bail!(
+                        "the gateway at {} sent a LOCKS cursor that does not move on ({next})",
+                        self.addr
+                    )
                 }
                 Some(next) => after = Some(next),
                 None => return Ok(all),

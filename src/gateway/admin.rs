@@ -9,31 +9,41 @@
 //! [`parse_status`]).
 //!
 //! # Bounds
-//! A `LOCKS` response is one page: at most `LIMIT` locks, and no lock starts once the session's
-//! output buffer holds [`PAGE_BYTES`]; a lock's lines are never split, and a lock has at most
-//! two lines per owner (one holding, one waiting), so the buffer stays below [`PAGE_BYTES`] plus
-//! one lock's lines whatever the table holds. A `STATUS` response is a fixed number of lines
-//! plus at most [`MAX_VIOLATIONS`] lines of check findings.
+//! A `LOCKS` response is one page: at most `LIMIT` locks, and no lock starts once the page holds
+//! [`PAGE_BYTES`]; a lock's lines are never split, and a lock has at most two lines per owner
+//! (one holding, one waiting), so a page stays below [`PAGE_BYTES`] plus one lock's lines
+//! whatever the table holds. A `STATUS` response is a fixed number of lines plus at most
+//! [`MAX_VIOLATIONS`] lines of check findings.
 //!
-//! # Cost
-//! Every `LOCKS` request copies the whole table (as `shmlock locks` does: each shard under its
-//! latch, briefly) and sorts the matching names; `STATUS CHECK` walks every shard under its latch.
-//! Both run inline on the gateway's one runtime thread, so every other session waits for them
-//! (milliseconds for tens of thousands of locks). Admin queries are for people and monitoring,
-//! not for a hot path; moving them to a blocking thread (as a waiting `LOCK` is) would lift that.
+//! # Cost, and where it runs
+//! A `LOCKS` page is read from a cursor in table order ([`LockTable::locks_page`]): it looks at
+//! no more than [`crate::table::PAGE_SCAN`] entry slots, however big the table is. `STATUS`
+//! reads counters; `STATUS CHECK` walks every shard under its latch, in time proportional to the
+//! table. Neither runs on the gateway's session thread: sessions hand them to an [`AdminPool`]
+//! of [`ADMIN_THREADS`] threads with a queue of [`ADMIN_QUEUE`] (a full queue answers
+//! `SERVER_BUSY`), and a session waits for its own answer without reading further requests
+//! (so its answers keep the order of its requests), while every other session is served.
 
 use std::io::Write as _;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::mpsc::{self, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tokio::sync::oneshot;
 
 use super::proto::{self, decode_word, encode_word, LocksQuery};
 use crate::clock::{self, Nanos};
 use crate::config::Geometry;
 use crate::owner::OwnerKind;
-use crate::table::{LockInfo, LockTable, Mode, Party, TableStats};
+use crate::table::{Cursor, LockInfo, LockTable, Mode, Page, Party, TableStats};
 
-/// No lock of a `LOCKS` page starts once the session's pending output holds this many bytes.
+/// No lock of a `LOCKS` page starts once the page holds this many bytes.
 pub const PAGE_BYTES: usize = 64 * 1024;
+/// Threads that serve admin queries.
+pub const ADMIN_THREADS: usize = 2;
+/// Admin queries waiting for a thread, at most (one per session at a time).
+pub const ADMIN_QUEUE: usize = 16;
 /// At most this many check findings are sent (the `CHECK` line tells how many there are).
 pub const MAX_VIOLATIONS: usize = 100;
 
@@ -134,25 +144,119 @@ impl StatusReport {
     }
 }
 
-/// One page of `LOCKS`.
+/// One page of `LOCKS`, as a client decodes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocksPage {
-    /// The locks, in name order.
+    /// The locks, in table order.
     pub locks: Vec<LockInfo>,
-    /// When there are more: the name to send as `AFTER` for the next page.
-    pub next: Option<Vec<u8>>,
+    /// When there are more: the cursor to send as `AFTER` for the next page.
+    pub next: Option<Cursor>,
+}
+
+// ---- the pool --------------------------------------------------------------------------------
+
+/// An admin query, owned, for a pool thread.
+#[derive(Debug)]
+enum Query {
+    Locks {
+        prefix: Vec<u8>,
+        after: Option<Cursor>,
+        limit: usize,
+    },
+    Status {
+        check: bool,
+    },
+}
+
+#[derive(Debug)]
+struct Job {
+    tag: Box<str>,
+    query: Query,
+    reply: oneshot::Sender<Vec<u8>>,
+}
+
+/// Threads that answer admin queries off the session thread, with a bounded queue.
+///
+/// Dropping the pool closes the queue: its threads finish the query in hand and exit (nobody
+/// waits for them; each holds the table, so the mapping outlives them).
+#[derive(Debug)]
+pub struct AdminPool {
+    jobs: SyncSender<Job>,
+}
+
+impl AdminPool {
+    /// Starts `threads` threads serving `table`, with room for `queue` waiting queries.
+    pub fn new(table: Arc<LockTable>, threads: usize, queue: usize) -> std::io::Result<AdminPool> {
+        let (tx, rx) = mpsc::sync_channel::<Job>(queue);
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..threads.max(1) {
+            let (rx, table) = (rx.clone(), table.clone());
+            std::thread::Builder::new()
+                .name(format!("shmlock-admin-{i}"))
+                .spawn(move || loop {
+                    let job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+                        Ok(j) => j,
+                        Err(_) => return,
+                    };
+                    let out = run_query(&table, &job.tag, &job.query);
+                    // The session may have ended meanwhile: nobody to answer.
+                    let _ = job.reply.send(out);
+                })?;
+        }
+        Ok(AdminPool { jobs: tx })
+    }
+
+    /// Queues `LOCKS q` or `STATUS` (see [`proto::Command`]) under `tag`; the receiver gets the
+    /// whole response. None when the queue is full.
+    pub(super) fn submit(&self, tag: &str, q: AdminRequest<'_>) -> Option<oneshot::Receiver<Vec<u8>>> {
+        let query = match q {
+            AdminRequest::Locks(q) => Query::Locks {
+                // The parser has checked that it decodes.
+                prefix: q.prefix.and_then(decode_word).unwrap_or_default(),
+                after: q.after,
+                limit: q.limit.unwrap_or(proto::DEFAULT_LOCKS_LIMIT) as usize,
+            },
+            AdminRequest::Status { check } => Query::Status { check },
+        };
+        let (reply, rx) = oneshot::channel();
+        match self.jobs.try_send(Job {
+            tag: tag.into(),
+            query,
+            reply,
+        }) {
+            Ok(()) => Some(rx),
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => None,
+        }
+    }
+}
+
+/// What a session asks of the pool.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum AdminRequest<'a> {
+    Locks(LocksQuery<'a>),
+    Status { check: bool },
+}
+
+fn run_query(table: &LockTable, tag: &str, q: &Query) -> Vec<u8> {
+    let mut out = Vec::new();
+    match q {
+        Query::Locks { prefix, after, limit } => {
+            let page = table.locks_page(*after, prefix, *limit);
+            encode_page(&mut out, tag, &page);
+        }
+        Query::Status { check } => serve_status(table, tag, *check, &mut out),
+    }
+    out
 }
 
 // ---- serving ---------------------------------------------------------------------------------
 
 /// Answers `LOCKS` from `table`: a page of the locks held or waited on, appended to `out`.
 pub fn serve_locks(table: &LockTable, tag: &str, q: &LocksQuery<'_>, out: &mut Vec<u8>) {
-    // The parser has checked that both decode.
+    // The parser has checked that it decodes.
     let prefix = q.prefix.and_then(decode_word).unwrap_or_default();
-    let after = q.after.and_then(decode_word);
     let limit = q.limit.unwrap_or(proto::DEFAULT_LOCKS_LIMIT) as usize;
-    let locks = table.locks();
-    encode_locks(out, tag, locks, &prefix, after.as_deref(), limit);
+    encode_page(out, tag, &table.locks_page(q.after, &prefix, limit));
 }
 
 /// Answers `STATUS` (with the check if `check`) from `table`, appended to `out`.
@@ -226,38 +330,27 @@ pub fn encode_lock(out: &mut Vec<u8>, tag: &str, l: &LockInfo) {
     }
 }
 
-/// Appends a `LOCKS` page of `locks` (unordered, as [`LockTable::locks`] gives them): those
-/// whose name starts with `prefix` and sorts after `after`, in name order, at most `limit`, and
-/// none started once `out` holds [`PAGE_BYTES`]; then `END`.
-pub fn encode_locks(
-    out: &mut Vec<u8>,
-    tag: &str,
-    mut locks: Vec<LockInfo>,
-    prefix: &[u8],
-    after: Option<&[u8]>,
-    limit: usize,
-) {
-    locks.retain(|l| l.name.starts_with(prefix) && after.is_none_or(|a| l.name.as_slice() > a));
-    locks.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+/// Appends a `LOCKS` response for `page`: its locks in order, none started once the response
+/// holds [`PAGE_BYTES`] (the first always is), then `END COUNT DONE`, or `END COUNT MORE NEXT`
+/// with the cursor after which the next page starts.
+pub fn encode_page(out: &mut Vec<u8>, tag: &str, page: &Page) {
+    let start = out.len();
+    let mut next = page.next;
     let mut sent = 0;
-    for l in &locks {
-        if sent == limit || out.len() >= PAGE_BYTES {
+    for (i, (_, l)) in page.locks.iter().enumerate() {
+        if i > 0 && out.len() - start >= PAGE_BYTES {
+            next = Some(page.locks[i - 1].0);
             break;
         }
         encode_lock(out, tag, l);
         sent += 1;
     }
     let _ = write!(out, "{tag} END {sent}");
-    if sent < locks.len() {
-        // The next page starts after the last name sent (or where this one was to start).
-        let next = match sent {
-            0 => after.unwrap_or_default(),
-            n => &locks[n - 1].name,
-        };
-        out.extend_from_slice(b" MORE");
-        put_word(out, next);
-    } else {
-        out.extend_from_slice(b" DONE");
+    match next {
+        Some(c) => {
+            let _ = write!(out, " MORE {c}");
+        }
+        None => out.extend_from_slice(b" DONE"),
     }
     out.push(b'\n');
 }
@@ -500,11 +593,14 @@ pub fn parse_locks<'a>(lines: impl IntoIterator<Item = &'a [u8]>) -> Result<Lock
                 if n != locks.len() {
                     return Err(format!("END says {n} locks but {} came", locks.len()));
                 }
-                let next = match w.get(2).copied() {
-                    Some(b"MORE") => Some(word(w.get(3), "next name")?),
-                    Some(b"DONE") => None,
-                    other => return Err(format!("bad END: {}", other.map_or("(missing)".into(), text))),
-                };
+                let next =
+                    match w.get(2).copied() {
+                        Some(b"MORE") => Some(w.get(3).and_then(|c| Cursor::parse(c)).ok_or_else(|| {
+                            format!("bad cursor: {}", w.get(3).map_or("(missing)".into(), |c| text(c)))
+                        })?),
+                        Some(b"DONE") => None,
+                        other => return Err(format!("bad END: {}", other.map_or("(missing)".into(), text))),
+                    };
                 return Ok(LocksPage { locks, next });
             }
             _ => {}
@@ -672,12 +768,33 @@ mod tests {
         v
     }
 
+    /// A page of `locks` at made-up slots 0.0, 0.1, ..., with `next`.
+    fn page_of(locks: Vec<LockInfo>, next: Option<Cursor>) -> Page {
+        Page {
+            locks: locks
+                .into_iter()
+                .enumerate()
+                .map(|(i, l)| {
+                    (
+                        Cursor {
+                            shard: 0,
+                            entry: i as u32,
+                        },
+                        l,
+                    )
+                })
+                .collect(),
+            next,
+            scanned: 0,
+        }
+    }
+
     #[test]
-    fn a_locks_page_round_trips_in_name_order() {
+    fn a_locks_page_round_trips_in_page_order() {
         let mut out = Vec::new();
-        encode_locks(&mut out, "t1", sample(), b"", None, 100);
+        encode_page(&mut out, "t1", &page_of(sample(), None));
         let text = String::from_utf8(out.clone()).expect("ASCII");
-        assert!(text.starts_with("t1 LOCK config SHARED 9 1 3 2 0\n"), "{text}");
+        assert!(text.starts_with("t1 LOCK orders/42 EXCLUSIVE 9 0 3 1 2\n"), "{text}");
         assert!(text.contains("t1 HOLDER 4 1004 LOCAL SHARED 7 5 %2D\n"), "{text}");
         assert!(text.contains("t1 WAITER 3 1003 LOCAL EXCLUSIVE 10 -\n"), "{text}");
         assert!(text.contains("t1 LOCK raw%20%FF%01 NONE 9 1 3 0 1\n"), "{text}");
@@ -687,37 +804,46 @@ mod tests {
             .all(|l| l.iter().all(|&b| (0x20..0x7f).contains(&b) || b == b'\n')));
         let page = parse_locks(lines(&out)).expect("parse");
         assert_eq!(page.next, None);
-        assert_eq!(page.locks, by_name(sample()));
+        assert_eq!(page.locks, sample());
         assert!(lines(&out)
             .iter()
             .take(lines(&out).len() - 1)
             .all(|l| !ends_response(l)));
         assert!(ends_response(lines(&out).last().unwrap()));
+        let _ = by_name(Vec::new());
     }
 
     #[test]
-    fn pages_follow_prefix_after_and_limit() {
+    fn pages_end_with_the_cursor_of_the_next_and_stop_at_page_bytes() {
         let mut out = Vec::new();
-        encode_locks(&mut out, "a", sample(), b"", None, 2);
-        let p1 = parse_locks(lines(&out)).expect("page 1");
-        assert_eq!(p1.locks.len(), 2);
-        assert_eq!(p1.next.as_deref(), Some(&b"orders/42"[..]));
+        let c = Cursor { shard: 4, entry: 11 };
+        encode_page(&mut out, "a", &page_of(sample(), Some(c)));
+        let p = parse_locks(lines(&out)).expect("page");
+        assert_eq!((p.locks.len(), p.next), (3, Some(c)));
+        assert!(String::from_utf8_lossy(&out).ends_with("a END 3 MORE 4.11\n"));
+        // An empty page that says where to go on.
         let mut out = Vec::new();
-        encode_locks(&mut out, "a", sample(), b"", p1.next.as_deref(), 2);
-        let p2 = parse_locks(lines(&out)).expect("page 2");
-        assert_eq!((p2.locks.len(), p2.next), (1, None));
-        assert_eq!(p2.locks[0].name, b"raw \xff\x01");
+        encode_page(&mut out, "a", &page_of(vec![], Some(c)));
+        assert_eq!(out, b"a END 0 MORE 4.11\n");
+        // Locks whose lines pass PAGE_BYTES: the page stops after the one that crossed it,
+        // and its cursor is that lock's slot, so the next page starts with the first left out.
+        let big = |i: u32| {
+            lock(
+                format!("big{i}").as_bytes(),
+                (0..400)
+                    .map(|o| party(o, &"l".repeat(200), Mode::Shared, 1, 1))
+                    .collect(),
+                vec![],
+            )
+        };
         let mut out = Vec::new();
-        encode_locks(&mut out, "a", sample(), b"or", None, 2);
-        let p = parse_locks(lines(&out)).expect("prefix");
-        assert_eq!((p.locks.len(), p.next), (1, None));
-        // A full output buffer: nothing sent, and the next page starts where this one would.
-        let mut out = vec![b'x'; PAGE_BYTES];
-        encode_locks(&mut out, "a", sample(), b"", Some(b"config"), 2);
-        assert_eq!(&out[PAGE_BYTES..], b"a END 0 MORE config\n");
-        let mut out = vec![b'x'; PAGE_BYTES];
-        encode_locks(&mut out, "a", sample(), b"", None, 2);
-        assert_eq!(&out[PAGE_BYTES..], b"a END 0 MORE -\n");
+        encode_page(&mut out, "b", &page_of((0..4).map(big).collect(), None));
+        let p = parse_locks(lines(&out)).expect("page");
+        assert_eq!(p.locks.len(), 1, "one lock is over 64 KiB of lines");
+        assert_eq!(p.next, Some(Cursor { shard: 0, entry: 0 }));
+        assert!(parse_locks(lines(b"t END 0 MORE x.1\n"))
+            .unwrap_err()
+            .contains("bad cursor"));
     }
 
     #[test]

@@ -26,23 +26,33 @@
 //! runtime's blocking pool has room for all of them plus the sessions' cleanups. When a session
 //! ends, `LockTable::release_all` releases its holds and cancels its waits, which makes its
 //! blocked threads return; the owner is deregistered once they all have.
+//!
+//! Admin queries (`LOCKS`, `STATUS`) never run on the session thread: a pool of
+//! [`admin::ADMIN_THREADS`] threads serves them from a bounded queue (see [`admin`]). Writes never
+//! block a session either (see `session`), so `Gateway::shutdown` takes at most [`STOP_BOUND`]
+//! whatever the clients do.
 
 pub mod admin;
 pub mod proto;
 mod session;
 
-use std::net::{SocketAddr, TcpListener as StdListener};
+pub use session::{HIGH_WATER, MAX_UNSENT};
+
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
-use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::{watch, Notify, Semaphore};
 use tracing::{info, warn};
 
 use crate::error::{Error, Result};
 use crate::table::LockTable;
+
+/// Connections waiting to be accepted, at most (the kernel may cap it at `somaxconn`).
+const LISTEN_BACKLOG: u32 = 1024;
 
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7411";
@@ -66,6 +76,15 @@ pub struct GatewayConfig {
     pub max_waits_per_session: usize,
     /// Waiting `LOCK` requests of all sessions (each takes a thread while it waits).
     pub max_waits: usize,
+    /// With a secret: a connection that has not authenticated this long after it was accepted
+    /// is closed (`AUTH_TIMEOUT`); None: never.
+    pub auth_timeout: Option<Duration>,
+    /// A line whose LF has not come this long after its first byte closes the session
+    /// (`LINE_TIMEOUT`); None: never.
+    pub line_timeout: Option<Duration>,
+    /// With a secret: connections not yet authenticated, at most; a new one beyond it closes
+    /// the oldest of them. They hold no session slot and no owner record.
+    pub max_unauthenticated: usize,
 }
 
 impl Default for GatewayConfig {
@@ -79,6 +98,9 @@ impl Default for GatewayConfig {
             max_locks_per_session: 1024,
             max_waits_per_session: 64,
             max_waits: 1024,
+            auth_timeout: Some(Duration::from_secs(5)),
+            line_timeout: Some(Duration::from_secs(10)),
+            max_unauthenticated: 64,
         }
     }
 }
@@ -108,6 +130,12 @@ pub struct GatewaySection {
     pub max_waits_per_session: usize,
     /// See [`GatewayConfig::max_waits`].
     pub max_waits: usize,
+    /// See [`GatewayConfig::auth_timeout`]; a duration as `idle_timeout`, `"0s"` = never.
+    pub auth_timeout: String,
+    /// See [`GatewayConfig::line_timeout`]; a duration as `idle_timeout`, `"0s"` = never.
+    pub line_timeout: String,
+    /// See [`GatewayConfig::max_unauthenticated`].
+    pub max_unauthenticated: usize,
 }
 
 impl Default for GatewaySection {
@@ -124,6 +152,9 @@ impl Default for GatewaySection {
             max_locks_per_session: d.max_locks_per_session,
             max_waits_per_session: d.max_waits_per_session,
             max_waits: d.max_waits,
+            auth_timeout: "5s".to_string(),
+            line_timeout: "10s".to_string(),
+            max_unauthenticated: d.max_unauthenticated,
         }
     }
 }
@@ -150,12 +181,12 @@ impl GatewaySection {
         let listen = addr
             .parse()
             .map_err(|_| bad("gateway.listen", format!("{addr:?} is not an IP:PORT address")))?;
-        let idle = parse_duration(&self.idle_timeout).ok_or_else(|| {
-            bad(
-                "gateway.idle_timeout",
-                format!("{:?} is not a duration such as \"60s\" or \"500ms\"", self.idle_timeout),
-            )
-        })?;
+        let duration = |key, v: &str| {
+            parse_duration(v).ok_or_else(|| bad(key, format!("{v:?} is not a duration such as \"60s\" or \"500ms\"")))
+        };
+        let idle = duration("gateway.idle_timeout", &self.idle_timeout)?;
+        let auth_timeout = duration("gateway.auth_timeout", &self.auth_timeout)?;
+        let line_timeout = duration("gateway.line_timeout", &self.line_timeout)?;
         let auth_token = match (self.auth_token.is_empty(), self.auth_token_file.is_empty()) {
             (true, true) => None,
             (false, true) => Some(self.auth_token.clone()),
@@ -191,6 +222,9 @@ impl GatewaySection {
             max_locks_per_session: positive("gateway.max_locks_per_session", self.max_locks_per_session, 1 << 26)?,
             max_waits_per_session: positive("gateway.max_waits_per_session", self.max_waits_per_session, 1 << 16)?,
             max_waits: positive("gateway.max_waits", self.max_waits, 1 << 16)?,
+            auth_timeout: (!auth_timeout.is_zero()).then_some(auth_timeout),
+            line_timeout: (!line_timeout.is_zero()).then_some(line_timeout),
+            max_unauthenticated: positive("gateway.max_unauthenticated", self.max_unauthenticated, 1 << 20)?,
         })
     }
 }
@@ -214,7 +248,54 @@ struct Shared {
     config: GatewayConfig,
     /// Permits for waiting requests of all sessions.
     waits: Arc<Semaphore>,
+    /// Session slots (`max_connections`): taken at accept, or at `AUTH` when a secret is set.
+    conns: Arc<Semaphore>,
+    /// Connections that have not authenticated yet.
+    unauth: Unauthenticated,
+    /// Where admin queries run.
+    admin: admin::AdminPool,
     max_name: usize,
+}
+
+/// The connections that have not authenticated yet, oldest first, each with the signal that
+/// closes it. Bounded: admitting one more than `max` closes the oldest, so a flood of
+/// connections that never authenticate cannot keep a client with the secret out (it gets in
+/// unless `max` connections arrive between its connect and its `AUTH`).
+#[derive(Debug)]
+struct Unauthenticated {
+    max: usize,
+    next: std::sync::atomic::AtomicU64,
+    queue: std::sync::Mutex<std::collections::VecDeque<(u64, Arc<Notify>)>>,
+}
+
+/// A connection's place among the unauthenticated ones: `kick` is notified when it must go.
+#[derive(Debug)]
+struct Ticket {
+    id: u64,
+    kick: Arc<Notify>,
+}
+
+impl Unauthenticated {
+    fn admit(&self) -> Ticket {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let kick = Arc::new(Notify::new());
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        while q.len() >= self.max {
+            if let Some((_, oldest)) = q.pop_front() {
+                // Stored if that session is not waiting on it right now.
+                oldest.notify_one();
+            }
+        }
+        q.push_back((id, kick.clone()));
+        Ticket { id, kick }
+    }
+
+    fn leave(&self, t: &Ticket) {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = q.iter().position(|(id, _)| *id == t.id) {
+            q.remove(i);
+        }
+    }
 }
 
 /// A running gateway; dropping it (or [`Gateway::shutdown`]) stops it, ending every session.
@@ -231,7 +312,9 @@ impl Gateway {
         self.addr
     }
 
-    /// Stops accepting, ends every session (releasing their locks), and waits for that.
+    /// Stops accepting, ends every session (releasing their locks), and waits for that: at
+    /// most [`STOP_BOUND`] whatever the clients do (each session's last line gets one second;
+    /// the sessions end at once and together).
     pub fn shutdown(mut self) {
         self.stop_now();
     }
@@ -252,58 +335,114 @@ impl Drop for Gateway {
     }
 }
 
+/// How long [`Gateway::shutdown`] takes at most, whatever the clients do: each session's last
+/// write gets one second, and releasing a session's locks is a few latched operations per lock.
+pub const STOP_BOUND: Duration = Duration::from_secs(2);
+
+/// A socket bound to the gateway's address but not listening yet (connections are refused, not
+/// queued, until [`Bound::serve`]): what [`bind`] checks before anything else is set up
+/// (shmlockd binds before it creates the segment, so a bad or busy address leaves nothing
+/// behind, and a client that can connect finds the table there).
+#[derive(Debug)]
+pub struct Bound {
+    socket: TcpSocket,
+    addr: SocketAddr,
+    config: GatewayConfig,
+}
+
+impl Bound {
+    /// The address bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+/// Binds `config.listen` (a busy or bad address is an error here), for [`Bound::serve`].
+pub fn bind(config: GatewayConfig) -> Result<Bound> {
+    let io = |op, e: std::io::Error| Error::Io {
+        op,
+        segment: String::new(),
+        source: e,
+    };
+    raise_nofile_limit((config.max_connections + config.max_unauthenticated) as u64 + 64);
+    let socket = match config.listen {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .map_err(|e| io("gateway socket", e))?;
+    // As std's TcpListener::bind: a port in TIME_WAIT may be reused, a listening one not.
+    socket.set_reuseaddr(true).map_err(|e| io("gateway bind", e))?;
+    socket.bind(config.listen).map_err(|e| io("gateway bind", e))?;
+    let addr = socket.local_addr().map_err(|e| io("gateway bind", e))?;
+    Ok(Bound { socket, addr, config })
+}
+
 /// Starts the gateway on `config.listen`, serving `table`. Binding happens before this returns,
 /// so a busy address is an error here.
 pub fn serve(config: GatewayConfig, table: Arc<LockTable>) -> Result<Gateway> {
-    let io = |op, e: std::io::Error| Error::Io {
-        op,
-        segment: table.segment().name().to_string(),
-        source: e,
-    };
-    raise_nofile_limit(config.max_connections as u64 + 64);
-    let listener = StdListener::bind(config.listen).map_err(|e| io("gateway bind", e))?;
-    listener.set_nonblocking(true).map_err(|e| io("gateway bind", e))?;
-    let addr = listener.local_addr().map_err(|e| io("gateway bind", e))?;
-    // One thread serves every connection (see the module docs); waits run on blocking threads.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        // Every waiting request holds a blocking thread; sessions' cleanups need a few more.
-        .max_blocking_threads(config.max_waits + 64)
-        .thread_stack_size(256 * 1024)
-        .thread_name("shmlock-gw")
-        .enable_all()
-        .build()
-        .map_err(|e| io("gateway runtime", e))?;
-    let geo = table.geometry();
-    let shared = Arc::new(Shared {
-        waits: Arc::new(Semaphore::new(config.max_waits)),
-        max_name: geo.max_name_len as usize,
-        table,
-        config,
-    });
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let thread = std::thread::Builder::new()
-        .name("shmlock-gw-main".into())
-        .spawn(move || {
-            rt.block_on(async move {
-                match TcpListener::from_std(listener) {
-                    Ok(l) => accept_loop(l, shared, stop_rx).await,
-                    Err(e) => warn!(error = %e, "gateway: cannot register the listener"),
-                }
-            });
-            // Sessions have finished their cleanup (accept_loop waits for them).
-            rt.shutdown_timeout(Duration::from_secs(5));
-        })
-        .map_err(|e| Error::Io {
-            op: "gateway thread",
-            segment: String::new(),
+    bind(config)?.serve(table)
+}
+
+impl Bound {
+    /// Serves `table` on this socket until the returned [`Gateway`] is dropped.
+    pub fn serve(self, table: Arc<LockTable>) -> Result<Gateway> {
+        let Bound { socket, addr, config } = self;
+        let segment = table.segment().name().to_string();
+        let io = |op, e: std::io::Error| Error::Io {
+            op,
+            segment: segment.clone(),
             source: e,
-        })?;
-    info!(%addr, "gateway listening");
-    Ok(Gateway {
-        addr,
-        stop: Some(stop_tx),
-        thread: Some(thread),
-    })
+        };
+        // One thread serves every connection (see the module docs); waits run on blocking threads.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            // Every waiting request holds a blocking thread; sessions' cleanups need a few more.
+            .max_blocking_threads(config.max_waits + 64)
+            .thread_stack_size(256 * 1024)
+            .thread_name("shmlock-gw")
+            .enable_all()
+            .build()
+            .map_err(|e| io("gateway runtime", e))?;
+        let admin = admin::AdminPool::new(table.clone(), admin::ADMIN_THREADS, admin::ADMIN_QUEUE)
+            .map_err(|e| io("gateway admin threads", e))?;
+        let geo = table.geometry();
+        let shared = Arc::new(Shared {
+            waits: Arc::new(Semaphore::new(config.max_waits)),
+            conns: Arc::new(Semaphore::new(config.max_connections)),
+            unauth: Unauthenticated {
+                max: config.max_unauthenticated,
+                next: std::sync::atomic::AtomicU64::new(0),
+                queue: std::sync::Mutex::new(std::collections::VecDeque::new()),
+            },
+            admin,
+            max_name: geo.max_name_len as usize,
+            table,
+            config,
+        });
+        // Listening before this returns: a client may connect as soon as it has.
+        let listener = {
+            let _rt = rt.enter();
+            socket.listen(LISTEN_BACKLOG).map_err(|e| io("gateway listen", e))?
+        };
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let thread = std::thread::Builder::new()
+            .name("shmlock-gw-main".into())
+            .spawn(move || {
+                rt.block_on(accept_loop(listener, shared, stop_rx));
+                // Sessions have finished their cleanup (accept_loop waits for them).
+                rt.shutdown_timeout(Duration::from_secs(1));
+            })
+            .map_err(|e| Error::Io {
+                op: "gateway thread",
+                segment: String::new(),
+                source: e,
+            })?;
+        info!(%addr, "gateway listening");
+        Ok(Gateway {
+            addr,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
+    }
 }
 
 /// Raises the soft open-files limit towards `want` (at most the hard limit), so that a gateway
@@ -335,7 +474,6 @@ fn raise_nofile_limit(want: u64) {
 }
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
-    let conns = Arc::new(Semaphore::new(shared.config.max_connections));
     let mut tasks = tokio::task::JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -354,9 +492,29 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch
             }
         };
         let _ = stream.set_nodelay(true);
-        match conns.clone().try_acquire_owned() {
+        if shared.config.auth_token.is_some() {
+            // No session slot and no owner until AUTH; a bounded number of such connections.
+            let ticket = shared.unauth.admit();
+            tasks.spawn(session::run(
+                stream,
+                peer,
+                shared.clone(),
+                None,
+                Some(ticket),
+                stop.clone(),
+            ));
+            continue;
+        }
+        match shared.conns.clone().try_acquire_owned() {
             Ok(permit) => {
-                tasks.spawn(session::run(stream, peer, shared.clone(), permit, stop.clone()));
+                tasks.spawn(session::run(
+                    stream,
+                    peer,
+                    shared.clone(),
+                    Some(permit),
+                    None,
+                    stop.clone(),
+                ));
             }
             Err(_) => {
                 tasks.spawn(session::refuse(

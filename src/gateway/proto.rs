@@ -8,7 +8,7 @@ use std::fmt;
 use std::io::Write as _;
 use std::time::Duration;
 
-use crate::table::Mode;
+use crate::table::{Cursor, Mode};
 
 /// Protocol version sent in the greeting.
 pub const VERSION: u32 = 1;
@@ -73,9 +73,15 @@ pub enum ErrorCode {
     IdleTimeout,
     /// Server stopping (closes).
     ShuttingDown,
+    /// No `AUTH` within the gateway's `auth_timeout` (closes).
+    AuthTimeout,
+    /// A line not completed within the gateway's `line_timeout` (closes).
+    LineTimeout,
+    /// The peer does not read its answers (closes, usually unseen).
+    SlowReader,
 }
 
-const CODES: [(ErrorCode, &str); 23] = [
+const CODES: [(ErrorCode, &str); 26] = [
     (ErrorCode::BadTag, "BAD_TAG"),
     (ErrorCode::BadRequest, "BAD_REQUEST"),
     (ErrorCode::UnknownCommand, "UNKNOWN_COMMAND"),
@@ -99,6 +105,9 @@ const CODES: [(ErrorCode, &str); 23] = [
     (ErrorCode::TooManyConnections, "TOO_MANY_CONNECTIONS"),
     (ErrorCode::IdleTimeout, "IDLE_TIMEOUT"),
     (ErrorCode::ShuttingDown, "SHUTTING_DOWN"),
+    (ErrorCode::AuthTimeout, "AUTH_TIMEOUT"),
+    (ErrorCode::LineTimeout, "LINE_TIMEOUT"),
+    (ErrorCode::SlowReader, "SLOW_READER"),
 ];
 
 impl ErrorCode {
@@ -122,6 +131,9 @@ impl ErrorCode {
                 | ErrorCode::TooManyConnections
                 | ErrorCode::IdleTimeout
                 | ErrorCode::ShuttingDown
+                | ErrorCode::AuthTimeout
+                | ErrorCode::LineTimeout
+                | ErrorCode::SlowReader
         )
     }
 }
@@ -165,7 +177,7 @@ pub enum Command<'a> {
     },
     /// `QUIT`.
     Quit,
-    /// `LOCKS [PREFIX P] [AFTER NAME] [LIMIT N]`: a page of the locks held or waited on.
+    /// `LOCKS [PREFIX P] [AFTER CURSOR] [LIMIT N]`: a page of the locks held or waited on.
     Locks(LocksQuery<'a>),
     /// `STATUS [CHECK]`: capacities, pool counts, counters; with `check`, the invariant check.
     Status {
@@ -174,14 +186,14 @@ pub enum Command<'a> {
     },
 }
 
-/// The arguments of `LOCKS`. `prefix` and `after` are words as sent: escaped
-/// ([`decode_word`]), already checked to decode.
+/// The arguments of `LOCKS`. `prefix` is the word as sent: escaped ([`decode_word`]), already
+/// checked to decode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct LocksQuery<'a> {
     /// Only names starting with these bytes (escaped).
     pub prefix: Option<&'a [u8]>,
-    /// Only names after this one in byte order (escaped): the `NEXT` of the previous page.
-    pub after: Option<&'a [u8]>,
+    /// Start after this slot of the table (`<shard>.<entry>`): the `NEXT` of the previous page.
+    pub after: Option<Cursor>,
     /// At most this many locks (1..=[`MAX_LOCKS_LIMIT`]); None: [`DEFAULT_LOCKS_LIMIT`].
     pub limit: Option<u32>,
 }
@@ -316,9 +328,30 @@ pub fn parse_request(line: &[u8]) -> Result<Option<Request<'_>>, ParseError<'_>>
         let mut q = LocksQuery::default();
         while let Some(opt) = it.next() {
             let upper = opt.to_ascii_uppercase();
-            let (slot, what) = match upper.as_slice() {
-                b"PREFIX" => (&mut q.prefix, "PREFIX"),
-                b"AFTER" => (&mut q.after, "AFTER"),
+            match upper.as_slice() {
+                b"PREFIX" => {
+                    if q.prefix.is_some() {
+                        return Err(bad("PREFIX given twice".into()));
+                    }
+                    let v = it.next().ok_or_else(|| bad("PREFIX wants a name".into()))?;
+                    if decode_word(v).is_none() {
+                        return Err(bad(format!("PREFIX: bad %-escape in {}", lossy(v))));
+                    }
+                    q.prefix = Some(v);
+                }
+                b"AFTER" => {
+                    if q.after.is_some() {
+                        return Err(bad("AFTER given twice".into()));
+                    }
+                    let v = it.next().unwrap_or(b"");
+                    let c = Cursor::parse(v).ok_or_else(|| {
+                        bad(format!(
+                            "AFTER wants a cursor SHARD.ENTRY (the NEXT of an END line), got {}",
+                            lossy(v)
+                        ))
+                    })?;
+                    q.after = Some(c);
+                }
                 b"LIMIT" => {
                     if q.limit.is_some() {
                         return Err(bad("LIMIT given twice".into()));
@@ -331,18 +364,9 @@ pub fn parse_request(line: &[u8]) -> Result<Option<Request<'_>>, ParseError<'_>>
                         .filter(|n| (1..=MAX_LOCKS_LIMIT).contains(n))
                         .ok_or_else(|| bad(format!("LIMIT wants 1..={MAX_LOCKS_LIMIT}, got {}", lossy(v))))?;
                     q.limit = Some(n);
-                    continue;
                 }
                 _ => return Err(bad(format!("unknown option {}", lossy(opt)))),
-            };
-            if slot.is_some() {
-                return Err(bad(format!("{what} given twice")));
             }
-            let v = it.next().ok_or_else(|| bad(format!("{what} wants a name")))?;
-            if decode_word(v).is_none() {
-                return Err(bad(format!("{what}: bad %-escape in {}", lossy(v))));
-            }
-            *slot = Some(v);
         }
         Command::Locks(q)
     } else if verb.eq_ignore_ascii_case(b"STATUS") {
@@ -652,10 +676,10 @@ mod tests {
         assert_eq!(ok("x QUIT"), Command::Quit);
         assert_eq!(ok("x LOCKS"), Command::Locks(LocksQuery::default()));
         assert_eq!(
-            ok("x locks limit 5 after orders%2F9 PREFIX orders/"),
+            ok("x locks limit 5 after 3.17 PREFIX orders/"),
             Command::Locks(LocksQuery {
                 prefix: Some(b"orders/"),
-                after: Some(b"orders%2F9"),
+                after: Some(Cursor { shard: 3, entry: 17 }),
                 limit: Some(5)
             })
         );
@@ -705,7 +729,9 @@ mod tests {
         assert!(err("9 LOCKS LIMIT").2.starts_with("LIMIT wants"));
         assert_eq!(err("9 LOCKS LIMIT 1 LIMIT 2").2, "LIMIT given twice");
         assert_eq!(err("9 LOCKS PREFIX a PREFIX b").2, "PREFIX given twice");
-        assert_eq!(err("9 LOCKS AFTER").2, "AFTER wants a name");
+        assert!(err("9 LOCKS AFTER").2.starts_with("AFTER wants a cursor"));
+        assert!(err("9 LOCKS AFTER orders/9").2.starts_with("AFTER wants a cursor"));
+        assert_eq!(err("9 LOCKS AFTER 1.2 AFTER 1.3").2, "AFTER given twice");
         assert_eq!(err("9 LOCKS PREFIX a%zz").2, "PREFIX: bad %-escape in a%zz");
         assert_eq!(err("9 LOCKS SIDEWAYS").2, "unknown option SIDEWAYS");
         assert_eq!(err("9 STATUS NOW").2, "unknown option NOW");
@@ -822,6 +848,7 @@ mod tests {
             Just("LIMIT".to_string()),
             Just("CHECK".to_string()),
             Just("a%2Fb".to_string()),
+            Just("12.345".to_string()),
             Just("a%zz".to_string()),
             Just("SHARED".to_string()),
             Just("exclusive".to_string()),
@@ -888,9 +915,9 @@ mod tests {
                             prop_assert_eq!(ws.len() % 2, 1);
                             let opt = |o: &str| ws[1..].chunks(2).find(|c| c[0].eq_ignore_ascii_case(o)).map(|c| c[1].as_str());
                             prop_assert_eq!(q.prefix, opt("PREFIX").map(str::as_bytes));
-                            prop_assert_eq!(q.after, opt("AFTER").map(str::as_bytes));
+                            prop_assert_eq!(q.after, opt("AFTER").map(|c| Cursor::parse(c.as_bytes()).unwrap()));
                             prop_assert_eq!(q.limit, opt("LIMIT").map(|n| n.parse::<u32>().unwrap()));
-                            for v in [q.prefix, q.after].into_iter().flatten() {
+                            for v in [q.prefix].into_iter().flatten() {
                                 prop_assert!(decode_word(v).is_some());
                             }
                         }

@@ -12,16 +12,29 @@
 //! that fills less than the buffer took everything the socket had, so readiness is cleared then
 //! and there (a second `read` would only return `EAGAIN`). An uncontended request therefore
 //! costs one `read`, one `write` and the wait for the next event.
-//! The idle timer is not re-armed per read: a read stamps the time, and the timer, when it
-//! fires, re-arms itself from that stamp.
 //!
-//! # Ending
-//! Whatever ends the session (EOF, `QUIT`, idle timeout, a closing error, shutdown), `cleanup`
-//! runs: `release_all` over the shards it holds or waits in releases its holds and cancels its waits (blocked threads
-//! return `Error::Cancelled`); once every waiter has reported, the owner is deregistered. Only
-//! then is the final line written and the socket closed, so a client that sees the close knows
-//! its locks are free.
-
+//! Writes never block the session: pending output is written with `try_write` whenever there is
+//! some, and the rest waits for the socket to be writable inside the same `select!` as the reads,
+//! the idle timer, the other deadlines and the stop signal. A peer that leaves more than
+//! [`HIGH_WATER`] bytes of answers unwritten (beyond what the kernel's socket buffers took) gets
+//! no more requests read until they drain: a peer that does not read its answers so falls silent
+//! and the idle timeout ends it, releasing its locks, however many requests it keeps sending. Past
+//! [`MAX_UNSENT`] (answers to waits can still come) the session ends at once (`SLOW_READER`).
+//!
+//! # Deadlines
+//! - Idle: the timer counts from the last byte read, and is not charged while an admin query of
+//!   the session is being served (the session reads nothing meanwhile). It is not re-armed per
+//!   read: a read stamps the time, and the timer, when it fires, re-arms itself from that stamp.
+//! - Line: a line must be complete (its LF read) within `line_timeout` of its first byte read.
+//! - Authentication: with a secret, a connection must authenticate within `auth_timeout` of its
+//!   acceptance; until it does it holds no session slot and no owner record, and it may be closed
+//!   early when more than `max_unauthenticated` connections are waiting to authenticate.
+//!
+//! # Admin queries
+//! `LOCKS` and `STATUS` go to the admin pool; the session reads no further request until the
+//! answer has come (lines already read wait in its buffer), so answers keep the order of the
+//! requests and a session has at most one query in the pool.
+//!
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
@@ -32,9 +45,10 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit};
 use tracing::debug;
 
+use super::admin::AdminRequest;
 use super::proto::{self, Command, ErrorCode, Hello};
 use super::Shared;
 use crate::clock;
@@ -43,10 +57,18 @@ use crate::owner::OwnerKind;
 use crate::table::{Mode, OwnerRef, RawGrant, Wait};
 
 /// How long the final write of a closing session may take.
-const FINAL_WRITE: Duration = Duration::from_secs(1);
+pub(super) const FINAL_WRITE: Duration = Duration::from_secs(1);
 /// While waiters of an ending session are still running, `release_all` is repeated this often
 /// (a waiter thread that had not yet queued its request when the first one ran queues it later).
 const CLEANUP_RETRY: Duration = Duration::from_millis(20);
+/// Answers the peer has left unread, beyond the socket buffers, before the session is ended.
+pub const MAX_UNSENT: usize = 1 << 20;
+/// While more than this many bytes of answers wait to be written, the session reads no more
+/// requests: a peer that does not read its answers then falls silent, and the idle timeout ends
+/// it.
+pub const HIGH_WATER: usize = 256 * 1024;
+/// Far enough to stand for "never" in a timer.
+const NEVER: Duration = Duration::from_secs(86_400 * 365);
 
 /// Sends a closing line instead of the greeting, and closes.
 pub(super) async fn refuse(mut stream: TcpStream, why: String) {
@@ -76,23 +98,20 @@ type Close = Option<(ErrorCode, String)>;
 
 enum Flow {
     Go,
-    Close(Close),
-}
-
-/// What a readable socket gave.
-enum Read {
-    /// Nothing after all (a spurious wake-up).
-    Nothing,
-    /// Data, handled.
-    Lines,
+    /// An admin query went to the pool: read nothing more until its answer.
+    Pause,
     Close(Close),
 }
 
 struct Session {
     shared: Arc<Shared>,
-    me: OwnerRef,
+    /// The session's owner: registered at once without a secret, after `AUTH` with one.
+    me: Option<OwnerRef>,
     peer: SocketAddr,
-    authed: bool,
+    /// The session slot, once it has one.
+    permit: Option<OwnedSemaphorePermit>,
+    /// Its place among the unauthenticated connections, until it authenticates.
+    ticket: Option<super::Ticket>,
     held: HashMap<Box<[u8]>, Held>,
     /// Names waited for, with the waiting request's tag.
     waiting: HashMap<Box<[u8]>, Box<str>>,
@@ -101,47 +120,61 @@ struct Session {
     done: Option<mpsc::UnboundedSender<Box<Done>>>,
     /// The receiver of a channel just made, until `serve` or `cleanup` takes it.
     new_rx: Option<mpsc::UnboundedReceiver<Box<Done>>>,
+    /// The answer to an admin query just queued, until `serve` takes it.
+    new_admin: Option<oneshot::Receiver<Vec<u8>>>,
     /// Set when the session ends: waiter threads that have not started give up at once.
     closing: Arc<AtomicBool>,
 }
 
-/// Serves one accepted connection until it ends, then cleans up.
+/// Serves one accepted connection until it ends, then cleans up. `permit` is its session slot
+/// (None: it must authenticate first, and `ticket` is its place among those that have not).
 pub(super) async fn run(
     mut stream: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
-    _permit: OwnedSemaphorePermit,
+    permit: Option<OwnedSemaphorePermit>,
+    ticket: Option<super::Ticket>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let me = match shared.table.register(OwnerKind::Remote, peer.to_string().as_bytes()) {
-        Ok(me) => me,
-        Err(e) => return refuse(stream, format!("no room for another session: {e}")).await,
+    let me = match ticket {
+        Some(_) => None,
+        None => match shared.table.register(OwnerKind::Remote, peer.to_string().as_bytes()) {
+            Ok(me) => Some(me),
+            Err(e) => return refuse(stream, format!("no room for another session: {e}")).await,
+        },
     };
-    debug!(%peer, owner = me.idx, "session opened");
+    debug!(%peer, owner = ?me.map(|m| m.idx), "session opened");
     let mut rx = None;
     let mut s = Session {
-        authed: shared.config.auth_token.is_none(),
         shared,
         me,
         peer,
+        permit,
+        ticket,
         held: HashMap::new(),
         waiting: HashMap::new(),
         done: None,
         new_rx: None,
+        new_admin: None,
         closing: Arc::new(AtomicBool::new(false)),
     };
     let mut out = Vec::with_capacity(128);
     proto::encode_hello(&mut out, &s.hello());
-    let close = s.serve(&mut stream, &mut rx, &mut stop, &mut out).await;
+    let mut sent = 0;
+    let close = s.serve(&mut stream, &mut rx, &mut stop, &mut out, &mut sent).await;
+    if let Some(t) = s.ticket.take() {
+        s.shared.unauth.leave(&t);
+    }
     s.cleanup(&mut rx).await;
     if let Some((code, msg)) = close {
         proto::encode_error(&mut out, proto::SERVER_TAG, code, &msg);
     }
     let _ = tokio::time::timeout(FINAL_WRITE, async {
-        let _ = stream.write_all(&out).await;
+        let _ = stream.write_all(&out[sent.min(out.len())..]).await;
         let _ = stream.shutdown().await;
     })
     .await;
+    drop(s.permit.take());
     debug!(%peer, "session closed");
 }
 
@@ -159,21 +192,34 @@ impl Session {
         }
     }
 
+    /// The session's loop; `out[*sent..]` is output not yet written when it returns.
     async fn serve(
         &mut self,
         stream: &mut TcpStream,
         rx: &mut Option<mpsc::UnboundedReceiver<Box<Done>>>,
         stop: &mut watch::Receiver<bool>,
         out: &mut Vec<u8>,
+        sent: &mut usize,
     ) -> Close {
         let stopping = || Some((ErrorCode::ShuttingDown, "the server is stopping".into()));
-        let idle = self.shared.config.idle_timeout;
-        // Far enough to never fire when there is no idle timeout (the branch is disabled too).
-        let idle_for = idle.unwrap_or(Duration::from_secs(86_400));
+        let cfg = &self.shared.config;
+        let (idle, line_for) = (cfg.idle_timeout, cfg.line_timeout.unwrap_or(NEVER));
+        let idle_for = idle.unwrap_or(NEVER);
+        let start = tokio::time::Instant::now();
+        let auth_by = match (self.me, cfg.auth_timeout) {
+            (None, Some(t)) => Some(start + t),
+            _ => None,
+        };
         // When the last bytes came; the timer re-arms itself from it when it fires.
-        let mut heard = tokio::time::Instant::now();
-        let sleep = tokio::time::sleep_until(heard + idle_for);
-        tokio::pin!(sleep);
+        let mut heard = start;
+        let idle_sleep = tokio::time::sleep_until(heard + idle_for);
+        tokio::pin!(idle_sleep);
+        // When the partial line in `inbuf` began, if there is one (and no query is in flight).
+        let mut line_since: Option<tokio::time::Instant> = None;
+        let line_sleep = tokio::time::sleep_until(start + NEVER);
+        tokio::pin!(line_sleep);
+        let auth_sleep = tokio::time::sleep_until(auth_by.unwrap_or(start + NEVER));
+        tokio::pin!(auth_sleep);
         if *stop.borrow() {
             return stopping();
         }
@@ -181,50 +227,132 @@ impl Session {
         // channel and deregister again every time).
         let stopped = stop.changed();
         tokio::pin!(stopped);
-        // Only a partial line waits here: an idle session keeps no read buffer.
-        let mut partial: Vec<u8> = Vec::new();
+        // Bytes read and not yet handled: a partial line, or lines waiting for an admin answer.
+        // An idle session keeps no read buffer.
+        let mut inbuf: Vec<u8> = Vec::new();
+        let mut admin: Option<oneshot::Receiver<Vec<u8>>> = None;
         loop {
-            if !out.is_empty() {
-                if stream.write_all(out).await.is_err() {
-                    return None;
+            if *sent < out.len() {
+                match stream.try_write(&out[*sent..]) {
+                    Ok(n) => *sent += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => return None,
                 }
-                out.clear();
-                if out.capacity() > 8192 {
-                    *out = Vec::new();
+                if *sent == out.len() {
+                    out.clear();
+                    *sent = 0;
+                    if out.capacity() > 8192 {
+                        *out = Vec::new();
+                    }
+                } else if out.len() - *sent > MAX_UNSENT {
+                    let msg = format!("more than {MAX_UNSENT} bytes of answers left unread");
+                    return Some((ErrorCode::SlowReader, msg));
                 }
             }
             self.take_rx(rx);
+            if let Some(a) = self.new_admin.take() {
+                admin = Some(a);
+            }
+            let paused = admin.is_some();
+            let unwritten = *sent < out.len();
+            let backlog = out.len() - *sent > HIGH_WATER;
+            let waiting_auth = self.me.is_none();
+            let kick = self.ticket.as_ref().map(|t| t.kick.clone());
             tokio::select! {
                 _ = &mut stopped => return stopping(),
+                _ = async {
+                    match &kick {
+                        Some(k) => k.notified().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let max = self.shared.config.max_unauthenticated;
+                    let msg = format!("more than {max} connections are waiting to authenticate; this was the oldest");
+                    return Some((ErrorCode::AuthTimeout, msg));
+                }
                 Some(d) = async {
                     match rx.as_mut() {
                         Some(r) => r.recv().await,
                         None => std::future::pending().await,
                     }
                 } => self.complete(*d, out),
-                r = stream.readable() => {
+                answer = async {
+                    match admin.as_mut() {
+                        Some(a) => a.await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    admin = None;
+                    match answer {
+                        Ok(bytes) => out.extend_from_slice(&bytes),
+                        Err(_) => proto::encode_error(out, proto::SERVER_TAG, ErrorCode::Internal, "an admin query was lost"),
+                    }
+                    // The query's time is not charged to the session.
+                    heard = tokio::time::Instant::now();
+                    // Lines that came with the query's, or after it.
+                    let consumed = match self.lines(&inbuf, out) {
+                        Ok(n) => n,
+                        Err(c) => return c,
+                    };
+                    inbuf.drain(..consumed);
+                    if self.new_admin.is_none() {
+                        if let Some(c) = check_partial(&inbuf, self.shared.config.max_line) {
+                            return c;
+                        }
+                        line_since = (!inbuf.is_empty()).then_some(heard);
+                        line_sleep.as_mut().reset(heard + line_for);
+                    }
+                    if inbuf.is_empty() && inbuf.capacity() > 0 {
+                        inbuf = Vec::new();
+                    }
+                }
+                r = stream.writable(), if unwritten => {
                     if r.is_err() {
                         return None;
                     }
-                    match self.on_readable(stream, &mut partial, out) {
+                }
+                r = stream.readable(), if !paused && !backlog => {
+                    if r.is_err() {
+                        return None;
+                    }
+                    let had_partial = !inbuf.is_empty();
+                    match self.on_readable(stream, &mut inbuf, out) {
                         Read::Nothing => continue,
-                        Read::Lines => {}
+                        Read::Lines { completed } => {
+                            let now = tokio::time::Instant::now();
+                            heard = now;
+                            if self.new_admin.is_some() || inbuf.is_empty() {
+                                line_since = None;
+                            } else if completed || !had_partial {
+                                // A new partial line began in this read.
+                                line_since = Some(now);
+                                line_sleep.as_mut().reset(now + line_for);
+                            }
+                        }
                         Read::Close(c) => return c,
                     }
-                    if idle.is_some() {
-                        heard = tokio::time::Instant::now();
-                    }
                 }
-                _ = &mut sleep, if idle.is_some() => {
+                _ = &mut idle_sleep, if idle.is_some() && !paused => {
                     let due = heard + idle_for;
                     if due > tokio::time::Instant::now() {
-                        sleep.as_mut().reset(due);
+                        idle_sleep.as_mut().reset(due);
                         continue;
                     }
                     return Some((
                         ErrorCode::IdleTimeout,
                         format!("nothing received for {}ms", idle_for.as_millis()),
                     ));
+                }
+                _ = &mut line_sleep, if line_since.is_some() && !paused => {
+                    return Some((
+                        ErrorCode::LineTimeout,
+                        format!("a line was not completed within {}ms", line_for.as_millis()),
+                    ));
+                }
+                _ = &mut auth_sleep, if waiting_auth && auth_by.is_some() => {
+                    let ms = self.shared.config.auth_timeout.unwrap_or(NEVER).as_millis();
+                    return Some((ErrorCode::AuthTimeout, format!("no AUTH within {ms}ms")));
                 }
             }
         }
@@ -237,9 +365,9 @@ impl Session {
         }
     }
 
-    /// Reads what the socket has into a stack buffer and handles every whole line; a partial
-    /// line is kept in `partial` until its LF comes.
-    fn on_readable(&mut self, stream: &TcpStream, partial: &mut Vec<u8>, out: &mut Vec<u8>) -> Read {
+    /// Reads what the socket has into a stack buffer and handles every whole line (until an
+    /// admin query pauses the session); what is left is kept in `inbuf`.
+    fn on_readable(&mut self, stream: &TcpStream, inbuf: &mut Vec<u8>, out: &mut Vec<u8>) -> Read {
         let max_line = self.shared.config.max_line;
         let mut chunk = [0u8; 4096];
         let got = match read_some(stream, &mut chunk) {
@@ -249,42 +377,81 @@ impl Session {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Read::Nothing,
             Err(_) => return Read::Close(None),
         };
-        let buffered = !partial.is_empty();
-        if buffered {
-            partial.extend_from_slice(&chunk[..got]);
+        let completed;
+        if inbuf.is_empty() {
+            let n = match self.lines(&chunk[..got], out) {
+                Ok(n) => n,
+                Err(c) => return Read::Close(c),
+            };
+            completed = n > 0;
+            inbuf.extend_from_slice(&chunk[n..got]);
+        } else {
+            inbuf.extend_from_slice(&chunk[..got]);
+            let n = match self.lines(inbuf, out) {
+                Ok(n) => n,
+                Err(c) => return Read::Close(c),
+            };
+            completed = n > 0;
+            inbuf.drain(..n);
         }
-        let data: &[u8] = if buffered { partial } else { &chunk[..got] };
+        if self.new_admin.is_none() {
+            if let Some(c) = check_partial(inbuf, max_line) {
+                return Read::Close(c);
+            }
+        }
+        if inbuf.is_empty() && inbuf.capacity() > 0 {
+            *inbuf = Vec::new();
+        }
+        Read::Lines { completed }
+    }
+
+    /// Handles the whole lines at the start of `data` until one pauses the session; returns
+    /// the bytes consumed, or why the session must close.
+    fn lines(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<usize, Close> {
+        let max_line = self.shared.config.max_line;
         let mut start = 0;
         while let Some(n) = data[start..].iter().position(|&b| b == b'\n') {
             let line = proto::trim_eol(&data[start..start + n]);
             start += n + 1;
             if line.len() > max_line {
-                return Read::Close(Some(too_long(max_line)));
+                return Err(Some(too_long(max_line)));
             }
             if line.contains(&0) {
-                return Read::Close(Some(binary()));
+                return Err(Some(binary()));
             }
-            if let Flow::Close(c) = self.handle(line, out) {
-                return Read::Close(c);
+            match self.handle(line, out) {
+                Flow::Go => {}
+                Flow::Pause => return Ok(start),
+                Flow::Close(c) => return Err(c),
             }
         }
-        let rest = &data[start..];
-        // A partial line may still end with CR LF.
-        if rest.len() > max_line + 1 {
-            return Read::Close(Some(too_long(max_line)));
+        Ok(start)
+    }
+
+    /// With a secret: the right one was given; takes a session slot and an owner record.
+    fn authenticated(&mut self, tag: &str, out: &mut Vec<u8>) -> Flow {
+        let refuse = |out: &mut Vec<u8>, msg: String| {
+            proto::encode_error(out, tag, ErrorCode::TooManyConnections, &msg);
+            Flow::Close(None)
+        };
+        let Ok(permit) = self.shared.conns.clone().try_acquire_owned() else {
+            let max = self.shared.config.max_connections;
+            return refuse(out, format!("the gateway serves at most {max} connections"));
+        };
+        match self
+            .shared
+            .table
+            .register(OwnerKind::Remote, self.peer.to_string().as_bytes())
+        {
+            Ok(me) => self.me = Some(me),
+            Err(e) => return refuse(out, format!("no room for another session: {e}")),
         }
-        if rest.contains(&0) {
-            return Read::Close(Some(binary()));
+        self.permit = Some(permit);
+        if let Some(t) = self.ticket.take() {
+            self.shared.unauth.leave(&t);
         }
-        if buffered {
-            partial.drain(..start);
-        } else {
-            partial.extend_from_slice(&chunk[start..got]);
-        }
-        if partial.is_empty() && partial.capacity() > 0 {
-            *partial = Vec::new();
-        }
-        Read::Lines
+        proto::encode_simple(out, tag, "OK");
+        Flow::Go
     }
 
     fn handle(&mut self, line: &[u8], out: &mut Vec<u8>) -> Flow {
@@ -308,10 +475,12 @@ impl Session {
                     proto::encode_error(out, tag, ErrorCode::AuthFailed, "wrong secret");
                     return Flow::Close(None);
                 }
-                self.authed = true;
+                if self.me.is_none() {
+                    return self.authenticated(tag, out);
+                }
                 proto::encode_simple(out, tag, "OK");
             }
-            _ if !self.authed => {
+            _ if self.me.is_none() => {
                 proto::encode_error(out, tag, ErrorCode::AuthRequired, "authenticate first: AUTH <secret>");
             }
             Command::Quit => {
@@ -321,10 +490,28 @@ impl Session {
             Command::Lock { name, mode, timeout } => self.lock(tag, name, mode, timeout, out),
             Command::Try { name, mode } => self.lock(tag, name, mode, Some(Duration::ZERO), out),
             Command::Unlock { name } => self.unlock(tag, name, out),
-            Command::Locks(q) => super::admin::serve_locks(&self.shared.table, tag, &q, out),
-            Command::Status { check } => super::admin::serve_status(&self.shared.table, tag, check, out),
+            Command::Locks(q) => return self.admin(tag, AdminRequest::Locks(q), out),
+            Command::Status { check } => return self.admin(tag, AdminRequest::Status { check }, out),
         }
         Flow::Go
+    }
+
+    /// Hands an admin query to the pool; the session pauses until its answer.
+    fn admin(&mut self, tag: &str, q: AdminRequest<'_>, out: &mut Vec<u8>) -> Flow {
+        match self.shared.admin.submit(tag, q) {
+            Some(rx) => {
+                self.new_admin = Some(rx);
+                Flow::Pause
+            }
+            None => {
+                let msg = format!(
+                    "{} admin queries are queued already, the limit; retry later",
+                    super::admin::ADMIN_QUEUE
+                );
+                proto::encode_error(out, tag, ErrorCode::ServerBusy, &msg);
+                Flow::Go
+            }
+        }
     }
 
     fn check_name(&self, tag: &str, name: &[u8], out: &mut Vec<u8>) -> bool {
@@ -373,8 +560,10 @@ impl Session {
             let msg = format!("a session may hold or wait for at most {max_locks} names");
             return err(out, ErrorCode::TooManyLocks, msg);
         }
+        // Only authenticated sessions get here (`handle`).
+        let Some(me) = self.me else { return };
         let started = Instant::now();
-        match self.shared.table.acquire(self.me, name, mode, Wait::No) {
+        match self.shared.table.acquire(me, name, mode, Wait::No) {
             Ok(g) => return self.granted(tag, name, g, out),
             Err(Error::WouldBlock) if timeout == Some(Duration::ZERO) => {
                 return err(out, ErrorCode::Busy, "lock is busy".into());
@@ -405,7 +594,7 @@ impl Session {
                 self.done.insert(tx).clone()
             }
         };
-        let (table, me, closing) = (self.shared.table.clone(), self.me, self.closing.clone());
+        let (table, closing) = (self.shared.table.clone(), self.closing.clone());
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let result = if closing.load(Ordering::Acquire) {
@@ -462,7 +651,8 @@ impl Session {
             };
             return proto::encode_error(out, tag, ErrorCode::NotHeld, &why);
         };
-        match self.shared.table.release(self.me, &h.grant) {
+        let Some(me) = self.me else { return };
+        match self.shared.table.release(me, &h.grant) {
             Ok(()) => proto::encode_simple(out, tag, "OK"),
             Err(e) => error_response(out, tag, &e),
         }
@@ -472,7 +662,9 @@ impl Session {
     async fn cleanup(&mut self, rx: &mut Option<mpsc::UnboundedReceiver<Box<Done>>>) {
         self.closing.store(true, Ordering::Release);
         self.take_rx(rx);
-        let (table, me) = (self.shared.table.clone(), self.me);
+        // A session that never authenticated has nothing in the table.
+        let Some(me) = self.me else { return };
+        let table = self.shared.table.clone();
         // Only the shards this session holds or waits in: ending a session must not cost a walk
         // of the whole table.
         let mut shards: Vec<u32> = self
@@ -535,6 +727,29 @@ fn read_some(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
         Err(e) if e.kind() == io::ErrorKind::WouldBlock && short > 0 => Ok(short),
         r => r,
     }
+}
+
+/// What a readable socket gave.
+enum Read {
+    /// Nothing after all (a spurious wake-up).
+    Nothing,
+    /// Data, handled; `completed`: at least one line was.
+    Lines {
+        completed: bool,
+    },
+    Close(Close),
+}
+
+/// Why a partial line (no LF yet) must close the session, if it must.
+fn check_partial(rest: &[u8], max_line: usize) -> Option<Close> {
+    // A partial line may still end with CR LF.
+    if rest.len() > max_line + 1 {
+        return Some(Some(too_long(max_line)));
+    }
+    if rest.contains(&0) {
+        return Some(Some(binary()));
+    }
+    None
 }
 
 fn too_long(max: usize) -> (ErrorCode, String) {

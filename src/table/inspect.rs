@@ -116,12 +116,12 @@ pub struct Forced {
 }
 
 /// A holder or waiter copied under a shard latch: `(owner, mode, token, since)`.
-type RawParty = (u32, u32, u64, Nanos);
+pub(super) type RawParty = (u32, u32, u64, Nanos);
 
 /// A lock's words, copied under its shard latch; its parties are `parties[from..to]` of a vector
 /// shared by the shard's locks (holders first, up to `waiters`), resolved to owners later.
 #[derive(Debug, Clone, Copy)]
-struct RawLock {
+pub(super) struct RawLock {
     mode: u32,
     token: u64,
     flags: u32,
@@ -209,7 +209,7 @@ impl LockTable {
 
     /// Copies entry `i`'s words, holders and queue (under the shard latch), appending its
     /// parties to `parties`.
-    fn copy_entry(sh: &Shard<'_>, i: u32, parties: &mut Vec<RawParty>) -> RawLock {
+    pub(super) fn copy_entry(sh: &Shard<'_>, i: u32, parties: &mut Vec<RawParty>) -> RawLock {
         let from = parties.len();
         let mut r = RawLock {
             mode: MODE_NONE,
@@ -250,7 +250,7 @@ impl LockTable {
     }
 
     /// Turns a copied lock into a [`LockInfo`], looking owners up (outside any latch).
-    fn resolve(&self, r: &RawLock, parties: &[RawParty], name: Vec<u8>, shard: u32, now: Nanos) -> LockInfo {
+    pub(super) fn resolve(&self, r: &RawLock, parties: &[RawParty], name: Vec<u8>, shard: u32, now: Nanos) -> LockInfo {
         let party = |&(owner, mode, token, since): &RawParty| {
             let o = self.owners().get(owner as usize);
             Party {

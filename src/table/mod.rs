@@ -34,6 +34,7 @@
 mod check;
 mod entry;
 mod inspect;
+mod page;
 mod reap;
 mod shard;
 #[cfg(test)]
@@ -59,6 +60,7 @@ pub use entry::{
     OWNER_DIED, SLOW, WAIT, WOKEN,
 };
 pub use inspect::{Forced, LockInfo, OwnerInfo, Party, PoolCounts};
+pub use page::{Cursor, Page, PAGE_SCAN, SCAN_PER_LATCH};
 pub use reap::{pid_latch_id, PID_ID};
 pub use shard::{Latch, ShardHdr, LATCH_SLEEP, STAT_GRANTS, STAT_HANDOFFS, STAT_REPAIRS, STAT_TIMEOUTS, STAT_WAITS};
 
