@@ -238,10 +238,19 @@ impl<'a> Shard<'a> {
     /// The next fencing token for entry `e` (latch held): above the shard's counter, which is
     /// the floor for entries inserted later, and above the entry's own last token, which fast
     /// grants raise without the latch.
-    fn next_token(&self, e: &Entry) -> u64 {
-        let t = self.hdr.token.load(Relaxed).max(e.last_token()) + 1;
+    ///
+    /// Both are read from the segment: a counter at `u64::MAX` (only a corruption gets there; a
+    /// real one would need centuries) is an error, never an overflow or a repeated token.
+    fn next_token(&self, e: &Entry) -> Result<u64> {
+        let last = self.hdr.token.load(Relaxed).max(e.last_token());
+        let t = last.checked_add(1).ok_or_else(|| {
+            corrupt(format!(
+                "shard {} fencing token counter {last} cannot grow (run `shmlock check`)",
+                self.no
+            ))
+        })?;
         self.hdr.token.store(t, Relaxed);
-        t
+        Ok(t)
     }
     fn bump(&self, stat: usize) {
         let s = &self.hdr.stats[stat];
@@ -665,7 +674,19 @@ impl LockTable {
         // HELD), an entry that only carries an owner-died notice only when no idle one is left
         // (its notice is lost with it).
         let mut tries = sh.epool().count(EntryState::Idle);
+        // Each round frees an entry or finds one fast-held (which pinning makes HELD), so a
+        // consistent shard needs at most one round per entry; lists and counts torn by a
+        // corruption must not keep us here, under the latch, for ever.
+        let mut rounds = sh.entries().len() + 1;
         while sh.epool().count(EntryState::Free) == 0 {
+            rounds = rounds.checked_sub(1).ok_or_else(|| {
+                corrupt(format!(
+                    "shard {} entry pool: no FREE entry counted and none could be evicted in {} rounds \
+                     (its lists are torn; run `shmlock check`)",
+                    sh.no,
+                    sh.entries().len() + 1
+                ))
+            })?;
             let idle = if tries > 0 {
                 sh.epool().oldest(EntryState::Idle)
             } else {
@@ -897,7 +918,8 @@ impl LockTable {
         if gen == u32::MAX {
             return None; // the latch moves the base with a wrapping generation
         }
-        let token = e.token_at(w) + 1;
+        // A base read from the segment at its limit: the latched path reports it.
+        let token = e.token_at(w).checked_add(1)?;
         e.lw.compare_exchange(
             w,
             lock_word(gen + 1, me.idx + 1),
@@ -982,6 +1004,10 @@ impl LockTable {
     /// Grants entry `i` to `me` (the caller checked that it may).
     fn grant_now(&self, sh: &Shard<'_>, i: u32, mode: Mode, me: OwnerRef, now: Nanos) -> Result<RawGrant> {
         let e = sh.entry(i)?;
+        // First, so a counter that cannot grow fails the grant before anything is changed. (Nothing
+        // below moves the word or the base before the token is stored; a process killed in
+        // between leaves the counter one ahead, a token never granted.)
+        let token = sh.next_token(e)?;
         if mode == Mode::Exclusive && e.waiters.load(Relaxed) == 0 && e.readers.load(Relaxed) == 0 {
             // Nobody waits: grant it as a fast hold (IDLE, named by the lock word alone), so its
             // unlock is one CAS and the pool lists are not touched on either side.
@@ -990,7 +1016,6 @@ impl LockTable {
                 EntryState::Free => return Err(corrupt(format!("shard {} entry {i} granted while FREE", sh.no))),
                 s => sh.epool().transition(Idx(i), s, EntryState::Idle, now)?,
             }
-            let token = sh.next_token(e);
             e.set_last_token(token);
             crate::chaos::point();
             let died = e.died();
@@ -1027,7 +1052,6 @@ impl LockTable {
             EntryState::Held => {}
             EntryState::Free => return Err(corrupt(format!("shard {} entry {i} granted while FREE", sh.no))),
         }
-        let token = sh.next_token(e);
         e.set_last_token(token);
         crate::chaos::point();
         let died = e.died();
@@ -1087,7 +1111,7 @@ impl LockTable {
             hh.prev.store(h, Relaxed);
         }
         e.reader_head.store(h, Relaxed);
-        e.readers.store(e.readers.load(Relaxed) + 1, Relaxed);
+        e.readers.store(e.readers.load(Relaxed).saturating_add(1), Relaxed);
     }
 
     fn remove_reader(sh: &Shard<'_>, e: &Entry, h: u32) {

@@ -332,7 +332,7 @@ impl LockTable {
             }
             o.reaper.store(me, Relaxed);
             let hdr = self.table_hdr();
-            hdr.reaps.store(hdr.reaps.load(Relaxed) + 1, Relaxed);
+            hdr.reaps.store(hdr.reaps.load(Relaxed).saturating_add(1), Relaxed);
         }
         let who = o.process();
         let n = self.release_owner(as_id, idx, 0..self.geo.shards, true)?;

@@ -106,6 +106,19 @@ impl<'a> Latch<'a> {
         }
     }
 
+    /// Takes the latch for `id` only if it is free now: never waits, never takes over a dead
+    /// holder's latch (so never leads to a repair). For readers that must see a quiet shard
+    /// without changing it ([`LockTable::check_headers`](super::LockTable::check_headers)).
+    pub fn try_lock(self, id: u32) -> Option<LatchGuard<'a>> {
+        self.word
+            .compare_exchange(0, id, Ordering::Acquire, Ordering::Relaxed)
+            .ok()
+            .map(|_| LatchGuard {
+                word: self.word,
+                recovered: None,
+            })
+    }
+
     #[cold]
     fn lock_slow(self, id: u32, dead: &dyn Fn(u32) -> bool) -> Option<u32> {
         for _ in 0..SPINS {
