@@ -597,6 +597,49 @@ mod tests {
         assert_eq!(p.iter(T::Used).map(|x| x.0 .0).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
     }
 
+    #[test]
+    fn check_heads_reports_garbage_heads_and_torn_ones_only_when_settled() {
+        let h = Heap::new(4);
+        let p = h.pool();
+        p.transition(Idx(1), T::Free, T::Used, Nanos(2)).unwrap();
+        assert!(p.check_heads(true).is_empty(), "{:?}", p.check_heads(true));
+        // Garbage: always found.
+        h.lists[2].count.store(u32::MAX, Relaxed);
+        h.lists[2].head.store(7, Relaxed);
+        let found = p.check_heads(false);
+        assert_eq!(
+            found,
+            [
+                "test DONE list: count 4294967295 exceeds the capacity 4",
+                "test DONE list: head 7 out of range 4"
+            ]
+        );
+        // Torn (as a transition half done would leave it): only found when settled.
+        h.lists[2].count.store(0, Relaxed);
+        h.lists[2].head.store(u32::MAX, Relaxed);
+        h.lists[1].count.store(0, Relaxed);
+        assert!(p.check_heads(false).is_empty());
+        assert_eq!(
+            p.check_heads(true),
+            [
+                "test USED list: count 0 disagrees with head 1 and tail 1",
+                "test counts sum to 3, capacity is 4"
+            ]
+        );
+        // A list end in the wrong state or linked beyond the end.
+        p.rebuild();
+        h.nodes[1].state.store(2, Relaxed);
+        h.nodes[1].next.store(0, Relaxed);
+        assert_eq!(
+            p.check_heads(true),
+            [
+                "test USED list: head 1 is in state DONE",
+                "test USED list: tail 1 is in state DONE",
+                "test USED list: tail 1 links on to 0"
+            ]
+        );
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Transition(u32, u8, u8),
