@@ -531,9 +531,16 @@ impl Rng {
     }
 }
 
-/// Corrupts one region of `b` as seed `seed` says; returns what it did.
+/// Corrupts `b` as seed `seed` says: one region, or for every fourth seed two to four (the
+/// same one possibly again); returns what it did.
 fn corrupt(b: &mut [u8], seed: u64) -> String {
     let mut rng = Rng(seed.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ 0x5eed);
+    let n = if seed % 4 == 3 { 2 + rng.below(3) } else { 1 };
+    (0..n).map(|_| corrupt_one(b, &mut rng)).collect::<Vec<_>>().join("; ")
+}
+
+/// Corrupts one region of `b`; returns what it did.
+fn corrupt_one(b: &mut [u8], rng: &mut Rng) -> String {
     // The headers (where the failures were) a third of the time each, the other regions shared.
     let r = match rng.below(6) {
         0 | 1 => 0,
