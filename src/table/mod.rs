@@ -590,6 +590,7 @@ impl LockTable {
         o.set_label(label);
         let gen = o.gen.load(Relaxed).wrapping_add(1);
         o.gen.store(gen, Relaxed);
+        self.recover_latches_naming(OwnerRef { idx: idx.0, gen }.latch_id());
         // The record is complete; publish it as LIVE last.
         pool.transition(idx, OwnerState::Free, OwnerState::Live, clock::now())?;
         let hdr = self.table_hdr();
@@ -599,6 +600,32 @@ impl LockTable {
         );
         futex_wake(&hdr.registrations, u32::MAX);
         Ok(OwnerRef { idx: idx.0, gen })
+    }
+
+    /// Takes over (and repairs) every shard latch whose word names latch id `id` of a FREE owner
+    /// record about to be registered (owner latch held). No real holder leaves such a word (a
+    /// dead owner's latches are taken over while it is reaped, before its record is FREE), so
+    /// it is garbage; left in place, it would name a live holder, the new owner, that never lets
+    /// go, and every process on the shard would wait for ever (the new owner included).
+    fn recover_latches_naming(&self, id: u32) {
+        for s in 0..self.geo.shards {
+            let sh = self.shard(s);
+            if Latch::new(&sh.hdr.latch).holder() != id {
+                continue;
+            }
+            if let Some(g) = Latch::new(&sh.hdr.latch).take_over(id, pid_latch_id()) {
+                tracing::warn!(
+                    shard = sh.no,
+                    id,
+                    "a shard latch names a free owner record; repairing the shard"
+                );
+                if let Err(e) = self.repair(&sh) {
+                    tracing::error!(shard = sh.no, "shard repair failed: {e}");
+                }
+                sh.bump(STAT_REPAIRS);
+                drop(g);
+            }
+        }
     }
 
     pub(crate) fn deregister(&self, me: OwnerRef) -> Result<()> {

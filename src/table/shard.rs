@@ -119,6 +119,23 @@ impl<'a> Latch<'a> {
             })
     }
 
+    /// Takes the latch over, as `id`, from `holder` if the word still names it: for a holder
+    /// known to run no critical section (one named by a garbage word). The guard reports the
+    /// holder as [`recovered`](LatchGuard::recovered), so the caller repairs what it guards.
+    pub fn take_over(self, holder: u32, id: u32) -> Option<LatchGuard<'a>> {
+        let w = self.word.load(Ordering::Relaxed);
+        if w & !WAITERS != holder || holder == 0 {
+            return None;
+        }
+        self.word
+            .compare_exchange(w, id | (w & WAITERS), Ordering::Acquire, Ordering::Relaxed)
+            .ok()
+            .map(|_| LatchGuard {
+                word: self.word,
+                recovered: Some(holder),
+            })
+    }
+
     #[cold]
     fn lock_slow(self, id: u32, dead: &dyn Fn(u32) -> bool) -> Option<u32> {
         for _ in 0..SPINS {
