@@ -378,14 +378,14 @@ impl<'a, S: PoolState> StatePool<'a, S> {
         out
     }
 
-    /// Checks the list heads alone (count, head and tail of each state's list), reading no record
-    /// but the first and last of each list: what a corrupted header shows, found in O(states)
-    /// without walking anything. Always checked, because no instant of a healthy pool breaks it:
-    /// every count is within the capacity, every head and tail is NIL or in range. With `settled`
-    /// (the caller holds the pool's lock, so nobody is half way through a transition) the heads
-    /// must also agree: counts summing to the capacity, an empty list exactly when its count is
-    /// 0, first and last records in the list's state and with no link beyond the list's ends.
-    /// One line per finding.
+    /// Checks the list heads alone (count, head and tail of each state's list), reading no
+    /// record: what a corrupted header shows, found in O(states) without walking anything.
+    /// Always checked, because no instant of a healthy pool breaks it: every count is within the
+    /// capacity, every head and tail is NIL or in range. With `settled` (the caller holds the
+    /// pool's lock, so nobody is half way through a transition) the heads must also agree with
+    /// each other: counts summing to the capacity, a list empty (head and tail NIL) exactly when
+    /// its count is 0, one record's head and tail the same. (Whether the records agree with the
+    /// heads is [`check`](Self::check)'s business.) One line per finding.
     pub fn check_heads(&self, settled: bool) -> Vec<String> {
         let mut out = Vec::new();
         let n = self.nodes.len();
@@ -409,35 +409,13 @@ impl<'a, S: PoolState> StatePool<'a, S> {
                     out.push(format!("{} {sname} list: {end} {i} out of range {n}", S::POOL));
                 }
             }
-            if !settled {
-                continue;
-            }
-            if (count == 0) != (head == NIL) || (head == NIL) != (tail == NIL) || (count == 1 && head != tail) {
+            if settled
+                && ((count == 0) != (head == NIL) || (head == NIL) != (tail == NIL) || (count == 1 && head != tail))
+            {
                 out.push(format!(
                     "{} {sname} list: count {count} disagrees with head {head} and tail {tail}",
                     S::POOL
                 ));
-            }
-            for (end, i) in [("head", head), ("tail", tail)] {
-                let Some(node) = self.nodes.get(i as usize) else {
-                    continue;
-                };
-                let st = node.state.load(Relaxed);
-                if st != s as u32 {
-                    out.push(format!(
-                        "{} {sname} list: {end} {i} is in state {}",
-                        S::POOL,
-                        state_name::<S>(st)
-                    ));
-                }
-                let beyond = if end == "head" {
-                    node.prev.load(Relaxed)
-                } else {
-                    node.next.load(Relaxed)
-                };
-                if beyond != NIL {
-                    out.push(format!("{} {sname} list: {end} {i} links on to {beyond}", S::POOL));
-                }
             }
         }
         if settled && total != n as u64 {
@@ -626,18 +604,11 @@ mod tests {
                 "test counts sum to 3, capacity is 4"
             ]
         );
-        // A list end in the wrong state or linked beyond the end.
+        // Records that disagree with the heads are not its business.
         p.rebuild();
         h.nodes[1].state.store(2, Relaxed);
-        h.nodes[1].next.store(0, Relaxed);
-        assert_eq!(
-            p.check_heads(true),
-            [
-                "test USED list: head 1 is in state DONE",
-                "test USED list: tail 1 is in state DONE",
-                "test USED list: tail 1 links on to 0"
-            ]
-        );
+        assert!(p.check_heads(true).is_empty());
+        assert!(!p.check().is_empty());
     }
 
     #[derive(Debug, Clone)]

@@ -113,10 +113,10 @@ impl LockTable {
     /// Checks the table header and every shard header without waiting for a latch, taking one
     /// over or repairing anything: list counts within the capacities, list heads and tails in
     /// range, latch words that name a possible holder, fencing counters that can still grow.
-    /// A header whose latch is free is also checked against its lists' ends (counts summing to
-    /// the capacity, empty lists exactly when counted empty, ends in the right state), under the
-    /// latch taken by a plain try (so nobody is half way through a change); a taken latch leaves
-    /// only the checks that hold at every instant. Costs O(shards); one line per finding,
+    /// A header whose latch is free is also checked for heads that agree with each other (counts
+    /// summing to the capacity, a list empty exactly when counted empty), under the latch taken
+    /// by a plain try (so nobody is half way through a change); a taken latch leaves only the
+    /// checks that hold at every instant. Costs O(shards); one line per finding,
     /// `table header: ...` or `shard N header: ...`.
     ///
     /// Nothing a process killed at any instruction leaves behind fails these checks (its latch
@@ -124,6 +124,13 @@ impl LockTable {
     /// after the repair); a finding means the headers were overwritten. [`check`](Self::check)
     /// runs this first, and shmlockd refuses to adopt a segment that fails it.
     pub fn check_headers(&self) -> Vec<String> {
+        self.headers_report().0
+    }
+
+    /// [`check_headers`](Self::check_headers)' findings, and for the owner pool and for each
+    /// shard whether its latch must not be taken to check further: its header has findings and
+    /// its latch was not free, so taking it could mean taking over a garbage word and repairing.
+    fn headers_report(&self) -> (Vec<String>, bool, Vec<bool>) {
         let mut out = Vec::new();
         let hdr = self.table_hdr();
         let prefixed = |out: &mut Vec<String>, prefix: &str, lines: Vec<String>| {
@@ -131,18 +138,22 @@ impl LockTable {
         };
         let owners = self.owner_pool();
         let settled = Latch::new(&hdr.owner_latch).try_lock(pid_latch_id());
-        prefixed(&mut out, "table header", owners.check_heads(settled.is_some()));
+        let owners_free = settled.is_some();
+        prefixed(&mut out, "table header", owners.check_heads(owners_free));
         drop(settled);
         if let Some(why) = self.bad_latch_word(hdr.owner_latch.load(Relaxed)) {
             out.push(format!("table header: owner latch {why}"));
         }
+        let skip_owners = !out.is_empty() && !owners_free;
+        let mut skip_shards = Vec::with_capacity(self.geo.shards as usize);
         for s in 0..self.geo.shards {
+            let before = out.len();
             let sh = self.shard(s);
             let prefix = format!("shard {s} header");
             let settled = Latch::new(&sh.hdr.latch).try_lock(pid_latch_id());
-            let quiet = settled.is_some();
-            prefixed(&mut out, &prefix, sh.epool().check_heads(quiet));
-            prefixed(&mut out, &prefix, sh.hpool().check_heads(quiet));
+            let free = settled.is_some();
+            prefixed(&mut out, &prefix, sh.epool().check_heads(free));
+            prefixed(&mut out, &prefix, sh.hpool().check_heads(free));
             drop(settled);
             if let Some(why) = self.bad_latch_word(sh.hdr.latch.load(Relaxed)) {
                 out.push(format!("{prefix}: latch {why}"));
@@ -153,8 +164,9 @@ impl LockTable {
                     "{prefix}: fencing token counter {token} is beyond any real count (2^63)"
                 ));
             }
+            skip_shards.push(out.len() > before && !free);
         }
-        out
+        (out, skip_owners, skip_shards)
     }
 
     /// Why latch word `w` names no process that could hold it, if it does not: ids are an
@@ -173,28 +185,27 @@ impl LockTable {
     /// Verifies every invariant; one line per violation, empty when the table is consistent.
     ///
     /// First [`check_headers`](Self::check_headers), which takes no latch. A header with
-    /// findings is reported and its part (the owner pool, or the shard) is not checked further:
-    /// taking its latch could judge a garbage latch word a dead holder and repair the shard, and
-    /// what was wrong would be rebuilt away unreported.
+    /// findings whose latch was not free is reported and its part (the owner pool, or the shard)
+    /// is not checked further: taking its latch could judge a garbage latch word a dead holder
+    /// and repair the shard, and what was wrong would be rebuilt away unreported.
     pub fn check(&self) -> Vec<String> {
-        let mut out = self.check_headers();
-        let bad_owners = out.iter().any(|l| l.starts_with("table header:"));
-        let bad_shard = |s: u32| {
-            let prefix = format!("shard {s} header:");
-            out.iter().any(|l| l.starts_with(&prefix))
-        };
-        let bad_shards: Vec<bool> = (0..self.geo.shards).map(bad_shard).collect();
+        let (mut out, skip_owners, skip_shards) = self.headers_report();
         let op = self.owner_pool();
-        if !bad_owners {
+        if skip_owners {
+            out.push(
+                "owner pool: not checked further, its header is corrupt and its latch taken (not taken over, so nothing was repaired)"
+                    .into(),
+            );
+        } else {
             let _g = self.lock_owners();
             out.extend(op.check());
         }
         // A REAPING owner still holds what its reaper has not released yet.
         let live = |o: u32| matches!(op.state(Idx(o)), Ok(OwnerState::Live | OwnerState::Reaping));
         for s in 0..self.geo.shards {
-            if bad_shards[s as usize] {
+            if skip_shards[s as usize] {
                 out.push(format!(
-                    "shard {s}: not checked further, its header is corrupt (its latch was not taken, so nothing was repaired)"
+                    "shard {s}: not checked further, its header is corrupt and its latch taken (not taken over, so nothing was repaired)"
                 ));
                 continue;
             }
