@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
 use serde::Deserialize;
@@ -206,7 +206,7 @@ fn create_or_adopt(name: &str, caps: &Capacities) -> Result<(LockTable, bool)> {
         },
         other => other,
     };
-    opened.map(|t| (t, false)).map_err(|e| {
+    let table = opened.map_err(|e| {
         let e = match e {
             Error::WrongVersion { .. } => anyhow!(
                 "{e} (it was made by another shmlock build; once its users have stopped, remove \
@@ -216,7 +216,27 @@ fn create_or_adopt(name: &str, caps: &Capacities) -> Result<(LockTable, bool)> {
             e => anyhow!(e),
         };
         e.context(format!("cannot adopt segment {name}"))
-    })
+    })?;
+    refuse_corrupt(name, &table)?;
+    Ok((table, false))
+}
+
+/// Refuses a segment whose table or shard headers are garbage (see `LockTable::check_headers`):
+/// supervising it would serve locks and queries from lists and counts nobody can trust.
+fn refuse_corrupt(name: &str, table: &LockTable) -> Result<()> {
+    let findings = table.check_headers();
+    match findings.first() {
+        None => Ok(()),
+        Some(first) => bail!(
+            "cannot adopt segment {name}: its headers are corrupt ({first}{}); `shmlock check \
+             --segment {name}` lists what is wrong; once its users have stopped, remove \
+             /dev/shm{name}",
+            match findings.len() {
+                1 => String::new(),
+                n => format!(", and {} more", n - 1),
+            }
+        ),
+    }
 }
 
 /// Validates the gateway's config and binds its address, unless the gateway is disabled

@@ -259,16 +259,25 @@ pub enum Error {
         why: String,
     },
     /// A system call failed.
-    #[error("{op} failed for segment {segment}")]
+    #[error("{op} failed{}", for_segment(.segment))]
     Io {
         /// The operation.
         op: &'static str,
-        /// The segment involved.
+        /// The segment involved (empty for a socket of the gateway).
         segment: String,
         /// The OS error.
         #[source]
         source: std::io::Error,
     },
+}
+
+/// " for segment NAME", or nothing for an operation on no segment (the gateway's socket).
+fn for_segment(segment: &str) -> String {
+    if segment.is_empty() {
+        String::new()
+    } else {
+        format!(" for segment {segment}")
+    }
 }
 
 impl Error {

@@ -3,7 +3,9 @@
 //! `check` takes each shard's latch in turn (by pid, as [`pid_latch_id`]), so each shard is seen
 //! at one instant even while other processes lock and unlock. Taking a latch whose holder died
 //! repairs the shard first, so `check` reports what survives repair, not a dead process's
-//! half-done section.
+//! half-done section. Before any latch, [`LockTable::check_headers`] looks at the table and
+//! shard headers alone, so a header overwritten with garbage is reported as such (and its shard
+//! left alone) rather than mended by the repair that taking its latch may start.
 
 use std::collections::HashSet;
 
@@ -11,6 +13,10 @@ use crate::pool::PoolState;
 use std::sync::atomic::Ordering::Relaxed;
 
 use super::*;
+
+/// Above any fencing token a real shard reaches (2^63 grants: centuries at a billion a second):
+/// a shard counter beyond it was written by a corruption.
+const TOKEN_LIMIT: u64 = 1 << 63;
 
 /// Counts over the whole table (read without latches: a consistent sum only when quiet).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -54,13 +60,17 @@ pub struct TableStats {
 }
 
 impl LockTable {
-    /// Counts of every pool state and the statistics counters.
+    /// Counts of every pool state and the statistics counters. Every count and counter is read
+    /// from the segment, so the sums saturate: a corrupted counter shows as a huge number, never
+    /// an overflow.
     pub fn stats(&self) -> TableStats {
         let mut st = TableStats::default();
+        let add = |sum: &mut u64, v: u64| *sum = sum.saturating_add(v);
         for s in 0..self.geo.shards {
             let sh = self.shard(s);
             let (ep, hp) = (sh.epool(), sh.hpool());
-            st.held += u64::from(ep.count(EntryState::Held));
+            let count = |n: u32| u64::from(n);
+            add(&mut st.held, count(ep.count(EntryState::Held)));
             // Fast holds leave their entries IDLE: count them as held.
             let fast = ep
                 .iter(EntryState::Idle)
@@ -70,44 +80,135 @@ impl LockTable {
                         .is_some_and(|e| lw_val(e.lw.load(Relaxed)) & FAST_OWNER != 0)
                 })
                 .count() as u64;
-            st.held += fast;
-            st.idle += u64::from(ep.count(EntryState::Idle)) - fast;
-            st.died += u64::from(ep.count(EntryState::Died));
-            st.free += u64::from(ep.count(EntryState::Free));
-            st.entry_capacity += u64::from(ep.capacity());
-            st.shared_holds += u64::from(hp.count(HoldState::Held));
-            st.waiting += u64::from(hp.count(HoldState::Waiting));
-            st.hold_capacity += u64::from(hp.capacity());
-            st.grants += sh.hdr.stats[STAT_GRANTS].load(Relaxed);
-            st.waits += sh.hdr.stats[STAT_WAITS].load(Relaxed);
-            st.timeouts += sh.hdr.stats[STAT_TIMEOUTS].load(Relaxed);
-            st.handoffs += sh.hdr.stats[STAT_HANDOFFS].load(Relaxed);
+            add(&mut st.held, fast);
+            add(&mut st.idle, count(ep.count(EntryState::Idle)).saturating_sub(fast));
+            add(&mut st.died, count(ep.count(EntryState::Died)));
+            add(&mut st.free, count(ep.count(EntryState::Free)));
+            add(&mut st.entry_capacity, count(ep.capacity()));
+            add(&mut st.shared_holds, count(hp.count(HoldState::Held)));
+            add(&mut st.waiting, count(hp.count(HoldState::Waiting)));
+            add(&mut st.hold_capacity, count(hp.capacity()));
+            add(&mut st.grants, sh.hdr.stats[STAT_GRANTS].load(Relaxed));
+            add(&mut st.waits, sh.hdr.stats[STAT_WAITS].load(Relaxed));
+            add(&mut st.timeouts, sh.hdr.stats[STAT_TIMEOUTS].load(Relaxed));
+            add(&mut st.handoffs, sh.hdr.stats[STAT_HANDOFFS].load(Relaxed));
             st.max_token = st.max_token.max(sh.hdr.token.load(Relaxed));
-            st.repairs += sh.hdr.stats[STAT_REPAIRS].load(Relaxed);
+            add(&mut st.repairs, sh.hdr.stats[STAT_REPAIRS].load(Relaxed));
         }
         let op = self.owner_pool();
         st.owners = u64::from(op.count(OwnerState::Live));
         st.reaping = u64::from(op.count(OwnerState::Reaping));
         st.reaps = self.table_hdr().reaps.load(Relaxed);
-        st.grants += self.table_hdr().retired_fast_grants.load(Relaxed);
+        add(&mut st.grants, self.table_hdr().retired_fast_grants.load(Relaxed));
         for (i, _) in op.iter(OwnerState::Live).chain(op.iter(OwnerState::Reaping)) {
-            st.grants += self.owners().get(i.get()).map_or(0, |o| o.fast_grants.load(Relaxed));
+            add(
+                &mut st.grants,
+                self.owners().get(i.get()).map_or(0, |o| o.fast_grants.load(Relaxed)),
+            );
         }
         st.owner_capacity = u64::from(op.capacity());
         st
     }
 
-    /// Verifies every invariant; one line per violation, empty when the table is consistent.
-    pub fn check(&self) -> Vec<String> {
+    /// Checks the table header and every shard header without waiting for a latch, taking one
+    /// over or repairing anything: list counts within the capacities, list heads and tails in
+    /// range, latch words that name a possible holder, fencing counters that can still grow.
+    /// A header whose latch is free is also checked for heads that agree with each other (counts
+    /// summing to the capacity, a list empty exactly when counted empty), under the latch taken
+    /// by a plain try (so nobody is half way through a change); a taken latch leaves only the
+    /// checks that hold at every instant. Costs O(shards); one line per finding,
+    /// `table header: ...` or `shard N header: ...`.
+    ///
+    /// Nothing a process killed at any instruction leaves behind fails these checks (its latch
+    /// names it, and the lists it was changing are checked only once its latch is free, that is
+    /// after the repair); a finding means the headers were overwritten. [`check`](Self::check)
+    /// runs this first, and shmlockd refuses to adopt a segment that fails it.
+    pub fn check_headers(&self) -> Vec<String> {
+        self.headers_report().0
+    }
+
+    /// [`check_headers`](Self::check_headers)' findings, and for the owner pool and for each
+    /// shard whether its latch must not be taken to check further: its header has findings and
+    /// its latch was not free, so taking it could mean taking over a garbage word and repairing.
+    fn headers_report(&self) -> (Vec<String>, bool, Vec<bool>) {
         let mut out = Vec::new();
+        let hdr = self.table_hdr();
+        let prefixed = |out: &mut Vec<String>, prefix: &str, lines: Vec<String>| {
+            out.extend(lines.into_iter().map(|l| format!("{prefix}: {l}")));
+        };
+        let owners = self.owner_pool();
+        let settled = Latch::new(&hdr.owner_latch).try_lock(pid_latch_id());
+        let owners_free = settled.is_some();
+        prefixed(&mut out, "table header", owners.check_heads(owners_free));
+        drop(settled);
+        if let Some(why) = self.bad_latch_word(hdr.owner_latch.load(Relaxed)) {
+            out.push(format!("table header: owner latch {why}"));
+        }
+        let skip_owners = !out.is_empty() && !owners_free;
+        let mut skip_shards = Vec::with_capacity(self.geo.shards as usize);
+        for s in 0..self.geo.shards {
+            let before = out.len();
+            let sh = self.shard(s);
+            let prefix = format!("shard {s} header");
+            let settled = Latch::new(&sh.hdr.latch).try_lock(pid_latch_id());
+            let free = settled.is_some();
+            prefixed(&mut out, &prefix, sh.epool().check_heads(free));
+            prefixed(&mut out, &prefix, sh.hpool().check_heads(free));
+            drop(settled);
+            if let Some(why) = self.bad_latch_word(sh.hdr.latch.load(Relaxed)) {
+                out.push(format!("{prefix}: latch {why}"));
+            }
+            let token = sh.hdr.token.load(Relaxed);
+            if token > TOKEN_LIMIT {
+                out.push(format!(
+                    "{prefix}: fencing token counter {token} is beyond any real count (2^63)"
+                ));
+            }
+            skip_shards.push(out.len() > before && !free);
+        }
+        (out, skip_owners, skip_shards)
+    }
+
+    /// Why latch word `w` names no process that could hold it, if it does not: ids are an
+    /// owner index + 1, or [`PID_ID`] with a pid (at most 2^22 on Linux).
+    fn bad_latch_word(&self, w: u32) -> Option<String> {
+        const PID_MAX_LIMIT: u32 = 1 << 22;
+        let id = w & !(1 << 31); // the WAITERS bit
+        let ok = match id {
+            0 => true,
+            id if id & PID_ID != 0 => (id & !PID_ID) <= PID_MAX_LIMIT,
+            id => id <= self.geo.owners,
+        };
+        (!ok).then(|| format!("word {w:#x} names no possible holder"))
+    }
+
+    /// Verifies every invariant; one line per violation, empty when the table is consistent.
+    ///
+    /// First [`check_headers`](Self::check_headers), which takes no latch. A header with
+    /// findings whose latch was not free is reported and its part (the owner pool, or the shard)
+    /// is not checked further: taking its latch could judge a garbage latch word a dead holder
+    /// and repair the shard, and what was wrong would be rebuilt away unreported.
+    pub fn check(&self) -> Vec<String> {
+        let (mut out, skip_owners, skip_shards) = self.headers_report();
         let op = self.owner_pool();
-        {
+        if skip_owners {
+            out.push(
+                "owner pool: not checked further, its header is corrupt and its latch taken (not taken over, so nothing was repaired)"
+                    .into(),
+            );
+        } else {
             let _g = self.lock_owners();
             out.extend(op.check());
         }
         // A REAPING owner still holds what its reaper has not released yet.
         let live = |o: u32| matches!(op.state(Idx(o)), Ok(OwnerState::Live | OwnerState::Reaping));
         for s in 0..self.geo.shards {
+            if skip_shards[s as usize] {
+                out.push(format!(
+                    "shard {s}: not checked further, its header is corrupt and its latch taken (not taken over, so nothing was repaired)"
+                ));
+                continue;
+            }
             let sh = self.shard(s);
             let _g = self.lock_shard(&sh, pid_latch_id());
             // Fast holds into the latched form, so the HELD list names every holder.
@@ -159,8 +260,11 @@ impl LockTable {
                 cur = e.next.load(Relaxed);
             }
         }
-        let in_use = ep.count(EntryState::Idle) + ep.count(EntryState::Held) + ep.count(EntryState::Died);
-        if indexed.len() != in_use as usize {
+        let in_use = [EntryState::Idle, EntryState::Held, EntryState::Died]
+            .map(|s| u64::from(ep.count(s)))
+            .iter()
+            .sum::<u64>();
+        if indexed.len() as u64 != in_use {
             out.push(format!(
                 "{} entries indexed but {in_use} are IDLE, HELD or DIED",
                 indexed.len()

@@ -165,7 +165,7 @@ impl LockTable {
                 return Ok(None);
             };
             Self::pin(&sh, i)?;
-            let r = Self::copy_entry(&sh, i, &mut parties);
+            let r = Self::copy_entry(&sh, i, &mut parties, usize::MAX);
             Self::publish(&sh, i);
             r
         };
@@ -174,17 +174,27 @@ impl LockTable {
 
     /// Copies shard `sh`'s HELD entries (held or waited on) with their names.
     fn copy_shard(&self, sh: &Shard<'_>) -> ShardCopy {
-        // Reserve outside the latch; counts read without it are a good guess.
-        let n = sh.epool().count(EntryState::Held) as usize + 4;
+        // Reserve outside the latch; counts read without it are a good guess. They are read
+        // from the segment, so each is capped by the capacity fixed at open (a garbage count
+        // must not size an allocation).
+        let (entries, holds) = (sh.entries().len(), sh.holds().len());
+        let n = (sh.epool().count(EntryState::Held) as usize).min(entries) + 4;
+        let waiting = (sh.hpool().count(HoldState::Waiting) as usize).min(holds);
         let mut locks = Vec::with_capacity(n);
-        let mut names: Vec<u64> = Vec::with_capacity(n * sh.words);
-        let mut parties = Vec::with_capacity(n + sh.hpool().count(HoldState::Waiting) as usize + 4);
+        let mut names: Vec<u64> = Vec::with_capacity(n.saturating_mul(sh.words));
+        let mut parties = Vec::with_capacity(n + waiting + 4);
+        // In a consistent shard each entry names at most one exclusive holder and each hold sits
+        // in at most one reader list or queue: more parties than that means torn lists, whose
+        // excess is not copied (each entry's walks are bounded too, but not their sum).
+        let budget = entries + holds;
         {
             let _g = self.lock_shard(sh, pid_latch_id());
             // A failure leaves some fast holds out of the copy; nothing to repair.
             let _ = Self::pin_fast_holds(sh, None);
-            for (i, _) in sh.epool().iter(EntryState::Held) {
-                let r = Self::copy_entry(sh, i.0, &mut parties);
+            // (A torn list may reach entries in other states: only the HELD are locks.)
+            let held = sh.epool().iter(EntryState::Held);
+            for (i, _) in held.filter(|&(i, _)| sh.epool().state(i).ok() == Some(EntryState::Held)) {
+                let r = Self::copy_entry(sh, i.0, &mut parties, budget);
                 let len = sh.entries().get(i.get()).map_or(0, |e| e.name_len.load(Relaxed));
                 locks.push((r, len as usize));
                 let at = i.get() * sh.words;
@@ -208,8 +218,9 @@ impl LockTable {
     }
 
     /// Copies entry `i`'s words, holders and queue (under the shard latch), appending its
-    /// parties to `parties`.
-    pub(super) fn copy_entry(sh: &Shard<'_>, i: u32, parties: &mut Vec<RawParty>) -> RawLock {
+    /// parties to `parties` while it has fewer than `budget` (each walk is bounded by the hold
+    /// capacity as well, so a torn list cannot loop).
+    pub(super) fn copy_entry(sh: &Shard<'_>, i: u32, parties: &mut Vec<RawParty>, budget: usize) -> RawLock {
         let from = parties.len();
         let mut r = RawLock {
             mode: MODE_NONE,
@@ -224,23 +235,26 @@ impl LockTable {
         r.token = e.last_token();
         r.flags = if e.died() { OWNER_DIED } else { 0 };
         match Mode::from_u32(r.mode) {
-            Some(Mode::Exclusive) => {
+            Some(Mode::Exclusive) if parties.len() < budget => {
                 let since = e.since(clock::coarse());
                 parties.push((e.owner.load(Relaxed), r.mode, r.token, since));
             }
             Some(Mode::Shared) => {
-                for (h, hold) in Self::readers(sh, e) {
+                for (h, hold) in Self::readers(sh, e).take(budget.saturating_sub(parties.len())) {
                     let since = sh.hpool().time(Idx(h)).unwrap_or(Nanos::ZERO);
                     parties.push((hold.owner.load(Relaxed), r.mode, hold.token.load(Relaxed), since));
                 }
             }
-            None => {}
+            _ => {}
         }
         r.waiters = parties.len();
         let holds = sh.holds();
         let mut cur = e.wait_head.load(Relaxed);
         for _ in 0..holds.len() {
             let Some(hold) = holds.get(cur as usize) else { break };
+            if parties.len() >= budget {
+                break;
+            }
             let since = sh.hpool().time(Idx(cur)).unwrap_or(Nanos::ZERO);
             parties.push((hold.owner.load(Relaxed), hold.mode.load(Relaxed), 0, since));
             cur = hold.next.load(Relaxed);
@@ -280,7 +294,9 @@ impl LockTable {
     /// from `locks`, a snapshot taken by [`locks`](Self::locks)).
     pub fn owners_info(&self, locks: &[LockInfo]) -> Vec<OwnerInfo> {
         let pool = self.owner_pool();
-        let mut raw = Vec::with_capacity(pool.capacity() as usize - pool.count(OwnerState::Free) as usize + 4);
+        // The FREE count is read from the segment: the reservation is capped by the capacity.
+        let cap = pool.capacity();
+        let mut raw = Vec::with_capacity(cap.saturating_sub(pool.count(OwnerState::Free)) as usize + 4);
         {
             let _g = self.lock_owners();
             for v in 1..OwnerState::COUNT as u32 {
@@ -365,7 +381,7 @@ impl LockTable {
                 return Err(Error::NotHeld);
             };
             mode = m;
-            r = Self::copy_entry(&sh, i, &mut parties);
+            r = Self::copy_entry(&sh, i, &mut parties, usize::MAX);
             match mode {
                 Mode::Exclusive => {
                     let owner = e.owner.load(Relaxed);

@@ -240,10 +240,19 @@ impl<'a> Shard<'a> {
     /// The next fencing token for entry `e` (latch held): above the shard's counter, which is
     /// the floor for entries inserted later, and above the entry's own last token, which fast
     /// grants raise without the latch.
-    fn next_token(&self, e: &Entry) -> u64 {
-        let t = self.hdr.token.load(Relaxed).max(e.last_token()) + 1;
+    ///
+    /// Both are read from the segment: a counter at `u64::MAX` (only a corruption gets there; a
+    /// real one would need centuries) is an error, never an overflow or a repeated token.
+    fn next_token(&self, e: &Entry) -> Result<u64> {
+        let last = self.hdr.token.load(Relaxed).max(e.last_token());
+        let t = last.checked_add(1).ok_or_else(|| {
+            corrupt(format!(
+                "shard {} fencing token counter {last} cannot grow (run `shmlock check`)",
+                self.no
+            ))
+        })?;
         self.hdr.token.store(t, Relaxed);
-        t
+        Ok(t)
     }
     fn bump(&self, stat: usize) {
         let s = &self.hdr.stats[stat];
@@ -595,6 +604,7 @@ impl LockTable {
         o.set_label(label);
         let gen = o.gen.load(Relaxed).wrapping_add(1);
         o.gen.store(gen, Relaxed);
+        self.recover_latches_naming(OwnerRef { idx: idx.0, gen }.latch_id());
         // The record is complete; publish it as LIVE last.
         pool.transition(idx, OwnerState::Free, OwnerState::Live, clock::now())?;
         let hdr = self.table_hdr();
@@ -604,6 +614,32 @@ impl LockTable {
         );
         futex_wake(&hdr.registrations, u32::MAX);
         Ok(OwnerRef { idx: idx.0, gen })
+    }
+
+    /// Takes over (and repairs) every shard latch whose word names latch id `id` of a FREE owner
+    /// record about to be registered (owner latch held). No real holder leaves such a word (a
+    /// dead owner's latches are taken over while it is reaped, before its record is FREE), so
+    /// it is garbage; left in place, it would name a live holder, the new owner, that never lets
+    /// go, and every process on the shard would wait for ever (the new owner included).
+    fn recover_latches_naming(&self, id: u32) {
+        for s in 0..self.geo.shards {
+            let sh = self.shard(s);
+            if Latch::new(&sh.hdr.latch).holder() != id {
+                continue;
+            }
+            if let Some(g) = Latch::new(&sh.hdr.latch).take_over(id, pid_latch_id()) {
+                tracing::warn!(
+                    shard = sh.no,
+                    id,
+                    "a shard latch names a free owner record; repairing the shard"
+                );
+                if let Err(e) = self.repair(&sh) {
+                    tracing::error!(shard = sh.no, "shard repair failed: {e}");
+                }
+                sh.bump(STAT_REPAIRS);
+                drop(g);
+            }
+        }
     }
 
     pub(crate) fn deregister(&self, me: OwnerRef) -> Result<()> {
@@ -679,7 +715,19 @@ impl LockTable {
         // HELD), an entry that only carries an owner-died notice only when no idle one is left
         // (its notice is lost with it).
         let mut tries = sh.epool().count(EntryState::Idle);
+        // Each round frees an entry or finds one fast-held (which pinning makes HELD), so a
+        // consistent shard needs at most one round per entry; lists and counts torn by a
+        // corruption must not keep us here, under the latch, for ever.
+        let mut rounds = sh.entries().len() + 1;
         while sh.epool().count(EntryState::Free) == 0 {
+            rounds = rounds.checked_sub(1).ok_or_else(|| {
+                corrupt(format!(
+                    "shard {} entry pool: no FREE entry counted and none could be evicted in {} rounds \
+                     (its lists are torn; run `shmlock check`)",
+                    sh.no,
+                    sh.entries().len() + 1
+                ))
+            })?;
             let idle = if tries > 0 {
                 sh.epool().oldest(EntryState::Idle)
             } else {
@@ -911,7 +959,8 @@ impl LockTable {
         if gen == u32::MAX {
             return None; // the latch moves the base with a wrapping generation
         }
-        let token = e.token_at(w) + 1;
+        // A base read from the segment at its limit: the latched path reports it.
+        let token = e.token_at(w).checked_add(1)?;
         e.lw.compare_exchange(
             w,
             lock_word(gen + 1, me.idx + 1),
@@ -996,6 +1045,10 @@ impl LockTable {
     /// Grants entry `i` to `me` (the caller checked that it may).
     fn grant_now(&self, sh: &Shard<'_>, i: u32, mode: Mode, me: OwnerRef, now: Nanos) -> Result<RawGrant> {
         let e = sh.entry(i)?;
+        // First, so a counter that cannot grow fails the grant before anything is changed. (Nothing
+        // below moves the word or the base before the token is stored; a process killed in
+        // between leaves the counter one ahead, a token never granted.)
+        let token = sh.next_token(e)?;
         if mode == Mode::Exclusive && e.waiters.load(Relaxed) == 0 && e.readers.load(Relaxed) == 0 {
             // Nobody waits: grant it as a fast hold (IDLE, named by the lock word alone), so its
             // unlock is one CAS and the pool lists are not touched on either side.
@@ -1004,7 +1057,6 @@ impl LockTable {
                 EntryState::Free => return Err(corrupt(format!("shard {} entry {i} granted while FREE", sh.no))),
                 s => sh.epool().transition(Idx(i), s, EntryState::Idle, now)?,
             }
-            let token = sh.next_token(e);
             e.set_last_token(token);
             crate::chaos::point();
             let died = e.died();
@@ -1041,7 +1093,6 @@ impl LockTable {
             EntryState::Held => {}
             EntryState::Free => return Err(corrupt(format!("shard {} entry {i} granted while FREE", sh.no))),
         }
-        let token = sh.next_token(e);
         e.set_last_token(token);
         crate::chaos::point();
         let died = e.died();
@@ -1101,7 +1152,7 @@ impl LockTable {
             hh.prev.store(h, Relaxed);
         }
         e.reader_head.store(h, Relaxed);
-        e.readers.store(e.readers.load(Relaxed) + 1, Relaxed);
+        e.readers.store(e.readers.load(Relaxed).saturating_add(1), Relaxed);
     }
 
     fn remove_reader(sh: &Shard<'_>, e: &Entry, h: u32) {

@@ -161,7 +161,11 @@ impl LockTable {
                         continue;
                     }
                 }
-                let r = Self::copy_entry(&sh, i, &mut parties);
+                // One entry's parties are at most its shard's holds plus its holder (each walk
+                // is bounded so, whatever the lists say), and a page's at most PAGE_PARTIES, so
+                // torn lists in a corrupt segment cannot make a page's memory grow with the table.
+                let budget = (parties.len() + self.geo.holds_per_shard as usize + 1).min(PAGE_PARTIES);
+                let r = Self::copy_entry(&sh, i, &mut parties, budget);
                 if fast {
                     Self::publish(&sh, i);
                 }
@@ -182,6 +186,10 @@ impl LockTable {
         (found, looked.max(1))
     }
 }
+
+/// Most parties (holders and waiters) one page copies: far above what a consistent table puts
+/// in a page, a bound for a corrupt one (a few MiB).
+const PAGE_PARTIES: usize = 1 << 18;
 
 /// The slot before `c` in table order; None before the first one.
 fn prev(c: Cursor, per: u32) -> Option<Cursor> {

@@ -77,7 +77,9 @@ impl LockTable {
 
     /// Takes the owner-pool latch (by pid). If its holder died, rebuilds the owner pool's lists.
     pub(crate) fn lock_owners(&self) -> LatchGuard<'_> {
-        let g = Latch::new(&self.table_hdr().owner_latch).lock(pid_latch_id(), &|h| self.holder_dead(h));
+        // Only ids by pid take this latch: a word naming an owner record is garbage.
+        let dead = |h: u32| h & PID_ID == 0 || self.holder_dead(h);
+        let g = Latch::new(&self.table_hdr().owner_latch).lock(pid_latch_id(), &dead);
         if g.recovered().is_some() {
             tracing::warn!("an owner-latch holder died; rebuilding the owner pool");
             self.owner_pool().rebuild();
@@ -333,7 +335,7 @@ impl LockTable {
             }
             o.reaper.store(me, Relaxed);
             let hdr = self.table_hdr();
-            hdr.reaps.store(hdr.reaps.load(Relaxed) + 1, Relaxed);
+            hdr.reaps.store(hdr.reaps.load(Relaxed).saturating_add(1), Relaxed);
         }
         let who = o.process();
         let n = self.release_owner(as_id, idx, 0..self.geo.shards, true)?;

@@ -106,6 +106,36 @@ impl<'a> Latch<'a> {
         }
     }
 
+    /// Takes the latch for `id` only if it is free now: never waits, never takes over a dead
+    /// holder's latch (so never leads to a repair). For readers that must see a quiet shard
+    /// without changing it ([`LockTable::check_headers`](super::LockTable::check_headers)).
+    pub fn try_lock(self, id: u32) -> Option<LatchGuard<'a>> {
+        self.word
+            .compare_exchange(0, id, Ordering::Acquire, Ordering::Relaxed)
+            .ok()
+            .map(|_| LatchGuard {
+                word: self.word,
+                recovered: None,
+            })
+    }
+
+    /// Takes the latch over, as `id`, from `holder` if the word still names it: for a holder
+    /// known to run no critical section (one named by a garbage word). The guard reports the
+    /// holder as [`recovered`](LatchGuard::recovered), so the caller repairs what it guards.
+    pub fn take_over(self, holder: u32, id: u32) -> Option<LatchGuard<'a>> {
+        let w = self.word.load(Ordering::Relaxed);
+        if w & !WAITERS != holder || holder == 0 {
+            return None;
+        }
+        self.word
+            .compare_exchange(w, id | (w & WAITERS), Ordering::Acquire, Ordering::Relaxed)
+            .ok()
+            .map(|_| LatchGuard {
+                word: self.word,
+                recovered: Some(holder),
+            })
+    }
+
     #[cold]
     fn lock_slow(self, id: u32, dead: &dyn Fn(u32) -> bool) -> Option<u32> {
         for _ in 0..SPINS {

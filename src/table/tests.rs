@@ -724,3 +724,266 @@ fn an_abandoned_reap_is_finished_by_the_next_registration() {
     assert_eq!(table.owner_pool().count(OwnerState::Reaping), 0);
     assert_eq!(table.owner_pool().state(Idx(dead.idx)).unwrap(), OwnerState::Free);
 }
+
+// ---- corrupted segments: errors and findings, never a panic, an abort or a spin ---------------
+
+/// Runs `f` on a thread of its own; panics if it has not returned within 10 s (a spin).
+fn within_10s<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(10))
+        .expect("did not return within 10 s (spinning?) or panicked")
+}
+
+/// Shard headers zeroed (badseg_repro.py shardhdr-zero): the FREE count says 0 and every list
+/// head names entry 0, which is FREE. An insert used to evict for ever under the latch; it
+/// gives up after one round per entry with a corrupt-segment error.
+#[test]
+fn an_insert_into_torn_entry_lists_fails_instead_of_spinning_under_the_latch() {
+    let table = Arc::new(LockTable::anonymous(&tiny_caps()).unwrap());
+    {
+        let c = Client::with_table(table.clone(), "c").unwrap();
+        c.lock("old").unwrap().unlock().unwrap();
+    }
+    // (No client of this thread is left to release anything under a latch a spin would keep.)
+    for l in &table.shard(0).hdr.entry_lists {
+        for w in [&l.head, &l.tail, &l.count] {
+            w.store(0, Relaxed);
+        }
+    }
+    let t = table.clone();
+    let r = within_10s(move || {
+        let c = Client::with_table(t, "d").unwrap();
+        c.try_lock("new").map(drop)
+    });
+    assert!(matches!(r, Err(Error::Corrupt { .. })), "{r:?}");
+    assert!(
+        table
+            .check_headers()
+            .iter()
+            .any(|l| l.starts_with("shard 0 header: lock entry FREE list")),
+        "{:?}",
+        table.check_headers()
+    );
+}
+
+/// A fencing counter read from the segment at `u64::MAX` (shard header or an entry's base)
+/// fails the grant with an error; it used to overflow (a panic in debug builds, a repeated
+/// token in release ones).
+#[test]
+fn a_fencing_counter_at_its_limit_fails_the_grant() {
+    let table = Arc::new(LockTable::anonymous(&tiny_caps()).unwrap());
+    let c = Client::with_table(table.clone(), "c").unwrap();
+    // An entry whose last token is u64::MAX, idle and open to the fast path.
+    c.lock("y").unwrap().unlock().unwrap();
+    let sh = table.shard(0);
+    let i = table.lookup(&sh, crate::name::hash(table.seed, b"y"), b"y").unwrap();
+    let e = sh.entry(i).unwrap();
+    e.token_base.store(
+        u64::MAX.wrapping_sub(u64::from(super::lw_gen(e.lw.load(Relaxed)))),
+        Relaxed,
+    );
+    assert_eq!(e.last_token(), u64::MAX);
+    assert!(matches!(c.try_lock("y"), Err(Error::Corrupt { .. })));
+    // The shard's counter at u64::MAX: a new name (latched path, exclusive and shared).
+    sh.hdr.token.store(u64::MAX, Relaxed);
+    assert!(matches!(c.try_lock("z"), Err(Error::Corrupt { .. })));
+    assert!(matches!(c.try_lock_shared("s"), Err(Error::Corrupt { .. })));
+    assert!(table
+        .check_headers()
+        .iter()
+        .any(|l| l.starts_with("shard 0 header: fencing token counter")));
+}
+
+/// `check` on shard headers overwritten with 0xff (badseg_repro.py shardhdr-ff) reports them
+/// and leaves them alone. It used to take the latch (0xffffffff names a pid no process has:
+/// "dead"), repair the shard from its records, and call the table consistent.
+#[test]
+fn check_reports_garbage_shard_headers_without_repairing_them() {
+    let table = Arc::new(LockTable::anonymous(&tiny_caps()).unwrap());
+    let c = Client::with_table(table.clone(), "c").unwrap();
+    let _g = c.lock_shared("held").unwrap();
+    let hdr = table.shard(0).hdr;
+    hdr.latch.store(u32::MAX, Relaxed);
+    for l in hdr.entry_lists.iter().chain(&hdr.hold_lists) {
+        for w in [&l.head, &l.tail, &l.count] {
+            w.store(u32::MAX, Relaxed);
+        }
+    }
+    let found = within_10s({
+        let t = table.clone();
+        move || t.check()
+    });
+    assert!(
+        found
+            .iter()
+            .any(|l| l == "shard 0 header: lock entry HELD list: count 4294967295 exceeds the capacity 4"),
+        "{found:?}"
+    );
+    assert!(
+        found
+            .iter()
+            .any(|l| l.starts_with("shard 0 header: latch word 0xffffffff")),
+        "{found:?}"
+    );
+    assert!(
+        found.iter().any(|l| l.starts_with("shard 0: not checked further")),
+        "{found:?}"
+    );
+    assert!(!found.iter().any(|l| l.starts_with("table header")), "{found:?}");
+    // Nothing was repaired: the latch and the counts are as the corruption left them.
+    assert_eq!(hdr.latch.load(Relaxed), u32::MAX);
+    assert!(hdr.entry_lists.iter().all(|l| l.count.load(Relaxed) == u32::MAX));
+    hdr.latch.store(0, Relaxed); // let the guard's release find a plain latch
+    std::mem::forget(_g);
+}
+
+/// `locks` and `owners_info` reserve by the capacities fixed at open, not by counts read from
+/// the segment: a HELD count of 0x7fffffff (badseg_gateway.py) used to abort on an allocation
+/// of ~100 GB, and a FREE owner count above the capacity to panic (capacity overflow).
+#[test]
+fn snapshots_reserve_by_capacity_not_by_garbage_counts() {
+    use super::{EntryState, HoldState, OwnerState};
+    let table = Arc::new(LockTable::anonymous(&tiny_caps()).unwrap());
+    let c = Client::with_table(table.clone(), "c").unwrap();
+    let _g = c.lock_shared("held").unwrap();
+    let hdr = table.shard(0).hdr;
+    hdr.entry_lists[EntryState::Held as usize]
+        .count
+        .store(0x7fff_ffff, Relaxed);
+    hdr.hold_lists[HoldState::Waiting as usize]
+        .count
+        .store(u32::MAX, Relaxed);
+    let owners = &table.table_hdr().owner_lists[OwnerState::Free as usize];
+    owners.count.store(table.geo.owners + 3, Relaxed);
+    let locks = table.locks();
+    assert_eq!(locks.len(), 1, "{locks:?}");
+    assert_eq!(locks[0].holders.len(), 1);
+    let owners_info = table.owners_info(&locks);
+    assert_eq!(owners_info.len(), 1, "{owners_info:?}");
+    let stats = table.stats();
+    assert_eq!(stats.held, 0x7fff_ffff);
+    assert!(!table.check_headers().is_empty());
+}
+
+/// Counters and counts read from the segment saturate: statistics summed over shards, the
+/// reap counter, an entry's reader and waiter counts. Each used to overflow (a panic in debug
+/// builds).
+#[test]
+fn garbage_counters_saturate_instead_of_overflowing() {
+    use super::STAT_GRANTS;
+    let caps = Capacities {
+        max_locks: 8,
+        max_holds: 8,
+        max_owners: 4,
+        shards: 2,
+        ..Default::default()
+    };
+    let table = Arc::new(LockTable::anonymous(&caps).unwrap());
+    for s in 0..2 {
+        table.shard(s).hdr.stats[STAT_GRANTS].store(u64::MAX, Relaxed);
+    }
+    assert_eq!(table.stats().grants, u64::MAX);
+
+    // The reap counter.
+    table.table_hdr().reaps.store(u64::MAX, Relaxed);
+    let dead = table.register(crate::owner::OwnerKind::Local, b"dead").unwrap();
+    table.owners()[dead.idx as usize].pid.store(dead_pid(), Relaxed);
+    assert_eq!(table.reap_dead(super::pid_latch_id()).unwrap(), 1);
+    assert_eq!(table.reaps(), u64::MAX);
+
+    // An entry's reader and waiter counts.
+    let (a, b) = (
+        Client::with_table(table.clone(), "a").unwrap(),
+        Client::with_table(table.clone(), "b").unwrap(),
+    );
+    let ga = a.lock_shared("r").unwrap();
+    let h = crate::name::hash(table.seed, b"r");
+    let sh = table.shard(table.shard_of(h));
+    let e = sh.entry(table.lookup(&sh, h, b"r").unwrap()).unwrap();
+    e.readers.store(u32::MAX, Relaxed);
+    let gb = b.try_lock_shared("r");
+    assert_eq!(e.readers.load(Relaxed), u32::MAX);
+    drop(gb);
+    e.waiters.store(u32::MAX, Relaxed);
+    let w = b.try_lock_for("r", std::time::Duration::from_millis(1));
+    assert!(w.is_err(), "{w:?}");
+    drop(ga);
+}
+
+/// `check_headers` never reports a healthy table, even while other threads lock, wait and
+/// release all the time: it checks the heads against each other only under a latch it got by
+/// a plain try, and without it only what holds at every instant. (shmlockd refuses to adopt a
+/// segment on any finding, so a false one would refuse a busy, healthy segment.)
+#[test]
+fn check_headers_finds_nothing_in_a_busy_healthy_table() {
+    let caps = Capacities {
+        max_locks: 16,
+        max_holds: 16,
+        max_owners: 8,
+        shards: 2,
+        ..Default::default()
+    };
+    let table = Arc::new(LockTable::anonymous(&caps).unwrap());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..3)
+        .map(|k| {
+            let (t, stop) = (table.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let c = Client::with_table(t, &format!("w{k}")).unwrap();
+                let mut i = 0u32;
+                while !stop.load(Relaxed) {
+                    let name = format!("n{}", i % 24);
+                    let g = if (i + k) % 3 == 0 {
+                        c.try_lock_shared_for(&name, std::time::Duration::from_millis(1))
+                    } else {
+                        c.try_lock_for(&name, std::time::Duration::from_millis(1))
+                    };
+                    drop(g);
+                    i = i.wrapping_add(1);
+                }
+            })
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let mut rounds = 0;
+    while std::time::Instant::now() < deadline || rounds < 100 {
+        let found = table.check_headers();
+        assert!(found.is_empty(), "round {rounds}: {found:?}");
+        rounds += 1;
+    }
+    stop.store(true, Relaxed);
+    for w in workers {
+        w.join().unwrap();
+    }
+    assert!(table.check().is_empty(), "{:?}", table.check());
+}
+
+/// A garbage shard latch word naming a FREE owner record, which the next registration takes:
+/// the new owner used to wait for ever on a latch that named itself (alive, so never taken
+/// over), and every process on the shard with it (corruption fuzz seed 1363). Registration
+/// takes such a latch over and repairs the shard first. And a garbage owner latch naming a live
+/// owner (only pid ids take that latch) is taken over rather than waited on for ever.
+#[test]
+fn garbage_latch_words_naming_owner_records_do_not_hang_anyone() {
+    use super::OwnerState;
+    let table = Arc::new(LockTable::anonymous(&tiny_caps()).unwrap());
+    let next = table.owner_pool().newest(OwnerState::Free).unwrap();
+    table.shard(0).hdr.latch.store(next.0 + 1, Relaxed);
+    let t = table.clone();
+    let r = within_10s(move || {
+        let c = Client::with_table(t, "next").unwrap();
+        c.try_lock("x").map(drop)
+    });
+    assert!(r.is_ok(), "{r:?}");
+    let live = Client::with_table(table.clone(), "live").unwrap();
+    let live_idx = table.owner_pool().iter(OwnerState::Live).next().unwrap().0;
+    table.table_hdr().owner_latch.store(live_idx.0 + 1, Relaxed);
+    let t = table.clone();
+    let r = within_10s(move || Client::with_table(t, "another").map(drop));
+    assert!(r.is_ok(), "{r:?}");
+    assert!(table.check().is_empty(), "{:?}", table.check());
+    drop(live);
+}

@@ -52,7 +52,7 @@ impl LockTable {
             None => e.wait_head.store(w, R),
         }
         e.wait_tail.store(w, R);
-        e.waiters.store(e.waiters.load(R) + 1, R);
+        e.waiters.store(e.waiters.load(R).saturating_add(1), R);
     }
 
     /// Takes Hold `w` out of entry `i`'s queue.
@@ -87,9 +87,10 @@ impl LockTable {
         let hold = sh.hold(head)?;
         sh.epool().touch(Idx(i), now)?;
         if hold.mode.load(R) == Mode::Exclusive.to_u32() {
+            // First: a counter that cannot grow (a corrupt shard) fails before anything moves.
+            let token = sh.next_token(e)?;
             Self::dequeue(sh, e, head);
             crate::chaos::point();
-            let token = sh.next_token(e);
             e.set_last_token(token);
             e.owner.store(hold.owner.load(R), R);
             e.stamp(now);
@@ -124,13 +125,13 @@ impl LockTable {
                 break;
             }
             let next = h.next.load(R);
+            let token = sh.next_token(e)?;
             e.mode.store(Mode::Shared.to_u32(), R);
             Self::dequeue(sh, e, cur);
             crate::chaos::point();
             sh.hpool()
                 .transition(Idx(cur), HoldState::Waiting, HoldState::Held, now)?;
             Self::add_reader(sh, e, cur);
-            let token = sh.next_token(e);
             e.set_last_token(token);
             h.token.store(token, R);
             h.flags.store(died, R);
