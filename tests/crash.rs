@@ -25,6 +25,7 @@ fn child_process() {
         "worker" => role_worker(&ctx),
         "registrar" => role_registrar(&ctx),
         "reaper" => role_reaper(&ctx),
+        "cycler" => role_cycler(&ctx),
         other => panic!("unknown role {other:?}"),
     }
 }
@@ -42,13 +43,17 @@ fn role_holder(ctx: &ChildCtx) {
     std::thread::sleep(DEADLINE * 2);
 }
 
-/// Writes `waiting` and locks `name` exclusively (waiting as long as it takes); writes
-/// "{token} {owner_died}" to file `got`; unlocks.
+/// Writes `waiting` and locks `name` exclusively, or shared with parameter `mode=shared`
+/// (waiting as long as it takes); writes "{token} {owner_died}" to file `got`; unlocks.
 fn role_waiter(ctx: &ChildCtx) {
     let name: String = ctx.param("name");
     let client = ctx.client("waiter");
     signal(&ctx.path("waiting"), "");
-    let g = client.lock(&name).expect("lock");
+    let g = match ctx.opt_param("mode").as_deref() {
+        Some("shared") => client.lock_shared(&name),
+        _ => client.lock(&name),
+    }
+    .expect("lock");
     signal(&ctx.path("got"), &format!("{} {}", g.token(), g.owner_died()));
 }
 
@@ -73,6 +78,33 @@ fn role_reaper(ctx: &ChildCtx) {
             Ok(g) => drop(g),
             Err(Error::TimedOut { .. }) => {}
             Err(e) => panic!("reaper: {e}"),
+        }
+    }
+}
+
+/// Arms the chaos point `chaos`, then locks `name` shared and exclusively, twice each (the
+/// shared grants and releases latched, the exclusive ones mostly by the fast CAS), appending
+/// each grant's token to file `tokens` before it unlocks; exits normally if it lives.
+fn role_cycler(ctx: &ChildCtx) {
+    use std::io::Write;
+    let name: String = ctx.param("name");
+    let client = ctx.client("cycler");
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(ctx.path("tokens"))
+        .expect("token log");
+    shmlock::chaos::kill_after(ctx.param("chaos"));
+    for _ in 0..2 {
+        for shared in [true, false] {
+            let g = if shared {
+                client.lock_shared(&name)
+            } else {
+                client.lock(&name)
+            }
+            .expect("lock");
+            writeln!(log, "{}", g.token()).expect("log the token");
+            g.unlock().expect("unlock");
         }
     }
 }
@@ -506,8 +538,10 @@ fn processes_registering_at_once_into_a_pool_of_dead_owners_all_get_in() {
 /// kill itself at its N-th chaos point, finds H dead, reaps it and hands `x` to W. W, resumed,
 /// must be told that its predecessor died, for every N, until N passes every chaos point R
 /// reaches (then R lives).
-#[test]
-fn the_owner_died_notice_survives_a_reaper_killed_at_every_chaos_point() {
+/// H holds `x` exclusively and is killed; W (stopped, so it cannot reap H itself) waits for `x`
+/// in `mode`; R reaps H and hands `x` to W, killed at its N-th chaos point, for every N until R
+/// lives through them all. W must be told each time that H died, with a token above H's.
+fn walk_a_reaper_killed_in_its_handoff(mode: &str) {
     use nix::sys::signal::{kill, Signal};
     use nix::unistd::Pid;
     use std::os::unix::process::ExitStatusExt;
@@ -516,7 +550,8 @@ fn the_owner_died_notice_survives_a_reaper_killed_at_every_chaos_point() {
         assert!(n < 500, "the reaper never lived through its chaos points");
         let env = TestEnv::new("notice-chaos");
         let h = hold(&env, "x", "exclusive", "h-ready");
-        let w = env.spawn("waiter", &[("name", &"x")]);
+        let h_token: u64 = await_file(&env.path("h-ready")).parse().expect("H's token");
+        let w = env.spawn("waiter", &[("name", &"x"), ("mode", &mode)]);
         env.wait_for("W to queue for x", |t| {
             t.lock_info(b"x").ok().flatten().is_some_and(|l| l.waiters.len() == 1)
         });
@@ -530,7 +565,12 @@ fn the_owner_died_notice_survives_a_reaper_killed_at_every_chaos_point() {
         assert_eq!(
             got.split(' ').nth(1),
             Some("true"),
-            "N={n} (reaper {status:?}): W got {got:?}, not told that H died"
+            "N={n} (reaper {status:?}): W ({mode}) got {got:?}, not told that H died"
+        );
+        let w_token: u64 = got.split(' ').next().and_then(|t| t.parse().ok()).expect("W's token");
+        assert!(
+            w_token > h_token,
+            "N={n} (reaper {status:?}): W ({mode}) got token {w_token}, not above H's {h_token}"
         );
         env.wait_success(w);
         assert!(env.table.check().is_empty(), "N={n}: {:?}", env.table.check());
@@ -542,4 +582,61 @@ fn the_owner_died_notice_survives_a_reaper_killed_at_every_chaos_point() {
     }
     eprintln!("the reaper was killed at each of its first {killed} chaos points");
     assert!(killed >= 5, "the walk reached only {killed} chaos points");
+}
+
+#[test]
+fn the_owner_died_notice_survives_a_reaper_killed_at_every_chaos_point() {
+    walk_a_reaper_killed_in_its_handoff("exclusive");
+}
+
+#[test]
+fn a_shared_grant_is_whole_whichever_chaos_point_kills_its_granter() {
+    walk_a_reaper_killed_in_its_handoff("shared");
+}
+
+/// A process locking `x` shared and exclusively in turn is killed at its N-th chaos point, for
+/// every N until it lives through them all; then this process locks `x` (after an inspection,
+/// which repairs the shard and reopens the lock to the fast CAS) three times. Every token must be
+/// above every token the dead process was granted: a kill between the steps of a lock-word
+/// update must never make the next grant repeat a token.
+#[test]
+fn tokens_never_repeat_whichever_chaos_point_kills_a_process() {
+    use std::os::unix::process::ExitStatusExt;
+    let mut killed = 0;
+    for n in 1u32.. {
+        assert!(n < 1000, "the cycler never lived through its chaos points");
+        let env = TestEnv::new("token-chaos");
+        let c = env.spawn("cycler", &[("name", &"x"), ("chaos", &n)]);
+        let status = env.wait(c);
+        let logged: Vec<u64> = std::fs::read_to_string(env.path("tokens"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| l.parse().expect("a token"))
+            .collect();
+        let mut last = logged.iter().copied().max().unwrap_or(0);
+        let client = env.client("after");
+        for k in 0..3 {
+            // An inspection takes the latch (taking it over from the dead process and repairing
+            // the shard) and reopens the word: the lock that follows is a fast grant.
+            let _ = env.table.lock_info(b"x").expect("lock_info");
+            let g = client
+                .try_lock_for("x", Duration::from_secs(5))
+                .unwrap_or_else(|e| panic!("N={n}: lock {k}: {e}"));
+            assert!(
+                g.token().0 > last,
+                "N={n} (cycler {status:?}, logged {logged:?}): grant {k} got token {}, not above {last}",
+                g.token()
+            );
+            last = g.token().0;
+            g.unlock().expect("unlock");
+        }
+        assert!(env.table.check().is_empty(), "N={n}: {:?}", env.table.check());
+        if status.signal() != Some(libc::SIGKILL) {
+            assert!(status.success(), "N={n}: the cycler failed: {status:?}");
+            break;
+        }
+        killed += 1;
+    }
+    eprintln!("the cycler was killed at each of its first {killed} chaos points");
+    assert!(killed >= 10, "the walk reached only {killed} chaos points");
 }

@@ -51,7 +51,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use shmlock::shm::{Region, RegionSpec, Segment, PARAMS};
+use shmlock::shm::{Region, RegionSpec, Segment, SegmentOwner, PARAMS};
 use shmlock::{Capacities, Error, LockGuard, LockTable, Mode};
 
 /// Worker processes (slots) per phase.
@@ -135,6 +135,7 @@ impl Witness {
             &[RegionSpec::of::<AtomicU64>(WORDS as u64)],
             &[0; PARAMS],
             0o600,
+            SegmentOwner::default(),
             |_| Ok(()),
         )
         .unwrap_or_else(|e| panic!("create witness {name}: {e}"));

@@ -166,10 +166,18 @@ impl Entry {
     /// Stores lock word `gen|val` (latch held, word pinned, so no CAS changes it meanwhile),
     /// keeping the latest grant's token: the base moves against the new `gen`. Release: a fast
     /// CAS that reads the new word also reads the new base and whatever the section wrote.
+    ///
+    /// The new `gen` goes in first, still pinned (`SLOW`), then the base, then `val`: a process
+    /// killed between two of these stores leaves the last token reading higher than it is (a
+    /// token skipped), never lower (a token the next grant would repeat), and the word pinned
+    /// for the repair that follows.
     #[inline]
     pub fn set_word(&self, gen: u32, val: u32) {
         let t = self.last_token();
+        self.lw.store(lock_word(gen, SLOW), Relaxed);
+        crate::chaos::point();
         self.token_base.store(t.wrapping_sub(u64::from(gen)), Relaxed);
+        crate::chaos::point();
         self.lw.store(lock_word(gen, val), std::sync::atomic::Ordering::Release);
     }
 

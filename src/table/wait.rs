@@ -125,16 +125,20 @@ impl LockTable {
                 break;
             }
             let next = h.next.load(R);
+            // The grant's token and notice go into the hold before it is HELD: a granter killed
+            // after the transition must leave a complete grant (repair keeps HELD holds as they
+            // are), never a reader with token 0 and no notice.
             let token = sh.next_token(e)?;
+            e.set_last_token(token);
+            h.token.store(token, R);
+            h.flags.store(died, R);
             e.mode.store(Mode::Shared.to_u32(), R);
             Self::dequeue(sh, e, cur);
             crate::chaos::point();
             sh.hpool()
                 .transition(Idx(cur), HoldState::Waiting, HoldState::Held, now)?;
             Self::add_reader(sh, e, cur);
-            e.set_last_token(token);
-            h.token.store(token, R);
-            h.flags.store(died, R);
+            crate::chaos::point();
             h.futex.store(GRANTED, Ordering::Release);
             futex_wake(&h.futex, 1);
             sh.bump(STAT_GRANTS);
