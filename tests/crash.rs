@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -213,40 +213,6 @@ fn role_worker(ctx: &ChildCtx) {
 }
 
 // ---- helpers ---------------------------------------------------------------------------------
-
-/// A `shmlockd` on the test's segment; killed (SIGKILL) when dropped.
-struct Daemon(Child);
-
-impl Daemon {
-    fn start(env: &TestEnv) -> Daemon {
-        static STARTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let log = std::fs::File::create(env.path(&format!("shmlockd-{n}.log"))).expect("daemon log");
-        let child = Command::new(env!("CARGO_BIN_EXE_shmlockd"))
-            .args(["--segment", &env.segment, "--log-level", "debug", "--no-gateway"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("dup"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn shmlockd");
-        let pid = child.id();
-        wait_until("shmlockd to claim the segment", || {
-            env.table.supervisor().is_some_and(|p| p.pid == pid)
-        });
-        Daemon(child)
-    }
-
-    fn kill(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 /// Starts a holder of `name` and waits until it holds it.
 fn hold(env: &TestEnv, name: &str, mode: &str, ready: &str) -> ChildId {

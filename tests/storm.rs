@@ -43,7 +43,7 @@ mod common;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::os::unix::process::ExitStatusExt;
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -496,34 +496,6 @@ const PHASES: [Phase; 4] = [
         max_owners: 4096,
     },
 ];
-
-/// A `shmlockd` on the phase's segment; killed (SIGKILL) when dropped.
-struct Daemon(Child);
-
-impl Daemon {
-    fn start(env: &TestEnv) -> Daemon {
-        let log = std::fs::File::create(env.path("shmlockd.log")).expect("daemon log");
-        let child = Command::new(env!("CARGO_BIN_EXE_shmlockd"))
-            .args(["--segment", &env.segment, "--log-level", "warn", "--no-gateway"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("dup"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn shmlockd");
-        let pid = child.id();
-        wait_until("shmlockd to claim the segment", || {
-            env.table.supervisor().is_some_and(|p| p.pid == pid)
-        });
-        Daemon(child)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Removes the witness segment.
 struct WitnessGuard(String);

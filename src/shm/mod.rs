@@ -747,6 +747,18 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, AtomicU64};
 
+    /// A segment of one small region, `mode` and `owner`, nothing initialised.
+    fn tiny(name: &str, mode: u32, owner: SegmentOwner) -> Result<Segment> {
+        Segment::create(
+            name,
+            &[RegionSpec::of::<AtomicU64>(1)],
+            &[0; PARAMS],
+            mode,
+            owner,
+            |_| Ok(()),
+        )
+    }
+
     fn unique(tag: &str) -> String {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         format!(
@@ -854,28 +866,12 @@ mod tests {
     fn a_segment_created_for_another_owner_is_given_to_it() {
         if !geteuid().is_root() {
             eprintln!("shm tests: not root: cannot create a segment for another uid; checking the refusal only");
-            let e = Segment::create(
-                &unique("chown"),
-                &[RegionSpec::of::<AtomicU64>(1)],
-                &[0; PARAMS],
-                0o600,
-                SegmentOwner::Uid(geteuid().as_raw() + 1),
-                |_| Ok(()),
-            )
-            .unwrap_err();
+            let e = tiny(&unique("chown"), 0o600, SegmentOwner::Uid(geteuid().as_raw() + 1)).unwrap_err();
             assert!(matches!(e, Error::Io { op, .. } if op.starts_with("fchown")), "{e}");
             return;
         }
         let name = unique("chown");
-        let seg = Segment::create(
-            &name,
-            &[RegionSpec::of::<AtomicU64>(1)],
-            &[0; PARAMS],
-            0o600,
-            SegmentOwner::Uid(65534),
-            |_| Ok(()),
-        )
-        .unwrap();
+        let seg = tiny(&name, 0o600, SegmentOwner::Uid(65534)).unwrap();
         let uid = std::fs::metadata(shm_path(&name)).unwrap().uid();
         let refused = Segment::open_as(&name, SegmentOwner::MeOrRoot).map(|_| ());
         let accepted = Segment::open_as(&name, SegmentOwner::Uid(65534)).map(|_| ());
@@ -892,15 +888,7 @@ mod tests {
     #[test]
     fn a_retired_segment_is_refused_and_unlink_self_removes_only_itself() {
         let name = unique("retired");
-        let seg = Segment::create(
-            &name,
-            &[RegionSpec::of::<AtomicU64>(1)],
-            &[0; PARAMS],
-            0o600,
-            SegmentOwner::MeOrRoot,
-            |_| Ok(()),
-        )
-        .unwrap();
+        let seg = tiny(&name, 0o600, SegmentOwner::MeOrRoot).unwrap();
         // Another file put under the name since: left alone.
         Segment::unlink(&name).unwrap();
         std::fs::write(shm_path(&name), b"someone else's").unwrap();
@@ -909,15 +897,7 @@ mod tests {
         std::fs::remove_file(shm_path(&name)).unwrap();
         drop(seg);
 
-        let seg = Segment::create(
-            &name,
-            &[RegionSpec::of::<AtomicU64>(1)],
-            &[0; PARAMS],
-            0o600,
-            SegmentOwner::MeOrRoot,
-            |_| Ok(()),
-        )
-        .unwrap();
+        let seg = tiny(&name, 0o600, SegmentOwner::MeOrRoot).unwrap();
         assert_eq!(seg.retired_by(), None);
         seg.retire();
         assert_eq!(seg.retired_by(), Some(std::process::id()));
@@ -941,15 +921,7 @@ mod tests {
     fn mode_is_applied() {
         use std::os::unix::fs::PermissionsExt;
         let name = unique("mode");
-        let _s = Segment::create(
-            &name,
-            &[RegionSpec::of::<AtomicU64>(1)],
-            &[0; PARAMS],
-            0o640,
-            SegmentOwner::MeOrRoot,
-            |_| Ok(()),
-        )
-        .unwrap();
+        let _s = tiny(&name, 0o640, SegmentOwner::MeOrRoot).unwrap();
         let m = std::fs::metadata(shm_path(&name)).unwrap().permissions().mode() & 0o777;
         Segment::unlink(&name).unwrap();
         assert_eq!(m, 0o640);

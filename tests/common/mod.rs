@@ -528,3 +528,40 @@ impl ChildCtx {
         await_file(&self.path("go"));
     }
 }
+
+/// A `shmlockd` without its gateway on the test's segment (its log in the witness directory);
+/// SIGKILLed when dropped.
+pub(crate) struct Daemon(pub(crate) Child);
+
+impl Daemon {
+    /// Starts it and waits until it has claimed the segment.
+    pub(crate) fn start(env: &TestEnv) -> Daemon {
+        static STARTS: AtomicU32 = AtomicU32::new(0);
+        let n = STARTS.fetch_add(1, Ordering::Relaxed);
+        let log = File::create(env.path(&format!("shmlockd-{n}.log"))).expect("daemon log");
+        let child = Command::new(env!("CARGO_BIN_EXE_shmlockd"))
+            .args(["--segment", &env.segment, "--log-level", "debug", "--no-gateway"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn shmlockd");
+        let pid = child.id();
+        wait_until("shmlockd to claim the segment", || {
+            env.table.supervisor().is_some_and(|p| p.pid == pid)
+        });
+        Daemon(child)
+    }
+
+    /// SIGKILLs it and reaps it.
+    pub(crate) fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
