@@ -577,8 +577,10 @@ pub fn parse_locks<'a>(lines: impl IntoIterator<Item = &'a [u8]>) -> Result<Lock
                     token: num(w.get(3), "token")?,
                     owner_died: num::<u8>(w.get(4), "died flag")? != 0,
                     shard: num(w.get(5), "shard")?,
-                    holders: Vec::with_capacity(expect.0),
-                    waiters: Vec::with_capacity(expect.1),
+                    // The counts came over the network: nothing is reserved from them, the
+                    // parties grow with the lines that really come.
+                    holders: Vec::new(),
+                    waiters: Vec::new(),
                 });
             }
             Some(k @ (b"HOLDER" | b"WAITER")) => {
@@ -855,6 +857,13 @@ mod tests {
         assert!(bad("t LOCK a%zz EXCLUSIVE 1 0 0 0 0\n").contains("bad name"));
         assert!(bad("t LOCK a SIDEWAYS 1 0 0 0 0\n").contains("bad mode"));
         assert!(bad("").contains("without an END"));
+        // Counts sized for no memory on earth are checked against the lines, never reserved.
+        let huge = format!(
+            "t LOCK a EXCLUSIVE 1 0 0 {} {}\nt END 1 DONE\n",
+            usize::MAX / 2,
+            usize::MAX / 2
+        );
+        assert!(bad(&huge).contains("announced"));
         // Unknown line kinds and extra words are skipped.
         let ok = parse_locks(lines(b"t NOTE hi\nt LOCK a NONE 1 0 0 0 0 extra\nt END 1 DONE soon\n"));
         assert_eq!(ok.expect("parse").locks[0].name, b"a");
