@@ -672,6 +672,8 @@ struct Report {
     tags: HashMap<&'static str, u64>,
     samples: Vec<String>,
     tok: Tokens,
+    /// Log lines torn by a worker killed inside its write (see [`untorn`]): not failures.
+    tok_torn: u64,
     watch: Watch,
     end_problems: Vec<String>,
     stats: String,
@@ -774,8 +776,8 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "   tokens: duplicates {}, order {}, fence after force {}, forced-holder token mismatches {} (certain {}), forced holders not logged {}, zero {}, malformed lines {}",
-            t.duplicates, t.order, t.fence, t.mismatches, t.sure_mismatches, t.unlogged, t.zero, t.malformed
+            "   tokens: duplicates {}, order {}, fence after force {}, forced-holder token mismatches {} (certain {}), forced holders not logged {}, zero {}, malformed lines {}, writes torn by a kill {}",
+            t.duplicates, t.order, t.fence, t.mismatches, t.sure_mismatches, t.unlogged, t.zero, t.malformed, self.tok_torn
         );
         let _ = writeln!(
             s,
@@ -1060,7 +1062,8 @@ fn run_phase(phase: &Phase, k: usize, secs: Duration) -> Report {
             rep.samples.push(l);
         }
     }
-    let grants = read_grants(&env);
+    let (grants, torn) = read_grants(&env);
+    rep.tok_torn = torn;
     rep.grants = grants.iter().filter(|g| !g.malformed).count() as u64;
     rep.shared_grants = grants.iter().filter(|g| g.shared).count() as u64;
     rep.died_notices = grants.iter().filter(|g| g.died).count() as u64;
@@ -1111,12 +1114,44 @@ struct Grant {
     malformed: bool,
 }
 
-/// Every grant in the workers' logs, with its unlock time where the log has one.
-fn read_grants(env: &TestEnv) -> Vec<Grant> {
+/// Whether `l` has the shape of a grant (`G`, 9 fields) or unlock (`U`, 5 fields) record.
+fn record_shaped(l: &str) -> bool {
+    let f: Vec<&str> = l.split(' ').collect();
+    matches!((f.first().copied(), f.len()), (Some("G"), 9) | (Some("U"), 5)) && f[1..].iter().all(|w| !w.is_empty())
+}
+
+/// The record in log line `l`, and whether a torn write preceded it. A worker SIGKILLed inside
+/// its `write` can leave part of its line: the kernel stops a write to a file between pages
+/// once a fatal signal is pending, so a line that crosses a page boundary is cut there, and the
+/// next process's line is glued to its remains (seen: `U 2 102185 4685392034662 droG 2 x ...`).
+fn untorn(l: &str) -> (&str, bool) {
+    if record_shaped(l) {
+        return (l, false);
+    }
+    let glued = (1..l.len()).find(|&i| {
+        l.is_char_boundary(i) && (l[i..].starts_with("G ") || l[i..].starts_with("U ")) && record_shaped(&l[i..])
+    });
+    match glued {
+        Some(i) => (&l[i..], true),
+        None => (l, false),
+    }
+}
+
+/// Every grant in the workers' logs, with its unlock time where the log has one, and how many
+/// torn writes of killed workers the logs hold (those records are lost, as if the worker had
+/// been killed before it wrote them).
+fn read_grants(env: &TestEnv) -> (Vec<Grant>, u64) {
     let mut out: Vec<Grant> = Vec::new();
+    let mut torn = 0;
     for s in 0..WORKERS {
         let mut last: Option<usize> = None;
-        for l in read_lines(&env.path(&format!("tokens-{s}.log"))) {
+        for line in read_lines(&env.path(&format!("tokens-{s}.log"))) {
+            let (l, cut) = untorn(&line);
+            if cut {
+                torn += 1;
+                // The torn record may have been this grant's unlock: its time is unknown.
+                last = None;
+            }
             let f: Vec<&str> = l.split(' ').collect();
             let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
             match (f.first().copied(), f.len()) {
@@ -1159,7 +1194,7 @@ fn read_grants(env: &TestEnv) -> Vec<Grant> {
             }
         }
     }
-    out
+    (out, torn)
 }
 
 #[derive(Debug, Default)]
