@@ -506,8 +506,10 @@ fn processes_registering_at_once_into_a_pool_of_dead_owners_all_get_in() {
 /// reaches (then R lives).
 /// H holds `x` exclusively and is killed; W (stopped, so it cannot reap H itself) waits for `x`
 /// in `mode`; R reaps H and hands `x` to W, killed at its N-th chaos point, for every N until R
-/// lives through them all. W must be told each time that H died, with a token above H's.
-fn walk_a_reaper_killed_in_its_handoff(mode: &str) {
+/// lives through them all; with `force`, `x` is then force-released before W runs (taking the
+/// lock from whoever has it, W's grant not yet collected included). W must get its grant each
+/// time (a forced release is no cancellation), be told that H died, with a token above H's.
+fn walk_a_reaper_killed_in_its_handoff(mode: &str, force: bool) {
     use nix::sys::signal::{kill, Signal};
     use nix::unistd::Pid;
     use std::os::unix::process::ExitStatusExt;
@@ -526,6 +528,11 @@ fn walk_a_reaper_killed_in_its_handoff(mode: &str) {
         env.kill(h);
         let r = env.spawn("reaper", &[("name", &"x"), ("chaos", &n)]);
         let status = env.wait(r);
+        if force {
+            // NotHeld when nobody holds it at this point (R died before the handoff and W's
+            // grant comes from the repair): nothing to force.
+            let _ = env.table.force_release(b"x");
+        }
         kill(wpid, Signal::SIGCONT).expect("SIGCONT");
         let got = await_file(&env.path("got"));
         assert_eq!(
@@ -552,12 +559,18 @@ fn walk_a_reaper_killed_in_its_handoff(mode: &str) {
 
 #[test]
 fn the_owner_died_notice_survives_a_reaper_killed_at_every_chaos_point() {
-    walk_a_reaper_killed_in_its_handoff("exclusive");
+    walk_a_reaper_killed_in_its_handoff("exclusive", false);
 }
 
 #[test]
 fn a_shared_grant_is_whole_whichever_chaos_point_kills_its_granter() {
-    walk_a_reaper_killed_in_its_handoff("shared");
+    walk_a_reaper_killed_in_its_handoff("shared", false);
+}
+
+#[test]
+fn a_grant_forced_out_before_its_waiter_runs_is_returned_whichever_chaos_point_killed_its_granter() {
+    walk_a_reaper_killed_in_its_handoff("exclusive", true);
+    walk_a_reaper_killed_in_its_handoff("shared", true);
 }
 
 /// A process locking `x` shared and exclusively in turn is killed at its N-th chaos point, for

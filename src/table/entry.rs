@@ -7,7 +7,7 @@
 //!  8 token_base  u64  last token - gen (lw)   8 entry   u32  entry index (in the shard)
 //! 16 next        u32  bucket chain           12 owner   u32  owner index
 //! 20 name_len    u16, flags u16 (OWNER_DIED)  16 mode    u32  Mode
-//! 24 mode        u32  Mode of the grant      20 futex   u32  WAIT / WOKEN / GRANTED
+//! 24 mode        u32  Mode of the grant      20 futex   u32  WAIT/WOKEN/GRANTED/COLLECTED
 //! 28 owner       u32  exclusive holder       24 next    u32  entry's reader list or queue
 //! 32 readers     u32  shared holders         28 prev    u32
 //! 36 reader_head u32  Hold list              32 flags   u32  OWNER_DIED for this grant
@@ -94,6 +94,11 @@ pub const WAIT: u32 = 0;
 pub const WOKEN: u32 = 1;
 /// `Hold::futex`: the lock was handed to this waiter.
 pub const GRANTED: u32 = 2;
+/// `Hold::futex` of a HELD shared hold: in its holder's hands (granted at once, or handed over
+/// and collected). Any other value on a HELD hold means a grant its waiter has not collected yet
+/// (GRANTED, or WAIT where the granter died before storing GRANTED): a forced release must leave
+/// such a record to its waiter rather than free it under it.
+pub const COLLECTED: u32 = 3;
 
 /// A lock entry.
 #[repr(C)]

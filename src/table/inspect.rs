@@ -394,8 +394,9 @@ impl LockTable {
                 }
                 Mode::Shared => {
                     for (hi, hold) in Self::readers(&sh, e) {
-                        if hold.futex.load(Relaxed) == GRANTED {
-                            // Handed to a waiter that has not come for it yet.
+                        if hold.futex.load(Relaxed) != COLLECTED {
+                            // Handed to a waiter that has not come for it yet (GRANTED, or WAIT if
+                            // its granter died before the store).
                             uncollected.push(hi);
                         } else {
                             let g = RawGrant::existing(sh.no, i, hi, hold.token.load(Relaxed), mode);
@@ -419,6 +420,11 @@ impl LockTable {
                     Self::remove_reader(&sh, e, hi);
                     sh.hpool()
                         .transition(Idx(hi), HoldState::Held, HoldState::Granted, clock::coarse())?;
+                    if hold.futex.load(Relaxed) != GRANTED {
+                        // Its granter died before the wake-up: the waiter may be asleep.
+                        hold.futex.store(GRANTED, std::sync::atomic::Ordering::Release);
+                        wakes.push(&hold.futex);
+                    }
                 }
             }
             if grants.is_empty() {

@@ -56,8 +56,8 @@ use crate::shm::{Region, RegionSpec, Segment, PARAMS};
 
 pub use check::TableStats;
 pub use entry::{
-    lock_word, lw_gen, lw_val, Entry, EntryState, Hold, HoldState, Mode, FAST_OWNER, FORCED, GRANTED, MODE_NONE,
-    OWNER_DIED, SLOW, WAIT, WOKEN,
+    lock_word, lw_gen, lw_val, Entry, EntryState, Hold, HoldState, Mode, COLLECTED, FAST_OWNER, FORCED, GRANTED,
+    MODE_NONE, OWNER_DIED, SLOW, WAIT, WOKEN,
 };
 pub use inspect::{Forced, LockInfo, OwnerInfo, Party, PoolCounts};
 pub use page::{Cursor, Page, PAGE_SCAN, SCAN_PER_LATCH};
@@ -1134,7 +1134,9 @@ impl LockTable {
         hold.mode.store(mode.to_u32(), Relaxed);
         hold.flags.store(0, Relaxed);
         hold.token.store(0, Relaxed);
-        hold.futex.store(WAIT, Relaxed);
+        // A hold granted at once is in its holder's hands; a request waits.
+        hold.futex
+            .store(if to == HoldState::Held { COLLECTED } else { WAIT }, Relaxed);
         hold.next.store(NIL, Relaxed);
         hold.prev.store(NIL, Relaxed);
         hold.gen.store(hold.gen.load(Relaxed).wrapping_add(1), Relaxed);

@@ -165,7 +165,14 @@ impl LockTable {
                 continue;
             }
             match state {
-                HoldState::Held => Self::add_reader(sh, &entries[i as usize], h as u32),
+                HoldState::Held => {
+                    Self::add_reader(sh, &entries[i as usize], h as u32);
+                    if hold.futex.load(Relaxed) == WAIT {
+                        // Its granter died between the grant and the wake-up: wake it.
+                        hold.futex.store(GRANTED, Ordering::Release);
+                        futex_wake(&hold.futex, 1);
+                    }
+                }
                 HoldState::Waiting => waiting.push((hp.time(idx)?, h as u32)),
                 _ => granted.push(h as u32),
             }

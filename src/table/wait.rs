@@ -243,9 +243,9 @@ impl LockTable {
                         gen: lw_gen(e.lw.load(R)),
                     };
                     match (mode, sh.hpool().state(Idx(w))?) {
-                        // A shared grant stays the reader's hold; marked collected (futex WAIT),
-                        // so a forced release tells it from one handed over and not yet taken.
-                        (Mode::Shared, HoldState::Held) => hold.futex.store(WAIT, R),
+                        // A shared grant stays the reader's hold; marked COLLECTED, so a forced
+                        // release tells it from one handed over and not yet taken.
+                        (Mode::Shared, HoldState::Held) => hold.futex.store(COLLECTED, R),
                         // An exclusive handoff, or a shared grant forced out before we came
                         // (see `force_release`): the record has served its purpose.
                         _ => sh
