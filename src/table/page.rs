@@ -328,8 +328,15 @@ mod tests {
                 gs.push(a.lock(format!("k{i}")).expect("lock"));
             }
             let p = t.locks_page(None, b"", 1);
-            assert_eq!(p.locks.len(), 1, "{max}");
             assert!(p.scanned <= PAGE_SCAN, "{max}: {}", p.scanned);
+            // A sparse table's few locks may all lie past the first PAGE_SCAN slots (the hash
+            // seed is the segment's): then the page is empty, spent, and says where to go on.
+            let spent = p.locks.is_empty() && p.scanned == PAGE_SCAN && p.next.is_some();
+            assert!(
+                p.locks.len() == 1 || (held <= 100 && spent),
+                "{max}: {} locks",
+                p.locks.len()
+            );
             if held > 100 {
                 let first = p.locks[0].0.entry;
                 assert_eq!(p.scanned, first + 1, "{max}: LIMIT 1 looked past its lock");
