@@ -121,7 +121,7 @@ impl<'a> Latch<'a> {
 
     /// Takes the latch over, as `id`, from `holder` if the word still names it: for a holder
     /// known to run no critical section (one named by a garbage word). The guard reports the
-    /// holder as [`recovered`](LatchGuard::recovered), so the caller repairs what it guards.
+    /// holder as `recovered`, so the caller repairs what it guards.
     pub fn take_over(self, holder: u32, id: u32) -> Option<LatchGuard<'a>> {
         let w = self.word.load(Ordering::Relaxed);
         if w & !WAITERS != holder || holder == 0 {
