@@ -81,14 +81,12 @@ impl LockTable {
         let me = std::process::id();
         self.reap_dead(pid_latch_id())?;
         let _g = self.lock_owners();
-        let mut pids: Vec<u32> = self
-            .live_owners()
-            .map(|o| o.process())
+        let pids: Vec<u32> = self
+            .owner_processes()
+            .into_iter()
             .filter(|p| p.pid != me && p.is_alive())
             .map(|p| p.pid)
             .collect();
-        pids.sort_unstable();
-        pids.dedup();
         if !pids.is_empty() {
             return Err(Error::SegmentInUse {
                 name: self.segment().name().to_string(),
