@@ -7,6 +7,7 @@
 //!
 //! Multi-process scenarios and the comparison with flock and pthread live in `shmlock-bench`.
 
+use shmlock::prelude::*;
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Duration;

@@ -6,6 +6,7 @@
 //! cargo run --example basic
 //! ```
 
+use shmlock::prelude::*;
 use std::time::Duration;
 
 use shmlock::{Capacities, Client, Error};

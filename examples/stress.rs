@@ -7,6 +7,7 @@
 //! cargo run --release --example stress -- /soak 60 4
 //! ```
 
+use shmlock::prelude::*;
 use std::process::Command;
 use std::time::{Duration, Instant};
 

@@ -1,7 +1,9 @@
 //! Client handles and lock guards: the library's front door.
 //!
-//! A [`Client`] is one owner in the table. Every lock it takes is held by that owner until the
-//! guard is dropped (or [`LockGuard::unlock`] is called), or the client itself is dropped.
+//! A [`Client`] is one owner in the table. It locks through the [`Locker`] contract (`lock`,
+//! `try_lock`, `try_lock_for`, ..., written once for every backend). Every lock it takes is held
+//! by that owner until the guard is dropped (or [`Guard::unlock`] is called), or the client
+//! itself is dropped.
 //!
 //! # Threads
 //! A `Client` is `Send + Sync` and may be shared between threads, but it is **one owner**: a lock
@@ -10,16 +12,19 @@
 //! each open their own `Client`. While one thread's request is queued, another thread's request
 //! for the same name queues behind it.
 
+use std::borrow::Cow;
 use std::fmt;
+use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::clock;
 use crate::config::Capacities;
 use crate::error::{Error, Result};
+use crate::lock::{Guard, Locker, Wait};
 use crate::owner::OwnerKind;
-use crate::table::{LockTable, Mode, OwnerRef, RawGrant, Wait};
+use crate::table::{LockTable, Mode, OwnerRef, RawGrant, Wait as RawWait};
 
 /// A fencing token: strictly increasing across the grants of one name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -94,29 +99,34 @@ impl Client {
     /// The fast path inline (the grant goes from registers straight into the guard), the rest
     /// out of line.
     #[inline(always)]
-    fn acquire(&self, name: &[u8], mode: Mode, wait: Wait) -> Result<LockGuard<'_>> {
-        match self.table.acquire_fast(self.me, name, mode, wait) {
-            Some(Ok(g)) => Ok(self.guard(g)),
-            Some(Err(e)) => Err(e),
-            None => self.acquire_slow(name, mode, wait),
-        }
+    fn acquire_raw(&self, name: &[u8], mode: Mode, wait: RawWait) -> Result<RawGrant> {
+        let g = match self.table.acquire_fast(self.me, name, mode, wait) {
+            Some(r) => r?,
+            None => self.acquire_slow(name, mode, wait)?,
+        };
+        self.touch(g.shard);
+        Ok(g)
     }
 
     #[inline(never)]
-    fn acquire_slow(&self, name: &[u8], mode: Mode, wait: Wait) -> Result<LockGuard<'_>> {
-        let g = self.table.acquire_slow(self.me, name, mode, wait)?;
-        Ok(self.guard(g))
+    fn acquire_slow(&self, name: &[u8], mode: Mode, wait: RawWait) -> Result<RawGrant> {
+        self.table.acquire_slow(self.me, name, mode, wait)
     }
 
     /// A timed request: `waited` in a timeout error counts from this call, not from the
     /// moment the request was queued, so it is never less than the time the caller allowed.
-    fn acquire_for(&self, name: &[u8], mode: Mode, timeout: Duration) -> Result<LockGuard<'_>> {
+    #[inline(never)]
+    fn acquire_until(&self, name: &[u8], mode: Mode, deadline: Instant) -> Result<RawGrant> {
         let start = clock::now();
+        let timeout = deadline.saturating_duration_since(Instant::now());
         match self
             .table
-            .acquire(self.me, name, mode, Wait::Until(start.plus(timeout)))
+            .acquire(self.me, name, mode, RawWait::Until(start.plus(timeout)))
         {
-            Ok(g) => Ok(self.guard(g)),
+            Ok(g) => {
+                self.touch(g.shard);
+                Ok(g)
+            }
             Err(Error::TimedOut { holder, .. }) => Err(Error::TimedOut {
                 waited: clock::now().since(start),
                 holder,
@@ -125,66 +135,13 @@ impl Client {
         }
     }
 
+    /// Marks `shard` as one this client was granted a lock in (searched when it is dropped).
     #[inline]
-    fn guard(&self, g: RawGrant) -> LockGuard<'_> {
-        let (w, bit) = (&self.touched[g.shard as usize / 64], 1u64 << (g.shard % 64));
+    fn touch(&self, shard: u32) {
+        let (w, bit) = (&self.touched[shard as usize / 64], 1u64 << (shard % 64));
         if w.load(Ordering::Relaxed) & bit == 0 {
             w.fetch_or(bit, Ordering::Relaxed);
         }
-        LockGuard {
-            client: self,
-            raw: g,
-            released: false,
-        }
-    }
-
-    /// Locks `name` exclusively, waiting as long as it takes.
-    #[inline(always)]
-    pub fn lock(&self, name: impl AsRef<[u8]>) -> Result<LockGuard<'_>> {
-        self.acquire(name.as_ref(), Mode::Exclusive, Wait::Forever)
-    }
-
-    /// Locks `name` exclusively if that is possible at once; else [`Error::WouldBlock`].
-    pub fn try_lock(&self, name: impl AsRef<[u8]>) -> Result<LockGuard<'_>> {
-        self.acquire(name.as_ref(), Mode::Exclusive, Wait::No)
-    }
-
-    /// Locks `name` exclusively, waiting at most `timeout`; else [`Error::TimedOut`].
-    pub fn try_lock_for(&self, name: impl AsRef<[u8]>, timeout: Duration) -> Result<LockGuard<'_>> {
-        self.acquire_for(name.as_ref(), Mode::Exclusive, timeout)
-    }
-
-    /// Locks `name` exclusively, waiting until `deadline` at most.
-    pub fn try_lock_until(&self, name: impl AsRef<[u8]>, deadline: Instant) -> Result<LockGuard<'_>> {
-        self.acquire_for(
-            name.as_ref(),
-            Mode::Exclusive,
-            deadline.saturating_duration_since(Instant::now()),
-        )
-    }
-
-    /// Locks `name` in shared mode, waiting as long as it takes.
-    pub fn lock_shared(&self, name: impl AsRef<[u8]>) -> Result<LockGuard<'_>> {
-        self.acquire(name.as_ref(), Mode::Shared, Wait::Forever)
-    }
-
-    /// Locks `name` in shared mode if that is possible at once; else [`Error::WouldBlock`].
-    pub fn try_lock_shared(&self, name: impl AsRef<[u8]>) -> Result<LockGuard<'_>> {
-        self.acquire(name.as_ref(), Mode::Shared, Wait::No)
-    }
-
-    /// Locks `name` in shared mode, waiting at most `timeout`.
-    pub fn try_lock_shared_for(&self, name: impl AsRef<[u8]>, timeout: Duration) -> Result<LockGuard<'_>> {
-        self.acquire_for(name.as_ref(), Mode::Shared, timeout)
-    }
-
-    /// Locks `name` in shared mode, waiting until `deadline` at most.
-    pub fn try_lock_shared_until(&self, name: impl AsRef<[u8]>, deadline: Instant) -> Result<LockGuard<'_>> {
-        self.acquire_for(
-            name.as_ref(),
-            Mode::Shared,
-            deadline.saturating_duration_since(Instant::now()),
-        )
     }
 
     /// Unlocks `name`, held by this client in either mode, whose guard was forgotten
@@ -196,7 +153,8 @@ impl Client {
 
 impl Drop for Client {
     fn drop(&mut self) {
-        // Guards borrow the client, so only forgotten guards can still hold anything.
+        // Guards borrow the client or own a reference to it, so only forgotten guards can still
+        // hold anything.
         let shards = self.touched.iter().enumerate().flat_map(|(i, w)| {
             let bits = w.load(Ordering::Relaxed);
             (0..64)
@@ -211,49 +169,78 @@ impl Drop for Client {
     }
 }
 
-/// A held lock; unlocks when dropped.
+impl Locker for Client {
+    type Guard<H: Deref<Target = Client>> = LocalGuard<H>;
+
+    #[inline(always)]
+    fn acquire_with<H: Deref<Target = Client>>(this: H, name: &[u8], mode: Mode, wait: Wait) -> Result<LocalGuard<H>> {
+        let raw = match wait {
+            Wait::No => this.acquire_raw(name, mode, RawWait::No)?,
+            Wait::Forever => this.acquire_raw(name, mode, RawWait::Forever)?,
+            Wait::Until(deadline) => this.acquire_until(name, mode, deadline)?,
+        };
+        Ok(LocalGuard {
+            client: this,
+            raw,
+            released: false,
+        })
+    }
+}
+
+/// A lock held in a local segment, through the handle `H` to its [`Client`]; unlocks when
+/// dropped. [`LockGuard`] borrows its client, [`ArcLockGuard`] owns a reference to it.
 #[must_use = "the lock is released as soon as the guard is dropped"]
 #[derive(Debug)]
-pub struct LockGuard<'a> {
-    client: &'a Client,
+pub struct LocalGuard<H: Deref<Target = Client>> {
+    client: H,
     raw: RawGrant,
     released: bool,
 }
 
-impl LockGuard<'_> {
-    /// The fencing token of this grant.
-    pub fn token(&self) -> FencingToken {
-        FencingToken(self.raw.token)
-    }
+/// A lock held in a local segment, borrowing its client (from [`Locker::lock`] and friends).
+pub type LockGuard<'a> = LocalGuard<&'a Client>;
 
-    /// True if the previous holder died (or was forced out) holding the lock.
-    pub fn owner_died(&self) -> bool {
-        self.raw.owner_died
-    }
+/// A lock held in a local segment, owning a reference to its client (from [`Locker::lock_arc`]
+/// and [`Locker::acquire_arc`]): it can live in a struct or move to another thread.
+pub type ArcLockGuard = LocalGuard<Arc<Client>>;
 
-    /// The mode held.
-    pub fn mode(&self) -> Mode {
-        self.raw.mode
-    }
-
-    /// Everything the grant said.
-    pub fn grant(&self) -> Grant {
+impl<H: Deref<Target = Client>> Guard for LocalGuard<H> {
+    #[inline]
+    fn grant(&self) -> Grant {
         Grant {
-            token: self.token(),
-            owner_died: self.owner_died(),
-            mode: self.mode(),
+            token: FencingToken(self.raw.token),
+            owner_died: self.raw.owner_died,
+            mode: self.raw.mode,
         }
     }
 
-    /// Unlocks now, reporting [`Error::NotHeld`] if the lock was taken away meanwhile.
+    fn name(&self) -> Cow<'_, [u8]> {
+        Cow::Owned(self.client.table.grant_name(&self.raw))
+    }
+
     #[inline(always)]
-    pub fn unlock(mut self) -> Result<()> {
+    fn unlock(mut self) -> Result<()> {
         self.released = true;
         self.client.table.release(self.client.me, &self.raw)
     }
+
+    #[inline]
+    fn token(&self) -> FencingToken {
+        FencingToken(self.raw.token)
+    }
+
+    #[inline]
+    fn owner_died(&self) -> bool {
+        self.raw.owner_died
+    }
+
+    #[inline]
+    fn mode(&self) -> Mode {
+        self.raw.mode
+    }
 }
 
-impl Drop for LockGuard<'_> {
+impl<H: Deref<Target = Client>> Drop for LocalGuard<H> {
     #[inline]
     fn drop(&mut self) {
         if !self.released {

@@ -2,7 +2,7 @@
 //!
 //! ```
 //! # let seg = shmlock::doc_segment();
-//! use shmlock::Client;
+//! use shmlock::{Client, Guard, Locker};
 //! let client = Client::open(&seg)?;
 //! let guard = client.lock("orders/42")?;          // exclusive, waits as long as it takes
 //! println!("fencing token {}", guard.token());     // strictly increasing per name
@@ -18,7 +18,8 @@
 //! - [`shm`]: the segment (create, open, validate, map); the only unsafe code.
 //! - [`pool`]: generic state pools (per-state FIFO lists of fixed records).
 //! - [`table`]: the lock table: shards, name index, grants, queues, fairness.
-//! - [`client`]: [`Client`] handles and RAII [`LockGuard`]s.
+//! - [`lock`]: the locking contract of every backend: [`Locker`] and [`Guard`].
+//! - [`client`]: [`Client`] handles and RAII [`LockGuard`]s (borrowed) and [`ArcLockGuard`]s (owned).
 //! - [`gateway`]: the TCP gateway (`shmlockd` serves remote clients with it); [`gateway::proto`]
 //!   is the wire protocol of `docs/PROTOCOL.md`.
 //! - [`remote`]: [`RemoteClient`](remote::RemoteClient), the same API through a gateway.
@@ -30,17 +31,24 @@ pub mod clock;
 pub mod config;
 pub mod error;
 pub mod gateway;
+pub mod lock;
 pub mod name;
 pub mod owner;
 pub mod pool;
+
+/// The traits a locking program needs in scope: `use shmlock::prelude::*;`.
+pub mod prelude {
+    pub use crate::lock::{Guard, Locker, Wait};
+}
 pub mod remote;
 pub mod shm;
 pub mod supervisor;
 pub mod table;
 
-pub use client::{Client, FencingToken, Grant, LockGuard};
+pub use client::{ArcLockGuard, Client, FencingToken, Grant, LocalGuard, LockGuard};
 pub use config::Capacities;
 pub use error::{Error, HolderInfo, Result};
+pub use lock::{Guard, Locker, Wait};
 pub use shm::Segment;
 pub use table::{LockTable, Mode};
 

@@ -2,6 +2,7 @@
 //!
 //! ```no_run
 //! use shmlock::remote::RemoteClient;
+//! use shmlock::{Guard, Locker};
 //! let client = RemoteClient::connect("127.0.0.1:7411")?;
 //! let guard = client.lock("orders/42")?;            // exclusive, waits as long as it takes
 //! println!("fencing token {}", guard.token());
@@ -31,9 +32,11 @@
 //! Lock order: `reader` (held by whoever has the reading role, `State::reading`) before
 //! `state`; `writer` is taken alone. The reading role is taken and given up under `state`.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, Thread};
@@ -43,6 +46,7 @@ use crate::client::{FencingToken, Grant};
 use crate::error::{Error, Result};
 use crate::gateway::admin::LocksPage;
 use crate::gateway::proto::{self, ErrorCode, Hello, Response};
+use crate::lock::{Guard, Locker, Wait};
 use crate::table::{Cursor, LockInfo, Mode};
 
 /// How long answers nobody waits for may stay unread while no caller reads, before the
@@ -727,45 +731,6 @@ impl RemoteClient {
         })
     }
 
-    fn acquire(&self, name: &[u8], mode: Mode, timeout: Option<Duration>) -> Result<RemoteGuard<'_>> {
-        self.start_lock(name, mode, timeout)?.wait()
-    }
-
-    /// Locks `name` exclusively, waiting as long as it takes.
-    pub fn lock(&self, name: impl AsRef<[u8]>) -> Result<RemoteGuard<'_>> {
-        self.acquire(name.as_ref(), Mode::Exclusive, None)
-    }
-
-    /// Locks `name` exclusively if that is possible at once; else [`Error::WouldBlock`].
-    pub fn try_lock(&self, name: impl AsRef<[u8]>) -> Result<RemoteGuard<'_>> {
-        self.acquire(name.as_ref(), Mode::Exclusive, Some(Duration::ZERO))
-    }
-
-    /// Locks `name` exclusively, waiting at most `timeout` (rounded up to a millisecond); else
-    /// [`Error::TimedOut`].
-    pub fn try_lock_for(&self, name: impl AsRef<[u8]>, timeout: Duration) -> Result<RemoteGuard<'_>> {
-        self.acquire(
-            name.as_ref(),
-            Mode::Exclusive,
-            Some(timeout.max(Duration::from_millis(1))),
-        )
-    }
-
-    /// Locks `name` in shared mode, waiting as long as it takes.
-    pub fn lock_shared(&self, name: impl AsRef<[u8]>) -> Result<RemoteGuard<'_>> {
-        self.acquire(name.as_ref(), Mode::Shared, None)
-    }
-
-    /// Locks `name` in shared mode if that is possible at once; else [`Error::WouldBlock`].
-    pub fn try_lock_shared(&self, name: impl AsRef<[u8]>) -> Result<RemoteGuard<'_>> {
-        self.acquire(name.as_ref(), Mode::Shared, Some(Duration::ZERO))
-    }
-
-    /// Locks `name` in shared mode, waiting at most `timeout`.
-    pub fn try_lock_shared_for(&self, name: impl AsRef<[u8]>, timeout: Duration) -> Result<RemoteGuard<'_>> {
-        self.acquire(name.as_ref(), Mode::Shared, Some(timeout.max(Duration::from_millis(1))))
-    }
-
     /// Unlocks `name` held by this session (for a guard that was forgotten).
     pub fn unlock(&self, name: impl AsRef<[u8]>) -> Result<()> {
         let name = name.as_ref();
@@ -893,16 +858,23 @@ pub struct PendingLock<'a> {
 
 impl<'a> PendingLock<'a> {
     /// Waits for the answer.
-    pub fn wait(mut self) -> Result<RemoteGuard<'a>> {
+    pub fn wait(self) -> Result<RemoteGuard<'a>> {
+        let client = self.client;
+        let (name, grant) = self.wait_grant()?;
+        Ok(RemoteLockGuard {
+            client,
+            name,
+            grant,
+            released: false,
+        })
+    }
+
+    /// Waits for the answer: the name and the grant, now held by the session.
+    fn wait_grant(mut self) -> Result<(Box<[u8]>, Grant)> {
         self.waited = true;
         let reply = self.client.inner.wait(self.tag);
         match reply {
-            Ok(Answer::Granted(grant)) => Ok(RemoteGuard {
-                client: self.client,
-                name: std::mem::take(&mut self.name),
-                grant,
-                released: false,
-            }),
+            Ok(Answer::Granted(grant)) => Ok((std::mem::take(&mut self.name), grant)),
             Ok(Answer::Done | Answer::Lines(_)) => Err(self.client.inner.conn_err("unexpected answer to LOCK")),
             Err(Error::Remote { code, .. }) if code == ErrorCode::Timeout.as_str() => Err(Error::TimedOut {
                 waited: self.started.elapsed().max(self.timeout.unwrap_or_default()),
@@ -946,50 +918,72 @@ impl Drop for PendingLock<'_> {
     }
 }
 
-/// A lock held through a gateway; unlocks when dropped (without waiting for the answer).
+impl Locker for RemoteClient {
+    type Guard<H: Deref<Target = RemoteClient>> = RemoteLockGuard<H>;
+
+    /// A timeout is sent in whole milliseconds, rounded up (at least 1 ms: a deadline already
+    /// past makes one attempt that waits up to 1 ms).
+    fn acquire_with<H: Deref<Target = RemoteClient>>(
+        this: H,
+        name: &[u8],
+        mode: Mode,
+        wait: Wait,
+    ) -> Result<RemoteLockGuard<H>> {
+        let timeout = match wait {
+            Wait::No => Some(Duration::ZERO),
+            Wait::Forever => None,
+            Wait::Until(deadline) => Some(
+                deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1)),
+            ),
+        };
+        let (name, grant) = this.start_lock(name, mode, timeout)?.wait_grant()?;
+        Ok(RemoteLockGuard {
+            client: this,
+            name,
+            grant,
+            released: false,
+        })
+    }
+}
+
+/// A lock held through a gateway, through the handle `H` to its [`RemoteClient`]; unlocks when
+/// dropped (without waiting for the answer). [`RemoteGuard`] borrows its client,
+/// [`ArcRemoteGuard`] owns a reference to it.
 #[must_use = "the lock is released as soon as the guard is dropped"]
 #[derive(Debug)]
-pub struct RemoteGuard<'a> {
-    client: &'a RemoteClient,
+pub struct RemoteLockGuard<H: Deref<Target = RemoteClient>> {
+    client: H,
     name: Box<[u8]>,
     grant: Grant,
     released: bool,
 }
 
-impl RemoteGuard<'_> {
-    /// The fencing token of this grant.
-    pub fn token(&self) -> FencingToken {
-        self.grant.token
-    }
+/// A lock held through a gateway, borrowing its client.
+pub type RemoteGuard<'a> = RemoteLockGuard<&'a RemoteClient>;
 
-    /// True if the previous holder died holding the lock.
-    pub fn owner_died(&self) -> bool {
-        self.grant.owner_died
-    }
+/// A lock held through a gateway, owning a reference to its client: it can live in a struct or
+/// move to another thread.
+pub type ArcRemoteGuard = RemoteLockGuard<Arc<RemoteClient>>;
 
-    /// The mode held.
-    pub fn mode(&self) -> Mode {
-        self.grant.mode
-    }
-
-    /// Everything the grant said.
-    pub fn grant(&self) -> Grant {
+impl<H: Deref<Target = RemoteClient>> Guard for RemoteLockGuard<H> {
+    fn grant(&self) -> Grant {
         self.grant
     }
 
-    /// The name locked.
-    pub fn name(&self) -> &[u8] {
-        &self.name
+    fn name(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.name)
     }
 
     /// Unlocks now and waits for the gateway's answer.
-    pub fn unlock(mut self) -> Result<()> {
+    fn unlock(mut self) -> Result<()> {
         self.released = true;
         self.client.unlock(&self.name)
     }
 }
 
-impl Drop for RemoteGuard<'_> {
+impl<H: Deref<Target = RemoteClient>> Drop for RemoteLockGuard<H> {
     fn drop(&mut self) {
         if !self.released {
             self.client.unlock_async(&self.name);

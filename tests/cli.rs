@@ -6,6 +6,7 @@
 
 mod common;
 
+use shmlock::prelude::*;
 use std::fs;
 use std::io::Write;
 use std::path::PathBuf;

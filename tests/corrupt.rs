@@ -22,6 +22,7 @@
 
 mod common;
 
+use shmlock::prelude::*;
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;

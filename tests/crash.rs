@@ -5,6 +5,7 @@
 
 mod common;
 
+use shmlock::prelude::*;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -6,6 +6,7 @@
 
 mod common;
 
+use shmlock::prelude::*;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
@@ -387,7 +388,7 @@ fn a_waiting_request_blocks_nothing_on_its_connection_or_others() {
     c.ping().unwrap();
     drop(hold);
     let q = pending.wait().unwrap();
-    assert_eq!(q.name(), b"Q");
+    assert_eq!(&*q.name(), b"Q");
     drop(q);
     // A pending lock given up before its answer is unlocked when granted.
     let hold = local.lock("P").unwrap();
@@ -505,7 +506,7 @@ fn threads_sharing_one_remote_client_each_get_their_own_answers() {
                                     let p = client.start_lock(&name, Mode::Shared, Some(DEADLINE)).unwrap();
                                     client.ping().unwrap();
                                     let g = p.wait().unwrap();
-                                    assert_eq!((g.name(), g.mode()), (name.as_bytes(), Mode::Shared));
+                                    assert_eq!((&*g.name(), g.mode()), (name.as_bytes(), Mode::Shared));
                                 }
                                 _ => {
                                     std::mem::forget(client.lock(&name).unwrap());

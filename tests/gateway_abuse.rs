@@ -6,6 +6,7 @@
 
 mod common;
 
+use shmlock::prelude::*;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};

@@ -7,6 +7,7 @@
 
 mod common;
 
+use shmlock::prelude::*;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

@@ -9,6 +9,7 @@
 
 mod common;
 
+use shmlock::prelude::*;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -40,6 +40,7 @@
 
 mod common;
 
+use shmlock::prelude::*;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::os::unix::process::ExitStatusExt;

@@ -4,6 +4,7 @@
 //! do no formatting or allocation. The loops are generic over `P: Peer` (static dispatch): each
 //! peer's calls are inlined into its own copy of the loop, and none pays for a virtual call.
 
+use shmlock::prelude::*;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};

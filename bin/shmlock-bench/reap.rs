@@ -6,6 +6,7 @@
 //! With `--daemon` a `shmlockd` (from the bench's own directory) supervises the segment and
 //! reaps through the holder's pidfd; with `--no-daemon` the waiter reaps the holder itself.
 
+use shmlock::prelude::*;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::Arc;

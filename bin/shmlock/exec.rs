@@ -24,6 +24,7 @@
 //! threads are started with the forwarded signals blocked, so that they stay with the sigwait
 //! thread.
 
+use shmlock::prelude::*;
 use std::process::{Command, ExitCode};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};

@@ -463,6 +463,7 @@ mod tests {
     use crate::client::Client;
     use crate::config::Capacities;
     use crate::error::Error;
+    use crate::prelude::*;
     use crate::table::{LockTable, Mode};
 
     fn table() -> Arc<LockTable> {

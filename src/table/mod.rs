@@ -1002,6 +1002,15 @@ impl LockTable {
         out
     }
 
+    /// The name of a grant's entry, read back from the table (the entry cannot change name
+    /// while the grant holds it).
+    pub(crate) fn grant_name(&self, g: &RawGrant) -> Vec<u8> {
+        if g.shard >= self.geometry().shards {
+            return Vec::new();
+        }
+        Self::name_of(&self.shard(g.shard), g.entry)
+    }
+
     // ---- locking ---------------------------------------------------------------------------
 
     /// Does `me` hold entry `e` in any mode?

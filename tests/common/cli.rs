@@ -2,6 +2,7 @@
 //! and judging `shmlock` commands.
 #![allow(dead_code)]
 
+use shmlock::prelude::*;
 use std::process::{Child, Command, Output};
 use std::time::Duration;
 

@@ -1,0 +1,192 @@
+//! The locking contract every backend implements: [`Locker`] (lock a name) and [`Guard`] (a held
+//! lock), in the manner of `lock_api`: a backend writes one method, [`Locker::acquire_with`], and
+//! every std-named method (`lock`, `try_lock`, `try_lock_for`, `try_lock_until` and their
+//! `_shared` twins) is written once, here, for all of them.
+//!
+//! ```
+//! # let seg = shmlock::doc_segment();
+//! use shmlock::{Client, Guard, Locker};
+//!
+//! /// Works the same on a local `Client` and on a `RemoteClient`.
+//! fn bump<L: Locker>(locks: &L) -> shmlock::Result<u64> {
+//!     let g = locks.lock("counter")?;
+//!     Ok(g.token().0)
+//! }
+//! let client = Client::open(&seg)?;
+//! assert!(bump(&client)? < bump(&client)?);
+//! # shmlock::Segment::unlink(&seg)?;
+//! # Ok::<(), shmlock::Error>(())
+//! ```
+//!
+//! # Borrowed and owned guards
+//! A guard holds its lock through a handle to its client, of a type `H` that derefs to the client:
+//! `&Client` for the guards of [`Locker::lock`] and friends (the guard borrows the client), or
+//! `Arc<Client>` for those of [`Locker::lock_arc`] and [`Locker::acquire_arc`], which own a
+//! reference to the client and so can live in a struct or move to another thread (like
+//! `lock_api`'s `ArcMutexGuard`). The lock is held by the client's owner either way.
+
+use std::borrow::Cow;
+use std::ops::Deref;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::client::{FencingToken, Grant};
+use crate::error::Result;
+use crate::table::Mode;
+
+/// What a lock request does when the lock is not free at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// Give up at once: [`Error::WouldBlock`](crate::Error::WouldBlock).
+    No,
+    /// Wait until this instant at most: then [`Error::TimedOut`](crate::Error::TimedOut). A
+    /// deadline already past makes one attempt.
+    Until(Instant),
+    /// Wait as long as it takes.
+    Forever,
+}
+
+impl Wait {
+    /// Waits at most `timeout` from now.
+    pub fn for_duration(timeout: Duration) -> Wait {
+        // An instant beyond what `Instant` can hold is as good as forever.
+        Instant::now().checked_add(timeout).map_or(Wait::Forever, Wait::Until)
+    }
+}
+
+/// A held lock. Dropping it unlocks (without reporting); [`Guard::unlock`] unlocks and reports.
+pub trait Guard {
+    /// Everything the grant said: token, owner-died notice, mode.
+    fn grant(&self) -> Grant;
+
+    /// The name locked. (A local guard reads it back from the table, so it costs nothing on the
+    /// lock path.)
+    fn name(&self) -> Cow<'_, [u8]>;
+
+    /// Unlocks now; [`Error::NotHeld`](crate::Error::NotHeld) if the lock was taken away
+    /// meanwhile (`shmlock release --force`, a remote session that ended).
+    fn unlock(self) -> Result<()>
+    where
+        Self: Sized;
+
+    /// The fencing token of this grant: strictly increasing across the grants of one name.
+    fn token(&self) -> FencingToken {
+        self.grant().token
+    }
+
+    /// True if the previous holder died (or was forced out) holding the lock: check the data it
+    /// protects. Information only; the lock is not poisoned.
+    fn owner_died(&self) -> bool {
+        self.grant().owner_died
+    }
+
+    /// The mode held.
+    fn mode(&self) -> Mode {
+        self.grant().mode
+    }
+}
+
+/// Locks by name: the one contract of [`Client`](crate::Client) (in shared memory) and
+/// [`RemoteClient`](crate::remote::RemoteClient) (through a gateway), so an API gap between them
+/// is a compile error and code written over `Locker` runs on both.
+///
+/// A client is **one owner**: a request for a name it already holds fails at once with
+/// [`Error::AlreadyHeld`](crate::Error::AlreadyHeld), from any thread, instead of deadlocking.
+pub trait Locker {
+    /// A grant held through the handle `H` (`&Self`, or `Arc<Self>` for an owned guard).
+    type Guard<H: Deref<Target = Self>>: Guard;
+
+    /// Locks `name` in `mode`, waiting as `wait` says; the guard keeps `this`. The one method a
+    /// backend writes.
+    ///
+    /// Errors: [`WouldBlock`](crate::Error::WouldBlock) (`Wait::No`, busy),
+    /// [`TimedOut`](crate::Error::TimedOut) (the deadline passed; names the holder where known),
+    /// [`AlreadyHeld`](crate::Error::AlreadyHeld), [`NameInvalid`](crate::Error::NameInvalid),
+    /// [`PoolFull`](crate::Error::PoolFull) (a full table), and the backend's own failures.
+    fn acquire_with<H: Deref<Target = Self>>(this: H, name: &[u8], mode: Mode, wait: Wait) -> Result<Self::Guard<H>>;
+
+    /// Locks `name` in `mode`, waiting as `wait` says.
+    #[inline(always)]
+    fn acquire(&self, name: impl AsRef<[u8]>, mode: Mode, wait: Wait) -> Result<Self::Guard<&Self>> {
+        Self::acquire_with(self, name.as_ref(), mode, wait)
+    }
+
+    /// Like [`acquire`](Locker::acquire), with a guard that owns a reference to the client: it
+    /// can be stored or sent to another thread.
+    #[inline]
+    fn acquire_arc(self: &Arc<Self>, name: impl AsRef<[u8]>, mode: Mode, wait: Wait) -> Result<Self::Guard<Arc<Self>>>
+    where
+        Self: Sized,
+    {
+        Self::acquire_with(Arc::clone(self), name.as_ref(), mode, wait)
+    }
+
+    /// Locks `name` exclusively, waiting as long as it takes.
+    #[inline(always)]
+    fn lock(&self, name: impl AsRef<[u8]>) -> Result<Self::Guard<&Self>> {
+        Self::acquire_with(self, name.as_ref(), Mode::Exclusive, Wait::Forever)
+    }
+
+    /// Locks `name` exclusively if that is possible at once; else
+    /// [`Error::WouldBlock`](crate::Error::WouldBlock).
+    #[inline]
+    fn try_lock(&self, name: impl AsRef<[u8]>) -> Result<Self::Guard<&Self>> {
+        Self::acquire_with(self, name.as_ref(), Mode::Exclusive, Wait::No)
+    }
+
+    /// Locks `name` exclusively, waiting at most `timeout`; else
+    /// [`Error::TimedOut`](crate::Error::TimedOut).
+    #[inline]
+    fn try_lock_for(&self, name: impl AsRef<[u8]>, timeout: Duration) -> Result<Self::Guard<&Self>> {
+        Self::acquire_with(self, name.as_ref(), Mode::Exclusive, Wait::for_duration(timeout))
+    }
+
+    /// Locks `name` exclusively, waiting until `deadline` at most.
+    #[inline]
+    fn try_lock_until(&self, name: impl AsRef<[u8]>, deadline: Instant) -> Result<Self::Guard<&Self>> {
+        Self::acquire_with(self, name.as_ref(), Mode::Exclusive, Wait::Until(deadline))
+    }
+
+    /// Locks `name` in shared mode, waiting as long as it takes.
+    #[inline]
+    fn lock_shared(&self, name: impl AsRef<[u8]>) -> Result<Self::Guard<&Self>> {
+        Self::acquire_with(self, name.as_ref(), Mode::Shared, Wait::Forever)
+    }
+
+    /// Locks `name` in shared mode if that is possible at once; else
+    /// [`Error::WouldBlock`](crate::Error::WouldBlock).
+    #[inline]
+    fn try_lock_shared(&self, name: impl AsRef<[u8]>) -> Result<Self::Guard<&Self>> {
+        Self::acquire_with(self, name.as_ref(), Mode::Shared, Wait::No)
+    }
+
+    /// Locks `name` in shared mode, waiting at most `timeout`.
+    #[inline]
+    fn try_lock_shared_for(&self, name: impl AsRef<[u8]>, timeout: Duration) -> Result<Self::Guard<&Self>> {
+        Self::acquire_with(self, name.as_ref(), Mode::Shared, Wait::for_duration(timeout))
+    }
+
+    /// Locks `name` in shared mode, waiting until `deadline` at most.
+    #[inline]
+    fn try_lock_shared_until(&self, name: impl AsRef<[u8]>, deadline: Instant) -> Result<Self::Guard<&Self>> {
+        Self::acquire_with(self, name.as_ref(), Mode::Shared, Wait::Until(deadline))
+    }
+
+    /// Locks `name` exclusively, waiting as long as it takes, with an owned guard.
+    #[inline]
+    fn lock_arc(self: &Arc<Self>, name: impl AsRef<[u8]>) -> Result<Self::Guard<Arc<Self>>>
+    where
+        Self: Sized,
+    {
+        Self::acquire_with(Arc::clone(self), name.as_ref(), Mode::Exclusive, Wait::Forever)
+    }
+
+    /// Locks `name` in shared mode, waiting as long as it takes, with an owned guard.
+    #[inline]
+    fn lock_shared_arc(self: &Arc<Self>, name: impl AsRef<[u8]>) -> Result<Self::Guard<Arc<Self>>>
+    where
+        Self: Sized,
+    {
+        Self::acquire_with(Arc::clone(self), name.as_ref(), Mode::Shared, Wait::Forever)
+    }
+}
