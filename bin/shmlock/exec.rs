@@ -34,11 +34,11 @@ use anyhow::{anyhow, Result};
 use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
 use nix::unistd::Pid;
 use shmlock::gateway::proto::ErrorCode;
-use shmlock::remote::{ConnectOptions, RemoteClient, RemoteGuard};
+use shmlock::remote::{ConnectOptions, RemoteClient};
 use shmlock::table::LockInfo;
-use shmlock::{Client, Error, LockGuard, LockTable};
+use shmlock::{Client, Error, LockTable, Mode};
 
-use crate::remote::{token_needed, Gateway, CONNECT_TIMEOUT};
+use crate::remote::{token_needed, CONNECT_TIMEOUT};
 use crate::render::{escape_name, human};
 use crate::{name_error, RunArgs};
 
@@ -53,48 +53,160 @@ pub(crate) const EX_TEMPFAIL: u8 = 75;
 const EXIT_NOT_FOUND: u8 = 127;
 const EXIT_CANNOT_EXEC: u8 = 126;
 
-/// Runs `a.command` holding lock `a.name`.
-pub(crate) fn run(table: Arc<LockTable>, a: &RunArgs) -> Result<ExitCode> {
+/// What `run` does differently locally and through a gateway; the rest is written once, over
+/// the [`Locker`] contract, in [`hold_and_run`].
+trait Backend {
+    /// The client that takes the lock.
+    type Client: Locker;
+    fn client(&self) -> &Self::Client;
+    /// `, held by pid 1234 (label) for 2.0s`, or nothing if that cannot be told.
+    fn holders(&self, name: &[u8]) -> String;
+    /// Says why a lock request failed (other than busy or timed out).
+    fn lock_error(&self, name: &[u8], e: Error) -> anyhow::Error;
+    /// Called once the command runs: starts watching for a lost lock (a gateway session that
+    /// ended), reporting the loss into `lost`. Returns what stops the watch when dropped.
+    fn watch(&self, a: &RunArgs, program: &str, pid: Option<Pid>, lost: &Lost) -> Option<mpsc::Sender<()>>;
+    /// Where the lock lives, for messages: `` or ` through the gateway at ADDR`.
+    fn place(&self) -> String;
+    /// Longest wait for the final unlock's answer, after which `run` exits anyway (None: no
+    /// limit, the unlock cannot hang).
+    fn unlock_deadline(&self) -> Option<Duration>;
+}
+
+/// Why the lock was lost while the command ran, once it was.
+#[derive(Clone, Default)]
+struct Lost {
+    why: Arc<Mutex<Option<String>>>,
+    /// Set when the command has ended: nothing is reported after that.
+    finished: Arc<AtomicBool>,
+}
+
+impl Lost {
+    fn get(&self) -> Option<String> {
+        self.why.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// Takes the lock `a.name` through `b`, runs the command holding it, and unlocks.
+fn hold_and_run<B: Backend>(b: &B, a: &RunArgs) -> Result<ExitCode> {
     use std::os::unix::ffi::OsStrExt;
     let name = a.name.as_bytes();
     let shown = escape_name(name);
     let program = a.command[0].to_string_lossy().into_owned();
-    let client = Client::with_table(Arc::clone(&table), &format!("run {program}"))?;
-    let got = match (a.shared, a.nonblock, a.timeout) {
-        (false, true, _) => client.try_lock(name),
-        (true, true, _) => client.try_lock_shared(name),
-        (false, false, Some(t)) => client.try_lock_for(name, t),
-        (true, false, Some(t)) => client.try_lock_shared_for(name, t),
-        (false, false, None) => client.lock(name),
-        (true, false, None) => client.lock_shared(name),
+    let mode = if a.shared { Mode::Shared } else { Mode::Exclusive };
+    let wait = match (a.nonblock, a.timeout) {
+        (true, _) => Wait::No,
+        (false, Some(t)) => Wait::for_duration(t),
+        (false, None) => Wait::Forever,
     };
-    let guard = match got {
+    let guard = match b.client().acquire(name, mode, wait) {
         Ok(g) => g,
         Err(Error::WouldBlock) => {
             eprintln!(
                 "shmlock: lock \"{shown}\" is busy{}; not running {program}",
-                holders(&table, name)
+                b.holders(name)
             );
             return Ok(ExitCode::from(EX_TEMPFAIL));
         }
         Err(e @ Error::TimedOut { .. }) => {
-            eprintln!("shmlock: lock \"{shown}\" not acquired: {e}; not running {program}");
+            // A timeout names the holder where the backend knows it; else ask.
+            let more = match &e {
+                Error::TimedOut { holder: None, .. } => b.holders(name),
+                _ => String::new(),
+            };
+            eprintln!("shmlock: lock \"{shown}\" not acquired: {e}{more}; not running {program}");
             return Ok(ExitCode::from(EX_TEMPFAIL));
         }
-        Err(e) => return Err(name_error(name, e)),
+        Err(e) => return Err(b.lock_error(name, e)),
     };
-    let code = run_child(a, &program, |_| {})?;
-    release(guard, &shown);
+    let lost = Lost::default();
+    let mut watch = None;
+    let code = run_child(a, &program, |pid| watch = b.watch(a, &program, pid, &lost))?;
+    lost.finished.store(true, Ordering::Release);
+    drop(watch);
+    match lost.get() {
+        Some(why) => {
+            eprintln!(
+                "shmlock: warning: {program} ran partly without lock \"{shown}\": the lock was lost{} \
+                 ({why})",
+                b.place()
+            );
+            drop(guard);
+        }
+        None => release(guard, b, &shown, code),
+    }
     Ok(ExitCode::from(code))
 }
 
-/// `, held by pid 1234 (label) for 2.0s`, or nothing if that cannot be told.
-fn holders(table: &LockTable, name: &[u8]) -> String {
-    table
-        .lock_info(name)
-        .ok()
-        .flatten()
-        .map_or(String::new(), |l| describe_holders(&l))
+/// Unlocks, warning if the lock was taken away (`release --force`) while the command ran. With
+/// a deadline (a gateway), gives up after it: exiting closes the connection, which releases the
+/// lock as well.
+fn release<B: Backend>(guard: impl Guard, b: &B, shown: &str, code: u8) {
+    let (done, waiting) = mpsc::channel::<()>();
+    if let Some(deadline) = b.unlock_deadline() {
+        let what = format!(
+            "shmlock: warning: no answer to the unlock of \"{shown}\"{} within {}s; exiting, which \
+             closes the session and so releases the lock",
+            b.place(),
+            deadline.as_secs()
+        );
+        let _ = std::thread::Builder::new()
+            .name("unlock-deadline".into())
+            .spawn(move || {
+                if let Err(mpsc::RecvTimeoutError::Timeout) = waiting.recv_timeout(deadline) {
+                    eprintln!("{what}");
+                    std::process::exit(i32::from(code));
+                }
+            });
+    }
+    match guard.unlock() {
+        Ok(()) => {}
+        Err(Error::NotHeld) => eprintln!(
+            "shmlock: warning: lock \"{shown}\" was taken away (shmlock release --force) while the \
+             command ran"
+        ),
+        Err(e) => eprintln!("shmlock: warning: unlocking \"{shown}\"{}: {e}", b.place()),
+    }
+    drop(done);
+}
+
+/// The lock in this machine's segment.
+struct Local {
+    table: Arc<LockTable>,
+    client: Client,
+}
+
+impl Backend for Local {
+    type Client = Client;
+    fn client(&self) -> &Client {
+        &self.client
+    }
+    fn holders(&self, name: &[u8]) -> String {
+        self.table
+            .lock_info(name)
+            .ok()
+            .flatten()
+            .map_or(String::new(), |l| describe_holders(&l))
+    }
+    fn lock_error(&self, name: &[u8], e: Error) -> anyhow::Error {
+        name_error(name, e)
+    }
+    fn watch(&self, _: &RunArgs, _: &str, _: Option<Pid>, _: &Lost) -> Option<mpsc::Sender<()>> {
+        None // a local lock is lost only to `release --force`, which the unlock reports
+    }
+    fn place(&self) -> String {
+        String::new()
+    }
+    fn unlock_deadline(&self) -> Option<Duration> {
+        None
+    }
+}
+
+/// Runs `a.command` holding lock `a.name`.
+pub(crate) fn run(table: Arc<LockTable>, a: &RunArgs) -> Result<ExitCode> {
+    let program = a.command[0].to_string_lossy();
+    let client = Client::with_table(Arc::clone(&table), &format!("run {program}"))?;
+    hold_and_run(&Local { table, client }, a)
 }
 
 /// `, held by pid 1234 (label) for 2.0s`, or nothing if nobody holds `l`.
@@ -122,12 +234,53 @@ fn run_signals() -> SigSet {
     signals
 }
 
+/// The lock through a gateway session.
+struct Remote {
+    client: Arc<RemoteClient>,
+    addr: String,
+}
+
+impl Backend for Remote {
+    type Client = RemoteClient;
+    fn client(&self) -> &RemoteClient {
+        &self.client
+    }
+    /// As the gateway's `LOCKS` tells it (best effort).
+    fn holders(&self, name: &[u8]) -> String {
+        match self.client.locks(Some(name)) {
+            Ok(locks) => locks
+                .iter()
+                .find(|l| l.name == name)
+                .map_or(String::new(), describe_holders),
+            Err(_) => String::new(),
+        }
+    }
+    fn lock_error(&self, name: &[u8], e: Error) -> anyhow::Error {
+        lock_error(&self.addr, &escape_name(name), e)
+    }
+    fn watch(&self, a: &RunArgs, program: &str, pid: Option<Pid>, lost: &Lost) -> Option<mpsc::Sender<()>> {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let m = Monitor {
+            client: Arc::clone(&self.client),
+            addr: self.addr.clone(),
+            shown: escape_name(a.name.as_encoded_bytes()),
+            program: program.to_string(),
+            pid: pid.filter(|_| a.kill_on_loss),
+            lost: lost.clone(),
+        };
+        m.start(stopped);
+        Some(stop)
+    }
+    fn place(&self) -> String {
+        format!(" through the gateway at {}", self.addr)
+    }
+    fn unlock_deadline(&self) -> Option<Duration> {
+        Some(UNLOCK_DEADLINE)
+    }
+}
+
 /// Runs `a.command` holding lock `a.name` taken through the gateway at `addr`.
 pub(crate) fn run_remote(addr: &str, token: Option<String>, a: &RunArgs) -> Result<ExitCode> {
-    use std::os::unix::ffi::OsStrExt;
-    let name = a.name.as_bytes();
-    let shown = escape_name(name);
-    let program = a.command[0].to_string_lossy().into_owned();
     // `ConnectOptions` may gain fields; the others keep their defaults.
     #[allow(clippy::needless_update)]
     let options = ConnectOptions {
@@ -146,61 +299,11 @@ pub(crate) fn run_remote(addr: &str, token: Option<String>, a: &RunArgs) -> Resu
     if client.hello().auth_required && token.is_none() {
         return Err(token_needed(addr));
     }
-    let got = match (a.shared, a.nonblock, a.timeout) {
-        (false, true, _) => client.try_lock(name),
-        (true, true, _) => client.try_lock_shared(name),
-        (false, false, Some(t)) => client.try_lock_for(name, t),
-        (true, false, Some(t)) => client.try_lock_shared_for(name, t),
-        (false, false, None) => client.lock(name),
-        (true, false, None) => client.lock_shared(name),
+    let b = Remote {
+        client,
+        addr: addr.to_string(),
     };
-    let guard = match got {
-        Ok(g) => g,
-        Err(Error::WouldBlock) => {
-            eprintln!(
-                "shmlock: lock \"{shown}\" is busy{}; not running {program}",
-                remote_holders(addr, token.as_deref(), name)
-            );
-            return Ok(ExitCode::from(EX_TEMPFAIL));
-        }
-        Err(e @ Error::TimedOut { .. }) => {
-            eprintln!(
-                "shmlock: lock \"{shown}\" not acquired: {e}{}; not running {program}",
-                remote_holders(addr, token.as_deref(), name)
-            );
-            return Ok(ExitCode::from(EX_TEMPFAIL));
-        }
-        Err(e) => return Err(lock_error(addr, &shown, e)),
-    };
-    let lost: Arc<Mutex<Option<String>>> = Arc::default();
-    let finished = Arc::new(AtomicBool::new(false));
-    let (stop, stopped) = mpsc::channel::<()>();
-    let code = run_child(a, &program, |pid| {
-        let m = Monitor {
-            client: Arc::clone(&client),
-            addr: addr.to_string(),
-            shown: shown.clone(),
-            program: program.clone(),
-            pid: pid.filter(|_| a.kill_on_loss),
-            lost: Arc::clone(&lost),
-            finished: Arc::clone(&finished),
-        };
-        m.start(stopped);
-    })?;
-    finished.store(true, Ordering::Release);
-    drop(stop);
-    let why = lost.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    match why {
-        Some(why) => {
-            eprintln!(
-                "shmlock: warning: {program} ran partly without lock \"{shown}\": the gateway \
-                 connection to {addr} was lost ({why})"
-            );
-            drop(guard);
-        }
-        None => release_remote(guard, addr, &shown, code),
-    }
-    Ok(ExitCode::from(code))
+    hold_and_run(&b, a)
 }
 
 /// Says what went wrong connecting to (and authenticating with) the gateway.
@@ -227,49 +330,6 @@ fn lock_error(addr: &str, shown: &str, e: Error) -> anyhow::Error {
     }
 }
 
-/// `, held by ...` as the gateway's `LOCKS` tells it, or nothing (best effort: a second,
-/// short connection).
-fn remote_holders(addr: &str, token: Option<&str>, name: &[u8]) -> String {
-    let Ok(mut gw) = Gateway::connect(addr, token) else {
-        return String::new();
-    };
-    match gw.locks(Some(name)) {
-        Ok(locks) => locks
-            .iter()
-            .find(|l| l.name == name)
-            .map_or(String::new(), describe_holders),
-        Err(_) => String::new(),
-    }
-}
-
-/// Unlocks through the gateway, giving up after [`UNLOCK_DEADLINE`]: exiting closes the
-/// connection, which releases the lock as well.
-fn release_remote(guard: RemoteGuard<'_>, addr: &str, shown: &str, code: u8) {
-    let (done, waiting) = mpsc::channel::<()>();
-    let what = format!(
-        "shmlock: warning: the gateway at {addr} did not answer UNLOCK \"{shown}\" within {}s; \
-                        exiting, which closes the session and so releases the lock",
-        UNLOCK_DEADLINE.as_secs()
-    );
-    let _ = std::thread::Builder::new()
-        .name("unlock-deadline".into())
-        .spawn(move || {
-            if let Err(mpsc::RecvTimeoutError::Timeout) = waiting.recv_timeout(UNLOCK_DEADLINE) {
-                eprintln!("{what}");
-                std::process::exit(i32::from(code));
-            }
-        });
-    match guard.unlock() {
-        Ok(()) => {}
-        Err(Error::NotHeld) => eprintln!(
-            "shmlock: warning: lock \"{shown}\" was taken away (shmlock release --force) while the \
-             command ran"
-        ),
-        Err(e) => eprintln!("shmlock: warning: unlocking \"{shown}\" through the gateway at {addr}: {e}"),
-    }
-    drop(done);
-}
-
 /// Watches the gateway session while the command runs (see the module docs).
 struct Monitor {
     client: Arc<RemoteClient>,
@@ -278,10 +338,7 @@ struct Monitor {
     program: String,
     /// The command, to stop on loss (`--kill-on-loss`).
     pid: Option<Pid>,
-    /// Why the lock was lost, once it was.
-    lost: Arc<Mutex<Option<String>>>,
-    /// Set when the command has ended: nothing is reported after that.
-    finished: Arc<AtomicBool>,
+    lost: Lost,
 }
 
 impl Monitor {
@@ -335,7 +392,7 @@ impl Monitor {
     }
 
     fn report(self, why: String) {
-        if self.finished.load(Ordering::Acquire) {
+        if self.lost.finished.load(Ordering::Acquire) {
             return;
         }
         let what = match self.pid {
@@ -346,22 +403,10 @@ impl Monitor {
             "shmlock: lost the gateway connection to {} ({why}): lock \"{}\" is no longer held; {what}",
             self.addr, self.shown
         );
-        *self.lost.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+        *self.lost.why.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
         if let Some(pid) = self.pid {
             let _ = kill(pid, Signal::SIGTERM);
         }
-    }
-}
-
-/// Unlocks, warning if the lock was taken away (`release --force`) while the command ran.
-fn release(guard: LockGuard<'_>, shown: &str) {
-    match guard.unlock() {
-        Ok(()) => {}
-        Err(Error::NotHeld) => eprintln!(
-            "shmlock: warning: lock \"{shown}\" was taken away (shmlock release --force) while the \
-             command ran"
-        ),
-        Err(e) => eprintln!("shmlock: warning: unlocking \"{shown}\": {e}"),
     }
 }
 
