@@ -7,12 +7,12 @@
 //!
 //! Multi-process scenarios and the comparison with flock and pthread live in `shmlock-bench`.
 
-use shmlock::prelude::*;
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use shmlock::prelude::*;
 use shmlock::{Capacities, Client, Error, LockTable};
 
 fn table(max_locks: u32) -> Arc<LockTable> {

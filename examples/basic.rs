@@ -6,9 +6,9 @@
 //! cargo run --example basic
 //! ```
 
-use shmlock::prelude::*;
 use std::time::Duration;
 
+use shmlock::prelude::*;
 use shmlock::{Capacities, Client, Error};
 
 fn main() -> Result<(), Error> {

@@ -7,10 +7,10 @@
 //! cargo run --release --example stress -- /soak 60 4
 //! ```
 
-use shmlock::prelude::*;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use shmlock::prelude::*;
 use shmlock::Client;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -6,7 +6,6 @@
 
 mod common;
 
-use shmlock::prelude::*;
 use std::fs;
 use std::io::Write;
 use std::path::PathBuf;
@@ -16,6 +15,8 @@ use std::sync::Arc;
 use common::cli::*;
 use common::{await_file, signal, ChildCtx, TestEnv};
 use serde_json::Value;
+
+use shmlock::prelude::*;
 
 // ---- child processes -------------------------------------------------------------------------
 

@@ -22,7 +22,6 @@
 
 mod common;
 
-use shmlock::prelude::*;
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
@@ -36,6 +35,7 @@ use std::time::{Duration, Instant};
 
 use common::cli::{hex, unhex};
 use common::{await_file, signal, ChildCtx, TestEnv};
+use shmlock::prelude::*;
 use shmlock::table::pid_latch_id;
 use shmlock::{Capacities, Client, LockTable, Segment};
 

@@ -5,13 +5,13 @@
 
 mod common;
 
-use shmlock::prelude::*;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
 use shmlock::owner::pid_alive;
+use shmlock::prelude::*;
 use shmlock::{Client, Error, LockTable, Mode};
 
 // ---- child processes -------------------------------------------------------------------------

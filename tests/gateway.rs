@@ -6,7 +6,6 @@
 
 mod common;
 
-use shmlock::prelude::*;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
@@ -18,6 +17,7 @@ use common::{
     DEADLINE,
 };
 use shmlock::gateway::{self, Gateway, GatewayConfig};
+use shmlock::prelude::*;
 use shmlock::remote::{ConnectOptions, RemoteClient, RemoteGuard};
 use shmlock::{Capacities, Error, Mode};
 

@@ -6,7 +6,6 @@
 
 mod common;
 
-use shmlock::prelude::*;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
@@ -15,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{wait_until, TestEnv, DEADLINE};
+use shmlock::prelude::*;
 use shmlock::remote::{ConnectOptions, RemoteClient};
 use shmlock::table::Cursor;
 use shmlock::Segment;

@@ -7,12 +7,12 @@
 //! runs on, and the test harness runs tests on threads of its own, never on the main thread.
 #![allow(unsafe_code)] // one raw syscall in the child, to end only its main thread
 
-use shmlock::prelude::*;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
+use shmlock::prelude::*;
 use shmlock::{Capacities, Client, Error, LockTable};
 
 const CHILD_VAR: &str = "SHMLOCK_LEADER_EXIT_CHILD";

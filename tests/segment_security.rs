@@ -9,7 +9,6 @@
 
 mod common;
 
-use shmlock::prelude::*;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -17,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::cli::{output_within, role_hold, spawn_holder, stderr};
 use common::{signal, ChildCtx, TestEnv, DEADLINE};
+use shmlock::prelude::*;
 use shmlock::shm::{SegmentOwner, SEGMENT_OWNER_ENV};
 use shmlock::{Client, Error, LockTable};
 

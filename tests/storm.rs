@@ -40,7 +40,6 @@
 
 mod common;
 
-use shmlock::prelude::*;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::os::unix::process::ExitStatusExt;
@@ -52,6 +51,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
+use shmlock::prelude::*;
 use shmlock::shm::{Region, RegionSpec, Segment, SegmentOwner, PARAMS};
 use shmlock::{Capacities, Error, LockGuard, LockTable, Mode};
 

@@ -11,7 +11,7 @@ use shmlock::remote::RemoteClient;
 use shmlock::{Capacities, Client, LockTable};
 
 use crate::cleanup::{self, Registered};
-use crate::peer::{FlockPeer, Peer, ProbePeer, PthreadPeer, RemotePeer, ShmlockPeer};
+use crate::peer::{FlockPeer, LockerPeer, Peer, ProbePeer, PthreadPeer};
 use crate::sys::{MutexArray, ProbeTable};
 
 /// A lock system under test.
@@ -270,12 +270,12 @@ pub(crate) fn with_peer<J: Job>(opened: &mut Opened, names: Vec<String>, label: 
     match opened {
         Opened::Shmlock(table) => {
             let client = Client::with_table(Arc::clone(table), label).context("register a shmlock client")?;
-            let mut peer = ShmlockPeer::new(&client, names);
+            let mut peer = LockerPeer::local(&client, names);
             run_job(&mut peer, job)
         }
         Opened::Remote { addr, .. } => {
             let client = RemoteClient::connect(addr.as_str()).with_context(|| format!("connect to gateway {addr}"))?;
-            let mut peer = RemotePeer::new(&client, addr, names);
+            let mut peer = LockerPeer::remote(&client, addr, names);
             run_job(&mut peer, job)
         }
         Opened::Redis { url, prefix } => {

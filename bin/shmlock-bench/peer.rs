@@ -4,14 +4,14 @@
 //! do no formatting or allocation. The loops are generic over `P: Peer` (static dispatch): each
 //! peer's calls are inlined into its own copy of the loop, and none pays for a virtual call.
 
-use shmlock::prelude::*;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use shmlock::remote::{RemoteClient, RemoteGuard};
-use shmlock::{Client, LockGuard};
+use shmlock::prelude::*;
+use shmlock::remote::RemoteClient;
+use shmlock::Client;
 
 use crate::raw::RawConn;
 use crate::sys;
@@ -39,24 +39,53 @@ pub(crate) trait Peer {
     }
 }
 
-/// shmlock through the public API: `client.lock(name)` by name; unlock through the guard.
-pub(crate) struct ShmlockPeer<'c> {
-    client: &'c Client,
+/// shmlock through the public [`Locker`] contract, written once for both backends: a local
+/// [`Client`] (`client.lock(name)` in the segment) and a [`RemoteClient`] (`client.lock(name)`
+/// over TCP; `guard.unlock()` waits for the answer, so each pair is two round trips). Unlock
+/// goes through the guard. A gateway's pipelined batches go over a second, bare connection
+/// ([`RawConn`]) opened at the first batch.
+pub(crate) struct LockerPeer<'c, L: Locker> {
+    label: &'static str,
+    client: &'c L,
     names: Vec<String>,
-    guards: Vec<Option<LockGuard<'c>>>,
+    guards: Vec<Option<L::Guard<&'c L>>>,
+    /// The gateway's address, for pipelined batches (None: a local client, which has none).
+    addr: Option<String>,
+    raw: Option<RawConn>,
 }
 
-impl<'c> ShmlockPeer<'c> {
-    pub(crate) fn new(client: &'c Client, names: Vec<String>) -> Self {
+impl<'c, L: Locker> LockerPeer<'c, L> {
+    fn with(label: &'static str, client: &'c L, addr: Option<&str>, names: Vec<String>) -> Self {
         let mut guards = Vec::with_capacity(names.len());
         guards.resize_with(names.len(), || None);
-        ShmlockPeer { client, names, guards }
+        LockerPeer {
+            label,
+            client,
+            names,
+            guards,
+            addr: addr.map(str::to_string),
+            raw: None,
+        }
     }
 }
 
-impl Peer for ShmlockPeer<'_> {
+impl<'c> LockerPeer<'c, Client> {
+    /// The local peer, named `shmlock` in the output.
+    pub(crate) fn local(client: &'c Client, names: Vec<String>) -> Self {
+        Self::with("shmlock", client, None, names)
+    }
+}
+
+impl<'c> LockerPeer<'c, RemoteClient> {
+    /// The gateway peer at `addr`, named `remote` in the output.
+    pub(crate) fn remote(client: &'c RemoteClient, addr: &str, names: Vec<String>) -> Self {
+        Self::with("remote", client, Some(addr), names)
+    }
+}
+
+impl<L: Locker> Peer for LockerPeer<'_, L> {
     fn name(&self) -> &'static str {
-        "shmlock"
+        self.label
     }
 
     #[inline]
@@ -78,57 +107,14 @@ impl Peer for ShmlockPeer<'_> {
     fn pair(&mut self, i: usize) -> Result<()> {
         Ok(self.client.lock(self.names[i].as_bytes())?.unlock()?)
     }
-}
-
-/// shmlock through the gateway: `client.lock(name)` over TCP; `guard.unlock()` waits for the
-/// answer, so each pair is two round trips. Pipelined batches go over a second, bare
-/// connection ([`RawConn`]) opened at the first batch.
-pub(crate) struct RemotePeer<'c> {
-    client: &'c RemoteClient,
-    addr: String,
-    names: Vec<String>,
-    guards: Vec<Option<RemoteGuard<'c>>>,
-    raw: Option<RawConn>,
-}
-
-impl<'c> RemotePeer<'c> {
-    pub(crate) fn new(client: &'c RemoteClient, addr: &str, names: Vec<String>) -> Self {
-        let mut guards = Vec::with_capacity(names.len());
-        guards.resize_with(names.len(), || None);
-        RemotePeer {
-            client,
-            addr: addr.to_string(),
-            names,
-            guards,
-            raw: None,
-        }
-    }
-}
-
-impl Peer for RemotePeer<'_> {
-    fn name(&self) -> &'static str {
-        "remote"
-    }
-
-    #[inline]
-    fn lock(&mut self, i: usize) -> Result<()> {
-        let g = self.client.lock(self.names[i].as_bytes())?;
-        self.guards[i] = Some(g);
-        Ok(())
-    }
-
-    #[inline]
-    fn unlock(&mut self, i: usize) -> Result<()> {
-        let g = self.guards[i]
-            .take()
-            .context("unlock of a name this peer does not hold")?;
-        Ok(g.unlock()?)
-    }
 
     fn pipelined(&mut self, i: usize, depth: usize) -> Result<()> {
+        let Some(addr) = &self.addr else {
+            bail!("{} has no pipelining (--pipeline is for remote and redis)", self.label)
+        };
         let raw = match &mut self.raw {
             Some(r) => r,
-            None => self.raw.insert(RawConn::connect(&self.addr)?),
+            None => self.raw.insert(RawConn::connect(addr)?),
         };
         raw.pipelined_pairs(&self.names[i], depth)
     }

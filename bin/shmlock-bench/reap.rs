@@ -6,13 +6,13 @@
 //! With `--daemon` a `shmlockd` (from the bench's own directory) supervises the segment and
 //! reaps through the holder's pidfd; with `--no-daemon` the waiter reaps the holder itself.
 
-use shmlock::prelude::*;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use shmlock::prelude::*;
 use shmlock::{Client, LockTable};
 
 use crate::cleanup;

@@ -24,7 +24,6 @@
 //! threads are started with the forwarded signals blocked, so that they stay with the sigwait
 //! thread.
 
-use shmlock::prelude::*;
 use std::process::{Command, ExitCode};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -34,6 +33,7 @@ use anyhow::{anyhow, Result};
 use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
 use nix::unistd::Pid;
 use shmlock::gateway::proto::ErrorCode;
+use shmlock::prelude::*;
 use shmlock::remote::{ConnectOptions, RemoteClient};
 use shmlock::table::LockInfo;
 use shmlock::{Client, Error, LockTable, Mode};

@@ -2,11 +2,11 @@
 //! and judging `shmlock` commands.
 #![allow(dead_code)]
 
-use shmlock::prelude::*;
 use std::process::{Child, Command, Output};
 use std::time::Duration;
 
 use serde_json::Value;
+use shmlock::prelude::*;
 use shmlock::Error;
 
 use super::{await_file, signal, ChildCtx, ChildId, TestEnv, DEADLINE};
