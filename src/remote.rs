@@ -835,8 +835,16 @@ impl Drop for RemoteClient {
             st.stop = true;
             self.inner.bg.notify_one();
         }
-        // Ends a blocking read of the background thread too.
-        let _ = lock(&self.inner.writer).stream.shutdown(Shutdown::Both);
+        {
+            let w = &mut *lock(&self.inner.writer);
+            // `QUIT` ends the session as giving back what it holds (a lock request given up and
+            // granted since is unlocked so, not abandoned as owner-died). Best effort: a gateway
+            // that does not read gets no more than a moment.
+            let _ = w.stream.set_write_timeout(Some(Duration::from_millis(100)));
+            let _ = w.stream.write_all(b"quit QUIT\n");
+            // Ends a blocking read of the background thread too.
+            let _ = w.stream.shutdown(Shutdown::Both);
+        }
         if let Some(t) = self.background.take() {
             let _ = t.join();
         }
