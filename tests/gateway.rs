@@ -18,6 +18,7 @@ use common::{
     DEADLINE,
 };
 use shmlock::gateway::{self, Gateway, GatewayConfig};
+use shmlock::proto::ErrorCode;
 use shmlock::remote::{ConnectOptions, RemoteClient, RemoteGuard};
 use shmlock::{Capacities, Error, Mode};
 
@@ -400,6 +401,35 @@ fn an_idle_timeout_leaves_the_sessions_locks_owner_died() {
 }
 
 #[test]
+fn a_remote_timeout_is_timed_out_naming_the_holder_and_a_bad_name_is_name_invalid() {
+    let env = TestEnv::new("gw-typed");
+    let gw = serve(&env, |_| {});
+    let local = env.client("the-holder");
+    let held = local.lock("t").unwrap();
+    let remote = RemoteClient::connect(gw.local_addr()).unwrap();
+    match remote.try_lock_for("t", Duration::from_millis(50)).err() {
+        Some(Error::TimedOut { holder: Some(h), .. }) => {
+            assert_eq!(h.pid, std::process::id());
+            assert!(h.label.contains("the-holder"), "{h:?}");
+            assert_eq!(h.holders, 1);
+        }
+        other => panic!("{other:?}"),
+    }
+    let max = env.table.geometry().max_name_len as usize;
+    let long = "n".repeat(max + 1);
+    match remote.try_lock(long.as_str()).err() {
+        Some(Error::NameInvalid { len, max: m }) => assert_eq!((len, m), (max + 1, max)),
+        other => panic!("{other:?}"),
+    }
+    // The same variant as locally.
+    assert!(matches!(
+        local.try_lock(long.as_str()).err(),
+        Some(Error::NameInvalid { .. })
+    ));
+    drop(held);
+}
+
+#[test]
 fn only_one_cr_before_the_lf_is_stripped() {
     let env = TestEnv::new("gw-cr");
     let gw = serve(&env, |_| {});
@@ -762,7 +792,13 @@ fn with_a_token_only_auth_and_ping_are_served_before_auth() {
     let c = RemoteClient::connect_with(gw.local_addr(), &opts("s3cret")).unwrap();
     drop(c.lock("y").unwrap());
     let unauth = RemoteClient::connect(gw.local_addr()).unwrap();
-    assert!(matches!(unauth.lock("y"), Err(Error::Remote { code, .. }) if code == "AUTH_REQUIRED"));
+    assert!(matches!(
+        unauth.lock("y"),
+        Err(Error::Remote {
+            code: ErrorCode::AuthRequired,
+            ..
+        })
+    ));
     drop((raw, c, unauth));
     quiet_within(&env, 0);
 }
@@ -854,9 +890,13 @@ fn a_full_owner_pool_refuses_connections_politely() {
     let line = b.line();
     assert_eq!(code(&line), "TOO_MANY_CONNECTIONS", "{line}");
     b.expect_closed();
-    assert!(
-        matches!(RemoteClient::connect(gw.local_addr()), Err(Error::Remote { code, .. }) if code == "TOO_MANY_CONNECTIONS")
-    );
+    assert!(matches!(
+        RemoteClient::connect(gw.local_addr()),
+        Err(Error::Remote {
+            code: ErrorCode::TooManyConnections,
+            ..
+        })
+    ));
 }
 
 // ---- malformed input --------------------------------------------------------------------------

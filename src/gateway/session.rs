@@ -49,11 +49,11 @@ use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit};
 use tracing::debug;
 
 use super::admin::AdminRequest;
-use super::proto::{self, Command, ErrorCode, Hello};
 use super::Shared;
 use crate::clock;
 use crate::error::Error;
 use crate::owner::OwnerKind;
+use crate::proto::{self, Command, ErrorCode, Hello};
 use crate::table::{Mode, OwnerRef, RawGrant, Wait};
 
 /// How long the final write of a closing session may take.
@@ -530,12 +530,11 @@ impl Session {
 
     fn check_name(&self, tag: &str, name: &[u8], out: &mut Vec<u8>) -> bool {
         if name.len() > self.shared.max_name {
-            let msg = format!(
-                "name is {} bytes; names must be 1..={} bytes",
-                name.len(),
-                self.shared.max_name
-            );
-            proto::encode_error(out, tag, ErrorCode::BadName, &msg);
+            let e = Error::NameInvalid {
+                len: name.len(),
+                max: self.shared.max_name,
+            };
+            error_response(out, tag, &e);
             return false;
         }
         true
@@ -786,22 +785,8 @@ fn binary() -> (ErrorCode, String) {
     (ErrorCode::Binary, "NUL byte: not a shmlock client".into())
 }
 
-/// The protocol's code for a library error.
-fn code_of(e: &Error) -> ErrorCode {
-    match e {
-        Error::WouldBlock => ErrorCode::Busy,
-        Error::TimedOut { .. } => ErrorCode::Timeout,
-        Error::AlreadyHeld => ErrorCode::AlreadyHeld,
-        Error::NotHeld => ErrorCode::NotHeld,
-        Error::NameInvalid { .. } => ErrorCode::BadName,
-        Error::PoolFull { .. } => ErrorCode::TableFull,
-        Error::Cancelled => ErrorCode::Cancelled,
-        _ => ErrorCode::Internal,
-    }
-}
-
 fn error_response(out: &mut Vec<u8>, tag: &str, e: &Error) {
-    proto::encode_error(out, tag, code_of(e), &e.to_string());
+    proto::encode_error_for(out, tag, e);
 }
 
 fn show(name: &[u8]) -> String {
