@@ -242,11 +242,14 @@ pub enum Error {
         /// What is wrong.
         why: String,
     },
-    /// The gateway refused a request with an error code (see docs/PROTOCOL.md).
+    /// The gateway refused a request with one of the protocol's own error codes (see
+    /// docs/PROTOCOL.md): those with a library variant of their own (`BUSY` is
+    /// [`WouldBlock`](Error::WouldBlock), `TIMEOUT` is [`TimedOut`](Error::TimedOut), ...) come
+    /// as that variant instead ([`crate::proto::error_of`]).
     #[error("gateway error {code}: {message}")]
     Remote {
-        /// The protocol's error code, e.g. `TOO_MANY_LOCKS`.
-        code: String,
+        /// The protocol's error code, e.g. [`ErrorCode::TooManyLocks`](crate::proto::ErrorCode::TooManyLocks).
+        code: crate::proto::ErrorCode,
         /// The gateway's message.
         message: String,
     },

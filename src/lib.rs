@@ -20,8 +20,9 @@
 //! - [`table`]: the lock table: shards, name index, grants, queues, fairness.
 //! - [`lock`]: the locking contract of every backend: [`Locker`] and [`Guard`].
 //! - [`client`]: [`Client`] handles and RAII [`LockGuard`]s (borrowed) and [`ArcLockGuard`]s (owned).
-//! - [`gateway`]: the TCP gateway (`shmlockd` serves remote clients with it); [`gateway::proto`]
-//!   is the wire protocol of `docs/PROTOCOL.md`.
+//! - [`proto`]: the wire protocol of `docs/PROTOCOL.md`, sans I/O, shared by both sides: the
+//!   request/response codec and the one mapping between [`Error`] and the protocol's error codes.
+//! - [`gateway`]: the TCP gateway (`shmlockd` serves remote clients with it).
 //! - [`remote`]: [`RemoteClient`](remote::RemoteClient), the same API through a gateway.
 //! - [`owner`], [`name`], [`clock`], [`config`], [`error`]: the vocabulary.
 
@@ -35,6 +36,7 @@ pub mod lock;
 pub mod name;
 pub mod owner;
 pub mod pool;
+pub mod proto;
 
 /// The traits a locking program needs in scope: `use shmlock::prelude::*;`.
 pub mod prelude {

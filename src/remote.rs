@@ -45,8 +45,8 @@ use std::time::{Duration, Instant};
 use crate::client::{FencingToken, Grant};
 use crate::error::{Error, Result};
 use crate::gateway::admin::LocksPage;
-use crate::gateway::proto::{self, ErrorCode, Hello, Response};
 use crate::lock::{Guard, Locker, Wait};
+use crate::proto::{self, ErrorCode, Hello, Response};
 use crate::table::{Cursor, LockInfo, Mode};
 
 /// How long answers nobody waits for may stay unread while no caller reads, before the
@@ -591,15 +591,14 @@ impl Inner {
 }
 
 /// The library error for a gateway error response.
+/// (One mapping for both sides: [`proto::error_of`]; a code this version does not know is
+/// `INTERNAL`, its word kept in the message.)
 fn remote_error(code: Option<ErrorCode>, code_word: &str, message: &str) -> Error {
     match code {
-        Some(ErrorCode::Busy) => Error::WouldBlock,
-        Some(ErrorCode::AlreadyHeld) => Error::AlreadyHeld,
-        Some(ErrorCode::NotHeld) => Error::NotHeld,
-        Some(ErrorCode::Cancelled) => Error::Cancelled,
-        _ => Error::Remote {
-            code: code_word.to_string(),
-            message: message.to_string(),
+        Some(code) => proto::error_of(code, message, Duration::ZERO),
+        None => Error::Remote {
+            code: ErrorCode::Internal,
+            message: format!("{code_word} {message}"),
         },
     }
 }
@@ -821,7 +820,7 @@ impl RemoteClient {
 fn check_name(name: &[u8]) -> Result<()> {
     if name.is_empty() || name.iter().any(|&b| b <= b' ' || b == 0x7f) {
         return Err(Error::Remote {
-            code: ErrorCode::BadName.to_string(),
+            code: ErrorCode::BadName,
             message: "names sent to a gateway are 1 or more bytes without spaces or control bytes".into(),
         });
     }
@@ -835,8 +834,16 @@ impl Drop for RemoteClient {
             st.stop = true;
             self.inner.bg.notify_one();
         }
-        // Ends a blocking read of the background thread too.
-        let _ = lock(&self.inner.writer).stream.shutdown(Shutdown::Both);
+        {
+            let w = &mut *lock(&self.inner.writer);
+            // `QUIT` ends the session as giving back what it holds (a lock request given up and
+            // granted since is unlocked so, not abandoned as owner-died). Best effort: a gateway
+            // that does not read gets no more than a moment.
+            let _ = w.stream.set_write_timeout(Some(Duration::from_millis(100)));
+            let _ = w.stream.write_all(b"quit QUIT\n");
+            // Ends a blocking read of the background thread too.
+            let _ = w.stream.shutdown(Shutdown::Both);
+        }
         if let Some(t) = self.background.take() {
             let _ = t.join();
         }
@@ -876,9 +883,10 @@ impl<'a> PendingLock<'a> {
         match reply {
             Ok(Answer::Granted(grant)) => Ok((std::mem::take(&mut self.name), grant)),
             Ok(Answer::Done | Answer::Lines(_)) => Err(self.client.inner.conn_err("unexpected answer to LOCK")),
-            Err(Error::Remote { code, .. }) if code == ErrorCode::Timeout.as_str() => Err(Error::TimedOut {
+            // The wait as this client saw it; the holder as the gateway named it.
+            Err(Error::TimedOut { holder, .. }) => Err(Error::TimedOut {
                 waited: self.started.elapsed().max(self.timeout.unwrap_or_default()),
-                holder: None,
+                holder,
             }),
             Err(e) => Err(e),
         }

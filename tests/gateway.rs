@@ -18,6 +18,7 @@ use common::{
 };
 use shmlock::gateway::{self, Gateway, GatewayConfig};
 use shmlock::prelude::*;
+use shmlock::proto::ErrorCode;
 use shmlock::remote::{ConnectOptions, RemoteClient, RemoteGuard};
 use shmlock::{Capacities, Error, Mode};
 
@@ -312,6 +313,167 @@ fn killing_a_remote_client_process_releases_its_locks_and_cancels_its_waits() {
     drop(local.try_lock("y").unwrap());
     drop(z);
     env.assert_quiet();
+}
+
+#[test]
+fn a_killed_remote_client_leaves_its_locks_owner_died_for_local_and_remote_next_holders() {
+    let env = TestEnv::new("gw-kill-died");
+    let gw = serve(&env, |_| {});
+    let local = env.client("local");
+    let z = local.lock("z").unwrap();
+    let child = env.spawn("remote_hold", &[("addr", &gw.local_addr())]);
+    await_file(&env.path("held"));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(env.pid(child) as i32),
+        nix::sys::signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(!env.wait(child).success());
+    wait_until("the killed client's session to end", || env.table.stats().owners == 1);
+    // x was held exclusive (the next holder is local), y shared (the next holder is remote).
+    let x = local.try_lock("x").unwrap();
+    assert!(x.owner_died(), "the next holder of x is told its owner died");
+    let remote = RemoteClient::connect(gw.local_addr()).unwrap();
+    let y = remote.try_lock("y").unwrap();
+    assert!(y.owner_died(), "the next holder of y is told its owner died");
+    // z was only waited for: its holder is told nothing.
+    drop(z);
+    let z = remote.lock("z").unwrap();
+    assert!(!z.owner_died());
+    drop((x, y, z));
+    drop(remote);
+    // (env.wait_for would stop at the child's failed exit status; this one is intended.)
+    wait_until("the table to be quiet", || {
+        let st = env.table.stats();
+        st.held == 0 && st.shared_holds == 0 && st.owners == 1
+    });
+    env.assert_quiet();
+}
+
+#[test]
+fn a_closed_connection_leaves_its_locks_owner_died_but_unlocked_and_quit_ones_do_not() {
+    let env = TestEnv::new("gw-close-died");
+    let gw = serve(&env, |_| {});
+    let local = env.client("local");
+    let mut raw = Raw::connect(gw.local_addr());
+    assert!(raw.ask("1 LOCK kept").starts_with("1 GRANTED "));
+    assert!(raw.ask("2 LOCK given SHARED").starts_with("2 GRANTED "));
+    assert_eq!(raw.ask("3 UNLOCK given"), "3 OK");
+    drop(raw);
+    env.wait_for("the session to end", |t| t.stats().owners == 1);
+    let kept = local.try_lock("kept").unwrap();
+    assert!(kept.owner_died(), "a lock abandoned by a closed connection");
+    assert!(
+        !local.try_lock("given").unwrap().owner_died(),
+        "a lock given back with UNLOCK"
+    );
+    drop(kept);
+    // The flag is told once: the next holder after the one told sees a clean lock.
+    assert!(!local.try_lock("kept").unwrap().owner_died());
+    // QUIT gives back what the session holds, as dropping a local client does.
+    let mut raw = Raw::connect(gw.local_addr());
+    assert!(raw.ask("1 LOCK q").starts_with("1 GRANTED "));
+    assert_eq!(raw.ask("2 QUIT"), "2 BYE");
+    raw.expect_closed();
+    env.wait_for("the session to end", |t| t.stats().owners == 1);
+    assert!(!local.try_lock("q").unwrap().owner_died());
+    // So does dropping a RemoteClient with a lock request given up (granted after the drop).
+    let remote = RemoteClient::connect(gw.local_addr()).unwrap();
+    drop(remote.start_lock("r", Mode::Exclusive, None).unwrap());
+    drop(remote);
+    env.wait_for("the session to end", |t| t.stats().owners == 1);
+    assert!(!local.try_lock("r").unwrap().owner_died());
+    quiet_within(&env, 1);
+}
+
+#[test]
+fn an_idle_timeout_leaves_the_sessions_locks_owner_died() {
+    let env = TestEnv::new("gw-idle-died");
+    let gw = serve(&env, |c| c.idle_timeout = Some(Duration::from_millis(200)));
+    let local = env.client("local");
+    let mut raw = Raw::connect(gw.local_addr());
+    assert!(raw.ask("1 LOCK i").starts_with("1 GRANTED "));
+    assert_eq!(code(&raw.line()), "IDLE_TIMEOUT");
+    raw.expect_closed();
+    env.wait_for("the session to end", |t| t.stats().owners == 1);
+    assert!(local.try_lock("i").unwrap().owner_died());
+    quiet_within(&env, 1);
+}
+
+#[test]
+fn a_remote_timeout_is_timed_out_naming_the_holder_and_a_bad_name_is_name_invalid() {
+    let env = TestEnv::new("gw-typed");
+    let gw = serve(&env, |_| {});
+    let local = env.client("the-holder");
+    let held = local.lock("t").unwrap();
+    let remote = RemoteClient::connect(gw.local_addr()).unwrap();
+    match remote.try_lock_for("t", Duration::from_millis(50)).err() {
+        Some(Error::TimedOut { holder: Some(h), .. }) => {
+            assert_eq!(h.pid, std::process::id());
+            assert!(h.label.contains("the-holder"), "{h:?}");
+            assert_eq!(h.holders, 1);
+        }
+        other => panic!("{other:?}"),
+    }
+    let max = env.table.geometry().max_name_len as usize;
+    let long = "n".repeat(max + 1);
+    match remote.try_lock(long.as_str()).err() {
+        Some(Error::NameInvalid { len, max: m }) => assert_eq!((len, m), (max + 1, max)),
+        other => panic!("{other:?}"),
+    }
+    // The same variant as locally.
+    assert!(matches!(
+        local.try_lock(long.as_str()).err(),
+        Some(Error::NameInvalid { .. })
+    ));
+    drop(held);
+}
+
+#[test]
+fn only_one_cr_before_the_lf_is_stripped() {
+    let env = TestEnv::new("gw-cr");
+    let gw = serve(&env, |_| {});
+    let mut raw = Raw::connect(gw.local_addr());
+    assert_eq!(raw.ask("1 PING\r"), "1 PONG");
+    assert_eq!(code(&raw.ask("2 PING\r\r")), "BAD_REQUEST");
+    assert_eq!(code(&raw.ask("3 LOCK a\r\r")), "BAD_REQUEST");
+    assert_eq!(
+        code(&raw.ask("4 PING a\rb")),
+        "BAD_REQUEST",
+        "a CR not right before the LF"
+    );
+    assert_eq!(raw.ask("5 PING"), "5 PONG");
+    assert_eq!(env.table.stats().held, 0);
+}
+
+#[test]
+fn every_request_under_the_tag_of_a_waiting_lock_is_refused_with_tag_in_use() {
+    let env = TestEnv::new("gw-tag");
+    let gw = serve(&env, |_| {});
+    let local = env.client("local");
+    let x = local.lock("x").unwrap();
+    let mut raw = Raw::connect(gw.local_addr());
+    assert!(raw.ask("h LOCK held").starts_with("h GRANTED "));
+    raw.send("w LOCK x\n");
+    for req in [
+        "UNLOCK held",
+        "LOCKS",
+        "STATUS",
+        "PING",
+        "TRY y",
+        "LOCK y",
+        "QUIT",
+        "AUTH s",
+    ] {
+        assert_eq!(code(&raw.ask(&format!("w {req}"))), "TAG_IN_USE", "w {req}");
+    }
+    // None of them was served: `held` is still held, and the wait goes on.
+    assert!(matches!(local.try_lock("held"), Err(Error::WouldBlock)));
+    drop(x);
+    assert!(raw.line().starts_with("w GRANTED "));
+    // Once answered, the tag is free again.
+    assert_eq!(raw.ask("w UNLOCK x"), "w OK");
+    assert_eq!(raw.ask("w PING"), "w PONG");
 }
 
 #[test]
@@ -630,7 +792,13 @@ fn with_a_token_only_auth_and_ping_are_served_before_auth() {
     let c = RemoteClient::connect_with(gw.local_addr(), &opts("s3cret")).unwrap();
     drop(c.lock("y").unwrap());
     let unauth = RemoteClient::connect(gw.local_addr()).unwrap();
-    assert!(matches!(unauth.lock("y"), Err(Error::Remote { code, .. }) if code == "AUTH_REQUIRED"));
+    assert!(matches!(
+        unauth.lock("y"),
+        Err(Error::Remote {
+            code: ErrorCode::AuthRequired,
+            ..
+        })
+    ));
     drop((raw, c, unauth));
     quiet_within(&env, 0);
 }
@@ -722,9 +890,13 @@ fn a_full_owner_pool_refuses_connections_politely() {
     let line = b.line();
     assert_eq!(code(&line), "TOO_MANY_CONNECTIONS", "{line}");
     b.expect_closed();
-    assert!(
-        matches!(RemoteClient::connect(gw.local_addr()), Err(Error::Remote { code, .. }) if code == "TOO_MANY_CONNECTIONS")
-    );
+    assert!(matches!(
+        RemoteClient::connect(gw.local_addr()),
+        Err(Error::Remote {
+            code: ErrorCode::TooManyConnections,
+            ..
+        })
+    ));
 }
 
 // ---- malformed input --------------------------------------------------------------------------

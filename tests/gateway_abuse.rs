@@ -250,7 +250,7 @@ fn unauthenticated_connections_take_no_slot_no_owner_and_not_for_long() {
     // Admin queries too wait for AUTH.
     let unauth = RemoteClient::connect(d.addr.as_str()).expect("connect");
     match unauth.locks_page(None, None, 10) {
-        Err(shmlock::Error::Remote { code, .. }) => assert_eq!(code, "AUTH_REQUIRED"),
+        Err(shmlock::Error::Remote { code, .. }) => assert_eq!(code, shmlock::proto::ErrorCode::AuthRequired),
         other => panic!("{other:?}"),
     }
     drop(unauth);

@@ -313,7 +313,10 @@ fn connect_error(addr: &str, e: Error) -> anyhow::Error {
             "cannot connect to the gateway at {addr}: {why} (is shmlockd running there, with its \
              gateway on?)"
         ),
-        Error::Remote { code, message } if code == ErrorCode::AuthFailed.as_str() => {
+        Error::Remote {
+            code: ErrorCode::AuthFailed,
+            message,
+        } => {
             anyhow!("the gateway at {addr} refused the token: {message}")
         }
         Error::Remote { code, message } => anyhow!("the gateway at {addr} refused the session: {code} {message}"),
@@ -324,7 +327,10 @@ fn connect_error(addr: &str, e: Error) -> anyhow::Error {
 /// Says why a lock request through the gateway failed (other than busy or timed out).
 fn lock_error(addr: &str, shown: &str, e: Error) -> anyhow::Error {
     match e {
-        Error::Remote { code, .. } if code == ErrorCode::AuthRequired.as_str() => token_needed(addr),
+        Error::Remote {
+            code: ErrorCode::AuthRequired,
+            ..
+        } => token_needed(addr),
         Error::Connection { why, .. } => anyhow!("lost the gateway at {addr} while locking \"{shown}\": {why}"),
         e => anyhow!("cannot lock \"{shown}\" through the gateway at {addr}: {e}"),
     }

@@ -32,10 +32,10 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-use super::proto::{self, decode_word, encode_word, LocksQuery};
 use crate::clock::{self, Nanos};
 use crate::config::Geometry;
 use crate::owner::OwnerKind;
+use crate::proto::{self, decode_word, encode_word, LocksQuery};
 use crate::table::{Cursor, LockInfo, LockTable, Mode, Page, Party, TableStats};
 
 /// No lock of a `LOCKS` page starts once the page holds this many bytes.

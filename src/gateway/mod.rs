@@ -33,7 +33,7 @@
 //! whatever the clients do.
 
 pub mod admin;
-pub mod proto;
+pub use crate::proto;
 mod session;
 
 pub use session::{HIGH_WATER, MAX_UNSENT};

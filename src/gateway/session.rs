@@ -49,11 +49,11 @@ use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit};
 use tracing::debug;
 
 use super::admin::AdminRequest;
-use super::proto::{self, Command, ErrorCode, Hello};
 use super::Shared;
 use crate::clock;
 use crate::error::Error;
 use crate::owner::OwnerKind;
+use crate::proto::{self, Command, ErrorCode, Hello};
 use crate::table::{Mode, OwnerRef, RawGrant, Wait};
 
 /// How long the final write of a closing session may take.
@@ -124,6 +124,8 @@ struct Session {
     new_admin: Option<oneshot::Receiver<Vec<u8>>>,
     /// Set when the session ends: waiter threads that have not started give up at once.
     closing: Arc<AtomicBool>,
+    /// The session ended with `QUIT`: what it still holds is given back, not abandoned.
+    quit: bool,
 }
 
 /// Serves one accepted connection until it ends, then cleans up. `permit` is its session slot
@@ -157,6 +159,7 @@ pub(super) async fn run(
         new_rx: None,
         new_admin: None,
         closing: Arc::new(AtomicBool::new(false)),
+        quit: false,
     };
     let mut out = Vec::with_capacity(128);
     proto::encode_hello(&mut out, &s.hello());
@@ -411,7 +414,10 @@ impl Session {
         let max_line = self.shared.config.max_line;
         let mut start = 0;
         while let Some(n) = data[start..].iter().position(|&b| b == b'\n') {
-            let line = proto::trim_eol(&data[start..start + n]);
+            // The line with its LF: `parse_request` strips it and the one CR before it, and
+            // nothing more (a second CR is a control byte, BAD_REQUEST).
+            let raw = &data[start..start + n + 1];
+            let line = proto::trim_eol(raw);
             start += n + 1;
             if line.len() > max_line {
                 return Err(Some(too_long(max_line)));
@@ -419,7 +425,7 @@ impl Session {
             if line.contains(&0) {
                 return Err(Some(binary()));
             }
-            match self.handle(line, out) {
+            match self.handle(raw, out) {
                 Flow::Go => {}
                 Flow::Pause => return Ok(start),
                 Flow::Close(c) => return Err(c),
@@ -464,6 +470,13 @@ impl Session {
             }
         };
         let tag = req.tag;
+        if !self.waiting.is_empty() && self.waiting.values().any(|t| &**t == tag) {
+            // Whatever the request: its answer would carry the tag a client matches the
+            // waiting request's answer by.
+            let msg = format!("a request tagged {tag} is still waiting");
+            proto::encode_error(out, tag, ErrorCode::TagInUse, &msg);
+            return Flow::Go;
+        }
         match req.command {
             Command::Ping => proto::encode_simple(out, tag, "PONG"),
             Command::Auth { secret } => {
@@ -484,6 +497,7 @@ impl Session {
                 proto::encode_error(out, tag, ErrorCode::AuthRequired, "authenticate first: AUTH <secret>");
             }
             Command::Quit => {
+                self.quit = true;
                 proto::encode_simple(out, tag, "BYE");
                 return Flow::Close(None);
             }
@@ -516,12 +530,11 @@ impl Session {
 
     fn check_name(&self, tag: &str, name: &[u8], out: &mut Vec<u8>) -> bool {
         if name.len() > self.shared.max_name {
-            let msg = format!(
-                "name is {} bytes; names must be 1..={} bytes",
-                name.len(),
-                self.shared.max_name
-            );
-            proto::encode_error(out, tag, ErrorCode::BadName, &msg);
+            let e = Error::NameInvalid {
+                len: name.len(),
+                max: self.shared.max_name,
+            };
+            error_response(out, tag, &e);
             return false;
         }
         true
@@ -550,10 +563,6 @@ impl Session {
         if self.waiting.contains_key(name) {
             let msg = format!("this session is already waiting for {}", show(name));
             return err(out, ErrorCode::AlreadyWaiting, msg);
-        }
-        if self.waiting.values().any(|t| &**t == tag) {
-            let msg = format!("a request tagged {tag} is still waiting");
-            return err(out, ErrorCode::TagInUse, msg);
         }
         let max_locks = self.shared.config.max_locks_per_session;
         if self.held.len() + self.waiting.len() >= max_locks {
@@ -675,11 +684,27 @@ impl Session {
             .collect();
         shards.sort_unstable();
         shards.dedup();
+        // A session that ends holding locks (closed, reset, timed out, the server stopping)
+        // abandons them, as a process that dies does: their next holders are told the owner
+        // died. `QUIT` gives them back, as dropping a local client does.
+        let died = !self.quit && !self.held.is_empty();
+        let first = {
+            let (table, shards) = (table.clone(), shards.clone());
+            tokio::task::spawn_blocking(move || {
+                if died {
+                    table.abandon_all(me, shards.into_iter())
+                } else {
+                    table.release_all(me, shards.into_iter())
+                }
+            })
+        };
+        // Later passes find only requests still waiting (and grants made as the first ran, which
+        // the client never saw): nothing of them is abandoned.
         let release_all = || {
             let (table, shards) = (table.clone(), shards.clone());
             tokio::task::spawn_blocking(move || table.release_all(me, shards.into_iter()))
         };
-        if let Ok(Err(e)) = release_all().await {
+        if let Ok(Err(e)) = first.await {
             tracing::warn!(peer = %self.peer, error = %e, "gateway: releasing a session's locks failed");
         }
         while !self.waiting.is_empty() {
@@ -760,22 +785,8 @@ fn binary() -> (ErrorCode, String) {
     (ErrorCode::Binary, "NUL byte: not a shmlock client".into())
 }
 
-/// The protocol's code for a library error.
-fn code_of(e: &Error) -> ErrorCode {
-    match e {
-        Error::WouldBlock => ErrorCode::Busy,
-        Error::TimedOut { .. } => ErrorCode::Timeout,
-        Error::AlreadyHeld => ErrorCode::AlreadyHeld,
-        Error::NotHeld => ErrorCode::NotHeld,
-        Error::NameInvalid { .. } => ErrorCode::BadName,
-        Error::PoolFull { .. } => ErrorCode::TableFull,
-        Error::Cancelled => ErrorCode::Cancelled,
-        _ => ErrorCode::Internal,
-    }
-}
-
 fn error_response(out: &mut Vec<u8>, tag: &str, e: &Error) {
-    proto::encode_error(out, tag, code_of(e), &e.to_string());
+    proto::encode_error_for(out, tag, e);
 }
 
 fn show(name: &[u8]) -> String {

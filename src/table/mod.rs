@@ -36,6 +36,7 @@ mod entry;
 mod inspect;
 mod page;
 mod reap;
+mod session_end;
 mod shard;
 #[cfg(test)]
 mod tests;

@@ -1,14 +1,19 @@
-//! The gateway's wire protocol, sans I/O: parse request and response lines, encode them.
+//! The gateway's wire protocol, sans I/O: parse request and response lines, encode them, and
+//! map library errors to error codes and back ([`code_of`], [`error_of`]).
 //!
 //! `docs/PROTOCOL.md` is the specification; this module is its executable form, shared by the
-//! gateway (requests in, responses out) and [`crate::remote`] (the other way round). Parsing
-//! borrows from the line and never panics, whatever the bytes.
+//! gateway (requests in, responses out) and [`crate::remote`] (the other way round). It does no
+//! I/O and needs no async runtime. Parsing borrows from the line and never panics, whatever the
+//! bytes.
 
 use std::fmt;
 use std::io::Write as _;
 use std::time::Duration;
 
 use crate::table::{Cursor, Mode};
+
+mod errors;
+pub use errors::{code_of, encode_error_for, error_of};
 
 /// Protocol version sent in the greeting.
 pub const VERSION: u32 = 1;
