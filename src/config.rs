@@ -4,14 +4,13 @@
 //! number of shards, each with its own share of the lock-entry and hold/wait pools (plus headroom
 //! for an uneven hash spread) and a bucket array at least twice its entry capacity.
 
-use serde::Deserialize;
-
 use crate::error::{Error, Result};
 use crate::shm::SegmentOwner;
 
 /// What a segment is sized for. All pools are fixed at creation.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(deny_unknown_fields, default))]
 pub struct Capacities {
     /// Distinct lock names that can be held or waited on at once.
     pub max_locks: u32,

@@ -31,6 +31,7 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod error;
+#[cfg(feature = "gateway")]
 pub mod gateway;
 pub mod lock;
 pub mod name;
@@ -42,6 +43,7 @@ pub mod proto;
 pub mod prelude {
     pub use crate::lock::{Guard, Locker, Wait};
 }
+#[cfg(feature = "remote")]
 pub mod remote;
 pub mod shm;
 pub mod supervisor;

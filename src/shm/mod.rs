@@ -129,6 +129,7 @@ impl SegmentOwner {
     }
 }
 
+#[cfg(feature = "serde")]
 impl<'de> serde::Deserialize<'de> for SegmentOwner {
     /// A user name or uid as a string (`""`: the default), or a uid as an integer.
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {

@@ -19,7 +19,8 @@ use super::*;
 const TOKEN_LIMIT: u64 = 1 << 63;
 
 /// Counts over the whole table (read without latches: a consistent sum only when quiet).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct TableStats {
     /// Entries held or waited on.
     pub held: u64,

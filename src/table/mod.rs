@@ -36,6 +36,7 @@ mod entry;
 mod inspect;
 mod page;
 mod reap;
+#[cfg(feature = "gateway")]
 mod session_end;
 mod shard;
 #[cfg(test)]
@@ -530,6 +531,7 @@ impl LockTable {
     }
 
     /// The shard that `name` lives in (any bytes; an invalid name maps somewhere harmless).
+    #[cfg(feature = "gateway")]
     pub(crate) fn shard_of_name(&self, name: &[u8]) -> u32 {
         self.shard_of(name::hash(self.seed, name))
     }
