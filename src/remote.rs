@@ -44,8 +44,9 @@ use std::time::{Duration, Instant};
 
 use crate::client::{FencingToken, Grant};
 use crate::error::{Error, Result};
-use crate::gateway::admin::LocksPage;
 use crate::lock::{Guard, Locker, Wait};
+use crate::proto::admin::LocksPage;
+use crate::proto::framer::Framer;
 use crate::proto::{self, ErrorCode, Hello, Response};
 use crate::table::{Cursor, LockInfo, Mode};
 
@@ -138,50 +139,40 @@ struct Writer {
     line: Vec<u8>,
 }
 
-/// The read side: bytes read and not yet handed out are `buf[start..end]`.
+/// The read side: the socket and the protocol's line framer.
 #[derive(Debug)]
 struct Reader {
     stream: TcpStream,
-    buf: Vec<u8>,
-    start: usize,
-    end: usize,
+    framer: Framer,
 }
+
+/// The longest response line taken from a gateway (its own are far shorter): a gateway that
+/// sends a longer one is not trusted with more memory.
+const MAX_RESPONSE_LINE: usize = 1 << 20;
 
 impl Reader {
     fn new(stream: TcpStream) -> Reader {
         Reader {
             stream,
-            buf: vec![0; 4096],
-            start: 0,
-            end: 0,
+            framer: Framer::new(MAX_RESPONSE_LINE, false),
         }
     }
 
-    /// The next whole line already read (with its LF), if any.
-    fn next_line(&mut self) -> Option<&[u8]> {
-        let n = self.buf[self.start..self.end].iter().position(|&b| b == b'\n')?;
-        let line = self.start..self.start + n + 1;
-        self.start = line.end;
-        Some(&self.buf[line])
+    /// The next whole line already read (without its LF), if any; why the connection cannot
+    /// go on, if the bytes do not frame.
+    fn next_line(&mut self) -> std::result::Result<Option<&[u8]>, String> {
+        self.framer
+            .next_line()
+            .map_err(|e| format!("the gateway sent a bad line: {e}"))
     }
 
     /// Reads what the socket has (blocking until something comes); why not, if it ended.
     fn fill(&mut self) -> std::result::Result<(), String> {
-        if self.start == self.end {
-            (self.start, self.end) = (0, 0);
-        } else if self.end == self.buf.len() {
-            if self.start > 0 {
-                self.buf.copy_within(self.start..self.end, 0);
-                (self.start, self.end) = (0, self.end - self.start);
-            } else {
-                self.buf.resize(self.buf.len() * 2, 0);
-            }
-        }
         loop {
-            match self.stream.read(&mut self.buf[self.end..]) {
+            match self.stream.read(self.framer.spare()) {
                 Ok(0) => return Err("connection closed by the gateway".into()),
                 Ok(n) => {
-                    self.end += n;
+                    self.framer.filled(n);
                     return Ok(());
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -372,7 +363,12 @@ impl Inner {
         let mut rd = lock(&self.reader);
         loop {
             let mut mine = false;
-            while let Some(line) = rd.next_line() {
+            loop {
+                let line = match rd.next_line() {
+                    Ok(Some(line)) => line,
+                    Ok(None) => break,
+                    Err(why) => return self.close(why),
+                };
                 match self.dispatch(line, tag) {
                     Ok(m) => mine |= m,
                     Err(why) => return self.close(why),
@@ -392,7 +388,12 @@ impl Inner {
     fn drain(&self) {
         let mut rd = lock(&self.reader);
         loop {
-            while let Some(line) = rd.next_line() {
+            loop {
+                let line = match rd.next_line() {
+                    Ok(Some(line)) => line,
+                    Ok(None) => break,
+                    Err(why) => return self.close(why),
+                };
                 if let Err(why) = self.dispatch(line, 0) {
                     return self.close(why);
                 }
@@ -448,7 +449,7 @@ impl Inner {
             }) = st.slots.get_mut(&tag)
             {
                 lines.push(line.to_vec());
-                if crate::gateway::admin::ends_response(line) {
+                if crate::proto::admin::ends_response(line) {
                     *reply = Some(Ok(Answer::Lines(std::mem::take(lines))));
                     if let Some(t) = parked.take() {
                         drop(st);
@@ -640,8 +641,10 @@ impl RemoteClient {
         stream.set_nodelay(true).map_err(io)?;
         let mut rd = Reader::new(stream.try_clone().map_err(io)?);
         let line = loop {
-            if let Some(line) = rd.next_line() {
-                break line.to_vec();
+            match rd.next_line() {
+                Ok(Some(line)) => break line.to_vec(),
+                Ok(None) => {}
+                Err(e) => return Err(err(&shown, e)),
             }
             if let Err(e) = rd.fill() {
                 return Err(err(&shown, format!("closed before greeting ({e})")));
@@ -658,6 +661,13 @@ impl RemoteClient {
             Ok(_) => return Err(err(&shown, "no greeting".into())),
             Err(e) => return Err(err(&shown, e)),
         };
+        if hello.version != proto::VERSION {
+            return Err(Error::ProtocolVersion {
+                addr: shown,
+                found: hello.version,
+                expected: proto::VERSION,
+            });
+        }
         let inner = Arc::new(Inner {
             addr: shown,
             writer: Mutex::new(Writer {
@@ -785,7 +795,7 @@ impl RemoteClient {
                 return Err(remote_error(code, code_word, message));
             }
         }
-        crate::gateway::admin::parse_locks(lines.iter().map(Vec::as_slice))
+        crate::proto::admin::parse_locks(lines.iter().map(Vec::as_slice))
             .map_err(|e| self.inner.conn_err(format!("a bad LOCKS answer: {e}")))
     }
 
