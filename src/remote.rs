@@ -45,7 +45,7 @@ use std::time::{Duration, Instant};
 use crate::client::{FencingToken, Grant};
 use crate::error::{Error, Result};
 use crate::lock::{Guard, Locker, Wait};
-use crate::proto::admin::LocksPage;
+use crate::proto::admin::{CheckReport, LocksPage, StatusReport};
 use crate::proto::framer::Framer;
 use crate::proto::{self, ErrorCode, Hello, Response};
 use crate::table::{Cursor, LockInfo, Mode};
@@ -54,6 +54,15 @@ use crate::table::{Cursor, LockInfo, Mode};
 /// background thread reads them (a caller that comes meanwhile reads them on its way).
 const DRAIN_DELAY: Duration = Duration::from_millis(2);
 
+/// What [`RemoteClient::status`] tells.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteStatus {
+    /// The segment, capacities, pools, counters and supervisor.
+    pub report: StatusReport,
+    /// The invariant check's outcome ([`CheckReport::Skipped`] unless it was asked for).
+    pub check: CheckReport,
+}
+
 /// Options for [`RemoteClient::connect_with`].
 #[derive(Debug, Clone, Default)]
 pub struct ConnectOptions {
@@ -61,6 +70,11 @@ pub struct ConnectOptions {
     pub auth_token: Option<String>,
     /// How long connecting may take; None: the system's default.
     pub connect_timeout: Option<Duration>,
+    /// How long the gateway may stay silent while an answer is due (the greeting included)
+    /// before the connection is given up (every request unanswered then fails with
+    /// [`Error::Connection`]); None: as long as it takes. Meant for short sessions of queries
+    /// (`locks`, `status`): a `LOCK` that waits longer than this for its grant fails too.
+    pub read_timeout: Option<Duration>,
 }
 
 /// What a request's response said, short of an error.
@@ -176,6 +190,9 @@ impl Reader {
                     return Ok(());
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    return Err("no answer within the read timeout".into())
+                }
                 Err(e) => return Err(format!("receive failed: {e}")),
             }
         }
@@ -639,6 +656,8 @@ impl RemoteClient {
         let stream = stream.ok_or_else(|| err(&shown, last))?;
         let io = |e: std::io::Error| err(&shown, e.to_string());
         stream.set_nodelay(true).map_err(io)?;
+        // The socket's option: the reader's clone shares it.
+        stream.set_read_timeout(options.read_timeout).map_err(io)?;
         let mut rd = Reader::new(stream.try_clone().map_err(io)?);
         let line = loop {
             match rd.next_line() {
@@ -765,9 +784,7 @@ impl RemoteClient {
     /// [`LocksPage::next`] is where the next page starts. Authenticate first where the gateway
     /// wants it.
     pub fn locks_page(&self, prefix: Option<&[u8]>, after: Option<Cursor>, limit: u32) -> Result<LocksPage> {
-        if let Some(p) = prefix {
-            check_name(p)?;
-        }
+        // Any prefix goes: it is sent escaped.
         let tag = self.inner.send(Slot::multi_line_caller(), |l| {
             l.extend_from_slice(b"LOCKS");
             if let Some(p) = prefix {
@@ -780,9 +797,29 @@ impl RemoteClient {
             l.extend_from_slice(b" LIMIT ");
             push_u64(l, u64::from(limit));
         })?;
+        let lines = self.admin_lines(tag, "LOCKS")?;
+        crate::proto::admin::parse_locks(lines.iter().map(Vec::as_slice))
+            .map_err(|e| self.inner.conn_err(format!("a bad LOCKS answer: {e}")))
+    }
+
+    /// `STATUS`: the segment, its capacities, pool counts, counters and supervisor, as
+    /// `shmlock status` shows them; with `check`, the table's invariant check too (a walk of
+    /// every shard at the gateway, in time proportional to the table).
+    pub fn status(&self, check: bool) -> Result<RemoteStatus> {
+        let tag = self.inner.send(Slot::multi_line_caller(), |l| {
+            l.extend_from_slice(if check { b"STATUS CHECK" } else { b"STATUS" });
+        })?;
+        let lines = self.admin_lines(tag, "STATUS")?;
+        let (report, check) = crate::proto::admin::parse_status(lines.iter().map(Vec::as_slice))
+            .map_err(|e| self.inner.conn_err(format!("a bad STATUS answer: {e}")))?;
+        Ok(RemoteStatus { report, check })
+    }
+
+    /// The lines of an admin query's answer; its `ERR` line as the error.
+    fn admin_lines(&self, tag: u64, what: &str) -> Result<Vec<Vec<u8>>> {
         let lines = match self.inner.wait(tag)? {
             Answer::Lines(lines) => lines,
-            _ => return Err(self.inner.conn_err("a LOCKS answer that is not a page")),
+            _ => return Err(self.inner.conn_err(format!("a {what} answer of one line"))),
         };
         if let Some(last) = lines.last() {
             if let Ok(Response::Error {
@@ -795,8 +832,7 @@ impl RemoteClient {
                 return Err(remote_error(code, code_word, message));
             }
         }
-        crate::proto::admin::parse_locks(lines.iter().map(Vec::as_slice))
-            .map_err(|e| self.inner.conn_err(format!("a bad LOCKS answer: {e}")))
+        Ok(lines)
     }
 
     /// Every lock held or waited on whose name starts with `prefix`, page by page (in table

@@ -457,6 +457,26 @@ fn a_gateway_of_another_protocol_version_is_refused_naming_both_versions() {
 }
 
 #[test]
+fn a_remote_client_asks_status_and_locks_like_the_local_commands() {
+    let env = TestEnv::new("gw-status");
+    let gw = serve(&env, |_| {});
+    let local = env.client("holder");
+    let held = local.lock("status/a b").unwrap();
+    let remote = RemoteClient::connect(gw.local_addr()).unwrap();
+    let st = remote.status(false).unwrap();
+    assert_eq!(st.report.segment, env.segment);
+    assert_eq!(st.check, shmlock::proto::admin::CheckReport::Skipped);
+    assert!(st.report.stats.held >= 1, "{:?}", st.report.stats);
+    let st = remote.status(true).unwrap();
+    assert_eq!(st.check, shmlock::proto::admin::CheckReport::Consistent);
+    // Any prefix goes (it is sent escaped), spaces too.
+    let locks = remote.locks(Some(b"status/a ")).unwrap();
+    assert_eq!(locks.len(), 1);
+    assert_eq!(locks[0].name, b"status/a b");
+    drop(held);
+}
+
+#[test]
 fn only_one_cr_before_the_lf_is_stripped() {
     let env = TestEnv::new("gw-cr");
     let gw = serve(&env, |_| {});
