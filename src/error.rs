@@ -253,6 +253,16 @@ pub enum Error {
         /// The gateway's message.
         message: String,
     },
+    /// The gateway speaks another version of the protocol than this client.
+    #[error("gateway {addr} speaks shmlock protocol version {found}; this client speaks version {expected}")]
+    ProtocolVersion {
+        /// The gateway's address.
+        addr: String,
+        /// The version its greeting names.
+        found: u32,
+        /// The version of this client.
+        expected: u32,
+    },
     /// The connection to the gateway failed, closed, or carried something unexpected.
     #[error("gateway {addr}: {why}")]
     Connection {

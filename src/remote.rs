@@ -44,14 +44,24 @@ use std::time::{Duration, Instant};
 
 use crate::client::{FencingToken, Grant};
 use crate::error::{Error, Result};
-use crate::gateway::admin::LocksPage;
 use crate::lock::{Guard, Locker, Wait};
+use crate::proto::admin::{CheckReport, LocksPage, StatusReport};
+use crate::proto::framer::Framer;
 use crate::proto::{self, ErrorCode, Hello, Response};
 use crate::table::{Cursor, LockInfo, Mode};
 
 /// How long answers nobody waits for may stay unread while no caller reads, before the
 /// background thread reads them (a caller that comes meanwhile reads them on its way).
 const DRAIN_DELAY: Duration = Duration::from_millis(2);
+
+/// What [`RemoteClient::status`] tells.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteStatus {
+    /// The segment, capacities, pools, counters and supervisor.
+    pub report: StatusReport,
+    /// The invariant check's outcome ([`CheckReport::Skipped`] unless it was asked for).
+    pub check: CheckReport,
+}
 
 /// Options for [`RemoteClient::connect_with`].
 #[derive(Debug, Clone, Default)]
@@ -60,6 +70,11 @@ pub struct ConnectOptions {
     pub auth_token: Option<String>,
     /// How long connecting may take; None: the system's default.
     pub connect_timeout: Option<Duration>,
+    /// How long the gateway may stay silent while an answer is due (the greeting included)
+    /// before the connection is given up (every request unanswered then fails with
+    /// [`Error::Connection`]); None: as long as it takes. Meant for short sessions of queries
+    /// (`locks`, `status`): a `LOCK` that waits longer than this for its grant fails too.
+    pub read_timeout: Option<Duration>,
 }
 
 /// What a request's response said, short of an error.
@@ -138,53 +153,46 @@ struct Writer {
     line: Vec<u8>,
 }
 
-/// The read side: bytes read and not yet handed out are `buf[start..end]`.
+/// The read side: the socket and the protocol's line framer.
 #[derive(Debug)]
 struct Reader {
     stream: TcpStream,
-    buf: Vec<u8>,
-    start: usize,
-    end: usize,
+    framer: Framer,
 }
+
+/// The longest response line taken from a gateway (its own are far shorter): a gateway that
+/// sends a longer one is not trusted with more memory.
+const MAX_RESPONSE_LINE: usize = 1 << 20;
 
 impl Reader {
     fn new(stream: TcpStream) -> Reader {
         Reader {
             stream,
-            buf: vec![0; 4096],
-            start: 0,
-            end: 0,
+            framer: Framer::new(MAX_RESPONSE_LINE, false),
         }
     }
 
-    /// The next whole line already read (with its LF), if any.
-    fn next_line(&mut self) -> Option<&[u8]> {
-        let n = self.buf[self.start..self.end].iter().position(|&b| b == b'\n')?;
-        let line = self.start..self.start + n + 1;
-        self.start = line.end;
-        Some(&self.buf[line])
+    /// The next whole line already read (without its LF), if any; why the connection cannot
+    /// go on, if the bytes do not frame.
+    fn next_line(&mut self) -> std::result::Result<Option<&[u8]>, String> {
+        self.framer
+            .next_line()
+            .map_err(|e| format!("the gateway sent a bad line: {e}"))
     }
 
     /// Reads what the socket has (blocking until something comes); why not, if it ended.
     fn fill(&mut self) -> std::result::Result<(), String> {
-        if self.start == self.end {
-            (self.start, self.end) = (0, 0);
-        } else if self.end == self.buf.len() {
-            if self.start > 0 {
-                self.buf.copy_within(self.start..self.end, 0);
-                (self.start, self.end) = (0, self.end - self.start);
-            } else {
-                self.buf.resize(self.buf.len() * 2, 0);
-            }
-        }
         loop {
-            match self.stream.read(&mut self.buf[self.end..]) {
+            match self.stream.read(self.framer.spare()) {
                 Ok(0) => return Err("connection closed by the gateway".into()),
                 Ok(n) => {
-                    self.end += n;
+                    self.framer.filled(n);
                     return Ok(());
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    return Err("no answer within the read timeout".into())
+                }
                 Err(e) => return Err(format!("receive failed: {e}")),
             }
         }
@@ -372,7 +380,12 @@ impl Inner {
         let mut rd = lock(&self.reader);
         loop {
             let mut mine = false;
-            while let Some(line) = rd.next_line() {
+            loop {
+                let line = match rd.next_line() {
+                    Ok(Some(line)) => line,
+                    Ok(None) => break,
+                    Err(why) => return self.close(why),
+                };
                 match self.dispatch(line, tag) {
                     Ok(m) => mine |= m,
                     Err(why) => return self.close(why),
@@ -392,7 +405,12 @@ impl Inner {
     fn drain(&self) {
         let mut rd = lock(&self.reader);
         loop {
-            while let Some(line) = rd.next_line() {
+            loop {
+                let line = match rd.next_line() {
+                    Ok(Some(line)) => line,
+                    Ok(None) => break,
+                    Err(why) => return self.close(why),
+                };
                 if let Err(why) = self.dispatch(line, 0) {
                     return self.close(why);
                 }
@@ -448,7 +466,7 @@ impl Inner {
             }) = st.slots.get_mut(&tag)
             {
                 lines.push(line.to_vec());
-                if crate::gateway::admin::ends_response(line) {
+                if crate::proto::admin::ends_response(line) {
                     *reply = Some(Ok(Answer::Lines(std::mem::take(lines))));
                     if let Some(t) = parked.take() {
                         drop(st);
@@ -638,10 +656,14 @@ impl RemoteClient {
         let stream = stream.ok_or_else(|| err(&shown, last))?;
         let io = |e: std::io::Error| err(&shown, e.to_string());
         stream.set_nodelay(true).map_err(io)?;
+        // The socket's option: the reader's clone shares it.
+        stream.set_read_timeout(options.read_timeout).map_err(io)?;
         let mut rd = Reader::new(stream.try_clone().map_err(io)?);
         let line = loop {
-            if let Some(line) = rd.next_line() {
-                break line.to_vec();
+            match rd.next_line() {
+                Ok(Some(line)) => break line.to_vec(),
+                Ok(None) => {}
+                Err(e) => return Err(err(&shown, e)),
             }
             if let Err(e) = rd.fill() {
                 return Err(err(&shown, format!("closed before greeting ({e})")));
@@ -658,6 +680,13 @@ impl RemoteClient {
             Ok(_) => return Err(err(&shown, "no greeting".into())),
             Err(e) => return Err(err(&shown, e)),
         };
+        if hello.version != proto::VERSION {
+            return Err(Error::ProtocolVersion {
+                addr: shown,
+                found: hello.version,
+                expected: proto::VERSION,
+            });
+        }
         let inner = Arc::new(Inner {
             addr: shown,
             writer: Mutex::new(Writer {
@@ -755,9 +784,7 @@ impl RemoteClient {
     /// [`LocksPage::next`] is where the next page starts. Authenticate first where the gateway
     /// wants it.
     pub fn locks_page(&self, prefix: Option<&[u8]>, after: Option<Cursor>, limit: u32) -> Result<LocksPage> {
-        if let Some(p) = prefix {
-            check_name(p)?;
-        }
+        // Any prefix goes: it is sent escaped.
         let tag = self.inner.send(Slot::multi_line_caller(), |l| {
             l.extend_from_slice(b"LOCKS");
             if let Some(p) = prefix {
@@ -770,9 +797,29 @@ impl RemoteClient {
             l.extend_from_slice(b" LIMIT ");
             push_u64(l, u64::from(limit));
         })?;
+        let lines = self.admin_lines(tag, "LOCKS")?;
+        crate::proto::admin::parse_locks(lines.iter().map(Vec::as_slice))
+            .map_err(|e| self.inner.conn_err(format!("a bad LOCKS answer: {e}")))
+    }
+
+    /// `STATUS`: the segment, its capacities, pool counts, counters and supervisor, as
+    /// `shmlock status` shows them; with `check`, the table's invariant check too (a walk of
+    /// every shard at the gateway, in time proportional to the table).
+    pub fn status(&self, check: bool) -> Result<RemoteStatus> {
+        let tag = self.inner.send(Slot::multi_line_caller(), |l| {
+            l.extend_from_slice(if check { b"STATUS CHECK" } else { b"STATUS" });
+        })?;
+        let lines = self.admin_lines(tag, "STATUS")?;
+        let (report, check) = crate::proto::admin::parse_status(lines.iter().map(Vec::as_slice))
+            .map_err(|e| self.inner.conn_err(format!("a bad STATUS answer: {e}")))?;
+        Ok(RemoteStatus { report, check })
+    }
+
+    /// The lines of an admin query's answer; its `ERR` line as the error.
+    fn admin_lines(&self, tag: u64, what: &str) -> Result<Vec<Vec<u8>>> {
         let lines = match self.inner.wait(tag)? {
             Answer::Lines(lines) => lines,
-            _ => return Err(self.inner.conn_err("a LOCKS answer that is not a page")),
+            _ => return Err(self.inner.conn_err(format!("a {what} answer of one line"))),
         };
         if let Some(last) = lines.last() {
             if let Ok(Response::Error {
@@ -785,8 +832,7 @@ impl RemoteClient {
                 return Err(remote_error(code, code_word, message));
             }
         }
-        crate::gateway::admin::parse_locks(lines.iter().map(Vec::as_slice))
-            .map_err(|e| self.inner.conn_err(format!("a bad LOCKS answer: {e}")))
+        Ok(lines)
     }
 
     /// Every lock held or waited on whose name starts with `prefix`, page by page (in table

@@ -430,6 +430,53 @@ fn a_remote_timeout_is_timed_out_naming_the_holder_and_a_bad_name_is_name_invali
 }
 
 #[test]
+fn a_gateway_of_another_protocol_version_is_refused_naming_both_versions() {
+    // A fake gateway: a plain listener that greets with version 2 and holds the connection.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let fake = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.write_all(b"* HELLO shmlock 2 auth=none idle_timeout_ms=0 max_line=512 max_name=64\n")
+            .unwrap();
+        // Until the client closes: it must not go on as if it could speak to this gateway.
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+    });
+    match RemoteClient::connect(addr).err() {
+        Some(
+            e @ Error::ProtocolVersion {
+                found: 2, expected: 1, ..
+            },
+        ) => {
+            let text = e.to_string();
+            assert!(text.contains("version 2") && text.contains("version 1"), "{text}");
+        }
+        other => panic!("{other:?}"),
+    }
+    fake.join().unwrap();
+}
+
+#[test]
+fn a_remote_client_asks_status_and_locks_like_the_local_commands() {
+    let env = TestEnv::new("gw-status");
+    let gw = serve(&env, |_| {});
+    let local = env.client("holder");
+    let held = local.lock("status/a b").unwrap();
+    let remote = RemoteClient::connect(gw.local_addr()).unwrap();
+    let st = remote.status(false).unwrap();
+    assert_eq!(st.report.segment, env.segment);
+    assert_eq!(st.check, shmlock::proto::admin::CheckReport::Skipped);
+    assert!(st.report.stats.held >= 1, "{:?}", st.report.stats);
+    let st = remote.status(true).unwrap();
+    assert_eq!(st.check, shmlock::proto::admin::CheckReport::Consistent);
+    // Any prefix goes (it is sent escaped), spaces too.
+    let locks = remote.locks(Some(b"status/a ")).unwrap();
+    assert_eq!(locks.len(), 1);
+    assert_eq!(locks[0].name, b"status/a b");
+    drop(held);
+}
+
+#[test]
 fn only_one_cr_before_the_lf_is_stripped() {
     let env = TestEnv::new("gw-cr");
     let gw = serve(&env, |_| {});

@@ -53,6 +53,7 @@ use super::Shared;
 use crate::clock;
 use crate::error::Error;
 use crate::owner::OwnerKind;
+use crate::proto::framer::{self, FrameError};
 use crate::proto::{self, Command, ErrorCode, Hello};
 use crate::table::{Mode, OwnerRef, RawGrant, Wait};
 
@@ -299,10 +300,8 @@ impl Session {
                         Err(c) => return c,
                     };
                     inbuf.drain(..consumed);
+                    // (`lines` has checked the partial line left, unless a query paused it.)
                     if self.new_admin.is_none() {
-                        if let Some(c) = check_partial(&inbuf, self.shared.config.max_line) {
-                            return c;
-                        }
                         line_since = (!inbuf.is_empty()).then_some(heard);
                         line_sleep.as_mut().reset(heard + line_for);
                     }
@@ -371,7 +370,6 @@ impl Session {
     /// Reads what the socket has into a stack buffer and handles every whole line (until an
     /// admin query pauses the session); what is left is kept in `inbuf`.
     fn on_readable(&mut self, stream: &TcpStream, inbuf: &mut Vec<u8>, out: &mut Vec<u8>) -> Read {
-        let max_line = self.shared.config.max_line;
         let mut chunk = [0u8; 4096];
         let got = match read_some(stream, &mut chunk) {
             Ok(0) => return Read::Close(None),
@@ -397,11 +395,7 @@ impl Session {
             completed = n > 0;
             inbuf.drain(..n);
         }
-        if self.new_admin.is_none() {
-            if let Some(c) = check_partial(inbuf, max_line) {
-                return Read::Close(c);
-            }
-        }
+        // (`lines` has checked the partial line left, unless a query paused it.)
         if inbuf.is_empty() && inbuf.capacity() > 0 {
             *inbuf = Vec::new();
         }
@@ -413,25 +407,22 @@ impl Session {
     fn lines(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<usize, Close> {
         let max_line = self.shared.config.max_line;
         let mut start = 0;
-        while let Some(n) = data[start..].iter().position(|&b| b == b'\n') {
-            // The line with its LF: `parse_request` strips it and the one CR before it, and
-            // nothing more (a second CR is a control byte, BAD_REQUEST).
-            let raw = &data[start..start + n + 1];
-            let line = proto::trim_eol(raw);
-            start += n + 1;
-            if line.len() > max_line {
-                return Err(Some(too_long(max_line)));
-            }
-            if line.contains(&0) {
-                return Err(Some(binary()));
-            }
-            match self.handle(raw, out) {
-                Flow::Go => {}
-                Flow::Pause => return Ok(start),
-                Flow::Close(c) => return Err(c),
+        loop {
+            // The framer strips the LF and the one CR before it, and nothing more (a second CR
+            // is a control byte: BAD_REQUEST); it checks a partial line at the end too.
+            match framer::split_line(&data[start..], max_line, true) {
+                Ok(Some((line, used))) => {
+                    start += used;
+                    match self.handle(line, out) {
+                        Flow::Go => {}
+                        Flow::Pause => return Ok(start),
+                        Flow::Close(c) => return Err(c),
+                    }
+                }
+                Ok(None) => return Ok(start),
+                Err(e) => return Err(Some(frame_close(e))),
             }
         }
-        Ok(start)
     }
 
     /// With a secret: the right one was given; takes a session slot and an owner record.
@@ -765,24 +756,12 @@ enum Read {
     Close(Close),
 }
 
-/// Why a partial line (no LF yet) must close the session, if it must.
-fn check_partial(rest: &[u8], max_line: usize) -> Option<Close> {
-    // A partial line may still end with CR LF.
-    if rest.len() > max_line + 1 {
-        return Some(Some(too_long(max_line)));
+/// The closing line for bytes that cannot be framed.
+fn frame_close(e: FrameError) -> (ErrorCode, String) {
+    match e {
+        FrameError::TooLong { max } => (ErrorCode::LineTooLong, format!("line longer than {max} bytes")),
+        FrameError::Nul => (ErrorCode::Binary, "NUL byte: not a shmlock client".into()),
     }
-    if rest.contains(&0) {
-        return Some(Some(binary()));
-    }
-    None
-}
-
-fn too_long(max: usize) -> (ErrorCode, String) {
-    (ErrorCode::LineTooLong, format!("line longer than {max} bytes"))
-}
-
-fn binary() -> (ErrorCode, String) {
-    (ErrorCode::Binary, "NUL byte: not a shmlock client".into())
 }
 
 fn error_response(out: &mut Vec<u8>, tag: &str, e: &Error) {

@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use crate::table::{Cursor, Mode};
 
+pub mod admin;
 mod errors;
+pub mod framer;
 pub use errors::{code_of, encode_error_for, error_of};
 
 /// Protocol version sent in the greeting.
@@ -233,10 +235,13 @@ pub fn valid_tag(tag: &[u8]) -> bool {
     (1..=MAX_TAG).contains(&tag.len()) && tag.iter().all(|&b| tag_byte(b))
 }
 
-/// Strips the line's LF and the CR before it.
+/// Strips the line's LF and the one CR right before it, if it ends with LF; a line without its
+/// LF (as [`framer`] gives them) is left as it is.
 pub fn trim_eol(line: &[u8]) -> &[u8] {
-    let line = line.strip_suffix(b"\n").unwrap_or(line);
-    line.strip_suffix(b"\r").unwrap_or(line)
+    match line.strip_suffix(b"\n") {
+        Some(l) => l.strip_suffix(b"\r").unwrap_or(l),
+        None => line,
+    }
 }
 
 /// True if `line` (without its end of line) holds a control byte.
@@ -258,7 +263,8 @@ fn lossy(b: &[u8]) -> String {
     }
 }
 
-/// Parses one request line (with or without its LF). `Ok(None)` for a blank line.
+/// Parses one request line: as the [`framer`] gives it, or with its LF (and the one CR before
+/// it). `Ok(None)` for a blank line.
 pub fn parse_request(line: &[u8]) -> Result<Option<Request<'_>>, ParseError<'_>> {
     let line = trim_eol(line);
     let mut it = words(line);
