@@ -795,6 +795,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "remote")] // serde_json
     fn status_round_trips_with_every_counter() {
         // Every counter the JSON output names is on the wire, and each decodes to its own field.
         let json = serde_json::to_value(TableStats::default()).expect("json");
