@@ -763,6 +763,7 @@ mod tests {
         assert_eq!(ok.expect("parse").locks[0].name, b"a");
     }
 
+    #[cfg(feature = "remote")]
     fn report() -> StatusReport {
         let mut stats = TableStats::default();
         for (i, (k, _)) in stats_fields(&TableStats::default()).iter().enumerate() {
