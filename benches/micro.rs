@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use shmlock::prelude::*;
 use shmlock::{Capacities, Client, Error, LockTable};
 
 fn table(max_locks: u32) -> Arc<LockTable> {

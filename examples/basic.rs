@@ -8,7 +8,6 @@
 
 use std::time::Duration;
 
-use shmlock::prelude::*;
 use shmlock::{Capacities, Client, Error};
 
 fn main() -> Result<(), Error> {

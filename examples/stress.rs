@@ -10,7 +10,6 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use shmlock::prelude::*;
 use shmlock::Client;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -8,8 +8,8 @@
 //! Unset, a point costs one relaxed load of a process-local word and a predictable branch.
 //!
 //! Built only with the `chaos` feature, which this crate's own tests turn on (a dev-dependency on
-//! itself) and no default build has: without it [`point`] is empty, [`arm_from_env`] ignores the
-//! environment, and [`kill_after`] does not exist, so no process of a normal build kills itself
+//! itself) and no default build has: without it `point` is empty, [`arm_from_env`] ignores the
+//! environment, and `kill_after` does not exist, so no process of a normal build kills itself
 //! because of a variable in its environment.
 
 #[cfg(feature = "chaos")]

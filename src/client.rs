@@ -197,6 +197,8 @@ pub struct LocalGuard<H: Deref<Target = Client>> {
     released: bool,
 }
 
+crate::lock::forward_contract!(Client, LocalGuard);
+
 /// A lock held in a local segment, borrowing its client (from [`Locker::lock`] and friends).
 pub type LockGuard<'a> = LocalGuard<&'a Client>;
 

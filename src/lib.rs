@@ -2,7 +2,7 @@
 //!
 //! ```
 //! # let seg = shmlock::doc_segment();
-//! use shmlock::{Client, Guard, Locker};
+//! use shmlock::Client;
 //! let client = Client::open(&seg)?;
 //! let guard = client.lock("orders/42")?;          // exclusive, waits as long as it takes
 //! println!("fencing token {}", guard.token());     // strictly increasing per name

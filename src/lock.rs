@@ -190,3 +190,112 @@ pub trait Locker {
         Self::acquire_with(Arc::clone(self), name.as_ref(), Mode::Shared, Wait::Forever)
     }
 }
+
+/// Makes the contract's std-named methods inherent methods of a backend `$client` and of its
+/// guard type `$guard<H>` too, forwarding to the trait (the bodies stay the trait's, written
+/// once), so code that names `client.lock(..)` or `guard.token()` without importing [`Locker`]
+/// and [`Guard`] keeps working. Generic code uses the traits.
+macro_rules! forward_contract {
+    ($client:ty, $guard:ident) => {
+        /// The [`Locker`](crate::Locker) contract's methods, callable without importing it.
+        impl $client {
+            /// Locks `name` exclusively, waiting as long as it takes. See [`Locker::lock`](crate::Locker::lock).
+            #[inline(always)]
+            pub fn lock(&self, name: impl AsRef<[u8]>) -> $crate::Result<$guard<&Self>> {
+                <Self as $crate::Locker>::lock(self, name)
+            }
+            /// Locks `name` exclusively if possible at once. See [`Locker::try_lock`](crate::Locker::try_lock).
+            #[inline]
+            pub fn try_lock(&self, name: impl AsRef<[u8]>) -> $crate::Result<$guard<&Self>> {
+                <Self as $crate::Locker>::try_lock(self, name)
+            }
+            /// Locks `name` exclusively, waiting at most `timeout`. See
+            /// [`Locker::try_lock_for`](crate::Locker::try_lock_for).
+            #[inline]
+            pub fn try_lock_for(
+                &self,
+                name: impl AsRef<[u8]>,
+                timeout: std::time::Duration,
+            ) -> $crate::Result<$guard<&Self>> {
+                <Self as $crate::Locker>::try_lock_for(self, name, timeout)
+            }
+            /// Locks `name` exclusively, waiting until `deadline` at most. See
+            /// [`Locker::try_lock_until`](crate::Locker::try_lock_until).
+            #[inline]
+            pub fn try_lock_until(
+                &self,
+                name: impl AsRef<[u8]>,
+                deadline: std::time::Instant,
+            ) -> $crate::Result<$guard<&Self>> {
+                <Self as $crate::Locker>::try_lock_until(self, name, deadline)
+            }
+            /// Locks `name` in shared mode, waiting as long as it takes. See
+            /// [`Locker::lock_shared`](crate::Locker::lock_shared).
+            #[inline]
+            pub fn lock_shared(&self, name: impl AsRef<[u8]>) -> $crate::Result<$guard<&Self>> {
+                <Self as $crate::Locker>::lock_shared(self, name)
+            }
+            /// Locks `name` in shared mode if possible at once. See
+            /// [`Locker::try_lock_shared`](crate::Locker::try_lock_shared).
+            #[inline]
+            pub fn try_lock_shared(&self, name: impl AsRef<[u8]>) -> $crate::Result<$guard<&Self>> {
+                <Self as $crate::Locker>::try_lock_shared(self, name)
+            }
+            /// Locks `name` in shared mode, waiting at most `timeout`. See
+            /// [`Locker::try_lock_shared_for`](crate::Locker::try_lock_shared_for).
+            #[inline]
+            pub fn try_lock_shared_for(
+                &self,
+                name: impl AsRef<[u8]>,
+                timeout: std::time::Duration,
+            ) -> $crate::Result<$guard<&Self>> {
+                <Self as $crate::Locker>::try_lock_shared_for(self, name, timeout)
+            }
+            /// Locks `name` in shared mode, waiting until `deadline` at most. See
+            /// [`Locker::try_lock_shared_until`](crate::Locker::try_lock_shared_until).
+            #[inline]
+            pub fn try_lock_shared_until(
+                &self,
+                name: impl AsRef<[u8]>,
+                deadline: std::time::Instant,
+            ) -> $crate::Result<$guard<&Self>> {
+                <Self as $crate::Locker>::try_lock_shared_until(self, name, deadline)
+            }
+        }
+
+        /// The [`Guard`](crate::Guard) contract's methods, callable without importing it.
+        impl<H: std::ops::Deref<Target = $client>> $guard<H> {
+            /// The fencing token of this grant. See [`Guard::token`](crate::Guard::token).
+            #[inline]
+            pub fn token(&self) -> $crate::FencingToken {
+                <Self as $crate::Guard>::token(self)
+            }
+            /// True if the previous holder died holding the lock. See
+            /// [`Guard::owner_died`](crate::Guard::owner_died).
+            #[inline]
+            pub fn owner_died(&self) -> bool {
+                <Self as $crate::Guard>::owner_died(self)
+            }
+            /// The mode held. See [`Guard::mode`](crate::Guard::mode).
+            #[inline]
+            pub fn mode(&self) -> $crate::Mode {
+                <Self as $crate::Guard>::mode(self)
+            }
+            /// Everything the grant said. See [`Guard::grant`](crate::Guard::grant).
+            #[inline]
+            pub fn grant(&self) -> $crate::Grant {
+                <Self as $crate::Guard>::grant(self)
+            }
+            /// The name locked. See [`Guard::name`](crate::Guard::name).
+            pub fn name(&self) -> std::borrow::Cow<'_, [u8]> {
+                <Self as $crate::Guard>::name(self)
+            }
+            /// Unlocks now, reporting. See [`Guard::unlock`](crate::Guard::unlock).
+            #[inline(always)]
+            pub fn unlock(self) -> $crate::Result<()> {
+                <Self as $crate::Guard>::unlock(self)
+            }
+        }
+    };
+}
+pub(crate) use forward_contract;

@@ -1014,6 +1014,8 @@ pub struct RemoteLockGuard<H: Deref<Target = RemoteClient>> {
     released: bool,
 }
 
+crate::lock::forward_contract!(RemoteClient, RemoteLockGuard);
+
 /// A lock held through a gateway, borrowing its client.
 pub type RemoteGuard<'a> = RemoteLockGuard<&'a RemoteClient>;
 

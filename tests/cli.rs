@@ -16,8 +16,6 @@ use common::cli::*;
 use common::{await_file, signal, ChildCtx, TestEnv};
 use serde_json::Value;
 
-use shmlock::prelude::*;
-
 // ---- child processes -------------------------------------------------------------------------
 
 /// Not a test: the entry point of child processes. Does nothing unless `SHMLOCK_TEST_ROLE` is set.

@@ -35,7 +35,6 @@ use std::time::{Duration, Instant};
 
 use common::cli::{hex, unhex};
 use common::{await_file, signal, ChildCtx, TestEnv};
-use shmlock::prelude::*;
 use shmlock::table::pid_latch_id;
 use shmlock::{Capacities, Client, LockTable, Segment};
 

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use shmlock::owner::pid_alive;
-use shmlock::prelude::*;
 use shmlock::{Client, Error, LockTable, Mode};
 
 // ---- child processes -------------------------------------------------------------------------

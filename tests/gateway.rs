@@ -17,7 +17,6 @@ use common::{
     DEADLINE,
 };
 use shmlock::gateway::{self, Gateway, GatewayConfig};
-use shmlock::prelude::*;
 use shmlock::proto::ErrorCode;
 use shmlock::remote::{ConnectOptions, RemoteClient, RemoteGuard};
 use shmlock::{Capacities, Error, Mode};

@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{wait_until, TestEnv, DEADLINE};
-use shmlock::prelude::*;
 use shmlock::remote::{ConnectOptions, RemoteClient};
 use shmlock::table::Cursor;
 use shmlock::Segment;

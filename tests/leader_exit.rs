@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use shmlock::prelude::*;
 use shmlock::{Capacities, Client, Error, LockTable};
 
 const CHILD_VAR: &str = "SHMLOCK_LEADER_EXIT_CHILD";

@@ -16,7 +16,6 @@ use common::{
     await_file, read_lines, signal, wait_until, within, witnessed_section, ChildCtx, Log, TestEnv, Words, COUNT,
     DEADLINE, FLAG,
 };
-use shmlock::prelude::*;
 use shmlock::{Capacities, Client, Error, LockGuard, LockTable, Mode};
 
 /// Asserts that `$e` is `Err` matching `$p` (a guard returned by `Ok` is released at once).

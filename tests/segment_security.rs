@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use common::cli::{output_within, role_hold, spawn_holder, stderr};
 use common::{signal, ChildCtx, TestEnv, DEADLINE};
-use shmlock::prelude::*;
 use shmlock::shm::{SegmentOwner, SEGMENT_OWNER_ENV};
 use shmlock::{Client, Error, LockTable};
 

@@ -51,7 +51,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use shmlock::prelude::*;
 use shmlock::shm::{Region, RegionSpec, Segment, SegmentOwner, PARAMS};
 use shmlock::{Capacities, Error, LockGuard, LockTable, Mode};
 

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use shmlock::prelude::*;
 use shmlock::{Client, LockTable};
 
 use crate::cleanup;

@@ -463,7 +463,6 @@ mod tests {
     use crate::client::Client;
     use crate::config::Capacities;
     use crate::error::Error;
-    use crate::prelude::*;
     use crate::table::{LockTable, Mode};
 
     fn table() -> Arc<LockTable> {

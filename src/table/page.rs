@@ -228,7 +228,6 @@ mod tests {
     use super::*;
     use crate::client::Client;
     use crate::config::Capacities;
-    use crate::prelude::*;
 
     fn table(max_locks: u32, shards: u32) -> Arc<LockTable> {
         let caps = Capacities {

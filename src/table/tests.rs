@@ -10,7 +10,6 @@ use proptest::prelude::*;
 use crate::client::{Client, LockGuard};
 use crate::config::Capacities;
 use crate::error::Error;
-use crate::prelude::{Guard, Locker};
 use crate::table::{LockTable, Mode, NIL};
 
 #[derive(Debug, Clone)]

@@ -6,7 +6,6 @@ use std::process::{Child, Command, Output};
 use std::time::Duration;
 
 use serde_json::Value;
-use shmlock::prelude::*;
 use shmlock::Error;
 
 use super::{await_file, signal, ChildCtx, ChildId, TestEnv, DEADLINE};
