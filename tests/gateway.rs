@@ -426,6 +426,14 @@ fn a_remote_timeout_is_timed_out_naming_the_holder_and_a_bad_name_is_name_invali
         local.try_lock(long.as_str()).err(),
         Some(Error::NameInvalid { .. })
     ));
+    assert!(matches!(
+        remote.try_lock("").err(),
+        Some(Error::NameInvalid { len: 0, .. })
+    ));
+    assert!(matches!(
+        local.try_lock("").err(),
+        Some(Error::NameInvalid { len: 0, .. })
+    ));
     drop(held);
 }
 

@@ -163,7 +163,7 @@ impl RemoteClient {
     /// `timeout` None waits as long as it takes; `Some(ZERO)` is a try-lock.
     pub fn start_lock(&self, name: impl AsRef<[u8]>, mode: Mode, timeout: Option<Duration>) -> Result<PendingLock<'_>> {
         let name = name.as_ref();
-        check_name(name)?;
+        check_name(name, self.hello.max_name)?;
         let tag = self.inner.send(Slot::caller(), |l| {
             l.extend_from_slice(if timeout == Some(Duration::ZERO) {
                 b"TRY "
@@ -194,7 +194,7 @@ impl RemoteClient {
     /// Unlocks `name` held by this session (for a guard that was forgotten).
     pub fn unlock(&self, name: impl AsRef<[u8]>) -> Result<()> {
         let name = name.as_ref();
-        check_name(name)?;
+        check_name(name, self.hello.max_name)?;
         self.inner
             .call(|l| {
                 l.extend_from_slice(b"UNLOCK ");
@@ -295,8 +295,14 @@ impl RemoteClient {
 }
 
 /// Names go on the wire as one word: no spaces or control bytes.
-fn check_name(name: &[u8]) -> Result<()> {
-    if name.is_empty() || name.iter().any(|&b| b <= b' ' || b == 0x7f) {
+/// An empty name is [`Error::NameInvalid`], as locally (a name too long is refused so by the
+/// gateway, which knows the limit); one with a space or a control byte, which the protocol
+/// cannot carry, is [`Error::Remote`] with [`ErrorCode::BadName`].
+fn check_name(name: &[u8], max: usize) -> Result<()> {
+    if name.is_empty() {
+        return Err(Error::NameInvalid { len: 0, max });
+    }
+    if name.iter().any(|&b| b <= b' ' || b == 0x7f) {
         return Err(Error::Remote {
             code: ErrorCode::BadName,
             message: "names sent to a gateway are 1 or more bytes without spaces or control bytes".into(),
