@@ -772,6 +772,32 @@ mod tests {
     }
 
     #[test]
+    fn a_line_without_end_from_the_server_fails_the_callers_within_bounded_memory() {
+        let (inner, mut rd, mut wr) = pair();
+        let caller = {
+            let inner = inner.clone();
+            thread::spawn(move || inner.call(|l| l.extend_from_slice(b"PING")))
+        };
+        request(&mut rd);
+        let junk = vec![b'x'; 64 * 1024];
+        // More than the longest response line the client takes; the client stops reading (and
+        // the writes fail) once it has refused the line.
+        for _ in 0..(MAX_RESPONSE_LINE / junk.len() + 2) {
+            if wr.write_all(&junk).is_err() {
+                break;
+            }
+        }
+        // (A client that took it all would see the end of the stream instead.)
+        drop(wr);
+        match caller.join().unwrap() {
+            Err(Error::Connection { why, .. }) => assert!(why.contains("longer than"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        // At most the longest line, its CR, and the one read that passed it.
+        assert!(lock(&inner.reader).framer.pending().len() <= MAX_RESPONSE_LINE + 1 + 4096);
+    }
+
+    #[test]
     fn a_closing_server_line_fails_the_callers_with_its_code() {
         let (inner, mut rd, mut wr) = pair();
         let caller = {
