@@ -386,6 +386,28 @@ fn a_closed_connection_leaves_its_locks_owner_died_but_unlocked_and_quit_ones_do
 }
 
 #[test]
+fn half_closing_the_write_side_answers_what_came_then_ends_the_session() {
+    let env = TestEnv::new("gw-half");
+    let gw = serve(&env, |_| {});
+    let local = env.client("local");
+    let x = local.lock("x").unwrap();
+    let mut raw = Raw::connect(gw.local_addr());
+    raw.send("1 LOCK h\n2 LOCK x\n3 PING\n");
+    raw.w.shutdown(std::net::Shutdown::Write).unwrap();
+    // The immediate answers come; the waiting LOCK gets none; then the server closes.
+    assert!(raw.line().starts_with("1 GRANTED "));
+    assert_eq!(raw.line(), "3 PONG");
+    assert_eq!(raw.line(), "", "no answer for the cancelled wait, then the end");
+    env.wait_for("the session to end", |t| {
+        t.stats().owners == 1 && t.stats().waiting == 0
+    });
+    // What it held is abandoned.
+    assert!(local.try_lock("h").unwrap().owner_died());
+    drop(x);
+    quiet_within(&env, 1);
+}
+
+#[test]
 fn an_idle_timeout_leaves_the_sessions_locks_owner_died() {
     let env = TestEnv::new("gw-idle-died");
     let gw = serve(&env, |c| c.idle_timeout = Some(Duration::from_millis(200)));
@@ -424,6 +446,14 @@ fn a_remote_timeout_is_timed_out_naming_the_holder_and_a_bad_name_is_name_invali
     assert!(matches!(
         local.try_lock(long.as_str()).err(),
         Some(Error::NameInvalid { .. })
+    ));
+    assert!(matches!(
+        remote.try_lock("").err(),
+        Some(Error::NameInvalid { len: 0, .. })
+    ));
+    assert!(matches!(
+        local.try_lock("").err(),
+        Some(Error::NameInvalid { len: 0, .. })
     ));
     drop(held);
 }

@@ -10,13 +10,17 @@
 //! version 1 that older clients read as part of the free text): `TIMEOUT` carries `waited_ms`,
 //! and, when the lock was held at the deadline, the holder's `pid`, `label` (escaped as
 //! [`encode_word`](super::encode_word) does), `held_ms` and `holders`; `BAD_NAME` carries `len`
-//! and `max`.
+//! and `max`; `TABLE_FULL` carries `pool` (escaped), `capacity` and, for a per-shard pool,
+//! `shard`.
 
 use std::io::Write as _;
 use std::time::Duration;
 
 use super::{decode_word, encode_word, ErrorCode};
 use crate::error::{Error, HolderInfo};
+
+/// The pools a `TABLE_FULL` answer may name (the table's, as [`Error::PoolFull`] names them).
+const POOLS: [&str; 3] = ["lock entry", "hold/wait", "owner"];
 
 /// The protocol's code for a library error (`INTERNAL` for errors of the server itself).
 pub fn code_of(e: &Error) -> ErrorCode {
@@ -48,6 +52,14 @@ pub fn encode_error_for(out: &mut Vec<u8>, tag: &str, e: &Error) {
         }
         Error::NameInvalid { len, max } => {
             let _ = write!(facts, "len={len} max={max} ");
+        }
+        Error::PoolFull { pool, shard, capacity } => {
+            facts.extend_from_slice(b"pool=");
+            encode_word(&mut facts, pool.as_bytes());
+            let _ = write!(facts, " capacity={capacity} ");
+            if let Some(s) = shard {
+                let _ = write!(facts, "shard={s} ");
+            }
         }
         _ => {}
     }
@@ -116,8 +128,13 @@ pub fn error_of(code: ErrorCode, message: &str, waited: Duration) -> Error {
             },
         },
         ErrorCode::TableFull => Error::PoolFull {
-            pool: "gateway's lock table",
-            shard: None,
+            pool: kv
+                .iter()
+                .find(|(k, _)| *k == "pool")
+                .and_then(|(_, v)| decode_word(v.as_bytes()))
+                .and_then(|p| POOLS.iter().copied().find(|n| n.as_bytes() == p))
+                .unwrap_or("gateway's lock table"),
+            shard: fact(&kv, "shard"),
             capacity: fact(&kv, "capacity").unwrap_or(0),
         },
         code => Error::Remote {
@@ -201,6 +218,14 @@ mod tests {
                 (Error::NameInvalid { len: a, max: m }, Error::NameInvalid { len: b, max: n }) => {
                     assert_eq!((a, m), (b, n));
                 }
+                (
+                    Error::PoolFull { pool, shard, capacity },
+                    Error::PoolFull {
+                        pool: p,
+                        shard: s,
+                        capacity: c,
+                    },
+                ) => assert_eq!((pool, shard, capacity), (p, s, c)),
                 _ => {}
             }
             // People still read the library's own message.
