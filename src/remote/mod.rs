@@ -176,7 +176,11 @@ impl RemoteClient {
                 Mode::Shared => b" SHARED",
             });
             if let Some(t) = timeout.filter(|t| !t.is_zero()) {
-                let ms = t.as_millis().clamp(1, u128::from(proto::MAX_TIMEOUT_MS));
+                // Rounded up: a remote timeout never ends before the caller's deadline.
+                let ms = t
+                    .as_nanos()
+                    .div_ceil(1_000_000)
+                    .clamp(1, u128::from(proto::MAX_TIMEOUT_MS));
                 l.extend_from_slice(b" TIMEOUT ");
                 push_u64(l, ms as u64);
             }
@@ -299,8 +303,11 @@ impl RemoteClient {
 /// gateway, which knows the limit); one with a space or a control byte, which the protocol
 /// cannot carry, is [`Error::Remote`] with [`ErrorCode::BadName`].
 fn check_name(name: &[u8], max: usize) -> Result<()> {
-    if name.is_empty() {
-        return Err(Error::NameInvalid { len: 0, max });
+    // The gateway would answer an over-long name BAD_NAME, or end the whole session (and so
+    // every lock it holds) if the line passed its `max_line`: refuse it here, as a local client
+    // does. A greeting without `max_name` (0) leaves the check to the gateway.
+    if name.is_empty() || (max > 0 && name.len() > max) {
+        return Err(Error::NameInvalid { len: name.len(), max });
     }
     if name.iter().any(|&b| b <= b' ' || b == 0x7f) {
         return Err(Error::Remote {
