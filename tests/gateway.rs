@@ -17,6 +17,7 @@ use common::{
     DEADLINE,
 };
 use shmlock::gateway::{self, Gateway, GatewayConfig};
+use shmlock::prelude::*;
 use shmlock::proto::ErrorCode;
 use shmlock::remote::{ConnectOptions, RemoteClient, RemoteGuard};
 use shmlock::{Capacities, Error, Mode};
@@ -40,21 +41,20 @@ fn role_counter(ctx: &ChildCtx) {
     let id: u64 = ctx.param("id");
     let how: String = ctx.param("how");
     if how == "local" {
-        let local = ctx.client(&format!("counter-{id}"));
-        count(ctx, id, || local.lock("counter").expect("local lock"));
+        count(ctx, id, &ctx.client(&format!("counter-{id}")));
     } else {
         let addr: String = ctx.param("addr");
-        let remote = RemoteClient::connect(addr.as_str()).expect("connect");
-        count(ctx, id, || remote.lock("counter").expect("remote lock"));
+        count(ctx, id, &RemoteClient::connect(addr.as_str()).expect("connect"));
     }
 }
 
-fn count<G>(ctx: &ChildCtx, id: u64, mut lock: impl FnMut() -> G) {
+/// The witnessed loop, written once over the contract.
+fn count<L: Locker>(ctx: &ChildCtx, id: u64, client: &L) {
     let iters: u64 = ctx.param("iters");
     let words = Words::open(&ctx.path("words"));
     ctx.barrier();
     for i in 0..iters {
-        let g = lock();
+        let g = client.lock("counter").expect("lock");
         witnessed_section(&words, id, i);
         drop(g);
     }
