@@ -26,6 +26,7 @@
 //! - [`remote`]: [`RemoteClient`](remote::RemoteClient), the same API through a gateway.
 //! - [`owner`], [`name`], [`clock`], [`config`], [`error`]: the vocabulary.
 
+#[doc(hidden)] // the crash tests' fault injection (feature `chaos`)
 pub mod chaos;
 pub mod client;
 pub mod clock;

@@ -27,7 +27,7 @@
 #![allow(unsafe_code)]
 
 pub mod layout;
-pub mod sys;
+pub(crate) mod sys;
 
 use std::fs::File;
 use std::marker::PhantomData;

@@ -60,7 +60,7 @@ pub(super) unsafe fn unmap(ptr: NonNull<u8>, len: usize) {
 
 /// Outcome of a futex wait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FutexWait {
+pub(crate) enum FutexWait {
     /// Woken by a FUTEX_WAKE (or spuriously): re-check the condition.
     Woken,
     /// The word no longer held the expected value when the kernel looked.
@@ -73,7 +73,7 @@ pub enum FutexWait {
 ///
 /// `timeout` is relative and measured on CLOCK_MONOTONIC by the kernel. EINTR counts as a
 /// wake-up: callers always loop and re-check their condition.
-pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) -> FutexWait {
+pub(crate) fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) -> FutexWait {
     let ts = timeout.map(|d| libc::timespec {
         tv_sec: d.as_secs().min(i64::MAX as u64) as libc::time_t,
         tv_nsec: d.subsec_nanos() as libc::c_long,
@@ -104,7 +104,7 @@ pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) ->
 }
 
 /// FUTEX_WAKE (shared) of up to `n` waiters on `word`; returns how many were woken.
-pub fn futex_wake(word: &AtomicU32, n: u32) -> usize {
+pub(crate) fn futex_wake(word: &AtomicU32, n: u32) -> usize {
     // SAFETY: `word` is a live AtomicU32; FUTEX_WAKE only uses its address as a key.
     let r = unsafe {
         libc::syscall(
@@ -122,7 +122,7 @@ pub fn futex_wake(word: &AtomicU32, n: u32) -> usize {
 
 /// Reads clock `id` in nanoseconds (0 if the clock is unavailable, which CLOCK_MONOTONIC never is).
 #[inline]
-pub fn clock_ns(id: libc::clockid_t) -> u64 {
+pub(crate) fn clock_ns(id: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: `ts` is a valid, writable timespec on this stack frame; clock_gettime writes only it.
     let r = unsafe { libc::clock_gettime(id, &mut ts) };
@@ -134,7 +134,7 @@ pub fn clock_ns(id: libc::clockid_t) -> u64 {
 
 /// A pidfd for process `pid` (Linux 5.3+): it becomes readable when the process exits, even if
 /// nobody waits for it, and it never names a later process that reuses the pid.
-pub fn pidfd_open(pid: u32) -> Result<std::os::fd::OwnedFd, Errno> {
+pub(crate) fn pidfd_open(pid: u32) -> Result<std::os::fd::OwnedFd, Errno> {
     use std::os::fd::FromRawFd;
     let pid = libc::pid_t::try_from(pid).map_err(|_| Errno::ESRCH)?;
     // SAFETY: pidfd_open takes a pid and flags by value and touches no memory of ours.
@@ -150,7 +150,7 @@ pub fn pidfd_open(pid: u32) -> Result<std::os::fd::OwnedFd, Errno> {
 /// faults and orders no load or store; but on x86 a locked instruction issued while it is in
 /// flight may wait for it, so issue it where no atomic RMW follows at once). A no-op off x86_64.
 #[inline(always)]
-pub fn prefetch<T>(r: &T) {
+pub(crate) fn prefetch<T>(r: &T) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: PREFETCHT0 only hints the cache hierarchy; it reads no memory architecturally and
     // cannot fault, and `r` is a live reference anyway. SSE is part of the x86_64 baseline.

@@ -64,7 +64,7 @@ pub use entry::{
 pub use inspect::{Forced, LockInfo, OwnerInfo, Party, PoolCounts};
 pub use page::{Cursor, Page, PAGE_SCAN, SCAN_PER_LATCH};
 pub use reap::{pid_latch_id, PID_ID};
-pub use shard::{Latch, ShardHdr, LATCH_SLEEP, STAT_GRANTS, STAT_HANDOFFS, STAT_REPAIRS, STAT_TIMEOUTS, STAT_WAITS};
+pub(crate) use shard::{Latch, ShardHdr, STAT_GRANTS, STAT_HANDOFFS, STAT_REPAIRS, STAT_TIMEOUTS, STAT_WAITS};
 
 /// Rounds a fast lock request watches a lock held fast by another owner before queueing.
 pub const SPIN: u32 = 200;

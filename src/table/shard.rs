@@ -22,7 +22,7 @@ use crate::shm::sys::{futex_wait, futex_wake};
 /// Per-shard header (256 bytes, 128-aligned so no two shards share a line or a line pair).
 #[repr(C, align(128))]
 #[derive(Debug, Default)]
-pub struct ShardHdr {
+pub(crate) struct ShardHdr {
     /// The latch word (see the module docs).
     pub latch: AtomicU32,
     _pad0: AtomicU32,
@@ -43,32 +43,32 @@ crate::impl_shm_safe!(ShardHdr);
 const _: () = assert!(std::mem::size_of::<ShardHdr>() == 256 && std::mem::align_of::<ShardHdr>() == 128);
 
 /// Index of `ShardHdr::stats`.
-pub const STAT_GRANTS: usize = 0;
+pub(crate) const STAT_GRANTS: usize = 0;
 /// Index of `ShardHdr::stats`.
-pub const STAT_WAITS: usize = 1;
+pub(crate) const STAT_WAITS: usize = 1;
 /// Index of `ShardHdr::stats`.
-pub const STAT_TIMEOUTS: usize = 2;
+pub(crate) const STAT_TIMEOUTS: usize = 2;
 /// Index of `ShardHdr::stats`.
-pub const STAT_HANDOFFS: usize = 3;
+pub(crate) const STAT_HANDOFFS: usize = 3;
 /// Index of `ShardHdr::stats`.
-pub const STAT_REPAIRS: usize = 4;
+pub(crate) const STAT_REPAIRS: usize = 4;
 
 const WAITERS: u32 = 1 << 31;
 const SPINS: u32 = 64;
 /// Longest single sleep on a latch; after it the waiter re-examines the word, and a holder seen
 /// for this long is checked for death.
-pub const LATCH_SLEEP: Duration = Duration::from_millis(10);
+pub(crate) const LATCH_SLEEP: Duration = Duration::from_millis(10);
 
 /// A latch over an `AtomicU32` in the segment.
 #[derive(Debug, Clone, Copy)]
-pub struct Latch<'a> {
+pub(crate) struct Latch<'a> {
     word: &'a AtomicU32,
 }
 
 /// Holds a latch; unlocks on drop.
 #[derive(Debug)]
 #[must_use]
-pub struct LatchGuard<'a> {
+pub(crate) struct LatchGuard<'a> {
     word: &'a AtomicU32,
     recovered: Option<u32>,
 }
@@ -76,21 +76,21 @@ pub struct LatchGuard<'a> {
 impl LatchGuard<'_> {
     /// The id of a dead holder whose latch this guard took over: its critical section may be
     /// half done, and the caller must repair what the latch guards before using it.
-    pub fn recovered(&self) -> Option<u32> {
+    pub(crate) fn recovered(&self) -> Option<u32> {
         self.recovered
     }
 }
 
 impl<'a> Latch<'a> {
     /// A latch over `word`.
-    pub fn new(word: &'a AtomicU32) -> Self {
+    pub(crate) fn new(word: &'a AtomicU32) -> Self {
         Latch { word }
     }
 
     /// Takes the latch for `id` (non-zero, below bit 31). `dead(holder)` tells whether a holder
     /// that has kept the latch for a while is dead; it is asked only on that slow path.
     #[inline]
-    pub fn lock(self, id: u32, dead: &dyn Fn(u32) -> bool) -> LatchGuard<'a> {
+    pub(crate) fn lock(self, id: u32, dead: &dyn Fn(u32) -> bool) -> LatchGuard<'a> {
         debug_assert!(id != 0 && id & WAITERS == 0);
         let mut recovered = None;
         if self
@@ -109,7 +109,7 @@ impl<'a> Latch<'a> {
     /// Takes the latch for `id` only if it is free now: never waits, never takes over a dead
     /// holder's latch (so never leads to a repair). For readers that must see a quiet shard
     /// without changing it ([`LockTable::check_headers`](super::LockTable::check_headers)).
-    pub fn try_lock(self, id: u32) -> Option<LatchGuard<'a>> {
+    pub(crate) fn try_lock(self, id: u32) -> Option<LatchGuard<'a>> {
         self.word
             .compare_exchange(0, id, Ordering::Acquire, Ordering::Relaxed)
             .ok()
@@ -122,7 +122,7 @@ impl<'a> Latch<'a> {
     /// Takes the latch over, as `id`, from `holder` if the word still names it: for a holder
     /// known to run no critical section (one named by a garbage word). The guard reports the
     /// holder as `recovered`, so the caller repairs what it guards.
-    pub fn take_over(self, holder: u32, id: u32) -> Option<LatchGuard<'a>> {
+    pub(crate) fn take_over(self, holder: u32, id: u32) -> Option<LatchGuard<'a>> {
         let w = self.word.load(Ordering::Relaxed);
         if w & !WAITERS != holder || holder == 0 {
             return None;
@@ -190,7 +190,7 @@ impl<'a> Latch<'a> {
     }
 
     /// The current holder's id, 0 if free.
-    pub fn holder(self) -> u32 {
+    pub(crate) fn holder(self) -> u32 {
         self.word.load(Ordering::Relaxed) & !WAITERS
     }
 }
