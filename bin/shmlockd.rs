@@ -267,32 +267,18 @@ fn start_gateway(bound: Option<gateway::Bound>, table: &Arc<LockTable>) -> Resul
     Ok(Some(gw))
 }
 
-fn run(args: Args) -> Result<ExitCode> {
-    init_logging(args.log_level.as_deref())?;
-    let config = match &args.config {
-        Some(path) => Config::load(path)?,
-        None => Config {
-            name: None,
-            caps: Capacities::default(),
-            gateway: GatewaySection::default(),
-        },
-    };
-    let caps = capacities(&args, config.caps)?;
-    // Everything that can be checked before the segment exists is checked first: the geometry
-    // and the gateway's config and address (bound now, served once the table is there).
-    caps.geometry()?;
-    let bound = bind_gateway(&args, &config.gateway)?;
-    let name = segment_name(args.segment.clone(), config.name);
+/// What a started supervisor runs: the reaper's stop flag and thread, and the gateway.
+type Started = (Arc<AtomicBool>, std::thread::JoinHandle<()>, Option<Gateway>);
 
-    // Block the shutdown signals before touching the segment: a SIGINT during creation is then
-    // handled after it, never in the middle. The mask is inherited by threads started later.
-    let mut signals = SigSet::empty();
-    signals.add(Signal::SIGINT);
-    signals.add(Signal::SIGTERM);
-    signals.thread_block().context("cannot block SIGINT/SIGTERM")?;
-
-    let (table, created) = create_or_adopt(&name, &caps)?;
-    let table = Arc::new(table);
+/// Claims `table`, reaps what died while no supervisor ran (if adopted), and starts the reaper
+/// and the gateway. On an error, whatever it started is stopped again.
+fn start(
+    name: &str,
+    caps: &Capacities,
+    table: &Arc<LockTable>,
+    created: bool,
+    bound: Option<gateway::Bound>,
+) -> Result<Started> {
     table
         .claim_supervisor()
         .with_context(|| format!("cannot supervise segment {name}"))?;
@@ -344,7 +330,66 @@ fn run(args: Args) -> Result<ExitCode> {
             })
             .context("cannot start the reaper thread")?
     };
-    let gateway = start_gateway(bound, &table)?;
+    let gateway = match start_gateway(bound, table) {
+        Ok(gw) => gw,
+        Err(e) => {
+            stop.store(true, Ordering::Relaxed);
+            let _ = reaper.join();
+            return Err(e);
+        }
+    };
+    Ok((stop, reaper, gateway))
+}
+
+/// After a failed start: gives up the claim and removes the segment if this start created it
+/// (unless another supervisor has claimed it since, or live processes have owners in it: then
+/// it is theirs). An adopted segment is left as it was.
+fn forget_failed_start(name: &str, table: &LockTable, created: bool) {
+    table.release_supervisor();
+    let me = std::process::id();
+    let supervised = table.supervisor().is_some_and(|p| p.pid != me && p.is_alive());
+    if !created || supervised {
+        return;
+    }
+    match table.remove_if_unused() {
+        Ok(()) => info!(segment = %name, "removed the segment this start created"),
+        Err(e) => warn!(segment = %name, "cannot remove the segment this start created: {e}"),
+    }
+}
+
+fn run(args: Args) -> Result<ExitCode> {
+    init_logging(args.log_level.as_deref())?;
+    let config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config {
+            name: None,
+            caps: Capacities::default(),
+            gateway: GatewaySection::default(),
+        },
+    };
+    let caps = capacities(&args, config.caps)?;
+    // Everything that can be checked before the segment exists is checked first: the geometry
+    // and the gateway's config and address (bound now, served once the table is there).
+    caps.geometry()?;
+    let bound = bind_gateway(&args, &config.gateway)?;
+    let name = segment_name(args.segment.clone(), config.name);
+
+    // Block the shutdown signals before touching the segment: a SIGINT during creation is then
+    // handled after it, never in the middle. The mask is inherited by threads started later.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals.thread_block().context("cannot block SIGINT/SIGTERM")?;
+
+    let (table, created) = create_or_adopt(&name, &caps)?;
+    let table = Arc::new(table);
+    let (stop, reaper, gateway) = match start(&name, &caps, &table, created, bound) {
+        Ok(started) => started,
+        Err(e) => {
+            forget_failed_start(&name, &table, created);
+            return Err(e);
+        }
+    };
     info!(pid = std::process::id(), "running; stop with SIGINT or SIGTERM");
 
     let sig = signals.wait().context("waiting for SIGINT/SIGTERM")?;
