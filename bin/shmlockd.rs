@@ -19,30 +19,21 @@
 //! Exit status: 0 after a clean shutdown, 2 on any error (printed as `shmlockd: ...`), 3 after a
 //! clean shutdown in which `--remove-on-exit` left the segment because live processes use it.
 
-use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
-use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
-
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
 use serde::Deserialize;
-use shmlock::gateway::{self, Gateway, GatewaySection};
+use shmlock::daemon::{self, Outcome, Shutdown};
+use shmlock::gateway::{GatewayConfig, GatewaySection};
 use shmlock::shm::{SegmentOwner, DEFAULT_SEGMENT, SEGMENT_ENV, SEGMENT_OWNER_ENV};
-use shmlock::supervisor::Reaper;
-use shmlock::table::pid_latch_id;
-use shmlock::{Capacities, Error, LockTable, Segment};
-use tracing::{error, info, warn};
+use shmlock::Capacities;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use tracing::{error, info};
 
 /// Exit status when `--remove-on-exit` left the segment in place because it is in use.
 const EXIT_LEFT_IN_USE: u8 = 3;
-
-/// Longest wait of one reaper round: bounds how late a new owner is watched and how late a
-/// shutdown is noticed (a watched process's death is seen at once).
-const REAPER_ROUND: Duration = Duration::from_millis(20);
 
 /// The shmlock supervisor: creates or adopts the lock segment and keeps it.
 #[derive(Debug, Parser)]
@@ -181,180 +172,13 @@ fn init_logging(filter: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-fn mib(bytes: usize) -> f64 {
-    bytes as f64 / (1024.0 * 1024.0)
-}
-
-/// Opens segment `name` if it exists (same layout version), else creates it with `caps`.
-/// Returns the table and whether it was created.
-fn create_or_adopt(name: &str, caps: &Capacities) -> Result<(LockTable, bool)> {
-    let opened = match LockTable::adopt(name, caps) {
-        // Retired by a supervisor killed before it could unlink it: it took no owner since.
-        Err(Error::SegmentRemoved { pid, .. }) => {
-            warn!(segment = %name, pid, "removing a segment retired by a supervisor that did not finish");
-            Segment::unlink(name).with_context(|| format!("cannot remove retired segment {name}"))?;
-            Err(Error::SegmentMissing { name: name.into() })
-        }
-        other => other,
-    };
-    let opened = match opened {
-        Err(Error::SegmentMissing { .. }) => match LockTable::create(name, caps) {
-            Ok(t) => return Ok((t, true)),
-            // Another process created it between our open and our create.
-            Err(Error::SegmentExists { .. }) => LockTable::adopt(name, caps),
-            Err(e) => return Err(anyhow!(e).context(format!("cannot create segment {name}"))),
-        },
-        other => other,
-    };
-    let table = opened.map_err(|e| {
-        let e = match e {
-            Error::WrongVersion { .. } => anyhow!(
-                "{e} (it was made by another shmlock build; once its users have stopped, remove \
-                 /dev/shm{name}, or use another --segment)"
-            ),
-            Error::SegmentNameInvalid { .. } => return anyhow!(e),
-            e => anyhow!(e),
-        };
-        e.context(format!("cannot adopt segment {name}"))
-    })?;
-    refuse_corrupt(name, &table)?;
-    Ok((table, false))
-}
-
-/// Refuses a segment whose table or shard headers are garbage (see `LockTable::check_headers`):
-/// supervising it would serve locks and queries from lists and counts nobody can trust.
-fn refuse_corrupt(name: &str, table: &LockTable) -> Result<()> {
-    let findings = table.check_headers();
-    match findings.first() {
-        None => Ok(()),
-        Some(first) => bail!(
-            "cannot adopt segment {name}: its headers are corrupt ({first}{}); `shmlock check \
-             --segment {name}` lists what is wrong; once its users have stopped, remove \
-             /dev/shm{name}",
-            match findings.len() {
-                1 => String::new(),
-                n => format!(", and {} more", n - 1),
-            }
-        ),
-    }
-}
-
-/// Validates the gateway's config and binds its address, unless the gateway is disabled
-/// (`--no-gateway` or `[gateway] enabled = false`). Done before the segment is touched, so a bad
-/// or busy address leaves nothing behind.
-fn bind_gateway(args: &Args, section: &GatewaySection) -> Result<Option<gateway::Bound>> {
+/// Validates the gateway's config, unless the gateway is disabled (`--no-gateway` or
+/// `[gateway] enabled = false`). The daemon binds its address before it touches the segment.
+fn gateway_config(args: &Args, section: &GatewaySection) -> Result<Option<GatewayConfig>> {
     if args.no_gateway || !section.enabled {
         return Ok(None);
     }
-    let config = section.resolve(args.listen.as_deref())?;
-    let listen = config.listen;
-    let bound = gateway::bind(config).with_context(|| format!("cannot start the gateway on {listen}"))?;
-    Ok(Some(bound))
-}
-
-/// Serves the bound gateway (if any) on `table`.
-fn start_gateway(bound: Option<gateway::Bound>, table: &Arc<LockTable>) -> Result<Option<Gateway>> {
-    let Some(bound) = bound else {
-        info!("gateway disabled");
-        return Ok(None);
-    };
-    let listen = bound.local_addr();
-    let gw = bound
-        .serve(table.clone())
-        .with_context(|| format!("cannot start the gateway on {listen}"))?;
-    // Tests and scripts that pass port 0 read the bound address from this line.
-    info!(listen = %gw.local_addr(), "gateway ready");
-    Ok(Some(gw))
-}
-
-/// What a started supervisor runs: the reaper's stop flag and thread, and the gateway.
-type Started = (Arc<AtomicBool>, std::thread::JoinHandle<()>, Option<Gateway>);
-
-/// Claims `table`, reaps what died while no supervisor ran (if adopted), and starts the reaper
-/// and the gateway. On an error, whatever it started is stopped again.
-fn start(
-    name: &str,
-    caps: &Capacities,
-    table: &Arc<LockTable>,
-    created: bool,
-    bound: Option<gateway::Bound>,
-) -> Result<Started> {
-    table
-        .claim_supervisor()
-        .with_context(|| format!("cannot supervise segment {name}"))?;
-    let geo = table.geometry();
-    let (max_locks, max_holds) = table.requested();
-    let size = table.segment().size();
-    info!(
-        segment = %name,
-        size_mib = format_args!("{:.1}", mib(size)),
-        max_locks,
-        max_holds,
-        max_owners = geo.owners,
-        max_name_len = geo.max_name_len,
-        shards = geo.shards,
-        entries_per_shard = geo.entries_per_shard,
-        holds_per_shard = geo.holds_per_shard,
-        "{} segment",
-        if created { "created" } else { "adopted" }
-    );
-    if !created {
-        let asked = caps.geometry()?;
-        let differs = (max_locks, max_holds) != (u64::from(caps.max_locks), u64::from(caps.max_holds))
-            || (geo.owners, geo.max_name_len, geo.shards) != (asked.owners, asked.max_name_len, asked.shards);
-        if differs {
-            warn!(
-                segment = %name,
-                "the existing segment was sized differently from the configuration; it keeps its own \
-                 capacities (remove it while unused to resize)"
-            );
-        }
-        let st = table.stats();
-        info!(segment = %name, owners = st.owners, held = st.held, waiting = st.waiting, "segment state at adoption");
-        let reaped = table.reap_dead(pid_latch_id())?;
-        info!(segment = %name, reaped, "reaped owners that died while no supervisor ran");
-    }
-    let stop = Arc::new(AtomicBool::new(false));
-    let reaper = {
-        let (table, stop) = (table.clone(), stop.clone());
-        let mut reaper = Reaper::new(table)?;
-        std::thread::Builder::new()
-            .name("reaper".into())
-            .spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    if let Err(e) = reaper.run_once(REAPER_ROUND) {
-                        error!("reaper: {e}");
-                        std::thread::sleep(REAPER_ROUND);
-                    }
-                }
-            })
-            .context("cannot start the reaper thread")?
-    };
-    let gateway = match start_gateway(bound, table) {
-        Ok(gw) => gw,
-        Err(e) => {
-            stop.store(true, Ordering::Relaxed);
-            let _ = reaper.join();
-            return Err(e);
-        }
-    };
-    Ok((stop, reaper, gateway))
-}
-
-/// After a failed start: gives up the claim and removes the segment if this start created it
-/// (unless another supervisor has claimed it since, or live processes have owners in it: then
-/// it is theirs). An adopted segment is left as it was.
-fn forget_failed_start(name: &str, table: &LockTable, created: bool) {
-    table.release_supervisor();
-    let me = std::process::id();
-    let supervised = table.supervisor().is_some_and(|p| p.pid != me && p.is_alive());
-    if !created || supervised {
-        return;
-    }
-    match table.remove_if_unused() {
-        Ok(()) => info!(segment = %name, "removed the segment this start created"),
-        Err(e) => warn!(segment = %name, "cannot remove the segment this start created: {e}"),
-    }
+    Ok(Some(section.resolve(args.listen.as_deref())?))
 }
 
 fn run(args: Args) -> Result<ExitCode> {
@@ -371,46 +195,44 @@ fn run(args: Args) -> Result<ExitCode> {
     // Everything that can be checked before the segment exists is checked first: the geometry
     // and the gateway's config and address (bound now, served once the table is there).
     caps.geometry()?;
-    let bound = bind_gateway(&args, &config.gateway)?;
-    let name = segment_name(args.segment.clone(), config.name);
+    let gateway = gateway_config(&args, &config.gateway)?;
+    let settings = daemon::Settings {
+        segment: segment_name(args.segment.clone(), config.name),
+        caps,
+        gateway,
+        remove_on_exit: args.remove_on_exit,
+    };
 
-    // Block the shutdown signals before touching the segment: a SIGINT during creation is then
-    // handled after it, never in the middle. The mask is inherited by threads started later.
+    // Block the shutdown signals before the daemon starts a thread or touches the segment: every
+    // thread inherits the mask, and the signal thread turns SIGINT/SIGTERM into a shutdown.
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGINT);
     signals.add(Signal::SIGTERM);
     signals.thread_block().context("cannot block SIGINT/SIGTERM")?;
-
-    let (table, created) = create_or_adopt(&name, &caps)?;
-    let table = Arc::new(table);
-    let (stop, reaper, gateway) = match start(&name, &caps, &table, created, bound) {
-        Ok(started) => started,
-        Err(e) => {
-            forget_failed_start(&name, &table, created);
-            return Err(e);
-        }
-    };
-    info!(pid = std::process::id(), "running; stop with SIGINT or SIGTERM");
-
-    let sig = signals.wait().context("waiting for SIGINT/SIGTERM")?;
-    info!(signal = %sig, "shutting down");
-    // Ends every remote session (releasing its locks) before the table goes.
-    drop(gateway);
-    stop.store(true, Ordering::Relaxed);
-    let _ = reaper.join();
-    let removed = args.remove_on_exit.then(|| table.remove_if_unused());
-    table.release_supervisor();
-    drop(table);
-    match removed {
-        None => info!(segment = %name, "left segment in place for local users"),
-        Some(Ok(())) => info!(segment = %name, "removed segment"),
-        Some(Err(e @ Error::SegmentInUse { .. })) => {
-            eprintln!("shmlockd: --remove-on-exit: {e}");
-            return Ok(ExitCode::from(EXIT_LEFT_IN_USE));
-        }
-        Some(Err(e)) => return Err(anyhow!(e).context(format!("cannot remove segment {name}"))),
+    let shutdown = Shutdown::new();
+    {
+        let shutdown = shutdown.clone();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                match signals.wait() {
+                    Ok(sig) => info!(signal = %sig, "shutting down"),
+                    Err(e) => error!("waiting for SIGINT/SIGTERM: {e}"),
+                }
+                shutdown.trigger();
+            })
+            .context("cannot start the signal thread")?;
     }
-    Ok(ExitCode::SUCCESS)
+    let outcome = daemon::run(&settings, &shutdown, |_| {
+        info!(pid = std::process::id(), "running; stop with SIGINT or SIGTERM");
+    })?;
+    match outcome {
+        Outcome::Left | Outcome::Removed => Ok(ExitCode::SUCCESS),
+        Outcome::LeftInUse(e) => {
+            eprintln!("shmlockd: --remove-on-exit: {e}");
+            Ok(ExitCode::from(EXIT_LEFT_IN_USE))
+        }
+    }
 }
 
 fn main() -> ExitCode {

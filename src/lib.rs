@@ -28,6 +28,7 @@ pub mod chaos;
 pub mod client;
 pub mod clock;
 pub mod config;
+pub mod daemon;
 pub mod error;
 pub mod gateway;
 pub mod name;

@@ -1,6 +1,6 @@
 //! shmlockd's lifecycle: the real binary's failed starts (a busy port, a bad config, a failure
 //! after the segment was created) exit 2 and leave no segment behind, and its config file takes
-//! the one duration grammar.
+//! the one duration grammar; `daemon::run` in-process serves, and stops in order.
 
 mod common;
 
@@ -8,10 +8,15 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use shmlock::daemon::{self, Outcome, Ready, Shutdown};
+use shmlock::gateway::GatewaySection;
 use shmlock::remote::RemoteClient;
 use shmlock::shm::{SEGMENT_ENV, SEGMENT_OWNER_ENV};
+use shmlock::{Client, Error, LockTable};
 
 use common::DEADLINE;
 
@@ -280,4 +285,102 @@ fn the_config_file_takes_hours_and_fractions() {
     assert_eq!(remote.hello().idle_timeout, Some(Duration::from_secs(3600)));
     drop(remote);
     assert_eq!(d.stop(), Some(0));
+}
+
+// ---- daemon::run in-process ---------------------------------------------------------------------
+
+fn settings(s: &Scratch, remove_on_exit: bool) -> daemon::Settings {
+    let gateway = GatewaySection {
+        listen: "127.0.0.1:0".into(),
+        ..Default::default()
+    };
+    daemon::Settings {
+        segment: s.segment.clone(),
+        caps: common::small_caps(),
+        gateway: Some(gateway.resolve(None).unwrap()),
+        remove_on_exit,
+    }
+}
+
+/// Starts `daemon::run` on a thread; returns what its ready callback got and the thread.
+fn start(settings: daemon::Settings, shutdown: &Shutdown) -> (Ready, JoinHandle<anyhow::Result<Outcome>>) {
+    let (tx, rx) = mpsc::channel();
+    let shutdown = shutdown.clone();
+    let t = std::thread::spawn(move || {
+        daemon::run(&settings, &shutdown, |r| {
+            let _ = tx.send(r.clone());
+        })
+    });
+    match rx.recv_timeout(DEADLINE) {
+        Ok(ready) => (ready, t),
+        Err(_) => panic!("daemon::run did not get ready: {:?}", t.join().unwrap()),
+    }
+}
+
+#[test]
+fn run_serves_local_and_remote_clients_and_stops_in_order() {
+    let s = Scratch::new("inproc");
+    let shutdown = Shutdown::new();
+    let (ready, t) = start(settings(&s, true), &shutdown);
+    assert!(ready.created && ready.segment == s.segment, "{ready:?}");
+    let addr = ready.gateway.expect("a gateway");
+    assert_ne!(addr.port(), 0, "the bound port is reported");
+    assert!(s.shm().exists());
+
+    let local = Client::open(&s.segment).unwrap();
+    let held = local.lock("a").unwrap();
+    let remote = Arc::new(RemoteClient::connect(addr).unwrap());
+    let b = remote.lock("b").unwrap();
+    assert!(
+        matches!(local.try_lock("b"), Err(Error::WouldBlock)),
+        "the remote holds b"
+    );
+    drop(b);
+    let waiter = {
+        let remote = Arc::clone(&remote);
+        std::thread::spawn(move || remote.lock("a").map(|g| g.token()))
+    };
+    let table = LockTable::open(&s.segment).unwrap();
+    common::wait_until("the remote wait", || table.stats().waiting == 1);
+
+    shutdown.trigger();
+    let outcome = common::within("run to return", move || t.join().unwrap());
+    // The gateway went first: the waiting remote LOCK was answered SHUTTING_DOWN.
+    let r = waiter.join().unwrap();
+    assert!(
+        matches!(&r, Err(Error::Connection { why, .. }) if why.contains("SHUTTING_DOWN")),
+        "{r:?}"
+    );
+    assert!(matches!(outcome, Ok(Outcome::Removed)), "{outcome:?}");
+    assert!(!s.shm().exists(), "remove_on_exit: the segment is gone");
+    drop(held);
+}
+
+#[test]
+fn run_adopts_an_existing_segment_and_leaves_it() {
+    let s = Scratch::new("adopt");
+    let existing = LockTable::create(&s.segment, &common::small_caps()).unwrap();
+    let shutdown = Shutdown::new();
+    let (ready, t) = start(settings(&s, false), &shutdown);
+    assert!(!ready.created, "{ready:?}");
+    assert_eq!(existing.supervisor().map(|p| p.pid), Some(std::process::id()));
+    shutdown.trigger();
+    let outcome = common::within("run to return", move || t.join().unwrap());
+    assert!(matches!(outcome, Ok(Outcome::Left)), "{outcome:?}");
+    assert!(s.shm().exists(), "the segment stays for local users");
+    assert!(existing.supervisor().is_none(), "the claim is given up");
+}
+
+#[test]
+fn run_on_a_busy_port_fails_before_creating_the_segment() {
+    let s = Scratch::new("inproc-busy");
+    let busy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut settings = settings(&s, false);
+    settings.gateway.as_mut().unwrap().listen = busy.local_addr().unwrap();
+    let mut called = false;
+    let r = daemon::run(&settings, &Shutdown::new(), |_| called = true);
+    let e = format!("{:#}", r.unwrap_err());
+    assert!(e.contains("cannot start the gateway on"), "{e}");
+    assert!(!called, "not ready");
+    assert!(!s.shm().exists(), "a failed start left segment {}", s.segment);
 }
