@@ -19,16 +19,16 @@
 //! Exit status: 0 after a clean shutdown, 2 on any error (printed as `shmlockd: ...`), 3 after a
 //! clean shutdown in which `--remove-on-exit` left the segment because live processes use it.
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{Context, Result};
 use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
-use serde::Deserialize;
+use shmlock::config::ConfigFile;
 use shmlock::daemon::{self, Outcome, Shutdown};
 use shmlock::gateway::{GatewayConfig, GatewaySection};
 use shmlock::shm::{SegmentOwner, DEFAULT_SEGMENT, SEGMENT_ENV, SEGMENT_OWNER_ENV};
 use shmlock::Capacities;
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use tracing::{error, info};
 
@@ -77,56 +77,6 @@ struct Args {
     /// Log filter, e.g. `info` or `shmlockd=debug` [default: $RUST_LOG, then info].
     #[arg(long, value_name = "FILTER")]
     log_level: Option<String>,
-}
-
-/// The config file: `[segment]` and `[gateway]`. Unknown tables are errors.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ConfigFile {
-    #[serde(default)]
-    segment: toml::Table,
-    #[serde(default)]
-    gateway: GatewaySection,
-}
-
-/// What the config file says (validated after the flags are applied, in `capacities`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Config {
-    /// `[segment] name`, if given.
-    name: Option<String>,
-    /// The rest of `[segment]`.
-    caps: Capacities,
-    /// `[gateway]`.
-    gateway: GatewaySection,
-}
-
-impl Config {
-    /// Parses config text. `[segment]` is `name` plus the fields of [`Capacities`]; serde's
-    /// `deny_unknown_fields` names any unknown key.
-    fn parse(text: &str) -> Result<Config> {
-        let file: ConfigFile = toml::from_str(text)?;
-        let mut seg = file.segment;
-        let name = match seg.remove("name") {
-            None => None,
-            Some(toml::Value::String(s)) => Some(s),
-            Some(v) => {
-                return Err(anyhow!(
-                    "[segment] name: expected a string such as \"/shmlock\", found {v}"
-                ))
-            }
-        };
-        let caps: Capacities = toml::Value::Table(seg).try_into().context("[segment]")?;
-        Ok(Config {
-            name,
-            caps,
-            gateway: file.gateway,
-        })
-    }
-
-    fn load(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
-        Config::parse(&text).with_context(|| format!("config {}", path.display()))
-    }
 }
 
 /// Resolves the segment name: `--segment`, then `$SHMLOCK_SEGMENT`, then the config, then `/shmlock`.
@@ -184,12 +134,8 @@ fn gateway_config(args: &Args, section: &GatewaySection) -> Result<Option<Gatewa
 fn run(args: Args) -> Result<ExitCode> {
     init_logging(args.log_level.as_deref())?;
     let config = match &args.config {
-        Some(path) => Config::load(path)?,
-        None => Config {
-            name: None,
-            caps: Capacities::default(),
-            gateway: GatewaySection::default(),
-        },
+        Some(path) => ConfigFile::load(path)?,
+        None => ConfigFile::default(),
     };
     let caps = capacities(&args, config.caps)?;
     // Everything that can be checked before the segment exists is checked first: the geometry
@@ -251,59 +197,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn example_config_equals_the_built_in_defaults() {
-        let c = Config::parse(include_str!("../config/shmlock.toml")).unwrap();
-        assert_eq!(c.caps, Capacities::default());
-        assert_eq!(c.name.as_deref(), Some(DEFAULT_SEGMENT));
-        assert_eq!(c.gateway, GatewaySection::default());
-    }
-
-    #[test]
     fn gateway_flags() {
         let args = Args::parse_from(["shmlockd", "--listen", "127.0.0.1:0"]);
         let c = GatewaySection::default().resolve(args.listen.as_deref()).unwrap();
         assert_eq!(c.listen.port(), 0);
         assert!(Args::try_parse_from(["shmlockd", "--listen", "x", "--no-gateway"]).is_err());
-        let c = Config::parse("[gateway]\nenabled = false\nmax_line = 100\n").unwrap();
+        let c = ConfigFile::parse("[gateway]\nenabled = false\nmax_line = 100\n").unwrap();
         assert!(!c.gateway.enabled);
         assert_eq!(c.gateway.max_line, 100);
     }
 
     #[test]
-    fn empty_config_is_the_defaults() {
-        assert_eq!(
-            Config::parse("").unwrap(),
-            Config {
-                name: None,
-                caps: Capacities::default(),
-                gateway: GatewaySection::default(),
-            }
-        );
-        assert_eq!(Config::parse("[segment]\n").unwrap().caps, Capacities::default());
-    }
-
-    #[test]
-    fn unknown_keys_are_named() {
-        let e = format!("{:#}", Config::parse("[segment]\nmax_lock = 5\n").unwrap_err());
-        assert!(e.contains("max_lock"), "{e}");
-        let e = format!("{:#}", Config::parse("[gateway]\nport = 1\n").unwrap_err());
-        assert!(e.contains("port"), "{e}");
-        let e = format!("{:#}", Config::parse("[gatewya]\n").unwrap_err());
-        assert!(e.contains("gatewya"), "{e}");
-        let e = format!("{:#}", Config::parse("[segment]\nname = 5\n").unwrap_err());
-        assert!(e.contains("name"), "{e}");
-    }
-
-    #[test]
     fn segment_owner_from_the_file_and_the_flag() {
-        assert_eq!(Config::parse("").unwrap().caps.owner, SegmentOwner::MeOrRoot);
-        let c = Config::parse("[segment]\nowner = \"root\"\n").unwrap();
+        assert_eq!(ConfigFile::parse("").unwrap().caps.owner, SegmentOwner::MeOrRoot);
+        let c = ConfigFile::parse("[segment]\nowner = \"root\"\n").unwrap();
         assert_eq!(c.caps.owner, SegmentOwner::Uid(0));
-        let c = Config::parse("[segment]\nowner = 65534\n").unwrap();
+        let c = ConfigFile::parse("[segment]\nowner = 65534\n").unwrap();
         assert_eq!(c.caps.owner, SegmentOwner::Uid(65534));
         let e = format!(
             "{:#}",
-            Config::parse("[segment]\nowner = \"no-such-user-x\"\n").unwrap_err()
+            ConfigFile::parse("[segment]\nowner = \"no-such-user-x\"\n").unwrap_err()
         );
         assert!(e.contains("no user named \"no-such-user-x\""), "{e}");
         let args = Args::parse_from(["shmlockd", "--segment-owner", "1234"]);

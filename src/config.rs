@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+mod file;
+pub use file::ConfigFile;
+
 use crate::error::{Error, Result};
 use crate::shm::SegmentOwner;
 
