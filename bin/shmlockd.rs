@@ -19,30 +19,21 @@
 //! Exit status: 0 after a clean shutdown, 2 on any error (printed as `shmlockd: ...`), 3 after a
 //! clean shutdown in which `--remove-on-exit` left the segment because live processes use it.
 
-use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
-use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
-
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
-use serde::Deserialize;
-use shmlock::gateway::{self, Gateway, GatewaySection};
+use shmlock::config::ConfigFile;
+use shmlock::daemon::{self, Outcome, Shutdown};
+use shmlock::gateway::{GatewayConfig, GatewaySection};
 use shmlock::shm::{SegmentOwner, DEFAULT_SEGMENT, SEGMENT_ENV, SEGMENT_OWNER_ENV};
-use shmlock::supervisor::Reaper;
-use shmlock::table::pid_latch_id;
-use shmlock::{Capacities, Error, LockTable, Segment};
-use tracing::{error, info, warn};
+use shmlock::Capacities;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tracing::{error, info};
 
 /// Exit status when `--remove-on-exit` left the segment in place because it is in use.
 const EXIT_LEFT_IN_USE: u8 = 3;
-
-/// Longest wait of one reaper round: bounds how late a new owner is watched and how late a
-/// shutdown is noticed (a watched process's death is seen at once).
-const REAPER_ROUND: Duration = Duration::from_millis(20);
 
 /// The shmlock supervisor: creates or adopts the lock segment and keeps it.
 #[derive(Debug, Parser)]
@@ -88,56 +79,6 @@ struct Args {
     log_level: Option<String>,
 }
 
-/// The config file: `[segment]` and `[gateway]`. Unknown tables are errors.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ConfigFile {
-    #[serde(default)]
-    segment: toml::Table,
-    #[serde(default)]
-    gateway: GatewaySection,
-}
-
-/// What the config file says (validated after the flags are applied, in `capacities`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Config {
-    /// `[segment] name`, if given.
-    name: Option<String>,
-    /// The rest of `[segment]`.
-    caps: Capacities,
-    /// `[gateway]`.
-    gateway: GatewaySection,
-}
-
-impl Config {
-    /// Parses config text. `[segment]` is `name` plus the fields of [`Capacities`]; serde's
-    /// `deny_unknown_fields` names any unknown key.
-    fn parse(text: &str) -> Result<Config> {
-        let file: ConfigFile = toml::from_str(text)?;
-        let mut seg = file.segment;
-        let name = match seg.remove("name") {
-            None => None,
-            Some(toml::Value::String(s)) => Some(s),
-            Some(v) => {
-                return Err(anyhow!(
-                    "[segment] name: expected a string such as \"/shmlock\", found {v}"
-                ))
-            }
-        };
-        let caps: Capacities = toml::Value::Table(seg).try_into().context("[segment]")?;
-        Ok(Config {
-            name,
-            caps,
-            gateway: file.gateway,
-        })
-    }
-
-    fn load(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
-        Config::parse(&text).with_context(|| format!("config {}", path.display()))
-    }
-}
-
 /// Resolves the segment name: `--segment`, then `$SHMLOCK_SEGMENT`, then the config, then `/shmlock`.
 fn segment_name(flag: Option<String>, config: Option<String>) -> String {
     let env = std::env::var(SEGMENT_ENV).ok().filter(|s| !s.is_empty());
@@ -181,191 +122,63 @@ fn init_logging(filter: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-fn mib(bytes: usize) -> f64 {
-    bytes as f64 / (1024.0 * 1024.0)
-}
-
-/// Opens segment `name` if it exists (same layout version), else creates it with `caps`.
-/// Returns the table and whether it was created.
-fn create_or_adopt(name: &str, caps: &Capacities) -> Result<(LockTable, bool)> {
-    let opened = match LockTable::adopt(name, caps) {
-        // Retired by a supervisor killed before it could unlink it: it took no owner since.
-        Err(Error::SegmentRemoved { pid, .. }) => {
-            warn!(segment = %name, pid, "removing a segment retired by a supervisor that did not finish");
-            Segment::unlink(name).with_context(|| format!("cannot remove retired segment {name}"))?;
-            Err(Error::SegmentMissing { name: name.into() })
-        }
-        other => other,
-    };
-    let opened = match opened {
-        Err(Error::SegmentMissing { .. }) => match LockTable::create(name, caps) {
-            Ok(t) => return Ok((t, true)),
-            // Another process created it between our open and our create.
-            Err(Error::SegmentExists { .. }) => LockTable::adopt(name, caps),
-            Err(e) => return Err(anyhow!(e).context(format!("cannot create segment {name}"))),
-        },
-        other => other,
-    };
-    let table = opened.map_err(|e| {
-        let e = match e {
-            Error::WrongVersion { .. } => anyhow!(
-                "{e} (it was made by another shmlock build; once its users have stopped, remove \
-                 /dev/shm{name}, or use another --segment)"
-            ),
-            Error::SegmentNameInvalid { .. } => return anyhow!(e),
-            e => anyhow!(e),
-        };
-        e.context(format!("cannot adopt segment {name}"))
-    })?;
-    refuse_corrupt(name, &table)?;
-    Ok((table, false))
-}
-
-/// Refuses a segment whose table or shard headers are garbage (see `LockTable::check_headers`):
-/// supervising it would serve locks and queries from lists and counts nobody can trust.
-fn refuse_corrupt(name: &str, table: &LockTable) -> Result<()> {
-    let findings = table.check_headers();
-    match findings.first() {
-        None => Ok(()),
-        Some(first) => bail!(
-            "cannot adopt segment {name}: its headers are corrupt ({first}{}); `shmlock check \
-             --segment {name}` lists what is wrong; once its users have stopped, remove \
-             /dev/shm{name}",
-            match findings.len() {
-                1 => String::new(),
-                n => format!(", and {} more", n - 1),
-            }
-        ),
-    }
-}
-
-/// Validates the gateway's config and binds its address, unless the gateway is disabled
-/// (`--no-gateway` or `[gateway] enabled = false`). Done before the segment is touched, so a bad
-/// or busy address leaves nothing behind.
-fn bind_gateway(args: &Args, section: &GatewaySection) -> Result<Option<gateway::Bound>> {
+/// Validates the gateway's config, unless the gateway is disabled (`--no-gateway` or
+/// `[gateway] enabled = false`). The daemon binds its address before it touches the segment.
+fn gateway_config(args: &Args, section: &GatewaySection) -> Result<Option<GatewayConfig>> {
     if args.no_gateway || !section.enabled {
         return Ok(None);
     }
-    let config = section.resolve(args.listen.as_deref())?;
-    let listen = config.listen;
-    let bound = gateway::bind(config).with_context(|| format!("cannot start the gateway on {listen}"))?;
-    Ok(Some(bound))
-}
-
-/// Serves the bound gateway (if any) on `table`.
-fn start_gateway(bound: Option<gateway::Bound>, table: &Arc<LockTable>) -> Result<Option<Gateway>> {
-    let Some(bound) = bound else {
-        info!("gateway disabled");
-        return Ok(None);
-    };
-    let listen = bound.local_addr();
-    let gw = bound
-        .serve(table.clone())
-        .with_context(|| format!("cannot start the gateway on {listen}"))?;
-    // Tests and scripts that pass port 0 read the bound address from this line.
-    info!(listen = %gw.local_addr(), "gateway ready");
-    Ok(Some(gw))
+    Ok(Some(section.resolve(args.listen.as_deref())?))
 }
 
 fn run(args: Args) -> Result<ExitCode> {
     init_logging(args.log_level.as_deref())?;
     let config = match &args.config {
-        Some(path) => Config::load(path)?,
-        None => Config {
-            name: None,
-            caps: Capacities::default(),
-            gateway: GatewaySection::default(),
-        },
+        Some(path) => ConfigFile::load(path)?,
+        None => ConfigFile::default(),
     };
     let caps = capacities(&args, config.caps)?;
     // Everything that can be checked before the segment exists is checked first: the geometry
     // and the gateway's config and address (bound now, served once the table is there).
     caps.geometry()?;
-    let bound = bind_gateway(&args, &config.gateway)?;
-    let name = segment_name(args.segment.clone(), config.name);
+    let gateway = gateway_config(&args, &config.gateway)?;
+    let settings = daemon::Settings {
+        segment: segment_name(args.segment.clone(), config.name),
+        caps,
+        gateway,
+        remove_on_exit: args.remove_on_exit,
+    };
 
-    // Block the shutdown signals before touching the segment: a SIGINT during creation is then
-    // handled after it, never in the middle. The mask is inherited by threads started later.
+    // Block the shutdown signals before the daemon starts a thread or touches the segment: every
+    // thread inherits the mask, and the signal thread turns SIGINT/SIGTERM into a shutdown.
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGINT);
     signals.add(Signal::SIGTERM);
     signals.thread_block().context("cannot block SIGINT/SIGTERM")?;
-
-    let (table, created) = create_or_adopt(&name, &caps)?;
-    let table = Arc::new(table);
-    table
-        .claim_supervisor()
-        .with_context(|| format!("cannot supervise segment {name}"))?;
-    let geo = table.geometry();
-    let (max_locks, max_holds) = table.requested();
-    let size = table.segment().size();
-    info!(
-        segment = %name,
-        size_mib = format_args!("{:.1}", mib(size)),
-        max_locks,
-        max_holds,
-        max_owners = geo.owners,
-        max_name_len = geo.max_name_len,
-        shards = geo.shards,
-        entries_per_shard = geo.entries_per_shard,
-        holds_per_shard = geo.holds_per_shard,
-        "{} segment",
-        if created { "created" } else { "adopted" }
-    );
-    if !created {
-        let asked = caps.geometry()?;
-        let differs = (max_locks, max_holds) != (u64::from(caps.max_locks), u64::from(caps.max_holds))
-            || (geo.owners, geo.max_name_len, geo.shards) != (asked.owners, asked.max_name_len, asked.shards);
-        if differs {
-            warn!(
-                segment = %name,
-                "the existing segment was sized differently from the configuration; it keeps its own \
-                 capacities (remove it while unused to resize)"
-            );
-        }
-        let st = table.stats();
-        info!(segment = %name, owners = st.owners, held = st.held, waiting = st.waiting, "segment state at adoption");
-        let reaped = table.reap_dead(pid_latch_id())?;
-        info!(segment = %name, reaped, "reaped owners that died while no supervisor ran");
-    }
-    let stop = Arc::new(AtomicBool::new(false));
-    let reaper = {
-        let (table, stop) = (table.clone(), stop.clone());
-        let mut reaper = Reaper::new(table)?;
+    let shutdown = Shutdown::new();
+    {
+        let shutdown = shutdown.clone();
         std::thread::Builder::new()
-            .name("reaper".into())
+            .name("signals".into())
             .spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    if let Err(e) = reaper.run_once(REAPER_ROUND) {
-                        error!("reaper: {e}");
-                        std::thread::sleep(REAPER_ROUND);
-                    }
+                match signals.wait() {
+                    Ok(sig) => info!(signal = %sig, "shutting down"),
+                    Err(e) => error!("waiting for SIGINT/SIGTERM: {e}"),
                 }
+                shutdown.trigger();
             })
-            .context("cannot start the reaper thread")?
-    };
-    let gateway = start_gateway(bound, &table)?;
-    info!(pid = std::process::id(), "running; stop with SIGINT or SIGTERM");
-
-    let sig = signals.wait().context("waiting for SIGINT/SIGTERM")?;
-    info!(signal = %sig, "shutting down");
-    // Ends every remote session (releasing its locks) before the table goes.
-    drop(gateway);
-    stop.store(true, Ordering::Relaxed);
-    let _ = reaper.join();
-    let removed = args.remove_on_exit.then(|| table.remove_if_unused());
-    table.release_supervisor();
-    drop(table);
-    match removed {
-        None => info!(segment = %name, "left segment in place for local users"),
-        Some(Ok(())) => info!(segment = %name, "removed segment"),
-        Some(Err(e @ Error::SegmentInUse { .. })) => {
-            eprintln!("shmlockd: --remove-on-exit: {e}");
-            return Ok(ExitCode::from(EXIT_LEFT_IN_USE));
-        }
-        Some(Err(e)) => return Err(anyhow!(e).context(format!("cannot remove segment {name}"))),
+            .context("cannot start the signal thread")?;
     }
-    Ok(ExitCode::SUCCESS)
+    let outcome = daemon::run(&settings, &shutdown, |_| {
+        info!(pid = std::process::id(), "running; stop with SIGINT or SIGTERM");
+    })?;
+    match outcome {
+        Outcome::Left | Outcome::Removed => Ok(ExitCode::SUCCESS),
+        Outcome::LeftInUse(e) => {
+            eprintln!("shmlockd: --remove-on-exit: {e}");
+            Ok(ExitCode::from(EXIT_LEFT_IN_USE))
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -384,59 +197,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn example_config_equals_the_built_in_defaults() {
-        let c = Config::parse(include_str!("../config/shmlock.toml")).unwrap();
-        assert_eq!(c.caps, Capacities::default());
-        assert_eq!(c.name.as_deref(), Some(DEFAULT_SEGMENT));
-        assert_eq!(c.gateway, GatewaySection::default());
-    }
-
-    #[test]
     fn gateway_flags() {
         let args = Args::parse_from(["shmlockd", "--listen", "127.0.0.1:0"]);
         let c = GatewaySection::default().resolve(args.listen.as_deref()).unwrap();
         assert_eq!(c.listen.port(), 0);
         assert!(Args::try_parse_from(["shmlockd", "--listen", "x", "--no-gateway"]).is_err());
-        let c = Config::parse("[gateway]\nenabled = false\nmax_line = 100\n").unwrap();
+        let c = ConfigFile::parse("[gateway]\nenabled = false\nmax_line = 100\n").unwrap();
         assert!(!c.gateway.enabled);
         assert_eq!(c.gateway.max_line, 100);
     }
 
     #[test]
-    fn empty_config_is_the_defaults() {
-        assert_eq!(
-            Config::parse("").unwrap(),
-            Config {
-                name: None,
-                caps: Capacities::default(),
-                gateway: GatewaySection::default(),
-            }
-        );
-        assert_eq!(Config::parse("[segment]\n").unwrap().caps, Capacities::default());
-    }
-
-    #[test]
-    fn unknown_keys_are_named() {
-        let e = format!("{:#}", Config::parse("[segment]\nmax_lock = 5\n").unwrap_err());
-        assert!(e.contains("max_lock"), "{e}");
-        let e = format!("{:#}", Config::parse("[gateway]\nport = 1\n").unwrap_err());
-        assert!(e.contains("port"), "{e}");
-        let e = format!("{:#}", Config::parse("[gatewya]\n").unwrap_err());
-        assert!(e.contains("gatewya"), "{e}");
-        let e = format!("{:#}", Config::parse("[segment]\nname = 5\n").unwrap_err());
-        assert!(e.contains("name"), "{e}");
-    }
-
-    #[test]
     fn segment_owner_from_the_file_and_the_flag() {
-        assert_eq!(Config::parse("").unwrap().caps.owner, SegmentOwner::MeOrRoot);
-        let c = Config::parse("[segment]\nowner = \"root\"\n").unwrap();
+        assert_eq!(ConfigFile::parse("").unwrap().caps.owner, SegmentOwner::MeOrRoot);
+        let c = ConfigFile::parse("[segment]\nowner = \"root\"\n").unwrap();
         assert_eq!(c.caps.owner, SegmentOwner::Uid(0));
-        let c = Config::parse("[segment]\nowner = 65534\n").unwrap();
+        let c = ConfigFile::parse("[segment]\nowner = 65534\n").unwrap();
         assert_eq!(c.caps.owner, SegmentOwner::Uid(65534));
         let e = format!(
             "{:#}",
-            Config::parse("[segment]\nowner = \"no-such-user-x\"\n").unwrap_err()
+            ConfigFile::parse("[segment]\nowner = \"no-such-user-x\"\n").unwrap_err()
         );
         assert!(e.contains("no user named \"no-such-user-x\""), "{e}");
         let args = Args::parse_from(["shmlockd", "--segment-owner", "1234"]);

@@ -31,6 +31,8 @@ pub mod chaos;
 pub mod client;
 pub mod clock;
 pub mod config;
+#[cfg(feature = "daemon")]
+pub mod daemon;
 pub mod error;
 #[cfg(feature = "gateway")]
 pub mod gateway;

@@ -175,9 +175,10 @@ pub(crate) struct RunArgs {
     command: Vec<OsString>,
 }
 
-/// `250ms`, `5s`, `2m`, `1h 30m` (humantime).
+/// `250ms`, `1.5s`, `2m`, `1h 30m`: the library's one duration grammar (a bare number is refused
+/// with the form it should have).
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 250ms, 5s, 2m)"))
+    shmlock::config::parse_duration(s).map_err(|e| e.to_string())
 }
 
 /// Says what went wrong opening `segment`, and what to do about it, in one line.
@@ -477,7 +478,9 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert!(parse_duration("soon").unwrap_err().contains("examples"));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert!(parse_duration("soon").unwrap_err().contains("250ms"));
+        assert!(parse_duration("5").unwrap_err().contains("e.g. \"5s\""));
     }
 
     #[test]

@@ -115,6 +115,7 @@ pub struct GatewaySection {
     /// `HOST:PORT` to listen on.
     pub listen: String,
     /// Idle timeout with a unit: `"500ms"`, `"60s"`, `"5m"`; `"0s"` = never.
+    #[serde(deserialize_with = "crate::config::duration_text")]
     pub idle_timeout: String,
     /// The shared secret inline ("" = none).
     pub auth_token: String,
@@ -131,8 +132,10 @@ pub struct GatewaySection {
     /// See [`GatewayConfig::max_waits`].
     pub max_waits: usize,
     /// See [`GatewayConfig::auth_timeout`]; a duration as `idle_timeout`, `"0s"` = never.
+    #[serde(deserialize_with = "crate::config::duration_text")]
     pub auth_timeout: String,
     /// See [`GatewayConfig::line_timeout`]; a duration as `idle_timeout`, `"0s"` = never.
+    #[serde(deserialize_with = "crate::config::duration_text")]
     pub line_timeout: String,
     /// See [`GatewayConfig::max_unauthenticated`].
     pub max_unauthenticated: usize,
@@ -159,17 +162,9 @@ impl Default for GatewaySection {
     }
 }
 
-/// Parses a duration with a unit: `ms`, `s` or `m` (e.g. `"250ms"`, `"60s"`).
+/// Parses a duration: [`crate::config::parse_duration`]'s grammar (`"250ms"`, `"1.5s"`, `"1h"`).
 pub fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit())?);
-    let n: u64 = num.parse().ok()?;
-    match unit.trim() {
-        "ms" => Some(Duration::from_millis(n)),
-        "s" => Some(Duration::from_secs(n)),
-        "m" => n.checked_mul(60).map(Duration::from_secs),
-        _ => None,
-    }
+    crate::config::parse_duration(s).ok()
 }
 
 impl GatewaySection {
@@ -181,9 +176,7 @@ impl GatewaySection {
         let listen = addr
             .parse()
             .map_err(|_| bad("gateway.listen", format!("{addr:?} is not an IP:PORT address")))?;
-        let duration = |key, v: &str| {
-            parse_duration(v).ok_or_else(|| bad(key, format!("{v:?} is not a duration such as \"60s\" or \"500ms\"")))
-        };
+        let duration = |key, v: &str| crate::config::parse_duration(v).map_err(|e| bad(key, e.to_string()));
         let idle = duration("gateway.idle_timeout", &self.idle_timeout)?;
         let auth_timeout = duration("gateway.auth_timeout", &self.auth_timeout)?;
         let line_timeout = duration("gateway.line_timeout", &self.line_timeout)?;
@@ -542,7 +535,10 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
         assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
         assert_eq!(parse_duration("0s"), Some(Duration::ZERO));
-        for bad in ["", "60", "s", "1h", "-1s", "1.5s"] {
+        // One grammar with the CLI (issue 15): hours and fractions too.
+        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));
+        for bad in ["", "60", "s", "-1s"] {
             assert_eq!(parse_duration(bad), None, "{bad}");
         }
     }

@@ -4,6 +4,15 @@
 //! number of shards, each with its own share of the lock-entry and hold/wait pools (plus headroom
 //! for an uneven hash spread) and a bucket array at least twice its entry capacity.
 
+#[cfg(feature = "gateway")]
+mod duration;
+#[cfg(feature = "daemon")]
+mod file;
+#[cfg(feature = "gateway")]
+pub use duration::{deserialize_duration, duration_text, parse_duration, DurationError};
+#[cfg(feature = "daemon")]
+pub use file::ConfigFile;
+
 use crate::error::{Error, Result};
 use crate::shm::SegmentOwner;
 
