@@ -37,7 +37,7 @@ pub struct Owner {
 }
 
 // SAFETY: repr(C), atomics only, valid at zero, no pointers.
-crate::impl_shm_safe!(Owner);
+crate::shm::impl_shm_safe!(Owner);
 const _: () = assert!(std::mem::size_of::<Owner>() == 64 && std::mem::align_of::<Owner>() == 8);
 
 /// Maximum label length.

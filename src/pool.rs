@@ -74,9 +74,9 @@ pub struct ListHead {
 }
 
 // SAFETY: repr(C), atomics only, valid at zero, no pointers.
-crate::impl_shm_safe!(PoolNode);
+crate::shm::impl_shm_safe!(PoolNode);
 // SAFETY: repr(C), atomics only, valid at zero, no pointers.
-crate::impl_shm_safe!(ListHead);
+crate::shm::impl_shm_safe!(ListHead);
 
 const _: () = assert!(std::mem::size_of::<PoolNode>() == 24 && std::mem::align_of::<PoolNode>() == 8);
 const _: () = assert!(std::mem::size_of::<ListHead>() == 16 && std::mem::align_of::<ListHead>() == 4);

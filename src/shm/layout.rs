@@ -96,7 +96,17 @@ const _: () = assert!(offset_of!(Header, retired) == 464);
 /// Declares that a type outside `shm` satisfies the [`ShmSafe`] contract, checking at compile time
 /// what can be checked (size a multiple of 4, alignment at most 128). The caller states why the
 /// rest holds in a `// SAFETY:` comment; this keeps every `unsafe` token inside `shm`.
-#[macro_export]
+///
+/// Crate-private: exported, it would let safe code in any crate declare any type `ShmSafe` and
+/// so reach undefined behaviour through [`Segment::slice`](crate::shm::Segment::slice). Outside
+/// the crate, `ShmSafe` can only be implemented with an `unsafe impl`, whose contract is the
+/// implementor's:
+///
+/// ```compile_fail
+/// // Not reachable from another crate (this once compiled, in safe code).
+/// struct NotForShm(std::sync::atomic::AtomicU64);
+/// shmlock::impl_shm_safe!(NotForShm);
+/// ```
 macro_rules! impl_shm_safe {
     ($($t:ty),+ $(,)?) => {$(
         const _: () = assert!(
@@ -107,6 +117,7 @@ macro_rules! impl_shm_safe {
         unsafe impl $crate::shm::ShmSafe for $t {}
     )+};
 }
+pub(crate) use impl_shm_safe;
 
 /// What a caller asks for when creating a segment: per region, element count and size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

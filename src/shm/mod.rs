@@ -44,6 +44,7 @@ use nix::sys::stat::{fchmod, Mode};
 use nix::unistd::{fchown, geteuid, Uid, User};
 
 use crate::error::{Error, Result};
+pub(crate) use layout::impl_shm_safe;
 pub use layout::{Header, RegionSpec, ShmSafe, LAYOUT_VERSION, MAGIC, MAX_REGIONS, PARAMS};
 
 /// Default segment name.

@@ -247,9 +247,9 @@ pub struct Hold {
 }
 
 // SAFETY: repr(C), atomics only, valid at zero, no pointers.
-crate::impl_shm_safe!(Entry);
+crate::shm::impl_shm_safe!(Entry);
 // SAFETY: repr(C), atomics only, valid at zero, no pointers.
-crate::impl_shm_safe!(Hold);
+crate::shm::impl_shm_safe!(Hold);
 
 const _: () = assert!(std::mem::size_of::<Entry>() == 64 && std::mem::align_of::<Entry>() == 8);
 const _: () = assert!(std::mem::size_of::<Hold>() == 40 && std::mem::align_of::<Hold>() == 8);

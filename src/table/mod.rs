@@ -98,7 +98,7 @@ pub struct TableHdr {
     _reserved: [AtomicU64; 5],
 }
 // SAFETY: repr(C), atomics only, valid at zero, no pointers.
-crate::impl_shm_safe!(TableHdr);
+crate::shm::impl_shm_safe!(TableHdr);
 const _: () = assert!(std::mem::size_of::<TableHdr>() == 128);
 
 // Header params (shm::Header::params) owned by the table.

@@ -39,7 +39,7 @@ pub(crate) struct ShardHdr {
 }
 
 // SAFETY: repr(C), atomics only, valid at zero, no pointers.
-crate::impl_shm_safe!(ShardHdr);
+crate::shm::impl_shm_safe!(ShardHdr);
 const _: () = assert!(std::mem::size_of::<ShardHdr>() == 256 && std::mem::align_of::<ShardHdr>() == 128);
 
 /// Index of `ShardHdr::stats`.
