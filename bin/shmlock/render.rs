@@ -86,7 +86,7 @@ impl Status {
                 Some((pid, false)) => format!("pid {pid}, not running"),
             },
         );
-        line("fencing", format!("counter {} (highest token granted)", s.max_token));
+        line("fencing", format!("highest token granted {}", s.max_token));
         line(
             "counters",
             format!(

@@ -158,7 +158,7 @@ fn render_frame(
     let mut o = format!(
         "shmlock watch {}  every {}  (q or Ctrl-C quits)\n\
          locks {} held/waited, {} waiting requests, {} owners, supervisor {}\n\
-         grants/s {grants}  waits/s {waits}  timeouts/s {timeouts}  fencing counter {}\n",
+         grants/s {grants}  waits/s {waits}  timeouts/s {timeouts}  highest token {}\n",
         table.segment().name(),
         human(interval),
         s.held,

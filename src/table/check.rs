@@ -50,7 +50,8 @@ pub struct TableStats {
     pub timeouts: u64,
     /// Grants handed directly to a waiter.
     pub handoffs: u64,
-    /// Highest fencing token granted in any shard.
+    /// Highest fencing token granted: of the names in the table, and the shards' counters (which
+    /// give names their first token).
     pub max_token: u64,
     /// Owners being reaped right now.
     pub reaping: u64,
@@ -93,7 +94,18 @@ impl LockTable {
             add(&mut st.waits, sh.hdr.stats[STAT_WAITS].load(Relaxed));
             add(&mut st.timeouts, sh.hdr.stats[STAT_TIMEOUTS].load(Relaxed));
             add(&mut st.handoffs, sh.hdr.stats[STAT_HANDOFFS].load(Relaxed));
+            // The shard's counter gives names their first token; grants since (fast ones
+            // included) live in each entry's last token.
             st.max_token = st.max_token.max(sh.hdr.token.load(Relaxed));
+            for (i, _) in ep
+                .iter(EntryState::Held)
+                .chain(ep.iter(EntryState::Idle))
+                .chain(ep.iter(EntryState::Died))
+            {
+                if let Some(e) = sh.entries().get(i.get()) {
+                    st.max_token = st.max_token.max(e.last_token());
+                }
+            }
             add(&mut st.repairs, sh.hdr.stats[STAT_REPAIRS].load(Relaxed));
         }
         let op = self.owner_pool();

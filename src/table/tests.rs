@@ -987,3 +987,28 @@ fn garbage_latch_words_naming_owner_records_do_not_hang_anyone() {
     assert!(table.check().is_empty(), "{:?}", table.check());
     drop(live);
 }
+
+/// `status`'s "highest token granted" counts fast grants too (it once read only the shards'
+/// counters, which fast grants do not raise: a name at token 1,000 showed 1).
+#[test]
+fn stats_max_token_counts_fast_grants() {
+    let caps = Capacities {
+        max_locks: 64,
+        max_holds: 64,
+        max_owners: 4,
+        ..Default::default()
+    };
+    let table = Arc::new(LockTable::anonymous(&caps).expect("table"));
+    let c = Client::with_table(Arc::clone(&table), "t").expect("client");
+    let mut last = 0;
+    for _ in 0..1000 {
+        let g = c.lock("n").expect("lock");
+        last = g.token().0;
+    }
+    assert!(last >= 1000, "{last}");
+    assert!(
+        table.stats().max_token >= last,
+        "stats {} < last token {last}",
+        table.stats().max_token
+    );
+}
