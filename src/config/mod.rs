@@ -98,6 +98,9 @@ impl Capacities {
         if !(1..=1 << 26).contains(&self.max_holds) {
             return bad("max_holds", format!("{} is not in 1..=67108864", self.max_holds));
         }
+        // The lock word names a fast holder in 24 bits (owner index + 1), latch words below
+        // PID_ID: the bound keeps every owner nameable in both.
+        const _: () = assert!(1 << 20 <= crate::table::FAST_OWNER && 1 << 20 < crate::table::PID_ID);
         if !(1..=1 << 20).contains(&self.max_owners) {
             return bad("max_owners", format!("{} is not in 1..=1048576", self.max_owners));
         }

@@ -441,6 +441,14 @@ impl LockTable {
             geo.buckets_per_shard as usize,
             geo.name_words as usize,
         );
+        // An owner is named in the lock word as its index + 1 in FAST_OWNER's bits (and in a
+        // latch word below PID_ID): more owners than that would make two owners one.
+        if geo.owners > FAST_OWNER {
+            return Err(corrupt(format!(
+                "owner count {} is beyond what the lock word can name ({FAST_OWNER})",
+                geo.owners
+            )));
+        }
         let ok = s.is_power_of_two()
             && b >= 1
             && e <= crate::config::MAX_ENTRIES_PER_SHARD as usize

@@ -1012,3 +1012,27 @@ fn stats_max_token_counts_fast_grants() {
         table.stats().max_token
     );
 }
+
+/// A segment whose header claims more owners than the lock word can name is refused at open,
+/// naming the count and the bound (it was judged only against its regions, which a crafted
+/// segment can size to match).
+#[test]
+fn open_refuses_an_owner_count_the_lock_word_cannot_encode() {
+    let name = format!("/shmlock-ut-owners-{}", std::process::id());
+    let caps = Capacities {
+        max_locks: 64,
+        max_holds: 64,
+        max_owners: 4,
+        ..Default::default()
+    };
+    let _ = crate::Segment::unlink(&name);
+    let table = LockTable::create(&name, &caps).expect("create");
+    table.segment().header().params[super::P_OWNERS].store(u64::from(super::FAST_OWNER) + 1, Relaxed);
+    drop(table);
+    let e = LockTable::open(&name).map(|_| ()).unwrap_err();
+    let _ = crate::Segment::unlink(&name);
+    assert!(
+        matches!(&e, Error::Corrupt { what } if what.contains("beyond what the lock word can name")),
+        "{e}"
+    );
+}
