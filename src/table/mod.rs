@@ -34,6 +34,8 @@
 mod check;
 mod entry;
 mod inspect;
+#[cfg(test)]
+mod model;
 mod page;
 mod reap;
 #[cfg(feature = "gateway")]
