@@ -38,6 +38,33 @@
 //! the end it *publishes* (`val` back to 0) if the entry is free and needs nothing of the latch.
 //! A fast holder is therefore named in exactly one place: `lw` while fast, `owner` once pinned.
 //!
+//! # The lock word's states
+//! `val`, the low 32 bits (`gen` is the high 32):
+//!
+//! | `val` | state | who is named as holder |
+//! |---|---|---|
+//! | `0` | free and **open**: a fast CAS may take it | nobody |
+//! | `owner + 1` (1..=[`FAST_OWNER`]) | held **fast** by that owner; the latch's records do not know | the word |
+//! | [`SLOW`] | **pinned**: the latch manages the lock (held or free, queued, shared, owner-died) | `owner`/`mode`, the reader list |
+//! | `SLOW \| owner + 1` | only inside `pin`, between its `fetch_or` and its store | the word, until the store |
+//!
+//! Every move of the word, who makes it, and with which ordering:
+//!
+//! | from -> to | by | latch | ordering, and why |
+//! |---|---|---|---|
+//! | `gen\|0` -> `gen+1\|owner+1` | fast grant (`fast_grant`: CAS from the word `try_fast` loaded) | no | load Acquire, CAS AcqRel: the new holder sees everything the previous holder (fast or latched) wrote before opening the word; the base is read after the load, so a CAS that succeeds fixes the token |
+//! | `gen\|owner+1` -> `gen\|0` | fast release (`release`: CAS against the grant's own `gen`) | no | Release: the critical section happens-before the next grant's Acquire; a pinned word (or a newer `gen`) makes it fail, and the release goes to the latch |
+//! | any -> `gen\|SLOW` | `pin` (`fetch_or(SLOW)`, then, if a fast holder was found, a Relaxed store of `gen\|SLOW` with the holder moved into `owner`) | yes | fetch_or Acquire: the section sees the fast holder's and releaser's writes; once `SLOW` is set no CAS can succeed, so the stores after it race with nothing |
+//! | `gen\|SLOW` -> `gen+1\|0` | `publish` (`set_word(gen + 1, 0)`: store `gen+1\|SLOW`, store the base, store `gen+1\|0`) when the entry is free and needs nothing of the latch | yes | last store Release: a fast locker that loads the open word with Acquire reads the moved base; `publish` stores only over a pinned word (`val == SLOW`), since over an open one it could wipe a fast hold taken meanwhile (the two-holders bug of 504eba6; `model.rs` checks this) |
+//! | `gen\|SLOW` -> `gen+1\|owner+1` | a latched grant when nobody waits (`grant_now`): `set_word(gen + 1, owner + 1)`, a fast hold named by the word alone, so its unlock is one CAS | yes | last store Release, as for `publish`; the token is set (base moved) before the word names the holder |
+//! | `gen\|SLOW` -> `gen'\|SLOW` | latched code that moves the generation (entry freed or reused, a repair): `set_word(gen', SLOW)` | yes | Relaxed under the latch; the new `gen` fails every CAS that read the old word |
+//!
+//! Other latched grants (to a queued waiter, shared ones) and latched releases leave the word
+//! pinned and change only the latch's records; the word opens again at the end of a section
+//! (`publish`), only if the lock is then free.
+//! `src/table/model.rs` runs the rows without the latch against latched sections in every
+//! interleaving of a few actors.
+//!
 //! # Fencing tokens
 //! The entry's last token is `token_base + gen`, never stored on its own: a fast grant reads
 //! the word and the base, then CASes `gen|0 -> gen+1|owner+1`, so its token (`base + gen + 1`)

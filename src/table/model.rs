@@ -17,8 +17,10 @@
 //! - Latched section: L0 take the shard latch (a step enabled only while it is free); L1 `pin`
 //!   (`fetch_or(SLOW)`, and a fast holder found is moved into `owner`: one step, since with
 //!   `SLOW` set no CAS can succeed until the word is opened again); then the section's work
-//!   (a latched grant sets `owner` and moves the base so the last token is the grant's token;
-//!   a latched release clears `owner`); then `publish`: P1 load `lw` and decide (the rule under
+//!   (a latched grant: for locker 0 as `grant_now` makes one when nobody waits, a fast hold by
+//!   `set_word(gen + 1, owner + 1)` in its three stores; for locker 1 as when others wait, the
+//!   word stays pinned, `owner` is set and the base moved so the last token is the grant's; a
+//!   latched release clears `owner`); then `publish`: P1 load `lw` and decide (the rule under
 //!   test); P2-P4 `set_word(gen + 1, 0)`: store `lock_word(gen + 1, SLOW)`, store the base,
 //!   store `lock_word(gen + 1, 0)` (Release); L9 drop the latch.
 //! - A supervisor-like section (the reaper, `release_owner`) that pins and publishes twice, as
@@ -158,8 +160,34 @@ fn step(w: &World, i: usize, rule: Rule) -> Option<Result<World, String>> {
                 n.actors[i].pc += 1;
             }
             (Kind::Locker { .. }, 11) | (Kind::Locker { .. }, 31) | (Kind::Section, 1) => pin(&mut n, i),
+            (Kind::Locker { me: 0 }, 12) if n.owner == NONE => {
+                // Locker 0 is granted as when nobody waits (`grant_now`): a fast hold named by
+                // the word alone, `set_word(gen + 1, owner + 1)` in its three stores (G1-G3).
+                let (t, w0) = (n.last_token() + 1, n.lw);
+                n.lw = lock_word(lw_gen(w0) + 1, SLOW); // G1
+                let act = &mut n.actors[i];
+                (act.token, act.w, act.pc) = (t, w0, 13);
+            }
+            (Kind::Locker { .. }, 13) => {
+                n.base = a.token.wrapping_sub(u64::from(lw_gen(a.w) + 1)); // G2
+                n.actors[i].pc = 14;
+            }
+            (Kind::Locker { me }, 14) => {
+                let gen = lw_gen(a.w) + 1;
+                n.lw = lock_word(gen, u32::from(me) + 1); // G3 (Release)
+                if n.pinned_by == me_id {
+                    n.pinned_by = NONE;
+                }
+                let act = &mut n.actors[i];
+                act.then = 0;
+                act.publishes = 1; // publish finds the word not pinned and leaves it
+                act.pc = 40;
+                let t = act.token;
+                return grant(&mut n, i, t, Some(gen));
+            }
             (Kind::Locker { .. }, 12) => {
                 if n.owner == NONE {
+                    // Locker 1 is granted as when others wait: HELD, named by `owner`.
                     // A latched grant: the word is pinned; the base moves so the last token is
                     // this grant's.
                     let t = n.last_token() + 1;

@@ -10,7 +10,7 @@
 //!
 //! # Who repairs, and how
 //! - A process killed inside a shard's critical section leaves the latch word naming it. The next
-//!   process to want the latch sees the same holder for [`LATCH_SLEEP`], finds it dead, takes
+//!   process to want the latch sees the same holder for `LATCH_SLEEP`, finds it dead, takes
 //!   the latch over with one CAS, and [`repair`](LockTable::repair)s the shard before going on.
 //! - A dead owner's holds and waits are released by [`reap_if_dead`](LockTable::reap_if_dead):
 //!   by `shmlockd` as soon as the process's pidfd fires, or, without the daemon, by any caller
