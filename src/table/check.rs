@@ -225,7 +225,7 @@ impl LockTable {
             let sh = self.shard(s);
             let _g = self.lock_shard(&sh, pid_latch_id());
             // Fast holds into the latched form, so the HELD list names every holder.
-            if let Err(e) = Self::pin_fast_holds(&sh, None) {
+            if let Err(e) = sh.pin_fast_holds(None) {
                 out.push(format!("shard {s}: {e}"));
             }
             let before = out.len();
@@ -263,7 +263,7 @@ impl LockTable {
                     Ok(EntryState::Idle | EntryState::Held | EntryState::Died) => {}
                     st => out.push(format!("bucket {b} reaches entry {cur} in state {st:?}")),
                 }
-                let name = Self::name_of(sh, cur);
+                let name = sh.name_of(cur);
                 if name::hash(self.seed, &name) != h {
                     out.push(format!("entry {cur}: stored hash does not match its name"));
                 }

@@ -5,15 +5,6 @@
 use super::*;
 
 impl LockTable {
-    /// Does `me` hold entry `e` in any mode?
-    pub(super) fn holds_it(sh: &Shard<'_>, e: &Entry, me: OwnerRef) -> bool {
-        match e.mode.load(Relaxed) {
-            m if m == Mode::Exclusive.to_u32() => e.owner.load(Relaxed) == me.idx,
-            m if m == Mode::Shared.to_u32() => Self::readers(sh, e).any(|(_, h)| h.owner.load(Relaxed) == me.idx),
-            _ => false,
-        }
-    }
-
     pub(super) fn readers<'a>(sh: &'a Shard<'_>, e: &Entry) -> impl Iterator<Item = (u32, &'a Hold)> + 'a {
         let holds = sh.holds();
         let mut cur = e.reader_head.load(Relaxed);
@@ -25,22 +16,6 @@ impl LockTable {
             cur = h.next.load(Relaxed);
             Some(item)
         })
-    }
-
-    pub(super) fn starving(sh: &Shard<'_>, head: u32) -> bool {
-        match sh.hpool().time(Idx(head)) {
-            Ok(t) => clock::now().since(t) >= FAIR_AFTER,
-            Err(_) => true,
-        }
-    }
-
-    /// May a new request in `mode` take entry `e` now?
-    pub(super) fn can_take(sh: &Shard<'_>, e: &Entry, mode: Mode) -> bool {
-        let waiters = e.waiters.load(Relaxed);
-        match e.mode.load(Relaxed) {
-            MODE_NONE => waiters == 0 || !Self::starving(sh, e.wait_head.load(Relaxed)),
-            m => m == Mode::Shared.to_u32() && mode == Mode::Shared && waiters == 0,
-        }
     }
 
     /// Grants entry `i` to `me` (the caller checked that it may).
@@ -84,8 +59,8 @@ impl LockTable {
         }
         let mut hold = NIL;
         if mode == Mode::Shared {
-            hold = Self::claim_hold(sh, i, me, mode, HoldState::Held, now)?;
-            Self::add_reader(sh, e, hold);
+            hold = sh.claim_hold(i, me, mode, HoldState::Held, now)?;
+            sh.add_reader(e, hold);
         }
         let was_free = e.mode.load(Relaxed) == MODE_NONE;
         match sh.epool().state(Idx(i))? {
@@ -119,65 +94,6 @@ impl LockTable {
             mode,
             gen: lw_gen(e.lw.load(Relaxed)),
         })
-    }
-
-    /// Takes a FREE hold record for a request of `me` on entry `i`: fills it in, then publishes
-    /// it in state `to` (so a record that is not FREE is always complete). Returns its index.
-    pub(super) fn claim_hold(
-        sh: &Shard<'_>,
-        i: u32,
-        me: OwnerRef,
-        mode: Mode,
-        to: HoldState,
-        now: Nanos,
-    ) -> Result<u32> {
-        let h = sh.hpool().newest(HoldState::Free).ok_or(Error::PoolFull {
-            pool: "hold/wait",
-            shard: Some(sh.no),
-            capacity: sh.holds().len() as u32,
-        })?;
-        let hold = &sh.holds()[h.get()];
-        hold.entry.store(i, Relaxed);
-        hold.owner.store(me.idx, Relaxed);
-        hold.mode.store(mode.to_u32(), Relaxed);
-        hold.flags.store(0, Relaxed);
-        hold.token.store(0, Relaxed);
-        // A hold granted at once is in its holder's hands; a request waits.
-        hold.futex
-            .store(if to == HoldState::Held { COLLECTED } else { WAIT }, Relaxed);
-        hold.next.store(NIL, Relaxed);
-        hold.prev.store(NIL, Relaxed);
-        hold.gen.store(hold.gen.load(Relaxed).wrapping_add(1), Relaxed);
-        sh.hpool().transition(h, HoldState::Free, to, now)?;
-        Ok(h.0)
-    }
-
-    /// Links the filled-in hold `h` into entry `e`'s reader list.
-    pub(super) fn add_reader(sh: &Shard<'_>, e: &Entry, h: u32) {
-        let hold = &sh.holds()[h as usize];
-        let head = e.reader_head.load(Relaxed);
-        hold.prev.store(NIL, Relaxed);
-        hold.next.store(head, Relaxed);
-        if let Some(hh) = sh.holds().get(head as usize) {
-            hh.prev.store(h, Relaxed);
-        }
-        e.reader_head.store(h, Relaxed);
-        e.readers.store(e.readers.load(Relaxed).saturating_add(1), Relaxed);
-    }
-
-    pub(super) fn remove_reader(sh: &Shard<'_>, e: &Entry, h: u32) {
-        let hold = &sh.holds()[h as usize];
-        let (p, n) = (hold.prev.load(Relaxed), hold.next.load(Relaxed));
-        match sh.holds().get(p as usize) {
-            Some(ph) => ph.next.store(n, Relaxed),
-            None => e.reader_head.store(n, Relaxed),
-        }
-        if let Some(nh) = sh.holds().get(n as usize) {
-            nh.prev.store(p, Relaxed);
-        }
-        hold.next.store(NIL, Relaxed);
-        hold.prev.store(NIL, Relaxed);
-        e.readers.store(e.readers.load(Relaxed).saturating_sub(1), Relaxed);
     }
 
     /// Locks `name` for `me`.
@@ -227,7 +143,7 @@ impl LockTable {
         let now = clock::coarse();
         let (i, inserted) = match self.lookup(&sh, h, name) {
             Some(i) => {
-                Self::pin(&sh, i)?;
+                sh.pin(i)?;
                 (i, false)
             }
             // A new entry's word was stored SLOW under this latch: no fast CAS can have changed
@@ -235,20 +151,20 @@ impl LockTable {
             None => (self.insert(&sh, h, name, now)?, true),
         };
         let e = sh.entry(i)?;
-        if Self::holds_it(&sh, e, me) {
-            Self::publish(&sh, i);
+        if sh.holds_it(e, me) {
+            sh.publish(i);
             return Err(Error::AlreadyHeld);
         }
-        if Self::can_take(&sh, e, mode) {
+        if sh.can_take(e, mode) {
             let g = self.grant_now(&sh, i, mode, me, now);
-            Self::publish(&sh, i);
+            sh.publish(i);
             drop(guard);
             if inserted {
                 // The shard's next insert will most likely take the FREE entry that is newest
                 // now: fetch its lines while the caller goes on, so that they are in the cache
                 // by then. Only after the latch is dropped: a locked instruction (the latch's
                 // release) would wait for the prefetches to complete.
-                Self::prefetch_insert(&sh);
+                sh.prefetch_insert();
             }
             return g;
         }
@@ -258,26 +174,26 @@ impl LockTable {
         // once a `CHECK_PERIOD` by all processes together; see `Owner::claim_check`.)
         let due = self.due_suspects(&sh, e, me);
         if due.iter().any(|&o| o != NIL) {
-            Self::publish(&sh, i);
+            sh.publish(i);
             drop(guard);
             self.reap_suspects(due, me)?;
             return self.acquire_latched(me, name, h, mode, wait, spin);
         }
         if wait == Wait::No {
-            Self::publish(&sh, i);
+            sh.publish(i);
             return Err(Error::WouldBlock);
         }
         if spin && e.mode.load(Relaxed) == Mode::Exclusive.to_u32() {
             // Held by one owner (the latch manages it: others wait, or it was pinned). Its
             // critical section is likely shorter than a sleep and a wake-up: watch for the
             // release a few microseconds before queueing.
-            Self::publish(&sh, i);
+            sh.publish(i);
             drop(guard);
             Self::spin_until_free(e);
             return self.acquire_latched(me, name, h, mode, wait, false);
         }
         let w = self.enqueue(&sh, i, mode, me);
-        Self::publish(&sh, i);
+        sh.publish(i);
         let w = w?;
         drop(guard);
         self.wait_for_grant(&sh, i, w, me, mode, wait)
@@ -315,9 +231,9 @@ impl LockTable {
     pub(super) fn release_latched(&self, me: OwnerRef, g: &RawGrant) -> Result<()> {
         let sh = self.shard(g.shard);
         let guard = self.lock_shard(&sh, me.latch_id());
-        Self::pin(&sh, g.entry)?;
+        sh.pin(g.entry)?;
         let wake = self.release_locked(&sh, me, g);
-        Self::publish(&sh, g.entry);
+        sh.publish(g.entry);
         drop(guard);
         if let Some(w) = wake? {
             futex_wake(w, 1);
@@ -354,7 +270,7 @@ impl LockTable {
                 {
                     return Err(Error::NotHeld);
                 }
-                Self::remove_reader(sh, e, g.hold);
+                sh.remove_reader(e, g.hold);
                 crate::chaos::point();
                 sh.hpool()
                     .transition(Idx(g.hold), HoldState::Held, HoldState::Free, clock::coarse())?;
@@ -372,12 +288,12 @@ impl LockTable {
     pub(super) fn after_release<'a>(&self, sh: &'a Shard<'_>, i: u32) -> Result<Option<&'a AtomicU32>> {
         let e = sh.entry(i)?;
         if e.waiters.load(Relaxed) == 0 {
-            Self::settle(sh, i)?;
+            sh.settle(i)?;
             return Ok(None);
         }
         let head = e.wait_head.load(Relaxed);
         let hold = sh.hold(head)?;
-        if hold.mode.load(Relaxed) == Mode::Shared.to_u32() || Self::starving(sh, head) {
+        if hold.mode.load(Relaxed) == Mode::Shared.to_u32() || sh.starving(head) {
             return self.hand_off(sh, i);
         }
         if hold.futex.load(Relaxed) == WAIT {
@@ -385,19 +301,6 @@ impl LockTable {
             return Ok(Some(&hold.futex));
         }
         Ok(None)
-    }
-
-    /// Entry `i`, free and with nobody waiting, goes IDLE (evictable), or DIED if it carries an
-    /// OWNER_DIED notice (evicted only when no IDLE entry is left).
-    pub(super) fn settle(sh: &Shard<'_>, i: u32) -> Result<()> {
-        let to = if sh.entry(i)?.died() {
-            EntryState::Died
-        } else {
-            EntryState::Idle
-        };
-        // An IDLE entry's stamp is its last grant's: no clock read on the release path.
-        let pool = sh.epool();
-        pool.transition(Idx(i), EntryState::Held, to, pool.time(Idx(i))?)
     }
 
     /// Looks up who holds entry `i`, for a timeout error.
@@ -431,7 +334,7 @@ impl LockTable {
         let sh = self.shard(self.shard_of(h));
         let guard = self.lock_shard(&sh, me.latch_id());
         let i = self.lookup(&sh, h, name).ok_or(Error::NotHeld)?;
-        Self::pin(&sh, i)?;
+        sh.pin(i)?;
         let e = sh.entry(i)?;
         let g = match Mode::from_u32(e.mode.load(Relaxed)) {
             Some(Mode::Exclusive) if e.owner.load(Relaxed) == me.idx => {
@@ -444,7 +347,7 @@ impl LockTable {
             _ => Err(Error::NotHeld),
         };
         let wake = g.and_then(|g| self.release_locked(&sh, me, &g));
-        Self::publish(&sh, i);
+        sh.publish(i);
         drop(guard);
         if let Some(w) = wake? {
             futex_wake(w, 1);
@@ -458,5 +361,93 @@ impl LockTable {
     /// release what forgotten guards still hold, and when a gateway session ends.
     pub(crate) fn release_all(&self, me: OwnerRef, shards: impl Iterator<Item = u32>) -> Result<usize> {
         self.release_owner(me.latch_id(), me.idx, shards, false)
+    }
+}
+
+impl Shard<'_> {
+    /// Does `me` hold entry `e` in any mode?
+    pub(super) fn holds_it(&self, e: &Entry, me: OwnerRef) -> bool {
+        match e.mode.load(Relaxed) {
+            m if m == Mode::Exclusive.to_u32() => e.owner.load(Relaxed) == me.idx,
+            m if m == Mode::Shared.to_u32() => {
+                LockTable::readers(self, e).any(|(_, h)| h.owner.load(Relaxed) == me.idx)
+            }
+            _ => false,
+        }
+    }
+    pub(super) fn starving(&self, head: u32) -> bool {
+        match self.hpool().time(Idx(head)) {
+            Ok(t) => clock::now().since(t) >= FAIR_AFTER,
+            Err(_) => true,
+        }
+    }
+    /// May a new request in `mode` take entry `e` now?
+    pub(super) fn can_take(&self, e: &Entry, mode: Mode) -> bool {
+        let waiters = e.waiters.load(Relaxed);
+        match e.mode.load(Relaxed) {
+            MODE_NONE => waiters == 0 || !self.starving(e.wait_head.load(Relaxed)),
+            m => m == Mode::Shared.to_u32() && mode == Mode::Shared && waiters == 0,
+        }
+    }
+    /// Takes a FREE hold record for a request of `me` on entry `i`: fills it in, then publishes
+    /// it in state `to` (so a record that is not FREE is always complete). Returns its index.
+    pub(super) fn claim_hold(&self, i: u32, me: OwnerRef, mode: Mode, to: HoldState, now: Nanos) -> Result<u32> {
+        let h = self.hpool().newest(HoldState::Free).ok_or(Error::PoolFull {
+            pool: "hold/wait",
+            shard: Some(self.no),
+            capacity: self.holds().len() as u32,
+        })?;
+        let hold = &self.holds()[h.get()];
+        hold.entry.store(i, Relaxed);
+        hold.owner.store(me.idx, Relaxed);
+        hold.mode.store(mode.to_u32(), Relaxed);
+        hold.flags.store(0, Relaxed);
+        hold.token.store(0, Relaxed);
+        // A hold granted at once is in its holder's hands; a request waits.
+        hold.futex
+            .store(if to == HoldState::Held { COLLECTED } else { WAIT }, Relaxed);
+        hold.next.store(NIL, Relaxed);
+        hold.prev.store(NIL, Relaxed);
+        hold.gen.store(hold.gen.load(Relaxed).wrapping_add(1), Relaxed);
+        self.hpool().transition(h, HoldState::Free, to, now)?;
+        Ok(h.0)
+    }
+    /// Links the filled-in hold `h` into entry `e`'s reader list.
+    pub(super) fn add_reader(&self, e: &Entry, h: u32) {
+        let hold = &self.holds()[h as usize];
+        let head = e.reader_head.load(Relaxed);
+        hold.prev.store(NIL, Relaxed);
+        hold.next.store(head, Relaxed);
+        if let Some(hh) = self.holds().get(head as usize) {
+            hh.prev.store(h, Relaxed);
+        }
+        e.reader_head.store(h, Relaxed);
+        e.readers.store(e.readers.load(Relaxed).saturating_add(1), Relaxed);
+    }
+    pub(super) fn remove_reader(&self, e: &Entry, h: u32) {
+        let hold = &self.holds()[h as usize];
+        let (p, n) = (hold.prev.load(Relaxed), hold.next.load(Relaxed));
+        match self.holds().get(p as usize) {
+            Some(ph) => ph.next.store(n, Relaxed),
+            None => e.reader_head.store(n, Relaxed),
+        }
+        if let Some(nh) = self.holds().get(n as usize) {
+            nh.prev.store(p, Relaxed);
+        }
+        hold.next.store(NIL, Relaxed);
+        hold.prev.store(NIL, Relaxed);
+        e.readers.store(e.readers.load(Relaxed).saturating_sub(1), Relaxed);
+    }
+    /// Entry `i`, free and with nobody waiting, goes IDLE (evictable), or DIED if it carries an
+    /// OWNER_DIED notice (evicted only when no IDLE entry is left).
+    pub(super) fn settle(&self, i: u32) -> Result<()> {
+        let to = if self.entry(i)?.died() {
+            EntryState::Died
+        } else {
+            EntryState::Idle
+        };
+        // An IDLE entry's stamp is its last grant's: no clock read on the release path.
+        let pool = self.epool();
+        pool.transition(Idx(i), EntryState::Held, to, pool.time(Idx(i))?)
     }
 }

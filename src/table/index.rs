@@ -23,15 +23,6 @@ impl LockTable {
         ((u64::from(h as u32) * u64::from(self.geo.buckets_per_shard)) >> 32) as usize
     }
 
-    #[inline(always)]
-    pub(super) fn name_eq(sh: &Shard<'_>, e: usize, name: &[u8]) -> bool {
-        let words = &sh.names()[e * sh.words..(e + 1) * sh.words];
-        words
-            .iter()
-            .zip(name.chunks(8))
-            .all(|(w, c)| w.load(Relaxed) == name::word(c))
-    }
-
     #[inline]
     pub(super) fn lookup(&self, sh: &Shard<'_>, h: u64, name: &[u8]) -> Option<u32> {
         let mut cur = head(&sh.buckets()[self.bucket_of(h)], Relaxed);
@@ -39,7 +30,7 @@ impl LockTable {
         while let Some(e) = sh.entries().get(cur as usize) {
             if e.hash.load(Relaxed) == h
                 && e.name_len.load(Relaxed) as usize == name.len()
-                && Self::name_eq(sh, cur as usize, name)
+                && sh.name_eq(cur as usize, name)
             {
                 return Some(cur);
             }
@@ -108,7 +99,7 @@ impl LockTable {
                     capacity: sh.entries().len() as u32,
                 });
             };
-            Self::pin(sh, victim.0)?;
+            sh.pin(victim.0)?;
             if sh.epool().state(victim)? != state {
                 continue; // it was fast-held
             }
@@ -158,28 +149,38 @@ impl LockTable {
         Ok(i)
     }
 
-    /// The name of entry `e` (for inspection and errors).
-    pub(super) fn name_of(sh: &Shard<'_>, e: u32) -> Vec<u8> {
-        let i = e as usize;
-        let len = sh
-            .entries()
-            .get(i)
-            .map_or(0, |x| x.name_len.load(Relaxed) as usize)
-            .min(sh.words * 8);
-        let mut out = Vec::with_capacity(sh.words * 8);
-        for w in &sh.names()[i * sh.words..(i + 1) * sh.words] {
-            out.extend_from_slice(&w.load(Relaxed).to_le_bytes());
-        }
-        out.truncate(len);
-        out
-    }
-
     /// The name of a grant's entry, read back from the table (the entry cannot change name
     /// while the grant holds it).
     pub(crate) fn grant_name(&self, g: &RawGrant) -> Vec<u8> {
         if g.shard >= self.geometry().shards {
             return Vec::new();
         }
-        Self::name_of(&self.shard(g.shard), g.entry)
+        self.shard(g.shard).name_of(g.entry)
+    }
+}
+
+impl Shard<'_> {
+    #[inline(always)]
+    pub(super) fn name_eq(&self, e: usize, name: &[u8]) -> bool {
+        let words = &self.names()[e * self.words..(e + 1) * self.words];
+        words
+            .iter()
+            .zip(name.chunks(8))
+            .all(|(w, c)| w.load(Relaxed) == name::word(c))
+    }
+    /// The name of entry `e` (for inspection and errors).
+    pub(super) fn name_of(&self, e: u32) -> Vec<u8> {
+        let i = e as usize;
+        let len = self
+            .entries()
+            .get(i)
+            .map_or(0, |x| x.name_len.load(Relaxed) as usize)
+            .min(self.words * 8);
+        let mut out = Vec::with_capacity(self.words * 8);
+        for w in &self.names()[i * self.words..(i + 1) * self.words] {
+            out.extend_from_slice(&w.load(Relaxed).to_le_bytes());
+        }
+        out.truncate(len);
+        out
     }
 }

@@ -164,9 +164,9 @@ impl LockTable {
             let Some(i) = self.lookup(&sh, h, name) else {
                 return Ok(None);
             };
-            Self::pin(&sh, i)?;
+            sh.pin(i)?;
             let r = Self::copy_entry(&sh, i, &mut parties, usize::MAX);
-            Self::publish(&sh, i);
+            sh.publish(i);
             r
         };
         Ok(Some(self.resolve(&r, &parties, name.to_vec(), sh.no, clock::now())))
@@ -190,7 +190,7 @@ impl LockTable {
         {
             let _g = self.lock_shard(sh, pid_latch_id());
             // A failure leaves some fast holds out of the copy; nothing to repair.
-            let _ = Self::pin_fast_holds(sh, None);
+            let _ = sh.pin_fast_holds(None);
             // (A torn list may reach entries in other states: only the HELD are locks.)
             let held = sh.epool().iter(EntryState::Held);
             for (i, _) in held.filter(|&(i, _)| sh.epool().state(i).ok() == Some(EntryState::Held)) {
@@ -374,10 +374,10 @@ impl LockTable {
         {
             let _g = self.lock_shard(&sh, pid_latch_id());
             let i = self.lookup(&sh, h, name).ok_or(Error::NotHeld)?;
-            Self::pin(&sh, i)?;
+            sh.pin(i)?;
             let e = sh.entry(i)?;
             let Some(m) = Mode::from_u32(e.mode.load(Relaxed)) else {
-                Self::publish(&sh, i);
+                sh.publish(i);
                 return Err(Error::NotHeld);
             };
             mode = m;
@@ -417,7 +417,7 @@ impl LockTable {
                 let hold = &sh.holds()[hi as usize];
                 hold.flags.store(hold.flags.load(Relaxed) | FORCED, Relaxed);
                 if mode == Mode::Shared {
-                    Self::remove_reader(&sh, e, hi);
+                    sh.remove_reader(e, hi);
                     sh.hpool()
                         .transition(Idx(hi), HoldState::Held, HoldState::Granted, clock::coarse())?;
                     if hold.futex.load(Relaxed) != GRANTED {

@@ -30,6 +30,14 @@
 //! behind it (parking_lot's "eventual fairness"). Shared requests queue behind any waiter, so
 //! readers never starve a queued writer; a release that reaches shared waiters grants the whole
 //! run of them.
+//!
+//! # Files
+//! `layout.rs` creating, opening and validating the segment; `owners.rs` the owner pool;
+//! `index.rs` the name index; `word.rs` the lock word's protocol (its state table is in
+//! `entry.rs`, its model check in `model.rs`); `grant.rs` grants and releases under the latch;
+//! `wait.rs` waiting; `reap.rs` dead owners, dead latch holders and shard repair; `inspect.rs`,
+//! `page.rs`, `check.rs` read-only views; `shard.rs` the shard header and latch. Helpers that need
+//! a shard and not the table are methods of `Shard`.
 
 mod check;
 mod entry;

@@ -157,7 +157,7 @@ impl LockTable {
                 }
                 if fast {
                     // A fast hold: into the latched form, so its holder shows (as `lock_info`).
-                    if Self::pin(&sh, i).is_err() {
+                    if sh.pin(i).is_err() {
                         continue;
                     }
                 }
@@ -167,7 +167,7 @@ impl LockTable {
                 let budget = (parties.len() + self.geo.holds_per_shard as usize + 1).min(PAGE_PARTIES);
                 let r = Self::copy_entry(&sh, i, &mut parties, budget);
                 if fast {
-                    Self::publish(&sh, i);
+                    sh.publish(i);
                 }
                 raw.push((i, r, name.clone()));
             }

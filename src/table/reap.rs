@@ -121,7 +121,7 @@ impl LockTable {
             if state == EntryState::Free {
                 continue;
             }
-            let name = Self::name_of(sh, i as u32);
+            let name = sh.name_of(i as u32);
             let whole = (1..=max_len).contains(&(e.name_len.load(Relaxed) as usize))
                 && name.len() == e.name_len.load(Relaxed) as usize
                 && name::hash(self.seed, &name) == e.hash.load(Relaxed);
@@ -166,7 +166,7 @@ impl LockTable {
             }
             match state {
                 HoldState::Held => {
-                    Self::add_reader(sh, &entries[i as usize], h as u32);
+                    sh.add_reader(&entries[i as usize], h as u32);
                     if hold.futex.load(Relaxed) == WAIT {
                         // Its granter died between the grant and the wake-up: wake it.
                         hold.futex.store(GRANTED, Ordering::Release);
@@ -275,7 +275,7 @@ impl LockTable {
                 m if m == Mode::Shared.to_u32() && head_shared => self.grant_shared_run(sh, i, now)?,
                 _ => {}
             }
-            Self::publish(sh, i);
+            sh.publish(i);
         }
         Ok(())
     }
@@ -424,7 +424,7 @@ impl LockTable {
         for s in shards.filter(|&s| s < self.geo.shards) {
             let sh = self.shard(s);
             let guard = self.lock_shard(&sh, as_id);
-            Self::pin_fast_holds(&sh, Some(who))?;
+            sh.pin_fast_holds(Some(who))?;
             let mut wakes: Vec<&AtomicU32> = Vec::new();
             let mut touched: Vec<u32> = Vec::new();
             let mark = |e: &Entry| {
@@ -453,7 +453,7 @@ impl LockTable {
                 for h in mine {
                     let hold = &sh.holds()[h as usize];
                     let entry = hold.entry.load(Relaxed);
-                    Self::pin(&sh, entry)?;
+                    sh.pin(entry)?;
                     touched.push(entry);
                     match state {
                         HoldState::Held => {
@@ -475,7 +475,7 @@ impl LockTable {
                 }
             }
             for i in touched {
-                Self::publish(&sh, i);
+                sh.publish(i);
             }
             drop(guard);
             for w in wakes {

@@ -185,7 +185,7 @@ fn snapshot(table: &LockTable) -> Vec<LockView> {
             } else {
                 (e.mode.load(Relaxed), e.owner.load(Relaxed))
             };
-            (LockTable::name_of(&sh, i.0), mode, owner, readers, e.last_token())
+            (sh.name_of(i.0), mode, owner, readers, e.last_token())
         })
         .collect();
     out.sort();
@@ -308,7 +308,7 @@ fn a_handoff_cut_short_before_the_wake_is_still_a_grant() {
         let (i, w) = {
             let _l = table.lock_shard(&sh, crate::table::pid_latch_id());
             let i = table.lookup(&sh, crate::name::hash(table.seed, b"x"), b"x").unwrap();
-            LockTable::pin(&sh, i).unwrap();
+            sh.pin(i).unwrap();
             let w = table.enqueue(&sh, i, Mode::Exclusive, b).unwrap();
             // What `release` of a's grant does, up to the grantee's futex store.
             sh.entry(i).unwrap().mode.store(crate::table::MODE_NONE, Relaxed);
@@ -355,13 +355,13 @@ fn queued_behind_a_hold(fresh: bool) -> Queued {
         let sh = table.shard(0);
         let _l = table.lock_shard(&sh, crate::table::pid_latch_id());
         let i = table.lookup(&sh, crate::name::hash(table.seed, b"x"), b"x").unwrap();
-        LockTable::pin(&sh, i).unwrap();
+        sh.pin(i).unwrap();
         let w = table.enqueue(&sh, i, Mode::Exclusive, owners[1]).unwrap();
         if fresh {
             let later = crate::clock::now().plus(std::time::Duration::from_secs(3600));
             sh.hpool().touch(Idx(w.0), later).unwrap();
         }
-        LockTable::publish(&sh, i);
+        sh.publish(i);
         (i, w)
     };
     Queued {
@@ -402,10 +402,10 @@ fn while_the_head_waiter_is_woken_the_lock_is_open_to_fast_cas() {
     // and wakes b, which then takes the lock.
     {
         let _l = table.lock_shard(&sh, crate::table::pid_latch_id());
-        LockTable::pin(&sh, i).unwrap();
+        sh.pin(i).unwrap();
         assert_eq!(e.mode.load(Relaxed), Mode::Exclusive.to_u32());
         hold.futex.store(WAIT, Relaxed);
-        LockTable::publish(&sh, i);
+        sh.publish(i);
     }
     assert_ne!(lw_val(e.lw.load(Relaxed)) & SLOW, 0);
     assert!(table.check().is_empty(), "{:?}", table.check());
@@ -524,9 +524,9 @@ fn ending_an_owner_with_an_uncollected_handoff_never_wipes_a_fast_hold() {
             {
                 let _l = table.lock_shard(&sh, crate::table::pid_latch_id());
                 let i = table.lookup(&sh, h, b"x").unwrap();
-                LockTable::pin(&sh, i).unwrap();
+                sh.pin(i).unwrap();
                 if sh.entry(i).unwrap().mode.load(Relaxed) != crate::table::MODE_NONE {
-                    LockTable::publish(&sh, i);
+                    sh.publish(i);
                     continue; // a locker holds it: try again
                 }
                 // b gets x handed over and does not collect it; e waits behind, not starving.
@@ -535,7 +535,7 @@ fn ending_an_owner_with_an_uncollected_handoff_never_wipes_a_fast_hold() {
                 let later = crate::clock::now().plus(Duration::from_secs(3600));
                 sh.hpool().touch(Idx(w.0), later).unwrap();
                 assert!(table.hand_off(&sh, i).unwrap().is_some());
-                LockTable::publish(&sh, i);
+                sh.publish(i);
             }
             rounds += 1;
             table.release_all(b, 0..1).unwrap();
@@ -666,9 +666,9 @@ fn a_grant_forced_out_before_its_waiter_collects_it_is_not_a_cancellation() {
         let (i, w) = {
             let _l = table.lock_shard(&sh, crate::table::pid_latch_id());
             let i = table.lookup(&sh, crate::name::hash(table.seed, b"x"), b"x").unwrap();
-            LockTable::pin(&sh, i).unwrap();
+            sh.pin(i).unwrap();
             let w = table.enqueue(&sh, i, mode, b).unwrap();
-            LockTable::publish(&sh, i);
+            sh.publish(i);
             (i, w)
         };
         // b has waited past FAIR_AFTER (an exclusive waiter is handed the lock only then).

@@ -30,7 +30,7 @@ impl LockTable {
     /// Appends a WAITING request of `me` for entry `i`; returns its Hold index and generation.
     pub(super) fn enqueue(&self, sh: &Shard<'_>, i: u32, mode: Mode, me: OwnerRef) -> Result<(u32, u32)> {
         let e = sh.entry(i)?;
-        let w = Self::claim_hold(sh, i, me, mode, HoldState::Waiting, clock::now())?;
+        let w = sh.claim_hold(i, me, mode, HoldState::Waiting, clock::now())?;
         let hold = &sh.holds()[w as usize];
         crate::chaos::point();
         Self::link_waiter(sh, e, w);
@@ -137,7 +137,7 @@ impl LockTable {
             crate::chaos::point();
             sh.hpool()
                 .transition(Idx(cur), HoldState::Waiting, HoldState::Held, now)?;
-            Self::add_reader(sh, e, cur);
+            sh.add_reader(e, cur);
             crate::chaos::point();
             h.futex.store(GRANTED, Ordering::Release);
             futex_wake(&h.futex, 1);
@@ -172,7 +172,7 @@ impl LockTable {
             return Ok(None);
         }
         if e.waiters.load(R) == 0 {
-            Self::settle(sh, i)?;
+            sh.settle(i)?;
             return Ok(None);
         }
         if was_head {
@@ -221,11 +221,11 @@ impl LockTable {
                 futex_wait(&hold.futex, WAIT, Some(sleep));
             }
             let guard = self.lock_shard(sh, me.latch_id());
-            Self::pin(sh, i)?;
+            sh.pin(i)?;
             let e = sh.entry(i)?;
             if !Self::still_mine(sh, w, gen, i, me) {
                 // Cancelled for us (release_all on this owner) or cleared by a repair.
-                Self::publish(sh, i);
+                sh.publish(i);
                 return Err(Error::Cancelled);
             }
             // The pool state is the truth (the futex word only wakes the sleeper): a grant whose
@@ -260,7 +260,7 @@ impl LockTable {
                         .transition(Idx(w), HoldState::Waiting, HoldState::Free, clock::coarse())?;
                     hold.futex.store(WAIT, R);
                     let g = self.grant_now(sh, i, mode, me, clock::coarse());
-                    Self::publish(sh, i);
+                    sh.publish(i);
                     return g;
                 }
                 WOKEN if !spun && e.mode.load(R) == Mode::Exclusive.to_u32() => {
@@ -270,7 +270,7 @@ impl LockTable {
                     // Without this a woken waiter would mostly find the lock taken by the
                     // processes that never slept, and get it only by a handoff.
                     spun = true;
-                    Self::publish(sh, i);
+                    sh.publish(i);
                     drop(guard);
                     Self::spin_until_free(e);
                     continue;
@@ -285,7 +285,7 @@ impl LockTable {
             if matches!(wait, Wait::Until(d) if clock::now() >= d) {
                 let holder = self.holder_info(sh, i);
                 let wake = self.cancel_wait(sh, i, w);
-                Self::publish(sh, i);
+                sh.publish(i);
                 let wake = wake?;
                 sh.bump(STAT_TIMEOUTS);
                 drop(guard);
