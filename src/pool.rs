@@ -19,7 +19,7 @@
 //!
 //! # Crash safety
 //! A process killed inside a transition can leave a record unlinked or a count off by one. The
-//! states are the truth; lists and counts are derived and [`StatePool::rebuild`] restores them.
+//! states are the truth; lists and counts are derived and `StatePool::rebuild` restores them.
 
 use std::fmt;
 use std::marker::PhantomData;
@@ -129,7 +129,7 @@ impl<'a, S: PoolState> StatePool<'a, S> {
     }
 
     /// Puts every record in state 0, in index order, stamped `now`.
-    pub fn init(&self, now: Nanos) {
+    pub(crate) fn init(&self, now: Nanos) {
         let n = self.nodes.len() as u32;
         for (i, node) in self.nodes.iter().enumerate() {
             let i = i as u32;
@@ -256,7 +256,7 @@ impl<'a, S: PoolState> StatePool<'a, S> {
     /// alone (so without the pool's lock it may be stale), with a prefetch of its node issued:
     /// a caller about to take it under the lock starts the cache misses early.
     #[inline]
-    pub fn newest_hint(&self, s: S) -> Option<Idx> {
+    pub(crate) fn newest_hint(&self, s: S) -> Option<Idx> {
         let t = self.list(s).tail.load(Relaxed);
         let node = self.nodes.get(t as usize)?;
         crate::shm::sys::prefetch(node);
@@ -386,7 +386,7 @@ impl<'a, S: PoolState> StatePool<'a, S> {
     /// each other: counts summing to the capacity, a list empty (head and tail NIL) exactly when
     /// its count is 0, one record's head and tail the same. (Whether the records agree with the
     /// heads is [`check`](Self::check)'s business.) One line per finding.
-    pub fn check_heads(&self, settled: bool) -> Vec<String> {
+    pub(crate) fn check_heads(&self, settled: bool) -> Vec<String> {
         let mut out = Vec::new();
         let n = self.nodes.len();
         let mut total: u64 = 0;
@@ -426,7 +426,7 @@ impl<'a, S: PoolState> StatePool<'a, S> {
 
     /// Rebuilds every list and count from the records' states, ordering each list by stamp.
     /// For repair after a process died inside a transition.
-    pub fn rebuild(&self) {
+    pub(crate) fn rebuild(&self) {
         let mut by_state: Vec<Vec<(u64, u32)>> = vec![Vec::new(); S::COUNT];
         for (i, node) in self.nodes.iter().enumerate() {
             let mut s = node.state.load(Relaxed);
