@@ -13,7 +13,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::Instant;
 
 use common::cli::*;
-use common::{signal, wait_until, ChildCtx, TestEnv, DEADLINE};
+use common::{signal, wait_until, ChildCtx, GatewayDaemon, TestEnv, DEADLINE};
 use serde_json::Value;
 
 // ---- child processes -------------------------------------------------------------------------
@@ -29,69 +29,6 @@ fn child_process() {
 }
 
 // ---- the daemon and the CLI ------------------------------------------------------------------
-
-/// A `shmlockd` serving the test's segment; killed (SIGKILL) on drop if still running.
-struct Daemon {
-    child: Child,
-    addr: String,
-}
-
-impl Daemon {
-    /// Starts `shmlockd` on `env`'s segment and a free loopback port, with `config` (TOML) if
-    /// given, and waits until its gateway listens.
-    fn start(env: &TestEnv, config: Option<&str>) -> Daemon {
-        let log = env.path("shmlockd.log");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_shmlockd"));
-        cmd.args([
-            "--segment",
-            &env.segment,
-            "--listen",
-            "127.0.0.1:0",
-            "--log-level",
-            "info",
-        ]);
-        if let Some(text) = config {
-            let path = env.path("shmlock.toml");
-            std::fs::write(&path, text).expect("write config");
-            cmd.arg("--config").arg(path);
-        }
-        let child = cmd
-            .env_remove("SHMLOCK_SEGMENT")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log"))
-            .spawn()
-            .expect("spawn shmlockd");
-        let mut d = Daemon {
-            child,
-            addr: String::new(),
-        };
-        wait_until("shmlockd to log its gateway address", || {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if let Some(i) = text.find("gateway ready listen=") {
-                let rest = &text[i + "gateway ready listen=".len()..];
-                d.addr = rest.split_whitespace().next().unwrap_or("").to_string();
-            }
-            assert!(
-                d.child.try_wait().expect("waitpid").is_none(),
-                "shmlockd exited:\n{text}"
-            );
-            !d.addr.is_empty()
-        });
-        d
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 fn shmlock_cmd(args: &[&str], env: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_shmlock"));
@@ -209,7 +146,7 @@ fn path_str(p: &Path) -> String {
 #[test]
 fn run_remote_and_local_holders_exclude_each_other() {
     let env = TestEnv::new("rr_excl");
-    let d = Daemon::start(&env, None);
+    let d = GatewayDaemon::start(&env, None);
     // A local holder keeps `run --remote` out.
     let holder = spawn_holder(&env, &[("x", b"job")], "holder");
     let ran = path_str(&env.path("ran"));
@@ -270,7 +207,7 @@ fn run_remote_and_local_holders_exclude_each_other() {
 #[test]
 fn run_remote_exits_with_the_commands_status() {
     let env = TestEnv::new("rr_status");
-    let d = Daemon::start(&env, None);
+    let d = GatewayDaemon::start(&env, None);
     let run = |args: &[&str]| {
         let mut a = vec!["run", "--remote", &d.addr, "job", "--"];
         a.extend_from_slice(args);
@@ -310,7 +247,7 @@ fn run_remote_exits_with_the_commands_status() {
 #[test]
 fn losing_the_gateway_while_the_command_runs_is_reported() {
     let env = TestEnv::new("rr_loss");
-    let mut d = Daemon::start(&env, None);
+    let mut d = GatewayDaemon::start(&env, None);
     let kill = Background::start(
         &env,
         &["--remote", &d.addr, "--kill-on-loss", "a"],
@@ -340,7 +277,7 @@ fn losing_the_gateway_while_the_command_runs_is_reported() {
 #[test]
 fn locks_and_status_remote_show_what_a_local_process_holds() {
     let env = TestEnv::new("rr_locks");
-    let d = Daemon::start(&env, None);
+    let d = GatewayDaemon::start(&env, None);
     let holder = spawn_holder(
         &env,
         &[
@@ -414,7 +351,7 @@ fn locks_remote_pages_through_many_locks() {
         ..Default::default()
     };
     let env = TestEnv::with_caps("rr_pages", &caps);
-    let d = Daemon::start(&env, None);
+    let d = GatewayDaemon::start(&env, None);
     // More locks than one page (1000) of `LOCKS` holds.
     let names: Vec<String> = (0..1100).map(|i| format!("n{i:04}")).collect();
     let spec: Vec<(&str, &[u8])> = names.iter().map(|n| ("x", n.as_bytes())).collect();
@@ -437,7 +374,7 @@ fn locks_remote_pages_through_many_locks() {
 #[test]
 fn a_gateway_with_a_token_wants_it_and_takes_it() {
     let env = TestEnv::new("rr_auth");
-    let d = Daemon::start(&env, Some("[gateway]\nauth_token = \"s3cret\"\n"));
+    let d = GatewayDaemon::start(&env, Some("[gateway]\nauth_token = \"s3cret\"\n"));
     let token_file = env.path("token");
     std::fs::write(&token_file, "s3cret\n").expect("write token");
     let token_file = path_str(&token_file);

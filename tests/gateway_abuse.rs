@@ -8,96 +8,15 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{wait_until, TestEnv, DEADLINE};
+use common::{wait_until, GatewayDaemon, TestEnv, DEADLINE};
 use shmlock::remote::{ConnectOptions, RemoteClient};
 use shmlock::table::Cursor;
 use shmlock::Segment;
-
-/// A `shmlockd` on the test's segment; killed on drop if still running.
-struct Daemon {
-    child: Child,
-    addr: String,
-    log: std::path::PathBuf,
-}
-
-impl Daemon {
-    /// Starts `shmlockd` on `env`'s segment and a free loopback port with `config` (TOML).
-    fn start(env: &TestEnv, config: &str) -> Daemon {
-        let log = env.path("shmlockd.log");
-        let conf = env.path("shmlock.toml");
-        std::fs::write(&conf, config).expect("write config");
-        let child = Command::new(env!("CARGO_BIN_EXE_shmlockd"))
-            .args([
-                "--segment",
-                &env.segment,
-                "--listen",
-                "127.0.0.1:0",
-                "--log-level",
-                "info",
-            ])
-            .arg("--config")
-            .arg(&conf)
-            .env_remove("SHMLOCK_SEGMENT")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log"))
-            .spawn()
-            .expect("spawn shmlockd");
-        let mut d = Daemon {
-            child,
-            addr: String::new(),
-            log,
-        };
-        wait_until("shmlockd to log its gateway address", || {
-            let text = std::fs::read_to_string(&d.log).unwrap_or_default();
-            if let Some(i) = text.find("gateway ready listen=") {
-                let rest = &text[i + "gateway ready listen=".len()..];
-                d.addr = rest.split_whitespace().next().unwrap_or("").to_string();
-            }
-            assert!(
-                d.child.try_wait().expect("waitpid").is_none(),
-                "shmlockd exited:\n{text}"
-            );
-            !d.addr.is_empty()
-        });
-        d
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Sends SIGTERM; returns how long shmlockd took to exit, and its status (fails after
-    /// [`DEADLINE`]).
-    fn terminate(&mut self) -> (Duration, std::process::ExitStatus) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::SIGTERM).expect("SIGTERM");
-        let t0 = Instant::now();
-        loop {
-            if let Some(s) = self.child.try_wait().expect("waitpid") {
-                return (t0.elapsed(), s);
-            }
-            assert!(
-                t0.elapsed() < DEADLINE,
-                "shmlockd did not stop after SIGTERM:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A raw connection with a read deadline.
 struct Raw {
@@ -173,7 +92,7 @@ fn served(addr: &str, name: &str, n: usize) {
 #[test]
 fn a_client_that_never_reads_loses_its_lock_at_the_idle_timeout_and_others_are_served() {
     let env = TestEnv::new("abuse-noread");
-    let d = Daemon::start(&env, "[gateway]\nidle_timeout = \"1s\"\n");
+    let d = GatewayDaemon::start(&env, Some("[gateway]\nidle_timeout = \"1s\"\n"));
     let (stop, stuck) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
     let attacker = never_reader(&d.addr, "victim", stop.clone(), stuck.clone());
     wait_until("the never-reading client's lock", || held(&env, "victim"));
@@ -197,7 +116,7 @@ fn a_client_that_never_reads_loses_its_lock_at_the_idle_timeout_and_others_are_s
 fn sigterm_stops_shmlockd_while_a_client_never_reads() {
     let env = TestEnv::new("abuse-stop");
     // A long idle timeout: only the shutdown may end the session.
-    let mut d = Daemon::start(&env, "[gateway]\nidle_timeout = \"60s\"\n");
+    let mut d = GatewayDaemon::start(&env, Some("[gateway]\nidle_timeout = \"60s\"\n"));
     let (stop, stuck) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
     let attacker = never_reader(&d.addr, "victim", stop.clone(), stuck.clone());
     wait_until("the never-reading client's lock", || held(&env, "victim"));
@@ -218,9 +137,11 @@ fn sigterm_stops_shmlockd_while_a_client_never_reads() {
 #[test]
 fn unauthenticated_connections_take_no_slot_no_owner_and_not_for_long() {
     let env = TestEnv::new("abuse-auth");
-    let d = Daemon::start(
+    let d = GatewayDaemon::start(
         &env,
-        "[gateway]\nauth_token = \"s3cret\"\nmax_connections = 4\nmax_unauthenticated = 8\nauth_timeout = \"1s\"\n",
+        Some(
+            "[gateway]\nauth_token = \"s3cret\"\nmax_connections = 4\nmax_unauthenticated = 8\nauth_timeout = \"1s\"\n",
+        ),
     );
     // A flood far beyond both limits: every one is greeted (the oldest are closed to make room).
     let mut flood: Vec<Raw> = (0..40).map(|_| Raw::connect(&d.addr)).collect();
@@ -283,7 +204,7 @@ fn unauthenticated_connections_take_no_slot_no_owner_and_not_for_long() {
 #[test]
 fn a_slowloris_line_is_closed_by_the_line_deadline() {
     let env = TestEnv::new("abuse-slow");
-    let d = Daemon::start(&env, "[gateway]\nidle_timeout = \"2s\"\nline_timeout = \"1s\"\n");
+    let d = GatewayDaemon::start(&env, Some("[gateway]\nidle_timeout = \"2s\"\nline_timeout = \"1s\"\n"));
     let mut slow = Raw::connect(&d.addr);
     assert!(slow.line().starts_with("* HELLO"));
     slow.w.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
@@ -341,7 +262,7 @@ fn locks_pages_list_every_lock_held_throughout_exactly_once_while_others_churn()
             ..Default::default()
         },
     );
-    let d = Daemon::start(&env, "[gateway]\n");
+    let d = GatewayDaemon::start(&env, Some("[gateway]\n"));
     let keeper = env.client("keeper");
     let keep: Vec<_> = (0..500)
         .map(|i| keeper.lock(format!("keep/{i}")).expect("lock"))

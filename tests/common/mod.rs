@@ -565,3 +565,94 @@ impl Drop for Daemon {
         self.kill();
     }
 }
+
+/// A `shmlockd` with its gateway on the test's segment and a free loopback port; SIGKILLed when
+/// dropped if still running.
+pub(crate) struct GatewayDaemon {
+    pub(crate) child: Child,
+    /// The gateway's address, from the daemon's `gateway ready listen=` line.
+    pub(crate) addr: String,
+    log: PathBuf,
+}
+
+impl GatewayDaemon {
+    /// Starts it with `config` (TOML) if given, and waits until its gateway listens.
+    pub(crate) fn start(env: &TestEnv, config: Option<&str>) -> GatewayDaemon {
+        let log = env.path("shmlockd.log");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_shmlockd"));
+        cmd.args([
+            "--segment",
+            &env.segment,
+            "--listen",
+            "127.0.0.1:0",
+            "--log-level",
+            "info",
+        ]);
+        if let Some(text) = config {
+            let path = env.path("shmlock.toml");
+            fs::write(&path, text).expect("write config");
+            cmd.arg("--config").arg(path);
+        }
+        let child = cmd
+            .env_remove("SHMLOCK_SEGMENT")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).expect("log"))
+            .spawn()
+            .expect("spawn shmlockd");
+        let mut d = GatewayDaemon {
+            child,
+            addr: String::new(),
+            log,
+        };
+        wait_until("shmlockd to log its gateway address", || {
+            let text = d.log();
+            if let Some(i) = text.find("gateway ready listen=") {
+                let rest = &text[i + "gateway ready listen=".len()..];
+                d.addr = rest.split_whitespace().next().unwrap_or("").to_string();
+            }
+            assert!(
+                d.child.try_wait().expect("waitpid").is_none(),
+                "shmlockd exited:\n{text}"
+            );
+            !d.addr.is_empty()
+        });
+        d
+    }
+
+    /// Its log so far.
+    pub(crate) fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM; returns how long shmlockd took to exit, and its status (fails after
+    /// [`DEADLINE`]).
+    pub(crate) fn terminate(&mut self) -> (Duration, ExitStatus) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::SIGTERM).expect("SIGTERM");
+        let t0 = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().expect("waitpid") {
+                return (t0.elapsed(), s);
+            }
+            assert!(
+                t0.elapsed() < DEADLINE,
+                "shmlockd did not stop after SIGTERM:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// SIGKILLs it and reaps it.
+    pub(crate) fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for GatewayDaemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
