@@ -7,13 +7,13 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{
-    await_file, signal, wait_until, within, witnessed_section, ChildCtx, TestEnv, Words, CHILD_DEADLINE, COUNT,
+    await_file, signal, wait_until, within, witnessed_section, ChildCtx, Raw, TestEnv, Words, CHILD_DEADLINE, COUNT,
     DEADLINE,
 };
 use shmlock::gateway::{self, Gateway, GatewayConfig};
@@ -85,51 +85,6 @@ fn serve(env: &TestEnv, f: impl FnOnce(&mut GatewayConfig)) -> Gateway {
     };
     f(&mut c);
     gateway::serve(c, Arc::clone(&env.table)).expect("start gateway")
-}
-
-/// A raw connection: send lines, read lines, every read with a deadline.
-struct Raw {
-    w: TcpStream,
-    r: BufReader<TcpStream>,
-}
-
-impl Raw {
-    /// Connects and reads the greeting.
-    fn connect(addr: SocketAddr) -> Raw {
-        let mut raw = Self::connect_bare(addr);
-        let hello = raw.line();
-        assert!(hello.starts_with("* HELLO shmlock 1 "), "{hello}");
-        raw
-    }
-
-    fn connect_bare(addr: SocketAddr) -> Raw {
-        let w = TcpStream::connect(addr).expect("connect");
-        w.set_read_timeout(Some(DEADLINE)).unwrap();
-        let r = BufReader::new(w.try_clone().unwrap());
-        Raw { w, r }
-    }
-
-    fn send(&mut self, text: &str) {
-        self.w.write_all(text.as_bytes()).expect("send");
-    }
-
-    /// The next line, without its LF; "" at EOF.
-    fn line(&mut self) -> String {
-        let mut s = String::new();
-        self.r.read_line(&mut s).expect("read (a deadline passed?)");
-        s.trim_end_matches('\n').to_string()
-    }
-
-    fn ask(&mut self, text: &str) -> String {
-        self.send(&format!("{text}\n"));
-        self.line()
-    }
-
-    /// Reads until EOF (or a reset); fails after the deadline.
-    fn expect_closed(&mut self) {
-        let mut rest = Vec::new();
-        let _ = self.r.read_to_end(&mut rest);
-    }
 }
 
 fn code(line: &str) -> &str {

@@ -6,51 +6,17 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{wait_until, GatewayDaemon, TestEnv, DEADLINE};
+use common::{wait_until, GatewayDaemon, Raw, TestEnv, DEADLINE};
 use shmlock::remote::{ConnectOptions, RemoteClient};
 use shmlock::table::Cursor;
 use shmlock::Segment;
-
-/// A raw connection with a read deadline.
-struct Raw {
-    w: TcpStream,
-    r: BufReader<TcpStream>,
-}
-
-impl Raw {
-    fn connect(addr: &str) -> Raw {
-        let w = TcpStream::connect(addr).expect("connect");
-        w.set_read_timeout(Some(DEADLINE)).unwrap();
-        let r = BufReader::new(w.try_clone().unwrap());
-        Raw { w, r }
-    }
-
-    fn send(&mut self, text: &str) {
-        self.w.write_all(text.as_bytes()).expect("send");
-    }
-
-    /// The next line without its LF; "" at EOF (or a reset).
-    fn line(&mut self) -> String {
-        let mut s = String::new();
-        match self.r.read_line(&mut s) {
-            Ok(_) => s.trim_end_matches('\n').to_string(),
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => String::new(),
-            Err(e) => panic!("read (a deadline passed?): {e}"),
-        }
-    }
-
-    fn ask(&mut self, text: &str) -> String {
-        self.send(&format!("{text}\n"));
-        self.line()
-    }
-}
 
 /// Whether `name` is held in the segment (read through the test's own mapping).
 fn held(env: &TestEnv, name: &str) -> bool {
@@ -144,7 +110,7 @@ fn unauthenticated_connections_take_no_slot_no_owner_and_not_for_long() {
         ),
     );
     // A flood far beyond both limits: every one is greeted (the oldest are closed to make room).
-    let mut flood: Vec<Raw> = (0..40).map(|_| Raw::connect(&d.addr)).collect();
+    let mut flood: Vec<Raw> = (0..40).map(|_| Raw::connect_bare(&d.addr)).collect();
     for r in &mut flood {
         assert!(r.line().starts_with("* HELLO shmlock 1 auth=required"));
     }
@@ -175,7 +141,7 @@ fn unauthenticated_connections_take_no_slot_no_owner_and_not_for_long() {
     }
     drop(unauth);
     // PING before AUTH is served but does not keep a connection: it goes at auth_timeout.
-    let mut pinger = Raw::connect(&d.addr);
+    let mut pinger = Raw::connect_bare(&d.addr);
     assert!(pinger.line().starts_with("* HELLO"));
     let t0 = Instant::now();
     let closed = loop {
@@ -205,7 +171,7 @@ fn unauthenticated_connections_take_no_slot_no_owner_and_not_for_long() {
 fn a_slowloris_line_is_closed_by_the_line_deadline() {
     let env = TestEnv::new("abuse-slow");
     let d = GatewayDaemon::start(&env, Some("[gateway]\nidle_timeout = \"2s\"\nline_timeout = \"1s\"\n"));
-    let mut slow = Raw::connect(&d.addr);
+    let mut slow = Raw::connect_bare(&d.addr);
     assert!(slow.line().starts_with("* HELLO"));
     slow.w.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
     // A byte every 300 ms: the idle timer never fires, the line never ends.
@@ -282,7 +248,7 @@ fn locks_pages_list_every_lock_held_throughout_exactly_once_while_others_churn()
             }
         })
     };
-    let mut raw = Raw::connect(&d.addr);
+    let mut raw = Raw::connect_bare(&d.addr);
     assert!(raw.line().starts_with("* HELLO"));
     let mut seen = std::collections::HashMap::<String, u32>::new();
     let mut after: Option<Cursor> = None;

@@ -656,3 +656,55 @@ impl Drop for GatewayDaemon {
         self.kill();
     }
 }
+
+/// A raw connection to a gateway: send lines, read lines, every read with [`DEADLINE`].
+pub(crate) struct Raw {
+    pub(crate) w: std::net::TcpStream,
+    pub(crate) r: std::io::BufReader<std::net::TcpStream>,
+}
+
+impl Raw {
+    /// Connects and reads the greeting.
+    pub(crate) fn connect(addr: impl std::net::ToSocketAddrs) -> Raw {
+        let mut raw = Self::connect_bare(addr);
+        let hello = raw.line();
+        assert!(hello.starts_with("* HELLO shmlock 1 "), "{hello}");
+        raw
+    }
+
+    /// Connects, leaving the greeting unread.
+    pub(crate) fn connect_bare(addr: impl std::net::ToSocketAddrs) -> Raw {
+        let w = std::net::TcpStream::connect(addr).expect("connect");
+        w.set_read_timeout(Some(DEADLINE)).unwrap();
+        let r = std::io::BufReader::new(w.try_clone().unwrap());
+        Raw { w, r }
+    }
+
+    pub(crate) fn send(&mut self, text: &str) {
+        self.w.write_all(text.as_bytes()).expect("send");
+    }
+
+    /// The next line without its LF; "" at EOF (or a reset).
+    pub(crate) fn line(&mut self) -> String {
+        use std::io::BufRead;
+        let mut s = String::new();
+        match self.r.read_line(&mut s) {
+            Ok(_) => s.trim_end_matches('\n').to_string(),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => String::new(),
+            Err(e) => panic!("read (a deadline passed?): {e}"),
+        }
+    }
+
+    /// Sends `text` and a LF, and reads one line.
+    pub(crate) fn ask(&mut self, text: &str) -> String {
+        self.send(&format!("{text}\n"));
+        self.line()
+    }
+
+    /// Reads until EOF (or a reset); fails after the deadline.
+    pub(crate) fn expect_closed(&mut self) {
+        use std::io::Read;
+        let mut rest = Vec::new();
+        let _ = self.r.read_to_end(&mut rest);
+    }
+}
