@@ -11,6 +11,14 @@
 //! [`Error::AlreadyHeld`] instead of deadlocking; two threads that must exclude each other should
 //! each open their own `Client`. While one thread's request is queued, another thread's request
 //! for the same name queues behind it.
+//!
+//! # fork()
+//! A client belongs to the process that opened it. In a child made by `fork()` (Python's
+//! `os.fork` and `multiprocessing`'s fork start method included), every call on the inherited
+//! client and its guards fails with [`Error::ForkedClient`], and dropping them there gives back
+//! nothing: the parent's locks stay the parent's. The child opens a client of its own. (The
+//! check is one load: a `pthread_atfork` handler counts forks.) The same holds for a
+//! [`RemoteClient`](crate::remote::RemoteClient), whose session stays the parent's.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -23,8 +31,8 @@ use crate::clock;
 use crate::config::Capacities;
 use crate::error::{Error, Result};
 use crate::lock::{Guard, Locker, Wait};
-use crate::owner::OwnerKind;
-use crate::table::{LockTable, Mode, OwnerRef, RawGrant, Wait as RawWait};
+use crate::owner::{OpenedBy, OwnerKind};
+use crate::table::{never, Interrupt, LockTable, Mode, OwnerRef, RawGrant, Wait as RawWait};
 
 /// A fencing token: strictly increasing across the grants of one name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -56,6 +64,8 @@ pub struct Client {
     /// One bit per shard this client has been granted a lock in; on drop, those shards are
     /// searched for anything forgotten guards still hold. Set with a load on the hot path.
     touched: Box<[AtomicU64]>,
+    /// The process that opened it: a forked child may not use it (see [`Error::ForkedClient`]).
+    opened_by: OpenedBy,
 }
 
 impl Client {
@@ -88,6 +98,7 @@ impl Client {
             table,
             me,
             touched: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            opened_by: OpenedBy::now(),
         })
     }
 
@@ -99,30 +110,37 @@ impl Client {
     /// The fast path inline (the grant goes from registers straight into the guard), the rest
     /// out of line.
     #[inline(always)]
-    fn acquire_raw(&self, name: &[u8], mode: Mode, wait: RawWait) -> Result<RawGrant> {
+    fn acquire_raw(&self, name: &[u8], mode: Mode, wait: RawWait, interrupted: Interrupt<'_>) -> Result<RawGrant> {
+        self.opened_by.check()?;
         let g = match self.table.acquire_fast(self.me, name, mode, wait) {
             Some(r) => r?,
-            None => self.acquire_slow(name, mode, wait)?,
+            None => self.acquire_slow(name, mode, wait, interrupted)?,
         };
         self.touch(g.shard);
         Ok(g)
     }
 
     #[inline(never)]
-    fn acquire_slow(&self, name: &[u8], mode: Mode, wait: RawWait) -> Result<RawGrant> {
-        self.table.acquire_slow(self.me, name, mode, wait)
+    fn acquire_slow(&self, name: &[u8], mode: Mode, wait: RawWait, interrupted: Interrupt<'_>) -> Result<RawGrant> {
+        self.table.acquire_slow(self.me, name, mode, wait, interrupted)
     }
 
     /// A timed request: `waited` in a timeout error counts from this call, not from the
     /// moment the request was queued, so it is never less than the time the caller allowed.
     #[inline(never)]
-    fn acquire_until(&self, name: &[u8], mode: Mode, deadline: Instant) -> Result<RawGrant> {
+    fn acquire_until(
+        &self,
+        name: &[u8],
+        mode: Mode,
+        deadline: Instant,
+        interrupted: Interrupt<'_>,
+    ) -> Result<RawGrant> {
+        self.opened_by.check()?;
         let start = clock::now();
         let timeout = deadline.saturating_duration_since(Instant::now());
-        match self
-            .table
-            .acquire(self.me, name, mode, RawWait::Until(start.plus(timeout)))
-        {
+        let wait = RawWait::Until(start.plus(timeout));
+        let fast = self.table.acquire_fast(self.me, name, mode, wait);
+        match fast.unwrap_or_else(|| self.table.acquire_slow(self.me, name, mode, wait, interrupted)) {
             Ok(g) => {
                 self.touch(g.shard);
                 Ok(g)
@@ -147,12 +165,17 @@ impl Client {
     /// Unlocks `name`, held by this client in either mode, whose guard was forgotten
     /// (`std::mem::forget`) or leaked. [`Error::NotHeld`] if this client does not hold it.
     pub fn unlock(&self, name: impl AsRef<[u8]>) -> Result<()> {
+        self.opened_by.check()?;
         self.table.release_by_name(self.me, name.as_ref())
     }
 }
 
 impl Drop for Client {
     fn drop(&mut self) {
+        // In a forked child the owner and its locks are the parent's: leave them be.
+        if self.opened_by.forked() {
+            return;
+        }
         // Guards borrow the client or own a reference to it, so only forgotten guards can still
         // hold anything.
         let shards = self.touched.iter().enumerate().flat_map(|(i, w)| {
@@ -175,9 +198,29 @@ impl Locker for Client {
     #[inline(always)]
     fn acquire_with<H: Deref<Target = Client>>(this: H, name: &[u8], mode: Mode, wait: Wait) -> Result<LocalGuard<H>> {
         let raw = match wait {
-            Wait::No => this.acquire_raw(name, mode, RawWait::No)?,
-            Wait::Forever => this.acquire_raw(name, mode, RawWait::Forever)?,
-            Wait::Until(deadline) => this.acquire_until(name, mode, deadline)?,
+            Wait::No => this.acquire_raw(name, mode, RawWait::No, &mut never)?,
+            Wait::Forever => this.acquire_raw(name, mode, RawWait::Forever, &mut never)?,
+            Wait::Until(deadline) => this.acquire_until(name, mode, deadline, &mut never)?,
+        };
+        Ok(LocalGuard {
+            client: this,
+            raw,
+            released: false,
+        })
+    }
+
+    /// The request keeps its place in the queue across the checks.
+    fn acquire_interruptible_with<H: Deref<Target = Client> + Clone>(
+        this: H,
+        name: &[u8],
+        mode: Mode,
+        wait: Wait,
+        interrupted: &mut dyn FnMut() -> bool,
+    ) -> Result<LocalGuard<H>> {
+        let raw = match wait {
+            Wait::No => this.acquire_raw(name, mode, RawWait::No, &mut never)?,
+            Wait::Forever => this.acquire_raw(name, mode, RawWait::Forever, interrupted)?,
+            Wait::Until(deadline) => this.acquire_until(name, mode, deadline, interrupted)?,
         };
         Ok(LocalGuard {
             client: this,
@@ -223,6 +266,7 @@ impl<H: Deref<Target = Client>> Guard for LocalGuard<H> {
     #[inline(always)]
     fn unlock(mut self) -> Result<()> {
         self.released = true;
+        self.client.opened_by.check()?;
         self.client.table.release(self.client.me, &self.raw)
     }
 
@@ -245,7 +289,8 @@ impl<H: Deref<Target = Client>> Guard for LocalGuard<H> {
 impl<H: Deref<Target = Client>> Drop for LocalGuard<H> {
     #[inline]
     fn drop(&mut self) {
-        if !self.released {
+        // A guard dropped in a forked child is the parent's lock: not the child's to release.
+        if !self.released && !self.client.opened_by.forked() {
             let _ = self.client.table.release(self.client.me, &self.raw);
         }
     }

@@ -82,6 +82,22 @@ pub enum Error {
     /// (its handle or session was closed) while the request waited.
     #[error("the lock request was cancelled: its owner's locks were released")]
     Cancelled,
+    /// A wait was given up because its caller asked to (a signal such as Ctrl-C, in a binding
+    /// that checks for one while it waits): the request was withdrawn and nothing is held.
+    #[error("the wait for the lock was interrupted; the request was withdrawn")]
+    Interrupted,
+    /// A client handle was used in a child process after `fork()`. The handle belongs to the
+    /// process that opened it (its locks are that process's): the child must open its own.
+    #[error(
+        "this client was opened by process {opened_by} and cannot be used after fork() in process \
+         {pid}: open a new client in the child (the parent's locks stay the parent's)"
+    )]
+    ForkedClient {
+        /// The process that opened the handle.
+        opened_by: u32,
+        /// This process (the child).
+        pid: u32,
+    },
     /// Another live process already supervises the segment.
     #[error("segment is already supervised by shmlockd pid {pid}")]
     SupervisorRunning {

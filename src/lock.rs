@@ -31,8 +31,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::client::{FencingToken, Grant};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::table::Mode;
+
+/// How often an interruptible wait ([`Locker::acquire_interruptible`]) asks whether to give up,
+/// at least.
+pub const INTERRUPT_CHECK: Duration = Duration::from_millis(50);
 
 /// What a lock request does when the lock is not free at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +108,57 @@ pub trait Locker {
     /// [`AlreadyHeld`](crate::Error::AlreadyHeld), [`NameInvalid`](crate::Error::NameInvalid),
     /// [`PoolFull`](crate::Error::PoolFull) (a full table), and the backend's own failures.
     fn acquire_with<H: Deref<Target = Self>>(this: H, name: &[u8], mode: Mode, wait: Wait) -> Result<Self::Guard<H>>;
+
+    /// Like [`acquire_with`](Locker::acquire_with), but while it waits it calls `interrupted`
+    /// every [`INTERRUPT_CHECK`] at most, never while it holds anything of the backend's;
+    /// when that returns true the request is withdrawn, nothing is held, and the result is
+    /// [`Error::Interrupted`](crate::Error::Interrupted). Meant for bindings whose runtime must
+    /// see signals while a thread waits (Python's Ctrl-C).
+    ///
+    /// The provided version waits in slices of [`INTERRUPT_CHECK`] (each a request of its own,
+    /// so between slices the request has no place in the backend's queue); a backend that can
+    /// ask while its request stays queued overrides it ([`Client`](crate::Client) does).
+    fn acquire_interruptible_with<H: Deref<Target = Self> + Clone>(
+        this: H,
+        name: &[u8],
+        mode: Mode,
+        wait: Wait,
+        interrupted: &mut dyn FnMut() -> bool,
+    ) -> Result<Self::Guard<H>> {
+        let start = Instant::now();
+        loop {
+            let now = Instant::now();
+            let (slice, last) = match wait {
+                Wait::No => (Wait::No, true),
+                Wait::Until(d) if d <= now + INTERRUPT_CHECK => (wait, true),
+                _ => (Wait::Until(now + INTERRUPT_CHECK), false),
+            };
+            match Self::acquire_with(this.clone(), name, mode, slice) {
+                Err(Error::TimedOut { .. }) if !last => {}
+                Err(Error::TimedOut { holder, .. }) => {
+                    return Err(Error::TimedOut {
+                        waited: start.elapsed(),
+                        holder,
+                    })
+                }
+                r => return r,
+            }
+            if interrupted() {
+                return Err(Error::Interrupted);
+            }
+        }
+    }
+
+    /// [`acquire_interruptible_with`](Locker::acquire_interruptible_with), borrowing the client.
+    fn acquire_interruptible(
+        &self,
+        name: impl AsRef<[u8]>,
+        mode: Mode,
+        wait: Wait,
+        interrupted: &mut dyn FnMut() -> bool,
+    ) -> Result<Self::Guard<&Self>> {
+        Self::acquire_interruptible_with(self, name.as_ref(), mode, wait, interrupted)
+    }
 
     /// Locks `name` in `mode`, waiting as `wait` says.
     #[inline(always)]

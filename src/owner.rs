@@ -131,6 +131,49 @@ impl ProcessId {
     }
 }
 
+/// The process that opened a client handle, to tell when the handle is used in a child after
+/// `fork()`: the child inherits the handle's memory (its owner record's index, a gateway
+/// session's socket) but is not its owner, so it must open its own. Comparing fork counts costs
+/// one load, where `getpid()` would cost a system call on every lock.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct OpenedBy {
+    pid: u32,
+    forks: u32,
+}
+
+impl OpenedBy {
+    /// This process, now.
+    pub(crate) fn now() -> OpenedBy {
+        OpenedBy {
+            forks: crate::shm::sys::forks(),
+            pid: std::process::id(),
+        }
+    }
+
+    /// Is this a child (forked since) of the process that opened the handle?
+    #[inline(always)]
+    pub(crate) fn forked(self) -> bool {
+        crate::shm::sys::forks() != self.forks
+    }
+
+    /// [`Error::ForkedClient`](crate::Error::ForkedClient) in a forked child.
+    #[inline(always)]
+    pub(crate) fn check(self) -> crate::Result<()> {
+        if self.forked() {
+            return Err(self.forked_error());
+        }
+        Ok(())
+    }
+
+    #[cold]
+    fn forked_error(self) -> crate::Error {
+        crate::Error::ForkedClient {
+            opened_by: self.pid,
+            pid: std::process::id(),
+        }
+    }
+}
+
 /// Start time of process `pid` (field 22 of /proc/PID/stat), or None if it does not exist.
 pub fn start_time(pid: u32) -> Option<u64> {
     proc_stat(pid).map(|(_, start)| start)

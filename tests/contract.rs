@@ -210,6 +210,90 @@ fn bad_names<B: Backend>(b: &B) {
     keep.unlock().expect("keep was held all along");
 }
 
+/// A wait its caller interrupts gives up with `Interrupted`, holding nothing; the lock goes on
+/// to the next waiter.
+fn interruptible<B: Backend>(b: &B) {
+    let (a, c, d) = (b.open("a"), b.open("c"), b.open("d"));
+    let g = a.lock("i").expect("lock");
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let waiting = s.spawn(|| {
+            let mut interrupted = || stop.load(std::sync::atomic::Ordering::Relaxed);
+            c.acquire_interruptible("i", Mode::Exclusive, Wait::Forever, &mut interrupted)
+                .map(|g| g.token())
+        });
+        std::thread::sleep(Duration::from_millis(120));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(matches!(waiting.join().unwrap(), Err(Error::Interrupted)));
+    });
+    drop(g);
+    // Nothing of c's is left queued or held: d gets the lock, and c can ask again.
+    soon(&d, "i").unlock().expect("unlock");
+    let mut never = || false;
+    let g = c
+        .acquire_interruptible("i", Mode::Shared, Wait::for_duration(DEADLINE), &mut never)
+        .expect("c locks after its interrupted wait");
+    assert_eq!(g.mode(), Mode::Shared);
+}
+
+/// A forked child that uses its parent's client gets `ForkedClient`, and nothing of the
+/// parent's is given back by the child's copies; a client of its own works.
+#[allow(unsafe_code)]
+fn forked<B: Backend>(b: &B) {
+    let a = b.open("a");
+    let g = a.lock("f").expect("lock");
+    // SAFETY: the child runs only this code and leaves with _exit (see tests/locking.rs's fork
+    // test); the gateway's threads stay in the parent, where they keep serving.
+    match unsafe { nix::unistd::fork() }.expect("fork") {
+        nix::unistd::ForkResult::Child => {
+            let code = 'child: {
+                if !matches!(a.try_lock("g"), Err(Error::ForkedClient { .. })) {
+                    break 'child 1;
+                }
+                drop(g);
+                drop(a);
+                let own = b.open("child");
+                if !matches!(own.try_lock("f"), Err(Error::WouldBlock)) {
+                    break 'child 2;
+                }
+                0
+            };
+            // SAFETY: ends the child at once, running nothing of the parent's.
+            unsafe { libc::_exit(code) }
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            let status = nix::sys::wait::waitpid(child, None).expect("waitpid");
+            assert_eq!(
+                status,
+                nix::sys::wait::WaitStatus::Exited(child, 0),
+                "the child's checks"
+            );
+            g.unlock().expect("still the parent's lock");
+            soon(&a, "g").unlock().expect("the parent's client still works");
+        }
+    }
+}
+
+#[test]
+fn interruptible_local() {
+    interruptible(&local("c-intr"));
+}
+
+#[test]
+fn interruptible_remote() {
+    interruptible(&remote("c-intr-r"));
+}
+
+#[test]
+fn forked_local() {
+    forked(&local("c-fork"));
+}
+
+#[test]
+fn forked_remote() {
+    forked(&remote("c-fork-r"));
+}
+
 #[test]
 fn exclusive_local() {
     exclusive(&local("c-excl"));

@@ -1154,3 +1154,115 @@ fn clients_open_segments_by_name() {
     assert!(t.check().is_empty());
     env.assert_quiet();
 }
+
+// ---- 9. waits a binding can interrupt, and fork() -------------------------------------------
+
+#[test]
+fn an_interrupted_wait_leaves_the_queue_and_the_others_keep_their_places() {
+    use shmlock::{Locker, Wait};
+    let env = TestEnv::new("interrupt");
+    let holder = env.client("holder");
+    let g = holder.lock("q").expect("lock");
+    let (a, b) = (env.client("a"), env.client("b"));
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let asked = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        let first = s.spawn(|| {
+            let mut interrupted = || {
+                asked.fetch_add(1, Ordering::Relaxed);
+                stop.load(Ordering::Relaxed)
+            };
+            a.acquire_interruptible("q", Mode::Exclusive, Wait::Forever, &mut interrupted)
+                .map(|g| g.token())
+        });
+        env.wait_for("a to queue", |t| t.stats().waiting == 1);
+        let second = s.spawn(|| b.lock("q").map(|g| g.token()));
+        env.wait_for("b to queue behind a", |t| t.stats().waiting == 2);
+        // a is asked while it waits (every sleep), and keeps waiting while the answer is no.
+        wait_until("a to be asked twice", || asked.load(Ordering::Relaxed) >= 2);
+        assert_eq!(env.table.stats().waiting, 2);
+        stop.store(true, Ordering::Relaxed);
+        assert_err!(first.join().unwrap(), Error::Interrupted);
+        // Withdrawn, not timed out; b is next.
+        let st = env.table.stats();
+        assert_eq!((st.waiting, st.timeouts), (1, 0), "{st:?}");
+        let held = g.token();
+        drop(g);
+        let token = second.join().unwrap().expect("b is granted once the holder lets go");
+        assert!(token > held);
+    });
+    // Not waiting: an interruptible request is an ordinary one.
+    let mut never = || false;
+    let g = a
+        .acquire_interruptible("free", Mode::Shared, Wait::No, &mut never)
+        .expect("a free lock");
+    assert_eq!(g.mode(), Mode::Shared);
+    drop(g);
+    let _h = holder.lock("busy").expect("lock");
+    let deadline = Wait::for_duration(Duration::from_millis(30));
+    assert_err!(
+        a.acquire_interruptible("busy", Mode::Exclusive, deadline, &mut never),
+        Error::TimedOut { .. }
+    );
+    drop(_h);
+    drop((holder, a, b));
+    env.assert_quiet();
+}
+
+#[test]
+#[allow(unsafe_code)]
+fn a_forked_child_cannot_use_its_parents_client_and_leaves_its_locks_alone() {
+    let env = TestEnv::new("fork");
+    let client = env.client("parent");
+    let g = client.lock("a").expect("lock");
+    let held = client.lock_shared("s").expect("lock_shared");
+    // SAFETY: the child runs only this function's code (the library's calls, no other thread's
+    // state: the harness's threads do not hold glibc's malloc locks across fork, which glibc's
+    // own atfork handlers reset) and leaves with _exit, running no destructors of the parent's.
+    match unsafe { nix::unistd::fork() }.expect("fork") {
+        nix::unistd::ForkResult::Child => {
+            let code = 'child: {
+                match client.try_lock("b") {
+                    Err(Error::ForkedClient { opened_by, pid }) if opened_by != pid => {}
+                    _ => break 'child 1,
+                }
+                if !matches!(client.unlock("a"), Err(Error::ForkedClient { .. })) {
+                    break 'child 2;
+                }
+                // Dropping the inherited guards and client gives back nothing of the parent's.
+                drop(held);
+                drop(g);
+                drop(client);
+                let own = Client::open(&env.segment).expect("the child opens its own client");
+                if !matches!(own.try_lock("a"), Err(Error::WouldBlock)) {
+                    break 'child 3;
+                }
+                if !matches!(own.try_lock("s"), Err(Error::WouldBlock)) {
+                    break 'child 4;
+                }
+                match own.lock("c").map(|g| g.unlock()) {
+                    Ok(Ok(())) => 0,
+                    _ => 5,
+                }
+            };
+            // SAFETY: _exit ends the child at once, as a forked child of a threaded process
+            // should (no atexit handlers, no destructors of state copied from the parent).
+            unsafe { libc::_exit(code) }
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            let status = nix::sys::wait::waitpid(child, None).expect("waitpid");
+            assert_eq!(
+                status,
+                nix::sys::wait::WaitStatus::Exited(child, 0),
+                "the child's checks"
+            );
+            // Still the parent's, and still working.
+            assert!(held.unlock().is_ok());
+            assert!(g.unlock().is_ok());
+            let g = client.lock("b").expect("the parent's client still works");
+            drop(g);
+        }
+    }
+    drop(client);
+    env.assert_quiet();
+}

@@ -320,6 +320,12 @@ fn check_name(name: &[u8], max: usize) -> Result<()> {
 
 impl Drop for RemoteClient {
     fn drop(&mut self) {
+        if self.inner.opened_by.forked() {
+            // A forked child's copy: the session, its socket and its thread are the parent's.
+            // Closing the child's descriptors (when `inner` goes) leaves the connection open.
+            std::mem::forget(self.background.take());
+            return;
+        }
         self.inner.shut(self.background.take());
     }
 }
@@ -369,7 +375,7 @@ impl<'a> PendingLock<'a> {
 
 impl Drop for PendingLock<'_> {
     fn drop(&mut self) {
-        if self.waited {
+        if self.waited || self.client.inner.opened_by.forked() {
             return;
         }
         // Given up: if the answer has not come yet, unlock when it does.

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use crate::client::{FencingToken, Grant};
 use crate::error::{Error, Result};
+use crate::owner::OpenedBy;
 use crate::proto::framer::Framer;
 use crate::proto::{self, ErrorCode, Response};
 
@@ -166,6 +167,9 @@ pub(super) struct Inner {
     /// Milliseconds since `epoch` of the last request sent (for the keep-alive).
     pub(super) last_send: AtomicU64,
     pub(super) epoch: Instant,
+    /// The process that connected: a forked child shares the socket but not the session's
+    /// threads, and may not use it (it would speak on its parent's session).
+    pub(super) opened_by: OpenedBy,
 }
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -217,6 +221,9 @@ impl Inner {
 
     /// Registers `slot` under a new tag and sends `tag`, a space, what `request` appends, LF.
     pub(super) fn send(&self, slot: Slot, request: impl FnOnce(&mut Vec<u8>)) -> Result<u64> {
+        // Before any lock: in a forked child, a lock may have been held by a thread of the
+        // parent's at the fork, and is held for ever.
+        self.opened_by.check()?;
         let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
         {
             let mut st = lock(&self.state);
@@ -259,6 +266,7 @@ impl Inner {
     /// Waits for the answer to `tag` (a `Slot::Caller`): reads the socket itself while nobody
     /// else does, else parks until a reader hands it its answer or the reading role.
     pub(super) fn wait(&self, tag: u64) -> Reply {
+        self.opened_by.check()?;
         let mut st = lock(&self.state);
         st.waiting += 1;
         let reply = loop {
@@ -584,6 +592,7 @@ impl Inner {
             next_tag: AtomicU64::new(1),
             last_send: AtomicU64::new(0),
             epoch: Instant::now(),
+            opened_by: OpenedBy::now(),
         })
     }
 

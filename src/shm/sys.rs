@@ -1,4 +1,4 @@
-//! The syscall shim: mmap/munmap and the shared (non-private) futex.
+//! The syscall shim: mmap/munmap, the shared (non-private) futex, and the fork counter.
 //!
 //! Everything else that touches the OS goes through `nix`'s safe wrappers.
 
@@ -7,7 +7,8 @@
 use std::num::NonZeroUsize;
 use std::os::fd::AsFd;
 use std::ptr::NonNull;
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Once;
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -159,4 +160,35 @@ pub(crate) fn prefetch<T>(r: &T) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = r;
+}
+
+/// Forks this process has gone through (as seen in the child: each child's count is one more
+/// than its parent's was at the fork).
+static FORKS: AtomicU32 = AtomicU32::new(0);
+
+/// Counts a fork in the child. Runs in the child between `fork()` and its return, where only
+/// async-signal-safe work is allowed: one atomic add is.
+extern "C" fn count_fork_in_child() {
+    FORKS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// This process's fork count: a handle that records it when opened knows, by comparing, that it
+/// is being used in a child of the process that opened it (whatever called `fork()`: Rust,
+/// Python's `os.fork`, `multiprocessing`, C). The first call installs the `pthread_atfork`
+/// handler; forks before it are not counted, and none need to be (no handle existed yet).
+/// A raw `clone` or `vfork` syscall that bypasses libc's `fork()` is not seen.
+#[inline]
+pub(crate) fn forks() -> u32 {
+    static WATCH: Once = Once::new();
+    WATCH.call_once(|| {
+        // SAFETY: pthread_atfork only records the three handler pointers; the child handler is
+        // a plain `extern "C" fn` without arguments that does only an atomic add. It stays valid
+        // as long as this code is mapped: in a shared object (the C library, the Python
+        // module) glibc's pthread_atfork registers it under that object's `__dso_handle` and
+        // removes it when the object is unloaded. A failure (ENOMEM) leaves forks uncounted,
+        // which a debug build would rather say than hide.
+        let r = unsafe { libc::pthread_atfork(None, None, Some(count_fork_in_child)) };
+        debug_assert_eq!(r, 0, "pthread_atfork failed");
+    });
+    FORKS.load(Ordering::Relaxed)
 }

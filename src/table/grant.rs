@@ -96,12 +96,14 @@ impl LockTable {
         })
     }
 
-    /// Locks `name` for `me`.
+    /// Locks `name` for `me`. (For the gateway's sessions and the table's tests: a `Client`
+    /// calls the fast and slow paths itself.)
     #[inline]
+    #[cfg_attr(not(feature = "gateway"), allow(dead_code))]
     pub(crate) fn acquire(&self, me: OwnerRef, name: &[u8], mode: Mode, wait: Wait) -> Result<RawGrant> {
         match self.acquire_fast(me, name, mode, wait) {
             Some(r) => r,
-            None => self.acquire_slow(me, name, mode, wait),
+            None => self.acquire_slow(me, name, mode, wait, &mut never),
         }
     }
 
@@ -120,15 +122,27 @@ impl LockTable {
 
     /// Everything [`acquire_fast`](Self::acquire_fast) leaves: name errors, shared mode, and
     /// locks that are not free (or not yet in the index).
+    ///
+    /// While it waits, `interrupted` is called after every sleep (at most [`POLL`](super::wait::POLL)
+    /// apart, and at once after a signal interrupts the sleep), never under a latch: when it
+    /// returns true, the request is withdrawn from the queue and [`Error::Interrupted`] returned.
     #[inline(never)]
-    pub(crate) fn acquire_slow(&self, me: OwnerRef, name: &[u8], mode: Mode, wait: Wait) -> Result<RawGrant> {
+    pub(crate) fn acquire_slow(
+        &self,
+        me: OwnerRef,
+        name: &[u8],
+        mode: Mode,
+        wait: Wait,
+        interrupted: Interrupt<'_>,
+    ) -> Result<RawGrant> {
         let name = LockName::new(name, self.geo.max_name_len as usize)?.as_bytes();
         let h = name::hash(self.seed, name);
-        self.acquire_latched(me, name, h, mode, wait, true)
+        self.acquire_latched(me, name, h, mode, wait, true, interrupted)
     }
 
     /// The latched path of [`acquire`](Self::acquire).
     #[inline(never)]
+    #[allow(clippy::too_many_arguments)] // the request, the caller's patience, and the retry's state
     pub(super) fn acquire_latched(
         &self,
         me: OwnerRef,
@@ -137,6 +151,7 @@ impl LockTable {
         mode: Mode,
         wait: Wait,
         spin: bool,
+        interrupted: Interrupt<'_>,
     ) -> Result<RawGrant> {
         let sh = self.shard(self.shard_of(h));
         let guard = self.lock_shard(&sh, me.latch_id());
@@ -177,7 +192,7 @@ impl LockTable {
             sh.publish(i);
             drop(guard);
             self.reap_suspects(due, me)?;
-            return self.acquire_latched(me, name, h, mode, wait, spin);
+            return self.acquire_latched(me, name, h, mode, wait, spin, interrupted);
         }
         if wait == Wait::No {
             sh.publish(i);
@@ -190,13 +205,13 @@ impl LockTable {
             sh.publish(i);
             drop(guard);
             Self::spin_until_free(e);
-            return self.acquire_latched(me, name, h, mode, wait, false);
+            return self.acquire_latched(me, name, h, mode, wait, false, interrupted);
         }
         let w = self.enqueue(&sh, i, mode, me);
         sh.publish(i);
         let w = w?;
         drop(guard);
-        self.wait_for_grant(&sh, i, w, me, mode, wait)
+        self.wait_for_grant(&sh, i, w, me, mode, wait, interrupted)
     }
 
     /// Releases a grant: a fast hold by one CAS (inlined), anything else under the latch.

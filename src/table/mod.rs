@@ -139,6 +139,15 @@ pub(crate) enum Wait {
     Forever,
 }
 
+/// Asked after each of a waiter's sleeps whether its caller wants to give up (a signal arrived,
+/// a session was cancelled): true withdraws the request with [`Error::Interrupted`].
+pub(crate) type Interrupt<'a> = &'a mut dyn FnMut() -> bool;
+
+/// The [`Interrupt`] of a caller that never gives up early.
+pub(crate) fn never() -> bool {
+    false
+}
+
 /// An owner as the table knows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct OwnerRef {

@@ -1,6 +1,7 @@
 //! Model-based tests of the table: random operations against a HashMap reference, with `check()`
 //! after every step.
 
+use crate::table::never;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -324,7 +325,7 @@ fn a_handoff_cut_short_before_the_wake_is_still_a_grant() {
         assert_eq!(sh.hpool().state(Idx(w.0)).unwrap(), HoldState::Granted);
         let deadline = crate::clock::now().plus(std::time::Duration::from_millis(1));
         let g = table
-            .wait_for_grant(&sh, i, w, b, Mode::Exclusive, Wait::Until(deadline))
+            .wait_for_grant(&sh, i, w, b, Mode::Exclusive, Wait::Until(deadline), &mut never)
             .expect("the handed-off lock is b's");
         assert!(g.token > held.token);
         table.release(b, &g).unwrap();
@@ -413,7 +414,7 @@ fn while_the_head_waiter_is_woken_the_lock_is_open_to_fast_cas() {
     assert_eq!(hold.futex.load(Relaxed), WOKEN);
     let deadline = crate::clock::now().plus(Duration::from_secs(5));
     let by_b = table
-        .wait_for_grant(&sh, i, w, b, Mode::Exclusive, Wait::Until(deadline))
+        .wait_for_grant(&sh, i, w, b, Mode::Exclusive, Wait::Until(deadline), &mut never)
         .expect("the woken waiter takes the free lock");
     assert!(by_b.token > by_c.token);
     assert_eq!(sh.hpool().state(Idx(w.0)).unwrap(), HoldState::Free);
@@ -442,7 +443,7 @@ fn a_starving_head_waiter_keeps_the_lock_closed_and_gets_it_handed_over() {
     ));
     let deadline = crate::clock::now().plus(Duration::from_secs(5));
     let g = table
-        .wait_for_grant(&sh, i, w, b, Mode::Exclusive, Wait::Until(deadline))
+        .wait_for_grant(&sh, i, w, b, Mode::Exclusive, Wait::Until(deadline), &mut never)
         .unwrap();
     table.release(b, &g).unwrap();
     assert!(table.check().is_empty(), "{:?}", table.check());
@@ -462,7 +463,7 @@ fn a_woken_waiter_that_finds_the_lock_taken_waits_on_and_times_out_cleanly() {
     // b comes while c holds the lock and never lets go: b watches it, looks again, goes back to
     // waiting (closing the word, so that c's release would wake it) and gives up at its deadline.
     let deadline = crate::clock::now().plus(Duration::from_millis(20));
-    let r = table.wait_for_grant(&sh, i, w, b, Mode::Exclusive, Wait::Until(deadline));
+    let r = table.wait_for_grant(&sh, i, w, b, Mode::Exclusive, Wait::Until(deadline), &mut never);
     match r {
         Err(Error::TimedOut { holder, .. }) => assert_eq!(holder.map(|h| h.holders), Some(1)),
         other => panic!("{other:?}"),
@@ -688,7 +689,7 @@ fn a_grant_forced_out_before_its_waiter_collects_it_is_not_a_cancellation() {
             .expect("the lock was forced free");
         let deadline = crate::clock::now().plus(Duration::from_secs(5));
         let by_b = table
-            .wait_for_grant(&sh, i, w, b, mode, Wait::Until(deadline))
+            .wait_for_grant(&sh, i, w, b, mode, Wait::Until(deadline), &mut never)
             .expect("b's request was granted, not cancelled");
         assert!(by_b.token < by_c.token, "{mode:?}");
         assert!(matches!(table.release(b, &by_b), Err(Error::NotHeld)), "{mode:?}");

@@ -9,6 +9,8 @@
 //!
 //! Every sleep is bounded ([`POLL`]), so a waiter re-examines its state even if a wake-up was
 //! lost (for instance because the releasing process was killed between its store and its wake).
+//! After each sleep it asks its caller's [`Interrupt`] whether to give up (Ctrl-C in a Python
+//! wait, a cancelled gateway request): then it withdraws its request as a timeout does.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -192,6 +194,7 @@ impl LockTable {
     }
 
     /// Sleeps until the request `w` of `me` on entry `i` is granted, or the deadline passes.
+    #[allow(clippy::too_many_arguments)] // the request, its queue record, and the caller's patience
     pub(super) fn wait_for_grant(
         &self,
         sh: &Shard<'_>,
@@ -200,6 +203,7 @@ impl LockTable {
         me: OwnerRef,
         mode: Mode,
         wait: Wait,
+        interrupted: Interrupt<'_>,
     ) -> Result<RawGrant> {
         let hold = sh.hold(w)?;
         let started = sh.hpool().time(Idx(w))?;
@@ -220,6 +224,9 @@ impl LockTable {
                 };
                 futex_wait(&hold.futex, WAIT, Some(sleep));
             }
+            // Asked outside the latch: the caller may take its time (a Python binding takes the
+            // GIL to run signal handlers).
+            let give_up = interrupted();
             let guard = self.lock_shard(sh, me.latch_id());
             sh.pin(i)?;
             let e = sh.entry(i)?;
@@ -282,19 +289,26 @@ impl LockTable {
                 }
                 _ => {}
             }
-            if matches!(wait, Wait::Until(d) if clock::now() >= d) {
-                let holder = self.holder_info(sh, i);
+            let timed_out = matches!(wait, Wait::Until(d) if clock::now() >= d);
+            if timed_out || give_up {
+                let holder = if timed_out { self.holder_info(sh, i) } else { None };
                 let wake = self.cancel_wait(sh, i, w);
                 sh.publish(i);
                 let wake = wake?;
-                sh.bump(STAT_TIMEOUTS);
+                if timed_out {
+                    sh.bump(STAT_TIMEOUTS);
+                }
                 drop(guard);
                 if let Some(f) = wake {
                     futex_wake(f, 1);
                 }
-                return Err(Error::TimedOut {
-                    waited: clock::now().since(started),
-                    holder,
+                return Err(if timed_out {
+                    Error::TimedOut {
+                        waited: clock::now().since(started),
+                        holder,
+                    }
+                } else {
+                    Error::Interrupted
                 });
             }
             // Without shmlockd nobody else may notice that the holder died: check the owners
