@@ -1,0 +1,599 @@
+//! `pyshmlock._pyshmlock`: the Python module, a thin layer on the Rust library's [`Locker`]
+//! contract. `Client` and `RemoteClient` are the library's clients behind an `Arc`; a `Guard` owns
+//! the library's owned guard (`ArcLockGuard` / `ArcRemoteGuard`), so it lives as long as Python
+//! keeps it and unlocks when released, when its `with` block ends, or when it is collected.
+//!
+//! Three rules shape it:
+//! - An uncontended lock never gives up the GIL: it is tried at once, under the GIL; only a lock
+//!   that must wait releases the GIL for the wait.
+//! - A wait runs through [`Locker::acquire_interruptible_with`]: after each of its sleeps (at
+//!   most 50 ms apart, and at once when a signal interrupts it) it takes the GIL back for a moment
+//!   to run Python's signal handlers. A handler that raises (Ctrl-C: `KeyboardInterrupt`)
+//!   withdraws the request, and the exception propagates with nothing held or queued.
+//! - Errors become the exceptions of `pyshmlock/_errors.py` (one per variant of the library's
+//!   `Error`), looked up by name there, so their hierarchy (`Timeout` is also a `TimeoutError`)
+//!   is plain Python.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyBytes, PyString};
+use pyo3::IntoPyObjectExt;
+use shmlock::remote::{ArcRemoteGuard, ConnectOptions, RemoteClient as Remote};
+use shmlock::{ArcLockGuard, Capacities, Client as Local, Error, LockTable, Locker, Mode, Wait};
+
+/// A lock held through either backend.
+enum Held {
+    Local(ArcLockGuard),
+    Remote(ArcRemoteGuard),
+}
+
+impl Held {
+    fn grant(&self) -> shmlock::Grant {
+        match self {
+            Held::Local(g) => g.grant(),
+            Held::Remote(g) => g.grant(),
+        }
+    }
+}
+
+/// What the module needs of a backend besides the contract.
+trait Backend: Locker + Send + Sync + 'static {
+    /// Waits for the gateway's answers (so: without the GIL) rather than for memory.
+    const REMOTE: bool;
+    fn held(g: Self::Guard<Arc<Self>>) -> Held;
+}
+
+impl Backend for Local {
+    const REMOTE: bool = false;
+    fn held(g: ArcLockGuard) -> Held {
+        Held::Local(g)
+    }
+}
+
+impl Backend for Remote {
+    const REMOTE: bool = true;
+    fn held(g: ArcRemoteGuard) -> Held {
+        Held::Remote(g)
+    }
+}
+
+// ---- errors ----------------------------------------------------------------------------------
+
+/// `pyshmlock._errors`, imported once.
+static ERRORS: PyOnceLock<Py<PyModule>> = PyOnceLock::new();
+
+/// The exception of class `class` (in `pyshmlock._errors`) with `message` and attributes.
+fn exception(py: Python<'_>, class: &str, message: String, attrs: &[(&str, Py<PyAny>)]) -> PyErr {
+    let make = || -> PyResult<PyErr> {
+        let module = ERRORS.get_or_try_init(py, || py.import("pyshmlock._errors").map(Bound::unbind))?;
+        let exc = module.bind(py).getattr(class)?.call1((message.clone(),))?;
+        for (k, v) in attrs {
+            exc.setattr(*k, v)?;
+        }
+        Ok(PyErr::from_value(exc))
+    };
+    // The error module missing is a broken install: say that rather than lose the error.
+    make().unwrap_or_else(|e| e)
+}
+
+fn obj<'py, T: IntoPyObject<'py>>(py: Python<'py>, v: T) -> Py<PyAny> {
+    v.into_py_any(py).unwrap_or_else(|_| py.None())
+}
+
+/// The Python exception for a library error; `name` is the lock concerned, where one is.
+fn raise(py: Python<'_>, e: Error, name: Option<&Py<PyAny>>) -> PyErr {
+    let message = e.to_string();
+    let name_attr = || name.map_or_else(|| py.None(), |n| n.clone_ref(py));
+    let secs = |d: Duration| obj(py, d.as_secs_f64());
+    let segment = |s: &str| vec![("segment", obj(py, s))];
+    let (class, attrs): (&str, Vec<(&str, Py<PyAny>)>) = match &e {
+        Error::TimedOut { waited, holder } => {
+            let mut a = vec![("name", name_attr()), ("waited", secs(*waited))];
+            if let Some(h) = holder {
+                a.extend([
+                    ("holder_pid", obj(py, h.pid)),
+                    ("holder_label", obj(py, h.label.as_str())),
+                    ("held_for", secs(h.held_for)),
+                    ("holders", obj(py, h.holders)),
+                ]);
+            }
+            ("Timeout", a)
+        }
+        Error::WouldBlock => ("WouldBlock", vec![("name", name_attr())]),
+        Error::AlreadyHeld => ("AlreadyHeld", vec![("name", name_attr())]),
+        Error::NotHeld => ("NotHeld", vec![("name", name_attr())]),
+        Error::NameInvalid { .. } => ("BadName", vec![("name", name_attr())]),
+        Error::PoolFull { .. } => ("TableFull", vec![]),
+        Error::Cancelled => ("Cancelled", vec![]),
+        Error::Interrupted => ("Interrupted", vec![]),
+        Error::ForkedClient { opened_by, pid } => (
+            "ForkedClient",
+            vec![("opened_by", obj(py, *opened_by)), ("pid", obj(py, *pid))],
+        ),
+        Error::SupervisorRunning { .. } => ("SupervisorRunning", vec![]),
+        Error::Config { .. } => ("ConfigError", vec![]),
+        Error::SegmentMissing { name } => {
+            let message = format!(
+                "segment {name} does not exist: start shmlockd to create it (`shmlockd --segment {name}`, \
+                 or `cargo run --release --bin shmlockd -- --segment {name}` in the shmlock source tree), \
+                 or open the client with create=True"
+            );
+            return exception(py, "SegmentMissing", message, &segment(name));
+        }
+        Error::SegmentExists { name } => ("SegmentExists", segment(name)),
+        Error::SegmentNameInvalid { name, .. } => ("BadSegmentName", segment(name)),
+        Error::SegmentWrongOwner { name, .. } => ("SegmentWrongOwner", segment(name)),
+        Error::SegmentSymlink { name, .. } => ("SegmentSymlink", segment(name)),
+        Error::SegmentNotRegular { name, .. } => ("SegmentNotRegular", segment(name)),
+        Error::SegmentLinked { name, .. } => ("SegmentLinked", segment(name)),
+        Error::SegmentModeTooWide { name, .. } => ("SegmentModeTooWide", segment(name)),
+        Error::SegmentInUse { name, .. } => ("SegmentInUse", segment(name)),
+        Error::SegmentRemoved { name, .. } => ("SegmentRemoved", segment(name)),
+        Error::WrongMagic { .. } => ("WrongMagic", vec![]),
+        Error::WrongVersion { .. } => ("WrongVersion", vec![]),
+        Error::SegmentTooSmall { .. } => ("SegmentTooSmall", vec![]),
+        Error::Corrupt { .. } => ("Corrupt", vec![]),
+        Error::WrongState { .. } => ("WrongState", vec![]),
+        Error::Remote { code, .. } => ("RemoteError", vec![("code", obj(py, code.to_string()))]),
+        Error::ProtocolVersion { .. } => ("ProtocolVersionError", vec![]),
+        Error::Connection { .. } => ("GatewayConnectionError", vec![]),
+        Error::Io { source, segment: s, .. } => {
+            // OSError(errno, strerror) sets .errno and .strerror.
+            let errno = source.raw_os_error().unwrap_or(0);
+            let make = || -> PyResult<PyErr> {
+                let module = ERRORS.get_or_try_init(py, || py.import("pyshmlock._errors").map(Bound::unbind))?;
+                let exc = module
+                    .bind(py)
+                    .getattr("ShmlockOSError")?
+                    .call1((errno, message.clone()))?;
+                if !s.is_empty() {
+                    exc.setattr("segment", s.as_str())?;
+                }
+                Ok(PyErr::from_value(exc))
+            };
+            return make().unwrap_or_else(|e| e);
+        }
+        // A variant this build does not know of (the library's Error is non_exhaustive).
+        _ => ("ShmlockError", vec![]),
+    };
+    exception(py, class, message, &attrs)
+}
+
+// ---- arguments -------------------------------------------------------------------------------
+
+unsafe extern "C" {
+    /// CPython's UTF-8 view of a `str`, cached in the object (no copy). In the limited API only
+    /// from 3.10, but exported with this signature by every CPython 3 (part of the full API
+    /// before), so this abi3 module for 3.9+ may call it; PyO3 under `abi3-py39` copies instead.
+    fn PyUnicode_AsUTF8AndSize(unicode: *mut pyo3::ffi::PyObject, size: *mut pyo3::ffi::Py_ssize_t) -> *const u8;
+}
+
+/// The bytes of a name given as `str` (its UTF-8) or `bytes` (any bytes).
+fn name_bytes<'a>(name: &'a Bound<'_, PyAny>) -> PyResult<&'a [u8]> {
+    if let Ok(s) = name.cast::<PyString>() {
+        let mut len: pyo3::ffi::Py_ssize_t = 0;
+        // SAFETY: `s` is a live `str` (checked by the cast) and we hold the GIL (`Bound`). The
+        // function returns null with an exception set (a lone surrogate: not UTF-8), or a
+        // pointer to `len` bytes owned by the object and valid while it lives and is not
+        // modified (`str` is immutable), which the borrow `'a` of `name` guarantees.
+        let p = unsafe { PyUnicode_AsUTF8AndSize(s.as_ptr(), &mut len) };
+        if p.is_null() {
+            return Err(PyErr::fetch(name.py()));
+        }
+        // SAFETY: as above: `p` points at `len` (>= 0) initialised bytes that outlive `'a`.
+        return Ok(unsafe { std::slice::from_raw_parts(p, len as usize) });
+    }
+    if let Ok(b) = name.cast::<PyBytes>() {
+        return Ok(b.as_bytes());
+    }
+    Err(PyTypeError::new_err(format!(
+        "a lock name is a str or bytes, not {}",
+        name.get_type().name()?
+    )))
+}
+
+/// The wait of `timeout` (seconds: None or negative, as long as it takes; 0, one try) and
+/// `blocking` (False: one try).
+fn wait_of(timeout: Option<f64>, blocking: bool) -> PyResult<Wait> {
+    match timeout {
+        _ if !blocking => Ok(Wait::No),
+        None => Ok(Wait::Forever),
+        Some(t) if t.is_nan() => Err(PyValueError::new_err("timeout is NaN")),
+        Some(t) if t < 0.0 => Ok(Wait::Forever),
+        Some(0.0) => Ok(Wait::No),
+        // Beyond what a Duration holds: as good as forever.
+        Some(t) => Ok(Duration::try_from_secs_f64(t).map_or(Wait::Forever, Wait::for_duration)),
+    }
+}
+
+fn mode_of(shared: bool) -> Mode {
+    if shared {
+        Mode::Shared
+    } else {
+        Mode::Exclusive
+    }
+}
+
+/// What a Python process is called in `shmlock owners`: its script's file name (`worker.py`),
+/// or `python` when it runs none (`-c`, the REPL).
+fn default_label(py: Python<'_>) -> String {
+    let argv0: Option<String> = py
+        .import("sys")
+        .and_then(|sys| sys.getattr("argv"))
+        .and_then(|argv| argv.get_item(0))
+        .and_then(|a| a.extract())
+        .ok();
+    let script = argv0
+        .as_deref()
+        .map(|a| a.rsplit('/').next().unwrap_or(a))
+        .filter(|a| !a.is_empty() && *a != "-c" && *a != "-m");
+    let label = script.unwrap_or("python");
+    truncate(label, shmlock::owner::LABEL_MAX).to_string()
+}
+
+/// `s` cut to at most `max` bytes, at a character boundary.
+fn truncate(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+// ---- locking, for both backends --------------------------------------------------------------
+
+/// Locks `name` on `client`: `Ok(None)` only for a one-try request (`try_lock`) that found the
+/// lock busy.
+fn acquire<L: Backend>(
+    py: Python<'_>,
+    client: &Arc<L>,
+    name: &Bound<'_, PyAny>,
+    mode: Mode,
+    wait: Wait,
+    busy_is_none: bool,
+) -> PyResult<Option<Guard>> {
+    let bytes = name_bytes(name)?;
+    // Tried at once under the GIL: an uncontended lock costs no release of the GIL. (Not for a
+    // remote client, whose every request is a round trip.)
+    let first = (!L::REMOTE).then(|| L::acquire_with(Arc::clone(client), bytes, mode, Wait::No).map(L::held));
+    let result = match first {
+        Some(Err(Error::WouldBlock)) if wait != Wait::No => wait_for(py, client, bytes, mode, wait)?,
+        Some(r) => r,
+        None => wait_for(py, client, bytes, mode, wait)?,
+    };
+    match result {
+        Ok(g) => {
+            let grant = g.grant();
+            Ok(Some(Guard {
+                held: Mutex::new(Some(g)),
+                name: name.clone().unbind(),
+                token: grant.token.0,
+                owner_died: grant.owner_died,
+                shared: grant.mode == Mode::Shared,
+            }))
+        }
+        Err(Error::WouldBlock) if busy_is_none => Ok(None),
+        Err(e) => Err(raise(py, e, Some(&name.clone().unbind()))),
+    }
+}
+
+/// Waits for `name` without the GIL, taking it back after every sleep to run signal handlers;
+/// `Err` is the exception one of them raised (the request withdrawn, nothing held).
+fn wait_for<L: Backend>(
+    py: Python<'_>,
+    client: &Arc<L>,
+    name: &[u8],
+    mode: Mode,
+    wait: Wait,
+) -> PyResult<shmlock::Result<Held>> {
+    let mut raised: Option<PyErr> = None;
+    let result = py.detach(|| {
+        let mut interrupted = || {
+            Python::attach(|py| match py.check_signals() {
+                Ok(()) => false,
+                Err(e) => {
+                    raised = Some(e);
+                    true
+                }
+            })
+        };
+        L::acquire_interruptible_with(Arc::clone(client), name, mode, wait, &mut interrupted).map(L::held)
+    });
+    match raised {
+        // Granted after all, in a race with the handler: given back here, before raising.
+        Some(e) => {
+            drop(result);
+            Err(e)
+        }
+        None => Ok(result),
+    }
+}
+
+/// The methods `Client` and `RemoteClient` share, written once: `$class` wraps `Arc<$backend>`
+/// in a field `inner`; `$extra` are the class's own methods.
+macro_rules! locker_class {
+    ($class:ident; $($extra:tt)*) => {
+        #[pymethods]
+        impl $class {
+            /// Locks `name` (str or bytes) and returns its Guard, waiting as long as it takes, or
+            /// `timeout` seconds at most (raising Timeout; 0: one try), or not at all with
+            /// blocking=False (raising WouldBlock). shared=True takes a shared (read) lock.
+            #[pyo3(signature = (name, timeout=None, shared=false, blocking=true))]
+            fn lock(
+                &self,
+                py: Python<'_>,
+                name: &Bound<'_, PyAny>,
+                timeout: Option<f64>,
+                shared: bool,
+                blocking: bool,
+            ) -> PyResult<Guard> {
+                let wait = wait_of(timeout, blocking)?;
+                Ok(acquire(py, &self.inner, name, mode_of(shared), wait, false)?.expect("only try_lock gives None"))
+            }
+
+            /// The same as `lock` (the name `threading` and `filelock` use).
+            #[pyo3(signature = (name, timeout=None, shared=false, blocking=true))]
+            fn acquire(
+                &self,
+                py: Python<'_>,
+                name: &Bound<'_, PyAny>,
+                timeout: Option<f64>,
+                shared: bool,
+                blocking: bool,
+            ) -> PyResult<Guard> {
+                self.lock(py, name, timeout, shared, blocking)
+            }
+
+            /// Locks `name` only if that is possible at once: its Guard, or None if it is busy.
+            #[pyo3(signature = (name, shared=false))]
+            fn try_lock(&self, py: Python<'_>, name: &Bound<'_, PyAny>, shared: bool) -> PyResult<Option<Guard>> {
+                acquire(py, &self.inner, name, mode_of(shared), Wait::No, true)
+            }
+
+            /// Unlocks `name`, held by this client, whose Guard was lost track of.
+            fn unlock(&self, py: Python<'_>, name: &Bound<'_, PyAny>) -> PyResult<()> {
+                let bytes = name_bytes(name)?;
+                let inner = &self.inner;
+                let r = if <$class>::REMOTE { py.detach(|| inner.unlock(bytes)) } else { inner.unlock(bytes) };
+                r.map_err(|e| raise(py, e, Some(&name.clone().unbind())))
+            }
+
+            $($extra)*
+        }
+    };
+}
+
+// ---- the classes -----------------------------------------------------------------------------
+
+/// A client of a shmlock segment on this machine: one owner of locks.
+#[pyclass(module = "pyshmlock", frozen)]
+struct Client {
+    inner: Arc<Local>,
+    segment: String,
+}
+
+impl Client {
+    const REMOTE: bool = false;
+}
+
+locker_class! {
+    Client;
+    #[new]
+    #[pyo3(signature = (segment=None, *, label=None, create=false))]
+    fn new(py: Python<'_>, segment: Option<String>, label: Option<String>, create: bool) -> PyResult<Client> {
+        let segment = segment.unwrap_or_else(shmlock::shm::default_segment_name);
+        let label = label.unwrap_or_else(|| default_label(py));
+        let label = truncate(&label, shmlock::owner::LABEL_MAX).to_string();
+        let seg = segment.clone();
+        let opened = py.detach(move || {
+            let table = if create {
+                LockTable::create_or_open(&seg, &Capacities::default())?
+            } else {
+                LockTable::open(&seg)?
+            };
+            Local::with_table(Arc::new(table), &label)
+        });
+        let inner = opened.map_err(|e| raise(py, e, None))?;
+        Ok(Client {
+            inner: Arc::new(inner),
+            segment,
+        })
+    }
+
+    /// The segment's name.
+    #[getter]
+    fn segment(&self) -> &str {
+        &self.segment
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<pyshmlock.Client segment={:?}>", self.segment)
+    }
+}
+
+/// A client of a shmlock gateway (`shmlockd`'s TCP listener): one session, one owner.
+#[pyclass(module = "pyshmlock", frozen)]
+struct RemoteClient {
+    inner: Arc<Remote>,
+    addr: String,
+}
+
+impl RemoteClient {
+    const REMOTE: bool = true;
+}
+
+locker_class! {
+    RemoteClient;
+    #[new]
+    #[pyo3(signature = (addr, auth_token=None, *, connect_timeout=None))]
+    fn new(
+        py: Python<'_>,
+        addr: String,
+        auth_token: Option<String>,
+        connect_timeout: Option<f64>,
+    ) -> PyResult<RemoteClient> {
+        let connect_timeout = match connect_timeout {
+            None => None,
+            Some(t) => Some(
+                Duration::try_from_secs_f64(t)
+                    .map_err(|_| PyValueError::new_err("connect_timeout must be a positive number of seconds"))?,
+            ),
+        };
+        let options = ConnectOptions {
+            auth_token,
+            connect_timeout,
+            ..ConnectOptions::default()
+        };
+        let a = addr.clone();
+        let inner = py
+            .detach(move || Remote::connect_with(a.as_str(), &options))
+            .map_err(|e| raise(py, e, None))?;
+        Ok(RemoteClient {
+            inner: Arc::new(inner),
+            addr,
+        })
+    }
+
+    /// A round trip to the gateway; returns how long it took, in seconds.
+    fn ping(&self, py: Python<'_>) -> PyResult<f64> {
+        let inner = &self.inner;
+        py.detach(|| inner.ping())
+            .map(|d| d.as_secs_f64())
+            .map_err(|e| raise(py, e, None))
+    }
+
+    /// The gateway's address.
+    #[getter]
+    fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<pyshmlock.RemoteClient addr={:?}>", self.addr)
+    }
+}
+
+/// A held lock. Unlocks with `release()`, at the end of its `with` block, or when collected.
+#[pyclass(module = "pyshmlock", frozen)]
+struct Guard {
+    held: Mutex<Option<Held>>,
+    name: Py<PyAny>,
+    token: u64,
+    owner_died: bool,
+    shared: bool,
+}
+
+impl Guard {
+    fn held(&self) -> MutexGuard<'_, Option<Held>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Unlocks `held` (taken out of the guard), waiting for a gateway's answer without the GIL.
+    fn give_back(&self, py: Python<'_>, held: shmlock::Result<Held>) -> PyResult<()> {
+        let r = match held {
+            Err(e) => Err(e),
+            Ok(Held::Local(g)) => g.unlock(),
+            Ok(Held::Remote(g)) => py.detach(|| g.unlock()),
+        };
+        r.map_err(|e| raise(py, e, Some(&self.name)))
+    }
+}
+
+#[pymethods]
+impl Guard {
+    /// The fencing token: strictly increasing across the grants of this name. Pass it to the
+    /// storage the lock protects, which rejects writes with an older one.
+    #[getter]
+    fn token(&self) -> u64 {
+        self.token
+    }
+
+    /// True if the previous holder died holding the lock: check the data it protects.
+    #[getter]
+    fn owner_died(&self) -> bool {
+        self.owner_died
+    }
+
+    /// "exclusive" or "shared".
+    #[getter]
+    fn mode(&self) -> &'static str {
+        if self.shared {
+            "shared"
+        } else {
+            "exclusive"
+        }
+    }
+
+    /// The name, as it was given (str or bytes).
+    #[getter]
+    fn name(&self, py: Python<'_>) -> Py<PyAny> {
+        self.name.clone_ref(py)
+    }
+
+    /// True until it is released.
+    #[getter]
+    fn locked(&self) -> bool {
+        self.held().is_some()
+    }
+
+    /// Unlocks. NotHeld if it was released already, or taken away meanwhile (`shmlock release
+    /// --force`, a gateway session that ended).
+    fn release(&self, py: Python<'_>) -> PyResult<()> {
+        let held = self.held().take();
+        self.give_back(py, held.ok_or(Error::NotHeld))
+    }
+
+    /// The same as `release`.
+    fn unlock(&self, py: Python<'_>) -> PyResult<()> {
+        self.release(py)
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    /// Releases. A lock lost meanwhile raises NotHeld, unless the block is raising already; a
+    /// lock released inside the block is fine.
+    #[pyo3(signature = (exc_type=None, _exc=None, _tb=None))]
+    fn __exit__(
+        &self,
+        py: Python<'_>,
+        exc_type: Option<&Bound<'_, PyAny>>,
+        _exc: Option<&Bound<'_, PyAny>>,
+        _tb: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<bool> {
+        let Some(held) = self.held().take() else {
+            return Ok(false);
+        };
+        match self.give_back(py, Ok(held)) {
+            Err(e) if exc_type.is_none_or(|t| t.is_none()) => Err(e),
+            _ => Ok(false),
+        }
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> String {
+        let name = self
+            .name
+            .bind(py)
+            .repr()
+            .map(|r| r.to_string())
+            .unwrap_or_else(|_| "?".into());
+        let state = if self.held().is_some() { "held" } else { "released" };
+        format!("<pyshmlock.Guard {name} {} token={} {state}>", self.mode(), self.token)
+    }
+}
+
+/// The module.
+#[pymodule]
+fn _pyshmlock(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Client>()?;
+    m.add_class::<RemoteClient>()?;
+    m.add_class::<Guard>()?;
+    m.add("DEFAULT_SEGMENT", shmlock::shm::DEFAULT_SEGMENT)?;
+    m.add("INTERRUPT_CHECK", shmlock::lock::INTERRUPT_CHECK.as_secs_f64())?;
+    Ok(())
+}
