@@ -1,0 +1,221 @@
+#!/usr/bin/env python3
+"""Python cross-process locks side by side, in one run: lock+unlock pairs per second for
+pyshmlock, filelock, portalocker, fasteners, a bare ``fcntl.flock`` on an open fd, and
+``multiprocessing.Lock``; uncontended (one process), and with 2 and 4 processes on one name
+(grants/s, p99 wait, and how far the busiest and idlest process are from an equal share).
+
+    python bindings/python/bench.py               # a table
+    python bindings/python/bench.py --json        # the same figures as JSON
+
+Needs ``pip install ./bindings/python filelock portalocker fasteners`` (a library that is
+missing is reported and skipped). Uses a scratch segment of its own (no shmlockd needed) and
+a scratch directory for the file locks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+# A lock as the benchmark uses it: (acquire, release), made in the process that uses it.
+Pair = Tuple[Callable[[], object], Callable[[object], None]]
+
+
+def make_shmlock(ctx: dict) -> Pair:
+    import pyshmlock
+
+    client = pyshmlock.Client(ctx["segment"])
+    lock = client.lock
+    return (lambda: lock("bench"), lambda g: g.release())
+
+
+def make_filelock(ctx: dict) -> Pair:
+    import filelock
+
+    lk = filelock.FileLock(os.path.join(ctx["dir"], "filelock.lock"))
+    return (lambda: lk.acquire(), lambda _: lk.release())
+
+
+def make_portalocker(ctx: dict) -> Pair:
+    import portalocker
+
+    lk = portalocker.Lock(os.path.join(ctx["dir"], "portalocker.lock"), timeout=60)
+    return (lambda: lk.acquire(), lambda _: lk.release())
+
+
+def make_fasteners(ctx: dict) -> Pair:
+    import fasteners
+
+    lk = fasteners.InterProcessLock(os.path.join(ctx["dir"], "fasteners.lock"))
+    return (lambda: lk.acquire(), lambda _: lk.release())
+
+
+def make_flock(ctx: dict) -> Pair:
+    fd = os.open(os.path.join(ctx["dir"], "flock.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    flock, ex, un = fcntl.flock, fcntl.LOCK_EX, fcntl.LOCK_UN
+    return (lambda: flock(fd, ex), lambda _: flock(fd, un))
+
+
+def make_mp_lock(ctx: dict) -> Pair:
+    lk = ctx["mp_lock"]
+    return (lambda: lk.acquire(), lambda _: lk.release())
+
+
+SYSTEMS: Dict[str, Tuple[Callable[[dict], Pair], Optional[str]]] = {
+    "pyshmlock": (make_shmlock, "pyshmlock"),
+    "filelock": (make_filelock, "filelock"),
+    "portalocker": (make_portalocker, "portalocker"),
+    "fasteners": (make_fasteners, "fasteners"),
+    "fcntl.flock": (make_flock, None),
+    "multiprocessing.Lock": (make_mp_lock, None),
+}
+
+
+def uncontended(make: Callable[[dict], Pair], ctx: dict, seconds: float) -> dict:
+    """Pairs per second in one process, in batches between clock reads."""
+    acquire, release = make(ctx)
+    for _ in range(1000):  # warm-up
+        release(acquire())
+    pairs, batch = 0, 1000
+    start = time.perf_counter()
+    end = start + seconds
+    while True:
+        for _ in range(batch):
+            release(acquire())
+        pairs += batch
+        now = time.perf_counter()
+        if now >= end:
+            break
+    elapsed = now - start
+    return {"pairs_per_s": pairs / elapsed, "ns_per_pair": elapsed / pairs * 1e9}
+
+
+def worker(make: Callable[[dict], Pair], ctx: dict, seconds: float, barrier, out) -> None:
+    """One of the contending processes: grants and their waits (ns) until the deadline."""
+    from array import array
+
+    acquire, release = make(ctx)
+    waits = array("q")
+    clock = time.perf_counter_ns
+    barrier.wait()
+    end = clock() + int(seconds * 1e9)
+    while True:
+        t0 = clock()
+        g = acquire()
+        t1 = clock()
+        release(g)
+        waits.append(t1 - t0)
+        if t1 >= end:
+            break
+    out.put((len(waits), sorted(waits)[int(len(waits) * 0.99)] if waits else 0, waits.tobytes()))
+
+
+def contended(make: Callable[[dict], Pair], ctx: dict, procs: int, seconds: float) -> dict:
+    """`procs` processes on one lock for `seconds`: grants/s, p99 wait, and the share spread."""
+    from array import array
+
+    mp = multiprocessing.get_context("fork")
+    barrier, out = mp.Barrier(procs), mp.Queue()
+    ps = [mp.Process(target=worker, args=(make, ctx, seconds, barrier, out)) for _ in range(procs)]
+    for p in ps:
+        p.start()
+    results = [out.get(timeout=seconds * 20 + 60) for _ in ps]
+    for p in ps:
+        p.join()
+    counts = [r[0] for r in results]
+    waits = array("q")
+    for r in results:
+        waits.frombytes(r[2])
+    waits = sorted(waits)
+    mean = sum(counts) / len(counts)
+    return {
+        "grants_per_s": sum(counts) / seconds,
+        "p99_wait_us": waits[int(len(waits) * 0.99)] / 1e3 if waits else 0.0,
+        "share_spread": max(abs(c - mean) / mean for c in counts) if mean else 0.0,
+        "grants": counts,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=1.0, help="length of each measurement (default 1)")
+    ap.add_argument("--procs", default="2,4", help="contending process counts (default 2,4)")
+    ap.add_argument("--only", help="comma-separated systems to run (default: all)")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = ap.parse_args()
+    procs = [int(p) for p in args.procs.split(",") if p]
+    only = set(args.only.split(",")) if args.only else None
+
+    segment = f"/shmlock-pybench-{os.getpid()}"
+    report: Dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="shmlock-pybench-") as d:
+        ctx = {"segment": segment, "dir": d, "mp_lock": multiprocessing.get_context("fork").Lock()}
+        try:
+            import pyshmlock
+
+            keep = pyshmlock.Client(segment, create=True)  # noqa: F841 (keeps the segment open)
+        except ImportError:
+            pass
+        try:
+            for name, (make, module) in SYSTEMS.items():
+                if only and name not in only:
+                    continue
+                if module:
+                    try:
+                        __import__(module)
+                    except ImportError:
+                        report[name] = {"missing": f"pip install {module}"}
+                        continue
+                r = {"uncontended": uncontended(make, ctx, args.seconds)}
+                for n in procs:
+                    r[f"procs_{n}"] = contended(make, ctx, n, args.seconds)
+                report[name] = r
+        finally:
+            try:
+                os.unlink(f"/dev/shm{segment}")
+            except FileNotFoundError:
+                pass
+
+    if args.json:
+        for r in report.values():
+            for v in r.values():
+                if isinstance(v, dict):
+                    v.pop("grants", None)
+        json.dump({"seconds": args.seconds, "cpus": os.cpu_count(), "results": report}, sys.stdout, indent=2)
+        print()
+        return
+    head = f"{'system':22} {'pairs/s':>12} {'ns/pair':>9}"
+    for n in procs:
+        head += f" | {n} procs: {'grants/s':>10} {'p99 wait':>10} {'spread':>7}"
+    print(head)
+    for name, r in report.items():
+        if "missing" in r:
+            print(f"{name:22} (missing: {r['missing']})")
+            continue
+        u = r["uncontended"]
+        line = f"{name:22} {u['pairs_per_s']:12,.0f} {u['ns_per_pair']:9.0f}"
+        for n in procs:
+            c = r[f"procs_{n}"]
+            line += f" | {'':8}{c['grants_per_s']:10,.0f} {c['p99_wait_us']:8.1f}us {c['share_spread']:6.0%}"
+        print(line)
+    base = report.get("pyshmlock", {})
+    if "uncontended" in base:
+        print()
+        ours = base["uncontended"]["ns_per_pair"]
+        for name, r in report.items():
+            if name != "pyshmlock" and "uncontended" in r:
+                print(f"pyshmlock vs {name}: {r['uncontended']['ns_per_pair'] / ours:,.2f}x faster uncontended", end="")
+                for n in procs:
+                    print(f", {base[f'procs_{n}']['grants_per_s'] / r[f'procs_{n}']['grants_per_s']:,.1f}x grants/s at {n}", end="")
+                print()
+
+
+if __name__ == "__main__":
+    main()
