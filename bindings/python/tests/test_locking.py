@@ -324,3 +324,27 @@ def test_ctrl_c_during_a_remote_wait(segment: str, daemon: Daemon, children: Chi
     assert float(words[1]) - sent < 5.0
     g.release()
     assert holder.lock("rbusy", timeout=DEADLINE).token > g.token
+
+
+def _use_parents_remote(r: pyshmlock.RemoteClient, q: "multiprocessing.Queue[str]") -> None:
+    try:
+        r.try_lock("other")
+        q.put("used the parent's session")
+    except pyshmlock.ForkedClient as e:
+        q.put(f"ForkedClient {e}")
+
+
+def test_a_forked_child_cannot_use_its_parents_remote_session(daemon: Daemon) -> None:
+    r = pyshmlock.RemoteClient(daemon.addr)
+    held = r.lock("remote-held")
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_use_parents_remote, args=(r, q))
+    p.start()
+    answer = q.get(timeout=DEADLINE)
+    p.join(DEADLINE)
+    assert answer.startswith("ForkedClient"), answer
+    # The child's exit neither ended the parent's session nor gave back its lock.
+    assert r.ping() > 0
+    assert pyshmlock.RemoteClient(daemon.addr).try_lock("remote-held") is None
+    held.release()
