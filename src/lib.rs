@@ -51,6 +51,8 @@ pub mod remote;
 pub mod shm;
 pub mod supervisor;
 pub mod table;
+#[cfg(feature = "tls")]
+mod tls;
 
 pub use client::{ArcLockGuard, Client, FencingToken, Grant, LocalGuard, LockGuard};
 pub use config::Capacities;

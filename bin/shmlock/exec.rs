@@ -286,6 +286,7 @@ pub(crate) fn run_remote(addr: &str, token: Option<String>, a: &RunArgs) -> Resu
     let options = ConnectOptions {
         auth_token: token.clone(),
         connect_timeout: Some(CONNECT_TIMEOUT),
+        tls: a.remote.tls(addr),
         ..ConnectOptions::default()
     };
     // The client's threads start with the forwarded signals blocked (see the module docs); the

@@ -387,11 +387,11 @@ fn run_remote(cli: Cli, addr: &str) -> Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     let code = match &cli.command {
         Command::Status { json, remote } => {
-            let status = remote::Gateway::connect(addr, remote.token()?.as_deref())?.status()?;
+            let status = remote::Gateway::connect(addr, remote)?.status()?;
             print_status(&status, *json, &mut out)
         }
         Command::Locks(a) => {
-            let mut gw = remote::Gateway::connect(addr, a.remote.token()?.as_deref())?;
+            let mut gw = remote::Gateway::connect(addr, &a.remote)?;
             let locks = gw.locks(a.name_prefix.as_ref().map(|p| p.as_bytes()))?;
             print_locks(locks, a, &mut out)
         }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use shmlock::proto::admin::{self, CheckReport};
 use shmlock::proto::ErrorCode;
-use shmlock::remote::{ConnectOptions, RemoteClient};
+use shmlock::remote::{ConnectOptions, RemoteClient, TlsOptions};
 use shmlock::table::LockInfo;
 use shmlock::Error;
 
@@ -33,6 +33,14 @@ pub(crate) struct RemoteArgs {
     /// With --remote: a file whose first line is the gateway's secret [default: $SHMLOCK_AUTH_TOKEN].
     #[arg(long, value_name = "FILE", requires = "remote")]
     pub(crate) auth_token_file: Option<PathBuf>,
+    /// With --remote: speak TLS, trusting the CA certificates in this PEM file (and only those)
+    /// to have signed the gateway's certificate.
+    #[arg(long, value_name = "FILE", requires = "remote")]
+    pub(crate) tls_ca: Option<PathBuf>,
+    /// With --tls-ca: the name the gateway's certificate must carry [default: the host of
+    /// --remote].
+    #[arg(long, value_name = "NAME", requires = "tls_ca")]
+    pub(crate) tls_server_name: Option<String>,
 }
 
 impl RemoteArgs {
@@ -53,6 +61,18 @@ impl RemoteArgs {
         }
         Ok(std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty()))
     }
+
+    /// The TLS options, if --tls-ca asks for TLS; the server name defaults to the host part of
+    /// `addr` (a DNS name or an IP address).
+    pub(crate) fn tls(&self, addr: &str) -> Option<TlsOptions> {
+        let ca_file = self.tls_ca.clone()?;
+        let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        Some(TlsOptions {
+            ca_file,
+            server_name: Some(self.tls_server_name.clone().unwrap_or_else(|| host.to_string())),
+        })
+    }
 }
 
 /// What to say when the gateway wants a token and none was given.
@@ -71,8 +91,11 @@ pub(crate) struct Gateway {
 }
 
 impl Gateway {
-    /// Connects to `addr`, reads the greeting, and sends `AUTH token` if one is given.
-    pub(crate) fn connect(addr: &str, token: Option<&str>) -> Result<Gateway> {
+    /// Connects to `addr` as `args` say (TLS, the secret), reads the greeting, and sends `AUTH`
+    /// if a secret is given.
+    pub(crate) fn connect(addr: &str, args: &RemoteArgs) -> Result<Gateway> {
+        let token = args.token()?;
+        let token = token.as_deref();
         let addrs: Vec<SocketAddr> = addr
             .to_socket_addrs()
             .with_context(|| format!("cannot resolve the gateway address {addr} (want HOST:PORT)"))?
@@ -81,6 +104,7 @@ impl Gateway {
             auth_token: token.map(str::to_string),
             connect_timeout: Some(CONNECT_TIMEOUT),
             read_timeout: Some(READ_TIMEOUT),
+            tls: args.tls(addr),
         };
         let client = RemoteClient::connect_with(addrs.as_slice(), &options).map_err(|e| match e {
             Error::Connection { why, .. } => anyhow!(

@@ -35,6 +35,7 @@
 pub mod admin;
 pub use crate::proto;
 mod session;
+pub mod tls;
 
 pub use session::{HIGH_WATER, MAX_UNSENT};
 
@@ -83,8 +84,20 @@ pub struct GatewayConfig {
     /// (`LINE_TIMEOUT`); None: never.
     pub line_timeout: Option<Duration>,
     /// With a secret: connections not yet authenticated, at most; a new one beyond it closes
-    /// the oldest of them. They hold no session slot and no owner record.
+    /// the oldest of them. They hold no session slot and no owner record. Also the most TLS
+    /// handshakes in progress at once.
     pub max_unauthenticated: usize,
+    /// Serve TLS with this certificate and key (PEM files); None: plain TCP.
+    pub tls: Option<TlsFiles>,
+}
+
+/// The gateway's TLS certificate chain (leaf first) and private key, as PEM files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The certificate chain.
+    pub cert: PathBuf,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
 }
 
 impl Default for GatewayConfig {
@@ -101,6 +114,7 @@ impl Default for GatewayConfig {
             auth_timeout: Some(Duration::from_secs(5)),
             line_timeout: Some(Duration::from_secs(10)),
             max_unauthenticated: 64,
+            tls: None,
         }
     }
 }
@@ -139,6 +153,11 @@ pub struct GatewaySection {
     pub line_timeout: String,
     /// See [`GatewayConfig::max_unauthenticated`].
     pub max_unauthenticated: usize,
+    /// A PEM file with the gateway's certificate chain: with `tls_key`, the gateway speaks TLS
+    /// only ("" = plain TCP).
+    pub tls_cert: String,
+    /// A PEM file with the certificate's private key ("" = plain TCP).
+    pub tls_key: String,
 }
 
 impl Default for GatewaySection {
@@ -158,6 +177,8 @@ impl Default for GatewaySection {
             auth_timeout: "5s".to_string(),
             line_timeout: "10s".to_string(),
             max_unauthenticated: d.max_unauthenticated,
+            tls_cert: String::new(),
+            tls_key: String::new(),
         }
     }
 }
@@ -218,6 +239,15 @@ impl GatewaySection {
             auth_timeout: (!auth_timeout.is_zero()).then_some(auth_timeout),
             line_timeout: (!line_timeout.is_zero()).then_some(line_timeout),
             max_unauthenticated: positive("gateway.max_unauthenticated", self.max_unauthenticated, 1 << 20)?,
+            tls: match (self.tls_cert.is_empty(), self.tls_key.is_empty()) {
+                (true, true) => None,
+                (false, false) => Some(TlsFiles {
+                    cert: PathBuf::from(&self.tls_cert),
+                    key: PathBuf::from(&self.tls_key),
+                }),
+                (false, true) => return Err(bad("gateway.tls_key", "tls_cert is set: set tls_key too".into())),
+                (true, false) => return Err(bad("gateway.tls_cert", "tls_key is set: set tls_cert too".into())),
+            },
         })
     }
 }
@@ -248,6 +278,10 @@ struct Shared {
     /// Where admin queries run.
     admin: admin::AdminPool,
     max_name: usize,
+    /// TLS: every connection's handshake, then its session behind a relay (see [`tls`]).
+    tls: Option<tls::Acceptor>,
+    /// Handshakes in progress at once (`max_unauthenticated`).
+    handshakes: Arc<Semaphore>,
 }
 
 /// The connections that have not authenticated yet, oldest first, each with the signal that
@@ -341,6 +375,7 @@ pub struct Bound {
     socket: TcpSocket,
     addr: SocketAddr,
     config: GatewayConfig,
+    tls: Option<tls::Acceptor>,
 }
 
 impl Bound {
@@ -350,8 +385,10 @@ impl Bound {
     }
 }
 
-/// Binds `config.listen` (a busy or bad address is an error here), for [`Bound::serve`].
+/// Binds `config.listen` (a busy or bad address is an error here) and loads the TLS
+/// certificate and key if any (a bad file is an error here too), for [`Bound::serve`].
 pub fn bind(config: GatewayConfig) -> Result<Bound> {
+    let tls = config.tls.as_ref().map(tls::acceptor).transpose()?;
     let io = |op, e: std::io::Error| Error::Io {
         op,
         segment: String::new(),
@@ -367,7 +404,12 @@ pub fn bind(config: GatewayConfig) -> Result<Bound> {
     socket.set_reuseaddr(true).map_err(|e| io("gateway bind", e))?;
     socket.bind(config.listen).map_err(|e| io("gateway bind", e))?;
     let addr = socket.local_addr().map_err(|e| io("gateway bind", e))?;
-    Ok(Bound { socket, addr, config })
+    Ok(Bound {
+        socket,
+        addr,
+        config,
+        tls,
+    })
 }
 
 /// Starts the gateway on `config.listen`, serving `table`. Binding happens before this returns,
@@ -379,7 +421,12 @@ pub fn serve(config: GatewayConfig, table: Arc<LockTable>) -> Result<Gateway> {
 impl Bound {
     /// Serves `table` on this socket until the returned [`Gateway`] is dropped.
     pub fn serve(self, table: Arc<LockTable>) -> Result<Gateway> {
-        let Bound { socket, addr, config } = self;
+        let Bound {
+            socket,
+            addr,
+            config,
+            tls,
+        } = self;
         let segment = table.segment().name().to_string();
         let io = |op, e: std::io::Error| Error::Io {
             op,
@@ -408,6 +455,8 @@ impl Bound {
             },
             admin,
             max_name: geo.max_name_len as usize,
+            handshakes: Arc::new(Semaphore::new(config.max_unauthenticated)),
+            tls,
             table,
             config,
         });
@@ -466,6 +515,26 @@ fn raise_nofile_limit(want: u64) {
     }
 }
 
+/// Gives a connection (TCP, or the plaintext end behind TLS) its session: at once without a
+/// secret, if a session slot is free (else a closing line); with one, a place among the
+/// connections that have not authenticated (no slot and no owner until `AUTH`).
+async fn admit(stream: impl session::Conn, peer: SocketAddr, shared: Arc<Shared>, stop: watch::Receiver<bool>) {
+    if shared.config.auth_token.is_some() {
+        let ticket = shared.unauth.admit();
+        return session::run(stream, peer, shared, None, Some(ticket), stop).await;
+    }
+    match shared.conns.clone().try_acquire_owned() {
+        Ok(permit) => session::run(stream, peer, shared, Some(permit), None, stop).await,
+        Err(_) => {
+            let why = format!(
+                "the gateway serves at most {} connections",
+                shared.config.max_connections
+            );
+            session::refuse(stream, why).await
+        }
+    }
+}
+
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut tasks = tokio::task::JoinSet::new();
     loop {
@@ -485,39 +554,10 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch
             }
         };
         let _ = stream.set_nodelay(true);
-        if shared.config.auth_token.is_some() {
-            // No session slot and no owner until AUTH; a bounded number of such connections.
-            let ticket = shared.unauth.admit();
-            tasks.spawn(session::run(
-                stream,
-                peer,
-                shared.clone(),
-                None,
-                Some(ticket),
-                stop.clone(),
-            ));
-            continue;
-        }
-        match shared.conns.clone().try_acquire_owned() {
-            Ok(permit) => {
-                tasks.spawn(session::run(
-                    stream,
-                    peer,
-                    shared.clone(),
-                    Some(permit),
-                    None,
-                    stop.clone(),
-                ));
-            }
-            Err(_) => {
-                tasks.spawn(session::refuse(
-                    stream,
-                    format!(
-                        "the gateway serves at most {} connections",
-                        shared.config.max_connections
-                    ),
-                ));
-            }
+        if shared.tls.is_some() {
+            tasks.spawn(tls::serve(stream, peer, shared.clone(), stop.clone()));
+        } else {
+            tasks.spawn(admit(stream, peer, shared.clone(), stop.clone()));
         }
     }
     drop(listener);

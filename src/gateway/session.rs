@@ -43,8 +43,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncWriteExt, Interest};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncWrite, AsyncWriteExt, Interest};
+use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit};
 use tracing::debug;
 
@@ -71,8 +71,39 @@ pub const HIGH_WATER: usize = 256 * 1024;
 /// Far enough to stand for "never" in a timer.
 const NEVER: Duration = Duration::from_secs(86_400 * 365);
 
+/// What a session reads and writes: an accepted TCP connection, or, behind TLS, the plaintext
+/// end of a socket pair whose other end the TLS task serves (`super::tls`). Both are sockets
+/// tokio watches, so the session's I/O (one `read` per readable event, `try_write`) is the same.
+pub(super) trait Conn: AsyncWrite + AsRawFd + Unpin + Send + 'static {
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize>;
+    fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send;
+    fn writable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send;
+    fn try_io<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R>;
+}
+
+macro_rules! conn {
+    ($t:ty) => {
+        impl Conn for $t {
+            fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+                <$t>::try_write(self, buf)
+            }
+            fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send {
+                <$t>::readable(self)
+            }
+            fn writable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send {
+                <$t>::writable(self)
+            }
+            fn try_io<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R> {
+                <$t>::try_io(self, interest, f)
+            }
+        }
+    };
+}
+conn!(TcpStream);
+conn!(UnixStream);
+
 /// Sends a closing line instead of the greeting, and closes.
-pub(super) async fn refuse(mut stream: TcpStream, why: String) {
+pub(super) async fn refuse(mut stream: impl Conn, why: String) {
     let mut out = Vec::new();
     proto::encode_error(&mut out, proto::SERVER_TAG, ErrorCode::TooManyConnections, &why);
     let _ = tokio::time::timeout(FINAL_WRITE, stream.write_all(&out)).await;
@@ -132,7 +163,7 @@ struct Session {
 /// Serves one accepted connection until it ends, then cleans up. `permit` is its session slot
 /// (None: it must authenticate first, and `ticket` is its place among those that have not).
 pub(super) async fn run(
-    mut stream: TcpStream,
+    mut stream: impl Conn,
     peer: SocketAddr,
     shared: Arc<Shared>,
     permit: Option<OwnedSemaphorePermit>,
@@ -199,7 +230,7 @@ impl Session {
     /// The session's loop; `out[*sent..]` is output not yet written when it returns.
     async fn serve(
         &mut self,
-        stream: &mut TcpStream,
+        stream: &mut impl Conn,
         rx: &mut Option<mpsc::UnboundedReceiver<Box<Done>>>,
         stop: &mut watch::Receiver<bool>,
         out: &mut Vec<u8>,
@@ -369,7 +400,7 @@ impl Session {
 
     /// Reads what the socket has into a stack buffer and handles every whole line (until an
     /// admin query pauses the session); what is left is kept in `inbuf`.
-    fn on_readable(&mut self, stream: &TcpStream, inbuf: &mut Vec<u8>, out: &mut Vec<u8>) -> Read {
+    fn on_readable(&mut self, stream: &impl Conn, inbuf: &mut Vec<u8>, out: &mut Vec<u8>) -> Read {
         let mut chunk = [0u8; 4096];
         let got = match read_some(stream, &mut chunk) {
             Ok(0) => return Read::Close(None),
@@ -727,7 +758,7 @@ impl Session {
 /// read would only return `EAGAIN` (a syscall per request saved). Bytes that came after the
 /// read raised a newer readiness event, which clearing this one leaves in place (tokio clears
 /// only the event it saw before the closure ran), so no wake-up is lost.
-fn read_some(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+fn read_some(stream: &impl Conn, buf: &mut [u8]) -> io::Result<usize> {
     let fd = stream.as_raw_fd();
     let mut short = 0;
     let r = stream.try_io(Interest::READABLE, || match nix::unistd::read(fd, buf) {

@@ -35,6 +35,7 @@ use crate::proto::admin::{CheckReport, LocksPage, StatusReport};
 use crate::proto::{self, ErrorCode, Hello, Response};
 use crate::table::{Cursor, LockInfo, Mode};
 
+mod link;
 mod mux;
 
 use mux::{lock, push_u64, remote_error, Answer, Inner, Reader, Slot};
@@ -59,6 +60,21 @@ pub struct ConnectOptions {
     /// [`Error::Connection`]); None: as long as it takes. Meant for short sessions of queries
     /// (`locks`, `status`): a `LOCK` that waits longer than this for its grant fails too.
     pub read_timeout: Option<Duration>,
+    /// Speak TLS, verifying the gateway's certificate (feature `tls`); None: plain TCP.
+    #[cfg(feature = "tls")]
+    pub tls: Option<TlsOptions>,
+}
+
+/// How a [`RemoteClient`] speaks TLS to a gateway that serves it.
+#[cfg(feature = "tls")]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsOptions {
+    /// A PEM file of the certificates that may sign the gateway's (only these are trusted,
+    /// not the system's store).
+    pub ca_file: std::path::PathBuf,
+    /// The name the gateway's certificate must carry (a DNS name or an IP address); None: the
+    /// host part of the address connected to.
+    pub server_name: Option<String>,
 }
 
 /// A connection to a gateway: one session, one owner.
@@ -106,7 +122,8 @@ impl RemoteClient {
         stream.set_nodelay(true).map_err(io)?;
         // The socket's option: the reader's clone shares it.
         stream.set_read_timeout(options.read_timeout).map_err(io)?;
-        let mut rd = Reader::new(stream.try_clone().map_err(io)?);
+        let link = Self::link(stream, options, &addrs, &shown)?;
+        let mut rd = Reader::new(link.try_clone().map_err(io)?);
         let line = loop {
             match rd.next_line() {
                 Ok(Some(line)) => break line.to_vec(),
@@ -114,7 +131,12 @@ impl RemoteClient {
                 Err(e) => return Err(err(&shown, e)),
             }
             if let Err(e) = rd.fill() {
-                return Err(err(&shown, format!("closed before greeting ({e})")));
+                let hint = if cfg!(feature = "tls") && !Self::tls_asked(options) {
+                    "; if the gateway serves TLS, connect with TLS options"
+                } else {
+                    ""
+                };
+                return Err(err(&shown, format!("closed before greeting ({e}){hint}")));
             }
         };
         let hello = match proto::parse_response(&line) {
@@ -135,7 +157,7 @@ impl RemoteClient {
                 expected: proto::VERSION,
             });
         }
-        let inner = Inner::new(shown, stream, rd);
+        let inner = Inner::new(shown, link, rd);
         let keepalive = hello.idle_timeout.map(|t| (t / 3).max(Duration::from_millis(10)));
         let background = inner
             .start(keepalive)
@@ -152,6 +174,35 @@ impl RemoteClient {
             })?;
         }
         Ok(client)
+    }
+
+    /// The connection: TLS over `stream` if `options` ask for it (after a verified handshake),
+    /// else `stream` itself.
+    #[cfg_attr(not(feature = "tls"), allow(unused_variables))]
+    fn link(stream: TcpStream, options: &ConnectOptions, addrs: &[SocketAddr], shown: &str) -> Result<link::Link> {
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &options.tls {
+            let err = |why: String| Error::Connection {
+                addr: shown.to_string(),
+                why,
+            };
+            let config = link::tls::config(&tls.ca_file).map_err(err)?;
+            let name = match &tls.server_name {
+                Some(n) => n.clone(),
+                None => addrs.first().map(|a| a.ip().to_string()).unwrap_or_default(),
+            };
+            let t = link::tls::TlsLink::handshake(stream, config, &name, options.read_timeout).map_err(err)?;
+            return Ok(link::Link::Tls(Arc::new(t)));
+        }
+        Ok(link::Link::Tcp(stream))
+    }
+
+    #[cfg_attr(not(feature = "tls"), allow(unused_variables))]
+    fn tls_asked(options: &ConnectOptions) -> bool {
+        #[cfg(feature = "tls")]
+        return options.tls.is_some();
+        #[cfg(not(feature = "tls"))]
+        false
     }
 
     /// The gateway's greeting: protocol version, limits, idle timeout.

@@ -15,9 +15,8 @@
 //! Lock order: `reader` (held by whoever has the reading role, `State::reading`) before
 //! `state`; `writer` is taken alone. The reading role is taken and given up under `state`.
 
+use super::link::Link;
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, Thread};
@@ -105,14 +104,14 @@ pub(super) struct State {
 /// The write side, with a line buffer reused by every request.
 #[derive(Debug)]
 pub(super) struct Writer {
-    pub(super) stream: TcpStream,
+    pub(super) stream: Link,
     pub(super) line: Vec<u8>,
 }
 
 /// The read side: the socket and the protocol's line framer.
 #[derive(Debug)]
 pub(super) struct Reader {
-    pub(super) stream: TcpStream,
+    pub(super) stream: Link,
     pub(super) framer: Framer,
 }
 
@@ -121,7 +120,7 @@ pub(super) struct Reader {
 pub(super) const MAX_RESPONSE_LINE: usize = 1 << 20;
 
 impl Reader {
-    pub(super) fn new(stream: TcpStream) -> Reader {
+    pub(super) fn new(stream: Link) -> Reader {
         Reader {
             stream,
             framer: Framer::new(MAX_RESPONSE_LINE, false),
@@ -579,7 +578,7 @@ pub(super) fn remote_error(code: Option<ErrorCode>, code_word: &str, message: &s
 impl Inner {
     /// The multiplexer of `stream` (the gateway at `addr`), whose first bytes `reader` may
     /// already have read (the greeting).
-    pub(super) fn new(addr: String, stream: TcpStream, reader: Reader) -> Arc<Inner> {
+    pub(super) fn new(addr: String, stream: Link, reader: Reader) -> Arc<Inner> {
         Arc::new(Inner {
             addr,
             writer: Mutex::new(Writer {
@@ -621,7 +620,7 @@ impl Inner {
             let _ = w.stream.set_write_timeout(Some(Duration::from_millis(100)));
             let _ = w.stream.write_all(b"quit QUIT\n");
             // Ends a blocking read of the background thread too.
-            let _ = w.stream.shutdown(Shutdown::Both);
+            let _ = w.stream.shutdown();
         }
         if let Some(t) = background {
             let _ = t.join();
@@ -634,7 +633,8 @@ mod tests {
     //! The multiplexer over a socketpair: the test is the gateway, writing answers by hand.
     use super::*;
     use crate::table::Mode;
-    use std::io::{BufRead, BufReader};
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::TcpStream;
     use std::os::fd::OwnedFd;
     use std::os::unix::net::UnixStream;
 
@@ -645,7 +645,7 @@ mod tests {
     /// stream socket.)
     fn pair() -> (Arc<Inner>, BufReader<UnixStream>, UnixStream) {
         let (a, b) = UnixStream::pair().unwrap();
-        let a = TcpStream::from(OwnedFd::from(a));
+        let a = Link::Tcp(TcpStream::from(OwnedFd::from(a)));
         let reader = Reader::new(a.try_clone().unwrap());
         b.set_read_timeout(Some(DEADLINE)).unwrap();
         let server = BufReader::new(b.try_clone().unwrap());
