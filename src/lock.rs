@@ -41,9 +41,9 @@ pub const INTERRUPT_CHECK: Duration = Duration::from_millis(50);
 /// What a lock request does when the lock is not free at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wait {
-    /// Give up at once: [`Error::WouldBlock`](crate::Error::WouldBlock).
+    /// Give up at once: [`Error::WouldBlock`].
     No,
-    /// Wait until this instant at most: then [`Error::TimedOut`](crate::Error::TimedOut). A
+    /// Wait until this instant at most: then [`Error::TimedOut`]. A
     /// deadline already past makes one attempt.
     Until(Instant),
     /// Wait as long as it takes.
@@ -67,7 +67,7 @@ pub trait Guard {
     /// lock path.)
     fn name(&self) -> Cow<'_, [u8]>;
 
-    /// Unlocks now; [`Error::NotHeld`](crate::Error::NotHeld) if the lock was taken away
+    /// Unlocks now; [`Error::NotHeld`] if the lock was taken away
     /// meanwhile (`shmlock release --force`, a remote session that ended).
     fn unlock(self) -> Result<()>
     where
@@ -95,7 +95,7 @@ pub trait Guard {
 /// is a compile error and code written over `Locker` runs on both.
 ///
 /// A client is **one owner**: a request for a name it already holds fails at once with
-/// [`Error::AlreadyHeld`](crate::Error::AlreadyHeld), from any thread, instead of deadlocking.
+/// [`Error::AlreadyHeld`], from any thread, instead of deadlocking.
 pub trait Locker {
     /// A grant held through the handle `H` (`&Self`, or `Arc<Self>` for an owned guard).
     type Guard<H: Deref<Target = Self>>: Guard;
@@ -112,7 +112,7 @@ pub trait Locker {
     /// Like [`acquire_with`](Locker::acquire_with), but while it waits it calls `interrupted`
     /// every [`INTERRUPT_CHECK`] at most, never while it holds anything of the backend's;
     /// when that returns true the request is withdrawn, nothing is held, and the result is
-    /// [`Error::Interrupted`](crate::Error::Interrupted). Meant for bindings whose runtime must
+    /// [`Error::Interrupted`]. Meant for bindings whose runtime must
     /// see signals while a thread waits (Python's Ctrl-C).
     ///
     /// The provided version waits in slices of [`INTERRUPT_CHECK`] (each a request of its own,
@@ -183,14 +183,14 @@ pub trait Locker {
     }
 
     /// Locks `name` exclusively if that is possible at once; else
-    /// [`Error::WouldBlock`](crate::Error::WouldBlock).
+    /// [`Error::WouldBlock`].
     #[inline]
     fn try_lock(&self, name: impl AsRef<[u8]>) -> Result<Self::Guard<&Self>> {
         Self::acquire_with(self, name.as_ref(), Mode::Exclusive, Wait::No)
     }
 
     /// Locks `name` exclusively, waiting at most `timeout`; else
-    /// [`Error::TimedOut`](crate::Error::TimedOut).
+    /// [`Error::TimedOut`].
     #[inline]
     fn try_lock_for(&self, name: impl AsRef<[u8]>, timeout: Duration) -> Result<Self::Guard<&Self>> {
         Self::acquire_with(self, name.as_ref(), Mode::Exclusive, Wait::for_duration(timeout))
@@ -209,7 +209,7 @@ pub trait Locker {
     }
 
     /// Locks `name` in shared mode if that is possible at once; else
-    /// [`Error::WouldBlock`](crate::Error::WouldBlock).
+    /// [`Error::WouldBlock`].
     #[inline]
     fn try_lock_shared(&self, name: impl AsRef<[u8]>) -> Result<Self::Guard<&Self>> {
         Self::acquire_with(self, name.as_ref(), Mode::Shared, Wait::No)
