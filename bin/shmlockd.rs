@@ -79,7 +79,7 @@ struct Args {
     #[arg(long)]
     no_gateway: bool,
     /// Serve Prometheus metrics (GET /metrics) on this address IP:PORT, e.g. 127.0.0.1:9464
-    /// (overrides `[daemon] metrics`; off by default).
+    /// (overrides `[daemon] metrics`; off by default; "" turns it off).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<String>,
     /// Log filter, e.g. `info` or `shmlockd=debug` [default: $RUST_LOG, then info].
@@ -188,7 +188,9 @@ fn run(args: Args) -> Result<ExitCode> {
         info!(pid = std::process::id(), "running; stop with SIGINT or SIGTERM");
         // The segment, the reaper, the gateway and the metrics listener are up: a systemd unit
         // of Type=notify is started now.
-        systemd::notify_or_warn(&format!("READY=1\nSTATUS=serving segment {}\n", ready.segment));
+        // A segment name may hold a newline: escaped, it cannot add a line to the message.
+        let segment = ready.segment.escape_debug();
+        systemd::notify_or_warn(&format!("READY=1\nSTATUS=serving segment {segment}\n"));
     })?;
     match outcome {
         Outcome::Left | Outcome::Removed => Ok(ExitCode::SUCCESS),
