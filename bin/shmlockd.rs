@@ -6,9 +6,12 @@
 //! die (watching each through a pidfd), and runs the TCP gateway for remote clients (on
 //! 127.0.0.1:7411 unless configured otherwise; `--no-gateway` turns it off), until SIGINT or
 //! SIGTERM. On exit it leaves the segment for local users unless `--remove-on-exit` is given,
-//! and even then while live processes still use it.
+//! and even then while live processes still use it. With `--metrics ADDR` (or `[daemon]
+//! metrics`) it serves Prometheus metrics on that address; under systemd (`$NOTIFY_SOCKET`) it
+//! notifies READY=1 once it serves, STOPPING=1 on SIGINT/SIGTERM, and WATCHDOG=1 while its
+//! reaper goes round when the unit sets `WatchdogSec=` (config/shmlockd.service).
 //! It checks what it can before it touches the segment (the config, the geometry, the gateway's
-//! address, which it binds then), so a bad config or a busy port exits 2 and leaves no segment
+//! and the metrics listener's addresses, which it binds then), so a bad config or a busy port exits 2 and leaves no segment
 //! behind. On SIGINT/SIGTERM it exits within `gateway::STOP_BOUND` (2 s) whatever the gateway's
 //! clients do.
 //!
@@ -22,10 +25,11 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
-use shmlock::config::ConfigFile;
+use shmlock::config::{parse_metrics_addr, ConfigFile};
 use shmlock::daemon::{self, Outcome, Shutdown};
 use shmlock::gateway::{GatewayConfig, GatewaySection};
 use shmlock::shm::{SegmentOwner, DEFAULT_SEGMENT, SEGMENT_ENV, SEGMENT_OWNER_ENV};
+use shmlock::systemd;
 use shmlock::Capacities;
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -74,6 +78,10 @@ struct Args {
     /// Do not run the TCP gateway (overrides `[gateway] enabled`).
     #[arg(long)]
     no_gateway: bool,
+    /// Serve Prometheus metrics (GET /metrics) on this address IP:PORT, e.g. 127.0.0.1:9464
+    /// (overrides `[daemon] metrics`; off by default; "" turns it off).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
     /// Log filter, e.g. `info` or `shmlockd=debug` [default: $RUST_LOG, then info].
     #[arg(long, value_name = "FILTER")]
     log_level: Option<String>,
@@ -142,11 +150,17 @@ fn run(args: Args) -> Result<ExitCode> {
     // and the gateway's config and address (bound now, served once the table is there).
     caps.geometry()?;
     let gateway = gateway_config(&args, &config.gateway)?;
+    let metrics = match &args.metrics {
+        Some(addr) => parse_metrics_addr(addr, "--metrics")?,
+        None => config.metrics,
+    };
     let settings = daemon::Settings {
         segment: segment_name(args.segment.clone(), config.name),
         caps,
         gateway,
         remove_on_exit: args.remove_on_exit,
+        metrics,
+        watchdog: systemd::watchdog_interval(),
     };
 
     // Block the shutdown signals before the daemon starts a thread or touches the segment: every
@@ -165,12 +179,18 @@ fn run(args: Args) -> Result<ExitCode> {
                     Ok(sig) => info!(signal = %sig, "shutting down"),
                     Err(e) => error!("waiting for SIGINT/SIGTERM: {e}"),
                 }
+                systemd::notify_or_warn("STOPPING=1\n");
                 shutdown.trigger();
             })
             .context("cannot start the signal thread")?;
     }
-    let outcome = daemon::run(&settings, &shutdown, |_| {
+    let outcome = daemon::run(&settings, &shutdown, |ready| {
         info!(pid = std::process::id(), "running; stop with SIGINT or SIGTERM");
+        // The segment, the reaper, the gateway and the metrics listener are up: a systemd unit
+        // of Type=notify is started now.
+        // A segment name may hold a newline: escaped, it cannot add a line to the message.
+        let segment = ready.segment.escape_debug();
+        systemd::notify_or_warn(&format!("READY=1\nSTATUS=serving segment {segment}\n"));
     })?;
     match outcome {
         Outcome::Left | Outcome::Removed => Ok(ExitCode::SUCCESS),

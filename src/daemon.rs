@@ -1,14 +1,15 @@
 //! The supervisor's lifecycle, as `shmlockd` runs it: [`run`] binds the gateway's address,
 //! creates the segment (or adopts an existing one of the same layout version, reaping whatever
 //! died while no supervisor ran), claims it as its only supervisor, reaps the owners of
-//! processes that die, serves the gateway, and on [`Shutdown::trigger`] stops in order: the
-//! gateway first (ending every remote session, so a waiting remote `LOCK` gets `SHUTTING_DOWN`),
+//! processes that die, serves the gateway and the metrics listener ([`crate::metrics`], if
+//! configured), and on [`Shutdown::trigger`] stops in order: the metrics listener, the
+//! gateway (ending every remote session, so a waiting remote `LOCK` gets `SHUTTING_DOWN`),
 //! then the reaper, then (with [`Settings::remove_on_exit`]) the segment's removal if no live
 //! process but this one uses it.
 //!
 //! Everything that can be checked is checked before the segment is touched (the geometry, the
-//! gateway's address, bound then), and a start that fails after creating the segment removes it
-//! again (an adopted one is left as it was). Tests drive it in-process: the ready callback gets
+//! gateway's and the metrics listener's addresses, bound then), and a start that fails after
+//! creating the segment removes it again (an adopted one is left as it was). Tests drive it in-process: the ready callback gets
 //! the bound address of a gateway configured on port 0.
 
 use std::net::SocketAddr;
@@ -20,7 +21,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use tracing::{error, info, warn};
 
 use crate::gateway::{self, Gateway, GatewayConfig};
+use crate::metrics::{self, Metrics};
 use crate::supervisor::Reaper;
+use crate::systemd;
 use crate::table::pid_latch_id;
 use crate::{Capacities, Error, LockTable, Segment};
 
@@ -35,6 +38,11 @@ pub struct Settings {
     pub gateway: Option<GatewayConfig>,
     /// Remove the segment at shutdown if no live process but this one uses it.
     pub remove_on_exit: bool,
+    /// The Prometheus metrics listener's address ([`crate::metrics`]); None: no metrics.
+    pub metrics: Option<SocketAddr>,
+    /// systemd's watchdog interval: the reaper thread sends `WATCHDOG=1` every half of it
+    /// while it goes round ([`crate::systemd`]); None: no watchdog.
+    pub watchdog: Option<Duration>,
 }
 
 /// Tells a running [`run`] to stop; cloneable, any clone may [`trigger`](Self::trigger) it
@@ -81,6 +89,8 @@ pub struct Ready {
     pub created: bool,
     /// The gateway's bound address (the port chosen for port 0); None without a gateway.
     pub gateway: Option<SocketAddr>,
+    /// The metrics listener's bound address; None without metrics.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// How a [`run`] that started and was shut down ended.
@@ -110,22 +120,31 @@ pub fn run(settings: &Settings, shutdown: &Shutdown, on_ready: impl FnOnce(&Read
             Some(gateway::bind(config.clone()).with_context(|| format!("cannot start the gateway on {listen}"))?)
         }
     };
-    let (table, created) = create_or_adopt(name, caps)?;
-    let table = Arc::new(table);
-    let (stop, reaper, gateway) = match start(name, caps, &table, created, bound) {
-        Ok(started) => started,
-        Err(e) => {
-            forget_failed_start(name, &table, created);
-            return Err(e);
+    let metrics_bound = match settings.metrics {
+        None => None,
+        Some(addr) => {
+            Some(metrics::bind(addr).with_context(|| format!("cannot start the metrics listener on {addr}"))?)
         }
     };
+    let (table, created) = create_or_adopt(name, caps)?;
+    let table = Arc::new(table);
+    let (stop, reaper, gateway, metrics) =
+        match start(name, caps, &table, created, bound, metrics_bound, settings.watchdog) {
+            Ok(started) => started,
+            Err(e) => {
+                forget_failed_start(name, &table, created);
+                return Err(e);
+            }
+        };
     on_ready(&Ready {
         segment: name.to_string(),
         created,
         gateway: gateway.as_ref().map(Gateway::local_addr),
+        metrics: metrics.as_ref().map(Metrics::local_addr),
     });
 
     shutdown.wait();
+    drop(metrics);
     // Ends every remote session (releasing its locks) before the table goes.
     drop(gateway);
     stop.store(true, Ordering::Relaxed);
@@ -223,8 +242,29 @@ fn start_gateway(bound: Option<gateway::Bound>, table: &Arc<LockTable>) -> Resul
     Ok(Some(gw))
 }
 
-/// What a started supervisor runs: the reaper's stop flag and thread, and the gateway.
-type Started = (Arc<AtomicBool>, std::thread::JoinHandle<()>, Option<Gateway>);
+/// Serves the bound metrics listener (if any) on `table`.
+fn start_metrics(bound: Option<metrics::Bound>, table: &Arc<LockTable>) -> Result<Option<Metrics>> {
+    let Some(bound) = bound else { return Ok(None) };
+    let listen = bound.local_addr();
+    let m = bound
+        .serve(table.clone())
+        .with_context(|| format!("cannot start the metrics listener on {listen}"))?;
+    if !listen.ip().is_loopback() {
+        warn!(listen = %listen, "the metrics listener serves other hosts (it has no authentication)");
+    }
+    // Tests and scripts that pass port 0 read the bound address from this line.
+    info!(listen = %m.local_addr(), "metrics ready");
+    Ok(Some(m))
+}
+
+/// What a started supervisor runs: the reaper's stop flag and thread, the gateway and the
+/// metrics listener.
+type Started = (
+    Arc<AtomicBool>,
+    std::thread::JoinHandle<()>,
+    Option<Gateway>,
+    Option<Metrics>,
+);
 
 /// Claims `table`, reaps what died while no supervisor ran (if adopted), and starts the reaper
 /// and the gateway. On an error, whatever it started is stopped again.
@@ -234,6 +274,8 @@ fn start(
     table: &Arc<LockTable>,
     created: bool,
     bound: Option<gateway::Bound>,
+    metrics_bound: Option<metrics::Bound>,
+    watchdog: Option<Duration>,
 ) -> Result<Started> {
     table
         .claim_supervisor()
@@ -277,24 +319,35 @@ fn start(
         std::thread::Builder::new()
             .name("reaper".into())
             .spawn(move || {
+                // systemd's watchdog is fed from this loop, so a reaper that stops going round
+                // (stuck or dead) gets shmlockd restarted.
+                let mut fed = std::time::Instant::now();
+                if watchdog.is_some() {
+                    systemd::notify_or_warn("WATCHDOG=1\n");
+                }
                 while !stop.load(Ordering::Relaxed) {
                     if let Err(e) = reaper.run_once(REAPER_ROUND) {
                         error!("reaper: {e}");
                         std::thread::sleep(REAPER_ROUND);
                     }
+                    if watchdog.is_some_and(|w| fed.elapsed() >= w / 2) {
+                        systemd::notify_or_warn("WATCHDOG=1\n");
+                        fed = std::time::Instant::now();
+                    }
                 }
             })
             .context("cannot start the reaper thread")?
     };
-    let gateway = match start_gateway(bound, table) {
-        Ok(gw) => gw,
+    let served = start_gateway(bound, table).and_then(|gw| Ok((gw, start_metrics(metrics_bound, table)?)));
+    let (gateway, metrics) = match served {
+        Ok(both) => both,
         Err(e) => {
             stop.store(true, Ordering::Relaxed);
             let _ = reaper.join();
             return Err(e);
         }
     };
-    Ok((stop, reaper, gateway))
+    Ok((stop, reaper, gateway, metrics))
 }
 
 /// After a failed start: gives up the claim and removes the segment if this start created it

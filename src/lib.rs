@@ -24,6 +24,8 @@
 //!   request/response codec and the one mapping between [`Error`] and the protocol's error codes.
 //! - [`gateway`]: the TCP gateway (`shmlockd` serves remote clients with it).
 //! - [`remote`]: [`RemoteClient`](remote::RemoteClient), the same API through a gateway.
+//! - [`daemon`], [`metrics`], [`systemd`]: `shmlockd`'s lifecycle, its Prometheus metrics and
+//!   its systemd notifications.
 //! - [`owner`], [`name`], [`clock`], [`config`], [`error`]: the vocabulary.
 
 #[doc(hidden)] // the crash tests' fault injection (feature `chaos`)
@@ -37,6 +39,8 @@ pub mod error;
 #[cfg(feature = "gateway")]
 pub mod gateway;
 pub mod lock;
+#[cfg(feature = "daemon")]
+pub mod metrics;
 pub mod name;
 pub mod owner;
 pub mod pool;
@@ -50,6 +54,8 @@ pub mod prelude {
 pub mod remote;
 pub mod shm;
 pub mod supervisor;
+#[cfg(feature = "daemon")]
+pub mod systemd;
 pub mod table;
 #[cfg(feature = "tls")]
 mod tls;

@@ -299,6 +299,8 @@ fn settings(s: &Scratch, remove_on_exit: bool) -> daemon::Settings {
         caps: common::small_caps(),
         gateway: Some(gateway.resolve(None).unwrap()),
         remove_on_exit,
+        metrics: None,
+        watchdog: None,
     }
 }
 

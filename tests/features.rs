@@ -55,6 +55,7 @@ fn local_locking_compiles_no_daemon_gateway_or_cli_dependencies() {
         "serde",
         "serde_json",
         "humantime",
+        "prometheus-client",
         "mio",
         "regex",
     ] {

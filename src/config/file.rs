@@ -1,6 +1,8 @@
-//! The config file of `shmlockd` (`--config FILE`): `[segment]` (the name and [`Capacities`])
-//! and `[gateway]` ([`GatewaySection`]). Unknown tables and keys are errors that name them.
+//! The config file of `shmlockd` (`--config FILE`): `[segment]` (the name and [`Capacities`]),
+//! `[gateway]` ([`GatewaySection`]) and `[daemon]` (the metrics listener). Unknown tables and
+//! keys are errors that name them.
 
+use std::net::SocketAddr;
 use std::path::Path;
 
 use anyhow::{anyhow, Context, Result};
@@ -17,6 +19,16 @@ struct RawFile {
     segment: toml::Table,
     #[serde(default)]
     gateway: GatewaySection,
+    #[serde(default)]
+    daemon: RawDaemon,
+}
+
+/// `[daemon]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDaemon {
+    #[serde(default)]
+    metrics: String,
 }
 
 /// What `shmlockd`'s config file says (validated once the flags are applied; see
@@ -29,6 +41,9 @@ pub struct ConfigFile {
     pub caps: Capacities,
     /// `[gateway]`.
     pub gateway: GatewaySection,
+    /// `[daemon] metrics`: the Prometheus metrics listener's address; None (`""`, the
+    /// default): no metrics listener.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl ConfigFile {
@@ -47,10 +62,12 @@ impl ConfigFile {
             }
         };
         let caps: Capacities = toml::Value::Table(seg).try_into().context("[segment]")?;
+        let metrics = parse_metrics_addr(&file.daemon.metrics, "[daemon] metrics")?;
         Ok(ConfigFile {
             name,
             caps,
             gateway: file.gateway,
+            metrics,
         })
     }
 
@@ -59,6 +76,17 @@ impl ConfigFile {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
         ConfigFile::parse(&text).with_context(|| format!("config {}", path.display()))
     }
+}
+
+/// Parses a metrics listener address, IP:PORT (`what` names the setting in the error); `""`
+/// is None (no listener).
+pub fn parse_metrics_addr(text: &str, what: &str) -> Result<Option<SocketAddr>> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    text.parse().map(Some).map_err(|_| {
+        anyhow!("{what}: {text:?} is not an address IP:PORT such as \"127.0.0.1:9464\" (\"\" = no metrics)")
+    })
 }
 
 #[cfg(test)]
@@ -72,6 +100,25 @@ mod tests {
         assert_eq!(c.caps, Capacities::default());
         assert_eq!(c.name.as_deref(), Some(DEFAULT_SEGMENT));
         assert_eq!(c.gateway, GatewaySection::default());
+        assert_eq!(c.metrics, None, "metrics are off by default");
+    }
+
+    #[test]
+    fn the_metrics_address_is_parsed_and_a_bad_one_named() {
+        let c = ConfigFile::parse("[daemon]\nmetrics = \"127.0.0.1:9464\"\n").unwrap();
+        assert_eq!(c.metrics, Some("127.0.0.1:9464".parse().unwrap()));
+        let c = ConfigFile::parse("[daemon]\nmetrics = \"[::1]:0\"\n").unwrap();
+        assert_eq!(c.metrics, Some("[::1]:0".parse().unwrap()));
+        assert_eq!(ConfigFile::parse("[daemon]\nmetrics = \"\"\n").unwrap().metrics, None);
+        for bad in ["localhost:9464", "9464", "127.0.0.1"] {
+            let e = format!(
+                "{:#}",
+                ConfigFile::parse(&format!("[daemon]\nmetrics = \"{bad}\"\n")).unwrap_err()
+            );
+            assert!(e.contains("[daemon] metrics") && e.contains(bad), "{e}");
+        }
+        let e = format!("{:#}", ConfigFile::parse("[daemon]\nmetric = \"x\"\n").unwrap_err());
+        assert!(e.contains("metric"), "{e}");
     }
 
     #[test]
@@ -82,6 +129,7 @@ mod tests {
                 name: None,
                 caps: Capacities::default(),
                 gateway: GatewaySection::default(),
+                metrics: None,
             }
         );
         assert_eq!(ConfigFile::parse("[segment]\n").unwrap().caps, Capacities::default());

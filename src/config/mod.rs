@@ -11,7 +11,7 @@ mod file;
 #[cfg(feature = "gateway")]
 pub use duration::{deserialize_duration, duration_text, parse_duration, DurationError};
 #[cfg(feature = "daemon")]
-pub use file::ConfigFile;
+pub use file::{parse_metrics_addr, ConfigFile};
 
 use crate::error::{Error, Result};
 use crate::shm::SegmentOwner;

@@ -76,7 +76,7 @@ pub use entry::{
     lock_word, lw_gen, lw_val, Entry, EntryState, Hold, HoldState, Mode, COLLECTED, FAST_OWNER, FORCED, GRANTED,
     MODE_NONE, OWNER_DIED, SLOW, WAIT, WOKEN,
 };
-pub use inspect::{Forced, LockInfo, OwnerInfo, Party, PoolCounts};
+pub use inspect::{Activity, Forced, LockInfo, OwnerInfo, Party, PoolCounts};
 pub use page::{Cursor, Page, PAGE_SCAN, SCAN_PER_LATCH};
 pub use reap::{pid_latch_id, PID_ID};
 pub(crate) use shard::{Latch, ShardHdr, STAT_GRANTS, STAT_HANDOFFS, STAT_REPAIRS, STAT_TIMEOUTS, STAT_WAITS};
