@@ -41,7 +41,20 @@ const EXIT_LEFT_IN_USE: u8 = 3;
 
 /// The shmlock supervisor: creates or adopts the lock segment and keeps it.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(
+    name = "shmlockd",
+    version,
+    after_help = "Examples:
+  shmlockd                                     # /shmlock with built-in defaults, gateway on 127.0.0.1:7411
+  shmlockd --segment /jobs --max-locks 1000000 # a segment of its own, sized for a million names
+  shmlockd --mode 0660 --segment-owner app     # locks for every user in the segment's group
+  shmlockd --config /etc/shmlock/shmlock.toml  # every setting from a file (see config/shmlock.toml)
+  shmlockd --no-gateway --metrics 127.0.0.1:9464
+
+Capacities are fixed when the segment is created: to change them, stop shmlockd, remove the
+segment (rm /dev/shm/NAME, or --remove-on-exit) and start it again. Exit status: 0 after a clean
+stop, 2 on an error, 3 when --remove-on-exit left a segment still in use."
+)]
 struct Args {
     /// TOML config file (see config/shmlock.toml); built-in defaults without it.
     #[arg(long, value_name = "FILE")]
@@ -64,6 +77,10 @@ struct Args {
     /// Number of shards, a power of two; 0 = automatic (overrides the config).
     #[arg(long, value_name = "N")]
     shards: Option<u32>,
+    /// Permission bits of the segment, in octal (e.g. 0660 to let the segment's group lock);
+    /// must include 0600 (overrides `[segment] mode`).
+    #[arg(long, value_name = "OCTAL", value_parser = parse_mode)]
+    mode: Option<u32>,
     /// Remove the segment on exit (by default it stays for local users); refused, with exit
     /// status 3, while live processes other than shmlockd have owners in it.
     #[arg(long)]
@@ -87,6 +104,15 @@ struct Args {
     log_level: Option<String>,
 }
 
+/// `--mode`: octal permission bits, with or without a leading `0` or `0o`.
+fn parse_mode(s: &str) -> std::result::Result<u32, String> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    u32::from_str_radix(digits, 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{s:?} is not an octal mode such as 0600 or 0660"))
+}
+
 /// Resolves the segment name: `--segment`, then `$SHMLOCK_SEGMENT`, then the config, then `/shmlock`.
 fn segment_name(flag: Option<String>, config: Option<String>) -> String {
     let env = std::env::var(SEGMENT_ENV).ok().filter(|s| !s.is_empty());
@@ -106,6 +132,9 @@ fn capacities(args: &Args, mut caps: Capacities) -> Result<Capacities> {
         if let Some(v) = value {
             *field = v;
         }
+    }
+    if let Some(m) = args.mode {
+        caps.mode = m;
     }
     match (&args.segment_owner, std::env::var(SEGMENT_OWNER_ENV)) {
         (Some(o), _) => caps.owner = SegmentOwner::parse(o, "--segment-owner")?,

@@ -44,3 +44,16 @@ pub fn now() -> Nanos {
 pub fn coarse() -> Nanos {
     Nanos(clock_ns(libc::CLOCK_MONOTONIC_COARSE))
 }
+
+/// A duration as people read it, rounded as `shmlock locks` rounds ages: `78ms`, `5.6s`,
+/// `3m 4s`, `2h 5m`, `3d 4h`. Error messages use it too, so the same time reads the same.
+pub fn human(d: std::time::Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0 => format!("{}ms", d.as_millis()),
+        1..=59 => format!("{:.1}s", d.as_secs_f64()),
+        60..=3599 => format!("{}m {}s", s / 60, s % 60),
+        3600..=86_399 => format!("{}h {}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d {}h", s / 86_400, s % 86_400 / 3600),
+    }
+}

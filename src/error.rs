@@ -29,7 +29,7 @@ impl fmt::Display for HolderInfo {
         if !self.label.is_empty() {
             write!(f, " ({})", self.label)?;
         }
-        write!(f, " for {:?}", self.held_for)?;
+        write!(f, " for {}", crate::clock::human(self.held_for))?;
         if self.holders > 1 {
             write!(f, " with {} other holders", self.holders - 1)?;
         }
@@ -57,8 +57,14 @@ pub enum Error {
         /// What is wrong with it.
         why: &'static str,
     },
-    /// A fixed-size pool has no free record left.
-    #[error("{pool} pool is full ({capacity} records{})", shard.map(|s| format!(" in shard {s}")).unwrap_or_default())]
+    /// A fixed-size pool has no free record left. Nothing held is lost; the pools are sized
+    /// when the segment is created.
+    #[error(
+        "{pool} pool is full ({capacity} records{}): raise {} in shmlockd's configuration; it takes \
+         effect in a new segment (stop shmlockd, remove the segment, start it again)",
+        shard.map(|s| format!(" in shard {s}")).unwrap_or_default(),
+        pool_setting(pool)
+    )]
     PoolFull {
         /// Which pool: "lock entry", "hold/wait" or "owner".
         pool: &'static str,
@@ -71,7 +77,7 @@ pub enum Error {
     #[error("lock is busy")]
     WouldBlock,
     /// A timed lock request gave up.
-    #[error("timed out after {waited:?} waiting for the lock{}", holder.as_ref().map(|h| format!(", {h}")).unwrap_or_default())]
+    #[error("timed out after {} waiting for the lock{}", crate::clock::human(*waited), holder.as_ref().map(|h| format!(", {h}")).unwrap_or_default())]
     TimedOut {
         /// How long the request waited.
         waited: Duration,
@@ -135,7 +141,7 @@ pub enum Error {
         needed: u64,
     },
     /// No segment of that name exists.
-    #[error("segment {name} does not exist (start shmlockd, or create it)")]
+    #[error("segment {name} does not exist: start shmlockd, which creates it (`shmlockd --segment {name}`)")]
     SegmentMissing {
         /// The segment name.
         name: String,
@@ -298,6 +304,16 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// The setting (config key and shmlockd flag) that sizes the pool named `pool`.
+fn pool_setting(pool: &str) -> &'static str {
+    match pool {
+        "lock entry" => "max_locks (--max-locks)",
+        "hold/wait" => "max_holds (--max-holds)",
+        "owner" => "max_owners (--max-owners)",
+        _ => "its capacity",
+    }
 }
 
 /// " for segment NAME", or nothing for an operation on no segment (the gateway's socket).

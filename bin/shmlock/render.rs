@@ -447,17 +447,8 @@ fn plural(n: u32, noun: &str) -> String {
     format!("{n} {noun}{}", if n == 1 { "" } else { "s" })
 }
 
-/// `1h 2m`, `3m 4s`, `5.6s`, `78ms`.
-pub(crate) fn human(d: Duration) -> String {
-    let s = d.as_secs();
-    match s {
-        0 => format!("{}ms", d.as_millis()),
-        1..=59 => format!("{:.1}s", d.as_secs_f64()),
-        60..=3599 => format!("{}m {}s", s / 60, s % 60),
-        3600..=86_399 => format!("{}h {}m", s / 3600, s % 3600 / 60),
-        _ => format!("{}d {}h", s / 86_400, s % 86_400 / 3600),
-    }
-}
+/// `1h 2m`, `3m 4s`, `5.6s`, `78ms`: the library's rounding, which its error messages use too.
+pub(crate) use shmlock::clock::human;
 
 #[cfg(test)]
 mod tests {

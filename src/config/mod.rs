@@ -117,7 +117,7 @@ impl Capacities {
             return bad(
                 "mode",
                 format!(
-                    "{:o} must be permission bits including owner read-write (0600)",
+                    "0{:o} must be permission bits including owner read-write (0600)",
                     self.mode
                 ),
             );
