@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Python cross-process locks side by side, in one run: lock+unlock pairs per second for
 pyshmlock, filelock, portalocker, fasteners, a bare ``fcntl.flock`` on an open fd, and
-``multiprocessing.Lock``; uncontended (one process), and with 2 and 4 processes on one name
-(grants/s, p99 wait, and how far the busiest and idlest process are from an equal share).
+``multiprocessing.Lock``; uncontended (one process) in two forms, ``release(acquire())`` and a
+``with`` block (alternating batches), and with 2 and 4 processes on one name (grants/s, p99
+wait, and ``spread``: how far the process furthest from an equal share of the grants is from it).
 
     python bindings/python/bench.py               # a table
     python bindings/python/bench.py --json        # the same figures as JSON
@@ -24,8 +25,10 @@ import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
-# A lock as the benchmark uses it: (acquire, release), made in the process that uses it.
-Pair = Tuple[Callable[[], object], Callable[[object], None]]
+# A lock as the benchmark uses it, made in the process that uses it: (acquire, release) for the
+# call form (``release(acquire())``), and the object a ``with`` statement takes for one pair, or
+# None where the library has no context manager (a bare flock).
+Pair = Tuple[Callable[[], object], Callable[[object], None], Optional[Callable[[], object]]]
 
 
 def make_shmlock(ctx: dict) -> Pair:
@@ -33,39 +36,39 @@ def make_shmlock(ctx: dict) -> Pair:
 
     client = pyshmlock.Client(ctx["segment"])
     lock = client.lock
-    return (lambda: lock("bench"), lambda g: g.release())
+    return (lambda: lock("bench"), lambda g: g.release(), lambda: lock("bench"))
 
 
 def make_filelock(ctx: dict) -> Pair:
     import filelock
 
     lk = filelock.FileLock(os.path.join(ctx["dir"], "filelock.lock"))
-    return (lambda: lk.acquire(), lambda _: lk.release())
+    return (lambda: lk.acquire(), lambda _: lk.release(), lambda: lk)
 
 
 def make_portalocker(ctx: dict) -> Pair:
     import portalocker
 
     lk = portalocker.Lock(os.path.join(ctx["dir"], "portalocker.lock"), timeout=60)
-    return (lambda: lk.acquire(), lambda _: lk.release())
+    return (lambda: lk.acquire(), lambda _: lk.release(), lambda: lk)
 
 
 def make_fasteners(ctx: dict) -> Pair:
     import fasteners
 
     lk = fasteners.InterProcessLock(os.path.join(ctx["dir"], "fasteners.lock"))
-    return (lambda: lk.acquire(), lambda _: lk.release())
+    return (lambda: lk.acquire(), lambda _: lk.release(), lambda: lk)
 
 
 def make_flock(ctx: dict) -> Pair:
     fd = os.open(os.path.join(ctx["dir"], "flock.lock"), os.O_RDWR | os.O_CREAT, 0o600)
     flock, ex, un = fcntl.flock, fcntl.LOCK_EX, fcntl.LOCK_UN
-    return (lambda: flock(fd, ex), lambda _: flock(fd, un))
+    return (lambda: flock(fd, ex), lambda _: flock(fd, un), None)
 
 
 def make_mp_lock(ctx: dict) -> Pair:
     lk = ctx["mp_lock"]
-    return (lambda: lk.acquire(), lambda _: lk.release())
+    return (lambda: lk.acquire(), lambda _: lk.release(), lambda: lk)
 
 
 SYSTEMS: Dict[str, Tuple[Callable[[dict], Pair], Optional[str]]] = {
@@ -78,30 +81,47 @@ SYSTEMS: Dict[str, Tuple[Callable[[dict], Pair], Optional[str]]] = {
 }
 
 
-def uncontended(make: Callable[[dict], Pair], ctx: dict, seconds: float) -> dict:
-    """Pairs per second in one process, in batches between clock reads."""
-    acquire, release = make(ctx)
-    for _ in range(1000):  # warm-up
+def _call_form(acquire: Callable[[], object], release: Callable[[object], None], n: int) -> None:
+    for _ in range(n):
         release(acquire())
-    pairs, batch = 0, 1000
-    start = time.perf_counter()
-    end = start + seconds
-    while True:
-        for _ in range(batch):
-            release(acquire())
-        pairs += batch
-        now = time.perf_counter()
-        if now >= end:
-            break
-    elapsed = now - start
-    return {"pairs_per_s": pairs / elapsed, "ns_per_pair": elapsed / pairs * 1e9}
+
+
+def _with_form(cm: Callable[[], object], n: int) -> None:
+    for _ in range(n):
+        with cm():  # type: ignore[attr-defined]
+            pass
+
+
+def uncontended(make: Callable[[dict], Pair], ctx: dict, seconds: float) -> dict:
+    """Pairs per second in one process, in batches between clock reads: the call form
+    (``release(acquire())``) and the ``with`` form, in alternating batches."""
+    acquire, release, cm = make(ctx)
+    forms = {"call": lambda n: _call_form(acquire, release, n)}
+    if cm is not None:
+        forms["with"] = lambda n: _with_form(cm, n)
+    for run in forms.values():  # warm-up
+        run(1000)
+    batch = 1000
+    totals = {f: [0, 0.0] for f in forms}
+    end = time.perf_counter() + seconds * len(forms)
+    while time.perf_counter() < end:
+        for f, run in forms.items():
+            t0 = time.perf_counter()
+            run(batch)
+            totals[f][0] += batch
+            totals[f][1] += time.perf_counter() - t0
+    out = {}
+    for f, (pairs, elapsed) in totals.items():
+        out[f"{f}_pairs_per_s"] = pairs / elapsed
+        out[f"{f}_ns_per_pair"] = elapsed / pairs * 1e9
+    return out
 
 
 def worker(make: Callable[[dict], Pair], ctx: dict, seconds: float, barrier, out) -> None:
     """One of the contending processes: grants and their waits (ns) until the deadline."""
     from array import array
 
-    acquire, release = make(ctx)
+    acquire, release, _ = make(ctx)
     waits = array("q")
     clock = time.perf_counter_ns
     barrier.wait()
@@ -191,7 +211,7 @@ def main() -> None:
         json.dump({"seconds": args.seconds, "cpus": os.cpu_count(), "results": report}, sys.stdout, indent=2)
         print()
         return
-    head = f"{'system':22} {'pairs/s':>12} {'ns/pair':>9}"
+    head = f"{'system':22} {'pairs/s':>12} {'ns/pair':>9} {'with: ns':>9}"
     for n in procs:
         head += f" | {n} procs: {'grants/s':>10} {'p99 wait':>10} {'spread':>7}"
     print(head)
@@ -200,7 +220,8 @@ def main() -> None:
             print(f"{name:22} (missing: {r['missing']})")
             continue
         u = r["uncontended"]
-        line = f"{name:22} {u['pairs_per_s']:12,.0f} {u['ns_per_pair']:9.0f}"
+        with_ns = f"{u['with_ns_per_pair']:9.0f}" if "with_ns_per_pair" in u else f"{'-':>9}"
+        line = f"{name:22} {u['call_pairs_per_s']:12,.0f} {u['call_ns_per_pair']:9.0f} {with_ns}"
         for n in procs:
             c = r[f"procs_{n}"]
             line += f" | {'':8}{c['grants_per_s']:10,.0f} {c['p99_wait_us']:8.1f}us {c['share_spread']:6.0%}"
@@ -208,14 +229,18 @@ def main() -> None:
     base = report.get("pyshmlock", {})
     if "uncontended" in base:
         print()
-        ours = base["uncontended"]["ns_per_pair"]
+        print("pyshmlock against each (ratios of pairs/s and grants/s; above 1: pyshmlock does more):")
+        ours = base["uncontended"]
         for name, r in report.items():
-            if name != "pyshmlock" and "uncontended" in r:
-                print(f"pyshmlock vs {name}: {r['uncontended']['ns_per_pair'] / ours:,.2f}x faster uncontended", end="")
-                for n in procs:
-                    print(f", {base[f'procs_{n}']['grants_per_s'] / r[f'procs_{n}']['grants_per_s']:,.1f}x grants/s at {n}", end="")
-                print()
-
+            if name == "pyshmlock" or "uncontended" not in r:
+                continue
+            u = r["uncontended"]
+            line = f"  {name:22} uncontended {ours['call_pairs_per_s'] / u['call_pairs_per_s']:8.3g}x"
+            if "with_pairs_per_s" in u:
+                line += f" ({ours['with_pairs_per_s'] / u['with_pairs_per_s']:.3g}x in `with`)"
+            for n in procs:
+                line += f", {n} procs {base[f'procs_{n}']['grants_per_s'] / r[f'procs_{n}']['grants_per_s']:.3g}x"
+            print(line)
 
 if __name__ == "__main__":
     main()
