@@ -1,0 +1,293 @@
+/* The C test programs' cases, one per subcommand (driven by tests/c_programs.rs):
+ *   cases hold SEGMENT NAME exclusive|shared   lock, print "held", wait for EOF on stdin, unlock
+ *   cases busy SEGMENT NAME HOLDER_PID          a held lock: try-lock busy, a timeout naming it
+ *   cases shared SEGMENT NAME                   a shared lock held: shared granted, exclusive busy
+ *   cases died SEGMENT NAME                     the holder was SIGKILLed: owner_died, then not
+ *   cases fork SEGMENT NAME                     a forked child gets SHMLOCK_FORKED
+ *   cases args SEGMENT                          null pointers, bad names and modes, messages
+ *   cases remote ADDR SEGMENT                   a remote client through the gateway at ADDR */
+#include "check.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static int hold(const char *seg, const char *name, const char *mode) {
+    shmlock_client *c;
+    shmlock_guard *l;
+    shmlock_grant g;
+    uint32_t m = strcmp(mode, "shared") == 0 ? SHMLOCK_SHARED : SHMLOCK_EXCLUSIVE;
+    OK(shmlock_open(seg, "c-holder", &c));
+    OK(shmlock_lock(c, NAME(name), m, SHMLOCK_FOREVER, &g, &l));
+    CHECK(g.mode == m);
+    printf("held token=%llu\n", (unsigned long long)g.token);
+    fflush(stdout);
+    char buf[64];
+    while (fread(buf, 1, sizeof buf, stdin) > 0) {
+    }
+    OK(shmlock_unlock(l));
+    shmlock_close(c);
+    return 0;
+}
+
+static int busy(const char *seg, const char *name, const char *holder_pid) {
+    shmlock_client *c;
+    shmlock_guard *l = (shmlock_guard *)&c; /* not NULL: a failed lock must set it to NULL */
+    OK(shmlock_open(seg, NULL, &c));
+    EXPECT(shmlock_lock(c, NAME(name), SHMLOCK_EXCLUSIVE, SHMLOCK_NO_WAIT, NULL, &l),
+           SHMLOCK_WOULD_BLOCK);
+    CHECK(l == NULL);
+    EXPECT(shmlock_lock(c, NAME(name), SHMLOCK_SHARED, SHMLOCK_NO_WAIT, NULL, &l),
+           SHMLOCK_WOULD_BLOCK);
+    EXPECT(shmlock_lock(c, NAME(name), SHMLOCK_EXCLUSIVE, MS(50), NULL, &l), SHMLOCK_TIMED_OUT);
+    CHECK(l == NULL);
+    char msg[256], want[64];
+    size_t n = shmlock_last_error_message(msg, sizeof msg);
+    CHECK(n > 0 && n < sizeof msg);
+    snprintf(want, sizeof want, "held by pid %s", holder_pid);
+    if (strstr(msg, "timed out") == NULL || strstr(msg, want) == NULL) {
+        fprintf(stderr, "timeout message %s does not name the holder (%s)\n", msg, want);
+        return 1;
+    }
+    shmlock_close(c);
+    return 0;
+}
+
+static int shared(const char *seg, const char *name) {
+    shmlock_client *a, *b;
+    shmlock_guard *la, *lb;
+    shmlock_grant g;
+    OK(shmlock_open(seg, NULL, &a));
+    OK(shmlock_open(seg, NULL, &b));
+    OK(shmlock_lock(a, NAME(name), SHMLOCK_SHARED, SHMLOCK_NO_WAIT, &g, &la));
+    CHECK(g.mode == SHMLOCK_SHARED);
+    EXPECT(shmlock_lock(b, NAME(name), SHMLOCK_EXCLUSIVE, SHMLOCK_NO_WAIT, NULL, &lb),
+           SHMLOCK_WOULD_BLOCK);
+    OK(shmlock_lock(b, NAME(name), SHMLOCK_SHARED, MS(1000), &g, &lb));
+    OK(shmlock_unlock(lb));
+    OK(shmlock_unlock(la));
+    shmlock_close(b);
+    shmlock_close(a);
+    return 0;
+}
+
+static int died(const char *seg, const char *name) {
+    shmlock_client *c;
+    shmlock_guard *l;
+    shmlock_grant g;
+    OK(shmlock_open(seg, NULL, &c));
+    OK(shmlock_lock(c, NAME(name), SHMLOCK_EXCLUSIVE, MS(20000), &g, &l));
+    CHECK(g.owner_died);
+    shmlock_grant again;
+    OK(shmlock_guard_grant(l, &again));
+    CHECK(again.owner_died && again.token == g.token);
+    OK(shmlock_unlock(l));
+    OK(shmlock_lock(c, NAME(name), SHMLOCK_EXCLUSIVE, SHMLOCK_NO_WAIT, &g, &l));
+    CHECK(!g.owner_died); /* the previous holder unlocked */
+    OK(shmlock_unlock(l));
+    shmlock_close(c);
+    return 0;
+}
+
+static int forked(const char *seg, const char *name) {
+    shmlock_client *c;
+    shmlock_guard *l;
+    shmlock_grant g;
+    OK(shmlock_open(seg, NULL, &c));
+    OK(shmlock_lock(c, NAME(name), SHMLOCK_EXCLUSIVE, SHMLOCK_NO_WAIT, &g, &l));
+    fflush(NULL);
+    pid_t pid = fork();
+    CHECK(pid >= 0);
+    if (pid == 0) {
+        shmlock_guard *mine;
+        /* The parent's client: refused, whatever the name. */
+        EXPECT(shmlock_lock(c, NAME("other"), SHMLOCK_EXCLUSIVE, SHMLOCK_NO_WAIT, NULL, &mine),
+               SHMLOCK_FORKED);
+        char msg[512];
+        shmlock_last_error_message(msg, sizeof msg);
+        CHECK(strstr(msg, "fork") != NULL);
+        /* The parent's lock: not the child's to release (the handle is freed). */
+        EXPECT(shmlock_unlock(l), SHMLOCK_FORKED);
+        shmlock_close(c); /* frees the child's copy, releases nothing */
+        /* A client of its own works, and sees the parent's lock still held. */
+        shmlock_client *own;
+        OK(shmlock_open(seg, NULL, &own));
+        EXPECT(shmlock_lock(own, NAME(name), SHMLOCK_EXCLUSIVE, SHMLOCK_NO_WAIT, NULL, &mine),
+               SHMLOCK_WOULD_BLOCK);
+        OK(shmlock_lock(own, NAME("other"), SHMLOCK_EXCLUSIVE, SHMLOCK_NO_WAIT, NULL, &mine));
+        OK(shmlock_unlock(mine));
+        shmlock_close(own);
+        _exit(0);
+    }
+    int st;
+    CHECK(waitpid(pid, &st, 0) == pid);
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    /* Still the parent's: another client of the parent finds it busy, and the parent unlocks. */
+    shmlock_client *other;
+    shmlock_guard *l2;
+    OK(shmlock_open(seg, NULL, &other));
+    EXPECT(shmlock_lock(other, NAME(name), SHMLOCK_EXCLUSIVE, SHMLOCK_NO_WAIT, NULL, &l2),
+           SHMLOCK_WOULD_BLOCK);
+    OK(shmlock_unlock(l));
+    OK(shmlock_lock(other, NAME(name), SHMLOCK_EXCLUSIVE, SHMLOCK_NO_WAIT, NULL, &l2));
+    OK(shmlock_unlock(l2));
+    shmlock_close(other);
+    shmlock_close(c);
+    return 0;
+}
+
+static int calls;
+static bool third_call(void *arg) {
+    (void)arg;
+    return ++calls >= 3;
+}
+
+static int args(const char *seg) {
+    shmlock_client *c = NULL, *c2 = NULL;
+    shmlock_guard *l = NULL, *l2 = NULL;
+    shmlock_grant g;
+    char msg[256];
+
+    CHECK(shmlock_abi_version() == SHMLOCK_ABI_VERSION);
+    CHECK(strlen(shmlock_version()) > 0);
+    CHECK(strcmp(shmlock_status_name(SHMLOCK_TIMED_OUT), "SHMLOCK_TIMED_OUT") == 0);
+    CHECK(strcmp(shmlock_status_name(-5), "SHMLOCK_UNKNOWN") == 0);
+    CHECK(shmlock_last_error_message(msg, sizeof msg) == 0 && msg[0] == 0); /* nothing failed */
+
+    /* Opening. */
+    EXPECT(shmlock_open(seg, NULL, NULL), SHMLOCK_INVALID_ARGUMENT);
+    CHECK(shmlock_last_error_message(NULL, 0) > 0);
+    EXPECT(shmlock_open("/shmlock-ctest-does-not-exist", NULL, &c), SHMLOCK_SEGMENT_MISSING);
+    CHECK(c == NULL);
+    size_t need = shmlock_last_error_message(NULL, 0);
+    char tiny[8];
+    CHECK(shmlock_last_error_message(tiny, sizeof tiny) == need && strlen(tiny) == 7);
+    EXPECT(shmlock_open("no-slash", NULL, &c), SHMLOCK_BAD_SEGMENT_NAME);
+    EXPECT(shmlock_open("/bad\xff", NULL, &c), SHMLOCK_INVALID_ARGUMENT);
+    EXPECT(shmlock_connect(NULL, NULL, &c), SHMLOCK_INVALID_ARGUMENT);
+    OK(shmlock_open(seg, "c-args", &c));
+    OK(shmlock_open(seg, NULL, &c2));
+
+    /* Locking: null pointers, modes, names. */
+    EXPECT(shmlock_lock(NULL, NAME("a"), SHMLOCK_EXCLUSIVE, 0, NULL, &l), SHMLOCK_INVALID_ARGUMENT);
+    CHECK(l == NULL);
+    EXPECT(shmlock_lock(c, NAME("a"), SHMLOCK_EXCLUSIVE, 0, NULL, NULL), SHMLOCK_INVALID_ARGUMENT);
+    EXPECT(shmlock_lock(c, NULL, 3, SHMLOCK_EXCLUSIVE, 0, NULL, &l), SHMLOCK_INVALID_ARGUMENT);
+    EXPECT(shmlock_lock(c, NAME("a"), 0, 0, NULL, &l), SHMLOCK_INVALID_ARGUMENT);
+    EXPECT(shmlock_lock(c, NAME("a"), 7, 0, NULL, &l), SHMLOCK_INVALID_ARGUMENT);
+    EXPECT(shmlock_lock(c, NULL, 0, SHMLOCK_EXCLUSIVE, 0, NULL, &l), SHMLOCK_BAD_NAME);
+    char longname[2000];
+    memset(longname, 'x', sizeof longname);
+    EXPECT(shmlock_lock(c, (const uint8_t *)longname, sizeof longname, SHMLOCK_EXCLUSIVE, 0, NULL,
+                        &l),
+           SHMLOCK_BAD_NAME);
+    shmlock_last_error_message(msg, sizeof msg);
+    CHECK(strstr(msg, "2000 bytes") != NULL);
+    EXPECT(shmlock_unlock(NULL), SHMLOCK_INVALID_ARGUMENT);
+    EXPECT(shmlock_guard_grant(NULL, &g), SHMLOCK_INVALID_ARGUMENT);
+    CHECK(shmlock_last_os_error() == 0);
+
+    /* Any bytes are a name: a NUL and 0xff inside. */
+    const uint8_t odd[] = {'a', 0, 0xff, 'b'};
+    OK(shmlock_lock(c, odd, sizeof odd, SHMLOCK_EXCLUSIVE, SHMLOCK_NO_WAIT, &g, &l));
+    EXPECT(shmlock_lock(c2, odd, sizeof odd, SHMLOCK_EXCLUSIVE, SHMLOCK_NO_WAIT, NULL, &l2),
+           SHMLOCK_WOULD_BLOCK);
+    EXPECT(shmlock_lock(c2, odd, 1, SHMLOCK_EXCLUSIVE, SHMLOCK_NO_WAIT, NULL, &l2), SHMLOCK_OK);
+    OK(shmlock_unlock(l2));
+    /* Re-locking by the same client: an error at once, never a self-deadlock. */
+    EXPECT(shmlock_lock(c, odd, sizeof odd, SHMLOCK_EXCLUSIVE, SHMLOCK_FOREVER, NULL, &l2),
+           SHMLOCK_ALREADY_HELD);
+    /* An interruptible wait gives up when its callback says so, holding nothing. */
+    EXPECT(shmlock_lock_interruptible(c2, odd, sizeof odd, SHMLOCK_EXCLUSIVE, SHMLOCK_FOREVER,
+                                      NULL, NULL, NULL, &l2),
+           SHMLOCK_INVALID_ARGUMENT);
+    EXPECT(shmlock_lock_interruptible(c2, odd, sizeof odd, SHMLOCK_EXCLUSIVE, SHMLOCK_FOREVER,
+                                      third_call, NULL, NULL, &l2),
+           SHMLOCK_INTERRUPTED);
+    CHECK(calls >= 3 && l2 == NULL);
+    uint64_t first = g.token;
+    OK(shmlock_unlock(l));
+    /* Granted once free, with a later token. */
+    OK(shmlock_lock_interruptible(c2, odd, sizeof odd, SHMLOCK_EXCLUSIVE, MS(1000), third_call,
+                                  NULL, &g, &l2));
+    CHECK(g.token > first && !g.owner_died);
+    OK(shmlock_unlock(l2));
+
+    /* Closing with a lock held: the handle still unlocks. NULL is ignored. */
+    OK(shmlock_lock(c, NAME("held-at-close"), SHMLOCK_SHARED, SHMLOCK_NO_WAIT, NULL, &l));
+    shmlock_close(c);
+    OK(shmlock_unlock(l));
+    shmlock_close(NULL);
+    OK(shmlock_lock(c2, NAME("held-at-close"), SHMLOCK_EXCLUSIVE, SHMLOCK_NO_WAIT, NULL, &l2));
+    OK(shmlock_unlock(l2));
+    shmlock_close(c2);
+    return 0;
+}
+
+static int remote(const char *addr, const char *seg) {
+    shmlock_client *r, *r2, *local;
+    shmlock_guard *l, *l2;
+    shmlock_grant g;
+    OK(shmlock_connect(addr, NULL, &r));
+    OK(shmlock_connect(addr, NULL, &r2));
+    OK(shmlock_open(seg, NULL, &local));
+
+    OK(shmlock_lock(r, NAME("jobs/1"), SHMLOCK_EXCLUSIVE, SHMLOCK_FOREVER, &g, &l));
+    CHECK(g.mode == SHMLOCK_EXCLUSIVE && g.token > 0 && !g.owner_died);
+    EXPECT(shmlock_lock(r, NAME("jobs/1"), SHMLOCK_EXCLUSIVE, SHMLOCK_NO_WAIT, NULL, &l2),
+           SHMLOCK_ALREADY_HELD);
+    EXPECT(shmlock_lock(r2, NAME("jobs/1"), SHMLOCK_EXCLUSIVE, SHMLOCK_NO_WAIT, NULL, &l2),
+           SHMLOCK_WOULD_BLOCK);
+    EXPECT(shmlock_lock(r2, NAME("jobs/1"), SHMLOCK_SHARED, MS(30), NULL, &l2), SHMLOCK_TIMED_OUT);
+    /* The same table: a local client sees the remote holder. */
+    EXPECT(shmlock_lock(local, NAME("jobs/1"), SHMLOCK_EXCLUSIVE, SHMLOCK_NO_WAIT, NULL, &l2),
+           SHMLOCK_WOULD_BLOCK);
+    EXPECT(shmlock_lock(r2, NAME("has space"), SHMLOCK_EXCLUSIVE, SHMLOCK_NO_WAIT, NULL, &l2),
+           SHMLOCK_BAD_NAME);
+    EXPECT(shmlock_lock(r2, NULL, 0, SHMLOCK_EXCLUSIVE, SHMLOCK_NO_WAIT, NULL, &l2),
+           SHMLOCK_BAD_NAME);
+    uint64_t first = g.token;
+    OK(shmlock_unlock(l));
+    OK(shmlock_lock(r2, NAME("jobs/1"), SHMLOCK_SHARED, MS(5000), &g, &l2));
+    CHECK(g.mode == SHMLOCK_SHARED && g.token > first);
+    OK(shmlock_lock(r, NAME("jobs/1"), SHMLOCK_SHARED, SHMLOCK_NO_WAIT, NULL, &l));
+    OK(shmlock_unlock(l));
+    OK(shmlock_unlock(l2));
+    OK(shmlock_lock(local, NAME("jobs/1"), SHMLOCK_EXCLUSIVE, SHMLOCK_NO_WAIT, NULL, &l2));
+    OK(shmlock_unlock(l2));
+
+    /* A fork child may not use the parent's session either. */
+    fflush(NULL);
+    pid_t pid = fork();
+    CHECK(pid >= 0);
+    if (pid == 0) {
+        EXPECT(shmlock_lock(r, NAME("jobs/2"), SHMLOCK_EXCLUSIVE, SHMLOCK_NO_WAIT, NULL, &l),
+               SHMLOCK_FORKED);
+        _exit(0);
+    }
+    int st;
+    CHECK(waitpid(pid, &st, 0) == pid && WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    OK(shmlock_lock(r, NAME("jobs/2"), SHMLOCK_EXCLUSIVE, SHMLOCK_NO_WAIT, NULL, &l));
+    OK(shmlock_unlock(l));
+
+    shmlock_close(local);
+    shmlock_close(r2);
+    shmlock_close(r);
+    /* Nothing listens on port 1. */
+    EXPECT(shmlock_connect("127.0.0.1:1", NULL, &r), SHMLOCK_CONNECTION);
+    CHECK(r == NULL);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc == 5 && strcmp(argv[1], "hold") == 0) return hold(argv[2], argv[3], argv[4]);
+    if (argc == 5 && strcmp(argv[1], "busy") == 0) return busy(argv[2], argv[3], argv[4]);
+    if (argc == 4 && strcmp(argv[1], "shared") == 0) return shared(argv[2], argv[3]);
+    if (argc == 4 && strcmp(argv[1], "died") == 0) return died(argv[2], argv[3]);
+    if (argc == 4 && strcmp(argv[1], "fork") == 0) return forked(argv[2], argv[3]);
+    if (argc == 3 && strcmp(argv[1], "args") == 0) return args(argv[2]);
+    if (argc == 4 && strcmp(argv[1], "remote") == 0) return remote(argv[2], argv[3]);
+    fprintf(stderr, "usage: see the comment at the top of cases.c\n");
+    return 2;
+}
