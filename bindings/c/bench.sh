@@ -1,24 +1,23 @@
 #!/usr/bin/env bash
 # Uncontended lock+unlock pairs, Rust and C side by side in one run:
 #   bindings/c/bench.sh [OPS] [REPEAT]        (defaults: 2000000 pairs, 5 runs each)
-# Builds (release) shmlock-bench, shmlockd and libshmlock, compiles examples/bench.c against the
-# library, starts a shmlockd on a segment of its own for the C bench (shmlock-bench stream makes
-# its own segment), runs `shmlock-bench stream --system shmlock` and the C bench alternately,
-# and prints both medians and the ratio C / Rust (target: at most 1.2).
+# Builds (release) shmlock-bench and libshmlock, compiles examples/bench.c against the library,
+# creates a segment for the C bench as `shmlock-bench stream` creates its own (default
+# capacities, 64 owners, no shmlockd: examples/create_segment.rs), runs
+# `shmlock-bench stream --system shmlock` and the C bench alternately, and prints both medians
+# and the ratio C / Rust (the issue's target: at most 1.2).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 top="$here/../.."
 ops="${1:-2000000}"
 repeat="${2:-5}"
 target="${CARGO_TARGET_DIR:-$top/target}"
-(cd "$top" && cargo build --release -q -p shmlock --bin shmlock-bench --bin shmlockd &&
-    cargo build --release -q -p shmlock-c)
+(cd "$top" && cargo build --release -q -p shmlock --bin shmlock-bench &&
+    cargo build --release -q -p shmlock-c --lib --example create_segment)
 work="$(mktemp -d)"
 seg="/shmlock-cbench-$$"
-daemon=""
 cleanup() {
-    [[ -n "$daemon" ]] && kill "$daemon" 2>/dev/null && wait "$daemon" 2>/dev/null
-    rm -f "/dev/shm$seg"
+    "$target/release/examples/create_segment" --remove "$seg" 2>/dev/null || true
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -27,11 +26,7 @@ export PKG_CONFIG_PATH="$work/prefix/lib/pkgconfig"
 # shellcheck disable=SC2046
 cc -std=c11 -O2 -o "$work/bench" "$here/examples/bench.c" $(pkg-config --cflags --libs shmlock) \
     -Wl,-rpath,"$work/prefix/lib"
-# The capacities shmlock-bench stream gives its own segment: the defaults, 64 owners.
-"$target/release/shmlockd" --segment "$seg" --max-owners 64 --no-gateway --log-level warn &
-daemon=$!
-for _ in $(seq 200); do [[ -e "/dev/shm$seg" ]] && break; sleep 0.05; done
-sleep 0.2
+"$target/release/examples/create_segment" "$seg" 64
 ns() { sed -n 's/.*"ns_per_op":\([0-9.]*\).*/\1/p' | head -n1; }
 rust=() c=()
 for _ in $(seq "$repeat"); do

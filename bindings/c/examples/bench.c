@@ -7,6 +7,7 @@
  *
  * The segment must exist (shmlockd creates it); bench.sh runs this and `shmlock-bench stream`
  * side by side. */
+#define _POSIX_C_SOURCE 200809L /* clock_gettime */
 #include <shmlock.h>
 #include <stdio.h>
 #include <stdlib.h>

@@ -16,6 +16,7 @@
  *   shmlock_last_os_error() gives the OS error where there is one (SHMLOCK_IO).
  * - Only opaque handles cross the boundary: shmlock_client (one owner, local or remote) and
  *   shmlock_guard (one held lock, freed by shmlock_unlock()). The caller owns shmlock_grant.
+ *   A guard borrows its client: unlock the guards before shmlock_close().
  * - Lock names are (pointer, length): any bytes, no NUL needed. Through a gateway, names may not
  *   contain spaces or control bytes.
  * - Timeouts are int64_t nanoseconds: SHMLOCK_NO_WAIT (0) tries once, SHMLOCK_FOREVER (-1, or
@@ -302,9 +303,11 @@ enum shmlock_status shmlock_connect(const char *addr,
                                     struct shmlock_client **out);
 
 /**
- * Closes a client and frees it. Locks still held through it stay held until their handles are
- * unlocked (each keeps what it needs of the client alive); then the owner is gone. NULL is
- * ignored.
+ * Closes a client and frees it; NULL is ignored. Unlock its guards first: closing releases
+ * whatever the client still holds (its owner leaves the table), and the guards of a closed
+ * client are dangling, not to be used again (not even unlocked; their small allocations are
+ * not reclaimed). A guard borrows its client, as in the Rust API, so a lock costs no reference
+ * count.
  *
  * In a child made by `fork()`, closing the parent's client frees the child's copy and releases
  * nothing of the parent's.
@@ -313,7 +316,8 @@ enum shmlock_status shmlock_connect(const char *addr,
  * A remote client waits for its background thread to stop (a moment).
  *
  * # Safety
- * `client` is NULL or a client from `shmlock_open()` / `shmlock_connect()` not closed yet.
+ * `client` is NULL or a client from `shmlock_open()` / `shmlock_connect()` not closed yet; no
+ * guard of it is used afterwards.
  */
 void shmlock_close(struct shmlock_client *client);
 
@@ -325,7 +329,7 @@ void shmlock_close(struct shmlock_client *client);
  *
  * - `grant`: NULL, or filled with the grant's token, mode and owner-died flag on success.
  * - `lock`: where the handle of the held lock is stored (NULL on failure); `shmlock_unlock()`
- *   releases it.
+ *   releases it, before the client is closed.
  *
  * The lock is held by the client (one owner): the same client asking again for a name it holds
  * gets `SHMLOCK_ALREADY_HELD` at once, from any thread, never a self-deadlock. Two threads that

@@ -14,12 +14,14 @@
 mod status;
 
 use std::ffi::{c_char, c_void, CStr};
+use std::ops::Deref;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::ptr::NonNull;
 use std::sync::Arc;
 use std::time::Duration;
 
-use shmlock_core::remote::{ArcRemoteGuard, ConnectOptions, RemoteClient};
-use shmlock_core::{ArcLockGuard, Client, LockTable, Locker, Mode, Wait};
+use shmlock_core::remote::{ConnectOptions, RemoteClient, RemoteLockGuard};
+use shmlock_core::{Client, LocalGuard, LockTable, Locker, Mode, Wait};
 
 pub use status::shmlock_status;
 use status::{invalid, record, Failure};
@@ -59,8 +61,8 @@ pub struct shmlock_client {
 }
 
 enum Backend {
-    Local(Arc<Client>),
-    Remote(Arc<RemoteClient>),
+    Local(Client),
+    Remote(RemoteClient),
 }
 
 /// A held lock (from `shmlock_lock()`). Opaque; `shmlock_unlock()` releases it and frees the
@@ -70,9 +72,38 @@ pub struct shmlock_guard {
 }
 
 enum Held {
-    Local(ArcLockGuard),
-    Remote(ArcRemoteGuard),
+    Local(LocalGuard<ClientRef<Client>>),
+    Remote(RemoteLockGuard<ClientRef<RemoteClient>>),
 }
+
+/// A guard's reference to its client: the C form of a borrow (the Rust API's `LockGuard<'a>`),
+/// which costs nothing per lock where an `Arc` clone and drop cost two atomic read-modify-writes
+/// (as much as the lock itself). The header's rule that makes it sound: a client is not closed
+/// while guards of it are held.
+struct ClientRef<C>(NonNull<C>);
+
+impl<C> Clone for ClientRef<C> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<C> Copy for ClientRef<C> {}
+
+impl<C> Deref for ClientRef<C> {
+    type Target = C;
+
+    #[inline(always)]
+    fn deref(&self) -> &C {
+        // SAFETY: points into a `shmlock_client` box, which the caller keeps open (not passed to
+        // shmlock_close) while this guard is held: the header's rule for shmlock_close.
+        unsafe { self.0.as_ref() }
+    }
+}
+
+// SAFETY: a shared reference to a `Sync` client (`Client` and `RemoteClient` are Sync), as
+// `&C: Send` is.
+unsafe impl<C: Sync> Send for ClientRef<C> {}
 
 /// An interrupt check for `shmlock_lock_interruptible()`: returns true to give the wait up.
 pub type shmlock_interrupt_fn = Option<unsafe extern "C" fn(arg: *mut c_void) -> bool>;
@@ -243,7 +274,7 @@ pub unsafe extern "C" fn shmlock_open(
         let table = Arc::new(LockTable::open(&segment)?);
         let client = Client::with_table(table, &label)?;
         // SAFETY: `out` checked above.
-        unsafe { give_client(out, Backend::Local(Arc::new(client))) };
+        unsafe { give_client(out, Backend::Local(client)) };
         Ok(())
     })
 }
@@ -286,14 +317,16 @@ pub unsafe extern "C" fn shmlock_connect(
         };
         let client = RemoteClient::connect_with(addr, &options)?;
         // SAFETY: `out` checked above.
-        unsafe { give_client(out, Backend::Remote(Arc::new(client))) };
+        unsafe { give_client(out, Backend::Remote(client)) };
         Ok(())
     })
 }
 
-/// Closes a client and frees it. Locks still held through it stay held until their handles are
-/// unlocked (each keeps what it needs of the client alive); then the owner is gone. NULL is
-/// ignored.
+/// Closes a client and frees it; NULL is ignored. Unlock its guards first: closing releases
+/// whatever the client still holds (its owner leaves the table), and the guards of a closed
+/// client are dangling, not to be used again (not even unlocked; their small allocations are
+/// not reclaimed). A guard borrows its client, as in the Rust API, so a lock costs no reference
+/// count.
 ///
 /// In a child made by `fork()`, closing the parent's client frees the child's copy and releases
 /// nothing of the parent's.
@@ -302,7 +335,8 @@ pub unsafe extern "C" fn shmlock_connect(
 /// A remote client waits for its background thread to stop (a moment).
 ///
 /// # Safety
-/// `client` is NULL or a client from `shmlock_open()` / `shmlock_connect()` not closed yet.
+/// `client` is NULL or a client from `shmlock_open()` / `shmlock_connect()` not closed yet; no
+/// guard of it is used afterwards.
 #[no_mangle]
 pub unsafe extern "C" fn shmlock_close(client: *mut shmlock_client) {
     let _ = entry(|| {
@@ -344,28 +378,149 @@ unsafe fn lock_impl(
     let name = unsafe { bytes(name, name_len, "name") }?;
     let mode = mode_of(mode)?;
     let wait = wait_of(timeout_ns);
-    let held = match (&client.backend, interrupted) {
-        (Backend::Local(c), None) => Held::Local(c.acquire_arc(name, mode, wait)?),
-        (Backend::Remote(c), None) => Held::Remote(c.acquire_arc(name, mode, wait)?),
-        (Backend::Local(c), Some(f)) => {
-            Held::Local(Client::acquire_interruptible_with(Arc::clone(c), name, mode, wait, f)?)
-        }
-        (Backend::Remote(c), Some(f)) => Held::Remote(RemoteClient::acquire_interruptible_with(
-            Arc::clone(c),
-            name,
-            mode,
-            wait,
-            f,
-        )?),
+    // One small function per path, so the local one, the hot one, is compiled as tight as the
+    // Rust API's own loop (one large function of all four gets the table's helpers out of line).
+    let lock = match (&client.backend, interrupted) {
+        (Backend::Local(c), None) => lock_local(c, name, mode, wait)?,
+        (Backend::Remote(c), None) => lock_remote(c, name, mode, wait)?,
+        (Backend::Local(c), Some(f)) => lock_local_interruptible(c, name, mode, wait, f)?,
+        (Backend::Remote(c), Some(f)) => lock_remote_interruptible(c, name, mode, wait, f)?,
     };
-    let lock = Box::new(shmlock_guard { held });
     if !grant.is_null() {
-        // SAFETY: not null, and writable by the caller's promise.
-        unsafe { grant.write(lock.grant()) };
+        // SAFETY: `grant` is not null and writable by the caller's promise; `lock` is the live
+        // handle just made.
+        unsafe { grant.write((*lock).grant()) };
     }
     // SAFETY: `out` checked above.
-    unsafe { out.write(Box::into_raw(lock)) };
+    unsafe { out.write(lock) };
     Ok(())
+}
+
+/// A guard's allocation: the handle given to C. Each thread keeps one freed allocation for its
+/// next lock, so a loop of lock and unlock calls malloc and free only once (they cost as much as
+/// the rest of the pair).
+mod spare {
+    use super::shmlock_guard;
+    use std::cell::Cell;
+    use std::mem::MaybeUninit;
+    use std::ptr::null_mut;
+
+    type Slot = MaybeUninit<shmlock_guard>;
+
+    /// The spare allocation of this thread, freed when the thread ends.
+    struct Spare(Cell<*mut Slot>);
+
+    impl Drop for Spare {
+        fn drop(&mut self) {
+            let p = self.0.replace(null_mut());
+            if !p.is_null() {
+                // SAFETY: a `Box<Slot>`'s pointer, put here by `free` and owned by this cell.
+                drop(unsafe { Box::from_raw(p) });
+            }
+        }
+    }
+
+    thread_local! {
+        static SPARE: Spare = const { Spare(Cell::new(null_mut())) };
+    }
+
+    /// A handle holding `g`: the spare allocation if there is one, else a new one.
+    #[inline(always)]
+    pub(super) fn alloc(g: shmlock_guard) -> *mut shmlock_guard {
+        let p = SPARE.try_with(|s| s.0.replace(null_mut())).unwrap_or(null_mut());
+        if p.is_null() {
+            return Box::into_raw(Box::new(g));
+        }
+        // SAFETY: a `Box<Slot>`'s allocation, uninitialized and now owned here (taken out of
+        // the cell); `Slot` and `shmlock_guard` have one layout.
+        unsafe { (*p).write(g) };
+        p.cast()
+    }
+
+    /// Takes the guard out of the handle `p` and keeps or frees its allocation.
+    ///
+    /// # Safety
+    /// `p` comes from `alloc` and is not used again.
+    #[inline(always)]
+    pub(super) unsafe fn free(p: *mut shmlock_guard) -> shmlock_guard {
+        // SAFETY: a live handle from `alloc`, read once; its memory is not read again as a guard.
+        let g = unsafe { p.read() };
+        let slot = p.cast::<Slot>();
+        let kept = SPARE
+            .try_with(|s| {
+                let empty = s.0.get().is_null();
+                if empty {
+                    s.0.set(slot);
+                }
+                empty
+            })
+            .unwrap_or(false);
+        if !kept {
+            // SAFETY: the allocation of a `Box<shmlock_guard>` (same layout as `Box<Slot>`),
+            // whose contents were moved out above.
+            drop(unsafe { Box::from_raw(slot) });
+        }
+        g
+    }
+}
+
+#[inline(always)]
+fn boxed(held: Held) -> *mut shmlock_guard {
+    spare::alloc(shmlock_guard { held })
+}
+
+#[inline(never)]
+fn lock_local(c: &Client, name: &[u8], mode: Mode, wait: Wait) -> Result<*mut shmlock_guard, Failure> {
+    Ok(boxed(Held::Local(Client::acquire_with(
+        ClientRef(c.into()),
+        name,
+        mode,
+        wait,
+    )?)))
+}
+
+#[inline(never)]
+fn lock_remote(c: &RemoteClient, name: &[u8], mode: Mode, wait: Wait) -> Result<*mut shmlock_guard, Failure> {
+    Ok(boxed(Held::Remote(RemoteClient::acquire_with(
+        ClientRef(c.into()),
+        name,
+        mode,
+        wait,
+    )?)))
+}
+
+#[inline(never)]
+fn lock_local_interruptible(
+    c: &Client,
+    name: &[u8],
+    mode: Mode,
+    wait: Wait,
+    f: &mut dyn FnMut() -> bool,
+) -> Result<*mut shmlock_guard, Failure> {
+    let g = Client::acquire_interruptible_with(ClientRef(c.into()), name, mode, wait, f)?;
+    Ok(boxed(Held::Local(g)))
+}
+
+#[inline(never)]
+fn lock_remote_interruptible(
+    c: &RemoteClient,
+    name: &[u8],
+    mode: Mode,
+    wait: Wait,
+    f: &mut dyn FnMut() -> bool,
+) -> Result<*mut shmlock_guard, Failure> {
+    let g = RemoteClient::acquire_interruptible_with(ClientRef(c.into()), name, mode, wait, f)?;
+    Ok(boxed(Held::Remote(g)))
+}
+
+#[inline(always)]
+fn unlock_local(g: LocalGuard<ClientRef<Client>>) -> Result<(), Failure> {
+    Ok(g.unlock()?)
+}
+
+#[inline(never)]
+fn unlock_remote(g: RemoteLockGuard<ClientRef<RemoteClient>>) -> Result<(), Failure> {
+    Ok(g.unlock()?)
 }
 
 impl shmlock_guard {
@@ -390,7 +545,7 @@ impl shmlock_guard {
 ///
 /// - `grant`: NULL, or filled with the grant's token, mode and owner-died flag on success.
 /// - `lock`: where the handle of the held lock is stored (NULL on failure); `shmlock_unlock()`
-///   releases it.
+///   releases it, before the client is closed.
 ///
 /// The lock is held by the client (one owner): the same client asking again for a name it holds
 /// gets `SHMLOCK_ALREADY_HELD` at once, from any thread, never a self-deadlock. Two threads that
@@ -485,13 +640,12 @@ pub unsafe extern "C" fn shmlock_unlock(lock: *mut shmlock_guard) -> shmlock_sta
         if lock.is_null() {
             return Err(invalid("lock is NULL"));
         }
-        // SAFETY: made by Box::into_raw in lock_impl, not freed yet (caller's promise).
-        let lock = unsafe { Box::from_raw(lock) };
+        // SAFETY: made by spare::alloc in lock_impl, not freed yet (caller's promise).
+        let lock = unsafe { spare::free(lock) };
         match lock.held {
-            Held::Local(g) => g.unlock()?,
-            Held::Remote(g) => g.unlock()?,
+            Held::Local(g) => unlock_local(g),
+            Held::Remote(g) => unlock_remote(g),
         }
-        Ok(())
     })
 }
 

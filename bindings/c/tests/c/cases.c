@@ -214,10 +214,11 @@ static int args(const char *seg) {
     CHECK(g.token > first && !g.owner_died);
     OK(shmlock_unlock(l2));
 
-    /* Closing with a lock held: the handle still unlocks. NULL is ignored. */
+    /* Closing with a lock held releases it (the guard is dangling then, and left alone). */
     OK(shmlock_lock(c, NAME("held-at-close"), SHMLOCK_SHARED, SHMLOCK_NO_WAIT, NULL, &l));
+    EXPECT(shmlock_lock(c2, NAME("held-at-close"), SHMLOCK_EXCLUSIVE, SHMLOCK_NO_WAIT, NULL, &l2),
+           SHMLOCK_WOULD_BLOCK);
     shmlock_close(c);
-    OK(shmlock_unlock(l));
     shmlock_close(NULL);
     OK(shmlock_lock(c2, NAME("held-at-close"), SHMLOCK_EXCLUSIVE, SHMLOCK_NO_WAIT, NULL, &l2));
     OK(shmlock_unlock(l2));
