@@ -290,4 +290,100 @@ mod tests {
         assert_eq!(name_of(-1), b"SHMLOCK_UNKNOWN\0");
         assert_eq!(name_of(LAST_STATUS + 1), b"SHMLOCK_UNKNOWN\0");
     }
+
+    #[test]
+    fn each_error_family_has_its_status() {
+        let seg = || "/s".to_string();
+        let cases = [
+            (Error::NameInvalid { len: 0, max: 64 }, SHMLOCK_BAD_NAME),
+            (
+                Error::SegmentNameInvalid { name: seg(), why: "x" },
+                SHMLOCK_BAD_SEGMENT_NAME,
+            ),
+            (
+                Error::PoolFull {
+                    pool: "owner",
+                    shard: None,
+                    capacity: 1,
+                },
+                SHMLOCK_TABLE_FULL,
+            ),
+            (Error::WouldBlock, SHMLOCK_WOULD_BLOCK),
+            (
+                Error::TimedOut {
+                    waited: std::time::Duration::ZERO,
+                    holder: None,
+                },
+                SHMLOCK_TIMED_OUT,
+            ),
+            (Error::Cancelled, SHMLOCK_CANCELLED),
+            (Error::Interrupted, SHMLOCK_INTERRUPTED),
+            (Error::ForkedClient { opened_by: 1, pid: 2 }, SHMLOCK_FORKED),
+            (Error::AlreadyHeld, SHMLOCK_ALREADY_HELD),
+            (Error::NotHeld, SHMLOCK_NOT_HELD),
+            (Error::WrongMagic { found: 0, expected: 1 }, SHMLOCK_SEGMENT_INVALID),
+            (Error::WrongVersion { found: 0, expected: 1 }, SHMLOCK_SEGMENT_VERSION),
+            (Error::SegmentMissing { name: seg() }, SHMLOCK_SEGMENT_MISSING),
+            (Error::SegmentExists { name: seg() }, SHMLOCK_SEGMENT_EXISTS),
+            (
+                Error::SegmentSymlink {
+                    name: seg(),
+                    target: None,
+                },
+                SHMLOCK_SEGMENT_REFUSED,
+            ),
+            (Error::SegmentRemoved { name: seg(), pid: 1 }, SHMLOCK_SEGMENT_RETIRED),
+            (Error::Corrupt { what: "x".into() }, SHMLOCK_CORRUPT),
+            (
+                Error::Remote {
+                    code: ErrorCode::AuthFailed,
+                    message: String::new(),
+                },
+                SHMLOCK_AUTH,
+            ),
+            (
+                Error::Remote {
+                    code: ErrorCode::TooManyLocks,
+                    message: String::new(),
+                },
+                SHMLOCK_LIMIT,
+            ),
+            (
+                Error::Remote {
+                    code: ErrorCode::Internal,
+                    message: String::new(),
+                },
+                SHMLOCK_REMOTE,
+            ),
+            (
+                Error::Connection {
+                    addr: "a".into(),
+                    why: "b".into(),
+                },
+                SHMLOCK_CONNECTION,
+            ),
+        ];
+        for (e, want) in cases {
+            assert_eq!(status_of(&e), want, "{e:?}");
+        }
+    }
+
+    #[test]
+    fn an_os_error_and_the_message_are_kept_per_thread() {
+        let e = Error::Io {
+            op: "open",
+            segment: "/s".into(),
+            source: std::io::Error::from_raw_os_error(libc::EACCES),
+        };
+        assert_eq!(record(Failure::Lib(e)), SHMLOCK_IO);
+        assert_eq!(last_os_error(), libc::EACCES);
+        let mut buf = [0x55 as c_char; 8];
+        // SAFETY: `buf` has 8 writable bytes.
+        let n = unsafe { copy_message(buf.as_mut_ptr(), buf.len()) };
+        assert_eq!(n, "open failed for segment /s".len());
+        assert_eq!(buf[7], 0, "cut to fit and NUL-terminated");
+        std::thread::spawn(|| assert_eq!(last_os_error(), 0)).join().unwrap();
+        assert_eq!(record(invalid("x")), SHMLOCK_INVALID_ARGUMENT);
+        assert_eq!(last_os_error(), 0, "a later failure without one clears it");
+    }
 }
