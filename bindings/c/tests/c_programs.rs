@@ -407,6 +407,46 @@ impl Drop for Gateway {
     }
 }
 
+/// `shmlock` (the CLI) of the top crate, built for this run.
+fn shmlock_cli() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        cargo_build(&["-p", "shmlock", "--bin", "shmlock"]);
+        profile_dir().join("shmlock")
+    })
+    .clone()
+}
+
+#[test]
+fn c_rust_and_shmlock_run_exclude_each_other_on_one_segment() {
+    let seg = TestSegment::new("interop");
+    let shmlock = shmlock_cli();
+    // A C holder: this Rust process and `shmlock run` find the lock busy.
+    let holder = Holder::start(&seg, "interop", "exclusive");
+    let rust = shmlock_core::Client::open(&seg.name).expect("open from Rust");
+    assert!(matches!(rust.try_lock("interop"), Err(shmlock_core::Error::WouldBlock)));
+    let mut cmd = Command::new(&shmlock);
+    cmd.args(["run", "--segment", &seg.name, "--nonblock", "interop", "--", "true"]);
+    let out = run(cmd);
+    assert_eq!(
+        out.status.code(),
+        Some(75),
+        "shmlock run must give up (EX_TEMPFAIL): {out:?}"
+    );
+    holder.release();
+    // A Rust holder: C finds it busy and its timeout names this process.
+    let guard = rust.lock("interop").expect("lock from Rust");
+    assert!(!guard.owner_died());
+    run_case(&["busy", &seg.name, "interop", &std::process::id().to_string()]);
+    drop(guard);
+    // `shmlock run` holding it while its command, a C program, finds it busy.
+    let mut cmd = Command::new(&shmlock);
+    cmd.args(["run", "--segment", &seg.name, "interop", "--"])
+        .arg(built().program("cases"))
+        .args(["busy", &seg.name, "interop", "parent"]);
+    check("shmlock run -- cases busy", run(cmd));
+}
+
 #[test]
 fn a_remote_client_locks_through_the_gateway_on_the_same_table() {
     let seg = TestSegment::new("remote");
