@@ -1,5 +1,5 @@
 //! libshmlock: shmlock's C ABI, a thin layer over the Rust API (`Client`, `RemoteClient`, the
-//! `Locker` contract and its owned guards). The header, `include/shmlock.h`, is generated from
+//! `Locker` contract and its guards). The header, `include/shmlock.h`, is generated from
 //! this file by cbindgen (`bindings/c/cbindgen.toml`); the doc comments here are the header's.
 //!
 //! One client type, `shmlock_client`, stands for both backends (a local segment or a gateway),
