@@ -17,7 +17,11 @@ if [[ -z "${SHMLOCK_LIB_DIR:-}" ]]; then
 fi
 version="$(sed -n 's/^version = "\(.*\)"/\1/p' "$here/Cargo.toml" | head -n1)"
 install -d "$libdir/pkgconfig" "$prefix/include"
-install -m 0755 "$SHMLOCK_LIB_DIR/libshmlock.so" "$libdir/libshmlock.so"
+# The soname is libshmlock.so.ABI (build.rs); the development name points at it.
+soname="$(objdump -p "$SHMLOCK_LIB_DIR/libshmlock.so" 2>/dev/null | sed -n 's/^ *SONAME *//p')"
+soname="${soname:-libshmlock.so.1}"
+install -m 0755 "$SHMLOCK_LIB_DIR/libshmlock.so" "$libdir/$soname"
+ln -sf "$soname" "$libdir/libshmlock.so"
 install -m 0644 "$SHMLOCK_LIB_DIR/libshmlock.a" "$libdir/libshmlock.a"
 install -m 0644 "$here/include/shmlock.h" "$prefix/include/shmlock.h"
 sed -e "s|@PREFIX@|$prefix|" -e "s|@LIBDIR@|$libdir|" -e "s|@VERSION@|$version|" \

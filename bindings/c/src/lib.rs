@@ -701,3 +701,39 @@ pub extern "C" fn shmlock_last_os_error() -> i32 {
 pub extern "C" fn shmlock_status_name(status: i32) -> *const c_char {
     status::name_of(status).as_ptr().cast()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_soname_carries_the_abi_version() {
+        let build = include_str!("../build.rs");
+        assert!(build.contains(&format!("\"libshmlock.so.{SHMLOCK_ABI_VERSION}\"")));
+    }
+
+    #[test]
+    fn a_panic_is_a_status_and_a_message() {
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let s = entry(|| panic!("boom {}", 42));
+        std::panic::set_hook(prev);
+        assert_eq!(s, shmlock_status::SHMLOCK_PANIC);
+        let mut buf = [0 as c_char; 128];
+        // SAFETY: `buf` has 128 writable bytes.
+        let n = unsafe { shmlock_last_error_message(buf.as_mut_ptr(), buf.len()) };
+        // SAFETY: NUL-terminated by shmlock_last_error_message.
+        let msg = unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned();
+        assert!(n > 0 && msg.contains("boom 42"), "{msg}");
+    }
+
+    #[test]
+    fn timeouts_map_to_waits() {
+        assert_eq!(wait_of(SHMLOCK_NO_WAIT), Wait::No);
+        assert_eq!(wait_of(SHMLOCK_FOREVER), Wait::Forever);
+        assert_eq!(wait_of(i64::MIN), Wait::Forever);
+        assert!(matches!(wait_of(1), Wait::Until(_)));
+        // Beyond what an Instant can hold: forever, not a panic.
+        assert!(matches!(wait_of(i64::MAX), Wait::Until(_) | Wait::Forever));
+    }
+}
