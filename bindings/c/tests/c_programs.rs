@@ -459,6 +459,7 @@ fn the_installed_files_are_where_pkg_config_says() {
     let b = built();
     for f in [
         "lib/libshmlock.so",
+        "lib/libshmlock.so.1",
         "lib/libshmlock.a",
         "include/shmlock.h",
         "lib/pkgconfig/shmlock.pc",
