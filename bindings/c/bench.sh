@@ -28,15 +28,19 @@ cc -std=c11 -O2 -o "$work/bench" "$here/examples/bench.c" $(pkg-config --cflags 
     -Wl,-rpath,"$work/prefix/lib"
 "$target/release/examples/create_segment" "$seg" 64
 ns() { sed -n 's/.*"ns_per_op":\([0-9.]*\).*/\1/p' | head -n1; }
-rust=() c=()
+rust=() c=() cs=()
 for _ in $(seq "$repeat"); do
     rust+=("$("$target/release/shmlock-bench" stream --system shmlock --ops "$ops" --json | ns)")
     c+=("$("$work/bench" --segment "$seg" --ops "$ops" --json | ns)")
+    cs+=("$("$work/bench" --segment "$seg" --ops "$ops" --scoped --json | ns)")
 done
 median() { printf '%s\n' "$@" | sort -g | sed -n "$(( ($# + 1) / 2 ))p"; }
 r="$(median "${rust[@]}")"
 k="$(median "${c[@]}")"
+ks="$(median "${cs[@]}")"
 echo "stream: $ops x { lock(\"ABCD\"); unlock } in one process; median of $repeat alternating runs"
 echo "  rust (shmlock-bench stream): $r ns/pair   runs: ${rust[*]}"
-echo "  c    (examples/bench.c):     $k ns/pair   runs: ${c[*]}"
-awk -v r="$r" -v k="$k" 'BEGIN { printf "  ratio c/rust: %.3f (target: at most 1.2)\n", k / r }'
+echo "  c    (shmlock_lock + shmlock_unlock): $k ns/pair   runs: ${c[*]}"
+echo "  c    (shmlock_with_lock, scoped):    $ks ns/pair   runs: ${cs[*]}"
+awk -v r="$r" -v k="$k" -v s="$ks" 'BEGIN {
+    printf "  ratio c/rust: %.3f with a guard handle, %.3f scoped (target: at most 1.2)\n", k / r, s / r }'

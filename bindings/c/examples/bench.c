@@ -3,7 +3,10 @@
  * process, one client; ns per pair = elapsed / ops. With --repeat R, R runs (each with a client
  * of its own) and the median run is reported, with the min and max ns/pair.
  *
- *   bench [--ops N] [--repeat R] [--segment NAME | --remote ADDR] [--json]
+ *   bench [--ops N] [--repeat R] [--segment NAME | --remote ADDR] [--scoped] [--json]
+ *
+ * --scoped times shmlock_with_lock() with an empty section instead of shmlock_lock() +
+ * shmlock_unlock() (the same pair, without a guard handle).
  *
  * The segment must exist (shmlockd creates it); bench.sh runs this and `shmlock-bench stream`
  * side by side. */
@@ -23,8 +26,23 @@ static void die(const char *what) {
     exit(1);
 }
 
+static int nothing(void *arg, const shmlock_grant *g) {
+    (void)arg;
+    (void)g;
+    return 0;
+}
+
+static int scoped;
+
 static void pairs(shmlock_client *c, long n) {
     static const uint8_t name[] = "ABCD";
+    if (scoped) {
+        for (long i = 0; i < n; i++)
+            if (shmlock_with_lock(c, name, 4, SHMLOCK_EXCLUSIVE, SHMLOCK_FOREVER, nothing, NULL,
+                                  NULL) != SHMLOCK_OK)
+                die("with_lock");
+        return;
+    }
     for (long i = 0; i < n; i++) {
         shmlock_guard *l;
         if (shmlock_lock(c, name, 4, SHMLOCK_EXCLUSIVE, SHMLOCK_FOREVER, NULL, &l) != SHMLOCK_OK)
@@ -54,8 +72,10 @@ int main(int argc, char **argv) {
         else if (strcmp(argv[i], "--segment") == 0 && i + 1 < argc) segment = argv[++i];
         else if (strcmp(argv[i], "--remote") == 0 && i + 1 < argc) remote = argv[++i];
         else if (strcmp(argv[i], "--json") == 0) json = 1;
+        else if (strcmp(argv[i], "--scoped") == 0) scoped = 1;
         else {
-            fprintf(stderr, "usage: bench [--ops N] [--repeat R] [--segment NAME | --remote ADDR] [--json]\n");
+            fprintf(stderr, "usage: bench [--ops N] [--repeat R] [--segment NAME | --remote ADDR] "
+                            "[--scoped] [--json]\n");
             return 2;
         }
     }
@@ -80,7 +100,8 @@ int main(int argc, char **argv) {
     double median = secs[(repeat - 1) / 2];
     double ns = median * 1e9 / (double)ops;
     double min_ns = secs[0] * 1e9 / (double)ops, max_ns = secs[repeat - 1] * 1e9 / (double)ops;
-    const char *system = remote ? "remote-c" : "shmlock-c";
+    const char *system = remote ? (scoped ? "remote-c-scoped" : "remote-c")
+                                : (scoped ? "shmlock-c-scoped" : "shmlock-c");
     if (json) {
         printf("{\"scenario\":\"stream\",\"system\":\"%s\",\"ops\":%ld,\"seconds\":%.6f,"
                "\"ops_per_sec\":%.1f,\"ns_per_op\":%.2f,\"min_ns_per_op\":%.2f,"

@@ -239,6 +239,14 @@ typedef struct shmlock_grant {
  */
 typedef bool (*shmlock_interrupt_fn)(void *arg);
 
+/**
+ * A critical section for `shmlock_with_lock()`: called with the caller's `arg` and the grant
+ * while the lock is held; what it returns is handed back through `shmlock_with_lock()`'s
+ * `result`.
+ */
+typedef int32_t (*shmlock_locked_fn)(void *arg,
+                                     const struct shmlock_grant *grant);
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -383,6 +391,35 @@ enum shmlock_status shmlock_lock_interruptible(const struct shmlock_client *clie
                                                void *arg,
                                                struct shmlock_grant *grant,
                                                struct shmlock_guard **lock);
+
+/**
+ * Locks like `shmlock_lock()`, calls `locked(arg, &grant)` while the lock is held, then unlocks:
+ * a scoped lock that cannot be left held, with no handle to allocate (the fastest way to run a
+ * short critical section). `locked` must return (not `longjmp` or unwind out); it may call the
+ * library, but not unlock this lock.
+ *
+ * - `result`: NULL, or where `locked`'s return value is stored when it ran.
+ *
+ * Thread safety and blocking as `shmlock_lock()`, plus the time `locked` takes.
+ *
+ * Returns `SHMLOCK_OK` (`locked` ran and the lock was released); the statuses of
+ * `shmlock_lock()` when the lock was not had (`locked` did not run); `SHMLOCK_NOT_HELD` (it ran,
+ * but the lock was taken away meanwhile); `SHMLOCK_INVALID_ARGUMENT` (`client` or `locked`
+ * NULL, `name` NULL with a length, an unknown `mode`).
+ *
+ * # Safety
+ * `client` is NULL or a live client; `name` is NULL with `name_len` 0 or points to `name_len`
+ * readable bytes; `locked` is NULL or a function that may be called with `arg` on this thread
+ * during the call; `result` is NULL or writable.
+ */
+enum shmlock_status shmlock_with_lock(const struct shmlock_client *client,
+                                      const uint8_t *name,
+                                      size_t name_len,
+                                      uint32_t mode,
+                                      int64_t timeout_ns,
+                                      shmlock_locked_fn locked,
+                                      void *arg,
+                                      int32_t *result);
 
 /**
  * Unlocks a held lock and frees its handle, whatever the result (do not use `lock` again).

@@ -621,6 +621,106 @@ pub unsafe extern "C" fn shmlock_lock_interruptible(
     })
 }
 
+/// A critical section for `shmlock_with_lock()`: called with the caller's `arg` and the grant
+/// while the lock is held; what it returns is handed back through `shmlock_with_lock()`'s
+/// `result`.
+pub type shmlock_locked_fn = Option<unsafe extern "C" fn(arg: *mut c_void, grant: *const shmlock_grant) -> i32>;
+
+/// Locks like `shmlock_lock()`, calls `locked(arg, &grant)` while the lock is held, then unlocks:
+/// a scoped lock that cannot be left held, with no handle to allocate (the fastest way to run a
+/// short critical section). `locked` must return (not `longjmp` or unwind out); it may call the
+/// library, but not unlock this lock.
+///
+/// - `result`: NULL, or where `locked`'s return value is stored when it ran.
+///
+/// Thread safety and blocking as `shmlock_lock()`, plus the time `locked` takes.
+///
+/// Returns `SHMLOCK_OK` (`locked` ran and the lock was released); the statuses of
+/// `shmlock_lock()` when the lock was not had (`locked` did not run); `SHMLOCK_NOT_HELD` (it ran,
+/// but the lock was taken away meanwhile); `SHMLOCK_INVALID_ARGUMENT` (`client` or `locked`
+/// NULL, `name` NULL with a length, an unknown `mode`).
+///
+/// # Safety
+/// `client` is NULL or a live client; `name` is NULL with `name_len` 0 or points to `name_len`
+/// readable bytes; `locked` is NULL or a function that may be called with `arg` on this thread
+/// during the call; `result` is NULL or writable.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn shmlock_with_lock(
+    client: *const shmlock_client,
+    name: *const u8,
+    name_len: usize,
+    mode: u32,
+    timeout_ns: i64,
+    locked: shmlock_locked_fn,
+    arg: *mut c_void,
+    result: *mut i32,
+) -> shmlock_status {
+    entry(|| {
+        let Some(f) = locked else {
+            return Err(invalid("locked is NULL"));
+        };
+        if client.is_null() {
+            return Err(invalid("client is NULL"));
+        }
+        // SAFETY: a live client by the caller's promise; only shared access is taken.
+        let client = unsafe { &*client };
+        // SAFETY: (NULL, 0) or `name_len` readable bytes, by the caller's promise.
+        let name = unsafe { bytes(name, name_len, "name") }?;
+        let mode = mode_of(mode)?;
+        let wait = wait_of(timeout_ns);
+        // SAFETY: the caller gives a function callable with `arg` on this thread now.
+        let run = |g: &shmlock_grant| unsafe { f(arg, g) };
+        let r = match &client.backend {
+            Backend::Local(c) => with_local(c, name, mode, wait, run)?,
+            Backend::Remote(c) => with_remote(c, name, mode, wait, run)?,
+        };
+        if !result.is_null() {
+            // SAFETY: not null, and writable by the caller's promise.
+            unsafe { result.write(r) };
+        }
+        Ok(())
+    })
+}
+
+fn grant_of(g: shmlock_core::Grant) -> shmlock_grant {
+    shmlock_grant {
+        token: g.token.0,
+        mode: mode_code(g.mode),
+        owner_died: g.owner_died,
+    }
+}
+
+/// The scoped lock on a local client: the guard stays in this frame, never in memory of the
+/// caller's.
+#[inline(never)]
+fn with_local(
+    c: &Client,
+    name: &[u8],
+    mode: Mode,
+    wait: Wait,
+    run: impl FnOnce(&shmlock_grant) -> i32,
+) -> Result<i32, Failure> {
+    let g = c.acquire(name, mode, wait)?;
+    let r = run(&grant_of(g.grant()));
+    g.unlock()?;
+    Ok(r)
+}
+
+#[inline(never)]
+fn with_remote(
+    c: &RemoteClient,
+    name: &[u8],
+    mode: Mode,
+    wait: Wait,
+    run: impl FnOnce(&shmlock_grant) -> i32,
+) -> Result<i32, Failure> {
+    let g = c.acquire(name, mode, wait)?;
+    let r = run(&grant_of(g.grant()));
+    g.unlock()?;
+    Ok(r)
+}
+
 /// Unlocks a held lock and frees its handle, whatever the result (do not use `lock` again).
 ///
 /// Thread-safe: any thread may unlock a lock, but only one call may use a given handle. Does not

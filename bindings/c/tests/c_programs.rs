@@ -359,11 +359,14 @@ fn the_quick_start_runs_linked_both_ways() {
 #[test]
 fn the_bench_runs() {
     let seg = TestSegment::new("bench");
-    let mut cmd = Command::new(built().program("bench"));
-    cmd.args(["--ops", "20000", "--segment", &seg.name, "--json"]);
-    let out = check("bench", run(cmd));
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("\"ns_per_op\""), "bench printed {text:?}");
+    for extra in [None, Some("--scoped")] {
+        let mut cmd = Command::new(built().program("bench"));
+        cmd.args(["--ops", "20000", "--segment", &seg.name, "--json"])
+            .args(extra);
+        let out = check("bench", run(cmd));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("\"ns_per_op\""), "bench printed {text:?}");
+    }
 }
 
 /// shmlockd on `seg` with its gateway on a free port; killed when dropped.

@@ -141,6 +141,29 @@ static int forked(const char *seg, const char *name) {
     return 0;
 }
 
+struct seen {
+    uint64_t token;
+    bool owner_died;
+    uint32_t mode;
+    int calls;
+    shmlock_client *other; /* a second client, to try the lock from inside */
+    const char *name;
+};
+
+static int in_section(void *arg, const shmlock_grant *g) {
+    struct seen *s = arg;
+    s->token = g->token;
+    s->owner_died = g->owner_died;
+    s->mode = g->mode;
+    s->calls++;
+    shmlock_guard *l;
+    /* Held while this runs: another client finds it busy. */
+    if (shmlock_lock(s->other, NAME(s->name), SHMLOCK_EXCLUSIVE, SHMLOCK_NO_WAIT, NULL, &l) !=
+        SHMLOCK_WOULD_BLOCK)
+        return -1;
+    return 42;
+}
+
 static int calls;
 static bool third_call(void *arg) {
     (void)arg;
@@ -218,6 +241,27 @@ static int args(const char *seg) {
     CHECK(g.token > first && !g.owner_died);
     OK(shmlock_unlock(l2));
 
+    /* The scoped lock: the section runs with the lock held, its result comes back, and the lock
+     * is free afterwards; a busy lock does not run it. */
+    struct seen s = {.other = c2, .name = "scoped"};
+    int result = 0;
+    OK(shmlock_with_lock(c, NAME("scoped"), SHMLOCK_EXCLUSIVE, MS(1000), in_section, &s, &result));
+    CHECK(result == 42 && s.calls == 1 && s.token > 0 && !s.owner_died &&
+          s.mode == SHMLOCK_EXCLUSIVE);
+    OK(shmlock_lock(c2, NAME("scoped"), SHMLOCK_EXCLUSIVE, SHMLOCK_NO_WAIT, NULL, &l2));
+    result = 7;
+    EXPECT(shmlock_with_lock(c, NAME("scoped"), SHMLOCK_SHARED, SHMLOCK_NO_WAIT, in_section, &s,
+                             &result),
+           SHMLOCK_WOULD_BLOCK);
+    CHECK(s.calls == 1 && result == 7);
+    OK(shmlock_unlock(l2));
+    EXPECT(shmlock_with_lock(c, NAME("scoped"), SHMLOCK_EXCLUSIVE, 0, NULL, NULL, NULL),
+           SHMLOCK_INVALID_ARGUMENT);
+    EXPECT(shmlock_with_lock(NULL, NAME("scoped"), SHMLOCK_EXCLUSIVE, 0, in_section, &s, NULL),
+           SHMLOCK_INVALID_ARGUMENT);
+    EXPECT(shmlock_with_lock(c, NULL, 0, SHMLOCK_EXCLUSIVE, 0, in_section, &s, NULL),
+           SHMLOCK_BAD_NAME);
+
     /* Closing with a lock held releases it (the guard is dangling then, and left alone). */
     OK(shmlock_lock(c, NAME("held-at-close"), SHMLOCK_SHARED, SHMLOCK_NO_WAIT, NULL, &l));
     EXPECT(shmlock_lock(c2, NAME("held-at-close"), SHMLOCK_EXCLUSIVE, SHMLOCK_NO_WAIT, NULL, &l2),
@@ -260,6 +304,14 @@ static int remote(const char *addr, const char *seg) {
     OK(shmlock_unlock(l));
     OK(shmlock_unlock(l2));
     OK(shmlock_lock(local, NAME("jobs/1"), SHMLOCK_EXCLUSIVE, SHMLOCK_NO_WAIT, NULL, &l2));
+    OK(shmlock_unlock(l2));
+
+    /* The scoped lock through the gateway. */
+    struct seen s = {.other = r2, .name = "jobs/3"};
+    int result = 0;
+    OK(shmlock_with_lock(r, NAME("jobs/3"), SHMLOCK_SHARED, MS(5000), in_section, &s, &result));
+    CHECK(result == 42 && s.calls == 1 && s.mode == SHMLOCK_SHARED);
+    OK(shmlock_lock(r2, NAME("jobs/3"), SHMLOCK_EXCLUSIVE, SHMLOCK_NO_WAIT, NULL, &l2));
     OK(shmlock_unlock(l2));
 
     /* A fork child may not use the parent's session either. */
