@@ -344,6 +344,12 @@ fn null_pointers_bad_names_and_modes_get_their_statuses() {
 }
 
 #[test]
+fn threads_share_a_client_as_one_owner_and_exclude_each_other_with_their_own() {
+    let seg = TestSegment::new("threads");
+    run_case(&["threads", &seg.name]);
+}
+
+#[test]
 fn the_quick_start_runs_linked_both_ways() {
     let seg = TestSegment::new("quick");
     let b = built();

@@ -6,10 +6,12 @@
  *   cases died SEGMENT NAME                     the holder was SIGKILLed: owner_died, then not
  *   cases fork SEGMENT NAME                     a forked child gets SHMLOCK_FORKED
  *   cases args SEGMENT                          null pointers, bad names and modes, messages
+ *   cases threads SEGMENT                       a client shared by threads; a client per thread
  *   cases remote ADDR SEGMENT                   a remote client through the gateway at ADDR */
 #include "check.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -314,6 +316,17 @@ static int remote(const char *addr, const char *seg) {
     OK(shmlock_lock(r2, NAME("jobs/3"), SHMLOCK_EXCLUSIVE, SHMLOCK_NO_WAIT, NULL, &l2));
     OK(shmlock_unlock(l2));
 
+    /* An interruptible remote wait gives up when asked, holding nothing. */
+    OK(shmlock_lock(r, NAME("jobs/4"), SHMLOCK_EXCLUSIVE, SHMLOCK_NO_WAIT, NULL, &l));
+    calls = 0;
+    EXPECT(shmlock_lock_interruptible(r2, NAME("jobs/4"), SHMLOCK_EXCLUSIVE, SHMLOCK_FOREVER,
+                                      third_call, NULL, NULL, &l2),
+           SHMLOCK_INTERRUPTED);
+    CHECK(calls >= 3 && l2 == NULL);
+    OK(shmlock_unlock(l));
+    OK(shmlock_lock(r2, NAME("jobs/4"), SHMLOCK_EXCLUSIVE, MS(5000), NULL, &l2));
+    OK(shmlock_unlock(l2));
+
     /* A fork child may not use the parent's session either. */
     fflush(NULL);
     pid_t pid = fork();
@@ -337,6 +350,58 @@ static int remote(const char *addr, const char *seg) {
     return 0;
 }
 
+struct shared_state {
+    shmlock_client *client; /* the client both threads use */
+    shmlock_guard *guard;   /* taken by the thread, unlocked by main */
+    const char *segment;
+    long counter;           /* incremented under the lock by both threads' own clients */
+};
+
+static void *take(void *arg) {
+    struct shared_state *st = arg;
+    OK(shmlock_lock(st->client, NAME("threads/a"), SHMLOCK_EXCLUSIVE, SHMLOCK_NO_WAIT, NULL,
+                    &st->guard));
+    return NULL;
+}
+
+static void *count(void *arg) {
+    struct shared_state *st = arg;
+    shmlock_client *own;
+    OK(shmlock_open(st->segment, NULL, &own));
+    for (int i = 0; i < 20000; i++) {
+        shmlock_guard *l;
+        OK(shmlock_lock(own, NAME("threads/count"), SHMLOCK_EXCLUSIVE, SHMLOCK_FOREVER, NULL, &l));
+        long v = __atomic_load_n(&st->counter, __ATOMIC_RELAXED);
+        __atomic_store_n(&st->counter, v + 1, __ATOMIC_RELAXED); /* not atomic as a whole */
+        OK(shmlock_unlock(l));
+    }
+    shmlock_close(own);
+    return NULL;
+}
+
+/* One client shared by threads is one owner; a client per thread excludes. */
+static int threads(const char *seg) {
+    struct shared_state st = {.segment = seg};
+    OK(shmlock_open(seg, NULL, &st.client));
+    pthread_t t;
+    CHECK(pthread_create(&t, NULL, take, &st) == 0);
+    CHECK(pthread_join(t, NULL) == 0);
+    shmlock_guard *l;
+    EXPECT(shmlock_lock(st.client, NAME("threads/a"), SHMLOCK_EXCLUSIVE, SHMLOCK_FOREVER, NULL,
+                        &l),
+           SHMLOCK_ALREADY_HELD);
+    OK(shmlock_unlock(st.guard)); /* another thread's lock, unlocked here */
+    OK(shmlock_lock(st.client, NAME("threads/a"), SHMLOCK_EXCLUSIVE, SHMLOCK_NO_WAIT, NULL, &l));
+    OK(shmlock_unlock(l));
+    pthread_t a, b;
+    CHECK(pthread_create(&a, NULL, count, &st) == 0);
+    CHECK(pthread_create(&b, NULL, count, &st) == 0);
+    CHECK(pthread_join(a, NULL) == 0 && pthread_join(b, NULL) == 0);
+    CHECK(st.counter == 40000);
+    shmlock_close(st.client);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc == 5 && strcmp(argv[1], "hold") == 0) return hold(argv[2], argv[3], argv[4]);
     if (argc == 5 && strcmp(argv[1], "busy") == 0) return busy(argv[2], argv[3], argv[4]);
@@ -344,6 +409,7 @@ int main(int argc, char **argv) {
     if (argc == 4 && strcmp(argv[1], "died") == 0) return died(argv[2], argv[3]);
     if (argc == 4 && strcmp(argv[1], "fork") == 0) return forked(argv[2], argv[3]);
     if (argc == 3 && strcmp(argv[1], "args") == 0) return args(argv[2]);
+    if (argc == 3 && strcmp(argv[1], "threads") == 0) return threads(argv[2]);
     if (argc == 4 && strcmp(argv[1], "remote") == 0) return remote(argv[2], argv[3]);
     fprintf(stderr, "usage: see the comment at the top of cases.c\n");
     return 2;
