@@ -1,0 +1,839 @@
+//! libshmlock: shmlock's C ABI, a thin layer over the Rust API (`Client`, `RemoteClient`, the
+//! `Locker` contract and its guards). The header, `include/shmlock.h`, is generated from
+//! this file by cbindgen (`bindings/c/cbindgen.toml`); the doc comments here are the header's.
+//!
+//! One client type, `shmlock_client`, stands for both backends (a local segment or a gateway),
+//! as the `Locker` trait does in Rust: C code written once runs on both, and every call but
+//! `shmlock_open` / `shmlock_connect` is the same.
+//!
+//! Every entry point catches panics (`SHMLOCK_PANIC`), checks its pointers
+//! (`SHMLOCK_INVALID_ARGUMENT`), and records a failure's message and errno thread-locally.
+
+#![allow(non_camel_case_types)]
+
+mod status;
+
+use std::ffi::{c_char, c_void, CStr};
+use std::ops::Deref;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::ptr::NonNull;
+use std::sync::Arc;
+use std::time::Duration;
+
+use shmlock_core::remote::{ConnectOptions, RemoteClient, RemoteLockGuard};
+use shmlock_core::{Client, LocalGuard, LockTable, Locker, Mode, Wait};
+
+pub use status::shmlock_status;
+use status::{invalid, record, Failure};
+
+/// The version of this ABI: changed whenever a type or a function's signature changes
+/// incompatibly. Compare it with `shmlock_abi_version()` at run time.
+pub const SHMLOCK_ABI_VERSION: u32 = 1;
+
+/// Lock mode: one holder at a time.
+pub const SHMLOCK_EXCLUSIVE: u32 = 1;
+/// Lock mode: any number of shared holders at once, none while an exclusive one holds.
+pub const SHMLOCK_SHARED: u32 = 2;
+
+/// Timeout: do not wait; `SHMLOCK_WOULD_BLOCK` if the lock is not free at once.
+pub const SHMLOCK_NO_WAIT: i64 = 0;
+/// Timeout: wait as long as it takes. (Any negative timeout waits forever.)
+pub const SHMLOCK_FOREVER: i64 = -1;
+
+/// What a grant tells its holder (in the manner of libdlm's lock status block): filled by
+/// `shmlock_lock()` on success and by `shmlock_guard_grant()`. The caller owns it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct shmlock_grant {
+    /// The fencing token of this grant: strictly increasing across the grants of one name.
+    pub token: u64,
+    /// The mode granted: `SHMLOCK_EXCLUSIVE` or `SHMLOCK_SHARED`.
+    pub mode: u32,
+    /// True if the previous holder died (or was forced out) holding the lock: check the data it
+    /// protects. Information only; the lock is not poisoned.
+    pub owner_died: bool,
+}
+
+/// A client: one owner of locks, in a local segment (`shmlock_open`) or through a gateway
+/// (`shmlock_connect`). Opaque; free it with `shmlock_close()`.
+pub struct shmlock_client {
+    backend: Backend,
+}
+
+enum Backend {
+    Local(Client),
+    Remote(RemoteClient),
+}
+
+/// A held lock (from `shmlock_lock()`). Opaque; `shmlock_unlock()` releases it and frees the
+/// handle.
+pub struct shmlock_guard {
+    held: Held,
+}
+
+enum Held {
+    Local(LocalGuard<ClientRef<Client>>),
+    Remote(RemoteLockGuard<ClientRef<RemoteClient>>),
+}
+
+/// A guard's reference to its client: the C form of a borrow (the Rust API's `LockGuard<'a>`),
+/// which costs nothing per lock where an `Arc` clone and drop cost two atomic read-modify-writes
+/// (as much as the lock itself). The header's rule that makes it sound: a client is not closed
+/// while guards of it are held.
+struct ClientRef<C>(NonNull<C>);
+
+impl<C> Clone for ClientRef<C> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<C> Copy for ClientRef<C> {}
+
+impl<C> Deref for ClientRef<C> {
+    type Target = C;
+
+    #[inline(always)]
+    fn deref(&self) -> &C {
+        // SAFETY: points into a `shmlock_client` box, which the caller keeps open (not passed to
+        // shmlock_close) while this guard is held: the header's rule for shmlock_close.
+        unsafe { self.0.as_ref() }
+    }
+}
+
+// SAFETY: a shared reference to a `Sync` client (`Client` and `RemoteClient` are Sync), as
+// `&C: Send` is.
+unsafe impl<C: Sync> Send for ClientRef<C> {}
+
+/// An interrupt check for `shmlock_lock_interruptible()`: returns true to give the wait up.
+pub type shmlock_interrupt_fn = Option<unsafe extern "C" fn(arg: *mut c_void) -> bool>;
+
+// The threads promise of the header: a client may be shared by threads, a lock unlocked from
+// any thread.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    const fn send<T: Send>() {}
+    send_sync::<shmlock_client>();
+    send::<shmlock_guard>();
+};
+
+/// Runs an entry point's body: its failure or its panic becomes the status (and this thread's
+/// last error).
+#[inline(always)]
+fn entry(f: impl FnOnce() -> Result<(), Failure>) -> shmlock_status {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(())) => shmlock_status::SHMLOCK_OK,
+        Ok(Err(e)) => record(e),
+        Err(payload) => record(Failure::Panic(panic_text(payload.as_ref()))),
+    }
+}
+
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic without a message".into()
+    }
+}
+
+/// A C string argument as UTF-8; None for a null pointer.
+///
+/// # Safety
+/// `p` is null or points to a NUL-terminated string that lives for `'a`.
+unsafe fn opt_str<'a>(p: *const c_char, what: &str) -> Result<Option<&'a str>, Failure> {
+    if p.is_null() {
+        return Ok(None);
+    }
+    // SAFETY: not null, and NUL-terminated and alive by the caller's promise.
+    let s = unsafe { CStr::from_ptr(p) };
+    s.to_str()
+        .map(Some)
+        .map_err(|_| invalid(format!("{what} is not UTF-8")))
+}
+
+/// The bytes `(ptr, len)`: empty for (NULL, 0).
+///
+/// # Safety
+/// `ptr` is null with `len` 0, or valid for reads of `len` bytes for `'a`.
+unsafe fn bytes<'a>(ptr: *const u8, len: usize, what: &str) -> Result<&'a [u8], Failure> {
+    if ptr.is_null() {
+        return if len == 0 {
+            Ok(&[])
+        } else {
+            Err(invalid(format!("{what} is NULL with a length of {len}")))
+        };
+    }
+    if len > isize::MAX as usize {
+        return Err(invalid(format!("{what} length {len} is too large")));
+    }
+    // SAFETY: not null, `len` readable bytes by the caller's promise, and `len <= isize::MAX`.
+    Ok(unsafe { std::slice::from_raw_parts(ptr, len) })
+}
+
+/// The label a client gets when none is given: the program's file name.
+fn program_label() -> String {
+    std::env::args_os()
+        .next()
+        .and_then(|a| {
+            std::path::Path::new(&a)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        })
+        .unwrap_or_default()
+}
+
+fn mode_of(mode: u32) -> Result<Mode, Failure> {
+    match mode {
+        SHMLOCK_EXCLUSIVE => Ok(Mode::Exclusive),
+        SHMLOCK_SHARED => Ok(Mode::Shared),
+        m => Err(invalid(format!("mode {m} (use SHMLOCK_EXCLUSIVE or SHMLOCK_SHARED)"))),
+    }
+}
+
+fn mode_code(mode: Mode) -> u32 {
+    match mode {
+        Mode::Exclusive => SHMLOCK_EXCLUSIVE,
+        Mode::Shared => SHMLOCK_SHARED,
+    }
+}
+
+#[inline(always)]
+fn wait_of(timeout_ns: i64) -> Wait {
+    match timeout_ns {
+        0 => Wait::No,
+        t if t < 0 => Wait::Forever,
+        t => Wait::for_duration(Duration::from_nanos(t as u64)),
+    }
+}
+
+/// Stores a new client at `out`.
+///
+/// # Safety
+/// `out` is valid for a write.
+unsafe fn give_client(out: *mut *mut shmlock_client, backend: Backend) {
+    let c = Box::into_raw(Box::new(shmlock_client { backend }));
+    // SAFETY: the caller checked `out` is not null; it is writable by its promise.
+    unsafe { out.write(c) };
+}
+
+/// Returns `SHMLOCK_ABI_VERSION` as this library was built with it.
+///
+/// Thread-safe, never blocks, never fails.
+#[no_mangle]
+pub extern "C" fn shmlock_abi_version() -> u32 {
+    SHMLOCK_ABI_VERSION
+}
+
+/// Returns the library's version, e.g. "0.1.0" (a static string).
+///
+/// Thread-safe, never blocks, never fails.
+#[no_mangle]
+pub extern "C" fn shmlock_version() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+}
+
+/// Opens a client on the local segment `segment` (e.g. "/shmlock"), which must exist (`shmlockd`
+/// creates it): one new owner in the lock table, shown by `shmlock locks` under `label`.
+///
+/// - `segment`: a NUL-terminated name, or NULL for `$SHMLOCK_SEGMENT`, else "/shmlock".
+/// - `label`: a NUL-terminated label (up to 24 bytes are kept), or NULL for the program's name.
+/// - `out`: where the new client is stored; set to NULL on failure.
+///
+/// Thread-safe. Does not block on locks (it maps the segment and registers an owner).
+///
+/// Returns `SHMLOCK_OK`; `SHMLOCK_SEGMENT_MISSING` (no such segment: start `shmlockd`);
+/// `SHMLOCK_BAD_SEGMENT_NAME`; `SHMLOCK_TABLE_FULL` (no owner record left);
+/// `SHMLOCK_SEGMENT_INVALID`, `SHMLOCK_SEGMENT_VERSION`, `SHMLOCK_SEGMENT_REFUSED`,
+/// `SHMLOCK_SEGMENT_RETIRED`, `SHMLOCK_CORRUPT`; `SHMLOCK_IO` (see `shmlock_last_os_error()`);
+/// `SHMLOCK_INVALID_ARGUMENT` (`out` is NULL, or a string is not UTF-8).
+///
+/// # Safety
+/// `segment` and `label` are NULL or NUL-terminated strings; `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn shmlock_open(
+    segment: *const c_char,
+    label: *const c_char,
+    out: *mut *mut shmlock_client,
+) -> shmlock_status {
+    entry(|| {
+        if out.is_null() {
+            return Err(invalid("out is NULL"));
+        }
+        // SAFETY: checked not null; writable by the caller's promise.
+        unsafe { out.write(std::ptr::null_mut()) };
+        // SAFETY: NULL or NUL-terminated, by the caller's promise.
+        let segment = unsafe { opt_str(segment, "segment") }?;
+        // SAFETY: as above.
+        let label = unsafe { opt_str(label, "label") }?;
+        let segment = segment
+            .map(str::to_string)
+            .unwrap_or_else(shmlock_core::shm::default_segment_name);
+        let label = label.map(str::to_string).unwrap_or_else(program_label);
+        let table = Arc::new(LockTable::open(&segment)?);
+        let client = Client::with_table(table, &label)?;
+        // SAFETY: `out` checked above.
+        unsafe { give_client(out, Backend::Local(client)) };
+        Ok(())
+    })
+}
+
+/// Connects a client to the `shmlockd` gateway at `addr` (e.g. "127.0.0.1:7411"): one session,
+/// one owner, whose locks the gateway releases when the client is closed, when this process
+/// dies, or when the connection breaks.
+///
+/// - `addr`: a NUL-terminated "host:port".
+/// - `auth_token`: the gateway's shared secret (NUL-terminated), or NULL for none.
+/// - `out`: where the new client is stored; set to NULL on failure.
+///
+/// Thread-safe. Blocks while it connects and reads the greeting (and authenticates).
+///
+/// Returns `SHMLOCK_OK`; `SHMLOCK_CONNECTION` (cannot resolve, connect, or the gateway closed);
+/// `SHMLOCK_AUTH` (a wrong token); `SHMLOCK_PROTOCOL_VERSION`; `SHMLOCK_INVALID_ARGUMENT`
+/// (`addr` or `out` is NULL, or a string is not UTF-8).
+///
+/// # Safety
+/// `addr` and `auth_token` are NULL or NUL-terminated strings; `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn shmlock_connect(
+    addr: *const c_char,
+    auth_token: *const c_char,
+    out: *mut *mut shmlock_client,
+) -> shmlock_status {
+    entry(|| {
+        if out.is_null() {
+            return Err(invalid("out is NULL"));
+        }
+        // SAFETY: checked not null; writable by the caller's promise.
+        unsafe { out.write(std::ptr::null_mut()) };
+        // SAFETY: NULL or NUL-terminated, by the caller's promise.
+        let addr = unsafe { opt_str(addr, "addr") }?.ok_or_else(|| invalid("addr is NULL"))?;
+        // SAFETY: as above.
+        let token = unsafe { opt_str(auth_token, "auth_token") }?;
+        let options = ConnectOptions {
+            auth_token: token.map(str::to_string),
+            ..Default::default()
+        };
+        let client = RemoteClient::connect_with(addr, &options)?;
+        // SAFETY: `out` checked above.
+        unsafe { give_client(out, Backend::Remote(client)) };
+        Ok(())
+    })
+}
+
+/// Closes a client and frees it; NULL is ignored. Unlock its guards first: closing releases
+/// whatever the client still holds (its owner leaves the table), and the guards of a closed
+/// client are dangling, not to be used again (not even unlocked; their small allocations are
+/// not reclaimed). A guard borrows its client, as in the Rust API, so a lock costs no reference
+/// count.
+///
+/// In a child made by `fork()`, closing the parent's client frees the child's copy and releases
+/// nothing of the parent's.
+///
+/// Thread-safe for distinct clients; no other call may use `client` during or after this one.
+/// A remote client waits for its background thread to stop (a moment).
+///
+/// # Safety
+/// `client` is NULL or a client from `shmlock_open()` / `shmlock_connect()` not closed yet; no
+/// guard of it is used afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn shmlock_close(client: *mut shmlock_client) {
+    let _ = entry(|| {
+        if !client.is_null() {
+            // SAFETY: made by Box::into_raw in give_client and not freed yet (caller's promise).
+            drop(unsafe { Box::from_raw(client) });
+        }
+        Ok(())
+    });
+}
+
+/// The one lock path of `shmlock_lock()` and `shmlock_lock_interruptible()`.
+///
+/// # Safety
+/// As `shmlock_lock()`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn lock_impl(
+    client: *const shmlock_client,
+    name: *const u8,
+    name_len: usize,
+    mode: u32,
+    timeout_ns: i64,
+    interrupted: Option<&mut dyn FnMut() -> bool>,
+    grant: *mut shmlock_grant,
+    out: *mut *mut shmlock_guard,
+) -> Result<(), Failure> {
+    if out.is_null() {
+        return Err(invalid("lock (the out pointer) is NULL"));
+    }
+    // SAFETY: checked not null; writable by the caller's promise.
+    unsafe { out.write(std::ptr::null_mut()) };
+    if client.is_null() {
+        return Err(invalid("client is NULL"));
+    }
+    // SAFETY: a live client by the caller's promise; only shared access is taken.
+    let client = unsafe { &*client };
+    // SAFETY: (NULL, 0) or `name_len` readable bytes, by the caller's promise.
+    let name = unsafe { bytes(name, name_len, "name") }?;
+    let mode = mode_of(mode)?;
+    let wait = wait_of(timeout_ns);
+    // One small function per path, so the local one, the hot one, is compiled as tight as the
+    // Rust API's own loop (one large function of all four gets the table's helpers out of line).
+    let lock = match (&client.backend, interrupted) {
+        (Backend::Local(c), None) => lock_local(c, name, mode, wait)?,
+        (Backend::Remote(c), None) => lock_remote(c, name, mode, wait)?,
+        (Backend::Local(c), Some(f)) => lock_local_interruptible(c, name, mode, wait, f)?,
+        (Backend::Remote(c), Some(f)) => lock_remote_interruptible(c, name, mode, wait, f)?,
+    };
+    if !grant.is_null() {
+        // SAFETY: `grant` is not null and writable by the caller's promise; `lock` is the live
+        // handle just made.
+        unsafe { grant.write((*lock).grant()) };
+    }
+    // SAFETY: `out` checked above.
+    unsafe { out.write(lock) };
+    Ok(())
+}
+
+/// A guard's allocation: the handle given to C. Each thread keeps one freed allocation for its
+/// next lock, so a loop of lock and unlock calls malloc and free only once (they cost as much as
+/// the rest of the pair).
+mod spare {
+    use super::shmlock_guard;
+    use std::cell::Cell;
+    use std::mem::MaybeUninit;
+    use std::ptr::null_mut;
+
+    type Slot = MaybeUninit<shmlock_guard>;
+
+    /// The spare allocation of this thread, freed when the thread ends.
+    struct Spare(Cell<*mut Slot>);
+
+    impl Drop for Spare {
+        fn drop(&mut self) {
+            let p = self.0.replace(null_mut());
+            if !p.is_null() {
+                // SAFETY: a `Box<Slot>`'s pointer, put here by `free` and owned by this cell.
+                drop(unsafe { Box::from_raw(p) });
+            }
+        }
+    }
+
+    thread_local! {
+        static SPARE: Spare = const { Spare(Cell::new(null_mut())) };
+    }
+
+    /// A handle holding `g`: the spare allocation if there is one, else a new one.
+    #[inline(always)]
+    pub(super) fn alloc(g: shmlock_guard) -> *mut shmlock_guard {
+        let p = SPARE.try_with(|s| s.0.replace(null_mut())).unwrap_or(null_mut());
+        if p.is_null() {
+            return Box::into_raw(Box::new(g));
+        }
+        // SAFETY: a `Box<Slot>`'s allocation, uninitialized and now owned here (taken out of
+        // the cell); `Slot` and `shmlock_guard` have one layout.
+        unsafe { (*p).write(g) };
+        p.cast()
+    }
+
+    /// Takes the guard out of the handle `p` and keeps or frees its allocation.
+    ///
+    /// # Safety
+    /// `p` comes from `alloc` and is not used again.
+    #[inline(always)]
+    pub(super) unsafe fn free(p: *mut shmlock_guard) -> shmlock_guard {
+        // SAFETY: a live handle from `alloc`, read once; its memory is not read again as a guard.
+        let g = unsafe { p.read() };
+        let slot = p.cast::<Slot>();
+        let kept = SPARE
+            .try_with(|s| {
+                let empty = s.0.get().is_null();
+                if empty {
+                    s.0.set(slot);
+                }
+                empty
+            })
+            .unwrap_or(false);
+        if !kept {
+            // SAFETY: the allocation of a `Box<shmlock_guard>` (same layout as `Box<Slot>`),
+            // whose contents were moved out above.
+            drop(unsafe { Box::from_raw(slot) });
+        }
+        g
+    }
+}
+
+#[inline(always)]
+fn boxed(held: Held) -> *mut shmlock_guard {
+    spare::alloc(shmlock_guard { held })
+}
+
+#[inline(never)]
+fn lock_local(c: &Client, name: &[u8], mode: Mode, wait: Wait) -> Result<*mut shmlock_guard, Failure> {
+    Ok(boxed(Held::Local(Client::acquire_with(
+        ClientRef(c.into()),
+        name,
+        mode,
+        wait,
+    )?)))
+}
+
+#[inline(never)]
+fn lock_remote(c: &RemoteClient, name: &[u8], mode: Mode, wait: Wait) -> Result<*mut shmlock_guard, Failure> {
+    Ok(boxed(Held::Remote(RemoteClient::acquire_with(
+        ClientRef(c.into()),
+        name,
+        mode,
+        wait,
+    )?)))
+}
+
+#[inline(never)]
+fn lock_local_interruptible(
+    c: &Client,
+    name: &[u8],
+    mode: Mode,
+    wait: Wait,
+    f: &mut dyn FnMut() -> bool,
+) -> Result<*mut shmlock_guard, Failure> {
+    let g = Client::acquire_interruptible_with(ClientRef(c.into()), name, mode, wait, f)?;
+    Ok(boxed(Held::Local(g)))
+}
+
+#[inline(never)]
+fn lock_remote_interruptible(
+    c: &RemoteClient,
+    name: &[u8],
+    mode: Mode,
+    wait: Wait,
+    f: &mut dyn FnMut() -> bool,
+) -> Result<*mut shmlock_guard, Failure> {
+    let g = RemoteClient::acquire_interruptible_with(ClientRef(c.into()), name, mode, wait, f)?;
+    Ok(boxed(Held::Remote(g)))
+}
+
+#[inline(always)]
+fn unlock_local(g: LocalGuard<ClientRef<Client>>) -> Result<(), Failure> {
+    Ok(g.unlock()?)
+}
+
+#[inline(never)]
+fn unlock_remote(g: RemoteLockGuard<ClientRef<RemoteClient>>) -> Result<(), Failure> {
+    Ok(g.unlock()?)
+}
+
+impl shmlock_guard {
+    #[inline]
+    fn grant(&self) -> shmlock_grant {
+        let g = match &self.held {
+            Held::Local(g) => g.grant(),
+            Held::Remote(g) => g.grant(),
+        };
+        shmlock_grant {
+            token: g.token.0,
+            mode: mode_code(g.mode),
+            owner_died: g.owner_died,
+        }
+    }
+}
+
+/// Locks the name `(name, name_len)` in `mode`, waiting at most `timeout_ns` nanoseconds:
+/// `SHMLOCK_NO_WAIT` (0) tries once, `SHMLOCK_FOREVER` (or any negative value) waits as long as
+/// it takes. Waiters are granted in FIFO order. A name is any bytes, 1 to the segment's
+/// `max_name_len` of them (64 by default).
+///
+/// - `grant`: NULL, or filled with the grant's token, mode and owner-died flag on success.
+/// - `lock`: where the handle of the held lock is stored (NULL on failure); `shmlock_unlock()`
+///   releases it, before the client is closed.
+///
+/// The lock is held by the client (one owner): the same client asking again for a name it holds
+/// gets `SHMLOCK_ALREADY_HELD` at once, from any thread, never a self-deadlock. Two threads that
+/// must exclude each other open a client each.
+///
+/// Thread-safe: any thread may lock through a shared client. Blocks up to `timeout_ns` (a remote
+/// client also waits for the gateway's answer). A remote timeout is sent in whole milliseconds,
+/// rounded up.
+///
+/// Returns `SHMLOCK_OK`; `SHMLOCK_WOULD_BLOCK` (no wait, busy); `SHMLOCK_TIMED_OUT` (the message
+/// names the holder); `SHMLOCK_ALREADY_HELD`; `SHMLOCK_BAD_NAME` (empty, too long, or through a
+/// gateway with a space or control byte); `SHMLOCK_TABLE_FULL`; `SHMLOCK_FORKED` (the client
+/// belongs to the parent of this forked process: open one of your own); `SHMLOCK_CANCELLED`;
+/// `SHMLOCK_CORRUPT`; remote only: `SHMLOCK_CONNECTION`, `SHMLOCK_AUTH`, `SHMLOCK_LIMIT`,
+/// `SHMLOCK_REMOTE`; `SHMLOCK_INVALID_ARGUMENT` (`client` or `lock` NULL, `name` NULL with a
+/// length, an unknown `mode`).
+///
+/// # Safety
+/// `client` is NULL or a live client; `name` is NULL with `name_len` 0 or points to `name_len`
+/// readable bytes; `grant` and `lock` are NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn shmlock_lock(
+    client: *const shmlock_client,
+    name: *const u8,
+    name_len: usize,
+    mode: u32,
+    timeout_ns: i64,
+    grant: *mut shmlock_grant,
+    lock: *mut *mut shmlock_guard,
+) -> shmlock_status {
+    // SAFETY: the caller's promises are lock_impl's.
+    entry(|| unsafe { lock_impl(client, name, name_len, mode, timeout_ns, None, grant, lock) })
+}
+
+/// Like `shmlock_lock()`, but while it waits it calls `interrupted(arg)` every 50 ms at most
+/// (from the waiting thread, holding nothing of the library's); when that returns true the
+/// request is withdrawn, nothing is held, and the result is `SHMLOCK_INTERRUPTED`. Meant for
+/// programs that must see a signal while a thread waits: a handler sets a flag, the callback
+/// reads it. A local request keeps its place in the queue across the checks.
+///
+/// `interrupted` must not unwind or `longjmp` out. Same threads, blocking and statuses as
+/// `shmlock_lock()`, plus `SHMLOCK_INTERRUPTED`, and `SHMLOCK_INVALID_ARGUMENT` for a NULL
+/// `interrupted`.
+///
+/// # Safety
+/// As `shmlock_lock()`; `interrupted` is NULL or a function that may be called with `arg` from
+/// this thread during the call.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn shmlock_lock_interruptible(
+    client: *const shmlock_client,
+    name: *const u8,
+    name_len: usize,
+    mode: u32,
+    timeout_ns: i64,
+    interrupted: shmlock_interrupt_fn,
+    arg: *mut c_void,
+    grant: *mut shmlock_grant,
+    lock: *mut *mut shmlock_guard,
+) -> shmlock_status {
+    entry(|| {
+        let Some(f) = interrupted else {
+            if !lock.is_null() {
+                // SAFETY: not null; writable by the caller's promise.
+                unsafe { lock.write(std::ptr::null_mut()) };
+            }
+            return Err(invalid("interrupted is NULL"));
+        };
+        // SAFETY: the caller gives a function callable with `arg` on this thread now.
+        let mut check = || unsafe { f(arg) };
+        // SAFETY: the caller's promises are lock_impl's.
+        unsafe { lock_impl(client, name, name_len, mode, timeout_ns, Some(&mut check), grant, lock) }
+    })
+}
+
+/// A critical section for `shmlock_with_lock()`: called with the caller's `arg` and the grant
+/// while the lock is held; what it returns is handed back through `shmlock_with_lock()`'s
+/// `result`.
+pub type shmlock_locked_fn = Option<unsafe extern "C" fn(arg: *mut c_void, grant: *const shmlock_grant) -> i32>;
+
+/// Locks like `shmlock_lock()`, calls `locked(arg, &grant)` while the lock is held, then unlocks:
+/// a scoped lock that cannot be left held, with no handle to allocate (the fastest way to run a
+/// short critical section). `locked` must return (not `longjmp` or unwind out); it may call the
+/// library, but not unlock this lock.
+///
+/// - `result`: NULL, or where `locked`'s return value is stored when it ran.
+///
+/// Thread safety and blocking as `shmlock_lock()`, plus the time `locked` takes.
+///
+/// Returns `SHMLOCK_OK` (`locked` ran and the lock was released); the statuses of
+/// `shmlock_lock()` when the lock was not had (`locked` did not run); `SHMLOCK_NOT_HELD` (it ran,
+/// but the lock was taken away meanwhile); `SHMLOCK_INVALID_ARGUMENT` (`client` or `locked`
+/// NULL, `name` NULL with a length, an unknown `mode`).
+///
+/// # Safety
+/// `client` is NULL or a live client; `name` is NULL with `name_len` 0 or points to `name_len`
+/// readable bytes; `locked` is NULL or a function that may be called with `arg` on this thread
+/// during the call; `result` is NULL or writable.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn shmlock_with_lock(
+    client: *const shmlock_client,
+    name: *const u8,
+    name_len: usize,
+    mode: u32,
+    timeout_ns: i64,
+    locked: shmlock_locked_fn,
+    arg: *mut c_void,
+    result: *mut i32,
+) -> shmlock_status {
+    entry(|| {
+        let Some(f) = locked else {
+            return Err(invalid("locked is NULL"));
+        };
+        if client.is_null() {
+            return Err(invalid("client is NULL"));
+        }
+        // SAFETY: a live client by the caller's promise; only shared access is taken.
+        let client = unsafe { &*client };
+        // SAFETY: (NULL, 0) or `name_len` readable bytes, by the caller's promise.
+        let name = unsafe { bytes(name, name_len, "name") }?;
+        let mode = mode_of(mode)?;
+        let wait = wait_of(timeout_ns);
+        // SAFETY: the caller gives a function callable with `arg` on this thread now.
+        let run = |g: &shmlock_grant| unsafe { f(arg, g) };
+        let r = match &client.backend {
+            Backend::Local(c) => with_local(c, name, mode, wait, run)?,
+            Backend::Remote(c) => with_remote(c, name, mode, wait, run)?,
+        };
+        if !result.is_null() {
+            // SAFETY: not null, and writable by the caller's promise.
+            unsafe { result.write(r) };
+        }
+        Ok(())
+    })
+}
+
+fn grant_of(g: shmlock_core::Grant) -> shmlock_grant {
+    shmlock_grant {
+        token: g.token.0,
+        mode: mode_code(g.mode),
+        owner_died: g.owner_died,
+    }
+}
+
+/// The scoped lock on a local client: the guard stays in this frame, never in memory of the
+/// caller's.
+#[inline(never)]
+fn with_local(
+    c: &Client,
+    name: &[u8],
+    mode: Mode,
+    wait: Wait,
+    run: impl FnOnce(&shmlock_grant) -> i32,
+) -> Result<i32, Failure> {
+    let g = c.acquire(name, mode, wait)?;
+    let r = run(&grant_of(g.grant()));
+    g.unlock()?;
+    Ok(r)
+}
+
+#[inline(never)]
+fn with_remote(
+    c: &RemoteClient,
+    name: &[u8],
+    mode: Mode,
+    wait: Wait,
+    run: impl FnOnce(&shmlock_grant) -> i32,
+) -> Result<i32, Failure> {
+    let g = c.acquire(name, mode, wait)?;
+    let r = run(&grant_of(g.grant()));
+    g.unlock()?;
+    Ok(r)
+}
+
+/// Unlocks a held lock and frees its handle, whatever the result (do not use `lock` again).
+///
+/// Thread-safe: any thread may unlock a lock, but only one call may use a given handle. Does not
+/// block locally; a remote client waits for the gateway's answer.
+///
+/// Returns `SHMLOCK_OK`; `SHMLOCK_NOT_HELD` (the lock was taken away meanwhile:
+/// `shmlock release --force`, a remote session that ended); `SHMLOCK_FORKED` (called in a child
+/// made by `fork()` on its parent's lock: the parent's lock stays held, the child's copy of the
+/// handle is freed); remote only: `SHMLOCK_CONNECTION`; `SHMLOCK_INVALID_ARGUMENT` (`lock` is
+/// NULL).
+///
+/// # Safety
+/// `lock` is NULL or a handle from `shmlock_lock()` not unlocked yet.
+#[no_mangle]
+pub unsafe extern "C" fn shmlock_unlock(lock: *mut shmlock_guard) -> shmlock_status {
+    entry(|| {
+        if lock.is_null() {
+            return Err(invalid("lock is NULL"));
+        }
+        // SAFETY: made by spare::alloc in lock_impl, not freed yet (caller's promise).
+        let lock = unsafe { spare::free(lock) };
+        match lock.held {
+            Held::Local(g) => unlock_local(g),
+            Held::Remote(g) => unlock_remote(g),
+        }
+    })
+}
+
+/// Fills `grant` with what the grant of a held lock said (token, mode, owner-died flag).
+///
+/// Thread-safe; never blocks. Returns `SHMLOCK_OK`, or `SHMLOCK_INVALID_ARGUMENT` (a NULL
+/// argument).
+///
+/// # Safety
+/// `lock` is NULL or a live handle; `grant` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn shmlock_guard_grant(lock: *const shmlock_guard, grant: *mut shmlock_grant) -> shmlock_status {
+    entry(|| {
+        if lock.is_null() || grant.is_null() {
+            return Err(invalid("lock or grant is NULL"));
+        }
+        // SAFETY: a live handle and a writable grant, by the caller's promise.
+        unsafe { grant.write((*lock).grant()) };
+        Ok(())
+    })
+}
+
+/// Copies the message of this thread's last failed call into `buf` (`len` bytes), cut to fit and
+/// always NUL-terminated when `len > 0`. Returns the message's full length without the NUL (as
+/// `snprintf` does), so a caller can size a buffer: `shmlock_last_error_message(NULL, 0) + 1`.
+/// An empty message (0) if no call on this thread has failed.
+///
+/// Thread-safe (each thread has its own last error; successful calls leave it as it was). Never
+/// blocks.
+///
+/// # Safety
+/// `buf` is NULL with `len` 0, or writable for `len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn shmlock_last_error_message(buf: *mut c_char, len: usize) -> usize {
+    // SAFETY: the caller's promise is copy_message's.
+    catch_unwind(|| unsafe { status::copy_message(buf, len) }).unwrap_or(0)
+}
+
+/// The OS error (an errno value) of this thread's last failed call, where it had one
+/// (`SHMLOCK_IO`); else 0. The library never sets `errno` itself.
+///
+/// Thread-safe; never blocks.
+#[no_mangle]
+pub extern "C" fn shmlock_last_os_error() -> i32 {
+    catch_unwind(status::last_os_error).unwrap_or(0)
+}
+
+/// The name of a status, e.g. "SHMLOCK_TIMED_OUT" (a static string); "SHMLOCK_UNKNOWN" for a
+/// value this library does not know.
+///
+/// Thread-safe; never blocks.
+#[no_mangle]
+pub extern "C" fn shmlock_status_name(status: i32) -> *const c_char {
+    status::name_of(status).as_ptr().cast()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_soname_carries_the_abi_version() {
+        let build = include_str!("../build.rs");
+        assert!(build.contains(&format!("\"libshmlock.so.{SHMLOCK_ABI_VERSION}\"")));
+    }
+
+    #[test]
+    fn a_panic_is_a_status_and_a_message() {
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let s = entry(|| panic!("boom {}", 42));
+        std::panic::set_hook(prev);
+        assert_eq!(s, shmlock_status::SHMLOCK_PANIC);
+        let mut buf = [0 as c_char; 128];
+        // SAFETY: `buf` has 128 writable bytes.
+        let n = unsafe { shmlock_last_error_message(buf.as_mut_ptr(), buf.len()) };
+        // SAFETY: NUL-terminated by shmlock_last_error_message.
+        let msg = unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned();
+        assert!(n > 0 && msg.contains("boom 42"), "{msg}");
+    }
+
+    #[test]
+    fn timeouts_map_to_waits() {
+        assert_eq!(wait_of(SHMLOCK_NO_WAIT), Wait::No);
+        assert_eq!(wait_of(SHMLOCK_FOREVER), Wait::Forever);
+        assert_eq!(wait_of(i64::MIN), Wait::Forever);
+        assert!(matches!(wait_of(1), Wait::Until(_)));
+        // Beyond what an Instant can hold: forever, not a panic.
+        assert!(matches!(wait_of(i64::MAX), Wait::Until(_) | Wait::Forever));
+    }
+}
