@@ -1,7 +1,8 @@
 """One lock, one segment, four languages' clients: Python (pyshmlock), Rust (the library's
-``examples/counter.rs``), the CLI's ``shmlock run``, and C (``bindings/c``), all incrementing one
-counter file under one exclusive lock at the same time, with shmlockd supervising. A lost
-increment would mean two holders at once; each also sees the others' holds."""
+``examples/counter.rs``), the CLI's ``shmlock run``, and C (``bindings/c/tests/c/counter.c``,
+compiled with the system ``cc`` against the library installed into a scratch prefix), all
+incrementing one counter file under one exclusive lock at the same time, with shmlockd
+supervising. A lost increment would mean two holders at once; each also sees the others' holds."""
 
 from __future__ import annotations
 
@@ -10,8 +11,36 @@ import signal
 import subprocess
 from pathlib import Path
 
+import pytest
+
 import pyshmlock
 from conftest import DEADLINE, REPO, Children, Daemon, binary, wait_until
+
+
+@pytest.fixture(scope="session")
+def c_counter(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """bindings/c/tests/c/counter.c built against libshmlock installed into a scratch prefix
+    (the debug build of bindings/c, made here if missing), as a C user builds it: cc and
+    pkg-config."""
+    prefix = tmp_path_factory.mktemp("c-prefix")
+    subprocess.run(["cargo", "build", "-q", "-p", "shmlock-c"], cwd=REPO, check=True)
+    lib_dir = Path(binary("shmlockd")).parent
+    subprocess.run(
+        [str(REPO / "bindings/c/install.sh"), str(prefix)],
+        env={**os.environ, "SHMLOCK_LIB_DIR": str(lib_dir)},
+        check=True,
+        capture_output=True,
+    )
+    pc = {**os.environ, "PKG_CONFIG_PATH": str(prefix / "lib" / "pkgconfig")}
+    flags = subprocess.run(
+        ["pkg-config", "--cflags", "--libs", "shmlock"], env=pc, check=True, capture_output=True, text=True
+    ).stdout.split()
+    exe = prefix / "counter"
+    src = REPO / "bindings/c/tests/c/counter.c"
+    subprocess.run(
+        ["cc", "-O2", "-o", str(exe), str(src), *flags, f"-Wl,-rpath,{prefix / 'lib'}"], check=True
+    )
+    return exe
 
 
 def rust_counter() -> Path:
@@ -20,14 +49,15 @@ def rust_counter() -> Path:
     return p
 
 
-def test_python_rust_and_shmlock_run_exclude_each_other_on_one_lock(
-    segment: str, daemon: Daemon, children: Children, tmp_path: Path
+def test_python_c_rust_and_shmlock_run_exclude_each_other_on_one_lock(
+    segment: str, daemon: Daemon, children: Children, tmp_path: Path, c_counter: Path
 ) -> None:
     witness = tmp_path / "counter"
     witness.write_text("0")
     name = "interop/counter"
     py = [children.spawn("counter", segment, name, witness, 150) for _ in range(2)]
     rust = subprocess.Popen([str(rust_counter()), segment, name, str(witness), "150"])
+    c = subprocess.Popen([str(c_counter), segment, name, "150", str(witness)])
     runs = 15
     script = (
         f'for i in $(seq {runs}); do "$0" --segment "$1" run "$2" -- sh -c \'n=$(cat "$0"); echo $((n+1)) > "$0"\' "$3" '
@@ -37,8 +67,9 @@ def test_python_rust_and_shmlock_run_exclude_each_other_on_one_lock(
     for p in py:
         children.finish(p)
     assert rust.wait(timeout=DEADLINE) == 0
+    assert c.wait(timeout=DEADLINE) == 0
     assert cli.wait(timeout=DEADLINE) == 0
-    assert int(witness.read_text()) == 2 * 150 + 150 + runs, "an increment was lost: two holders at once"
+    assert int(witness.read_text()) == 2 * 150 + 150 + 150 + runs, "an increment was lost: two holders at once"
 
 
 def test_a_python_hold_is_seen_by_the_cli_and_the_rust_library(
