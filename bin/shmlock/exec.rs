@@ -24,11 +24,11 @@
 //! sent after the wrapper has closed its write end; back, whether the lock was released, lost
 //! (`release --force`, a lost gateway session), or is still held by background processes.
 //!
-//! The release is clean (no owner-died notice) only when the wrapper saw the command exit by
-//! itself. When the wrapper was killed (it never says how the command ended), the wrapper died
-//! before starting the command, or a signal killed the command, the keeper abandons the lock:
-//! the next holder is told that its predecessor died (`LockTable::abandon_own_locks` locally, the
-//! end of the session through a gateway). If the keeper itself is killed (only `kill -9` of its
+//! The release is clean (no owner-died notice) when the wrapper saw the command end, whatever
+//! its status (a command killed by a signal included: the wrapper, alive, tells). When the
+//! wrapper was killed before it saw the command end, or before it started it, the keeper
+//! abandons the lock: the next holder is told that its predecessor died
+//! (`LockTable::abandon_own_locks` locally, the end of the session through a gateway). If the keeper itself is killed (only `kill -9` of its
 //! own pid can), its owner is reaped as any dead owner's: the lock is released with the notice,
 //! even if the command still runs.
 //!
@@ -99,8 +99,8 @@ lock with CMD; processes CMD leaves running in the background keep it until they
 says so on stderr when it exits before them); with -o (--close) only shmlock holds it. A process
 that closes every descriptor it inherited (some daemons do) does not keep the lock. The holder
 that `shmlock locks` shows is shmlock's keeper process (label `run CMD`), which holds the lock for
-them. The next holder is told the owner died (SHMLOCK_OWNER_DIED=1) unless CMD exited by itself
-while shmlock watched: when shmlock was killed, or a signal killed CMD.
+them. The next holder is told the owner died (SHMLOCK_OWNER_DIED=1) when shmlock was killed
+before it saw CMD end (whatever CMD's status, an end it sees is a release without the notice).
 
 Exit status: CMD's (128+N if signal N killed it); 75 (EX_TEMPFAIL, or -E's N) when the lock was
 not had (-n and busy, -w and timed out, or a nested run on a lock an enclosing `shmlock run` of
@@ -242,8 +242,8 @@ pub(crate) mod msg {
     pub(crate) const STILL_HELD: &str = "H";
     /// From the wrapper: `S PID`, the command started.
     pub(crate) const STARTED: char = 'S';
-    /// From the wrapper: `E x` (it exited) or `E k` (a signal killed it, or it never started
-    /// because the wrapper is dying), sent once the wrapper has closed its end of the pipe.
+    /// From the wrapper: `E`, the command ended (or could not be started), sent once the wrapper
+    /// has closed its end of the pipe.
     pub(crate) const ENDED: char = 'E';
 }
 
@@ -304,11 +304,11 @@ fn wrapper(job: &Job<'_>, keeper: Pid, ctl: &UnixStream, hold: OwnedFd) -> Resul
         .env(ENV_MODE, if mode == Mode::Shared { "shared" } else { "exclusive" })
         .env(ENV_HELD, held_env(job, token, mode));
     test_stall_in_child(&mut cmd);
-    let (code, killed) = run_child(&mut cmd, &job.program, |pid| {
+    let code = run_child(&mut cmd, &job.program, |pid| {
         let _ = writeln!(&*ctl, "{} {pid}", msg::STARTED);
     });
     drop(hold);
-    let _ = writeln!(&*ctl, "{} {}", msg::ENDED, if killed { 'k' } else { 'x' });
+    let _ = writeln!(&*ctl, "{}", msg::ENDED);
     line.clear();
     let _ = from_keeper.read_line(&mut line);
     let mut code = code;
@@ -383,9 +383,9 @@ pub(crate) fn run_signals() -> SigSet {
     signals
 }
 
-/// Runs the command to completion; returns the exit status to pass on, and whether a signal
-/// killed it. `started` is called with the command's pid once it runs.
-fn run_child(cmd: &mut Command, program: &str, started: impl FnOnce(i32)) -> (u8, bool) {
+/// Runs the command to completion; returns the exit status to pass on. `started` is called with
+/// the command's pid once it runs.
+fn run_child(cmd: &mut Command, program: &str, started: impl FnOnce(i32)) -> u8 {
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -394,7 +394,7 @@ fn run_child(cmd: &mut Command, program: &str, started: impl FnOnce(i32)) -> (u8
                 std::io::ErrorKind::NotFound => EXIT_NOT_FOUND,
                 _ => EXIT_CANNOT_EXEC,
             };
-            return (code, false);
+            return code;
         }
     };
     let pid = i32::try_from(child.id()).ok().map(Pid::from_raw);
@@ -420,14 +420,14 @@ fn run_child(cmd: &mut Command, program: &str, started: impl FnOnce(i32)) -> (u8
         Ok(s) => s,
         Err(e) => {
             eprintln!("shmlock: waiting for {program}: {e}");
-            return (1, true);
+            return 1;
         }
     };
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
-        (Some(c), _) => ((c & 0xff) as u8, false),
-        (None, Some(s)) => ((128 + s).clamp(0, 255) as u8, true),
-        (None, None) => (1, true),
+        (Some(c), _) => (c & 0xff) as u8,
+        (None, Some(s)) => (128 + s).clamp(0, 255) as u8,
+        (None, None) => 1,
     }
 }
 

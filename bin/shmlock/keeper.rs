@@ -146,15 +146,6 @@ impl Ctl<'_> {
     }
 }
 
-/// How the wrapper said the command ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum End {
-    /// It exited by itself.
-    Exited,
-    /// A signal killed it (or it never started because the wrapper was dying).
-    Killed,
-}
-
 /// Takes the lock, tells the wrapper, holds it while the pipe has writers, releases it.
 fn hold<B: Backend>(b: &B, job: &Job<'_>, ctl: &UnixStream, hold: &OwnedFd) {
     let fail = |code: u8| {
@@ -227,7 +218,7 @@ fn hold<B: Backend>(b: &B, job: &Job<'_>, ctl: &UnixStream, hold: &OwnedFd) {
         }
     };
     match end {
-        Some(End::Exited) => match lost.get() {
+        Some(()) => match lost.get() {
             Some(why) => {
                 eprintln!(
                     "shmlock: warning: {} ran partly without lock \"{}\": the lock was lost{} ({why})",
@@ -243,10 +234,7 @@ fn hold<B: Backend>(b: &B, job: &Job<'_>, ctl: &UnixStream, hold: &OwnedFd) {
                 reply(if kept { msg::RELEASED } else { msg::LOST });
             }
         },
-        Some(End::Killed) | None => {
-            let lost = lost.get().is_some();
-            b.abandon(guard, &|| reply(if lost { msg::LOST } else { msg::RELEASED }));
-        }
+        None => b.abandon(guard, &|| {}),
     }
 }
 
@@ -270,21 +258,19 @@ fn follow_wrapper_while_waiting(ctl: &UnixStream, granted: &Arc<AtomicBool>) {
 
 /// Follows the wrapper and the pipe until the lock is no longer wanted: until every write end of
 /// the pipe is closed and the wrapper has said how the command ended, or is gone. Tells a wrapper
-/// that waits when processes the command left behind still hold the pipe. Returns how the
-/// command ended, or None when the wrapper went without saying.
-fn follow(ctl: &mut Ctl<'_>, hold: &OwnedFd, pid: &AtomicI32) -> Option<End> {
+/// that waits when processes the command left behind still hold the pipe. Returns whether the
+/// wrapper said that the command ended (None: it went without saying).
+fn follow(ctl: &mut Ctl<'_>, hold: &OwnedFd, pid: &AtomicI32) -> Option<()> {
     let mut end = None;
     let mut hup = false;
-    let said = |ctl: &mut Ctl<'_>, end: &mut Option<End>| {
+    let said = |ctl: &mut Ctl<'_>, end: &mut Option<()>| {
         while let Some(l) = ctl.line() {
             let mut f = l.split_ascii_whitespace();
             match (f.next(), f.next()) {
                 (Some(k), Some(p)) if k == msg::STARTED.to_string() => {
                     pid.store(p.parse().unwrap_or(0), Ordering::Release);
                 }
-                (Some(k), Some(e)) if k == msg::ENDED.to_string() => {
-                    *end = Some(if e == "x" { End::Exited } else { End::Killed });
-                }
+                (Some(k), None) if k == msg::ENDED.to_string() => *end = Some(()),
                 _ => {}
             }
         }
