@@ -38,11 +38,11 @@
 //!
 //! # Signals
 //! While the command runs, SIGINT, SIGQUIT, SIGTERM and SIGHUP are blocked in the wrapper and
-//! taken by a thread with `sigwait`: SIGTERM and SIGHUP are passed on to the command; SIGINT and
-//! SIGQUIT are not, since a terminal sends them to the command itself (it is in the same process
-//! group). The signals are blocked only after the spawn, so the command starts with the usual
-//! mask. While the lock is awaited they are not blocked: Ctrl-C ends the wrapper, and the keeper,
-//! seeing the socket close, gives up its request.
+//! taken with `sigwait` (with SIGCHLD, which ends the wait): SIGTERM and SIGHUP are passed on to
+//! the command; SIGINT and SIGQUIT are not, since a terminal sends them to the command itself (it
+//! is in the same process group). The command starts with an empty mask all the same. While the
+//! lock is awaited they are not blocked: Ctrl-C ends the wrapper, and the keeper, seeing the
+//! socket close, gives up its request.
 //!
 //! # Through a gateway (`--remote HOST:PORT`)
 //! The keeper holds the lock through a [`RemoteClient`](shmlock::remote::RemoteClient) session,
@@ -385,38 +385,47 @@ pub(crate) fn run_signals() -> SigSet {
 
 /// Runs the command to completion; returns the exit status to pass on. `started` is called with
 /// the command's pid once it runs.
+///
+/// The signals of [`run_signals`] and SIGCHLD are blocked from before the spawn (the command
+/// starts with an empty mask all the same: the standard library resets it in the child) and taken
+/// here, on this thread, with `sigwait`, until SIGCHLD says the command has exited: no thread to
+/// start, and no signal lost between the spawn and the wait.
 fn run_child(cmd: &mut Command, program: &str, started: impl FnOnce(i32)) -> u8 {
+    let mut signals = run_signals();
+    signals.add(Signal::SIGCHLD);
+    let blocked = signals.thread_block().is_ok();
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("shmlock: cannot run {program}: {e}");
-            let code = match e.kind() {
+            return match e.kind() {
                 std::io::ErrorKind::NotFound => EXIT_NOT_FOUND,
                 _ => EXIT_CANNOT_EXEC,
             };
-            return code;
         }
     };
     let pid = i32::try_from(child.id()).ok().map(Pid::from_raw);
-    let signals = run_signals();
-    if signals.thread_block().is_ok() {
-        // Threads inherit the mask, so this one is the only taker of these signals.
-        let _ = std::thread::Builder::new().name("signals".into()).spawn(move || loop {
-            match signals.wait() {
-                Ok(s @ (Signal::SIGTERM | Signal::SIGHUP)) => {
-                    if let Some(pid) = pid {
-                        let _ = kill(pid, s);
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => return,
-            }
-        });
-    }
     if let Some(pid) = pid {
         started(pid.as_raw());
     }
-    let status = match child.wait() {
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break Ok(s),
+            Ok(None) if blocked => {}
+            Ok(None) => break child.wait(),
+            Err(e) => break Err(e),
+        }
+        match signals.wait() {
+            Ok(s @ (Signal::SIGTERM | Signal::SIGHUP)) => {
+                if let Some(pid) = pid {
+                    let _ = kill(pid, s);
+                }
+            }
+            Ok(_) => {} // SIGCHLD: look again; SIGINT, SIGQUIT: the terminal sent them to CMD too
+            Err(_) => break child.wait(),
+        }
+    };
+    let status = match status {
         Ok(s) => s,
         Err(e) => {
             eprintln!("shmlock: waiting for {program}: {e}");

@@ -156,13 +156,20 @@ fn hold<B: Backend>(b: &B, job: &Job<'_>, ctl: &UnixStream, hold: &OwnedFd) {
         return fail(job.a.conflict_exit_code);
     }
     let granted = Arc::new(AtomicBool::new(false));
-    follow_wrapper_while_waiting(ctl, &granted);
     let wait = match (job.nonblock, job.a.timeout) {
         (true, _) => Wait::No,
         (false, Some(t)) => Wait::for_duration(t),
         (false, None) => Wait::Forever,
     };
-    let guard = match b.client().acquire(job.name, job.mode, wait) {
+    // A free lock is taken at once, with no thread to start; only a wait needs the watch.
+    let asked = match b.client().acquire(job.name, job.mode, Wait::No) {
+        Err(Error::WouldBlock) if !matches!(wait, Wait::No) => {
+            follow_wrapper_while_waiting(ctl, &granted);
+            b.client().acquire(job.name, job.mode, wait)
+        }
+        r => r,
+    };
+    let guard = match asked {
         Ok(g) => g,
         Err(Error::WouldBlock) => {
             eprintln!(
