@@ -244,7 +244,7 @@ pub(crate) mod msg {
     pub(crate) const STARTED: char = 'S';
     /// From the wrapper: `E`, the command ended (or could not be started), sent once the wrapper
     /// has closed its end of the pipe.
-    pub(crate) const ENDED: char = 'E';
+    pub(crate) const ENDED: &str = "E";
 }
 
 /// Runs the command holding lock `a.name` at `place`.
@@ -305,10 +305,10 @@ fn wrapper(job: &Job<'_>, keeper: Pid, ctl: &UnixStream, hold: OwnedFd) -> Resul
         .env(ENV_HELD, held_env(job, token, mode));
     test_stall_in_child(&mut cmd);
     let code = run_child(&mut cmd, &job.program, |pid| {
-        let _ = writeln!(&*ctl, "{} {pid}", msg::STARTED);
+        send(ctl, &format!("{} {pid}", msg::STARTED));
     });
     drop(hold);
-    let _ = writeln!(&*ctl, "{}", msg::ENDED);
+    send(ctl, msg::ENDED);
     line.clear();
     let _ = from_keeper.read_line(&mut line);
     let mut code = code;
@@ -332,6 +332,14 @@ fn wrapper(job: &Job<'_>, keeper: Pid, ctl: &UnixStream, hold: OwnedFd) -> Resul
     }
     let _ = nix::sys::wait::waitpid(keeper, None);
     Ok(ExitCode::from(code))
+}
+
+/// Sends one line to the other process, in one write (the socket is not buffered).
+pub(crate) fn send(s: &UnixStream, line: &str) {
+    let mut b = Vec::with_capacity(line.len() + 1);
+    b.extend_from_slice(line.as_bytes());
+    b.push(b'\n');
+    let _ = (&*s).write_all(&b);
 }
 
 /// `G TOKEN 0|1 e|s` -> Ok(grant); `F CODE` -> Err(code); anything else None.

@@ -3,7 +3,7 @@
 //! gets, and follows two descriptors: the socket to the wrapper, and the read end of the pipe
 //! whose write end the wrapper and the command hold.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
@@ -20,7 +20,7 @@ use shmlock::remote::{ConnectOptions, RemoteClient};
 use shmlock::table::LockInfo;
 use shmlock::{Client, Error, LockTable, Mode};
 
-use crate::exec::{msg, Held, Job, Place};
+use crate::exec::{msg, send, Held, Job, Place};
 use crate::name_error;
 use crate::remote::{token_needed, CONNECT_TIMEOUT};
 use crate::render::{escape_name, human};
@@ -77,7 +77,7 @@ pub(crate) fn keep(place: &Place, job: &Job<'_>, ctl: UnixStream, hold: OwnedFd)
     };
     if let Err(e) = r {
         eprintln!("shmlock: {e:#}");
-        let _ = writeln!(&ctl, "{} {EXIT_ERROR}", msg::FAILED);
+        send(&ctl, &format!("{} {EXIT_ERROR}", msg::FAILED));
     }
     std::process::exit(0)
 }
@@ -149,7 +149,7 @@ impl Ctl<'_> {
 /// Takes the lock, tells the wrapper, holds it while the pipe has writers, releases it.
 fn hold<B: Backend>(b: &B, job: &Job<'_>, ctl: &UnixStream, hold: &OwnedFd) {
     let fail = |code: u8| {
-        let _ = writeln!(&*ctl, "{} {code}", msg::FAILED);
+        send(ctl, &format!("{} {code}", msg::FAILED));
     };
     if let Some(why) = enclosing(b, job) {
         eprintln!("shmlock: {why}; not running {}", job.program);
@@ -200,12 +200,9 @@ fn hold<B: Backend>(b: &B, job: &Job<'_>, ctl: &UnixStream, hold: &OwnedFd) {
     granted.store(true, Ordering::SeqCst);
     let g = guard.grant();
     let mode = if g.mode == Mode::Shared { 's' } else { 'e' };
-    let _ = writeln!(
-        &*ctl,
-        "{} {} {} {mode}",
-        msg::GRANTED,
-        g.token.0,
-        u8::from(g.owner_died)
+    send(
+        ctl,
+        &format!("{} {} {} {mode}", msg::GRANTED, g.token.0, u8::from(g.owner_died)),
     );
     let pid = Arc::new(AtomicI32::new(0));
     let lost = Lost::default();
@@ -221,7 +218,7 @@ fn hold<B: Backend>(b: &B, job: &Job<'_>, ctl: &UnixStream, hold: &OwnedFd) {
     let to_wrapper: &UnixStream = ctl.s;
     let reply = |m: &str| {
         if end.is_some() {
-            let _ = writeln!(&*to_wrapper, "{m}");
+            send(to_wrapper, m);
         }
     };
     match end {
@@ -277,7 +274,7 @@ fn follow(ctl: &mut Ctl<'_>, hold: &OwnedFd, pid: &AtomicI32) -> Option<()> {
                 (Some(k), Some(p)) if k == msg::STARTED.to_string() => {
                     pid.store(p.parse().unwrap_or(0), Ordering::Release);
                 }
-                (Some(k), None) if k == msg::ENDED.to_string() => *end = Some(()),
+                (Some(k), None) if k == msg::ENDED => *end = Some(()),
                 _ => {}
             }
         }
@@ -312,7 +309,7 @@ fn follow(ctl: &mut Ctl<'_>, hold: &OwnedFd, pid: &AtomicI32) -> Option<()> {
     }
     if !hup && !closed_now(hold) {
         if end.is_some() {
-            let _ = writeln!(ctl.s, "{}", msg::STILL_HELD);
+            send(ctl.s, msg::STILL_HELD);
             quiet_stderr();
         }
         while !drained(hold) {}
@@ -390,7 +387,7 @@ fn release<B: Backend>(guard: impl Guard, b: &B, shown: &str, ctl: &UnixStream) 
             .spawn(move || {
                 if let Err(mpsc::RecvTimeoutError::Timeout) = waiting.recv_timeout(deadline) {
                     eprintln!("{what}");
-                    let _ = writeln!(&ctl, "{}", msg::LOST);
+                    send(&ctl, msg::LOST);
                     std::process::exit(0);
                 }
             });
