@@ -483,6 +483,9 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 }
 
 fn main() -> ExitCode {
+    // A CLI process touches a few pages of the segment: populating all of its page tables up
+    // front would cost more than `run`'s whole lock-and-release.
+    shmlock::shm::populate_on_map(false);
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
