@@ -159,7 +159,7 @@ pub(crate) struct RunArgs {
     nonblock: bool,
     /// Exit status when the lock is not had in time (busy with -n, timed out with -w, or held by
     /// an enclosing `shmlock run`) [default: 75, EX_TEMPFAIL; flock(1)'s is 1].
-    #[arg(long, short = 'E', value_name = "N", default_value_t = exec::EX_TEMPFAIL)]
+    #[arg(long, short = 'E', value_name = "N", default_value_t = exec::EX_TEMPFAIL, hide_default_value = true)]
     conflict_exit_code: u8,
     /// Run STRING through `sh -c` instead of CMD.
     #[arg(long = "command", short = 'c', value_name = "STRING", conflicts_with = "command")]
