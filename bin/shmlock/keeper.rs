@@ -82,11 +82,14 @@ pub(crate) fn keep(place: &Place, job: &Job<'_>, ctl: UnixStream, hold: OwnedFd)
     std::process::exit(0)
 }
 
-/// Leaves the terminal's session (so that Ctrl-C, a signal to the job's process group or a
-/// hang-up do not reach the keeper), ignores the signals a job is sent, and lets go of stdin and
+/// Names itself, leaves the terminal's session (so that Ctrl-C, a signal to the job's process
+/// group or a hang-up do not reach the keeper), ignores the signals a job is sent, and lets go of stdin and
 /// stdout (a pipe the keeper holds would not see its end while it lingers).
 fn detach() {
     let _ = nix::unistd::setsid();
+    // `ps -o comm`, `top` and `pgrep shmlock-keeper` tell it from the wrapper (whose command
+    // line it shares).
+    let _ = nix::sys::prctl::set_name(c"shmlock-keeper");
     for s in [
         Signal::SIGINT,
         Signal::SIGQUIT,

@@ -522,6 +522,23 @@ mod tests {
     }
 
     #[test]
+    fn run_wait_takes_seconds_as_flock_does_and_durations() {
+        assert_eq!(parse_seconds("5"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_seconds("0.5"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_seconds(".007"), Ok(Duration::from_millis(7)));
+        assert_eq!(parse_seconds("3."), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_seconds("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_seconds("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_seconds("2m"), Ok(Duration::from_secs(120)));
+        for bad in ["", ".", "1.2.3", "-1", "soon", "1e3"] {
+            assert!(parse_seconds(bad).is_err(), "{bad:?}");
+        }
+        assert!(parse_seconds("99999999999999999999999")
+            .unwrap_err()
+            .contains("out of range"));
+    }
+
+    #[test]
     fn permission_denied_says_so_and_names_the_file() {
         // Tests run as root here, where no file is unreadable; the message is checked directly.
         let e = Error::Io {
