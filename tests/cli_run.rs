@@ -484,3 +484,36 @@ fn the_keeper_is_not_in_the_jobs_process_group() {
     wait_until("nothing to be held", || env.table.stats().held == 0);
     env.assert_quiet();
 }
+
+#[test]
+fn a_lost_gateway_session_can_be_the_exit_status() {
+    let env = TestEnv::new("run_lost_remote");
+    let mut d = GatewayDaemon::start(&env, None);
+    let script = format!("{}; {}", mark("started"), await_go("go"));
+    let w = start(
+        &env,
+        "first",
+        &[
+            "run",
+            "--remote",
+            &d.addr,
+            "--lost-exit-code",
+            "9",
+            "job",
+            "sh",
+            "-c",
+            &script,
+            "sh",
+            &dir(&env),
+        ],
+        &[],
+    );
+    await_file(&env.path("started"));
+    d.kill();
+    wait_until("the loss warning", || {
+        err_of(&env, "first").contains("\"job\" is no longer held")
+    });
+    signal(&env.path("go"), "");
+    assert_eq!(exit_code(w), Some(9), "{}", err_of(&env, "first"));
+    assert!(err_of(&env, "first").contains("ran partly without lock \"job\""));
+}
