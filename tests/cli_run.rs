@@ -517,3 +517,28 @@ fn a_lost_gateway_session_can_be_the_exit_status() {
     assert_eq!(exit_code(w), Some(9), "{}", err_of(&env, "first"));
     assert!(err_of(&env, "first").contains("ran partly without lock \"job\""));
 }
+
+#[test]
+fn a_wrapper_killed_while_it_waits_leaves_no_request_behind() {
+    // Ctrl-C (here SIGKILL) of a `shmlock run` that waits: its keeper gives the request up, and
+    // the next holder is not told that an owner died (nobody held the lock but the holder).
+    let env = TestEnv::new("run_kill_waiting");
+    let holder = spawn_holder(&env, &[("x", b"job")], "holder");
+    let mut w = start(
+        &env,
+        "waiter",
+        &["run", "job", "sh", "-c", &mark("ran"), "sh", &dir(&env)],
+        &[],
+    );
+    env.wait_for("the run to queue", |t| {
+        t.lock_info(b"job").ok().flatten().is_some_and(|l| l.waiters.len() == 1)
+    });
+    kill9(&mut w);
+    env.wait_for("the request to go", |t| {
+        t.lock_info(b"job").ok().flatten().is_some_and(|l| l.waiters.is_empty())
+    });
+    signal(&env.path("go"), "");
+    env.wait_success(holder);
+    assert_eq!(next_holder_sees(&env, "job", "ran"), "died=0\nbefore\n");
+    env.assert_quiet();
+}

@@ -49,6 +49,9 @@ trait Backend {
     fn place(&self) -> String;
     /// Longest wait for the final unlock's answer (None: no limit, the unlock cannot hang).
     fn unlock_deadline(&self) -> Option<Duration>;
+    /// What gives up a request that is waiting, from another thread, once the wrapper is gone:
+    /// the request then returns (`Cancelled`), or the process ends.
+    fn give_up(&self) -> Box<dyn Fn() + Send>;
     /// Gives the lock up as a dead holder would: the next holder is told the owner died. Calls
     /// `done` once that is done (or, through a gateway, once it is under way).
     fn abandon<G: Guard>(&self, guard: G, done: &dyn Fn());
@@ -159,6 +162,7 @@ fn hold<B: Backend>(b: &B, job: &Job<'_>, ctl: &UnixStream, hold: &OwnedFd) {
         return fail(job.a.conflict_exit_code);
     }
     let granted = Arc::new(AtomicBool::new(false));
+    let gone = Arc::new(AtomicBool::new(false));
     let wait = match (job.nonblock, job.a.timeout) {
         (true, _) => Wait::No,
         (false, Some(t)) => Wait::for_duration(t),
@@ -167,13 +171,15 @@ fn hold<B: Backend>(b: &B, job: &Job<'_>, ctl: &UnixStream, hold: &OwnedFd) {
     // A free lock is taken at once, with no thread to start; only a wait needs the watch.
     let asked = match b.client().acquire(job.name, job.mode, Wait::No) {
         Err(Error::WouldBlock) if !matches!(wait, Wait::No) => {
-            follow_wrapper_while_waiting(ctl, &granted);
+            follow_wrapper_while_waiting(ctl, &granted, &gone, b.give_up());
             b.client().acquire(job.name, job.mode, wait)
         }
         r => r,
     };
     let guard = match asked {
         Ok(g) => g,
+        // The wrapper went (Ctrl-C) and the request was given up: nobody to tell.
+        Err(_) if gone.load(Ordering::SeqCst) => return,
         Err(Error::WouldBlock) => {
             eprintln!(
                 "shmlock: lock \"{}\" is busy{}; not running {}",
@@ -246,19 +252,26 @@ fn hold<B: Backend>(b: &B, job: &Job<'_>, ctl: &UnixStream, hold: &OwnedFd) {
 }
 
 /// While the lock is awaited the wrapper sends nothing: the socket turns readable only when the
-/// wrapper is gone (Ctrl-C, a kill), and then the keeper exits, which drops its request (and a
-/// grant that raced with it is reaped with the owner-died notice). Once granted, this thread
-/// leaves the socket to [`follow`].
-fn follow_wrapper_while_waiting(ctl: &UnixStream, granted: &Arc<AtomicBool>) {
+/// wrapper is gone (Ctrl-C, a kill), and then the request is given up (`give_up`: cancelled
+/// locally, so that no dead request waits in the queue for a reaper; the session ended through a
+/// gateway). A grant that raced with it is given up as a dead holder's would be, with the
+/// owner-died notice. Once granted, this thread leaves the socket to [`follow`].
+fn follow_wrapper_while_waiting(
+    ctl: &UnixStream,
+    granted: &Arc<AtomicBool>,
+    gone: &Arc<AtomicBool>,
+    give_up: Box<dyn Fn() + Send>,
+) {
     let Ok(s) = ctl.try_clone() else {
         return;
     };
-    let granted = Arc::clone(granted);
+    let (granted, gone) = (Arc::clone(granted), Arc::clone(gone));
     let _ = std::thread::Builder::new().name("wrapper-watch".into()).spawn(move || {
         let mut fds = [PollFd::new(s.as_fd(), PollFlags::POLLIN)];
         while let Err(nix::errno::Errno::EINTR) = poll(&mut fds, PollTimeout::NONE) {}
         if !granted.load(Ordering::SeqCst) {
-            std::process::exit(0);
+            gone.store(true, Ordering::SeqCst);
+            give_up();
         }
     });
 }
@@ -449,6 +462,12 @@ impl Backend for Local {
     fn unlock_deadline(&self) -> Option<Duration> {
         None
     }
+    fn give_up(&self) -> Box<dyn Fn() + Send> {
+        let table = Arc::clone(&self.table);
+        Box::new(move || {
+            let _ = table.abandon_own_locks();
+        })
+    }
     fn abandon<G: Guard>(&self, guard: G, done: &dyn Fn()) {
         if let Err(e) = self.table.abandon_own_locks() {
             eprintln!("shmlock: warning: giving up the lock: {e}");
@@ -530,6 +549,10 @@ impl Backend for Remote {
     }
     fn unlock_deadline(&self) -> Option<Duration> {
         Some(UNLOCK_DEADLINE)
+    }
+    /// Ends the session: the gateway drops its requests.
+    fn give_up(&self) -> Box<dyn Fn() + Send> {
+        Box::new(|| std::process::exit(0))
     }
     /// Ends the session without unlocking: the gateway releases what a session that ends holds
     /// with the owner-died notice.
