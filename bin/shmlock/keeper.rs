@@ -93,6 +93,9 @@ fn detach() {
     // `ps -o comm`, `top` and `pgrep shmlock-keeper` tell it from the wrapper (whose command
     // line it shares).
     let _ = nix::sys::prctl::set_name(c"shmlock-keeper");
+    // A keeper that outlives the wrapper (background processes hold the lock) must not keep a
+    // file system busy.
+    let _ = std::env::set_current_dir("/");
     for s in [
         Signal::SIGINT,
         Signal::SIGQUIT,
