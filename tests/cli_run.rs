@@ -557,3 +557,25 @@ fn a_wrapper_killed_while_it_waits_leaves_no_request_behind() {
     assert_eq!(next_holder_sees(&env, "job", "ran"), "died=0\nbefore\n");
     env.assert_quiet();
 }
+
+#[test]
+#[allow(unsafe_code)]
+fn an_ignored_sigchld_inherited_from_the_parent_does_not_hang_the_run() {
+    // A parent that ignores SIGCHLD (some daemons do) passes that on through exec: the kernel
+    // would reap the command by itself and never say so.
+    use std::os::unix::process::CommandExt;
+    let env = TestEnv::new("run_sigchld_ign");
+    let mut c = cmd(&env, &["run", "job", "sh", "-c", "exit 3"], &[]);
+    // SAFETY: between fork and exec only `signal(2)` is called (async-signal-safe), installing
+    // SIG_IGN, which runs nothing in signal context.
+    unsafe {
+        c.pre_exec(|| {
+            nix::sys::signal::signal(nix::sys::signal::SIGCHLD, nix::sys::signal::SigHandler::SigIgn)
+                .map(|_| ())
+                .map_err(std::io::Error::from)
+        });
+    }
+    let o = output_within(c.spawn().expect("spawn"), "shmlock run under an ignored SIGCHLD");
+    assert_code(&o, 3);
+    env.assert_quiet();
+}

@@ -399,6 +399,9 @@ pub(crate) fn run_signals() -> SigSet {
 /// here, on this thread, with `sigwait`, until SIGCHLD says the command has exited: no thread to
 /// start, and no signal lost between the spawn and the wait.
 fn run_child(cmd: &mut Command, program: &str, started: impl FnOnce(i32)) -> u8 {
+    // An ignored SIGCHLD (inherited from a parent that ignores it) would have the kernel reap
+    // the command by itself and never raise the signal: no status, and a wait forever.
+    default_sigchld();
     let mut signals = run_signals();
     signals.add(Signal::SIGCHLD);
     let blocked = signals.thread_block().is_ok();
@@ -446,6 +449,12 @@ fn run_child(cmd: &mut Command, program: &str, started: impl FnOnce(i32)) -> u8 
         (None, Some(s)) => (128 + s).clamp(0, 255) as u8,
         (None, None) => 1,
     }
+}
+
+#[allow(unsafe_code)]
+fn default_sigchld() {
+    // SAFETY: SIG_DFL installs no handler, so nothing runs in signal context.
+    let _ = unsafe { nix::sys::signal::signal(Signal::SIGCHLD, nix::sys::signal::SigHandler::SigDfl) };
 }
 
 /// The tests' hook (debug builds only): with `SHMLOCK_RUN_TEST_STALL=POINT:DIR`, the process
