@@ -104,7 +104,8 @@ before it saw CMD end (whatever CMD's status, an end it sees is a release withou
 
 Exit status: CMD's (128+N if signal N killed it); 75 (EX_TEMPFAIL, or -E's N) when the lock was
 not had (-n and busy, -w and timed out, or a nested run on a lock an enclosing `shmlock run` of
-this process holds, which would wait for itself forever: refused at once, unless both are shared);
+this process holds, which would wait for itself forever: refused at once, unless both are shared,
+and then it may still wait behind a queued exclusive request that waits for the enclosing run);
 127 or 126 when CMD cannot be found or run; 2 on errors. A lock lost while CMD ran (taken away
 with `shmlock release --force`, or a gateway session lost) is reported on stderr, and the status
 stays CMD's unless --lost-exit-code N is given.
