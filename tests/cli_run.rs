@@ -579,3 +579,49 @@ fn an_ignored_sigchld_inherited_from_the_parent_does_not_hang_the_run() {
     assert_code(&o, 3);
     env.assert_quiet();
 }
+
+#[test]
+fn a_killed_keeper_frees_the_lock_and_the_wrapper_says_so() {
+    // The one way to lose the lock early, as documented: `kill -9` of the keeper's own pid.
+    let env = TestEnv::new("run_kill_keeper");
+    let script = format!("{}; {}", mark("started"), await_go("go"));
+    let w = start(
+        &env,
+        "first",
+        &[
+            "run",
+            "--lost-exit-code",
+            "9",
+            "job",
+            "sh",
+            "-c",
+            &script,
+            "sh",
+            &dir(&env),
+        ],
+        &[],
+    );
+    await_file(&env.path("started"));
+    let keeper = lock_holder(&env, b"job");
+    assert_ne!(keeper, w.id(), "the keeper holds the lock, not the wrapper");
+    let comm = fs::read_to_string(format!("/proc/{keeper}/comm")).expect("comm");
+    assert_eq!(comm.trim_end(), "shmlock-keeper");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(keeper as i32), nix::sys::signal::SIGKILL).expect("kill");
+    // The lock is reaped as a dead owner's, while the command still runs.
+    assert_eq!(next_holder_sees(&env, "job", "never"), "died=1\nbefore\n");
+    signal(&env.path("go"), "");
+    assert_eq!(exit_code(w), Some(9), "{}", err_of(&env, "first"));
+    assert!(
+        err_of(&env, "first").contains("ended without releasing"),
+        "{}",
+        err_of(&env, "first")
+    );
+    env.assert_quiet();
+}
+
+/// The pid of the (one) holder of `name`.
+fn lock_holder(env: &TestEnv, name: &[u8]) -> u32 {
+    let l = env.table.lock_info(name).expect("lock_info").expect("held");
+    assert_eq!(l.holders.len(), 1, "{l:?}");
+    l.holders[0].pid
+}

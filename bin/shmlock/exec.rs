@@ -325,11 +325,15 @@ fn wrapper(job: &Job<'_>, keeper: Pid, ctl: &UnixStream, hold: OwnedFd) -> Resul
             );
             return Ok(ExitCode::from(code));
         }
-        _ => eprintln!(
-            "shmlock: warning: the lock keeper (pid {keeper}) ended without releasing lock \"{}\" \
-             (it is released, with the owner-died notice, when the keeper is reaped)",
-            job.shown
-        ),
+        _ => {
+            // Killed: its owner is reaped as a dead one, so the lock may have gone while CMD ran.
+            eprintln!(
+                "shmlock: warning: the lock keeper (pid {keeper}) ended without releasing lock \"{}\" \
+                 (it is released, with the owner-died notice, when the keeper is reaped)",
+                job.shown
+            );
+            code = job.a.lost_exit_code.unwrap_or(code);
+        }
     }
     let _ = nix::sys::wait::waitpid(keeper, None);
     Ok(ExitCode::from(code))
