@@ -1,232 +1,398 @@
 //! `shmlock run`: hold a named lock while a command runs, like flock(1).
 //!
-//! The lock is taken first (waiting, with a timeout, or not at all), then the command runs with
-//! this process's stdin, stdout and stderr; when it exits the lock is released and `shmlock`
-//! exits with the command's status (128 + N if a signal N killed it, as shells report it).
+//! # Who holds the lock
+//! flock(1) locks an open file description that the command inherits: the lock lives as long as
+//! any process holds that descriptor, whatever happens to flock itself. A shmlock lock is held by
+//! an owner record naming one process, and is reaped when that process dies; if that process
+//! were `shmlock` itself, `kill -9` of it would free the lock while the command runs on. So
+//! `shmlock run` is two processes (three with the command):
+//!
+//! - the **keeper** (`keeper`), forked first: it takes the lock (its own pid is the owner's, its
+//!   label `run CMD`), holds it, and releases it. It leaves the terminal's session and ignores
+//!   the usual signals, so Ctrl-C, a `kill` of the job's process group or a closed terminal
+//!   never reach it: it lives exactly as long as the lock is wanted, and no longer.
+//! - the **wrapper** (the `shmlock run` process the user started): it waits for the grant, runs
+//!   the command with the grant in its environment, passes signals on, and exits with the
+//!   command's status, as before.
+//!
+//! The lock's lifetime is an inherited pipe, like flock's descriptor: the keeper holds the read
+//! end; the wrapper holds the write end and the command inherits it (unless `-o`), and so does
+//! every process the command starts. The keeper releases once **every** copy of the write end is
+//! closed (the pipe reads end-of-file): once the wrapper and the command, and whatever the command
+//! left running in the background, are all gone. A socket pair carries the rest: the grant to the
+//! wrapper; from the wrapper, the command's pid and then "it exited" (or "a signal killed it"),
+//! sent after the wrapper has closed its write end; back, whether the lock was released, lost
+//! (`release --force`, a lost gateway session), or is still held by background processes.
+//!
+//! The release is clean (no owner-died notice) when the wrapper saw the command end, whatever
+//! its status (a command killed by a signal included: the wrapper, alive, tells). When the
+//! wrapper was killed before it saw the command end, or before it started it, the keeper
+//! abandons the lock: the next holder is told that its predecessor died
+//! (`LockTable::abandon_own_locks` locally, the end of the session through a gateway). If the keeper itself is killed (only `kill -9` of its
+//! own pid can), its owner is reaped as any dead owner's: the lock is released with the notice,
+//! even if the command still runs.
+//!
+//! The keeper is forked before any thread starts (the gateway client's threads start in the
+//! keeper, the signal thread in the wrapper after the command is spawned), so the fork copies a
+//! single-threaded process and the child may do anything.
 //!
 //! # Signals
-//! While the command runs, `shmlock` must outlive it, or the lock would stay held by a dead owner
-//! until it is reaped. So once the child is started, SIGINT, SIGQUIT, SIGTERM and SIGHUP are
-//! blocked here and taken by a thread with `sigwait`: SIGTERM and SIGHUP are passed on to the
-//! command; SIGINT and SIGQUIT are not, since a terminal sends them to the command itself (it is
-//! in the same process group). The signals are blocked only after the spawn, so the command
-//! starts with the usual mask.
+//! While the command runs, SIGINT, SIGQUIT, SIGTERM and SIGHUP are blocked in the wrapper and
+//! taken with `sigwait` (with SIGCHLD, which ends the wait): SIGTERM and SIGHUP are passed on to
+//! the command; SIGINT and SIGQUIT are not, since a terminal sends them to the command itself (it
+//! is in the same process group). The command starts with an empty mask all the same. While the
+//! lock is awaited they are not blocked: Ctrl-C ends the wrapper, and the keeper, seeing the
+//! socket close, gives up its request.
 //!
 //! # Through a gateway (`--remote HOST:PORT`)
-//! The lock is taken by a [`RemoteClient`] session instead, which lives as long as `shmlock`
-//! does: the client answers the gateway's idle timeout by itself, and a monitor thread pings
-//! the gateway every second (or every third of a shorter idle timeout) while the command runs.
-//! If the connection breaks, or no ping is answered within the gateway's idle timeout (after
-//! which the gateway ends a session it has not heard from), the lock is gone: `shmlock` says so
-//! on stderr at once and again when the command ends. The command keeps running, since stopping
-//! it half-way may do more harm than running it unprotected; with `--kill-on-loss` it is sent
-//! SIGTERM instead. Either way `shmlock` exits with the command's status. The client's own
-//! threads are started with the forwarded signals blocked, so that they stay with the sigwait
-//! thread.
+//! The keeper holds the lock through a [`RemoteClient`](shmlock::remote::RemoteClient) session,
+//! which it keeps alive (the client answers the gateway's idle timeout by itself, and a monitor
+//! pings every second, or every third of a shorter idle timeout) for as long as it holds the
+//! lock: `kill -9` of the wrapper leaves the session, and the lock, with the command. If the
+//! connection breaks, or no ping is answered within the gateway's idle timeout, the lock is gone:
+//! the keeper says so on stderr at once and again when the command ends. The command keeps
+//! running, since stopping it half-way may do more harm than running it unprotected; with
+//! `--kill-on-loss` it is sent SIGTERM instead.
 
+use std::ffi::{OsStr, OsString};
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::net::UnixStream;
 use std::process::{Command, ExitCode};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{anyhow, Result};
-use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
-use nix::unistd::Pid;
-use shmlock::gateway::proto::ErrorCode;
-use shmlock::prelude::*;
-use shmlock::remote::{ConnectOptions, RemoteClient};
-use shmlock::table::LockInfo;
-use shmlock::{Client, Error, LockTable, Mode};
+use anyhow::{anyhow, bail, Result};
+use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
+use nix::sys::signal::{kill, SigSet, Signal};
+use nix::unistd::{ForkResult, Pid};
+use shmlock::{LockTable, Mode};
 
-use crate::remote::{token_needed, CONNECT_TIMEOUT};
-use crate::render::{escape_name, human};
-use crate::{name_error, RunArgs};
+use crate::render::escape_name;
+use crate::RunArgs;
 
-/// How long `run --remote` waits for the gateway to answer the final `UNLOCK`.
-const UNLOCK_DEADLINE: Duration = Duration::from_secs(10);
-/// How often `run --remote` pings the gateway while the command runs (at most).
-const PING_EVERY: Duration = Duration::from_secs(1);
-
-/// sysexits.h EX_TEMPFAIL: the lock was not had in time.
+/// sysexits.h EX_TEMPFAIL: the lock was not had in time (the default of `-E`).
 pub(crate) const EX_TEMPFAIL: u8 = 75;
 /// What shells return when the command cannot be found, or not executed.
 const EXIT_NOT_FOUND: u8 = 127;
 const EXIT_CANNOT_EXEC: u8 = 126;
 
-/// What `run` does differently locally and through a gateway; the rest is written once, over
-/// the [`Locker`] contract, in [`hold_and_run`].
-trait Backend {
-    /// The client that takes the lock.
-    type Client: Locker;
-    fn client(&self) -> &Self::Client;
-    /// `, held by pid 1234 (label) for 2.0s`, or nothing if that cannot be told.
-    fn holders(&self, name: &[u8]) -> String;
-    /// Says why a lock request failed (other than busy or timed out).
-    fn lock_error(&self, name: &[u8], e: Error) -> anyhow::Error;
-    /// Called once the command runs: starts watching for a lost lock (a gateway session that
-    /// ended), reporting the loss into `lost`. Returns what stops the watch when dropped.
-    fn watch(&self, a: &RunArgs, program: &str, pid: Option<Pid>, lost: &Lost) -> Option<mpsc::Sender<()>>;
-    /// Where the lock lives, for messages: `` or ` through the gateway at ADDR`.
-    fn place(&self) -> String;
-    /// Longest wait for the final unlock's answer, after which `run` exits anyway (None: no
-    /// limit, the unlock cannot hang).
-    fn unlock_deadline(&self) -> Option<Duration>;
+/// The command's environment: the grant it runs under.
+pub(crate) const ENV_TOKEN: &str = "SHMLOCK_TOKEN";
+pub(crate) const ENV_OWNER_DIED: &str = "SHMLOCK_OWNER_DIED";
+pub(crate) const ENV_NAME: &str = "SHMLOCK_NAME";
+pub(crate) const ENV_MODE: &str = "SHMLOCK_MODE";
+/// Every lock the enclosing `shmlock run`s hold, one line each (see [`Held`]): how a nested
+/// `run` on one of them finds that it would wait for itself.
+pub(crate) const ENV_HELD: &str = "SHMLOCK_HELD";
+
+/// `run`'s `--help` epilogue.
+pub(crate) const RUN_HELP: &str = "\
+The command runs with its grant in its environment: SHMLOCK_NAME, SHMLOCK_MODE (exclusive or
+shared), SHMLOCK_TOKEN (the fencing token, larger at each grant of the name) and
+SHMLOCK_OWNER_DIED (1 if the previous holder died holding the lock: repair what it protects).
+
+The lock is held until CMD and shmlock have both exited, like flock(1)'s lock on an open file:
+CMD inherits a descriptor, and so does every process CMD starts. `kill -9` of shmlock leaves the
+lock with CMD; processes CMD leaves running in the background keep it until they exit (shmlock
+says so on stderr when it exits before them); with -o (--close) only shmlock holds it. A process
+that closes every descriptor it inherited (some daemons do) does not keep the lock. The holder
+that `shmlock locks` shows is shmlock's keeper process (label `run CMD`), which holds the lock for
+them. The next holder is told the owner died (SHMLOCK_OWNER_DIED=1) when shmlock was killed
+before it saw CMD end (whatever CMD's status, an end it sees is a release without the notice).
+
+Exit status: CMD's (128+N if signal N killed it); 75 (EX_TEMPFAIL, or -E's N) when the lock was
+not had (-n and busy, -w and timed out, or a nested run on a lock an enclosing `shmlock run` of
+this process holds, which would wait for itself forever: refused at once, unless both are shared,
+and then it may still wait behind a queued exclusive request that waits for the enclosing run);
+127 or 126 when CMD cannot be found or run; 2 on errors. A lock lost while CMD ran (taken away
+with `shmlock release --force`, or a gateway session lost) is reported on stderr, and the status
+stays CMD's unless --lost-exit-code N is given.
+
+With --remote the lock is held by the keeper's gateway session, which stays up while CMD runs
+even if shmlock is killed. If the session is lost (connection broken, or no answer within the
+gateway's idle timeout), the lock is gone at once: shmlock says so on stderr, lets CMD run on
+(or sends it SIGTERM with --kill-on-loss). If the keeper is killed, the session ends and the
+gateway releases the lock with the owner-died notice, even while CMD runs.
+
+Unlike flock(1): names are lock names, not files, and there is no descriptor form (`flock 9`),
+-u (--unlock) or -F (--no-fork): the owner-died notice needs a wrapper that sees CMD exit. -E
+defaults to 75, not 1. -w also takes durations such as 250ms or 2m. Options go before the name
+or between the name and CMD; everything from CMD on is CMD's.
+
+Examples:
+  shmlock run nightly-backup ./backup.sh --full
+  shmlock run -w 0.25 -s config -- cat /etc/app.conf
+  shmlock run -n -E 0 cron-job -c './job.sh >> job.log' || echo failed
+  shmlock run -x deploy sh -c 'echo \"token $SHMLOCK_TOKEN\"; ./deploy.sh'
+  shmlock run --remote 10.0.0.5:7411 --kill-on-loss deploy -- ./deploy.sh";
+
+/// Where the lock lives.
+pub(crate) enum Place {
+    /// This machine's segment.
+    Local { table: Arc<LockTable>, segment: String },
+    /// Through shmlockd's gateway at `addr`.
+    Remote {
+        addr: String,
+        token: Option<String>,
+        tls: Option<shmlock::remote::TlsOptions>,
+    },
 }
 
-/// Why the lock was lost while the command ran, once it was.
-#[derive(Clone, Default)]
-struct Lost {
-    why: Arc<Mutex<Option<String>>>,
-    /// Set when the command has ended: nothing is reported after that.
-    finished: Arc<AtomicBool>,
-}
-
-impl Lost {
-    fn get(&self) -> Option<String> {
-        self.why.lock().unwrap_or_else(|e| e.into_inner()).clone()
+impl Place {
+    /// How [`ENV_HELD`] names this place.
+    fn key(&self) -> String {
+        match self {
+            Place::Local { segment, .. } => format!("segment:{}", escape_name(segment.as_bytes())),
+            Place::Remote { addr, .. } => format!("gateway:{}", escape_name(addr.as_bytes())),
+        }
     }
 }
 
-/// Takes the lock `a.name` through `b`, runs the command holding it, and unlocks.
-fn hold_and_run<B: Backend>(b: &B, a: &RunArgs) -> Result<ExitCode> {
-    use std::os::unix::ffi::OsStrExt;
-    let name = a.name.as_bytes();
-    let shown = escape_name(name);
-    let program = a.command[0].to_string_lossy().into_owned();
-    let mode = if a.shared { Mode::Shared } else { Mode::Exclusive };
-    let wait = match (a.nonblock, a.timeout) {
-        (true, _) => Wait::No,
-        (false, Some(t)) => Wait::for_duration(t),
-        (false, None) => Wait::Forever,
-    };
-    let guard = match b.client().acquire(name, mode, wait) {
-        Ok(g) => g,
-        Err(Error::WouldBlock) => {
-            eprintln!(
-                "shmlock: lock \"{shown}\" is busy{}; not running {program}",
-                b.holders(name)
-            );
-            return Ok(ExitCode::from(EX_TEMPFAIL));
+/// What the wrapper and the keeper both know about the run, worked out from the arguments.
+pub(crate) struct Job<'a> {
+    pub(crate) a: &'a RunArgs,
+    pub(crate) name: &'a [u8],
+    /// The name as messages show it.
+    pub(crate) shown: String,
+    /// The program, for messages.
+    pub(crate) program: String,
+    /// The command line to run.
+    argv: Vec<OsString>,
+    pub(crate) mode: Mode,
+    /// `-n`, or `-w 0`.
+    pub(crate) nonblock: bool,
+    /// This place's key in [`ENV_HELD`].
+    pub(crate) place: String,
+}
+
+impl<'a> Job<'a> {
+    fn new(a: &'a RunArgs, place: &Place) -> Job<'a> {
+        let argv = match &a.command_string {
+            Some(s) => vec!["sh".into(), "-c".into(), s.clone()],
+            None => a.command.clone(),
+        };
+        let program = match &a.command_string {
+            Some(_) => "sh -c".to_string(),
+            None => argv[0].to_string_lossy().into_owned(),
+        };
+        Job {
+            a,
+            name: a.name.as_bytes(),
+            shown: escape_name(a.name.as_bytes()),
+            program,
+            argv,
+            mode: if a.shared { Mode::Shared } else { Mode::Exclusive },
+            nonblock: a.nonblock || a.timeout == Some(Duration::ZERO),
+            place: place.key(),
         }
-        Err(e @ Error::TimedOut { .. }) => {
-            // A timeout names the holder where the backend knows it; else ask.
-            let more = match &e {
-                Error::TimedOut { holder: None, .. } => b.holders(name),
-                _ => String::new(),
-            };
-            eprintln!("shmlock: lock \"{shown}\" not acquired: {e}{more}; not running {program}");
-            return Ok(ExitCode::from(EX_TEMPFAIL));
-        }
-        Err(e) => return Err(b.lock_error(name, e)),
-    };
-    let lost = Lost::default();
-    let mut watch = None;
-    let code = run_child(a, &program, |pid| watch = b.watch(a, &program, pid, &lost))?;
-    lost.finished.store(true, Ordering::Release);
-    drop(watch);
-    match lost.get() {
-        Some(why) => {
-            eprintln!(
-                "shmlock: warning: {program} ran partly without lock \"{shown}\": the lock was lost{} \
-                 ({why})",
-                b.place()
-            );
-            drop(guard);
-        }
-        None => release(guard, b, &shown, code),
     }
+}
+
+/// One line of [`ENV_HELD`]: `PLACE<tab>TOKEN<tab>e|s<tab>NAME` (name and place escaped as
+/// `locks` shows them).
+pub(crate) struct Held {
+    pub(crate) place: String,
+    pub(crate) token: u64,
+    pub(crate) mode: Mode,
+    pub(crate) shown: String,
+}
+
+impl Held {
+    fn line(&self) -> String {
+        let m = if self.mode == Mode::Shared { 's' } else { 'e' };
+        format!("{}\t{}\t{m}\t{}", self.place, self.token, self.shown)
+    }
+
+    /// The entries of `$SHMLOCK_HELD` (anything malformed is skipped: it is only a hint).
+    pub(crate) fn from_env() -> Vec<Held> {
+        let Some(v) = std::env::var_os(ENV_HELD) else {
+            return Vec::new();
+        };
+        String::from_utf8_lossy(v.as_bytes())
+            .lines()
+            .take(256)
+            .filter_map(|l| {
+                let mut f = l.splitn(4, '\t');
+                let place = f.next()?.to_string();
+                let token = f.next()?.parse().ok()?;
+                let mode = match f.next()? {
+                    "s" => Mode::Shared,
+                    "e" => Mode::Exclusive,
+                    _ => return None,
+                };
+                Some(Held {
+                    place,
+                    token,
+                    mode,
+                    shown: f.next()?.to_string(),
+                })
+            })
+            .collect()
+    }
+}
+
+/// What the keeper tells the wrapper.
+pub(crate) mod msg {
+    /// `G TOKEN 0|1 e|s`: granted (token, owner died, mode).
+    pub(crate) const GRANTED: char = 'G';
+    /// `F CODE`: not granted; the keeper said why on stderr; exit CODE.
+    pub(crate) const FAILED: char = 'F';
+    /// `R`: released.
+    pub(crate) const RELEASED: &str = "R";
+    /// `L`: the lock was lost while the command ran (the keeper said how on stderr).
+    pub(crate) const LOST: &str = "L";
+    /// `H`: still held: processes the command left running hold the descriptor.
+    pub(crate) const STILL_HELD: &str = "H";
+    /// From the wrapper: `S PID`, the command started.
+    pub(crate) const STARTED: char = 'S';
+    /// From the wrapper: `E`, the command ended (or could not be started), sent once the wrapper
+    /// has closed its end of the pipe.
+    pub(crate) const ENDED: &str = "E";
+}
+
+/// Runs the command holding lock `a.name` at `place`.
+pub(crate) fn run(place: Place, a: &RunArgs) -> Result<ExitCode> {
+    let job = Job::new(a, &place);
+    let (hold_r, hold_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| anyhow!("cannot make a pipe: {e}"))?;
+    let (ctl, ctl_keeper) = UnixStream::pair().map_err(|e| anyhow!("cannot make a socket pair: {e}"))?;
+    match fork()? {
+        ForkResult::Child => {
+            drop(hold_w);
+            drop(ctl);
+            crate::keeper::keep(&place, &job, ctl_keeper, hold_r)
+        }
+        ForkResult::Parent { child } => {
+            drop(hold_r);
+            drop(ctl_keeper);
+            wrapper(&job, child, &ctl, hold_w)
+        }
+    }
+}
+
+/// Forks the keeper.
+#[allow(unsafe_code)]
+fn fork() -> Result<ForkResult> {
+    // SAFETY: `run` forks before this process starts any thread (clap, opening the segment and
+    // making the pipes start none; the signal thread starts after the command's spawn, the
+    // gateway client's threads in the keeper), so the child is a copy of a single-threaded
+    // process: no lock is held by a thread that does not exist in it, and it may allocate and
+    // call anything.
+    unsafe { nix::unistd::fork() }.map_err(|e| anyhow!("cannot fork the lock keeper: {e}"))
+}
+
+/// The wrapper: waits for the grant, runs the command, reports how it ended, exits.
+fn wrapper(job: &Job<'_>, keeper: Pid, ctl: &UnixStream, hold: OwnedFd) -> Result<ExitCode> {
+    let mut from_keeper = BufReader::new(ctl);
+    let mut line = String::new();
+    let _ = from_keeper.read_line(&mut line);
+    let (token, died, mode) = match parse_grant(&line) {
+        Some(Ok(g)) => g,
+        Some(Err(code)) => {
+            let _ = nix::sys::wait::waitpid(keeper, None);
+            return Ok(ExitCode::from(code));
+        }
+        None => bail!("the lock keeper (pid {keeper}) ended without an answer"),
+    };
+    test_stall("granted");
+    if !job.a.close {
+        // The command, and everything it starts, inherit the write end: the lock's lifetime.
+        fcntl(hold.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty()))
+            .map_err(|e| anyhow!("cannot pass the lock's descriptor on: {e}"))?;
+    }
+    let mut cmd = Command::new(&job.argv[0]);
+    cmd.args(&job.argv[1..])
+        .env(ENV_NAME, OsStr::from_bytes(job.name))
+        .env(ENV_TOKEN, token.to_string())
+        .env(ENV_OWNER_DIED, if died { "1" } else { "0" })
+        .env(ENV_MODE, if mode == Mode::Shared { "shared" } else { "exclusive" })
+        .env(ENV_HELD, held_env(job, token, mode));
+    test_stall_in_child(&mut cmd);
+    let code = run_child(&mut cmd, &job.program, |pid| {
+        send(ctl, &format!("{} {pid}", msg::STARTED));
+    });
+    drop(hold);
+    send(ctl, msg::ENDED);
+    line.clear();
+    let _ = from_keeper.read_line(&mut line);
+    let mut code = code;
+    match line.trim_end() {
+        msg::RELEASED => {}
+        msg::LOST => code = job.a.lost_exit_code.unwrap_or(code),
+        msg::STILL_HELD => {
+            eprintln!(
+                "shmlock: note: lock \"{}\" stays held by processes that {} left running (they \
+                 inherited its descriptor); it is released when the last of them exits (-o: they \
+                 do not inherit it)",
+                job.shown, job.program
+            );
+            return Ok(ExitCode::from(code));
+        }
+        _ => {
+            // Killed: its owner is reaped as a dead one, so the lock may have gone while CMD ran.
+            eprintln!(
+                "shmlock: warning: the lock keeper (pid {keeper}) ended without releasing lock \"{}\" \
+                 (it is released, with the owner-died notice, when the keeper is reaped)",
+                job.shown
+            );
+            code = job.a.lost_exit_code.unwrap_or(code);
+        }
+    }
+    let _ = nix::sys::wait::waitpid(keeper, None);
     Ok(ExitCode::from(code))
 }
 
-/// Unlocks, warning if the lock was taken away (`release --force`) while the command ran. With
-/// a deadline (a gateway), gives up after it: exiting closes the connection, which releases the
-/// lock as well.
-fn release<B: Backend>(guard: impl Guard, b: &B, shown: &str, code: u8) {
-    let (done, waiting) = mpsc::channel::<()>();
-    if let Some(deadline) = b.unlock_deadline() {
-        let what = format!(
-            "shmlock: warning: no answer to the unlock of \"{shown}\"{} within {}s; exiting, which \
-             closes the session and so releases the lock",
-            b.place(),
-            deadline.as_secs()
-        );
-        let _ = std::thread::Builder::new()
-            .name("unlock-deadline".into())
-            .spawn(move || {
-                if let Err(mpsc::RecvTimeoutError::Timeout) = waiting.recv_timeout(deadline) {
-                    eprintln!("{what}");
-                    std::process::exit(i32::from(code));
-                }
-            });
-    }
-    match guard.unlock() {
-        Ok(()) => {}
-        Err(Error::NotHeld) => eprintln!(
-            "shmlock: warning: lock \"{shown}\" was taken away (shmlock release --force) while the \
-             command ran"
-        ),
-        Err(e) => eprintln!("shmlock: warning: unlocking \"{shown}\"{}: {e}", b.place()),
-    }
-    drop(done);
+/// Sends one line to the other process, in one write (the socket is not buffered).
+pub(crate) fn send(s: &UnixStream, line: &str) {
+    let mut b = Vec::with_capacity(line.len() + 1);
+    b.extend_from_slice(line.as_bytes());
+    b.push(b'\n');
+    let _ = (&*s).write_all(&b);
 }
 
-/// The lock in this machine's segment.
-struct Local {
-    table: Arc<LockTable>,
-    client: Client,
+/// `G TOKEN 0|1 e|s` -> Ok(grant); `F CODE` -> Err(code); anything else None.
+fn parse_grant(line: &str) -> Option<std::result::Result<(u64, bool, Mode), u8>> {
+    let mut f = line.split_ascii_whitespace();
+    let kind = f.next()?;
+    if kind == msg::FAILED.to_string() {
+        return Some(Err(f.next()?.parse().ok()?));
+    }
+    if kind != msg::GRANTED.to_string() {
+        return None;
+    }
+    let token = f.next()?.parse().ok()?;
+    let died = f.next()? == "1";
+    let mode = if f.next()? == "s" {
+        Mode::Shared
+    } else {
+        Mode::Exclusive
+    };
+    Some(Ok((token, died, mode)))
 }
 
-impl Backend for Local {
-    type Client = Client;
-    fn client(&self) -> &Client {
-        &self.client
+/// `$SHMLOCK_HELD` for the command: the enclosing runs' locks and this one.
+fn held_env(job: &Job<'_>, token: u64, mode: Mode) -> OsString {
+    let mine = Held {
+        place: job.place.clone(),
+        token,
+        mode,
+        shown: job.shown.clone(),
     }
-    fn holders(&self, name: &[u8]) -> String {
-        self.table
-            .lock_info(name)
-            .ok()
-            .flatten()
-            .map_or(String::new(), |l| describe_holders(&l))
+    .line();
+    match std::env::var_os(ENV_HELD) {
+        Some(v) if !v.is_empty() => {
+            let mut b = v.into_vec();
+            b.push(b'\n');
+            b.extend_from_slice(mine.as_bytes());
+            OsString::from_vec(b)
+        }
+        _ => mine.into(),
     }
-    fn lock_error(&self, name: &[u8], e: Error) -> anyhow::Error {
-        name_error(name, e)
-    }
-    fn watch(&self, _: &RunArgs, _: &str, _: Option<Pid>, _: &Lost) -> Option<mpsc::Sender<()>> {
-        None // a local lock is lost only to `release --force`, which the unlock reports
-    }
-    fn place(&self) -> String {
-        String::new()
-    }
-    fn unlock_deadline(&self) -> Option<Duration> {
-        None
-    }
-}
-
-/// Runs `a.command` holding lock `a.name`.
-pub(crate) fn run(table: Arc<LockTable>, a: &RunArgs) -> Result<ExitCode> {
-    let program = a.command[0].to_string_lossy();
-    let client = Client::with_table(Arc::clone(&table), &format!("run {program}"))?;
-    hold_and_run(&Local { table, client }, a)
-}
-
-/// `, held by pid 1234 (label) for 2.0s`, or nothing if nobody holds `l`.
-fn describe_holders(l: &LockInfo) -> String {
-    if l.holders.is_empty() {
-        return String::new();
-    }
-    let who: Vec<String> = l
-        .holders
-        .iter()
-        .map(|p| match p.label.as_str() {
-            "" => format!("pid {} for {}", p.pid, human(p.age)),
-            label => format!("pid {} ({label}) for {}", p.pid, human(p.age)),
-        })
-        .collect();
-    format!(", held by {}", who.join(", "))
 }
 
 /// The signals `run` forwards to (or leaves with) the command, taken by a sigwait thread.
-fn run_signals() -> SigSet {
+pub(crate) fn run_signals() -> SigSet {
     let mut signals = SigSet::empty();
     for s in [Signal::SIGINT, Signal::SIGQUIT, Signal::SIGTERM, Signal::SIGHUP] {
         signals.add(s);
@@ -234,226 +400,116 @@ fn run_signals() -> SigSet {
     signals
 }
 
-/// The lock through a gateway session.
-struct Remote {
-    client: Arc<RemoteClient>,
-    addr: String,
-}
-
-impl Backend for Remote {
-    type Client = RemoteClient;
-    fn client(&self) -> &RemoteClient {
-        &self.client
-    }
-    /// As the gateway's `LOCKS` tells it (best effort).
-    fn holders(&self, name: &[u8]) -> String {
-        match self.client.locks(Some(name)) {
-            Ok(locks) => locks
-                .iter()
-                .find(|l| l.name == name)
-                .map_or(String::new(), describe_holders),
-            Err(_) => String::new(),
-        }
-    }
-    fn lock_error(&self, name: &[u8], e: Error) -> anyhow::Error {
-        lock_error(&self.addr, &escape_name(name), e)
-    }
-    fn watch(&self, a: &RunArgs, program: &str, pid: Option<Pid>, lost: &Lost) -> Option<mpsc::Sender<()>> {
-        let (stop, stopped) = mpsc::channel::<()>();
-        let m = Monitor {
-            client: Arc::clone(&self.client),
-            addr: self.addr.clone(),
-            shown: escape_name(a.name.as_encoded_bytes()),
-            program: program.to_string(),
-            pid: pid.filter(|_| a.kill_on_loss),
-            lost: lost.clone(),
-        };
-        m.start(stopped);
-        Some(stop)
-    }
-    fn place(&self) -> String {
-        format!(" through the gateway at {}", self.addr)
-    }
-    fn unlock_deadline(&self) -> Option<Duration> {
-        Some(UNLOCK_DEADLINE)
-    }
-}
-
-/// Runs `a.command` holding lock `a.name` taken through the gateway at `addr`.
-pub(crate) fn run_remote(addr: &str, token: Option<String>, a: &RunArgs) -> Result<ExitCode> {
-    // `ConnectOptions` may gain fields; the others keep their defaults.
-    #[allow(clippy::needless_update)]
-    let options = ConnectOptions {
-        auth_token: token.clone(),
-        connect_timeout: Some(CONNECT_TIMEOUT),
-        tls: a.remote.tls(addr),
-        ..ConnectOptions::default()
-    };
-    // The client's threads start with the forwarded signals blocked (see the module docs); the
-    // wait for the lock below runs with them unblocked, so Ctrl-C still ends it.
-    let before = run_signals().thread_swap_mask(SigmaskHow::SIG_BLOCK);
-    let connected = RemoteClient::connect_with(addr, &options);
-    if let Ok(mask) = before {
-        let _ = mask.thread_set_mask();
-    }
-    let client = Arc::new(connected.map_err(|e| connect_error(addr, e))?);
-    if client.hello().auth_required && token.is_none() {
-        return Err(token_needed(addr));
-    }
-    let b = Remote {
-        client,
-        addr: addr.to_string(),
-    };
-    hold_and_run(&b, a)
-}
-
-/// Says what went wrong connecting to (and authenticating with) the gateway.
-fn connect_error(addr: &str, e: Error) -> anyhow::Error {
-    match e {
-        Error::Connection { why, .. } => anyhow!(
-            "cannot connect to the gateway at {addr}: {why} (is shmlockd running there, with its \
-             gateway on?)"
-        ),
-        Error::Remote {
-            code: ErrorCode::AuthFailed,
-            message,
-        } => {
-            anyhow!("the gateway at {addr} refused the token: {message}")
-        }
-        Error::Remote { code, message } => anyhow!("the gateway at {addr} refused the session: {code} {message}"),
-        e => anyhow!(e).context(format!("cannot connect to the gateway at {addr}")),
-    }
-}
-
-/// Says why a lock request through the gateway failed (other than busy or timed out).
-fn lock_error(addr: &str, shown: &str, e: Error) -> anyhow::Error {
-    match e {
-        Error::Remote {
-            code: ErrorCode::AuthRequired,
-            ..
-        } => token_needed(addr),
-        Error::Connection { why, .. } => anyhow!("lost the gateway at {addr} while locking \"{shown}\": {why}"),
-        e => anyhow!("cannot lock \"{shown}\" through the gateway at {addr}: {e}"),
-    }
-}
-
-/// Watches the gateway session while the command runs (see the module docs).
-struct Monitor {
-    client: Arc<RemoteClient>,
-    addr: String,
-    shown: String,
-    program: String,
-    /// The command, to stop on loss (`--kill-on-loss`).
-    pid: Option<Pid>,
-    lost: Lost,
-}
-
-impl Monitor {
-    /// Starts the pinger and the watcher; both end when `stopped`'s sender is dropped (a ping
-    /// that never returns leaves its thread behind, which the exit ends).
-    fn start(self, stopped: mpsc::Receiver<()>) {
-        let idle = self.client.hello().idle_timeout;
-        let every = idle.map_or(PING_EVERY, |t| (t / 3).clamp(Duration::from_millis(10), PING_EVERY));
-        let (events, heard) = mpsc::channel::<Result<(), String>>();
-        let client = Arc::clone(&self.client);
-        let pinger = std::thread::Builder::new()
-            .name("gateway-ping".into())
-            .spawn(move || loop {
-                if let Err(mpsc::RecvTimeoutError::Disconnected) = stopped.recv_timeout(every) {
-                    return;
-                }
-                let r = client.ping().map(|_| ()).map_err(|e| match e {
-                    Error::Connection { why, .. } => why,
-                    e => e.to_string(),
-                });
-                let failed = r.is_err();
-                if events.send(r).is_err() || failed {
-                    return;
-                }
-            });
-        if pinger.is_err() {
-            eprintln!("shmlock: warning: cannot start a thread to watch the gateway session");
-            return;
-        }
-        let _ = std::thread::Builder::new().name("gateway-watch".into()).spawn(move || {
-            // Without an idle timeout the gateway never ends a silent session: only a broken
-            // connection loses the lock.
-            let silence = idle.unwrap_or(Duration::from_secs(86_400 * 365));
-            let why = loop {
-                match heard.recv_timeout(silence + every) {
-                    Ok(Ok(())) => {}
-                    Ok(Err(why)) => break why,
-                    Err(mpsc::RecvTimeoutError::Timeout) => {
-                        break format!(
-                            "no answer for {}, and the gateway ends sessions it does not hear from \
-                             within {}",
-                            human(silence + every),
-                            human(silence)
-                        )
-                    }
-                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
-                }
-            };
-            self.report(why);
-        });
-    }
-
-    fn report(self, why: String) {
-        if self.lost.finished.load(Ordering::Acquire) {
-            return;
-        }
-        let what = match self.pid {
-            Some(_) => format!("stopping {} (SIGTERM), as --kill-on-loss asks", self.program),
-            None => format!("{} keeps running (--kill-on-loss would stop it)", self.program),
-        };
-        eprintln!(
-            "shmlock: lost the gateway connection to {} ({why}): lock \"{}\" is no longer held; {what}",
-            self.addr, self.shown
-        );
-        *self.lost.why.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
-        if let Some(pid) = self.pid {
-            let _ = kill(pid, Signal::SIGTERM);
-        }
-    }
-}
-
 /// Runs the command to completion; returns the exit status to pass on. `started` is called with
-/// the command's pid once it runs and the forwarded signals are blocked (threads it starts
-/// inherit that).
-fn run_child(a: &RunArgs, program: &str, started: impl FnOnce(Option<Pid>)) -> Result<u8> {
-    let mut child = match Command::new(&a.command[0]).args(&a.command[1..]).spawn() {
+/// the command's pid once it runs.
+///
+/// The signals of [`run_signals`] and SIGCHLD are blocked from before the spawn (the command
+/// starts with an empty mask all the same: the standard library resets it in the child) and taken
+/// here, on this thread, with `sigwait`, until SIGCHLD says the command has exited: no thread to
+/// start, and no signal lost between the spawn and the wait.
+fn run_child(cmd: &mut Command, program: &str, started: impl FnOnce(i32)) -> u8 {
+    // An ignored SIGCHLD (inherited from a parent that ignores it) would have the kernel reap
+    // the command by itself and never raise the signal: no status, and a wait forever.
+    default_sigchld();
+    let mut signals = run_signals();
+    signals.add(Signal::SIGCHLD);
+    let blocked = signals.thread_block().is_ok();
+    let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("shmlock: cannot run {program}: {e}");
-            return Ok(match e.kind() {
+            return match e.kind() {
                 std::io::ErrorKind::NotFound => EXIT_NOT_FOUND,
                 _ => EXIT_CANNOT_EXEC,
-            });
+            };
         }
     };
     let pid = i32::try_from(child.id()).ok().map(Pid::from_raw);
-    let signals = run_signals();
-    let blocked = signals.thread_block().is_ok();
-    if blocked {
-        // Threads inherit the mask, so this one is the only taker of these signals.
-        let _ = std::thread::Builder::new().name("signals".into()).spawn(move || loop {
-            match signals.wait() {
-                Ok(s @ (Signal::SIGTERM | Signal::SIGHUP)) => {
-                    if let Some(pid) = pid {
-                        let _ = kill(pid, s);
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => return,
-            }
-        });
+    if let Some(pid) = pid {
+        started(pid.as_raw());
     }
-    started(pid);
-    let status = child.wait().map_err(|e| anyhow!("waiting for {program}: {e}"))?;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break Ok(s),
+            Ok(None) if blocked => {}
+            Ok(None) => break child.wait(),
+            Err(e) => break Err(e),
+        }
+        match signals.wait() {
+            Ok(s @ (Signal::SIGTERM | Signal::SIGHUP)) => {
+                if let Some(pid) = pid {
+                    let _ = kill(pid, s);
+                }
+            }
+            Ok(_) => {} // SIGCHLD: look again; SIGINT, SIGQUIT: the terminal sent them to CMD too
+            Err(_) => break child.wait(),
+        }
+    };
+    let status = match status {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("shmlock: waiting for {program}: {e}");
+            return 1;
+        }
+    };
     use std::os::unix::process::ExitStatusExt;
-    Ok(match (status.code(), status.signal()) {
+    match (status.code(), status.signal()) {
         (Some(c), _) => (c & 0xff) as u8,
         (None, Some(s)) => (128 + s).clamp(0, 255) as u8,
         (None, None) => 1,
-    })
+    }
+}
+
+#[allow(unsafe_code)]
+fn default_sigchld() {
+    // SAFETY: SIG_DFL installs no handler, so nothing runs in signal context.
+    let _ = unsafe { nix::sys::signal::signal(Signal::SIGCHLD, nix::sys::signal::SigHandler::SigDfl) };
+}
+
+/// The tests' hook (debug builds only): with `SHMLOCK_RUN_TEST_STALL=POINT:DIR`, the process
+/// passing POINT writes its pid to `DIR/stalled-POINT` and waits for `DIR/go-POINT` to exist.
+/// Points: `granted` (the wrapper, holding the grant, before it spawns the command) and `exec`
+/// (the command's process, between fork and exec). Release builds ignore the variable.
+#[cfg(debug_assertions)]
+fn stall_dir(point: &str) -> Option<std::path::PathBuf> {
+    let v = std::env::var("SHMLOCK_RUN_TEST_STALL").ok()?;
+    let (p, dir) = v.split_once(':')?;
+    (p == point).then(|| dir.into())
+}
+
+#[cfg(debug_assertions)]
+fn stall_at(dir: &std::path::Path, point: &str) {
+    let _ = std::fs::write(dir.join(format!("stalled-{point}")), std::process::id().to_string());
+    while !dir.join(format!("go-{point}")).exists() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn test_stall(point: &str) {
+    #[cfg(debug_assertions)]
+    if let Some(dir) = stall_dir(point) {
+        stall_at(&dir, point);
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = point;
+}
+
+#[allow(unsafe_code)]
+fn test_stall_in_child(cmd: &mut Command) {
+    #[cfg(debug_assertions)]
+    if let Some(dir) = stall_dir("exec") {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: the closure runs in the forked child before exec. This process is
+        // single-threaded until the command is spawned (the signal thread starts after), so the
+        // child may allocate and use the file system like any single-threaded process. Debug
+        // builds only, under the tests' variable.
+        unsafe {
+            cmd.pre_exec(move || {
+                stall_at(&dir, "exec");
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = cmd;
 }

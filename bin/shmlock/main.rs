@@ -12,6 +12,7 @@
 //! (`| head`) exits 0.
 
 mod exec;
+mod keeper;
 mod remote;
 mod render;
 mod watch;
@@ -122,17 +123,7 @@ enum Command {
         count: Option<u64>,
     },
     /// Hold a lock while a command runs, like flock(1); exits with the command's status.
-    #[command(
-        after_help = "Exits 75 (EX_TEMPFAIL) with a message on stderr when the lock is not had \
-                            in time.\n\nWith --remote the lock is held by a gateway session. If that \
-                            session is lost while CMD runs (connection broken, or no answer within the \
-                            gateway's idle timeout), the lock is gone: shmlock says so on stderr at once, \
-                            lets CMD run on (or sends it SIGTERM with --kill-on-loss), and exits with \
-                            CMD's status.\n\nExamples:\n  shmlock run nightly-backup -- ./backup.sh --full\n  \
-                            shmlock run --timeout 250ms --shared config -- cat /etc/app.conf\n  \
-                            shmlock run --nonblock cron-job -- ./job.sh || echo \"already running\"\n  \
-                            shmlock run --remote 10.0.0.5:7411 --kill-on-loss deploy -- ./deploy.sh"
-    )]
+    #[command(after_help = exec::RUN_HELP)]
     Run(RunArgs),
 }
 
@@ -153,15 +144,35 @@ struct LocksArgs {
 
 #[derive(Debug, Args)]
 pub(crate) struct RunArgs {
-    /// Take the lock in shared mode (default: exclusive).
-    #[arg(long)]
+    /// Take the lock in shared mode, flock(1)'s read lock [default: exclusive].
+    #[arg(long, short = 's', conflicts_with = "exclusive")]
     shared: bool,
-    /// Give up after this long, e.g. 250ms, 5s, 2m [default: wait as long as it takes].
-    #[arg(long, value_parser = parse_duration, value_name = "DURATION", conflicts_with = "nonblock")]
+    /// Take the lock in exclusive mode (the default), flock(1)'s write lock.
+    #[arg(long, short = 'x', short_alias = 'e')]
+    exclusive: bool,
+    /// Give up after this long: seconds (fractions allowed, e.g. 0.5) or a duration such as
+    /// 250ms, 5s, 2m; 0 is --nonblock [default: wait as long as it takes].
+    #[arg(long, short = 'w', visible_alias = "wait", value_parser = parse_seconds, value_name = "SECONDS")]
     timeout: Option<Duration>,
-    /// Give up at once if the lock is busy.
-    #[arg(long, short = 'n')]
+    /// Give up at once if the lock is busy (wins over --timeout).
+    #[arg(long, short = 'n', visible_alias = "nb")]
     nonblock: bool,
+    /// Exit status when the lock is not had in time (busy with -n, timed out with -w, or held by
+    /// an enclosing `shmlock run`) [default: 75, EX_TEMPFAIL; flock(1)'s is 1].
+    #[arg(long, short = 'E', value_name = "N", default_value_t = exec::EX_TEMPFAIL, hide_default_value = true)]
+    conflict_exit_code: u8,
+    /// Run STRING through `sh -c` instead of CMD.
+    #[arg(long = "command", short = 'c', value_name = "STRING", conflicts_with = "command")]
+    command_string: Option<OsString>,
+    /// Do not give CMD the lock's descriptor: the lock is held by shmlock alone, so processes CMD
+    /// leaves running in the background do not keep it, but neither does CMD if shmlock is killed.
+    #[arg(long, short = 'o')]
+    close: bool,
+    /// Exit N instead of CMD's status when the lock was lost while CMD ran (taken away with
+    /// `shmlock release --force`, or the gateway session lost) [default: CMD's status, with a
+    /// warning on stderr].
+    #[arg(long, value_name = "N")]
+    lost_exit_code: Option<u8>,
     #[command(flatten)]
     remote: RemoteArgs,
     /// With --remote: send CMD SIGTERM if the gateway session (and so the lock) is lost while it
@@ -170,9 +181,29 @@ pub(crate) struct RunArgs {
     kill_on_loss: bool,
     /// The lock name.
     name: OsString,
-    /// The command and its arguments (after `--`).
-    #[arg(last = true, required = true, value_name = "CMD")]
+    /// The command and its arguments (`--` before them is optional).
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "CMD",
+        required_unless_present = "command_string"
+    )]
     command: Vec<OsString>,
+}
+
+/// `-w`'s argument: a bare decimal number is seconds, as flock(1) reads it (`5`, `0.5`, `.007`);
+/// anything else is a duration of the library's grammar (`250ms`, `2m`).
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let decimal = !t.is_empty()
+        && t.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        && t.bytes().filter(|&b| b == b'.').count() <= 1
+        && t != ".";
+    if !decimal {
+        return parse_duration(s);
+    }
+    let secs: f64 = t.parse().map_err(|_| format!("bad number of seconds {s:?}"))?;
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("{s} seconds is out of range"))
 }
 
 /// `250ms`, `1.5s`, `2m`, `1h 30m`: the library's one duration grammar (a bare number is refused
@@ -397,7 +428,12 @@ fn run_remote(cli: Cli, addr: &str) -> Result<ExitCode> {
         }
         Command::Run(a) => {
             drop(out);
-            return exec::run_remote(addr, a.remote.token()?, a);
+            let place = exec::Place::Remote {
+                addr: addr.to_string(),
+                token: a.remote.token()?,
+                tls: a.remote.tls(addr),
+            };
+            return exec::run(place, a);
         }
         _ => bail!("--remote is not supported by this subcommand"),
     }?;
@@ -417,6 +453,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
     let segment = cli.segment.unwrap_or_else(default_segment_name);
     let table = open(&segment, cli.segment_owner.as_deref())?;
+    if let Command::Run(a) = cli.command {
+        return exec::run(exec::Place::Local { table, segment }, &a);
+    }
     let mut out = std::io::stdout().lock();
     let code = match cli.command {
         Command::Status { json, .. } => status(&table, json, &mut out),
@@ -429,10 +468,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             drop(out);
             return watch::watch(&table, interval, count);
         }
-        Command::Run(a) => {
-            drop(out);
-            return exec::run(table, &a);
-        }
+        Command::Run(_) => unreachable!("run is dispatched above"),
     }?;
     out.flush()?;
     Ok(code)
@@ -448,6 +484,9 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 }
 
 fn main() -> ExitCode {
+    // A CLI process touches a few pages of the segment: populating all of its page tables up
+    // front would cost more than `run`'s whole lock-and-release.
+    shmlock::shm::populate_on_map(false);
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
@@ -481,6 +520,23 @@ mod tests {
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
         assert!(parse_duration("soon").unwrap_err().contains("250ms"));
         assert!(parse_duration("5").unwrap_err().contains("e.g. \"5s\""));
+    }
+
+    #[test]
+    fn run_wait_takes_seconds_as_flock_does_and_durations() {
+        assert_eq!(parse_seconds("5"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_seconds("0.5"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_seconds(".007"), Ok(Duration::from_millis(7)));
+        assert_eq!(parse_seconds("3."), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_seconds("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_seconds("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_seconds("2m"), Ok(Duration::from_secs(120)));
+        for bad in ["", ".", "1.2.3", "-1", "soon", "1e3"] {
+            assert!(parse_seconds(bad).is_err(), "{bad:?}");
+        }
+        assert!(parse_seconds("99999999999999999999999")
+            .unwrap_err()
+            .contains("out of range"));
     }
 
     #[test]

@@ -7,17 +7,29 @@
 use std::num::NonZeroUsize;
 use std::os::fd::AsFd;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Once;
 use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::sys::mman::{mmap, mmap_anonymous, munmap, MapFlags, ProtFlags};
 
-/// Maps `len` bytes of `fd` shared, read-write, with page tables populated up front so that the
-/// lock path never takes a page fault on first touch.
+/// Whether [`map_shared`] populates the page tables (see `shm::populate_on_map`).
+static POPULATE: AtomicBool = AtomicBool::new(true);
+
+/// Sets whether [`map_shared`] populates the page tables from now on in this process.
+pub(super) fn set_populate(on: bool) {
+    POPULATE.store(on, Ordering::Relaxed);
+}
+
+/// Maps `len` bytes of `fd` shared, read-write, with page tables populated up front (unless
+/// [`set_populate`] said otherwise) so that the lock path never takes a page fault on first touch.
 pub(super) fn map_shared(fd: impl AsFd, len: usize) -> Result<NonNull<u8>, Errno> {
     let len = NonZeroUsize::new(len).ok_or(Errno::EINVAL)?;
+    let populate = match POPULATE.load(Ordering::Relaxed) {
+        true => MapFlags::MAP_POPULATE,
+        false => MapFlags::empty(),
+    };
     // SAFETY: we ask the kernel for a fresh mapping at an address of its choosing (no MAP_FIXED),
     // so no existing Rust object is aliased or invalidated.
     let p = unsafe {
@@ -25,7 +37,7 @@ pub(super) fn map_shared(fd: impl AsFd, len: usize) -> Result<NonNull<u8>, Errno
             None,
             len,
             ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-            MapFlags::MAP_SHARED | MapFlags::MAP_POPULATE,
+            MapFlags::MAP_SHARED | populate,
             fd,
             0,
         )?

@@ -409,6 +409,25 @@ impl LockTable {
         Ok(n)
     }
 
+    /// Gives up every lock that this process's owner records hold as if the process had died:
+    /// each is released marked OWNER_DIED for its next holder, and every wait is cancelled (a
+    /// thread blocked on one returns [`Error::Cancelled`]). The records stay registered, and the
+    /// guards' unlocks then say [`Error::NotHeld`]. For a process that holds a lock on behalf of
+    /// others and learns that they ended without finishing: `shmlock run`'s keeper, once the
+    /// command and the wrapper are gone without the wrapper's word that the command exited.
+    /// Returns how many locks and waits were given up.
+    pub fn abandon_own_locks(&self) -> Result<usize> {
+        let me = ProcessId::current();
+        let mut n = 0;
+        for idx in 0..self.geo.owners {
+            let mine = self.owners().get(idx as usize).is_some_and(|o| o.process() == me);
+            if mine && matches!(self.owner_pool().state(Idx(idx)), Ok(OwnerState::Live)) {
+                n += self.release_owner(pid_latch_id(), idx, 0..self.geo.shards, true)?;
+            }
+        }
+        Ok(n)
+    }
+
     /// Releases every hold and cancels every wait of owner `who` in `shards`, latching as
     /// `as_id`; with `died`, each lock released is marked OWNER_DIED for its next holder. Wakes
     /// any thread of `who` blocked on a cancelled request (it returns `Error::Cancelled`).
