@@ -87,23 +87,35 @@ enum Command {
         json: bool,
     },
     /// Everything about one lock: holders, and the waiters queue in order.
-    #[command(after_help = "Example:\n  shmlock show orders/42")]
+    #[command(after_help = concat!(
+        "NAME is written as `locks` prints it: ",
+        names_help!(),
+        "\n\nExamples:\n  shmlock show orders/42\n  shmlock show 'raw\\x00\\xff'\n  \
+         shmlock show --raw \"$(printf 'a\\\\b')\""
+    ))]
     Show {
-        /// The lock name.
+        /// The lock name, as `locks` prints it (see below), or byte for byte with --raw.
         name: OsString,
+        #[command(flatten)]
+        raw: RawName,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Take a lock away from its holder(s); the next waiter gets it and is told the owner died.
-    #[command(
-        after_help = "The holder is not told until it next uses the lock (its unlock then reports \
-                            that it no longer holds it), so use this only on a holder that is stuck or \
-                            gone.\n\nExample:\n  shmlock release orders/42 --force"
-    )]
+    #[command(after_help = concat!(
+        "The holder is not told until it next uses the lock (its unlock then reports that it no \
+         longer holds it), so use this only on a holder that is stuck or gone.\n\n\
+         NAME is written as `locks` prints it: ",
+        names_help!(),
+        "\n\nExamples:\n  shmlock release orders/42 --force\n  \
+         shmlock release --force 'job\\x00\\xff'"
+    ))]
     Release {
-        /// The lock name.
+        /// The lock name, as `locks` prints it (see below), or byte for byte with --raw.
         name: OsString,
+        #[command(flatten)]
+        raw: RawName,
         /// Really take the lock away (required).
         #[arg(long)]
         force: bool,
@@ -136,11 +148,45 @@ enum Command {
     Run(RunArgs),
 }
 
+/// How the CLI reads a lock name back (`show`, `release`, `locks --name-prefix`): the form that
+/// `locks` prints, for the `after_help` of those subcommands.
+macro_rules! names_help {
+    () => {
+        "printable text stands for itself, `\\\\` for a backslash, `\\xNN` for the byte NN \
+         (two hex digits: control characters and bytes that are not UTF-8), `\\u{X}` for the \
+         character U+X (other control characters); any other backslash is an error. Quote it for \
+         the shell ('a\\x00b'). With --raw, NAME is taken byte for byte instead."
+    };
+}
+use names_help;
+
+/// `--raw`: take a lock name (or prefix) byte for byte instead of in the form `locks` prints.
+#[derive(Debug, Clone, Copy, Args)]
+struct RawName {
+    /// Take NAME byte for byte, backslashes included, instead of in the escaped form that `locks`
+    /// prints.
+    #[arg(long)]
+    raw: bool,
+}
+
+impl RawName {
+    /// The bytes `arg` names: unescaped as `locks` prints names, or as they are with `--raw`.
+    fn bytes(self, arg: &std::ffi::OsStr) -> Result<Vec<u8>> {
+        if self.raw {
+            return Ok(arg.as_bytes().to_vec());
+        }
+        render::unescape_name(arg.as_bytes()).map_err(|e| anyhow!("bad lock name \"{}\": {e}", arg.to_string_lossy()))
+    }
+}
+
 #[derive(Debug, Args)]
 struct LocksArgs {
-    /// Only locks whose name starts with these bytes.
+    /// Only locks whose name starts with PREFIX, written as `locks` prints names (`\\`, `\xNN`,
+    /// `\u{X}`), or byte for byte with --raw.
     #[arg(long, value_name = "PREFIX")]
     name_prefix: Option<OsString>,
+    #[command(flatten)]
+    raw: RawName,
     /// Only locks held longer than this, e.g. 250ms, 5s, 2m.
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     held_longer_than: Option<Duration>,
@@ -181,13 +227,14 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     shmlock::config::parse_duration(s).map_err(|e| e.to_string())
 }
 
-/// Says what went wrong opening `segment`, and what to do about it, in one line.
+/// Says what went wrong opening `segment`, and what to do about it, in one line (naming the
+/// segment once: the library's messages that name it already are passed on as they are).
 fn open_error(segment: &str, e: Error) -> anyhow::Error {
     match e {
         Error::SegmentMissing { .. } => anyhow!(
-            "segment {segment} does not exist: start the supervisor with `shmlockd` (from a source \
-             tree: `cargo run --release --bin shmlockd`), or name another with --segment or \
-             $SHMLOCK_SEGMENT"
+            "segment {segment} does not exist: start the supervisor with `shmlockd --segment \
+             {segment}` (from a source tree: `cargo run --release --bin shmlockd -- --segment \
+             {segment}`), or name another with --segment or $SHMLOCK_SEGMENT"
         ),
         Error::WrongVersion { found, expected } => anyhow!(
             "segment {segment} has layout version {found} but this shmlock understands version \
@@ -200,7 +247,13 @@ fn open_error(segment: &str, e: Error) -> anyhow::Error {
             "permission denied opening segment {segment} (/dev/shm{segment}): run as a user the \
              segment's mode allows (shmlockd's `mode` setting)"
         ),
-        Error::SegmentNameInvalid { .. } => anyhow!("bad segment name: {e}"),
+        Error::SegmentNameInvalid { name, why } => anyhow!("bad segment name {name:?}: {why}"),
+        Error::Io { op, source, .. } => anyhow!("cannot open segment {segment}: {op} failed: {source}"),
+        e @ (Error::SegmentWrongOwner { .. }
+        | Error::SegmentSymlink { .. }
+        | Error::SegmentNotRegular { .. }
+        | Error::SegmentLinked { .. }
+        | Error::SegmentRemoved { .. }) => anyhow!(e),
         e => anyhow!(e).context(format!("cannot open segment {segment}")),
     }
 }
@@ -220,7 +273,10 @@ fn open(segment: &str, owner: Option<&str>) -> Result<Arc<LockTable>> {
 /// Says what is wrong with a lock name.
 fn name_error(name: &[u8], e: Error) -> anyhow::Error {
     match e {
-        Error::NameInvalid { .. } => anyhow!("bad lock name \"{}\": {e}", escape_name(name)),
+        Error::NameInvalid { len, max } => anyhow!(
+            "bad lock name \"{}\": {len} bytes, where names must be 1..={max} bytes",
+            escape_name(name)
+        ),
         e => anyhow!(e),
     }
 }
@@ -262,10 +318,16 @@ fn print_status(status: &Status, json: bool, out: &mut impl Write) -> Result<Exi
     Ok(ExitCode::SUCCESS)
 }
 
+/// `--name-prefix`, as bytes.
+fn name_prefix(a: &LocksArgs) -> Result<Option<Vec<u8>>> {
+    a.name_prefix.as_deref().map(|p| a.raw.bytes(p)).transpose()
+}
+
 fn locks(table: &LockTable, a: &LocksArgs, out: &mut impl Write) -> Result<ExitCode> {
+    let prefix = name_prefix(a)?;
     let mut locks = table.locks();
-    if let Some(p) = &a.name_prefix {
-        locks.retain(|l| l.name.starts_with(p.as_bytes()));
+    if let Some(p) = &prefix {
+        locks.retain(|l| l.name.starts_with(p));
     }
     print_locks(locks, a, out)
 }
@@ -391,8 +453,9 @@ fn run_remote(cli: Cli, addr: &str) -> Result<ExitCode> {
             print_status(&status, *json, &mut out)
         }
         Command::Locks(a) => {
+            let prefix = name_prefix(a)?;
             let mut gw = remote::Gateway::connect(addr, &a.remote)?;
-            let locks = gw.locks(a.name_prefix.as_ref().map(|p| p.as_bytes()))?;
+            let locks = gw.locks(prefix.as_deref())?;
             print_locks(locks, a, &mut out)
         }
         Command::Run(a) => {
@@ -415,6 +478,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
     if let Some(addr) = remote {
         return run_remote(cli, &addr);
     }
+    // Bad names are told before the segment is opened.
+    match &cli.command {
+        Command::Show { name, raw, .. } | Command::Release { name, raw, .. } => drop(raw.bytes(name)?),
+        Command::Locks(a) => drop(name_prefix(a)?),
+        _ => {}
+    }
     let segment = cli.segment.unwrap_or_else(default_segment_name);
     let table = open(&segment, cli.segment_owner.as_deref())?;
     let mut out = std::io::stdout().lock();
@@ -422,8 +491,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Status { json, .. } => status(&table, json, &mut out),
         Command::Locks(a) => locks(&table, &a, &mut out),
         Command::Owners { json } => owners(&table, json, &mut out),
-        Command::Show { name, json } => show(&table, name.as_bytes(), json, &mut out),
-        Command::Release { name, force } => release(&table, name.as_bytes(), force, &mut out),
+        Command::Show { name, raw, json } => show(&table, &raw.bytes(&name)?, json, &mut out),
+        Command::Release { name, raw, force } => release(&table, &raw.bytes(&name)?, force, &mut out),
         Command::Check => check(&table, &mut out),
         Command::Watch { interval, count } => {
             drop(out);

@@ -186,6 +186,66 @@ pub(crate) fn escape_name(name: &[u8]) -> String {
     out
 }
 
+/// The inverse of [`escape_name`]: what `locks` prints for a name, read back into its bytes, so
+/// that `show`, `release` and `locks --name-prefix` accept every name `locks` shows.
+///
+/// `\\` is a backslash, `\xNN` the byte NN (two hex digits), `\u{X}` the UTF-8 of the
+/// character U+X (1 to 6 hex digits); every other byte, non-UTF-8 ones included, stands for
+/// itself. Any other backslash is an error that says how to write one.
+pub(crate) fn unescape_name(text: &[u8]) -> Result<Vec<u8>, String> {
+    const HINT: &str = "write a backslash as \\\\, a byte as \\xNN (two hex digits), a character as \\u{X}, \
+                        or pass --raw to take the name byte for byte";
+    let mut out = Vec::with_capacity(text.len());
+    let mut i = 0;
+    while i < text.len() {
+        let b = text[i];
+        if b != b'\\' {
+            out.push(b);
+            i += 1;
+            continue;
+        }
+        let at = i;
+        let shown = |to: usize| String::from_utf8_lossy(&text[at..to.min(text.len())]).into_owned();
+        match text.get(i + 1) {
+            Some(b'\\') => {
+                out.push(b'\\');
+                i += 2;
+            }
+            Some(b'x') => {
+                let byte = text
+                    .get(i + 2..i + 4)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .filter(|h| h.bytes().all(|c| c.is_ascii_hexdigit()))
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or_else(|| format!("bad escape \"{}\" at byte {at}: {HINT}", shown(i + 4)))?;
+                out.push(byte);
+                i += 4;
+            }
+            Some(b'u') => {
+                let close = text[i..].iter().take(11).position(|&c| c == b'}').map(|p| i + p);
+                let c = close
+                    .filter(|_| text.get(i + 2) == Some(&b'{'))
+                    .and_then(|end| std::str::from_utf8(&text[i + 3..end]).ok())
+                    .filter(|h| (1..=6).contains(&h.len()) && h.bytes().all(|c| c.is_ascii_hexdigit()))
+                    .and_then(|h| u32::from_str_radix(h, 16).ok())
+                    .and_then(char::from_u32)
+                    .ok_or_else(|| {
+                        format!(
+                            "bad escape \"{}\" at byte {at}: {HINT}",
+                            shown(close.map_or(i + 2, |c| c + 1))
+                        )
+                    })?;
+                let mut buf = [0u8; 4];
+                out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+                i = close.map_or(i + 2, |c| c + 1);
+            }
+            None => return Err(format!("a lone backslash ends the name: {HINT}")),
+            Some(_) => return Err(format!("bad escape \"{}\" at byte {at}: {HINT}", shown(i + 2))),
+        }
+    }
+    Ok(out)
+}
+
 fn mode_str(m: Option<Mode>) -> &'static str {
     match m {
         Some(Mode::Exclusive) => "exclusive",
@@ -461,6 +521,60 @@ mod tests {
         assert_eq!(human(Duration::from_secs(184)), "3m 4s");
         assert_eq!(human(Duration::from_secs(3_720)), "1h 2m");
         assert_eq!(human(Duration::from_secs(90_000)), "1d 1h");
+    }
+
+    #[test]
+    fn escaped_names_read_back() {
+        for name in [
+            &b"orders/42"[..],
+            b"a\\b",
+            b"\0\xff\\",
+            "caf\u{e9} \u{85}\u{2028}".as_bytes(),
+            b"\\x41",
+        ] {
+            assert_eq!(
+                unescape_name(escape_name(name).as_bytes()).as_deref(),
+                Ok(name),
+                "{name:?}"
+            );
+        }
+        assert_eq!(unescape_name(b"\\x41\\X").ok(), None);
+        assert_eq!(unescape_name(br"a\x41\xFF\u{e9}").unwrap(), b"aA\xff\xc3\xa9");
+        // Bytes that are not UTF-8 stand for themselves.
+        assert_eq!(unescape_name(b"\xfe\\\\").unwrap(), b"\xfe\\");
+    }
+
+    #[test]
+    fn malformed_escapes_say_how_to_write_a_backslash() {
+        for bad in [
+            &br"\q"[..],
+            br"\x4",
+            br"a\",
+            br"\x4g",
+            br"\u{}",
+            br"\u{110000}",
+            br"\u{d800}",
+            br"\u41",
+            br"\u{1234567}",
+        ] {
+            let e = unescape_name(bad).expect_err(&String::from_utf8_lossy(bad));
+            assert!(e.contains(r"\\") && e.contains("--raw"), "{e}");
+        }
+        assert!(unescape_name(br"ab\q").unwrap_err().contains(r#""\q" at byte 2"#));
+        assert!(unescape_name(br"ab\").unwrap_err().contains("lone backslash"));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn unescape_inverts_escape(name in proptest::collection::vec(proptest::num::u8::ANY, 0..80)) {
+            proptest::prop_assert_eq!(unescape_name(escape_name(&name).as_bytes()), Ok(name));
+        }
+
+        #[test]
+        fn unescape_inverts_escape_of_text(name in "\\PC{0,20}[\\x00-\\x1f\\x7f-\\u{9f}\\\\]{0,4}\\PC{0,20}") {
+            let b = name.into_bytes();
+            proptest::prop_assert_eq!(unescape_name(escape_name(&b).as_bytes()), Ok(b));
+        }
     }
 
     #[test]

@@ -1,0 +1,121 @@
+//! The admin CLI's operator features (issue 14, items 4 and 8): names that round-trip through
+//! the shell, owners' start times, `locks --died`, `status`'s capacities, shell completions and
+//! man pages. Real `shmlock` processes against segments that child processes lock in (see
+//! tests/cli.rs for the conventions).
+
+mod common;
+
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::process::{Command, Output, Stdio};
+
+use common::cli::*;
+use common::{signal, ChildCtx, TestEnv};
+
+/// Not a test: the entry point of child processes. Does nothing unless `SHMLOCK_TEST_ROLE` is set.
+#[test]
+fn child_process() {
+    let Some(ctx) = ChildCtx::from_env() else { return };
+    match ctx.role.as_str() {
+        "hold" => role_hold(&ctx),
+        other => panic!("unknown role {other:?}"),
+    }
+}
+
+/// Runs `shmlock --segment SEGMENT ARGS` (arguments of any bytes); killed past the deadline.
+fn cli(segment: &str, args: &[&[u8]]) -> Output {
+    let child = Command::new(env!("CARGO_BIN_EXE_shmlock"))
+        .arg("--segment")
+        .arg(segment)
+        .args(args.iter().map(|a| OsStr::from_bytes(a)))
+        .env_remove("SHMLOCK_SEGMENT")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn shmlock");
+    output_within(child, &format!("shmlock {args:?}"))
+}
+
+// ---- names -----------------------------------------------------------------------------------
+
+#[test]
+fn every_name_locks_prints_is_accepted_back_by_show_and_release() {
+    let env = TestEnv::new("names_round_trip");
+    let odd: &[u8] = b"job\0\xff\\x41";
+    let holder = spawn_holder(&env, &[("x", odd), ("x", b"plain")], "odd-names");
+    let pid = env.pid(holder).to_string();
+
+    // What `locks` prints for it, read from its table as a user would.
+    let text = stdout(&cli(&env.segment, &[b"locks"]));
+    let printed = text
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .find(|n| n.starts_with("job"))
+        .unwrap_or_else(|| panic!("no job... lock in:\n{text}"))
+        .to_string();
+    assert_eq!(printed, r"job\x00\xff\\x41");
+    let locks = json(&cli(&env.segment, &[b"locks", b"--json"]));
+    find(&locks, &printed);
+
+    // `show` and `locks --name-prefix` take the printed form back.
+    let o = cli(&env.segment, &[b"show", printed.as_bytes()]);
+    assert_code(&o, 0);
+    assert!(stdout(&o).contains(&format!("pid {pid}")), "{}", stdout(&o));
+    let l = json(&cli(&env.segment, &[b"show", b"--json", printed.as_bytes()]));
+    assert_eq!(l["name"], printed.as_str());
+    let only = json(&cli(
+        &env.segment,
+        &[b"locks", b"--json", b"--name-prefix", br"job\x00\xff"],
+    ));
+    assert_eq!(only.as_array().expect("array").len(), 1, "{only:#}");
+    // Taken byte for byte, the printed text names another lock (none).
+    assert_code(&cli(&env.segment, &[b"show", b"--raw", printed.as_bytes()]), 1);
+
+    // A malformed escape is a clear error that says how to write a backslash.
+    for bad in [&br"job\q"[..], br"job\x4", br"job\"] {
+        let o = cli(&env.segment, &[b"show", bad]);
+        assert_error_line(&o, &["bad lock name", r"\\", "--raw"]);
+        let o = cli(&env.segment, &[b"release", b"--force", bad]);
+        assert_error_line(&o, &["bad lock name", r"\\"]);
+    }
+
+    // And `release --force` frees it.
+    let o = cli(&env.segment, &[b"release", b"--force", printed.as_bytes()]);
+    assert_code(&o, 0);
+    assert!(stdout(&o).contains(&printed), "{}", stdout(&o));
+    let left = json(&cli(&env.segment, &[b"locks", b"--json"]));
+    let names: Vec<&str> = left
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|l| l["name"].as_str().expect("name"))
+        .collect();
+    assert_eq!(names, ["plain"]);
+    signal(&env.path("go"), "");
+    env.wait_success(holder);
+    assert_eq!(fs::read_to_string(env.path("result")).expect("result"), "not-held\nok");
+    env.assert_quiet();
+}
+
+#[test]
+fn raw_takes_the_name_byte_for_byte() {
+    let env = TestEnv::new("names_raw");
+    // Any bytes but NUL can be an argument: a backslash and a byte that is not UTF-8.
+    let name: &[u8] = b"back\\slash\xfe";
+    let holder = spawn_holder(&env, &[("x", name)], "raw");
+    let l = json(&cli(&env.segment, &[b"show", b"--json", b"--raw", name]));
+    assert_eq!(l["name"], r"back\\slash\xfe");
+    let only = json(&cli(
+        &env.segment,
+        &[b"locks", b"--json", b"--raw", b"--name-prefix", b"back\\s"],
+    ));
+    assert_eq!(only.as_array().expect("array").len(), 1, "{only:#}");
+    // Without --raw, `\s` is not an escape.
+    assert_error_line(&cli(&env.segment, &[b"show", name]), &["bad lock name", r"\\"]);
+    assert_code(&cli(&env.segment, &[b"release", b"--force", b"--raw", name]), 0);
+    signal(&env.path("go"), "");
+    env.wait_success(holder);
+    assert_eq!(fs::read_to_string(env.path("result")).expect("result"), "not-held");
+}
