@@ -119,3 +119,60 @@ fn raw_takes_the_name_byte_for_byte() {
     env.wait_success(holder);
     assert_eq!(fs::read_to_string(env.path("result")).expect("result"), "not-held");
 }
+
+// ---- owners ----------------------------------------------------------------------------------
+
+/// Field 22 of /proc/PID/stat (start time, clock ticks since boot), and `btime` of /proc/stat.
+fn proc_start_and_boot(pid: u32) -> (u64, u64) {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let rest = &stat[stat.rfind(')').expect(")") + 1..];
+    let start = rest
+        .split_whitespace()
+        .nth(19)
+        .expect("field 22")
+        .parse()
+        .expect("ticks");
+    let boot = fs::read_to_string("/proc/stat").expect("/proc/stat");
+    let btime = boot
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))
+        .expect("btime")
+        .trim()
+        .parse()
+        .expect("btime");
+    (start, btime)
+}
+
+#[test]
+fn owners_show_each_process_start_time() {
+    let env = TestEnv::new("owners_start");
+    let holder = spawn_holder(&env, &[("x", b"started")], "starter");
+    let pid = env.pid(holder);
+    let (ticks, btime) = proc_start_and_boot(pid);
+    let owners = json(&cli(&env.segment, &[b"owners", b"--json"]));
+    let o = owners
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|o| o["pid"] == pid)
+        .unwrap_or_else(|| panic!("no owner {pid}: {owners:#}"));
+    assert_eq!(o["start_time_ticks"], ticks, "{o:#}");
+    let unix = o["started_unix"].as_f64().expect("started_unix");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after the epoch")
+        .as_secs_f64();
+    assert!(
+        unix >= btime as f64 && unix <= now + 1.0,
+        "{unix} not in [{btime}, {now}]"
+    );
+    let started = o["started"].as_str().expect("started");
+    assert!(started.ends_with('Z') && started.len() == 20, "{started}");
+    let text = stdout(&cli(&env.segment, &[b"owners"]));
+    assert!(
+        text.contains("STARTED (UTC)") && text.contains(&format!("{started} (")),
+        "{text}"
+    );
+    signal(&env.path("go"), "");
+    env.wait_success(holder);
+}

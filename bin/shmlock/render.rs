@@ -2,7 +2,7 @@
 //! queries (`--remote`): both give the same snapshot types, so the output is the same.
 
 use std::fmt::Write as _;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde_json::{json, Value};
 use shmlock::gateway::admin::StatusReport;
@@ -450,9 +450,29 @@ pub(crate) fn owner_json(o: &OwnerInfo) -> Value {
         "state": o.state,
         "alive": o.alive,
         "registered_ms": ms(o.registered_for),
+        "start_time_ticks": o.start_time,
+        "started_unix": o.started_at.map(unix_seconds),
+        "started": o.started_at.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
         "holds": o.holds,
         "waits": o.waits,
     })
+}
+
+/// Seconds since the epoch, to the millisecond (0 before it).
+fn unix_seconds(t: SystemTime) -> f64 {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    (d.as_millis() as f64) / 1000.0
+}
+
+/// `2026-12-03T08:20:13Z (5m 2s ago)`, or `-` if unknown.
+fn started_text(t: Option<SystemTime>, now: SystemTime) -> String {
+    match t {
+        None => "-".into(),
+        Some(t) => {
+            let ago = now.duration_since(t).unwrap_or_default();
+            format!("{} ({} ago)", humantime::format_rfc3339_seconds(t), human(ago))
+        }
+    }
 }
 
 /// The `owners` table.
@@ -460,6 +480,7 @@ pub(crate) fn owners_text(owners: &[OwnerInfo]) -> String {
     if owners.is_empty() {
         return "no owners registered\n".into();
     }
+    let now = SystemTime::now();
     let rows: Vec<Vec<String>> = owners
         .iter()
         .map(|o| {
@@ -468,6 +489,7 @@ pub(crate) fn owners_text(owners: &[OwnerInfo]) -> String {
                 kind_str(o.kind).into(),
                 o.label.clone(),
                 if o.alive { "alive".into() } else { "dead".into() },
+                started_text(o.started_at, now),
                 format!("{} ago", human(o.registered_for)),
                 o.holds.to_string(),
                 o.waits.to_string(),
@@ -482,6 +504,7 @@ pub(crate) fn owners_text(owners: &[OwnerInfo]) -> String {
             "KIND",
             "LABEL",
             "PROCESS",
+            "STARTED (UTC)",
             "REGISTERED",
             "HOLDS",
             "WAITS",

@@ -15,7 +15,7 @@
 //! guard: the guard's token no longer matches and `unlock` reports [`Error::NotHeld`].
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use super::*;
 use crate::pool::PoolState;
@@ -87,10 +87,58 @@ pub struct OwnerInfo {
     pub alive: bool,
     /// How long ago it registered.
     pub registered_for: Duration,
+    /// The process's start time as its owner record holds it: clock ticks since boot (field 22
+    /// of `/proc/PID/stat`), 0 if it was not known at registration.
+    pub start_time: u64,
+    /// [`start_time`](Self::start_time) as a wall-clock time (the boot time from `/proc/stat`
+    /// plus the ticks at `sysconf(_SC_CLK_TCK)`, so to the second at best), if both are known.
+    pub started_at: Option<SystemTime>,
     /// Locks it holds (in either mode).
     pub holds: u32,
     /// Requests it has queued.
     pub waits: u32,
+}
+
+/// What turns a process's start time (clock ticks since boot) into a wall-clock time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct BootClock {
+    /// The boot time, seconds since the epoch (`btime` in `/proc/stat`).
+    btime: u64,
+    /// Clock ticks per second (`sysconf(_SC_CLK_TCK)`).
+    hz: u64,
+}
+
+impl BootClock {
+    /// Reads the boot time and the tick rate; `None` if either is unknown.
+    pub(super) fn read() -> Option<BootClock> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??;
+        Self::parse(&stat, u64::try_from(hz).ok()?)
+    }
+
+    /// From `/proc/stat`'s text and the tick rate `hz`.
+    pub(super) fn parse(stat: &str, hz: u64) -> Option<BootClock> {
+        let btime = stat
+            .lines()
+            .find_map(|l| l.strip_prefix("btime "))?
+            .trim()
+            .parse()
+            .ok()?;
+        (hz > 0).then_some(BootClock { btime, hz })
+    }
+
+    /// The wall-clock time `ticks` after boot; `None` for 0 (unknown) or past what a
+    /// `SystemTime` holds.
+    pub(super) fn wall_time(self, ticks: u64) -> Option<SystemTime> {
+        if ticks == 0 {
+            return None;
+        }
+        let nanos = (ticks % self.hz).checked_mul(1_000_000_000)? / self.hz;
+        let after_boot = Duration::new(ticks / self.hz, u32::try_from(nanos).ok()?);
+        SystemTime::UNIX_EPOCH
+            .checked_add(Duration::from_secs(self.btime))?
+            .checked_add(after_boot)
+    }
 }
 
 /// How many records of one pool are in each state.
@@ -344,10 +392,12 @@ impl LockTable {
             }
         }
         let now = clock::now();
+        let boot = BootClock::read();
         raw.into_iter()
             .filter_map(|(idx, state, since)| {
                 let o = self.owners().get(idx as usize)?;
                 let pid = o.pid.load(Relaxed);
+                let start_time = o.start_time.load(Relaxed);
                 Some(OwnerInfo {
                     idx,
                     pid,
@@ -356,6 +406,8 @@ impl LockTable {
                     state: state.name(),
                     alive: o.process().is_alive(),
                     registered_for: now.since(since),
+                    start_time,
+                    started_at: boot.and_then(|b| b.wall_time(start_time)),
                     holds: holds.get(&idx).copied().unwrap_or(0),
                     waits: waits.get(&idx).copied().unwrap_or(0),
                 })
@@ -612,6 +664,34 @@ mod tests {
         assert!(matches!(gb.unlock(), Err(Error::NotHeld)));
         assert!(t.check().is_empty(), "{:?}", t.check());
         assert!(t.locks().is_empty());
+    }
+
+    #[test]
+    fn owners_show_their_start_time_as_a_wall_clock_time() {
+        use std::time::{Duration, SystemTime};
+
+        use super::BootClock;
+
+        let b = BootClock::parse("cpu  1 2 3\nbtime 1700000000\nprocesses 5\n", 100).expect("parse");
+        let at = |s: u64, ms: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(s) + Duration::from_millis(ms);
+        assert_eq!(b.wall_time(12_345), Some(at(1_700_000_123, 450)));
+        assert_eq!(b.wall_time(0), None);
+        // Garbage from the segment gives some time or none, never a panic.
+        let _ = b.wall_time(u64::MAX);
+        assert_eq!(BootClock::parse("cpu 1\n", 100), None);
+        assert_eq!(BootClock::parse("btime 1\n", 0), None);
+
+        // This process: registered a moment ago, started before that, and not in the future.
+        let t = table();
+        let _a = Client::with_table(t.clone(), "a").expect("a");
+        let owners = t.owners_info(&t.locks());
+        let me = crate::owner::ProcessId::current();
+        assert_eq!(owners[0].start_time, me.start_time);
+        let started = owners[0].started_at.expect("start time known on Linux");
+        let now = SystemTime::now();
+        assert!(started <= now + Duration::from_secs(1), "{started:?} after {now:?}");
+        let boot = BootClock::read().expect("boot clock");
+        assert!(started >= SystemTime::UNIX_EPOCH + Duration::from_secs(boot.btime));
     }
 
     #[test]
