@@ -11,7 +11,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::process::{Command, Output, Stdio};
 
 use common::cli::*;
-use common::{signal, ChildCtx, TestEnv};
+use common::{signal, ChildCtx, Daemon, TestEnv};
+use serde_json::Value;
 
 /// Not a test: the entry point of child processes. Does nothing unless `SHMLOCK_TEST_ROLE` is set.
 #[test]
@@ -175,4 +176,96 @@ fn owners_show_each_process_start_time() {
     );
     signal(&env.path("go"), "");
     env.wait_success(holder);
+}
+
+// ---- locks --died ----------------------------------------------------------------------------
+
+/// The names in a `locks --json` array.
+fn names(locks: &Value) -> Vec<&str> {
+    let mut v: Vec<&str> = locks
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|l| l["name"].as_str().expect("name"))
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+#[test]
+fn locks_died_without_shmlockd_lists_a_dead_holder_then_its_notices() {
+    let env = TestEnv::new("died_unsupervised");
+    let holder = spawn_holder(&env, &[("x", b"first"), ("s", b"second")], "doomed");
+    let alive = spawn_holder(&env, &[("x", b"kept")], "alive");
+    // (Both write file `held`: wait for the second's lock itself.)
+    env.wait_for("the second holder to lock", |t| t.locks().len() == 3);
+    assert_eq!(
+        json(&cli(&env.segment, &[b"locks", b"--died", b"--json"])),
+        Value::Array(vec![])
+    );
+    let text = stdout(&cli(&env.segment, &[b"locks", b"--died"]));
+    assert!(text.contains("no lock has a dead holder"), "{text}");
+    env.kill(holder);
+
+    // Nobody has reaped it (no shmlockd, nobody wanted its locks): still held, by the dead.
+    let died = json(&cli(&env.segment, &[b"locks", b"--died", b"--json"]));
+    assert_eq!(names(&died), ["first", "second"], "{died:#}");
+    assert!(
+        died.as_array().expect("array").iter().all(|l| l["holder_dead"] == true),
+        "{died:#}"
+    );
+    let text = stdout(&cli(&env.segment, &[b"locks"]));
+    let line = text.lines().find(|l| l.starts_with("first")).expect("first listed");
+    assert!(line.contains("holder-dead"), "{text}");
+    let kept = text.lines().find(|l| l.starts_with("kept")).expect("kept listed");
+    assert!(!kept.contains("holder-dead"), "{text}");
+
+    // Wanting one lock reaps the dead owner: both are freed with the notice; the one nobody
+    // took is listed by --died alone (nobody holds or waits on it).
+    let c = env.client("next");
+    let g = c.try_lock("first").expect("the dead holder is reaped");
+    assert!(g.owner_died());
+    let died = json(&cli(&env.segment, &[b"locks", b"--died", b"--json"]));
+    assert_eq!(names(&died), ["second"], "{died:#}");
+    let l = &died[0];
+    assert_eq!(
+        (&l["mode"], &l["owner_died"], &l["holder_dead"]),
+        (&Value::Null, &Value::Bool(true), &Value::Bool(false))
+    );
+    assert_eq!(l["holders"], Value::Array(vec![]));
+    assert_eq!(
+        names(&json(&cli(&env.segment, &[b"locks", b"--json"]))),
+        ["first", "kept"]
+    );
+    let text = stdout(&cli(&env.segment, &[b"locks", b"--died"]));
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("second"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(line.contains("none") && line.contains("owner-died"), "{text}");
+    // Its next holder is told, and the notice is gone.
+    assert!(c.try_lock("second").expect("free").owner_died());
+    assert_eq!(
+        json(&cli(&env.segment, &[b"locks", b"--died", b"--json"])),
+        Value::Array(vec![])
+    );
+    drop(g);
+    signal(&env.path("go"), "");
+    env.wait_success(alive);
+}
+
+#[test]
+fn locks_died_with_shmlockd_lists_what_its_reaper_freed() {
+    let env = TestEnv::new("died_supervised");
+    let _daemon = Daemon::start(&env);
+    let holder = spawn_holder(&env, &[("x", b"job\xff")], "doomed");
+    env.kill(holder);
+    env.wait_for("shmlockd to reap the dead holder", |t| t.died_locks().len() == 1);
+    let died = json(&cli(&env.segment, &[b"locks", b"--died", b"--json"]));
+    assert_eq!(names(&died), [r"job\xff"], "{died:#}");
+    assert_eq!(died[0]["owner_died"], true);
+    assert_eq!(json(&cli(&env.segment, &[b"locks", b"--json"])), Value::Array(vec![]));
+    // The printed name is accepted back by show, which tells of the notice.
+    let show = stdout(&cli(&env.segment, &[b"show", br"job\xff"]));
+    assert!(show.contains("owner died yes"), "{show}");
 }

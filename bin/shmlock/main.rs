@@ -16,6 +16,7 @@ mod remote;
 mod render;
 mod watch;
 
+use std::collections::HashSet;
 use std::ffi::OsString;
 use std::io::{ErrorKind, Write};
 use std::os::unix::ffi::OsStrExt;
@@ -77,6 +78,7 @@ enum Command {
     /// Every lock held or waited on: holders, how long, waiters, token; longest held first.
     #[command(after_help = "Examples:\n  shmlock locks\n  shmlock locks --name-prefix orders/ \
                             --held-longer-than 30s\n  shmlock locks --json | jq '.[0].holders'\n  \
+                            shmlock locks --died\n  \
                             shmlock locks --remote 10.0.0.5:7411 --auth-token-file /etc/shmlock/token")]
     Locks(LocksArgs),
     /// Every registered owner (client handle): pid, kind, label, alive or dead, locks held.
@@ -187,6 +189,11 @@ struct LocksArgs {
     name_prefix: Option<OsString>,
     #[command(flatten)]
     raw: RawName,
+    /// Only locks whose holder died: those still held by a dead process that nobody has reaped
+    /// yet (FLAGS holder-dead), and those it left free with nobody waiting, whose next holder is
+    /// told the owner died (FLAGS owner-died, MODE none; plain `locks` does not list these).
+    #[arg(long)]
+    died: bool,
     /// Only locks held longer than this, e.g. 250ms, 5s, 2m.
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     held_longer_than: Option<Duration>,
@@ -323,25 +330,48 @@ fn name_prefix(a: &LocksArgs) -> Result<Option<Vec<u8>>> {
     a.name_prefix.as_deref().map(|p| a.raw.bytes(p)).transpose()
 }
 
+/// The owner records whose process is gone (not reaped yet: their locks are still theirs).
+fn dead_owners(table: &LockTable) -> HashSet<u32> {
+    table
+        .owners_info(&[])
+        .into_iter()
+        .filter(|o| !o.alive)
+        .map(|o| o.idx)
+        .collect()
+}
+
 fn locks(table: &LockTable, a: &LocksArgs, out: &mut impl Write) -> Result<ExitCode> {
     let prefix = name_prefix(a)?;
     let mut locks = table.locks();
+    let dead = dead_owners(table);
+    if a.died {
+        locks.retain(|l| l.holders.iter().any(|p| dead.contains(&p.owner)));
+        locks.extend(table.died_locks());
+    }
     if let Some(p) = &prefix {
         locks.retain(|l| l.name.starts_with(p));
     }
-    print_locks(locks, a, out)
+    print_locks(locks, a, Some(&dead), out)
 }
 
-/// Filters (`--held-longer-than`), sorts and prints `locks`, from the segment or a gateway.
-fn print_locks(mut locks: Vec<shmlock::table::LockInfo>, a: &LocksArgs, out: &mut impl Write) -> Result<ExitCode> {
+/// Filters (`--held-longer-than`), sorts and prints `locks`, from the segment or a gateway;
+/// `dead` (owners whose process is gone) where known.
+fn print_locks(
+    mut locks: Vec<shmlock::table::LockInfo>,
+    a: &LocksArgs,
+    dead: Option<&HashSet<u32>>,
+    out: &mut impl Write,
+) -> Result<ExitCode> {
     if let Some(d) = a.held_longer_than {
         locks.retain(|l| !l.holders.is_empty() && l.held_for() > d);
     }
     render::sort_locks(&mut locks);
     if a.json {
-        write_json(out, &locks.iter().map(render::lock_json).collect())?;
+        write_json(out, &locks.iter().map(|l| render::lock_json(l, dead)).collect())?;
+    } else if a.died && locks.is_empty() {
+        out.write_all(b"no lock has a dead holder or an owner-died notice\n")?;
     } else {
-        out.write_all(render::locks_text(&locks).as_bytes())?;
+        out.write_all(render::locks_text(&locks, dead).as_bytes())?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -360,7 +390,7 @@ fn owners(table: &LockTable, json: bool, out: &mut impl Write) -> Result<ExitCod
 fn show(table: &LockTable, name: &[u8], json: bool, out: &mut impl Write) -> Result<ExitCode> {
     let info = table.lock_info(name).map_err(|e| name_error(name, e))?;
     match info {
-        Some(l) if json => write_json(out, &render::lock_json(&l))?,
+        Some(l) if json => write_json(out, &render::lock_json(&l, Some(&dead_owners(table))))?,
         Some(l) => out.write_all(render::show_text(&l).as_bytes())?,
         None => {
             eprintln!(
@@ -452,11 +482,15 @@ fn run_remote(cli: Cli, addr: &str) -> Result<ExitCode> {
             let status = remote::Gateway::connect(addr, remote)?.status()?;
             print_status(&status, *json, &mut out)
         }
+        Command::Locks(a) if a.died => bail!(
+            "--died needs the segment (the gateway's LOCKS query lists locks held or waited on): \
+             run it on the gateway's host"
+        ),
         Command::Locks(a) => {
             let prefix = name_prefix(a)?;
             let mut gw = remote::Gateway::connect(addr, &a.remote)?;
             let locks = gw.locks(prefix.as_deref())?;
-            print_locks(locks, a, &mut out)
+            print_locks(locks, a, None, &mut out)
         }
         Command::Run(a) => {
             drop(out);

@@ -1,6 +1,7 @@
 //! Text and JSON renderings of what the CLI reads from a segment, or from a gateway's admin
 //! queries (`--remote`): both give the same snapshot types, so the output is the same.
 
+use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime};
 
@@ -292,9 +293,15 @@ fn party_json(p: &Party, waiter: bool) -> Value {
     v
 }
 
-/// One lock as JSON (the fields are documented in README.md, "locks --json").
-pub(crate) fn lock_json(l: &LockInfo) -> Value {
-    json!({
+/// Does a process that is gone (an owner in `dead`) hold `l`?
+fn holder_dead(l: &LockInfo, dead: &HashSet<u32>) -> bool {
+    l.holders.iter().any(|p| dead.contains(&p.owner))
+}
+
+/// One lock as JSON (the fields are documented in README.md, "locks --json"); with `dead` (the
+/// owners whose process is gone, known from the segment), `holder_dead` too.
+pub(crate) fn lock_json(l: &LockInfo, dead: Option<&HashSet<u32>>) -> Value {
+    let mut v = json!({
         "name": escape_name(&l.name),
         "mode": l.mode.map(|m| mode_str(Some(m))),
         "holders": l.holders.iter().map(|p| party_json(p, false)).collect::<Vec<_>>(),
@@ -305,7 +312,11 @@ pub(crate) fn lock_json(l: &LockInfo) -> Value {
         "token": l.token,
         "owner_died": l.owner_died,
         "shard": l.shard,
-    })
+    });
+    if let Some(dead) = dead {
+        v["holder_dead"] = json!(holder_dead(l, dead));
+    }
+    v
 }
 
 /// Sorts locks longest held first, then longest waited for, then by name.
@@ -341,8 +352,9 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     o
 }
 
-/// The `locks` table (or a line saying there are none).
-pub(crate) fn locks_text(locks: &[LockInfo]) -> String {
+/// The `locks` table (or a line saying there are none); with `dead` (the owners whose process
+/// is gone), FLAGS says `holder-dead` where one holds a lock.
+pub(crate) fn locks_text(locks: &[LockInfo], dead: Option<&HashSet<u32>>) -> String {
     if locks.is_empty() {
         return "no locks held or waited on\n".into();
     }
@@ -366,11 +378,15 @@ pub(crate) fn locks_text(locks: &[LockInfo]) -> String {
                 l.waiters.len().to_string(),
                 l.oldest_wait().map_or("-".into(), human),
                 l.token.to_string(),
-                if l.owner_died {
-                    "owner-died".into()
-                } else {
-                    String::new()
-                },
+                [
+                    (dead.is_some_and(|d| holder_dead(l, d)), "holder-dead"),
+                    (l.owner_died, "owner-died"),
+                ]
+                .iter()
+                .filter(|f| f.0)
+                .map(|f| f.1)
+                .collect::<Vec<_>>()
+                .join(","),
             ]
         })
         .collect();

@@ -217,7 +217,24 @@ impl LockTable {
     /// Every lock that is held or waited on, shard by shard, each copied under its shard latch.
     /// Unordered. Ages are measured from one instant, taken after the last shard was copied.
     pub fn locks(&self) -> Vec<LockInfo> {
-        let copies: Vec<ShardCopy> = (0..self.geo.shards).map(|s| self.copy_shard(&self.shard(s))).collect();
+        self.copy_all(EntryState::Held)
+    }
+
+    /// Every lock whose holder died (or was forced out) with nobody waiting: free, and carrying
+    /// the owner-died notice that its next holder is told (pool state DIED), each copied under
+    /// its shard latch. [`locks`](Self::locks) does not list them (nobody holds or waits on
+    /// them). A dead holder is released, and its lock listed here, once it is reaped: at once by
+    /// `shmlockd`, else when someone wants the lock; until then [`locks`](Self::locks) lists it
+    /// with its dead holder. Unordered; no holders, no waiters, `owner_died` set.
+    pub fn died_locks(&self) -> Vec<LockInfo> {
+        self.copy_all(EntryState::Died)
+    }
+
+    /// The locks in entry state `state`, shard by shard.
+    fn copy_all(&self, state: EntryState) -> Vec<LockInfo> {
+        let copies: Vec<ShardCopy> = (0..self.geo.shards)
+            .map(|s| self.copy_shard(&self.shard(s), state))
+            .collect();
         let now = clock::now();
         let mut out = Vec::with_capacity(copies.iter().map(|c| c.locks.len()).sum());
         for c in copies {
@@ -247,13 +264,14 @@ impl LockTable {
         Ok(Some(self.resolve(&r, &parties, name.to_vec(), sh.no, clock::now())))
     }
 
-    /// Copies shard `sh`'s HELD entries (held or waited on) with their names.
-    fn copy_shard(&self, sh: &Shard<'_>) -> ShardCopy {
+    /// Copies shard `sh`'s entries in `state` (HELD: held or waited on; DIED: free with an
+    /// owner-died notice) with their names.
+    fn copy_shard(&self, sh: &Shard<'_>, state: EntryState) -> ShardCopy {
         // Reserve outside the latch; counts read without it are a good guess. They are read
         // from the segment, so each is capped by the capacity fixed at open (a garbage count
         // must not size an allocation).
         let (entries, holds) = (sh.entries().len(), sh.holds().len());
-        let n = (sh.epool().count(EntryState::Held) as usize).min(entries) + 4;
+        let n = (sh.epool().count(state) as usize).min(entries) + 4;
         let waiting = (sh.hpool().count(HoldState::Waiting) as usize).min(holds);
         let mut locks = Vec::with_capacity(n);
         let mut names: Vec<u64> = Vec::with_capacity(n.saturating_mul(sh.words));
@@ -266,9 +284,9 @@ impl LockTable {
             let _g = self.lock_shard(sh, pid_latch_id());
             // A failure leaves some fast holds out of the copy; nothing to repair.
             let _ = sh.pin_fast_holds(None);
-            // (A torn list may reach entries in other states: only the HELD are locks.)
-            let held = sh.epool().iter(EntryState::Held);
-            for (i, _) in held.filter(|&(i, _)| sh.epool().state(i).ok() == Some(EntryState::Held)) {
+            // (A torn list may reach entries in other states: only those in `state` are copied.)
+            let listed = sh.epool().iter(state);
+            for (i, _) in listed.filter(|&(i, _)| sh.epool().state(i).ok() == Some(state)) {
                 let r = Self::copy_entry(sh, i.0, &mut parties, budget);
                 let len = sh.entries().get(i.get()).map_or(0, |e| e.name_len.load(Relaxed));
                 locks.push((r, len as usize));
@@ -692,6 +710,30 @@ mod tests {
         assert!(started <= now + Duration::from_secs(1), "{started:?} after {now:?}");
         let boot = BootClock::read().expect("boot clock");
         assert!(started >= SystemTime::UNIX_EPOCH + Duration::from_secs(boot.btime));
+    }
+
+    #[test]
+    fn died_locks_lists_the_free_locks_that_carry_an_owner_died_notice() {
+        let t = table();
+        let a = Client::with_table(t.clone(), "a").expect("a");
+        let _held = a.lock("held").expect("lock");
+        drop(a.lock("idle").expect("lock"));
+        let _forced = a.lock("forced").expect("lock");
+        t.force_release(b"forced").expect("force");
+        assert!(t.locks().iter().all(|l| l.name != b"forced"));
+        let died = t.died_locks();
+        assert_eq!(died.len(), 1, "{died:?}");
+        let d = &died[0];
+        assert_eq!((d.name.as_slice(), d.mode, d.owner_died), (&b"forced"[..], None, true));
+        assert!(d.holders.is_empty() && d.waiters.is_empty());
+        assert_eq!(
+            t.lock_info(b"forced").expect("name").expect("in the index").token,
+            d.token
+        );
+        // The next locker is told, and the notice is gone.
+        assert!(a.lock("forced").expect("lock").owner_died());
+        assert!(t.died_locks().is_empty());
+        assert_eq!(t.locks().len(), 1);
     }
 
     #[test]
