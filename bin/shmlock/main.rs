@@ -367,6 +367,9 @@ fn print_locks(
     }
     render::sort_locks(&mut locks);
     if a.json {
+        // `holder_dead` only where asked for: plain `locks --json` is the same locally and
+        // through a gateway (which does not know).
+        let dead = dead.filter(|_| a.died);
         write_json(out, &locks.iter().map(|l| render::lock_json(l, dead)).collect())?;
     } else if a.died && locks.is_empty() {
         out.write_all(b"no lock has a dead holder or an owner-died notice\n")?;
