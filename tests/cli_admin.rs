@@ -269,3 +269,47 @@ fn locks_died_with_shmlockd_lists_what_its_reaper_freed() {
     let show = stdout(&cli(&env.segment, &[b"show", br"job\xff"]));
     assert!(show.contains("owner died yes"), "{show}");
 }
+
+// ---- status ----------------------------------------------------------------------------------
+
+#[test]
+fn status_says_what_was_requested_and_what_each_shard_provides() {
+    let env = TestEnv::new("status_caps");
+    let s = json(&cli(&env.segment, &[b"status", b"--json"]));
+    let (caps, geo) = (&s["capacities"], &s["geometry"]);
+    let shards = geo["shards"].as_u64().expect("shards");
+    let per_shard = geo["entries_per_shard"].as_u64().expect("entries per shard");
+    let entries = caps["provisioned_entries"].as_u64().expect("provisioned");
+    assert_eq!(entries, shards * per_shard);
+    assert_eq!(s["pools"][0]["capacity"].as_u64(), Some(entries), "{s:#}");
+    assert_eq!(
+        caps["provisioned_holds"].as_u64(),
+        s["pools"][1]["capacity"].as_u64(),
+        "{s:#}"
+    );
+    let requested = caps["max_locks"].as_u64().expect("max_locks");
+    assert!(shards > 1 && entries > requested, "{s:#}");
+
+    let text = stdout(&cli(&env.segment, &[b"status"]));
+    let line = |label: &str| {
+        text.lines()
+            .find(|l| l.starts_with(label))
+            .unwrap_or_else(|| panic!("no {label} line in:\n{text}"))
+            .to_string()
+    };
+    // The two totals are each named for what they are.
+    assert!(line("capacity").contains(&format!("{requested} locks")), "{text}");
+    assert!(line("capacity").contains("requested"), "{text}");
+    assert!(line("shards").contains(&format!("{entries} entries")), "{text}");
+    assert!(line("shards").contains("provisioned"), "{text}");
+    let headroom = line("headroom");
+    assert!(
+        headroom.contains("hash") && headroom.contains(&format!("room for {per_shard}")),
+        "{text}"
+    );
+    assert!(
+        headroom.contains(&format!("would put {}", requested.div_ceil(shards))),
+        "{text}"
+    );
+    assert!(line("entries").ends_with(&format!("of {entries}")), "{text}");
+}

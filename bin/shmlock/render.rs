@@ -58,23 +58,35 @@ impl Status {
                 r.layout_version
             ),
         );
+        let (entries, holds) = provisioned(g);
         line(
             "capacity",
             format!(
-                "{} locks, {} holds, {} owners, names up to {} bytes",
+                "{} locks, {} holds requested (max_locks, max_holds); {} owners; names up to {} bytes",
                 r.max_locks, r.max_holds, g.owners, g.max_name_len
             ),
         );
         line(
-            "geometry",
+            "shards",
             format!(
-                "{} x ({} entries, {} holds, {} buckets)",
-                plural(g.shards, "shard"),
-                g.entries_per_shard,
-                g.holds_per_shard,
-                g.buckets_per_shard
+                "{}, each with {} entries, {} holds, {} buckets ({entries} entries, {holds} holds \
+                 provisioned in all)",
+                g.shards, g.entries_per_shard, g.holds_per_shard, g.buckets_per_shard
             ),
         );
+        if g.shards > 1 {
+            line(
+                "headroom",
+                format!(
+                    "a name lives in the shard its hash picks: each shard has room for {} where an \
+                     even spread of {} locks would put {}, so the locks requested fit an uneven \
+                     spread (the counts below are of what is provisioned)",
+                    g.entries_per_shard,
+                    r.max_locks,
+                    r.max_locks.div_ceil(u64::from(g.shards))
+                ),
+            );
+        }
         for p in &r.pools {
             let states: Vec<String> = p.states.iter().map(|(st, n)| format!("{n} {st}")).collect();
             line(pool_label(&p.pool), format!("{} of {}", states.join(", "), p.capacity));
@@ -132,6 +144,8 @@ impl Status {
             "capacities": {
                 "max_locks": r.max_locks,
                 "max_holds": r.max_holds,
+                "provisioned_entries": provisioned(g).0,
+                "provisioned_holds": provisioned(g).1,
                 "max_owners": g.owners,
                 "max_name_len": g.max_name_len,
             },
@@ -529,6 +543,13 @@ pub(crate) fn owners_text(owners: &[OwnerInfo]) -> String {
         ],
         &rows,
     )
+}
+
+/// Lock entries and holds in all shards: what the segment provides for the locks and holds
+/// requested, with each shard's headroom.
+fn provisioned(g: &shmlock::config::Geometry) -> (u64, u64) {
+    let n = u64::from(g.shards);
+    (n * u64::from(g.entries_per_shard), n * u64::from(g.holds_per_shard))
 }
 
 /// The label of a pool's line in `status`.
