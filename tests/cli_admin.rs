@@ -313,3 +313,118 @@ fn status_says_what_was_requested_and_what_each_shard_provides() {
     );
     assert!(line("entries").ends_with(&format!("of {entries}")), "{text}");
 }
+
+// ---- completions and man pages ---------------------------------------------------------------
+
+/// `shmlock ARGS` with no segment.
+fn bare(args: &[&str]) -> Output {
+    let child = Command::new(env!("CARGO_BIN_EXE_shmlock"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn shmlock");
+    output_within(child, &format!("shmlock {args:?}"))
+}
+
+const SUBCOMMANDS: [&str; 10] = [
+    "status",
+    "locks",
+    "owners",
+    "show",
+    "release",
+    "check",
+    "watch",
+    "run",
+    "completions",
+    "manpages",
+];
+
+#[test]
+fn completions_are_written_for_each_shell_and_name_every_subcommand() {
+    for shell in ["bash", "zsh", "fish"] {
+        let o = bare(&["completions", shell]);
+        assert_code(&o, 0);
+        let script = stdout(&o);
+        assert!(script.contains("shmlock"), "{shell}:\n{script}");
+        for sub in SUBCOMMANDS {
+            assert!(script.contains(sub), "{shell} completion lacks {sub}");
+        }
+        // (fish writes long options without their dashes.)
+        for flag in ["name-prefix", "died", "raw", "held-longer-than"] {
+            assert!(script.contains(flag), "{shell} completion lacks {flag}");
+        }
+    }
+    // bash can load its script.
+    if Command::new("bash").arg("--version").output().is_ok() {
+        let script = stdout(&bare(&["completions", "bash"]));
+        let o = Command::new("bash")
+            .args(["-c", &format!("{script}\ncomplete -p shmlock")])
+            .output()
+            .expect("bash");
+        assert_code(&o, 0);
+        assert!(stdout(&o).contains("shmlock"), "{}", stdout(&o));
+    }
+    let o = bare(&["completions", "tcsh"]);
+    assert_code(&o, 2);
+    assert!(stderr(&o).contains("bash"), "{}", stderr(&o));
+}
+
+#[test]
+fn manpages_writes_valid_roff_for_shmlock_each_subcommand_and_shmlockd() {
+    let dir = std::env::temp_dir().join(format!("shmlock-t-manpages-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    let o = bare(&["manpages", dir.to_str().expect("utf-8 path")]);
+    assert_code(&o, 0);
+    let mut want: Vec<String> = SUBCOMMANDS.iter().map(|s| format!("shmlock-{s}.1")).collect();
+    want.push("shmlock.1".into());
+    want.push("shmlockd.8".into());
+    let printed = stdout(&o);
+    let listed: Vec<&str> = printed.lines().collect();
+    for page in &want {
+        let path = dir.join(page);
+        assert!(
+            listed.contains(&path.to_str().expect("utf-8")),
+            "{page} not listed: {listed:?}"
+        );
+        let roff = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{page}: {e}"));
+        let (name, section) = page.rsplit_once('.').expect("NAME.SECTION");
+        // The title macro comes before any text (after clap_mangen's one string definition).
+        let first_macro = roff
+            .lines()
+            .find(|l| !l.starts_with(".ie") && !l.starts_with(".el"))
+            .expect("lines");
+        assert!(
+            first_macro.starts_with(&format!(".TH {name} {section}")),
+            "{page}: {first_macro}"
+        );
+        assert!(roff.contains(".SH NAME") && roff.contains(".SH SYNOPSIS"), "{page}");
+    }
+    assert!(fs::read_to_string(dir.join("shmlock-show.1"))
+        .expect("show")
+        .contains("byte for byte"));
+    assert!(fs::read_to_string(dir.join("shmlockd.8"))
+        .expect("shmlockd")
+        .contains("max\\-locks"));
+    // man renders each without a warning, where man exists.
+    if Command::new("man")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        for page in &want {
+            let o = Command::new("man")
+                .args(["--warnings", "-l"])
+                .arg(dir.join(page))
+                .env("MANWIDTH", "80")
+                .env("MANPAGER", "cat")
+                .output()
+                .expect("man");
+            assert_code(&o, 0);
+            assert!(stderr(&o).is_empty(), "{page}: {}", stderr(&o));
+            assert!(stdout(&o).contains("SYNOPSIS"), "{page}: {}", stdout(&o));
+        }
+    }
+    let _ = fs::remove_dir_all(&dir);
+}

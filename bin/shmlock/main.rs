@@ -11,6 +11,7 @@
 //! command's status, or 75 (EX_TEMPFAIL) when the lock was not had in time. A closed stdout
 //! (`| head`) exits 0.
 
+mod docs;
 mod exec;
 mod remote;
 mod render;
@@ -148,6 +149,26 @@ enum Command {
                             shmlock run --remote 10.0.0.5:7411 --kill-on-loss deploy -- ./deploy.sh"
     )]
     Run(RunArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on stdout.
+    #[command(after_help = "Examples:\n  \
+        shmlock completions bash > /etc/bash_completion.d/shmlock\n  \
+        shmlock completions zsh > \"${fpath[1]}/_shmlock\"\n  \
+        shmlock completions fish > ~/.config/fish/completions/shmlock.fish")]
+    Completions {
+        /// The shell.
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages into DIR: shmlock.1, shmlock-SUBCOMMAND.1 each, and shmlockd.8 (from
+    /// the shmlockd beside this shmlock, else written with `shmlockd --manpage`).
+    #[command(after_help = "Examples:\n  shmlock manpages /usr/local/share/man/man1 && \
+        mv /usr/local/share/man/man1/shmlockd.8 /usr/local/share/man/man8/\n  \
+        shmlock manpages target/man && man -l target/man/shmlock-run.1")]
+    Manpages {
+        /// The directory (made if missing).
+        #[arg(value_name = "DIR")]
+        dir: std::path::PathBuf,
+    },
 }
 
 /// How the CLI reads a lock name back (`show`, `release`, `locks --name-prefix`): the form that
@@ -506,6 +527,22 @@ fn run_remote(cli: Cli, addr: &str) -> Result<ExitCode> {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
+    // Neither a segment nor a gateway.
+    match &cli.command {
+        Command::Completions { shell } => {
+            let mut out = std::io::stdout().lock();
+            docs::completions(*shell, &mut out)?;
+            out.flush()?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Manpages { dir } => {
+            let mut out = std::io::stdout().lock();
+            docs::manpages(dir, &mut out)?;
+            out.flush()?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ => {}
+    }
     let remote = match &cli.command {
         Command::Status { remote, .. } => remote.remote.clone(),
         Command::Locks(a) => a.remote.remote.clone(),
@@ -539,6 +576,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             drop(out);
             return exec::run(table, &a);
         }
+        Command::Completions { .. } | Command::Manpages { .. } => unreachable!("answered above"),
     }?;
     out.flush()?;
     Ok(code)
