@@ -428,3 +428,76 @@ fn manpages_writes_valid_roff_for_shmlock_each_subcommand_and_shmlockd() {
     }
     let _ = fs::remove_dir_all(&dir);
 }
+
+// ---- error messages --------------------------------------------------------------------------
+
+/// A phrase of two plain words that comes twice in `msg` ("cannot open segment /x: ... segment
+/// /x" is fine, "cannot connect: cannot connect" is not), if any.
+fn repeated_phrase(msg: &str) -> Option<String> {
+    let words: Vec<Option<String>> = msg
+        .split_whitespace()
+        .map(|w| {
+            let w = w.trim_matches(|c: char| !c.is_alphanumeric());
+            (!w.is_empty() && w.chars().all(char::is_alphabetic)).then(|| w.to_lowercase())
+        })
+        .collect();
+    let pairs: Vec<String> = words
+        .windows(2)
+        .filter_map(|p| match p {
+            [Some(a), Some(b)] => Some(format!("{a} {b}")),
+            _ => None,
+        })
+        .collect();
+    pairs
+        .iter()
+        .enumerate()
+        .find(|(i, p)| pairs[i + 1..].contains(p))
+        .map(|(_, p)| p.clone())
+}
+
+#[test]
+fn error_messages_name_the_next_step_once() {
+    assert_eq!(
+        repeated_phrase("cannot connect to x: cannot connect: refused").as_deref(),
+        Some("cannot connect")
+    );
+    let missing = format!("/shmlock-t-none-{}", std::process::id());
+    let o = cli(&missing, &[b"locks"]);
+    // The suggested command carries the segment name given.
+    assert_error_line(
+        &o,
+        &[
+            &format!("`shmlockd --segment {missing}`"),
+            &format!("-- --segment {missing}"),
+        ],
+    );
+    let env = TestEnv::new("messages");
+    let long = "n".repeat(65);
+    let cases: Vec<(Vec<&[u8]>, Vec<&str>)> = vec![
+        (
+            vec![b"show", long.as_bytes()],
+            vec!["bad lock name", "65 bytes", "1..=64 bytes"],
+        ),
+        (vec![b"show", br"a\q"], vec!["bad lock name", r"\\"]),
+        (
+            vec![b"locks", b"--name-prefix", br"a\"],
+            vec!["bad --name-prefix", "lone backslash"],
+        ),
+        (
+            vec![b"--segment-owner", b"nobody-such-user", b"status"],
+            vec!["bad --segment-owner", "nobody-such-user"],
+        ),
+    ];
+    for (args, parts) in cases {
+        let o = cli(&env.segment, &args);
+        assert_error_line(&o, &parts);
+        assert_eq!(repeated_phrase(&stderr(&o)), None, "{}", stderr(&o));
+    }
+    let o = bare(&["locks", "--died", "--remote", "127.0.0.1:1"]);
+    assert_error_line(&o, &["--died needs the segment"]);
+    let o = cli(&missing, &[b"status"]);
+    assert_eq!(repeated_phrase(&stderr(&o)), None, "{}", stderr(&o));
+    let o = cli("no-slash", &[b"status"]);
+    assert_error_line(&o, &["bad segment name \"no-slash\""]);
+    assert_eq!(repeated_phrase(&stderr(&o)), None, "{}", stderr(&o));
+}

@@ -193,12 +193,18 @@ struct RawName {
 }
 
 impl RawName {
-    /// The bytes `arg` names: unescaped as `locks` prints names, or as they are with `--raw`.
+    /// The bytes the lock name `arg` stands for: unescaped as `locks` prints names, or as they
+    /// are with `--raw`.
     fn bytes(self, arg: &std::ffi::OsStr) -> Result<Vec<u8>> {
+        self.read(arg, "lock name")
+    }
+
+    /// [`bytes`](Self::bytes) of `arg`, which is a `what` (for the error).
+    fn read(self, arg: &std::ffi::OsStr, what: &str) -> Result<Vec<u8>> {
         if self.raw {
             return Ok(arg.as_bytes().to_vec());
         }
-        render::unescape_name(arg.as_bytes()).map_err(|e| anyhow!("bad lock name \"{}\": {e}", arg.to_string_lossy()))
+        render::unescape_name(arg.as_bytes()).map_err(|e| anyhow!("bad {what} \"{}\": {e}", arg.to_string_lossy()))
     }
 }
 
@@ -289,9 +295,15 @@ fn open_error(segment: &str, e: Error) -> anyhow::Error {
 /// Opens `segment` if its file is owned as `owner` (`--segment-owner`) or else
 /// `$SHMLOCK_SEGMENT_OWNER` says, explaining failures.
 fn open(segment: &str, owner: Option<&str>) -> Result<Arc<LockTable>> {
+    // A flag's or variable's error, not the configuration file's (the CLI reads none).
+    let flag_error = |e| match e {
+        Error::Config { key, why } if key.starts_with('-') => anyhow!("bad {key}: {why}"),
+        Error::Config { key, why } => anyhow!("bad ${key}: {why}"),
+        e => anyhow!(e),
+    };
     let owner = match owner {
-        Some(o) => SegmentOwner::parse(o, "--segment-owner")?,
-        None => SegmentOwner::from_env()?,
+        Some(o) => SegmentOwner::parse(o, "--segment-owner").map_err(flag_error)?,
+        None => SegmentOwner::from_env().map_err(flag_error)?,
     };
     LockTable::open_as(segment, owner)
         .map(Arc::new)
@@ -348,7 +360,10 @@ fn print_status(status: &Status, json: bool, out: &mut impl Write) -> Result<Exi
 
 /// `--name-prefix`, as bytes.
 fn name_prefix(a: &LocksArgs) -> Result<Option<Vec<u8>>> {
-    a.name_prefix.as_deref().map(|p| a.raw.bytes(p)).transpose()
+    a.name_prefix
+        .as_deref()
+        .map(|p| a.raw.read(p, "--name-prefix"))
+        .transpose()
 }
 
 /// The owner records whose process is gone (not reaped yet: their locks are still theirs).

@@ -209,7 +209,7 @@ pub(crate) fn escape_name(name: &[u8]) -> String {
 /// itself. Any other backslash is an error that says how to write one.
 pub(crate) fn unescape_name(text: &[u8]) -> Result<Vec<u8>, String> {
     const HINT: &str = "write a backslash as \\\\, a byte as \\xNN (two hex digits), a character as \\u{X}, \
-                        or pass --raw to take the name byte for byte";
+                        or pass --raw to take it byte for byte";
     let mut out = Vec::with_capacity(text.len());
     let mut i = 0;
     while i < text.len() {
@@ -254,7 +254,7 @@ pub(crate) fn unescape_name(text: &[u8]) -> Result<Vec<u8>, String> {
                 out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
                 i = close.map_or(i + 2, |c| c + 1);
             }
-            None => return Err(format!("a lone backslash ends the name: {HINT}")),
+            None => return Err(format!("a lone backslash at its end: {HINT}")),
             Some(_) => return Err(format!("bad escape \"{}\" at byte {at}: {HINT}", shown(i + 2))),
         }
     }
