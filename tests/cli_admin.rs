@@ -304,7 +304,7 @@ fn status_says_what_was_requested_and_what_each_shard_provides() {
     assert!(line("shards").contains("provisioned"), "{text}");
     let headroom = line("headroom");
     assert!(
-        headroom.contains("hash") && headroom.contains(&format!("room for {per_shard}")),
+        headroom.contains("hash") && headroom.contains(&format!("{per_shard} entries per shard")),
         "{text}"
     );
     assert!(

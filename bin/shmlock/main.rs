@@ -1,8 +1,11 @@
 //! `shmlock`: the admin CLI. Works on the segment directly; no daemon needed.
 //!
-//! Subcommands: `status`, `locks`, `owners`, `show`, `release --force`, `check`, `watch`, `run`.
-//! Parsing and dispatch live here, text and JSON in `render`, the live view in `watch`, and
-//! `run` (flock(1) for named locks) in `exec`. `status`, `locks` and `run` also work through
+//! Subcommands: `status`, `locks`, `owners`, `show`, `release --force`, `check`, `watch`, `run`,
+//! and `completions` and `manpages` (generated from these definitions, in `docs`). Parsing and
+//! dispatch live here, text and JSON in `render`, the live view in `watch`, and `run` (flock(1)
+//! for named locks) in `exec`. Lock names given to `show`, `release` and `locks --name-prefix`
+//! are read in the form `locks` prints them (`render::unescape_name`), or byte for byte with
+//! `--raw`. `status`, `locks` and `run` also work through
 //! shmlockd's gateway with `--remote HOST:PORT` (`remote`, and `exec` for `run`); the other
 //! subcommands need the segment (they do not offer `--remote`).
 //!

@@ -78,13 +78,15 @@ impl Status {
             line(
                 "headroom",
                 format!(
-                    "a name lives in the shard its hash picks: each shard has room for {} where an \
-                     even spread of {} locks would put {}, so the locks requested fit an uneven \
-                     spread (the counts below are of what is provisioned)",
+                    "a name lives in the shard its hash picks: {} entries per shard where an even \
+                     spread would put {},",
                     g.entries_per_shard,
-                    r.max_locks,
                     r.max_locks.div_ceil(u64::from(g.shards))
                 ),
+            );
+            line(
+                "",
+                "so the locks requested fit an uneven spread; the pools below count what is provisioned".into(),
             );
         }
         for p in &r.pools {
