@@ -127,17 +127,17 @@ impl BootClock {
         (hz > 0).then_some(BootClock { btime, hz })
     }
 
-    /// The wall-clock time `ticks` after boot; `None` for 0 (unknown) or past what a
-    /// `SystemTime` holds.
+    /// The wall-clock time `ticks` after boot; `None` for 0 (unknown) or a time after the
+    /// year 9999 (a start time read from the segment is not trusted to be a date).
     pub(super) fn wall_time(self, ticks: u64) -> Option<SystemTime> {
+        /// 9999-12-31T23:59:59Z, the last time RFC 3339 writes.
+        const LAST: u64 = 253_402_300_799;
         if ticks == 0 {
             return None;
         }
+        let secs = self.btime.checked_add(ticks / self.hz).filter(|&s| s <= LAST)?;
         let nanos = (ticks % self.hz).checked_mul(1_000_000_000)? / self.hz;
-        let after_boot = Duration::new(ticks / self.hz, u32::try_from(nanos).ok()?);
-        SystemTime::UNIX_EPOCH
-            .checked_add(Duration::from_secs(self.btime))?
-            .checked_add(after_boot)
+        SystemTime::UNIX_EPOCH.checked_add(Duration::new(secs, u32::try_from(nanos).ok()?))
     }
 }
 
@@ -694,8 +694,10 @@ mod tests {
         let at = |s: u64, ms: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(s) + Duration::from_millis(ms);
         assert_eq!(b.wall_time(12_345), Some(at(1_700_000_123, 450)));
         assert_eq!(b.wall_time(0), None);
-        // Garbage from the segment gives some time or none, never a panic.
-        let _ = b.wall_time(u64::MAX);
+        // Garbage from the segment gives no date past what RFC 3339 writes, and no panic.
+        assert_eq!(b.wall_time(u64::MAX), None);
+        assert_eq!(BootClock { btime: u64::MAX, hz: 1 }.wall_time(1), None);
+        assert!(BootClock { btime: 0, hz: 1 }.wall_time(253_402_300_799).is_some());
         assert_eq!(BootClock::parse("cpu 1\n", 100), None);
         assert_eq!(BootClock::parse("btime 1\n", 0), None);
 
