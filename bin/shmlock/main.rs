@@ -162,8 +162,10 @@ enum Command {
         #[arg(value_name = "SHELL")]
         shell: clap_complete::Shell,
     },
-    /// Write the man pages into DIR: shmlock.1, shmlock-SUBCOMMAND.1 each, and shmlockd.8 (from
-    /// the shmlockd beside this shmlock, else written with `shmlockd --manpage`).
+    /// Write the man pages into DIR: shmlock.1, one per subcommand, and shmlockd.8.
+    ///
+    /// shmlock.1 and shmlock-SUBCOMMAND.1 come from this shmlock; shmlockd.8 from the shmlockd
+    /// beside it (its hidden `--manpage` flag prints that page), else it says how to write it.
     #[command(after_help = "Examples:\n  shmlock manpages /usr/local/share/man/man1 && \
         mv /usr/local/share/man/man1/shmlockd.8 /usr/local/share/man/man8/\n  \
         shmlock manpages target/man && man -l target/man/shmlock-run.1")]
@@ -217,8 +219,10 @@ struct LocksArgs {
     /// `\u{X}`), or byte for byte with --raw.
     #[arg(long, value_name = "PREFIX")]
     name_prefix: Option<OsString>,
-    #[command(flatten)]
-    raw: RawName,
+    /// Take PREFIX byte for byte, backslashes included, instead of in the escaped form that
+    /// `locks` prints.
+    #[arg(long, requires = "name_prefix")]
+    raw: bool,
     /// Only locks whose holder died: those still held by a dead process that nobody has reaped
     /// yet (FLAGS holder-dead), and those it left free with nobody waiting, whose next holder is
     /// told the owner died (FLAGS owner-died, MODE none; plain `locks` does not list these).
@@ -363,9 +367,10 @@ fn print_status(status: &Status, json: bool, out: &mut impl Write) -> Result<Exi
 
 /// `--name-prefix`, as bytes.
 fn name_prefix(a: &LocksArgs) -> Result<Option<Vec<u8>>> {
+    let raw = RawName { raw: a.raw };
     a.name_prefix
         .as_deref()
-        .map(|p| a.raw.read(p, "--name-prefix"))
+        .map(|p| raw.read(p, "--name-prefix"))
         .transpose()
 }
 
