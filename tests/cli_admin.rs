@@ -11,7 +11,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::process::{Command, Output, Stdio};
 
 use common::cli::*;
-use common::{signal, ChildCtx, Daemon, TestEnv};
+use common::{signal, ChildCtx, Daemon, GatewayDaemon, TestEnv};
 use serde_json::Value;
 
 /// Not a test: the entry point of child processes. Does nothing unless `SHMLOCK_TEST_ROLE` is set.
@@ -98,6 +98,19 @@ fn every_name_locks_prints_is_accepted_back_by_show_and_release() {
     env.wait_success(holder);
     assert_eq!(fs::read_to_string(env.path("result")).expect("result"), "not-held\nok");
     env.assert_quiet();
+}
+
+#[test]
+fn name_prefix_is_read_back_through_a_gateway_too() {
+    let env = TestEnv::new("names_remote");
+    let d = GatewayDaemon::start(&env, None);
+    let holder = spawn_holder(&env, &[("x", b"job\0\xff"), ("x", b"job\x01")], "odd");
+    let o = bare(&["locks", "--remote", &d.addr, "--json", "--name-prefix", r"job\x00"]);
+    assert_eq!(names(&json(&o)), [r"job\x00\xff"]);
+    let o = bare(&["locks", "--remote", &d.addr, "--name-prefix", r"job\q"]);
+    assert_error_line(&o, &["bad --name-prefix", r"\\"]);
+    signal(&env.path("go"), "");
+    env.wait_success(holder);
 }
 
 #[test]
@@ -219,6 +232,14 @@ fn locks_died_without_shmlockd_lists_a_dead_holder_then_its_notices() {
     assert!(line.contains("holder-dead"), "{text}");
     let kept = text.lines().find(|l| l.starts_with("kept")).expect("kept listed");
     assert!(!kept.contains("holder-dead"), "{text}");
+    let show = stdout(&cli(&env.segment, &[b"show", b"first"]));
+    assert!(show.contains("(process gone, not reaped yet)"), "{show}");
+    assert_eq!(
+        json(&cli(&env.segment, &[b"show", b"--json", b"first"]))["holder_dead"],
+        true
+    );
+    let show = stdout(&cli(&env.segment, &[b"show", b"kept"]));
+    assert!(!show.contains("process gone"), "{show}");
 
     // Wanting one lock reaps the dead owner: both are freed with the notice; the one nobody
     // took is listed by --died alone (nobody holds or waits on it).

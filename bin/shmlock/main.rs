@@ -436,9 +436,10 @@ fn owners(table: &LockTable, json: bool, out: &mut impl Write) -> Result<ExitCod
 
 fn show(table: &LockTable, name: &[u8], json: bool, out: &mut impl Write) -> Result<ExitCode> {
     let info = table.lock_info(name).map_err(|e| name_error(name, e))?;
+    let dead = dead_owners(table);
     match info {
-        Some(l) if json => write_json(out, &render::lock_json(&l, Some(&dead_owners(table))))?,
-        Some(l) => out.write_all(render::show_text(&l).as_bytes())?,
+        Some(l) if json => write_json(out, &render::lock_json(&l, Some(&dead)))?,
+        Some(l) => out.write_all(render::show_text(&l, &dead).as_bytes())?,
         None => {
             eprintln!(
                 "shmlock: no lock named \"{}\" (never locked, or evicted since)",

@@ -421,8 +421,9 @@ pub(crate) fn locks_text(locks: &[LockInfo], dead: Option<&HashSet<u32>>) -> Str
     )
 }
 
-/// `show NAME`: everything about one lock.
-pub(crate) fn show_text(l: &LockInfo) -> String {
+/// `show NAME`: everything about one lock; a holder whose owner is in `dead` (its process is
+/// gone, not reaped yet) is marked so.
+pub(crate) fn show_text(l: &LockInfo, dead: &HashSet<u32>) -> String {
     let mut o = String::new();
     let _ = writeln!(o, "name       {}", escape_name(&l.name));
     let _ = writeln!(
@@ -445,14 +446,19 @@ pub(crate) fn show_text(l: &LockInfo) -> String {
     for p in &l.holders {
         let _ = writeln!(
             o,
-            "  pid {:<8} owner {:<5} {:<6} {:<9} held {:<8} token {}  {}",
+            "  pid {:<8} owner {:<5} {:<6} {:<9} held {:<8} token {}  {}{}",
             p.pid,
             p.owner,
             kind_str(p.kind),
             mode_str(Some(p.mode)),
             human(p.age),
             p.token,
-            p.label
+            p.label,
+            if dead.contains(&p.owner) {
+                "  (process gone, not reaped yet)"
+            } else {
+                ""
+            }
         );
     }
     let _ = writeln!(o, "waiters    {} (queue order, oldest first)", l.waiters.len());
