@@ -727,10 +727,7 @@ fn a_full_entry_pool_refuses_new_names_and_keeps_held_ones() {
     assert_err!(c1.try_lock_shared("e"), Error::PoolFull { pool: "lock entry", .. });
     // The message names the setting to raise, and that it takes a new segment.
     let why = c1.try_lock("e").map(|_| ()).unwrap_err().to_string();
-    assert!(
-        why.contains("raise max_locks (--max-locks)") && why.contains("new segment"),
-        "{why}"
-    );
+    assert!(why.contains("raise max_locks (--max-locks)") && why.contains("new segment"), "{why}");
     let c = Arc::clone(&c2);
     let r = within("lock on a full table", move || c.lock("e").map(|g| g.token()));
     assert_err!(r, Error::PoolFull { pool: "lock entry", .. });
