@@ -394,8 +394,16 @@ fn completions_are_written_for_each_shell_and_name_every_subcommand() {
 
 #[test]
 fn manpages_writes_valid_roff_for_shmlock_each_subcommand_and_shmlockd() {
-    let dir = std::env::temp_dir().join(format!("shmlock-t-manpages-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
+    /// Removes the directory when dropped, also when the test fails.
+    struct TempDir(std::path::PathBuf);
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+    let tmp = TempDir(std::env::temp_dir().join(format!("shmlock-t-manpages-{}", std::process::id())));
+    let dir = &tmp.0;
+    let _ = fs::remove_dir_all(dir);
     let o = bare(&["manpages", dir.to_str().expect("utf-8 path")]);
     assert_code(&o, 0);
     let mut want: Vec<String> = SUBCOMMANDS.iter().map(|s| format!("shmlock-{s}.1")).collect();
@@ -447,7 +455,6 @@ fn manpages_writes_valid_roff_for_shmlock_each_subcommand_and_shmlockd() {
             assert!(stdout(&o).contains("SYNOPSIS"), "{page}: {}", stdout(&o));
         }
     }
-    let _ = fs::remove_dir_all(&dir);
 }
 
 // ---- error messages --------------------------------------------------------------------------
