@@ -102,6 +102,9 @@ struct Args {
     /// Log filter, e.g. `info` or `shmlockd=debug` [default: $RUST_LOG, then info].
     #[arg(long, value_name = "FILTER")]
     log_level: Option<String>,
+    /// Print the man page (shmlockd.8, roff) on stdout and exit; `shmlock manpages DIR` uses it.
+    #[arg(long, hide = true)]
+    manpage: bool,
 }
 
 /// `--mode`: octal permission bits, with or without a leading `0` or `0o`.
@@ -232,6 +235,19 @@ fn run(args: Args) -> Result<ExitCode> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.manpage {
+        let cmd = <Args as clap::CommandFactory>::command();
+        return match clap_mangen::Man::new(cmd)
+            .section("8")
+            .render(&mut std::io::stdout().lock())
+        {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("shmlockd: cannot write the man page: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     match run(args) {
         Ok(code) => code,
         Err(e) => {

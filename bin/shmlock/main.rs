@@ -1,8 +1,11 @@
 //! `shmlock`: the admin CLI. Works on the segment directly; no daemon needed.
 //!
-//! Subcommands: `status`, `locks`, `owners`, `show`, `release --force`, `check`, `watch`, `run`.
-//! Parsing and dispatch live here, text and JSON in `render`, the live view in `watch`, and
-//! `run` (flock(1) for named locks) in `exec`. `status`, `locks` and `run` also work through
+//! Subcommands: `status`, `locks`, `owners`, `show`, `release --force`, `check`, `watch`, `run`,
+//! and `completions` and `manpages` (generated from these definitions, in `docs`). Parsing and
+//! dispatch live here, text and JSON in `render`, the live view in `watch`, and `run` (flock(1)
+//! for named locks) in `exec`. Lock names given to `show`, `release` and `locks --name-prefix`
+//! are read in the form `locks` prints them (`render::unescape_name`), or byte for byte with
+//! `--raw`. `status`, `locks` and `run` also work through
 //! shmlockd's gateway with `--remote HOST:PORT` (`remote`, and `exec` for `run`); the other
 //! subcommands need the segment (they do not offer `--remote`).
 //!
@@ -11,12 +14,14 @@
 //! command's status, or 75 (EX_TEMPFAIL) when the lock was not had in time. A closed stdout
 //! (`| head`) exits 0.
 
+mod docs;
 mod exec;
 mod keeper;
 mod remote;
 mod render;
 mod watch;
 
+use std::collections::HashSet;
 use std::ffi::OsString;
 use std::io::{ErrorKind, Write};
 use std::os::unix::ffi::OsStrExt;
@@ -78,6 +83,7 @@ enum Command {
     /// Every lock held or waited on: holders, how long, waiters, token; longest held first.
     #[command(after_help = "Examples:\n  shmlock locks\n  shmlock locks --name-prefix orders/ \
                             --held-longer-than 30s\n  shmlock locks --json | jq '.[0].holders'\n  \
+                            shmlock locks --died\n  \
                             shmlock locks --remote 10.0.0.5:7411 --auth-token-file /etc/shmlock/token")]
     Locks(LocksArgs),
     /// Every registered owner (client handle): pid, kind, label, alive or dead, locks held.
@@ -88,23 +94,35 @@ enum Command {
         json: bool,
     },
     /// Everything about one lock: holders, and the waiters queue in order.
-    #[command(after_help = "Example:\n  shmlock show orders/42")]
+    #[command(after_help = concat!(
+        "NAME is written as `locks` prints it: ",
+        names_help!(),
+        "\n\nExamples:\n  shmlock show orders/42\n  shmlock show 'raw\\x00\\xff'\n  \
+         shmlock show --raw \"$(printf 'a\\\\b')\""
+    ))]
     Show {
-        /// The lock name.
+        /// The lock name, as `locks` prints it (see below), or byte for byte with --raw.
         name: OsString,
+        #[command(flatten)]
+        raw: RawName,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Take a lock away from its holder(s); the next waiter gets it and is told the owner died.
-    #[command(
-        after_help = "The holder is not told until it next uses the lock (its unlock then reports \
-                            that it no longer holds it), so use this only on a holder that is stuck or \
-                            gone.\n\nExample:\n  shmlock release orders/42 --force"
-    )]
+    #[command(after_help = concat!(
+        "The holder is not told until it next uses the lock (its unlock then reports that it no \
+         longer holds it), so use this only on a holder that is stuck or gone.\n\n\
+         NAME is written as `locks` prints it: ",
+        names_help!(),
+        "\n\nExamples:\n  shmlock release orders/42 --force\n  \
+         shmlock release --force 'job\\x00\\xff'"
+    ))]
     Release {
-        /// The lock name.
+        /// The lock name, as `locks` prints it (see below), or byte for byte with --raw.
         name: OsString,
+        #[command(flatten)]
+        raw: RawName,
         /// Really take the lock away (required).
         #[arg(long)]
         force: bool,
@@ -125,13 +143,82 @@ enum Command {
     /// Hold a lock while a command runs, like flock(1); exits with the command's status.
     #[command(after_help = exec::RUN_HELP)]
     Run(RunArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on stdout.
+    #[command(after_help = "Examples:\n  \
+        shmlock completions bash > /etc/bash_completion.d/shmlock\n  \
+        shmlock completions zsh > \"${fpath[1]}/_shmlock\"\n  \
+        shmlock completions fish > ~/.config/fish/completions/shmlock.fish")]
+    Completions {
+        /// The shell.
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages into DIR: shmlock.1, one per subcommand, and shmlockd.8.
+    ///
+    /// shmlock.1 and shmlock-SUBCOMMAND.1 come from this shmlock; shmlockd.8 from the shmlockd
+    /// beside it (its hidden `--manpage` flag prints that page), else it says how to write it.
+    #[command(after_help = "Examples:\n  shmlock manpages /usr/local/share/man/man1 && \
+        mv /usr/local/share/man/man1/shmlockd.8 /usr/local/share/man/man8/\n  \
+        shmlock manpages target/man && man -l target/man/shmlock-run.1")]
+    Manpages {
+        /// The directory (made if missing).
+        #[arg(value_name = "DIR")]
+        dir: std::path::PathBuf,
+    },
+}
+
+/// How the CLI reads a lock name back (`show`, `release`, `locks --name-prefix`): the form that
+/// `locks` prints, for the `after_help` of those subcommands.
+macro_rules! names_help {
+    () => {
+        "printable text stands for itself, `\\\\` for a backslash, `\\xNN` for the byte NN \
+         (two hex digits: control characters and bytes that are not UTF-8), `\\u{X}` for the \
+         character U+X (other control characters); any other backslash is an error. Quote it for \
+         the shell ('a\\x00b'). With --raw, NAME is taken byte for byte instead."
+    };
+}
+use names_help;
+
+/// `--raw`: take a lock name (or prefix) byte for byte instead of in the form `locks` prints.
+#[derive(Debug, Clone, Copy, Args)]
+struct RawName {
+    /// Take NAME byte for byte, backslashes included, instead of in the escaped form that `locks`
+    /// prints.
+    #[arg(long)]
+    raw: bool,
+}
+
+impl RawName {
+    /// The bytes the lock name `arg` stands for: unescaped as `locks` prints names, or as they
+    /// are with `--raw`.
+    fn bytes(self, arg: &std::ffi::OsStr) -> Result<Vec<u8>> {
+        self.read(arg, "lock name")
+    }
+
+    /// [`bytes`](Self::bytes) of `arg`, which is a `what` (for the error).
+    fn read(self, arg: &std::ffi::OsStr, what: &str) -> Result<Vec<u8>> {
+        if self.raw {
+            return Ok(arg.as_bytes().to_vec());
+        }
+        render::unescape_name(arg.as_bytes()).map_err(|e| anyhow!("bad {what} \"{}\": {e}", arg.to_string_lossy()))
+    }
 }
 
 #[derive(Debug, Args)]
 struct LocksArgs {
-    /// Only locks whose name starts with these bytes.
+    /// Only locks whose name starts with PREFIX, written as `locks` prints names (`\\`, `\xNN`,
+    /// `\u{X}`), or byte for byte with --raw.
     #[arg(long, value_name = "PREFIX")]
     name_prefix: Option<OsString>,
+    /// Take PREFIX byte for byte, backslashes included, instead of in the escaped form that
+    /// `locks` prints.
+    #[arg(long, requires = "name_prefix")]
+    raw: bool,
+    /// Only locks whose holder died: those still held by a dead process that nobody has reaped
+    /// yet (FLAGS holder-dead), and those it left free with nobody waiting, whose next holder is
+    /// told the owner died (FLAGS owner-died, MODE none; plain `locks` does not list these).
+    #[arg(long)]
+    died: bool,
     /// Only locks held longer than this, e.g. 250ms, 5s, 2m.
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     held_longer_than: Option<Duration>,
@@ -212,13 +299,14 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     shmlock::config::parse_duration(s).map_err(|e| e.to_string())
 }
 
-/// Says what went wrong opening `segment`, and what to do about it, in one line.
+/// Says what went wrong opening `segment`, and what to do about it, in one line (naming the
+/// segment once: the library's messages that name it already are passed on as they are).
 fn open_error(segment: &str, e: Error) -> anyhow::Error {
     match e {
         Error::SegmentMissing { .. } => anyhow!(
-            "segment {segment} does not exist: start the supervisor with `shmlockd` (from a source \
-             tree: `cargo run --release --bin shmlockd`), or name another with --segment or \
-             $SHMLOCK_SEGMENT"
+            "segment {segment} does not exist: start the supervisor with `shmlockd --segment \
+             {segment}` (from a source tree: `cargo run --release --bin shmlockd -- --segment \
+             {segment}`), or name another with --segment or $SHMLOCK_SEGMENT"
         ),
         Error::WrongVersion { found, expected } => anyhow!(
             "segment {segment} has layout version {found} but this shmlock understands version \
@@ -231,7 +319,13 @@ fn open_error(segment: &str, e: Error) -> anyhow::Error {
             "permission denied opening segment {segment} (/dev/shm{segment}): run as a user the \
              segment's mode allows (shmlockd's `mode` setting)"
         ),
-        Error::SegmentNameInvalid { .. } => anyhow!("bad segment name: {e}"),
+        Error::SegmentNameInvalid { name, why } => anyhow!("bad segment name {name:?}: {why}"),
+        Error::Io { op, source, .. } => anyhow!("cannot open segment {segment}: {op} failed: {source}"),
+        e @ (Error::SegmentWrongOwner { .. }
+        | Error::SegmentSymlink { .. }
+        | Error::SegmentNotRegular { .. }
+        | Error::SegmentLinked { .. }
+        | Error::SegmentRemoved { .. }) => anyhow!(e),
         e => anyhow!(e).context(format!("cannot open segment {segment}")),
     }
 }
@@ -239,9 +333,15 @@ fn open_error(segment: &str, e: Error) -> anyhow::Error {
 /// Opens `segment` if its file is owned as `owner` (`--segment-owner`) or else
 /// `$SHMLOCK_SEGMENT_OWNER` says, explaining failures.
 fn open(segment: &str, owner: Option<&str>) -> Result<Arc<LockTable>> {
+    // A flag's or variable's error, not the configuration file's (the CLI reads none).
+    let flag_error = |e| match e {
+        Error::Config { key, why } if key.starts_with('-') => anyhow!("bad {key}: {why}"),
+        Error::Config { key, why } => anyhow!("bad ${key}: {why}"),
+        e => anyhow!(e),
+    };
     let owner = match owner {
-        Some(o) => SegmentOwner::parse(o, "--segment-owner")?,
-        None => SegmentOwner::from_env()?,
+        Some(o) => SegmentOwner::parse(o, "--segment-owner").map_err(flag_error)?,
+        None => SegmentOwner::from_env().map_err(flag_error)?,
     };
     LockTable::open_as(segment, owner)
         .map(Arc::new)
@@ -251,7 +351,10 @@ fn open(segment: &str, owner: Option<&str>) -> Result<Arc<LockTable>> {
 /// Says what is wrong with a lock name.
 fn name_error(name: &[u8], e: Error) -> anyhow::Error {
     match e {
-        Error::NameInvalid { .. } => anyhow!("bad lock name \"{}\": {e}", escape_name(name)),
+        Error::NameInvalid { len, max } => anyhow!(
+            "bad lock name \"{}\": {len} bytes, where names must be 1..={max} bytes",
+            escape_name(name)
+        ),
         e => anyhow!(e),
     }
 }
@@ -293,24 +396,60 @@ fn print_status(status: &Status, json: bool, out: &mut impl Write) -> Result<Exi
     Ok(ExitCode::SUCCESS)
 }
 
-fn locks(table: &LockTable, a: &LocksArgs, out: &mut impl Write) -> Result<ExitCode> {
-    let mut locks = table.locks();
-    if let Some(p) = &a.name_prefix {
-        locks.retain(|l| l.name.starts_with(p.as_bytes()));
-    }
-    print_locks(locks, a, out)
+/// `--name-prefix`, as bytes.
+fn name_prefix(a: &LocksArgs) -> Result<Option<Vec<u8>>> {
+    let raw = RawName { raw: a.raw };
+    a.name_prefix
+        .as_deref()
+        .map(|p| raw.read(p, "--name-prefix"))
+        .transpose()
 }
 
-/// Filters (`--held-longer-than`), sorts and prints `locks`, from the segment or a gateway.
-fn print_locks(mut locks: Vec<shmlock::table::LockInfo>, a: &LocksArgs, out: &mut impl Write) -> Result<ExitCode> {
+/// The owner records whose process is gone (not reaped yet: their locks are still theirs).
+fn dead_owners(table: &LockTable) -> HashSet<u32> {
+    table
+        .owners_info(&[])
+        .into_iter()
+        .filter(|o| !o.alive)
+        .map(|o| o.idx)
+        .collect()
+}
+
+fn locks(table: &LockTable, a: &LocksArgs, out: &mut impl Write) -> Result<ExitCode> {
+    let prefix = name_prefix(a)?;
+    let mut locks = table.locks();
+    let dead = dead_owners(table);
+    if a.died {
+        locks.retain(|l| l.holders.iter().any(|p| dead.contains(&p.owner)));
+        locks.extend(table.died_locks());
+    }
+    if let Some(p) = &prefix {
+        locks.retain(|l| l.name.starts_with(p));
+    }
+    print_locks(locks, a, Some(&dead), out)
+}
+
+/// Filters (`--held-longer-than`), sorts and prints `locks`, from the segment or a gateway;
+/// `dead` (owners whose process is gone) where known.
+fn print_locks(
+    mut locks: Vec<shmlock::table::LockInfo>,
+    a: &LocksArgs,
+    dead: Option<&HashSet<u32>>,
+    out: &mut impl Write,
+) -> Result<ExitCode> {
     if let Some(d) = a.held_longer_than {
         locks.retain(|l| !l.holders.is_empty() && l.held_for() > d);
     }
     render::sort_locks(&mut locks);
     if a.json {
-        write_json(out, &locks.iter().map(render::lock_json).collect())?;
+        // `holder_dead` only where asked for: plain `locks --json` is the same locally and
+        // through a gateway (which does not know).
+        let dead = dead.filter(|_| a.died);
+        write_json(out, &locks.iter().map(|l| render::lock_json(l, dead)).collect())?;
+    } else if a.died && locks.is_empty() {
+        out.write_all(b"no lock has a dead holder or an owner-died notice\n")?;
     } else {
-        out.write_all(render::locks_text(&locks).as_bytes())?;
+        out.write_all(render::locks_text(&locks, dead).as_bytes())?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -328,9 +467,10 @@ fn owners(table: &LockTable, json: bool, out: &mut impl Write) -> Result<ExitCod
 
 fn show(table: &LockTable, name: &[u8], json: bool, out: &mut impl Write) -> Result<ExitCode> {
     let info = table.lock_info(name).map_err(|e| name_error(name, e))?;
+    let dead = dead_owners(table);
     match info {
-        Some(l) if json => write_json(out, &render::lock_json(&l))?,
-        Some(l) => out.write_all(render::show_text(&l).as_bytes())?,
+        Some(l) if json => write_json(out, &render::lock_json(&l, Some(&dead)))?,
+        Some(l) => out.write_all(render::show_text(&l, &dead).as_bytes())?,
         None => {
             eprintln!(
                 "shmlock: no lock named \"{}\" (never locked, or evicted since)",
@@ -421,10 +561,15 @@ fn run_remote(cli: Cli, addr: &str) -> Result<ExitCode> {
             let status = remote::Gateway::connect(addr, remote)?.status()?;
             print_status(&status, *json, &mut out)
         }
+        Command::Locks(a) if a.died => bail!(
+            "--died needs the segment (the gateway's LOCKS query lists locks held or waited on): \
+             run it on the gateway's host"
+        ),
         Command::Locks(a) => {
+            let prefix = name_prefix(a)?;
             let mut gw = remote::Gateway::connect(addr, &a.remote)?;
-            let locks = gw.locks(a.name_prefix.as_ref().map(|p| p.as_bytes()))?;
-            print_locks(locks, a, &mut out)
+            let locks = gw.locks(prefix.as_deref())?;
+            print_locks(locks, a, None, &mut out)
         }
         Command::Run(a) => {
             drop(out);
@@ -442,6 +587,22 @@ fn run_remote(cli: Cli, addr: &str) -> Result<ExitCode> {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
+    // Neither a segment nor a gateway.
+    match &cli.command {
+        Command::Completions { shell } => {
+            let mut out = std::io::stdout().lock();
+            docs::completions(*shell, &mut out)?;
+            out.flush()?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Manpages { dir } => {
+            let mut out = std::io::stdout().lock();
+            docs::manpages(dir, &mut out)?;
+            out.flush()?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ => {}
+    }
     let remote = match &cli.command {
         Command::Status { remote, .. } => remote.remote.clone(),
         Command::Locks(a) => a.remote.remote.clone(),
@@ -450,6 +611,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
     };
     if let Some(addr) = remote {
         return run_remote(cli, &addr);
+    }
+    // Bad names are told before the segment is opened.
+    match &cli.command {
+        Command::Show { name, raw, .. } | Command::Release { name, raw, .. } => drop(raw.bytes(name)?),
+        Command::Locks(a) => drop(name_prefix(a)?),
+        _ => {}
     }
     let segment = cli.segment.unwrap_or_else(default_segment_name);
     let table = open(&segment, cli.segment_owner.as_deref())?;
@@ -461,14 +628,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Status { json, .. } => status(&table, json, &mut out),
         Command::Locks(a) => locks(&table, &a, &mut out),
         Command::Owners { json } => owners(&table, json, &mut out),
-        Command::Show { name, json } => show(&table, name.as_bytes(), json, &mut out),
-        Command::Release { name, force } => release(&table, name.as_bytes(), force, &mut out),
+        Command::Show { name, raw, json } => show(&table, &raw.bytes(&name)?, json, &mut out),
+        Command::Release { name, raw, force } => release(&table, &raw.bytes(&name)?, force, &mut out),
         Command::Check => check(&table, &mut out),
         Command::Watch { interval, count } => {
             drop(out);
             return watch::watch(&table, interval, count);
         }
         Command::Run(_) => unreachable!("run is dispatched above"),
+        Command::Completions { .. } | Command::Manpages { .. } => unreachable!("answered above"),
     }?;
     out.flush()?;
     Ok(code)

@@ -1,8 +1,9 @@
 //! Text and JSON renderings of what the CLI reads from a segment, or from a gateway's admin
 //! queries (`--remote`): both give the same snapshot types, so the output is the same.
 
+use std::collections::HashSet;
 use std::fmt::Write as _;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde_json::{json, Value};
 use shmlock::gateway::admin::StatusReport;
@@ -57,23 +58,37 @@ impl Status {
                 r.layout_version
             ),
         );
+        let (entries, holds) = provisioned(g);
         line(
             "capacity",
             format!(
-                "{} locks, {} holds, {} owners, names up to {} bytes",
+                "{} locks, {} holds requested (max_locks, max_holds); {} owners; names up to {} bytes",
                 r.max_locks, r.max_holds, g.owners, g.max_name_len
             ),
         );
         line(
-            "geometry",
+            "shards",
             format!(
-                "{} x ({} entries, {} holds, {} buckets)",
-                plural(g.shards, "shard"),
-                g.entries_per_shard,
-                g.holds_per_shard,
-                g.buckets_per_shard
+                "{}, each with {} entries, {} holds, {} buckets ({entries} entries, {holds} holds \
+                 provisioned in all)",
+                g.shards, g.entries_per_shard, g.holds_per_shard, g.buckets_per_shard
             ),
         );
+        if g.shards > 1 {
+            line(
+                "headroom",
+                format!(
+                    "a name lives in the shard its hash picks: {} entries per shard where an even \
+                     spread would put {},",
+                    g.entries_per_shard,
+                    r.max_locks.div_ceil(u64::from(g.shards))
+                ),
+            );
+            line(
+                "",
+                "so the locks requested fit an uneven spread; the pools below count what is provisioned".into(),
+            );
+        }
         for p in &r.pools {
             let states: Vec<String> = p.states.iter().map(|(st, n)| format!("{n} {st}")).collect();
             line(pool_label(&p.pool), format!("{} of {}", states.join(", "), p.capacity));
@@ -131,6 +146,8 @@ impl Status {
             "capacities": {
                 "max_locks": r.max_locks,
                 "max_holds": r.max_holds,
+                "provisioned_entries": provisioned(g).0,
+                "provisioned_holds": provisioned(g).1,
                 "max_owners": g.owners,
                 "max_name_len": g.max_name_len,
             },
@@ -186,6 +203,66 @@ pub(crate) fn escape_name(name: &[u8]) -> String {
     out
 }
 
+/// The inverse of [`escape_name`]: what `locks` prints for a name, read back into its bytes, so
+/// that `show`, `release` and `locks --name-prefix` accept every name `locks` shows.
+///
+/// `\\` is a backslash, `\xNN` the byte NN (two hex digits), `\u{X}` the UTF-8 of the
+/// character U+X (1 to 6 hex digits); every other byte, non-UTF-8 ones included, stands for
+/// itself. Any other backslash is an error that says how to write one.
+pub(crate) fn unescape_name(text: &[u8]) -> Result<Vec<u8>, String> {
+    const HINT: &str = "write a backslash as \\\\, a byte as \\xNN (two hex digits), a character as \\u{X}, \
+                        or pass --raw to take it byte for byte";
+    let mut out = Vec::with_capacity(text.len());
+    let mut i = 0;
+    while i < text.len() {
+        let b = text[i];
+        if b != b'\\' {
+            out.push(b);
+            i += 1;
+            continue;
+        }
+        let at = i;
+        let shown = |to: usize| String::from_utf8_lossy(&text[at..to.min(text.len())]).into_owned();
+        match text.get(i + 1) {
+            Some(b'\\') => {
+                out.push(b'\\');
+                i += 2;
+            }
+            Some(b'x') => {
+                let byte = text
+                    .get(i + 2..i + 4)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .filter(|h| h.bytes().all(|c| c.is_ascii_hexdigit()))
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or_else(|| format!("bad escape \"{}\" at byte {at}: {HINT}", shown(i + 4)))?;
+                out.push(byte);
+                i += 4;
+            }
+            Some(b'u') => {
+                let close = text[i..].iter().take(11).position(|&c| c == b'}').map(|p| i + p);
+                let c = close
+                    .filter(|_| text.get(i + 2) == Some(&b'{'))
+                    .and_then(|end| std::str::from_utf8(&text[i + 3..end]).ok())
+                    .filter(|h| (1..=6).contains(&h.len()) && h.bytes().all(|c| c.is_ascii_hexdigit()))
+                    .and_then(|h| u32::from_str_radix(h, 16).ok())
+                    .and_then(char::from_u32)
+                    .ok_or_else(|| {
+                        format!(
+                            "bad escape \"{}\" at byte {at}: {HINT}",
+                            shown(close.map_or(i + 2, |c| c + 1))
+                        )
+                    })?;
+                let mut buf = [0u8; 4];
+                out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+                i = close.map_or(i + 2, |c| c + 1);
+            }
+            None => return Err(format!("a lone backslash at its end: {HINT}")),
+            Some(_) => return Err(format!("bad escape \"{}\" at byte {at}: {HINT}", shown(i + 2))),
+        }
+    }
+    Ok(out)
+}
+
 fn mode_str(m: Option<Mode>) -> &'static str {
     match m {
         Some(Mode::Exclusive) => "exclusive",
@@ -232,9 +309,15 @@ fn party_json(p: &Party, waiter: bool) -> Value {
     v
 }
 
-/// One lock as JSON (the fields are documented in README.md, "locks --json").
-pub(crate) fn lock_json(l: &LockInfo) -> Value {
-    json!({
+/// Does a process that is gone (an owner in `dead`) hold `l`?
+fn holder_dead(l: &LockInfo, dead: &HashSet<u32>) -> bool {
+    l.holders.iter().any(|p| dead.contains(&p.owner))
+}
+
+/// One lock as JSON (the fields are documented in README.md, "locks --json"); with `dead` (the
+/// owners whose process is gone, known from the segment), `holder_dead` too.
+pub(crate) fn lock_json(l: &LockInfo, dead: Option<&HashSet<u32>>) -> Value {
+    let mut v = json!({
         "name": escape_name(&l.name),
         "mode": l.mode.map(|m| mode_str(Some(m))),
         "holders": l.holders.iter().map(|p| party_json(p, false)).collect::<Vec<_>>(),
@@ -245,7 +328,11 @@ pub(crate) fn lock_json(l: &LockInfo) -> Value {
         "token": l.token,
         "owner_died": l.owner_died,
         "shard": l.shard,
-    })
+    });
+    if let Some(dead) = dead {
+        v["holder_dead"] = json!(holder_dead(l, dead));
+    }
+    v
 }
 
 /// Sorts locks longest held first, then longest waited for, then by name.
@@ -281,8 +368,9 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     o
 }
 
-/// The `locks` table (or a line saying there are none).
-pub(crate) fn locks_text(locks: &[LockInfo]) -> String {
+/// The `locks` table (or a line saying there are none); with `dead` (the owners whose process
+/// is gone), FLAGS says `holder-dead` where one holds a lock.
+pub(crate) fn locks_text(locks: &[LockInfo], dead: Option<&HashSet<u32>>) -> String {
     if locks.is_empty() {
         return "no locks held or waited on\n".into();
     }
@@ -306,11 +394,15 @@ pub(crate) fn locks_text(locks: &[LockInfo]) -> String {
                 l.waiters.len().to_string(),
                 l.oldest_wait().map_or("-".into(), human),
                 l.token.to_string(),
-                if l.owner_died {
-                    "owner-died".into()
-                } else {
-                    String::new()
-                },
+                [
+                    (dead.is_some_and(|d| holder_dead(l, d)), "holder-dead"),
+                    (l.owner_died, "owner-died"),
+                ]
+                .iter()
+                .filter(|f| f.0)
+                .map(|f| f.1)
+                .collect::<Vec<_>>()
+                .join(","),
             ]
         })
         .collect();
@@ -329,8 +421,9 @@ pub(crate) fn locks_text(locks: &[LockInfo]) -> String {
     )
 }
 
-/// `show NAME`: everything about one lock.
-pub(crate) fn show_text(l: &LockInfo) -> String {
+/// `show NAME`: everything about one lock; a holder whose owner is in `dead` (its process is
+/// gone, not reaped yet) is marked so.
+pub(crate) fn show_text(l: &LockInfo, dead: &HashSet<u32>) -> String {
     let mut o = String::new();
     let _ = writeln!(o, "name       {}", escape_name(&l.name));
     let _ = writeln!(
@@ -353,14 +446,19 @@ pub(crate) fn show_text(l: &LockInfo) -> String {
     for p in &l.holders {
         let _ = writeln!(
             o,
-            "  pid {:<8} owner {:<5} {:<6} {:<9} held {:<8} token {}  {}",
+            "  pid {:<8} owner {:<5} {:<6} {:<9} held {:<8} token {}  {}{}",
             p.pid,
             p.owner,
             kind_str(p.kind),
             mode_str(Some(p.mode)),
             human(p.age),
             p.token,
-            p.label
+            p.label,
+            if dead.contains(&p.owner) {
+                "  (process gone, not reaped yet)"
+            } else {
+                ""
+            }
         );
     }
     let _ = writeln!(o, "waiters    {} (queue order, oldest first)", l.waiters.len());
@@ -390,9 +488,29 @@ pub(crate) fn owner_json(o: &OwnerInfo) -> Value {
         "state": o.state,
         "alive": o.alive,
         "registered_ms": ms(o.registered_for),
+        "start_time_ticks": o.start_time,
+        "started_unix": o.started_at.map(unix_seconds),
+        "started": o.started_at.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
         "holds": o.holds,
         "waits": o.waits,
     })
+}
+
+/// Seconds since the epoch, to the millisecond (0 before it).
+fn unix_seconds(t: SystemTime) -> f64 {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    (d.as_millis() as f64) / 1000.0
+}
+
+/// `2026-12-03T08:20:13Z (5m 2s ago)`, or `-` if unknown.
+fn started_text(t: Option<SystemTime>, now: SystemTime) -> String {
+    match t {
+        None => "-".into(),
+        Some(t) => {
+            let ago = now.duration_since(t).unwrap_or_default();
+            format!("{} ({} ago)", humantime::format_rfc3339_seconds(t), human(ago))
+        }
+    }
 }
 
 /// The `owners` table.
@@ -400,6 +518,7 @@ pub(crate) fn owners_text(owners: &[OwnerInfo]) -> String {
     if owners.is_empty() {
         return "no owners registered\n".into();
     }
+    let now = SystemTime::now();
     let rows: Vec<Vec<String>> = owners
         .iter()
         .map(|o| {
@@ -408,6 +527,7 @@ pub(crate) fn owners_text(owners: &[OwnerInfo]) -> String {
                 kind_str(o.kind).into(),
                 o.label.clone(),
                 if o.alive { "alive".into() } else { "dead".into() },
+                started_text(o.started_at, now),
                 format!("{} ago", human(o.registered_for)),
                 o.holds.to_string(),
                 o.waits.to_string(),
@@ -422,6 +542,7 @@ pub(crate) fn owners_text(owners: &[OwnerInfo]) -> String {
             "KIND",
             "LABEL",
             "PROCESS",
+            "STARTED (UTC)",
             "REGISTERED",
             "HOLDS",
             "WAITS",
@@ -430,6 +551,13 @@ pub(crate) fn owners_text(owners: &[OwnerInfo]) -> String {
         ],
         &rows,
     )
+}
+
+/// Lock entries and holds in all shards: what the segment provides for the locks and holds
+/// requested, with each shard's headroom.
+fn provisioned(g: &shmlock::config::Geometry) -> (u64, u64) {
+    let n = u64::from(g.shards);
+    (n * u64::from(g.entries_per_shard), n * u64::from(g.holds_per_shard))
 }
 
 /// The label of a pool's line in `status`.
@@ -461,6 +589,60 @@ mod tests {
         assert_eq!(human(Duration::from_secs(184)), "3m 4s");
         assert_eq!(human(Duration::from_secs(3_720)), "1h 2m");
         assert_eq!(human(Duration::from_secs(90_000)), "1d 1h");
+    }
+
+    #[test]
+    fn escaped_names_read_back() {
+        for name in [
+            &b"orders/42"[..],
+            b"a\\b",
+            b"\0\xff\\",
+            "caf\u{e9} \u{85}\u{2028}".as_bytes(),
+            b"\\x41",
+        ] {
+            assert_eq!(
+                unescape_name(escape_name(name).as_bytes()).as_deref(),
+                Ok(name),
+                "{name:?}"
+            );
+        }
+        assert_eq!(unescape_name(b"\\x41\\X").ok(), None);
+        assert_eq!(unescape_name(br"a\x41\xFF\u{e9}").unwrap(), b"aA\xff\xc3\xa9");
+        // Bytes that are not UTF-8 stand for themselves.
+        assert_eq!(unescape_name(b"\xfe\\\\").unwrap(), b"\xfe\\");
+    }
+
+    #[test]
+    fn malformed_escapes_say_how_to_write_a_backslash() {
+        for bad in [
+            &br"\q"[..],
+            br"\x4",
+            br"a\",
+            br"\x4g",
+            br"\u{}",
+            br"\u{110000}",
+            br"\u{d800}",
+            br"\u41",
+            br"\u{1234567}",
+        ] {
+            let e = unescape_name(bad).expect_err(&String::from_utf8_lossy(bad));
+            assert!(e.contains(r"\\") && e.contains("--raw"), "{e}");
+        }
+        assert!(unescape_name(br"ab\q").unwrap_err().contains(r#""\q" at byte 2"#));
+        assert!(unescape_name(br"ab\").unwrap_err().contains("lone backslash"));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn unescape_inverts_escape(name in proptest::collection::vec(proptest::num::u8::ANY, 0..80)) {
+            proptest::prop_assert_eq!(unescape_name(escape_name(&name).as_bytes()), Ok(name));
+        }
+
+        #[test]
+        fn unescape_inverts_escape_of_text(name in "\\PC{0,20}[\\x00-\\x1f\\x7f-\\u{9f}\\\\]{0,4}\\PC{0,20}") {
+            let b = name.into_bytes();
+            proptest::prop_assert_eq!(unescape_name(escape_name(&b).as_bytes()), Ok(b));
+        }
     }
 
     #[test]

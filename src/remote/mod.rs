@@ -114,7 +114,7 @@ impl RemoteClient {
                     stream = Some(s);
                     break;
                 }
-                Err(e) => last = format!("cannot connect: {e}"),
+                Err(e) => last = e.to_string(),
             }
         }
         let stream = stream.ok_or_else(|| err(&shown, last))?;

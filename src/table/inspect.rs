@@ -15,7 +15,7 @@
 //! guard: the guard's token no longer matches and `unlock` reports [`Error::NotHeld`].
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use super::*;
 use crate::pool::PoolState;
@@ -87,10 +87,58 @@ pub struct OwnerInfo {
     pub alive: bool,
     /// How long ago it registered.
     pub registered_for: Duration,
+    /// The process's start time as its owner record holds it: clock ticks since boot (field 22
+    /// of `/proc/PID/stat`), 0 if it was not known at registration.
+    pub start_time: u64,
+    /// [`start_time`](Self::start_time) as a wall-clock time (the boot time from `/proc/stat`
+    /// plus the ticks at `sysconf(_SC_CLK_TCK)`, so to the second at best), if both are known.
+    pub started_at: Option<SystemTime>,
     /// Locks it holds (in either mode).
     pub holds: u32,
     /// Requests it has queued.
     pub waits: u32,
+}
+
+/// What turns a process's start time (clock ticks since boot) into a wall-clock time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct BootClock {
+    /// The boot time, seconds since the epoch (`btime` in `/proc/stat`).
+    btime: u64,
+    /// Clock ticks per second (`sysconf(_SC_CLK_TCK)`).
+    hz: u64,
+}
+
+impl BootClock {
+    /// Reads the boot time and the tick rate; `None` if either is unknown.
+    pub(super) fn read() -> Option<BootClock> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??;
+        Self::parse(&stat, u64::try_from(hz).ok()?)
+    }
+
+    /// From `/proc/stat`'s text and the tick rate `hz`.
+    pub(super) fn parse(stat: &str, hz: u64) -> Option<BootClock> {
+        let btime = stat
+            .lines()
+            .find_map(|l| l.strip_prefix("btime "))?
+            .trim()
+            .parse()
+            .ok()?;
+        (hz > 0).then_some(BootClock { btime, hz })
+    }
+
+    /// The wall-clock time `ticks` after boot; `None` for 0 (unknown) or a time after the
+    /// year 9999 (a start time read from the segment is not trusted to be a date).
+    pub(super) fn wall_time(self, ticks: u64) -> Option<SystemTime> {
+        /// 9999-12-31T23:59:59Z, the last time RFC 3339 writes.
+        const LAST: u64 = 253_402_300_799;
+        if ticks == 0 {
+            return None;
+        }
+        let secs = self.btime.checked_add(ticks / self.hz).filter(|&s| s <= LAST)?;
+        let nanos = (ticks % self.hz).checked_mul(1_000_000_000)? / self.hz;
+        SystemTime::UNIX_EPOCH.checked_add(Duration::new(secs, u32::try_from(nanos).ok()?))
+    }
 }
 
 /// How many records of one pool are in each state.
@@ -169,7 +217,24 @@ impl LockTable {
     /// Every lock that is held or waited on, shard by shard, each copied under its shard latch.
     /// Unordered. Ages are measured from one instant, taken after the last shard was copied.
     pub fn locks(&self) -> Vec<LockInfo> {
-        let copies: Vec<ShardCopy> = (0..self.geo.shards).map(|s| self.copy_shard(&self.shard(s))).collect();
+        self.copy_all(EntryState::Held)
+    }
+
+    /// Every lock whose holder died (or was forced out) with nobody waiting: free, and carrying
+    /// the owner-died notice that its next holder is told (pool state DIED), each copied under
+    /// its shard latch. [`locks`](Self::locks) does not list them (nobody holds or waits on
+    /// them). A dead holder is released, and its lock listed here, once it is reaped: at once by
+    /// `shmlockd`, else when someone wants the lock; until then [`locks`](Self::locks) lists it
+    /// with its dead holder. Unordered; no holders, no waiters, `owner_died` set.
+    pub fn died_locks(&self) -> Vec<LockInfo> {
+        self.copy_all(EntryState::Died)
+    }
+
+    /// The locks in entry state `state`, shard by shard.
+    fn copy_all(&self, state: EntryState) -> Vec<LockInfo> {
+        let copies: Vec<ShardCopy> = (0..self.geo.shards)
+            .map(|s| self.copy_shard(&self.shard(s), state))
+            .collect();
         let now = clock::now();
         let mut out = Vec::with_capacity(copies.iter().map(|c| c.locks.len()).sum());
         for c in copies {
@@ -199,13 +264,14 @@ impl LockTable {
         Ok(Some(self.resolve(&r, &parties, name.to_vec(), sh.no, clock::now())))
     }
 
-    /// Copies shard `sh`'s HELD entries (held or waited on) with their names.
-    fn copy_shard(&self, sh: &Shard<'_>) -> ShardCopy {
+    /// Copies shard `sh`'s entries in `state` (HELD: held or waited on; DIED: free with an
+    /// owner-died notice) with their names.
+    fn copy_shard(&self, sh: &Shard<'_>, state: EntryState) -> ShardCopy {
         // Reserve outside the latch; counts read without it are a good guess. They are read
         // from the segment, so each is capped by the capacity fixed at open (a garbage count
         // must not size an allocation).
         let (entries, holds) = (sh.entries().len(), sh.holds().len());
-        let n = (sh.epool().count(EntryState::Held) as usize).min(entries) + 4;
+        let n = (sh.epool().count(state) as usize).min(entries) + 4;
         let waiting = (sh.hpool().count(HoldState::Waiting) as usize).min(holds);
         let mut locks = Vec::with_capacity(n);
         let mut names: Vec<u64> = Vec::with_capacity(n.saturating_mul(sh.words));
@@ -218,9 +284,9 @@ impl LockTable {
             let _g = self.lock_shard(sh, pid_latch_id());
             // A failure leaves some fast holds out of the copy; nothing to repair.
             let _ = sh.pin_fast_holds(None);
-            // (A torn list may reach entries in other states: only the HELD are locks.)
-            let held = sh.epool().iter(EntryState::Held);
-            for (i, _) in held.filter(|&(i, _)| sh.epool().state(i).ok() == Some(EntryState::Held)) {
+            // (A torn list may reach entries in other states: only those in `state` are copied.)
+            let listed = sh.epool().iter(state);
+            for (i, _) in listed.filter(|&(i, _)| sh.epool().state(i).ok() == Some(state)) {
                 let r = Self::copy_entry(sh, i.0, &mut parties, budget);
                 let len = sh.entries().get(i.get()).map_or(0, |e| e.name_len.load(Relaxed));
                 locks.push((r, len as usize));
@@ -344,10 +410,12 @@ impl LockTable {
             }
         }
         let now = clock::now();
+        let boot = BootClock::read();
         raw.into_iter()
             .filter_map(|(idx, state, since)| {
                 let o = self.owners().get(idx as usize)?;
                 let pid = o.pid.load(Relaxed);
+                let start_time = o.start_time.load(Relaxed);
                 Some(OwnerInfo {
                     idx,
                     pid,
@@ -356,6 +424,8 @@ impl LockTable {
                     state: state.name(),
                     alive: o.process().is_alive(),
                     registered_for: now.since(since),
+                    start_time,
+                    started_at: boot.and_then(|b| b.wall_time(start_time)),
                     holds: holds.get(&idx).copied().unwrap_or(0),
                     waits: waits.get(&idx).copied().unwrap_or(0),
                 })
@@ -612,6 +682,60 @@ mod tests {
         assert!(matches!(gb.unlock(), Err(Error::NotHeld)));
         assert!(t.check().is_empty(), "{:?}", t.check());
         assert!(t.locks().is_empty());
+    }
+
+    #[test]
+    fn owners_show_their_start_time_as_a_wall_clock_time() {
+        use std::time::{Duration, SystemTime};
+
+        use super::BootClock;
+
+        let b = BootClock::parse("cpu  1 2 3\nbtime 1700000000\nprocesses 5\n", 100).expect("parse");
+        let at = |s: u64, ms: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(s) + Duration::from_millis(ms);
+        assert_eq!(b.wall_time(12_345), Some(at(1_700_000_123, 450)));
+        assert_eq!(b.wall_time(0), None);
+        // Garbage from the segment gives no date past what RFC 3339 writes, and no panic.
+        assert_eq!(b.wall_time(u64::MAX), None);
+        assert_eq!(BootClock { btime: u64::MAX, hz: 1 }.wall_time(1), None);
+        assert!(BootClock { btime: 0, hz: 1 }.wall_time(253_402_300_799).is_some());
+        assert_eq!(BootClock::parse("cpu 1\n", 100), None);
+        assert_eq!(BootClock::parse("btime 1\n", 0), None);
+
+        // This process: registered a moment ago, started before that, and not in the future.
+        let t = table();
+        let _a = Client::with_table(t.clone(), "a").expect("a");
+        let owners = t.owners_info(&t.locks());
+        let me = crate::owner::ProcessId::current();
+        assert_eq!(owners[0].start_time, me.start_time);
+        let started = owners[0].started_at.expect("start time known on Linux");
+        let now = SystemTime::now();
+        assert!(started <= now + Duration::from_secs(1), "{started:?} after {now:?}");
+        let boot = BootClock::read().expect("boot clock");
+        assert!(started >= SystemTime::UNIX_EPOCH + Duration::from_secs(boot.btime));
+    }
+
+    #[test]
+    fn died_locks_lists_the_free_locks_that_carry_an_owner_died_notice() {
+        let t = table();
+        let a = Client::with_table(t.clone(), "a").expect("a");
+        let _held = a.lock("held").expect("lock");
+        drop(a.lock("idle").expect("lock"));
+        let _forced = a.lock("forced").expect("lock");
+        t.force_release(b"forced").expect("force");
+        assert!(t.locks().iter().all(|l| l.name != b"forced"));
+        let died = t.died_locks();
+        assert_eq!(died.len(), 1, "{died:?}");
+        let d = &died[0];
+        assert_eq!((d.name.as_slice(), d.mode, d.owner_died), (&b"forced"[..], None, true));
+        assert!(d.holders.is_empty() && d.waiters.is_empty());
+        assert_eq!(
+            t.lock_info(b"forced").expect("name").expect("in the index").token,
+            d.token
+        );
+        // The next locker is told, and the notice is gone.
+        assert!(a.lock("forced").expect("lock").owner_died());
+        assert!(t.died_locks().is_empty());
+        assert_eq!(t.locks().len(), 1);
     }
 
     #[test]
