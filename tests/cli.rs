@@ -18,15 +18,9 @@ use serde_json::Value;
 
 // ---- child processes -------------------------------------------------------------------------
 
-/// Not a test: the entry point of child processes. Does nothing unless `SHMLOCK_TEST_ROLE` is set.
-#[test]
-fn child_process() {
-    let Some(ctx) = ChildCtx::from_env() else { return };
-    match ctx.role.as_str() {
-        "hold" => role_hold(&ctx),
-        "wait" => role_wait(&ctx),
-        other => panic!("unknown role {other:?}"),
-    }
+common::child_roles! {
+    "hold" => role_hold,
+    "wait" => role_wait,
 }
 
 /// Locks `name` exclusively, waiting as long as it takes; writes `owner_died=BOOL` to file

@@ -11,17 +11,11 @@ use std::os::unix::ffi::OsStrExt;
 use std::process::{Command, Output, Stdio};
 
 use common::cli::*;
-use common::{signal, ChildCtx, Daemon, GatewayDaemon, TestEnv};
+use common::{signal, Daemon, GatewayDaemon, TestEnv};
 use serde_json::Value;
 
-/// Not a test: the entry point of child processes. Does nothing unless `SHMLOCK_TEST_ROLE` is set.
-#[test]
-fn child_process() {
-    let Some(ctx) = ChildCtx::from_env() else { return };
-    match ctx.role.as_str() {
-        "hold" => role_hold(&ctx),
-        other => panic!("unknown role {other:?}"),
-    }
+common::child_roles! {
+    "hold" => role_hold,
 }
 
 /// Runs `shmlock --segment SEGMENT ARGS` (arguments of any bytes); killed past the deadline.

@@ -13,19 +13,13 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::Instant;
 
 use common::cli::*;
-use common::{signal, wait_until, ChildCtx, GatewayDaemon, TestEnv, DEADLINE};
+use common::{signal, wait_until, GatewayDaemon, TestEnv, DEADLINE};
 use serde_json::Value;
 
 // ---- child processes -------------------------------------------------------------------------
 
-/// Not a test: the entry point of child processes. Does nothing unless `SHMLOCK_TEST_ROLE` is set.
-#[test]
-fn child_process() {
-    let Some(ctx) = ChildCtx::from_env() else { return };
-    match ctx.role.as_str() {
-        "hold" => role_hold(&ctx),
-        other => panic!("unknown role {other:?}"),
-    }
+common::child_roles! {
+    "hold" => role_hold,
 }
 
 // ---- the daemon and the CLI ------------------------------------------------------------------

@@ -12,17 +12,11 @@ use std::fs;
 use std::process::{Child, Command, Output, Stdio};
 
 use common::cli::*;
-use common::{await_file, signal, wait_until, ChildCtx, Daemon, GatewayDaemon, TestEnv};
+use common::{await_file, signal, wait_until, Daemon, GatewayDaemon, TestEnv};
 use serde_json::Value;
 
-/// Not a test: the entry point of child processes. Does nothing unless `SHMLOCK_TEST_ROLE` is set.
-#[test]
-fn child_process() {
-    let Some(ctx) = ChildCtx::from_env() else { return };
-    match ctx.role.as_str() {
-        "hold" => role_hold(&ctx),
-        other => panic!("unknown role {other:?}"),
-    }
+common::child_roles! {
+    "hold" => role_hold,
 }
 
 /// `shmlock` with `args` on the test's segment (or none, for `--remote`), output piped.

@@ -68,15 +68,10 @@ fn caps() -> Capacities {
 
 // ---- child processes ------------------------------------------------------------------------
 
-#[test]
-fn child_process() {
-    let Some(ctx) = ChildCtx::from_env() else { return };
-    match ctx.role.as_str() {
-        "hold" => role_hold(&ctx),
-        "wait" => role_wait(&ctx),
-        "client" => role_client(&ctx),
-        r => panic!("unknown role {r}"),
-    }
+common::child_roles! {
+    "hold" => role_hold,
+    "wait" => role_wait,
+    "client" => role_client,
 }
 
 /// Locks `locks` (`x:HEX`/`s:HEX`, comma separated), writes file `held-TAG`, then sleeps until

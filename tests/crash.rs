@@ -15,19 +15,13 @@ use shmlock::{Client, Error, LockTable, Mode};
 
 // ---- child processes -------------------------------------------------------------------------
 
-/// Not a test: the entry point of child processes. Does nothing unless `SHMLOCK_TEST_ROLE` is set.
-#[test]
-fn child_process() {
-    let Some(ctx) = ChildCtx::from_env() else { return };
-    match ctx.role.as_str() {
-        "holder" => role_holder(&ctx),
-        "waiter" => role_waiter(&ctx),
-        "worker" => role_worker(&ctx),
-        "registrar" => role_registrar(&ctx),
-        "reaper" => role_reaper(&ctx),
-        "cycler" => role_cycler(&ctx),
-        other => panic!("unknown role {other:?}"),
-    }
+common::child_roles! {
+    "holder" => role_holder,
+    "waiter" => role_waiter,
+    "worker" => role_worker,
+    "registrar" => role_registrar,
+    "reaper" => role_reaper,
+    "cycler" => role_cycler,
 }
 
 /// Locks `name` in `mode`, writes file `ready`, then sleeps until killed.

@@ -24,15 +24,9 @@ use shmlock::{Capacities, Error, Mode};
 
 // ---- child processes -------------------------------------------------------------------------
 
-/// Not a test: the entry point of child processes. Does nothing unless `SHMLOCK_TEST_ROLE` is set.
-#[test]
-fn child_process() {
-    let Some(ctx) = ChildCtx::from_env() else { return };
-    match ctx.role.as_str() {
-        "counter" => role_counter(&ctx),
-        "remote_hold" => role_remote_hold(&ctx),
-        other => panic!("unknown role {other:?}"),
-    }
+common::child_roles! {
+    "counter" => role_counter,
+    "remote_hold" => role_remote_hold,
 }
 
 /// Increments the witness counter `iters` times under lock `counter`, taken locally

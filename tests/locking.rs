@@ -31,23 +31,17 @@ macro_rules! assert_err {
 
 // ---- child processes -------------------------------------------------------------------------
 
-/// Not a test: the entry point of child processes. Does nothing unless `SHMLOCK_TEST_ROLE` is set.
-#[test]
-fn child_process() {
-    let Some(ctx) = ChildCtx::from_env() else { return };
-    match ctx.role.as_str() {
-        "counter" => role_counter(&ctx),
-        "reader" => role_reader(&ctx),
-        "writer" => role_writer(&ctx),
-        "hold" => role_hold(&ctx),
-        "waiter" => role_waiter(&ctx),
-        "forget" => role_forget(&ctx),
-        "token" => role_token(&ctx),
-        "evict" => role_evict(&ctx),
-        "probe" => role_probe(&ctx),
-        "multi" => role_multi(&ctx),
-        other => panic!("unknown role {other:?}"),
-    }
+common::child_roles! {
+    "counter" => role_counter,
+    "reader" => role_reader,
+    "writer" => role_writer,
+    "hold" => role_hold,
+    "waiter" => role_waiter,
+    "forget" => role_forget,
+    "token" => role_token,
+    "evict" => role_evict,
+    "probe" => role_probe,
+    "multi" => role_multi,
 }
 
 /// Locks `name` the way `how` says (an exclusive or a shared call), retrying where that way can

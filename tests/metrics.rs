@@ -19,14 +19,9 @@ use shmlock::Error;
 
 use common::{await_file, signal, wait_until, ChildCtx, GatewayDaemon, Raw, TestEnv, DEADLINE};
 
-#[test]
-fn child_process() {
-    let Some(ctx) = ChildCtx::from_env() else { return };
-    match ctx.role.as_str() {
-        "hold" => role_hold(&ctx),
-        "waiter" => role_waiter(&ctx),
-        other => panic!("unknown role {other:?}"),
-    }
+common::child_roles! {
+    "hold" => role_hold,
+    "waiter" => role_waiter,
 }
 
 /// Locks `name` in `mode` (exclusive or shared), signals `ready`, waits for `release`, unlocks.

@@ -15,21 +15,15 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::cli::{output_within, role_hold, spawn_holder, stderr};
-use common::{signal, ChildCtx, TestEnv, DEADLINE};
+use common::{signal, TestEnv, DEADLINE};
 use shmlock::shm::{SegmentOwner, SEGMENT_OWNER_ENV};
 use shmlock::{Client, Error, LockTable};
 
 /// The uid the owner tests give segments to.
 const NOBODY: u32 = 65534;
 
-/// Not a test: the entry point of child processes. Does nothing unless `SHMLOCK_TEST_ROLE` is set.
-#[test]
-fn child_process() {
-    let Some(ctx) = ChildCtx::from_env() else { return };
-    match ctx.role.as_str() {
-        "hold" => role_hold(&ctx),
-        other => panic!("unknown role {other:?}"),
-    }
+common::child_roles! {
+    "hold" => role_hold,
 }
 
 fn shm_path(segment: &str) -> PathBuf {

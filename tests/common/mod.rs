@@ -25,6 +25,27 @@
 
 pub(crate) mod cli;
 
+/// The `child_process` entry point of a test binary whose children play `roles`: each
+/// `"role" => function` runs `function(&ctx)` in a child spawned with that role. Not a test: it
+/// does nothing unless `SHMLOCK_TEST_ROLE` is set (see the module docs).
+#[allow(unused_macros)] // not every test binary has children
+macro_rules! child_roles {
+    ($($role:literal => $f:path),* $(,)?) => {
+        /// Not a test: the entry point of child processes. Does nothing unless
+        /// `SHMLOCK_TEST_ROLE` is set.
+        #[test]
+        fn child_process() {
+            let Some(ctx) = common::ChildCtx::from_env() else { return };
+            match ctx.role.as_str() {
+                $($role => $f(&ctx),)*
+                other => panic!("unknown role {other:?}"),
+            }
+        }
+    };
+}
+#[allow(unused_imports)] // each test binary that has children uses it
+pub(crate) use child_roles;
+
 use std::fmt::{Debug, Display};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
