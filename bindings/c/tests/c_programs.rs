@@ -452,7 +452,7 @@ fn c_rust_and_shmlock_run_exclude_each_other_on_one_segment() {
     let mut cmd = Command::new(&shmlock);
     cmd.args(["run", "--segment", &seg.name, "interop", "--"])
         .arg(built().program("cases"))
-        .args(["busy", &seg.name, "interop", "parent"]);
+        .args(["busy", &seg.name, "interop", "keeper"]);
     check("shmlock run -- cases busy", run(cmd));
 }
 

@@ -1,6 +1,6 @@
 /* The C test programs' cases, one per subcommand (driven by tests/c_programs.rs):
  *   cases hold SEGMENT NAME exclusive|shared   lock, print "held", wait for EOF on stdin, unlock
- *   cases busy SEGMENT NAME HOLDER_PID          a held lock: try-lock busy, a timeout naming it
+ *   cases busy SEGMENT NAME HOLDER_PID|keeper   a held lock: try-lock busy, a timeout naming it
  *                                               (HOLDER_PID "parent": this process's parent)
  *   cases shared SEGMENT NAME                   a shared lock held: shared granted, exclusive busy
  *   cases died SEGMENT NAME                     the holder was SIGKILLed: owner_died, then not
@@ -48,8 +48,9 @@ static int busy(const char *seg, const char *name, const char *holder_pid) {
     char msg[256], want[64];
     size_t n = shmlock_last_error_message(msg, sizeof msg);
     CHECK(n > 0 && n < sizeof msg);
-    if (strcmp(holder_pid, "parent") == 0)
-        snprintf(want, sizeof want, "held by pid %d", (int)getppid());
+    if (strcmp(holder_pid, "keeper") == 0)
+        /* Under `shmlock run`, its keeper process holds the lock, labelled "run CMD". */
+        snprintf(want, sizeof want, " (run ");
     else
         snprintf(want, sizeof want, "held by pid %s", holder_pid);
     if (strstr(msg, "timed out") == NULL || strstr(msg, want) == NULL) {
