@@ -293,6 +293,22 @@ pub enum Error {
         /// What happened.
         why: String,
     },
+    /// A lock was lost while it was held or waited for: its backend's session ended without an
+    /// unlock (an etcd lease that expired or could not be renewed in time). The lock may now be
+    /// another's: stop using what it protected.
+    #[error("the lock was lost: {why}")]
+    Lost {
+        /// What ended the session.
+        why: String,
+    },
+    /// The etcd cluster refused a request or could not be reached (feature `etcd`).
+    #[error("etcd {endpoints}: {why}")]
+    Etcd {
+        /// The endpoints of the cluster, joined by commas.
+        endpoints: String,
+        /// What happened.
+        why: String,
+    },
     /// A system call failed.
     #[error("{op} failed{}", for_segment(.segment))]
     Io {

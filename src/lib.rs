@@ -36,6 +36,8 @@ pub mod config;
 #[cfg(feature = "daemon")]
 pub mod daemon;
 pub mod error;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 #[cfg(feature = "gateway")]
 pub mod gateway;
 pub mod lock;

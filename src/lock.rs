@@ -88,6 +88,14 @@ pub trait Guard {
     fn mode(&self) -> Mode {
         self.grant().mode
     }
+
+    /// True once the backend knows the lock is gone without an unlock, so it may be another's
+    /// (an etcd session whose lease expired or could not be renewed in time): stop using what
+    /// it protects. A backend that learns of a loss only when unlocking (a local lock taken by
+    /// `shmlock release --force`: the unlock returns [`Error::NotHeld`]) says false.
+    fn lost(&self) -> bool {
+        false
+    }
 }
 
 /// Locks by name: the one contract of [`Client`](crate::Client) (in shared memory) and

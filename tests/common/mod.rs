@@ -24,6 +24,8 @@
 #![allow(dead_code)]
 
 pub(crate) mod cli;
+#[cfg(feature = "etcd")]
+pub(crate) mod etcd;
 
 /// The `child_process` entry point of a test binary whose children play `roles`: each
 /// `"role" => function` runs `function(&ctx)` in a child spawned with that role. Not a test: it
