@@ -157,7 +157,13 @@ fn shared_mode_try_lock_and_timeouts_leave_nothing_behind() {
     assert!(matches!(c.try_lock("rw"), Err(Error::WouldBlock)));
     let t0 = Instant::now();
     match c.try_lock_for("rw", Duration::from_millis(300)) {
-        Err(Error::TimedOut { waited, .. }) => assert!(waited >= Duration::from_millis(300), "{waited:?}"),
+        Err(Error::TimedOut { waited, holder }) => {
+            assert!(waited >= Duration::from_millis(300), "{waited:?}");
+            let holder = holder.expect("the timeout names the holder");
+            assert_eq!(holder.pid, std::process::id());
+            assert_eq!(holder.holders, 2, "two shared holders");
+            assert!(holder.label.starts_with("a, lease "), "{}", holder.label);
+        }
         other => panic!("expected TimedOut, got {other:?}"),
     }
     assert!(t0.elapsed() >= Duration::from_millis(300));

@@ -371,6 +371,20 @@ fn an_idle_timeout_leaves_the_sessions_locks_owner_died() {
 }
 
 #[test]
+fn a_remote_guard_knows_it_is_lost_once_the_gateway_ended_its_session() {
+    let env = TestEnv::new("gw-lost");
+    let gw = serve(&env, |_| {});
+    let remote = RemoteClient::connect(gw.local_addr()).unwrap();
+    let g = remote.lock("l").unwrap();
+    assert!(!Guard::lost(&g), "a held lock is not lost");
+    // The gateway goes: the client learns it at its next exchange (a request, a keep-alive).
+    drop(gw);
+    assert!(remote.try_lock("other").is_err());
+    assert!(Guard::lost(&g), "the session ended: its locks were released");
+    assert!(g.unlock().is_err(), "unlocking a lost remote lock reports it");
+}
+
+#[test]
 fn a_remote_timeout_is_timed_out_naming_the_holder_and_a_bad_name_is_name_invalid() {
     let env = TestEnv::new("gw-typed");
     let gw = serve(&env, |_| {});

@@ -60,7 +60,7 @@ use etcd_client::{
 use tokio::time::{sleep, Instant};
 
 use crate::client::{FencingToken, Grant};
-use crate::error::{Error, Result};
+use crate::error::{Error, HolderInfo, Result};
 use crate::lock::{Guard, Locker, Wait, INTERRUPT_CHECK};
 use crate::owner::OpenedBy;
 use crate::table::Mode;
@@ -171,7 +171,8 @@ pub struct EtcdLock {
 
 /// Why a lock request stopped waiting without a grant.
 enum Stop {
-    Deadline,
+    /// The deadline passed; who held the lock then, where its key says.
+    Deadline(Option<HolderInfo>),
     Lost,
 }
 
@@ -418,10 +419,10 @@ impl EtcdClient {
                 match stop {
                     Stop::Lost => Err(lost_error(session)),
                     _ if session.is_lost() => Err(lost_error(session)),
-                    Stop::Deadline if matches!(wait, Wait::No) => withdrawn.map(|_| ()).and(Err(Error::WouldBlock)),
-                    Stop::Deadline => withdrawn.map(|_| ()).and(Err(Error::TimedOut {
+                    Stop::Deadline(_) if matches!(wait, Wait::No) => withdrawn.map(|_| ()).and(Err(Error::WouldBlock)),
+                    Stop::Deadline(holder) => withdrawn.map(|_| ()).and(Err(Error::TimedOut {
                         waited: started.elapsed(),
-                        holder: None,
+                        holder,
                     })),
                 }
             }
@@ -521,6 +522,7 @@ impl EtcdClient {
                 .await?;
             let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
             let queue = queue_of(pfx, resp.kvs());
+            let holder = holder_info(pfx, resp.kvs(), layout::holders(&queue) as u32);
             let Some(mine) = queue.iter().position(|q| q.key == key) else {
                 // Our key is gone: only the lease's end removes it.
                 session.mark_lost(format!(
@@ -534,7 +536,7 @@ impl EtcdClient {
                 return Ok(Ok(owner_died));
             };
             if deadline.is_some_and(|d| d <= Instant::now()) {
-                return Ok(Err(Stop::Deadline));
+                return Ok(Err(Stop::Deadline(holder)));
             }
             // Watch the one key we wait for, from the revision the range saw it at.
             let watched = self
@@ -575,7 +577,7 @@ impl EtcdClient {
                         _ => break None,
                     },
                     _ = lost.wait_for(|l| *l) => return Ok(Err(Stop::Lost)),
-                    _ = deadline_sleep => return Ok(Err(Stop::Deadline)),
+                    _ = deadline_sleep => return Ok(Err(Stop::Deadline(holder))),
                 }
             };
             drop(stream);
@@ -856,6 +858,30 @@ fn queue_of(pfx: &[u8], kvs: &[etcd_client::KeyValue]) -> Vec<Queued> {
             shared: parse_value(kv.value()).shared,
         })
         .collect()
+}
+
+/// Who holds the lock at `pfx` among `kvs` (sorted by create revision), for a timeout's
+/// message: known only when its key was put by shmlock (etcdctl's and Go's carry no pid).
+fn holder_info(pfx: &[u8], kvs: &[etcd_client::KeyValue], holders: u32) -> Option<HolderInfo> {
+    let kv = kvs.iter().find(|kv| layout::is_session_key(pfx, kv.key()))?;
+    let info = parse_value(kv.value());
+    let pid = info.pid?;
+    let held_for = info
+        .since_ms
+        .map(|since| Duration::from_millis(unix_ms().saturating_sub(since)))
+        .unwrap_or_default();
+    let label = format!(
+        "{}lease {:x} on {}",
+        info.label.map(|l| format!("{l}, ")).unwrap_or_default(),
+        kv.lease(),
+        info.host.as_deref().unwrap_or("?")
+    );
+    Some(HolderInfo {
+        pid,
+        label,
+        held_for,
+        holders: holders.max(1),
+    })
 }
 
 /// Worth another try: the member is unavailable, has no leader, or the connection broke.

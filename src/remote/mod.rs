@@ -522,6 +522,12 @@ impl<H: Deref<Target = RemoteClient>> Guard for RemoteLockGuard<H> {
         self.released = true;
         self.client.unlock(&self.name)
     }
+
+    /// True once the client has seen the connection end (at a request, or a keep-alive
+    /// exchange of its background thread): the gateway released the session's locks.
+    fn lost(&self) -> bool {
+        self.client.inner.is_closed()
+    }
 }
 
 impl<H: Deref<Target = RemoteClient>> Drop for RemoteLockGuard<H> {

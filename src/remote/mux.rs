@@ -205,6 +205,11 @@ impl Inner {
         }
     }
 
+    /// Has the connection ended (so the gateway released the session's locks)?
+    pub(super) fn is_closed(&self) -> bool {
+        lock(&self.state).closed.is_some()
+    }
+
     pub(super) fn closed_err(&self, st: &State) -> Error {
         self.conn_err(st.closed.clone().unwrap_or_else(|| "connection closed".into()))
     }
