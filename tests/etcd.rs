@@ -357,3 +357,55 @@ fn an_interrupted_wait_keeps_its_place_until_it_withdraws() {
     assert!(t0.elapsed() < Duration::from_secs(5));
     assert_eq!(queue_len(&a, "intr"), (1, 0), "the interrupted waiter left its key");
 }
+
+#[test]
+#[allow(unsafe_code)]
+fn a_forked_child_cannot_use_its_parents_client_and_leaves_its_locks_alone() {
+    let env = TestEnv::new("etcd-fork");
+    let etcd = EtcdCluster::start(&env.dir, 1);
+    let endpoints = etcd.endpoints();
+    let client = connect(&endpoints, 10, "parent");
+    let g = client.lock("a").expect("lock");
+    // SAFETY: the child runs only this block's code and leaves with _exit, running no
+    // destructors of the parent's state (the inherited client's drop is the code under test:
+    // it must neither end the parent's session nor wait for the parent's runtime thread).
+    match unsafe { nix::unistd::fork() }.expect("fork") {
+        nix::unistd::ForkResult::Child => {
+            let code = 'child: {
+                match client.try_lock("b") {
+                    Err(Error::ForkedClient { opened_by, pid }) if opened_by != pid => {}
+                    _ => break 'child 1,
+                }
+                if !matches!(client.locks(b""), Err(Error::ForkedClient { .. })) {
+                    break 'child 2;
+                }
+                drop(g);
+                drop(client);
+                let own = match EtcdClient::connect(endpoints.split(','), opts(10, "child")) {
+                    Ok(c) => c,
+                    Err(_) => break 'child 3,
+                };
+                if !matches!(own.try_lock("a"), Err(Error::WouldBlock)) {
+                    break 'child 4;
+                }
+                match own.lock("c").map(|g| g.unlock()) {
+                    Ok(Ok(())) => 0,
+                    _ => 5,
+                }
+            };
+            // SAFETY: _exit ends the child at once (no atexit handlers, no destructors).
+            unsafe { libc::_exit(code) }
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            let status = common::within("the forked child", move || nix::sys::wait::waitpid(child, None));
+            assert_eq!(
+                status.expect("waitpid"),
+                nix::sys::wait::WaitStatus::Exited(child, 0),
+                "the child's checks"
+            );
+            assert!(!g.lost());
+            assert_eq!(queue_len(&client, "a"), (1, 0), "the parent still holds");
+            g.unlock().expect("the parent's guard still unlocks");
+        }
+    }
+}

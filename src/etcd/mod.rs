@@ -112,7 +112,9 @@ impl Default for EtcdOptions {
 /// A session with an etcd cluster: one lease, one owner (re-locking a name it holds or waits for
 /// is [`Error::AlreadyHeld`]). Any number of threads may share it.
 pub struct EtcdClient {
-    rt: tokio::runtime::Runtime,
+    /// The runtime its requests run on (one worker thread); None only while it is dropped in
+    /// a forked child, which must not wait for a thread it does not have.
+    rt: Option<tokio::runtime::Runtime>,
     client: Client,
     opts: EtcdOptions,
     /// The endpoints, for messages.
@@ -231,7 +233,7 @@ impl EtcdClient {
             })?;
         let label = opts.label.clone().unwrap_or_else(program_name);
         Ok(EtcdClient {
-            rt,
+            rt: Some(rt),
             client,
             endpoints: shown,
             session: Mutex::new(session),
@@ -261,7 +263,7 @@ impl EtcdClient {
         let mut start = self.opts.prefix.clone();
         start.extend_from_slice(name_prefix);
         let end = layout::prefix_end(&start);
-        let resp = self.rt.block_on(self.retry("range", |mut c| {
+        let resp = self.rt().block_on(self.retry("range", |mut c| {
             let opts = GetOptions::new()
                 .with_range(end.clone())
                 .with_sort(SortTarget::Create, SortOrder::Ascend);
@@ -312,7 +314,7 @@ impl EtcdClient {
     pub fn put_delete(&self, key: &[u8]) -> Result<()> {
         self.opened_by.check()?;
         let lease = self.session()?.id;
-        self.rt.block_on(async {
+        self.rt().block_on(async {
             self.retry("put", |mut c| {
                 let key = key.to_vec();
                 async move {
@@ -330,19 +332,23 @@ impl EtcdClient {
         Ok(())
     }
 
+    fn rt(&self) -> &tokio::runtime::Runtime {
+        self.rt.as_ref().expect("the runtime lives as long as the client")
+    }
+
     /// The session for a new request: the current one, or a new one if it was lost.
     fn session(&self) -> Result<Arc<Session>> {
         let mut current = lock(&self.session);
         if current.is_lost() {
             let old = Arc::clone(&current);
             *current = self
-                .rt
+                .rt()
                 .block_on(Session::start(&self.client, self.opts.ttl, self.opts.request_timeout))
                 .map_err(|why| self.error(why))?;
             // The old lease may still live at the cluster (a partition that healed): revoke it,
             // so that no key of a session reported lost keeps a lock.
             let mut c = self.client.clone();
-            self.rt.spawn(async move {
+            self.rt().spawn(async move {
                 let _ = tokio::time::timeout(Duration::from_secs(30), c.lease_revoke(old.id)).await;
             });
         }
@@ -649,7 +655,7 @@ impl EtcdClient {
         }
         let outcome = this.session().and_then(|session| {
             let r = match interrupted {
-                None => this.rt.block_on(this.request(&session, name, mode, wait)),
+                None => this.rt().block_on(this.request(&session, name, mode, wait)),
                 Some(interrupted) => this.request_interruptible(&session, name, mode, wait, interrupted),
             };
             r.map(|(key, grant)| (session, key, grant))
@@ -684,14 +690,14 @@ impl EtcdClient {
         let mut request = std::pin::pin!(self.request(session, name, mode, wait));
         loop {
             let slice = self
-                .rt
+                .rt()
                 .block_on(async { tokio::time::timeout(INTERRUPT_CHECK, request.as_mut()).await });
             if let Ok(r) = slice {
                 return r;
             }
             if interrupted() {
                 let key = layout::session_key(&layout::name_prefix(&self.opts.prefix, name), session.id);
-                self.rt.block_on(self.delete(&key))?;
+                self.rt().block_on(self.delete(&key))?;
                 return Err(Error::Interrupted);
             }
         }
@@ -706,13 +712,16 @@ enum Enqueued {
 impl Drop for EtcdClient {
     fn drop(&mut self) {
         if self.opened_by.forked() {
-            return; // the parent's session: not this process's to end
+            // The parent's session: not this process's to end. Its runtime's worker thread is
+            // the parent's too: dropping the runtime would wait for it forever, so leak it.
+            std::mem::forget(self.rt.take());
+            return;
         }
         // Revoking the lease deletes every key of the session at once.
         let session = Arc::clone(&lock(&self.session));
         let mut c = self.client.clone();
         let timeout = self.opts.request_timeout.min(Duration::from_secs(2));
-        self.rt.block_on(async move {
+        self.rt().block_on(async move {
             let _ = tokio::time::timeout(timeout, c.lease_revoke(session.id)).await;
         });
     }
@@ -757,7 +766,7 @@ impl<H: Deref<Target = EtcdClient>> EtcdGuard<H> {
     /// was.
     pub fn wait_lost(&self, timeout: Option<Duration>) -> bool {
         let mut rx = self.session.subscribe();
-        self.client.rt.block_on(async {
+        self.client.rt().block_on(async {
             let lost = rx.wait_for(|l| *l);
             match timeout {
                 Some(t) => matches!(tokio::time::timeout(t, lost).await, Ok(Ok(_))),
@@ -786,7 +795,7 @@ impl<H: Deref<Target = EtcdClient>> EtcdGuard<H> {
         if self.session.is_lost() {
             return Err(lost_error(&self.session));
         }
-        match client.rt.block_on(client.delete(&self.key)) {
+        match client.rt().block_on(client.delete(&self.key)) {
             Ok(true) => Ok(()),
             Ok(false) => {
                 // Only the lease's end deletes our key behind our back.
