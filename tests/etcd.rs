@@ -409,3 +409,31 @@ fn a_forked_child_cannot_use_its_parents_client_and_leaves_its_locks_alone() {
         }
     }
 }
+
+#[test]
+fn a_revoked_lease_loses_its_locks_and_the_next_request_opens_a_new_session() {
+    let env = TestEnv::new("etcd-revoke");
+    let etcd = EtcdCluster::start(&env.dir, 1);
+    let client = connect(&etcd.endpoints(), 10, "revoked");
+    let other = connect(&etcd.endpoints(), 10, "other");
+    let g = client.lock("held").expect("lock");
+    let blocker = other.lock("waited").expect("lock");
+    let old = client.lease_id();
+    std::thread::scope(|s| {
+        // A waiter of the revoked session: it held nothing, so it goes on in a new session.
+        let w = s.spawn(|| client.lock("waited").map(|g| g.lease_id()));
+        wait_until("the waiter to queue", || queue_len(&other, "waited") == (1, 1));
+        assert!(etcdctl(&etcd.endpoints(), &["lease", "revoke", &format!("{old:x}")]).is_some());
+        assert!(g.wait_lost(Some(Duration::from_secs(10))), "the holder was not told");
+        assert!(g.lost_reason().is_some_and(|r| r.contains("expired or was revoked")), "{:?}", g.lost_reason());
+        wait_until("the waiter to queue again, in its new session", || {
+            queue_len(&other, "waited") == (1, 1) && client.lease_id() != old
+        });
+        blocker.unlock().expect("unlock");
+        let lease = w.join().expect("waiter").expect("the waiter is granted in its new session");
+        assert_ne!(lease, old);
+    });
+    assert!(matches!(g.unlock(), Err(Error::Lost { .. })));
+    // The held lock went with the lease: another client takes it at once.
+    other.try_lock("held").expect("the revoked session's lock is free");
+}

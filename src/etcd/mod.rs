@@ -364,12 +364,21 @@ impl EtcdClient {
 
     /// Runs one request, again while it fails for a reason that another member or a moment
     /// may cure (unavailable, no leader, a broken connection), for at most the request timeout.
-    async fn retry<T, F, Fut>(&self, what: &str, mut call: F) -> Result<T>
+    async fn retry<T, F, Fut>(&self, what: &str, call: F) -> Result<T>
     where
         F: FnMut(Client) -> Fut,
         Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
     {
-        let until = Instant::now() + self.opts.request_timeout;
+        self.retry_by(what, Instant::now() + self.opts.request_timeout, call)
+            .await
+    }
+
+    /// [`retry`](Self::retry), giving up at `until`.
+    async fn retry_by<T, F, Fut>(&self, what: &str, until: Instant, mut call: F) -> Result<T>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
         loop {
             match tokio::time::timeout_at(until, call(self.client.clone())).await {
                 Ok(Ok(v)) => return Ok(v),
@@ -404,12 +413,19 @@ impl EtcdClient {
         let pfx = layout::name_prefix(&self.opts.prefix, name);
         let key = layout::session_key(&pfx, session.id);
         let shared = mode == Mode::Shared;
-        let my_rev = self.enqueue(session, &pfx, &key, mode).await?;
-        let my_rev = match my_rev {
-            Enqueued::Granted(rev) => {
-                return Ok((key, grant(rev, false, mode)));
+        let my_rev = match self.enqueue(session, &pfx, &key, mode).await {
+            Ok(Enqueued::Granted(rev)) => return Ok((key, grant(rev, false, mode))),
+            Ok(Enqueued::Busy(_)) if wait == Wait::No => {
+                self.delete(&key).await?;
+                return Err(Error::WouldBlock);
             }
-            Enqueued::Queued(rev) => rev,
+            Ok(Enqueued::Busy(rev) | Enqueued::Queued(rev)) => rev,
+            Err(e) => {
+                // The put may have been applied before the answer was lost: take it back, so
+                // that no key of ours queues for a request that failed.
+                let _ = self.delete(&key).await;
+                return Err(if session.is_lost() { lost_error(session) } else { e });
+            }
         };
         let deadline = match wait {
             Wait::No => Some(Instant::now()),
@@ -467,7 +483,16 @@ impl EtcdClient {
                     let txn = txn.clone();
                     async move { c.txn(txn).await }
                 })
-                .await?;
+                .await
+                .inspect_err(|e| {
+                    // Our lease is gone at the cluster (it expired while nothing renewed it).
+                    if matches!(e, Error::Etcd { why, .. } if why.contains("lease not found")) {
+                        session.mark_lost(format!(
+                            "lease {:x} is not found at the cluster: it expired",
+                            session.id
+                        ));
+                    }
+                })?;
             let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
             let ops = resp.op_responses();
             let first_kv = |i: usize| match ops.get(i) {
@@ -493,6 +518,14 @@ impl EtcdClient {
             }
             return Ok(match first_kv(1) {
                 Some(kv) if kv.create_revision() == my_rev => Enqueued::Granted(my_rev),
+                // An older exclusive session key of this very name: busy, without a range.
+                Some(kv)
+                    if mode == Mode::Exclusive
+                        && layout::is_session_key(pfx, kv.key())
+                        && !parse_value(kv.value()).shared =>
+                {
+                    Enqueued::Busy(my_rev)
+                }
                 _ => Enqueued::Queued(my_rev),
             });
         }
@@ -516,16 +549,34 @@ impl EtcdClient {
                 return Ok(Err(Stop::Lost));
             }
             // The keys up to ours, oldest first.
-            let resp = self
-                .retry("range", |mut c| {
-                    let opts = GetOptions::new()
-                        .with_prefix()
-                        .with_sort(SortTarget::Create, SortOrder::Ascend)
-                        .with_max_create_revision(my_rev);
-                    let pfx = pfx.to_vec();
-                    async move { c.get(pfx, Some(opts)).await }
-                })
-                .await?;
+            let until = Instant::now() + self.opts.request_timeout;
+            let ranged = self
+                .retry_by(
+                    "range",
+                    deadline.map_or(until, |d| d.max(Instant::now()).min(until)),
+                    |mut c| {
+                        let opts = GetOptions::new()
+                            .with_prefix()
+                            .with_sort(SortTarget::Create, SortOrder::Ascend)
+                            .with_max_create_revision(my_rev);
+                        let pfx = pfx.to_vec();
+                        async move { c.get(pfx, Some(opts)).await }
+                    },
+                )
+                .await;
+            let resp = match ranged {
+                Ok(r) => r,
+                Err(_) if session.is_lost() => return Ok(Err(Stop::Lost)),
+                Err(_) if deadline.is_some_and(|d| d <= Instant::now()) => return Ok(Err(Stop::Deadline(None))),
+                // The cluster answers keep-alives meanwhile: not an outage, a failure to report.
+                Err(e) if session.answered_within(self.opts.request_timeout / 2) => return Err(e),
+                // An outage (a leader's election, a partition): wait on, until it ends, the
+                // deadline passes, or the session is lost.
+                Err(_) => {
+                    sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
             let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
             let queue = queue_of(pfx, resp.kvs());
             let holder = holder_info(pfx, resp.kvs(), layout::holders(&queue) as u32);
@@ -653,13 +704,30 @@ impl EtcdClient {
         if !lock(&this.names).insert(name.to_vec()) {
             return Err(Error::AlreadyHeld);
         }
-        let outcome = this.session().and_then(|session| {
-            let r = match interrupted {
-                None => this.rt().block_on(this.request(&session, name, mode, wait)),
-                Some(interrupted) => this.request_interruptible(&session, name, mode, wait, interrupted),
+        let mut interrupted = interrupted;
+        let mut outcome;
+        let mut attempt = 0;
+        loop {
+            outcome = this.session().and_then(|session| {
+                let r = match interrupted.as_deref_mut() {
+                    None => this.rt().block_on(this.request(&session, name, mode, wait)),
+                    Some(interrupted) => this.request_interruptible(&session, name, mode, wait, interrupted),
+                };
+                r.map(|(key, grant)| (session, key, grant))
+            });
+            // A session lost while this request waited (or before it, unnoticed) held nothing
+            // of it: once, go on in a new session (whose creation fails if the cluster is
+            // still unreachable), unless the deadline has passed.
+            let expired = match wait {
+                Wait::No => false,
+                Wait::Until(d) => d <= std::time::Instant::now(),
+                Wait::Forever => false,
             };
-            r.map(|(key, grant)| (session, key, grant))
-        });
+            attempt += 1;
+            if !(matches!(outcome, Err(Error::Lost { .. })) && attempt < 2 && !expired) {
+                break;
+            }
+        }
         match outcome {
             Ok((session, key, grant)) => Ok(EtcdGuard {
                 client: this,
@@ -705,7 +773,12 @@ impl EtcdClient {
 }
 
 enum Enqueued {
+    /// Ours is the oldest key: granted, at this create revision.
     Granted(i64),
+    /// Behind an older exclusive key: a one-try request is busy (the key must be taken back);
+    /// queued at this create revision.
+    Busy(i64),
+    /// Queued at this create revision (whether something blocks it needs the queue).
     Queued(i64),
 }
 

@@ -25,6 +25,8 @@ pub(crate) struct Session {
     why: Mutex<Option<String>>,
     /// Flips to true once, when the session is lost; waits select on it.
     tx: watch::Sender<bool>,
+    /// When the last keep-alive answer (or the grant) came.
+    answered: Mutex<Instant>,
 }
 
 impl Session {
@@ -46,6 +48,7 @@ impl Session {
             lost: AtomicBool::new(false),
             why: Mutex::new(None),
             tx,
+            answered: Mutex::new(Instant::now()),
         });
         let granted = Duration::from_secs(grant.ttl().max(1) as u64);
         tokio::spawn(keep_alive(
@@ -66,6 +69,12 @@ impl Session {
     /// Why it was lost, once it was.
     pub(crate) fn why(&self) -> Option<String> {
         self.why.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Did the cluster answer a keep-alive within the last `d`? (Then it is reachable and has a
+    /// leader: a request that keeps failing meanwhile fails for a reason of its own.)
+    pub(crate) fn answered_within(&self, d: Duration) -> bool {
+        self.answered.lock().unwrap_or_else(|e| e.into_inner()).elapsed() < d
     }
 
     /// A receiver that sees `true` once the session is lost.
@@ -138,6 +147,7 @@ async fn keep_alive(session: std::sync::Weak<Session>, client: Client, mut expir
             }
             Ok((at, left)) => {
                 expires = at + Duration::from_secs(left as u64);
+                *s.answered.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
                 drop(s);
                 let next = (sent + period).min(expires);
                 tokio::time::sleep_until(next).await;
