@@ -425,12 +425,19 @@ fn a_revoked_lease_loses_its_locks_and_the_next_request_opens_a_new_session() {
         wait_until("the waiter to queue", || queue_len(&other, "waited") == (1, 1));
         assert!(etcdctl(&etcd.endpoints(), &["lease", "revoke", &format!("{old:x}")]).is_some());
         assert!(g.wait_lost(Some(Duration::from_secs(10))), "the holder was not told");
-        assert!(g.lost_reason().is_some_and(|r| r.contains("expired or was revoked")), "{:?}", g.lost_reason());
+        assert!(
+            g.lost_reason().is_some_and(|r| r.contains("expired or was revoked")),
+            "{:?}",
+            g.lost_reason()
+        );
         wait_until("the waiter to queue again, in its new session", || {
             queue_len(&other, "waited") == (1, 1) && client.lease_id() != old
         });
         blocker.unlock().expect("unlock");
-        let lease = w.join().expect("waiter").expect("the waiter is granted in its new session");
+        let lease = w
+            .join()
+            .expect("waiter")
+            .expect("the waiter is granted in its new session");
         assert_ne!(lease, old);
     });
     assert!(matches!(g.unlock(), Err(Error::Lost { .. })));

@@ -967,7 +967,7 @@ fn holder_info(pfx: &[u8], kvs: &[etcd_client::KeyValue], holders: u32) -> Optio
 }
 
 /// Worth another try: the member is unavailable, has no leader, or the connection broke.
-fn transient(e: &etcd_client::Error) -> bool {
+pub(crate) fn transient(e: &etcd_client::Error) -> bool {
     match e {
         etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
         etcd_client::Error::GRpcStatus(s) => matches!(

@@ -37,11 +37,24 @@ impl Session {
         request_timeout: Duration,
     ) -> Result<Arc<Session>, String> {
         let secs = ttl.as_secs().max(1) as i64;
-        let sent = Instant::now();
-        let grant = tokio::time::timeout(request_timeout, client.clone().lease_grant(secs, None))
-            .await
-            .map_err(|_| format!("granting a lease took longer than {request_timeout:?}"))?
-            .map_err(|e| format!("granting a lease: {e}"))?;
+        let until = Instant::now() + request_timeout;
+        let (sent, grant) = loop {
+            let sent = Instant::now();
+            match timeout_at(until, client.clone().lease_grant(secs, None)).await {
+                Ok(Ok(grant)) => break (sent, grant),
+                // A member that went away, an election: another try, until the request timeout.
+                Ok(Err(e)) if super::transient(&e) && Instant::now() + Duration::from_millis(50) < until => {
+                    sleep(Duration::from_millis(50)).await;
+                }
+                Ok(Err(e)) => return Err(format!("granting a lease: {e}")),
+                Err(_) => {
+                    return Err(format!(
+                        "granting a lease: no answer within {} (is a majority of the cluster up?)",
+                        crate::clock::human(request_timeout)
+                    ))
+                }
+            }
+        };
         let (tx, _) = watch::channel(false);
         let session = Arc::new(Session {
             id: grant.id(),
