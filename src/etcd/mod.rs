@@ -123,6 +123,8 @@ pub struct EtcdClient {
     session: Mutex<Arc<Session>>,
     /// The names this client holds or waits for.
     names: Mutex<HashSet<Vec<u8>>>,
+    /// A delete of one of its keys failed: the session may hold a key nobody will delete.
+    dirty: std::sync::atomic::AtomicBool,
     host: String,
     label: String,
     opened_by: OpenedBy,
@@ -238,6 +240,7 @@ impl EtcdClient {
             endpoints: shown,
             session: Mutex::new(session),
             names: Mutex::new(HashSet::new()),
+            dirty: std::sync::atomic::AtomicBool::new(false),
             host: hostname(),
             label,
             opts,
@@ -403,7 +406,8 @@ impl EtcdClient {
                 let key = key.to_vec();
                 async move { c.delete(key, None).await }
             })
-            .await?;
+            .await
+            .inspect_err(|_| self.dirty.store(true, std::sync::atomic::Ordering::Release))?;
         Ok(resp.deleted() > 0)
     }
 
@@ -549,20 +553,15 @@ impl EtcdClient {
                 return Ok(Err(Stop::Lost));
             }
             // The keys up to ours, oldest first.
-            let until = Instant::now() + self.opts.request_timeout;
             let ranged = self
-                .retry_by(
-                    "range",
-                    deadline.map_or(until, |d| d.max(Instant::now()).min(until)),
-                    |mut c| {
-                        let opts = GetOptions::new()
-                            .with_prefix()
-                            .with_sort(SortTarget::Create, SortOrder::Ascend)
-                            .with_max_create_revision(my_rev);
-                        let pfx = pfx.to_vec();
-                        async move { c.get(pfx, Some(opts)).await }
-                    },
-                )
+                .retry("range", |mut c| {
+                    let opts = GetOptions::new()
+                        .with_prefix()
+                        .with_sort(SortTarget::Create, SortOrder::Ascend)
+                        .with_max_create_revision(my_rev);
+                    let pfx = pfx.to_vec();
+                    async move { c.get(pfx, Some(opts)).await }
+                })
                 .await;
             let resp = match ranged {
                 Ok(r) => r,
@@ -790,7 +789,14 @@ impl Drop for EtcdClient {
             std::mem::forget(self.rt.take());
             return;
         }
-        // Revoking the lease deletes every key of the session at once.
+        // Every guard is gone, and each deleted its key: the lease holds nothing and expires by
+        // itself within its TTL. It is not revoked, because a waiter that saw our last unlock
+        // asks whether our lease lives to tell an unlock from a death: a revocation right
+        // after the unlock would make it see a death. Only if a key of ours may remain (a
+        // delete failed) is the lease revoked, which deletes every key of it at once.
+        if !self.dirty.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         let session = Arc::clone(&lock(&self.session));
         let mut c = self.client.clone();
         let timeout = self.opts.request_timeout.min(Duration::from_secs(2));
