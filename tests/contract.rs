@@ -1,6 +1,7 @@
 //! The locking contract ([`Locker`], [`Guard`]) as users rely on it, written once and run on
-//! every backend: a local [`Client`] and a [`RemoteClient`] through a gateway served in this
-//! process. A behaviour one backend has and the other lacks fails here.
+//! every backend: a local [`Client`], a [`RemoteClient`] through a gateway served in this
+//! process, and (feature `etcd`) an `EtcdClient` on a one-member etcd started for the test. A
+//! behaviour one backend has and another lacks fails here.
 
 mod common;
 
@@ -39,6 +40,32 @@ impl Backend for Remote {
     fn open(&self, _: &str) -> RemoteClient {
         RemoteClient::connect(self.gw.local_addr()).expect("connect to the gateway")
     }
+}
+
+#[cfg(feature = "etcd")]
+struct Etcd {
+    // Declared first so the member stops before its directory goes.
+    etcd: common::etcd::EtcdCluster,
+    _env: TestEnv,
+}
+
+#[cfg(feature = "etcd")]
+impl Backend for Etcd {
+    type L = shmlock::etcd::EtcdClient;
+    fn open(&self, label: &str) -> shmlock::etcd::EtcdClient {
+        let opts = shmlock::etcd::EtcdOptions {
+            label: Some(label.into()),
+            ..Default::default()
+        };
+        shmlock::etcd::EtcdClient::connect(self.etcd.urls(), opts).expect("connect to etcd")
+    }
+}
+
+#[cfg(feature = "etcd")]
+fn etcd(test: &str) -> Etcd {
+    let env = TestEnv::new(test);
+    let etcd = common::etcd::EtcdCluster::start(&env.dir, 1);
+    Etcd { etcd, _env: env }
 }
 
 fn local(test: &str) -> Local {
@@ -332,4 +359,40 @@ fn bad_names_local() {
 #[test]
 fn bad_names_remote() {
     bad_names(&remote("c-names-r"));
+}
+
+/// The contract on etcd (feature `etcd`; needs `etcd` on PATH).
+#[cfg(feature = "etcd")]
+mod on_etcd {
+    use super::*;
+
+    #[test]
+    fn interruptible_etcd() {
+        interruptible(&etcd("c-intr-e"));
+    }
+
+    #[test]
+    fn forked_etcd() {
+        forked(&etcd("c-fork-e"));
+    }
+
+    #[test]
+    fn exclusive_etcd() {
+        exclusive(&etcd("c-excl-e"));
+    }
+
+    #[test]
+    fn shared_etcd() {
+        shared(&etcd("c-shared-e"));
+    }
+
+    #[test]
+    fn owned_guards_etcd() {
+        owned(&etcd("c-owned-e"));
+    }
+
+    #[test]
+    fn bad_names_etcd() {
+        bad_names(&etcd("c-names-e"));
+    }
 }
