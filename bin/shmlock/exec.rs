@@ -138,6 +138,9 @@ pub(crate) enum Place {
         token: Option<String>,
         tls: Option<shmlock::remote::TlsOptions>,
     },
+    /// On an etcd cluster (`--etcd`, see `crate::etcd`).
+    #[cfg(feature = "etcd")]
+    Etcd(crate::etcd::Target),
 }
 
 impl Place {
@@ -146,6 +149,8 @@ impl Place {
         match self {
             Place::Local { segment, .. } => format!("segment:{}", escape_name(segment.as_bytes())),
             Place::Remote { addr, .. } => format!("gateway:{}", escape_name(addr.as_bytes())),
+            #[cfg(feature = "etcd")]
+            Place::Etcd(t) => t.key(),
         }
     }
 }
