@@ -277,7 +277,11 @@ mod imp {
         let mut rows = Vec::new();
         for l in locks {
             let keys = l.holders.iter().map(|k| ("holds".to_string(), k));
-            let waits = l.waiters.iter().enumerate().map(|(i, k)| (format!("waits #{}", i + 1), k));
+            let waits = l
+                .waiters
+                .iter()
+                .enumerate()
+                .map(|(i, k)| (format!("waits #{}", i + 1), k));
             for (state, k) in keys.chain(waits) {
                 rows.push(vec![
                     escape_name(&l.name),
@@ -391,11 +395,7 @@ mod imp {
                     "lost the etcd session at {} while locking \"{shown}\": {why}",
                     self.target.shown()
                 ),
-                e => anyhow!(
-                    "cannot lock \"{shown}\" on etcd at {}: {}",
-                    self.target.shown(),
-                    why(e)
-                ),
+                e => anyhow!("cannot lock \"{shown}\" on etcd at {}: {}", self.target.shown(), why(e)),
             }
         }
         /// The wait keeps its place in the queue while it asks whether the wrapper is gone; then
@@ -501,17 +501,35 @@ mod imp {
             let l = EtcdLock {
                 name: b"a\xffb".to_vec(),
                 holders: vec![key(0x1f, 7, KeyInfo::default())],
-                waiters: vec![key(0x2a, 9, ours.clone()), key(0x3b, 12, KeyInfo { shared: true, ..ours })],
+                waiters: vec![
+                    key(0x2a, 9, ours.clone()),
+                    key(0x3b, 12, KeyInfo { shared: true, ..ours }),
+                ],
             };
             let text = locks_text(std::slice::from_ref(&l), now);
             let lines: Vec<&str> = text.lines().collect();
             assert_eq!(lines.len(), 4, "{text}");
             assert!(lines[0].starts_with("NAME") && lines[0].ends_with("REVISION"), "{text}");
             let cells = |i: usize| lines[i].split_whitespace().collect::<Vec<_>>();
-            assert_eq!(cells(1), ["a\\xffb", "holds", "exclusive", "1f", "-", "-", "-", "-", "7"]);
+            assert_eq!(
+                cells(1),
+                ["a\\xffb", "holds", "exclusive", "1f", "-", "-", "-", "-", "7"]
+            );
             assert_eq!(
                 cells(2),
-                ["a\\xffb", "waits", "#1", "exclusive", "2a", "5.6s", "42", "box", "run", "make", "9"]
+                [
+                    "a\\xffb",
+                    "waits",
+                    "#1",
+                    "exclusive",
+                    "2a",
+                    "5.6s",
+                    "42",
+                    "box",
+                    "run",
+                    "make",
+                    "9"
+                ]
             );
             assert_eq!(cells(3)[2..4], ["#2", "shared"]);
             let j = lock_json(&l, now);
