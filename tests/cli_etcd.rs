@@ -247,6 +247,30 @@ fn the_command_sees_its_grant_and_tokens_are_create_revisions_that_grow() {
         tokens.push(token);
     }
     assert!(tokens.windows(2).all(|w| w[0] < w[1]), "tokens grow: {tokens:?}");
+    // A nested run on the lock its enclosing run holds would wait for itself: refused at once.
+    let o = shmlock(
+        &env,
+        &[
+            "run",
+            "--etcd",
+            &u,
+            "orders/42",
+            "--",
+            env!("CARGO_BIN_EXE_shmlock"),
+            "run",
+            "--etcd",
+            &u,
+            "orders/42",
+            "--",
+            "true",
+        ],
+    );
+    assert_code(&o, EX_TEMPFAIL);
+    assert!(
+        stderr(&o).contains("held by an enclosing `shmlock run`"),
+        "{}",
+        stderr(&o)
+    );
     // etcdctl sees the same key, under the name with no prefix.
     assert!(etcdctl(&u, &["get", "--prefix", "orders/42/"]).is_some_and(|o| o.trim().is_empty()));
 }
@@ -340,6 +364,62 @@ fn kill_9_of_the_wrapper_leaves_the_lock_with_the_command() {
         "the second run started before the command ended, or was not told"
     );
     wait_until("the lock to be free", || queue(&r, "job") == (0, 0));
+}
+
+#[test]
+fn a_killed_keeper_loses_the_lock_when_its_lease_expires_and_the_wrapper_says_so() {
+    // As locally, `kill -9` of the keeper's own pid is the one way to lose the lock early: on
+    // etcd its lease expires after the TTL, and the next holder is told the owner died.
+    let env = TestEnv::new("ce_kill_keeper");
+    let etcd = EtcdCluster::start(&env.dir, 1);
+    let u = etcd.endpoints();
+    let d = dir(&env);
+    let script = format!("{}; {}", mark("started"), await_go("go"));
+    let w = start(
+        &env,
+        "first",
+        &[
+            "run",
+            "--etcd",
+            &u,
+            "--etcd-ttl",
+            "2",
+            "--lost-exit-code",
+            "9",
+            "job",
+            "sh",
+            "-c",
+            &script,
+            "sh",
+            &d,
+        ],
+    );
+    await_file(&env.path("started"));
+    let r = reader(&etcd);
+    let locks = r.locks(b"job").expect("locks");
+    let keeper = locks[0].holders[0].info.pid.expect("the keeper's pid in its key");
+    assert_ne!(keeper, w.id(), "the keeper holds the lock, not the wrapper");
+    let comm = fs::read_to_string(format!("/proc/{keeper}/comm")).expect("comm");
+    assert_eq!(comm.trim_end(), "shmlock-keeper");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(keeper as i32), nix::sys::signal::SIGKILL).expect("kill");
+    let next = r#"echo "died=$SHMLOCK_OWNER_DIED"; [ -e "$1/go" ] && echo after || echo before"#;
+    let o = shmlock(
+        &env,
+        &["run", "--etcd", &u, "-w", "20", "job", "sh", "-c", next, "sh", &d],
+    );
+    assert_code(&o, 0);
+    assert_eq!(
+        stdout(&o),
+        "died=1\nbefore\n",
+        "granted while the command still ran, told"
+    );
+    signal(&env.path("go"), "");
+    assert_eq!(exit_code(w), Some(9), "{}", err_of(&env, "first"));
+    assert!(
+        err_of(&env, "first").contains("ended without releasing"),
+        "{}",
+        err_of(&env, "first")
+    );
 }
 
 #[test]

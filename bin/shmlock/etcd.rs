@@ -41,13 +41,13 @@ pub(crate) struct EtcdArgs {
         conflicts_with = "remote"
     )]
     pub(crate) etcd: Vec<String>,
-    /// With --etcd: the session's lease TTL, in whole seconds: how long after shmlock is killed
-    /// or cut off its lock stays held, and how long the cluster may be unreachable before the
-    /// lock is reported lost [default: 10].
+    /// With --etcd: the session's lease TTL, in whole seconds: how long a lock stays held after
+    /// its holder (`run`'s keeper) is killed or cut off, and how long the cluster may be
+    /// unreachable before a held lock is reported lost [default: 10].
     #[arg(long, value_name = "SECONDS", requires = "etcd", value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub(crate) etcd_ttl: Option<u64>,
-    /// With --etcd: put PREFIX (bytes, as given) before every lock name to make its key prefix,
-    /// `PREFIX` `NAME` `/` [default: none, so that `etcdctl lock NAME` is the same lock].
+    /// With --etcd: put PREFIX (bytes, as given) before every lock name: lock NAME's keys are
+    /// PREFIXNAME/LEASE [default: none, so that `etcdctl lock NAME` is the same lock].
     #[arg(long, value_name = "PREFIX", requires = "etcd")]
     pub(crate) etcd_prefix: Option<OsString>,
 }

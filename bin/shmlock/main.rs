@@ -84,11 +84,19 @@ enum Command {
         remote: RemoteArgs,
     },
     /// Every lock held or waited on: holders, how long, waiters, token; longest held first.
-    #[command(after_help = "Examples:\n  shmlock locks\n  shmlock locks --name-prefix orders/ \
+    #[command(
+        after_help = "With --etcd: one line per key of each lock, its holders and then its waiters in \
+                            queue order (locks whose oldest key is oldest first): STATE, MODE, LEASE (the \
+                            session's lease id, hex), AGE (since the key was put, by its host's clock), \
+                            PID, HOST and LABEL as shmlock put them (`-` for the keys of `etcdctl lock` \
+                            and other clients, which say nothing), REVISION (the key's create revision: a \
+                            holder's fencing token). --held-longer-than compares the holders' AGE.\n\n\
+                            Examples:\n  shmlock locks\n  shmlock locks --name-prefix orders/ \
                             --held-longer-than 30s\n  shmlock locks --json | jq '.[0].holders'\n  \
                             shmlock locks --died\n  \
                             shmlock locks --remote 10.0.0.5:7411 --auth-token-file /etc/shmlock/token\n  \
-                            shmlock locks --etcd http://10.0.0.1:2379,http://10.0.0.2:2379 --json")]
+                            shmlock locks --etcd http://10.0.0.1:2379,http://10.0.0.2:2379 --json"
+    )]
     Locks(LocksArgs),
     /// Every registered owner (client handle): pid, kind, label, alive or dead, locks held.
     #[command(after_help = "Example:\n  shmlock owners --json | jq '.[] | select(.alive | not)'")]
