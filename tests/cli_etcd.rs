@@ -455,6 +455,9 @@ fn a_wrapper_killed_while_it_waits_leaves_no_request_behind() {
     );
     let r = reader(&etcd);
     wait_until("the run to queue", || queue(&r, "job") == (1, 1));
+    // Its first try (without waiting) puts a key and withdraws it: the key seen now is its wait's.
+    std::thread::sleep(Duration::from_millis(300));
+    wait_until("the run to wait", || queue(&r, "job") == (1, 1));
     waiter.kill().expect("SIGKILL");
     waiter.wait().expect("reap");
     // Withdrawn by the keeper, long before its lease would have expired.
