@@ -422,6 +422,46 @@ fn a_killed_keeper_loses_the_lock_when_its_lease_expires_and_the_wrapper_says_so
     );
 }
 
+/// A bug in `src/etcd`, shown deterministically (ignored until it is fixed, see the report): a
+/// waiter that looks at its predecessor's lease after the predecessor unlocked cleanly *and* its
+/// client was dropped (`EtcdClient`'s drop revokes the lease) finds the lease gone and reports
+/// the owner died. Through the CLI: the holder's keeper unlocks, exits and so revokes; a waiting
+/// keeper that is slow to look (here: stopped meanwhile) tells its command the owner died.
+#[test]
+#[ignore = "src/etcd: a clean unlock followed by the client's drop (which revokes the lease) reads as an owner death"]
+fn a_clean_release_is_no_owner_death_even_to_a_slow_waiter() {
+    let env = TestEnv::new("ce_slow_waiter");
+    let etcd = EtcdCluster::start(&env.dir, 1);
+    let u = etcd.endpoints();
+    let d = dir(&env);
+    let script = format!("{}; {}", mark("held"), await_go("go"));
+    let holder = start(
+        &env,
+        "holder",
+        &["run", "--etcd", &u, "job", "sh", "-c", &script, "sh", &d],
+    );
+    await_file(&env.path("held"));
+    let next = r#"echo "died=$SHMLOCK_OWNER_DIED""#;
+    let waiter = start(&env, "waiter", &["run", "--etcd", &u, "job", "sh", "-c", next]);
+    let r = reader(&etcd);
+    wait_until("the run to queue", || queue(&r, "job") == (1, 1));
+    std::thread::sleep(Duration::from_millis(300));
+    let locks = r.locks(b"job").expect("locks");
+    let keeper = locks[0].waiters[0].info.pid.expect("the waiting keeper's pid");
+    let keeper = nix::unistd::Pid::from_raw(keeper as i32);
+    nix::sys::signal::kill(keeper, nix::sys::signal::SIGSTOP).expect("stop the waiting keeper");
+    signal(&env.path("go"), "");
+    // A clean end: the holder's keeper unlocked, then exited (its wrapper waits for it).
+    assert_eq!(exit_code(holder), Some(0), "{}", err_of(&env, "holder"));
+    nix::sys::signal::kill(keeper, nix::sys::signal::SIGCONT).expect("resume the waiting keeper");
+    assert_eq!(exit_code(waiter), Some(0), "{}", err_of(&env, "waiter"));
+    assert_eq!(
+        out_of(&env, "waiter"),
+        "died=0\n",
+        "told the owner died after a clean release"
+    );
+}
+
 #[test]
 fn a_wrapper_killed_while_it_waits_leaves_no_request_behind() {
     let env = TestEnv::new("ce_kill_waiting");
