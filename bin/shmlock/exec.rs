@@ -53,6 +53,12 @@
 //! the keeper says so on stderr at once and again when the command ends. The command keeps
 //! running, since stopping it half-way may do more harm than running it unprotected; with
 //! `--kill-on-loss` it is sent SIGTERM instead.
+//!
+//! # On etcd (`--etcd URL[,URL...]`)
+//! The same with an etcd session (`crate::etcd`) in place of the gateway session: the keeper's
+//! lease is kept alive by the client, the loss is its lease not renewed within its TTL (or gone
+//! at the cluster), and an abandoned lock goes with the lease (revoked as the keeper exits, or
+//! expired), which tells the next holder that the owner died.
 
 use std::ffi::{OsStr, OsString};
 use std::io::{BufRead, BufReader, Write};
@@ -107,14 +113,24 @@ not had (-n and busy, -w and timed out, or a nested run on a lock an enclosing `
 this process holds, which would wait for itself forever: refused at once, unless both are shared,
 and then it may still wait behind a queued exclusive request that waits for the enclosing run);
 127 or 126 when CMD cannot be found or run; 2 on errors. A lock lost while CMD ran (taken away
-with `shmlock release --force`, or a gateway session lost) is reported on stderr, and the status
-stays CMD's unless --lost-exit-code N is given.
+with `shmlock release --force`, a gateway session lost, or an etcd session's lease) is reported
+on stderr, and the status stays CMD's unless --lost-exit-code N is given.
 
 With --remote the lock is held by the keeper's gateway session, which stays up while CMD runs
 even if shmlock is killed. If the session is lost (connection broken, or no answer within the
 gateway's idle timeout), the lock is gone at once: shmlock says so on stderr, lets CMD run on
 (or sends it SIGTERM with --kill-on-loss). If the keeper is killed, the session ends and the
 gateway releases the lock with the owner-died notice, even while CMD runs.
+
+With --etcd URL[,URL...] the lock is held in an etcd v3 cluster by the keeper's session: a lease
+of --etcd-ttl seconds (10 by default), kept alive while CMD runs, even if shmlock is killed. The
+keys are laid out as etcd's own lock lays them out, so `etcdctl lock NAME` and Go's
+concurrency.Mutex on NAME are the same lock (with the default empty --etcd-prefix), and
+SHMLOCK_TOKEN is the key's create revision (larger at each grant, cluster-wide). If the lease
+cannot be renewed within its TTL (the cluster unreachable or without quorum) or the cluster says
+it expired, the lock is lost, and reported as with --remote (--kill-on-loss too). If the keeper
+is killed, the lock stays held until its lease expires (the TTL), and the next holder is told
+the owner died. Needs a shmlock built with `--features etcd`.
 
 Unlike flock(1): names are lock names, not files, and there is no descriptor form (`flock 9`),
 -u (--unlock) or -F (--no-fork): the owner-died notice needs a wrapper that sees CMD exit. -E
@@ -126,7 +142,8 @@ Examples:
   shmlock run -w 0.25 -s config -- cat /etc/app.conf
   shmlock run -n -E 0 cron-job -c './job.sh >> job.log' || echo failed
   shmlock run -x deploy sh -c 'echo \"token $SHMLOCK_TOKEN\"; ./deploy.sh'
-  shmlock run --remote 10.0.0.5:7411 --kill-on-loss deploy -- ./deploy.sh";
+  shmlock run --remote 10.0.0.5:7411 --kill-on-loss deploy -- ./deploy.sh
+  shmlock run --etcd http://10.0.0.1:2379,http://10.0.0.2:2379 --etcd-ttl 5 deploy -- ./deploy.sh";
 
 /// Where the lock lives.
 pub(crate) enum Place {
@@ -138,6 +155,9 @@ pub(crate) enum Place {
         token: Option<String>,
         tls: Option<shmlock::remote::TlsOptions>,
     },
+    /// On an etcd cluster (`--etcd`, see `crate::etcd`).
+    #[cfg(feature = "etcd")]
+    Etcd(crate::etcd::Target),
 }
 
 impl Place {
@@ -146,6 +166,8 @@ impl Place {
         match self {
             Place::Local { segment, .. } => format!("segment:{}", escape_name(segment.as_bytes())),
             Place::Remote { addr, .. } => format!("gateway:{}", escape_name(addr.as_bytes())),
+            #[cfg(feature = "etcd")]
+            Place::Etcd(t) => t.key(),
         }
     }
 }
@@ -333,7 +355,8 @@ fn wrapper(job: &Job<'_>, keeper: Pid, ctl: &UnixStream, hold: OwnedFd) -> Resul
             // Killed: its owner is reaped as a dead one, so the lock may have gone while CMD ran.
             eprintln!(
                 "shmlock: warning: the lock keeper (pid {keeper}) ended without releasing lock \"{}\" \
-                 (it is released, with the owner-died notice, when the keeper is reaped)",
+                 (it is released, with the owner-died notice, when the keeper is reaped, or on etcd when \
+                 its lease expires)",
                 job.shown
             );
             code = job.a.lost_exit_code.unwrap_or(code);

@@ -32,19 +32,43 @@ const PING_EVERY: Duration = Duration::from_secs(1);
 /// Exit status on errors (as `main`'s).
 const EXIT_ERROR: u8 = 2;
 
-/// What the keeper does differently locally and through a gateway; the rest is written once,
-/// over the [`Locker`] contract, in [`hold`].
-trait Backend {
+/// What the keeper does differently locally, through a gateway and on etcd (`crate::etcd`); the
+/// rest is written once, over the [`Locker`] contract, in [`hold`].
+pub(crate) trait Backend {
     /// The client that takes the lock.
     type Client: Locker;
     fn client(&self) -> &Self::Client;
     /// The lock as `locks` would show it, if that can be told.
     fn info(&self, name: &[u8]) -> Option<LockInfo>;
+    /// `, held by ...` for messages, or nothing if that cannot be told.
+    fn held_by(&self, name: &[u8]) -> String {
+        self.info(name).map_or(String::new(), |l| describe_holders(&l))
+    }
     /// Says why a lock request failed (other than busy or timed out).
     fn lock_error(&self, name: &[u8], e: Error) -> anyhow::Error;
+    /// Waits for the lock once a first try found it busy. `gone` turns true when the wrapper is
+    /// gone (after [`give_up`](Self::give_up) was called).
+    fn wait_for<'c>(
+        &'c self,
+        name: &[u8],
+        mode: Mode,
+        wait: Wait,
+        gone: &AtomicBool,
+    ) -> shmlock::Result<<Self::Client as Locker>::Guard<&'c Self::Client>> {
+        let _ = gone;
+        self.client().acquire(name, mode, wait)
+    }
     /// Called once the lock is held: starts watching for its loss (a gateway session that
-    /// ended), reporting it into `lost`. Returns what stops the watch when dropped.
-    fn watch(&self, job: &Job<'_>, pid: &Arc<AtomicI32>, lost: &Lost) -> Option<mpsc::Sender<()>>;
+    /// ended, an etcd session's lease), reporting it into `lost`, on threads of its own or of
+    /// `scope` (which ends when the command does). Returns what stops the watch when dropped.
+    fn watch<'s, 'e, 'c: 'e>(
+        &'e self,
+        scope: &'s std::thread::Scope<'s, 'e>,
+        guard: &'e <Self::Client as Locker>::Guard<&'c Self::Client>,
+        job: &Job<'_>,
+        pid: &Arc<AtomicI32>,
+        lost: &Lost,
+    ) -> Option<mpsc::Sender<()>>;
     /// Where the lock lives, for messages: `` or ` through the gateway at ADDR`.
     fn place(&self) -> String;
     /// Longest wait for the final unlock's answer (None: no limit, the unlock cannot hang).
@@ -59,10 +83,10 @@ trait Backend {
 
 /// Why the lock was lost while the command ran, once it was.
 #[derive(Clone, Default)]
-struct Lost {
-    why: Arc<Mutex<Option<String>>>,
+pub(crate) struct Lost {
+    pub(crate) why: Arc<Mutex<Option<String>>>,
     /// Set when the command has ended: nothing is reported after that.
-    finished: Arc<AtomicBool>,
+    pub(crate) finished: Arc<AtomicBool>,
 }
 
 impl Lost {
@@ -79,6 +103,8 @@ pub(crate) fn keep(place: &Place, job: &Job<'_>, ctl: UnixStream, hold: OwnedFd)
         Place::Remote { addr, token, tls } => {
             Remote::connect(addr, token.clone(), tls.clone()).map(|b| self::hold(&b, job, &ctl, &hold))
         }
+        #[cfg(feature = "etcd")]
+        Place::Etcd(target) => crate::etcd::Etcd::connect(target, job).map(|b| self::hold(&b, job, &ctl, &hold)),
     };
     if let Err(e) = r {
         eprintln!("shmlock: {e:#}");
@@ -177,7 +203,7 @@ fn hold<B: Backend>(b: &B, job: &Job<'_>, ctl: &UnixStream, hold: &OwnedFd) {
     let asked = match b.client().acquire(job.name, job.mode, Wait::No) {
         Err(Error::WouldBlock) if !matches!(wait, Wait::No) => {
             follow_wrapper_while_waiting(ctl, &granted, &gone, b.give_up());
-            b.client().acquire(job.name, job.mode, wait)
+            b.wait_for(job.name, job.mode, wait, &gone)
         }
         r => r,
     };
@@ -220,15 +246,18 @@ fn hold<B: Backend>(b: &B, job: &Job<'_>, ctl: &UnixStream, hold: &OwnedFd) {
     );
     let pid = Arc::new(AtomicI32::new(0));
     let lost = Lost::default();
-    let watch = b.watch(job, &pid, &lost);
     let mut ctl = Ctl {
         s: ctl,
         buf: Vec::new(),
         eof: false,
     };
-    let end = follow(&mut ctl, hold, &pid);
-    lost.finished.store(true, Ordering::Release);
-    drop(watch);
+    let end = std::thread::scope(|s| {
+        let watch = b.watch(s, &guard, job, &pid, &lost);
+        let end = follow(&mut ctl, hold, &pid);
+        lost.finished.store(true, Ordering::Release);
+        drop(watch);
+        end
+    });
     let to_wrapper: &UnixStream = ctl.s;
     let reply = |m: &str| {
         if end.is_some() {
@@ -388,7 +417,7 @@ fn enclosing<B: Backend>(b: &B, job: &Job<'_>) -> Option<String> {
 
 /// `, held by pid 1234 (label) for 2.0s`, or nothing if that cannot be told.
 fn holders<B: Backend>(b: &B, name: &[u8]) -> String {
-    b.info(name).map_or(String::new(), |l| describe_holders(&l))
+    b.held_by(name)
 }
 
 /// Unlocks, warning if the lock was taken away (`release --force`) while the command ran. With
@@ -458,7 +487,14 @@ impl Backend for Local {
     fn lock_error(&self, name: &[u8], e: Error) -> anyhow::Error {
         name_error(name, e)
     }
-    fn watch(&self, _: &Job<'_>, _: &Arc<AtomicI32>, _: &Lost) -> Option<mpsc::Sender<()>> {
+    fn watch<'s, 'e, 'c: 'e>(
+        &'e self,
+        _: &'s std::thread::Scope<'s, 'e>,
+        _: &'e <Client as Locker>::Guard<&'c Client>,
+        _: &Job<'_>,
+        _: &Arc<AtomicI32>,
+        _: &Lost,
+    ) -> Option<mpsc::Sender<()>> {
         None // a local lock is lost only to `release --force`, which the unlock reports
     }
     fn place(&self) -> String {
@@ -483,7 +519,7 @@ impl Backend for Local {
 }
 
 /// `, held by pid 1234 (label) for 2.0s`, or nothing if nobody holds `l`.
-fn describe_holders(l: &LockInfo) -> String {
+pub(crate) fn describe_holders(l: &LockInfo) -> String {
     if l.holders.is_empty() {
         return String::new();
     }
@@ -536,7 +572,14 @@ impl Backend for Remote {
     fn lock_error(&self, name: &[u8], e: Error) -> anyhow::Error {
         lock_error(&self.addr, &escape_name(name), e)
     }
-    fn watch(&self, job: &Job<'_>, pid: &Arc<AtomicI32>, lost: &Lost) -> Option<mpsc::Sender<()>> {
+    fn watch<'s, 'e, 'c: 'e>(
+        &'e self,
+        _: &'s std::thread::Scope<'s, 'e>,
+        _: &'e <RemoteClient as Locker>::Guard<&'c RemoteClient>,
+        job: &Job<'_>,
+        pid: &Arc<AtomicI32>,
+        lost: &Lost,
+    ) -> Option<mpsc::Sender<()>> {
         let (stop, stopped) = mpsc::channel::<()>();
         let m = Monitor {
             client: Arc::clone(&self.client),

@@ -7,7 +7,9 @@
 //! are read in the form `locks` prints them (`render::unescape_name`), or byte for byte with
 //! `--raw`. `status`, `locks` and `run` also work through
 //! shmlockd's gateway with `--remote HOST:PORT` (`remote`, and `exec` for `run`); the other
-//! subcommands need the segment (they do not offer `--remote`).
+//! subcommands need the segment (they do not offer `--remote`). `locks` and `run` also work on
+//! an etcd cluster with `--etcd URL[,URL...]` (`etcd`; a build without the `etcd` feature says
+//! how to get one).
 //!
 //! Exit status: 0 ok; 1 when `check` finds problems, `release` finds the lock not held, or `show`
 //! finds no such lock; 2 on errors (one line on stderr, `shmlock: ...`); `run` exits with its
@@ -15,6 +17,7 @@
 //! (`| head`) exits 0.
 
 mod docs;
+mod etcd;
 mod exec;
 mod keeper;
 mod remote;
@@ -81,10 +84,19 @@ enum Command {
         remote: RemoteArgs,
     },
     /// Every lock held or waited on: holders, how long, waiters, token; longest held first.
-    #[command(after_help = "Examples:\n  shmlock locks\n  shmlock locks --name-prefix orders/ \
+    #[command(
+        after_help = "With --etcd: one line per key of each lock, its holders and then its waiters in \
+                            queue order (locks whose oldest key is oldest first): STATE, MODE, LEASE (the \
+                            session's lease id, hex), AGE (since the key was put, by its host's clock), \
+                            PID, HOST and LABEL as shmlock put them (`-` for the keys of `etcdctl lock` \
+                            and other clients, which say nothing), REVISION (the key's create revision: a \
+                            holder's fencing token). --held-longer-than compares the holders' AGE.\n\n\
+                            Examples:\n  shmlock locks\n  shmlock locks --name-prefix orders/ \
                             --held-longer-than 30s\n  shmlock locks --json | jq '.[0].holders'\n  \
                             shmlock locks --died\n  \
-                            shmlock locks --remote 10.0.0.5:7411 --auth-token-file /etc/shmlock/token")]
+                            shmlock locks --remote 10.0.0.5:7411 --auth-token-file /etc/shmlock/token\n  \
+                            shmlock locks --etcd http://10.0.0.1:2379,http://10.0.0.2:2379 --json"
+    )]
     Locks(LocksArgs),
     /// Every registered owner (client handle): pid, kind, label, alive or dead, locks held.
     #[command(after_help = "Example:\n  shmlock owners --json | jq '.[] | select(.alive | not)'")]
@@ -227,9 +239,12 @@ struct LocksArgs {
     json: bool,
     #[command(flatten)]
     remote: RemoteArgs,
+    #[command(flatten)]
+    etcd: etcd::EtcdArgs,
 }
 
 #[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("network").args(["remote", "etcd"]).multiple(true))]
 pub(crate) struct RunArgs {
     /// Take the lock in shared mode, flock(1)'s read lock [default: exclusive].
     #[arg(long, short = 's', conflicts_with = "exclusive")]
@@ -256,15 +271,17 @@ pub(crate) struct RunArgs {
     #[arg(long, short = 'o')]
     close: bool,
     /// Exit N instead of CMD's status when the lock was lost while CMD ran (taken away with
-    /// `shmlock release --force`, or the gateway session lost) [default: CMD's status, with a
-    /// warning on stderr].
+    /// `shmlock release --force`, the gateway session lost, or the etcd session's lease) [default:
+    /// CMD's status, with a warning on stderr].
     #[arg(long, value_name = "N")]
     lost_exit_code: Option<u8>,
     #[command(flatten)]
     remote: RemoteArgs,
-    /// With --remote: send CMD SIGTERM if the gateway session (and so the lock) is lost while it
-    /// runs [default: warn and let it run].
-    #[arg(long, requires = "remote")]
+    #[command(flatten)]
+    etcd: etcd::EtcdArgs,
+    /// With --remote or --etcd: send CMD SIGTERM if the gateway session or the etcd session (and
+    /// so the lock) is lost while it runs [default: warn and let it run].
+    #[arg(long, requires = "network")]
     kill_on_loss: bool,
     /// The lock name.
     name: OsString,
@@ -602,6 +619,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         _ => {}
+    }
+    if etcd::asked(&cli.command) {
+        return etcd::run(cli);
     }
     let remote = match &cli.command {
         Command::Status { remote, .. } => remote.remote.clone(),

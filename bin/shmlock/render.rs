@@ -346,7 +346,7 @@ pub(crate) fn sort_locks(locks: &mut [LockInfo]) {
 }
 
 /// A text table with left-aligned columns.
-fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+pub(crate) fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut w: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for r in rows {
         for (i, c) in r.iter().enumerate() {
