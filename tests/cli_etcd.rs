@@ -422,13 +422,11 @@ fn a_killed_keeper_loses_the_lock_when_its_lease_expires_and_the_wrapper_says_so
     );
 }
 
-/// A bug in `src/etcd`, shown deterministically (ignored until it is fixed, see the report): a
-/// waiter that looks at its predecessor's lease after the predecessor unlocked cleanly *and* its
-/// client was dropped (`EtcdClient`'s drop revokes the lease) finds the lease gone and reports
-/// the owner died. Through the CLI: the holder's keeper unlocks, exits and so revokes; a waiting
-/// keeper that is slow to look (here: stopped meanwhile) tells its command the owner died.
+/// A waiter that looks at its predecessor's lease only after the predecessor unlocked cleanly
+/// *and* its process ended must not report an owner death (a closed client that holds no keys
+/// does not revoke its lease). Through the CLI: the holder's keeper unlocks and exits; a waiting
+/// keeper that is slow to look (here: stopped meanwhile) must tell its command nobody died.
 #[test]
-#[ignore = "src/etcd: a clean unlock followed by the client's drop (which revokes the lease) reads as an owner death"]
 fn a_clean_release_is_no_owner_death_even_to_a_slow_waiter() {
     let env = TestEnv::new("ce_slow_waiter");
     let etcd = EtcdCluster::start(&env.dir, 1);

@@ -789,12 +789,13 @@ impl Drop for EtcdClient {
             std::mem::forget(self.rt.take());
             return;
         }
-        // Every guard is gone, and each deleted its key: the lease holds nothing and expires by
-        // itself within its TTL. It is not revoked, because a waiter that saw our last unlock
-        // asks whether our lease lives to tell an unlock from a death: a revocation right
-        // after the unlock would make it see a death. Only if a key of ours may remain (a
-        // delete failed) is the lease revoked, which deletes every key of it at once.
-        if !self.dirty.load(std::sync::atomic::Ordering::Acquire) {
+        // When every guard is gone and each deleted its key, the lease holds nothing and expires
+        // by itself within its TTL. It is not revoked then, because a waiter that saw our last
+        // unlock asks whether our lease lives to tell an unlock from a death: a revocation
+        // right after the unlock would make it see a death. If a key of ours may remain (a
+        // delete failed, a guard was forgotten) the lease is revoked, which deletes every key
+        // of it at once, and a waiter behind one of them rightly sees its holder's death.
+        if !self.dirty.load(std::sync::atomic::Ordering::Acquire) && lock(&self.names).is_empty() {
             return;
         }
         let session = Arc::clone(&lock(&self.session));
