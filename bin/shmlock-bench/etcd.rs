@@ -281,14 +281,14 @@ mod imp {
     }
 
     /// Runs `op` on every client in a thread of its own: a warm-up, then all start together
-    /// (`between` runs while every client waits at the start line, and again after the last
-    /// ended), then `ops` each or until `seconds` pass. `op(client, index)` returns the duration
+    /// (`between(true)` runs while every client waits at the start line, `between(false)` after
+    /// the last ended), then `ops` each or until `seconds` pass. `op(client, index)` returns the duration
     /// to record.
     fn drive<C: Sync>(
         clients: &[C],
         ops: Option<u64>,
         seconds: f64,
-        mut between: impl FnMut(),
+        mut between: impl FnMut(bool),
         op: impl Fn(&C, usize) -> Result<Duration> + Sync,
     ) -> Result<Measured> {
         let n = clients.len();
@@ -326,7 +326,7 @@ mod imp {
                 })
                 .collect();
             ready.wait();
-            between();
+            between(true);
             go.wait();
             if ops.is_none() {
                 std::thread::sleep(Duration::from_secs_f64(seconds));
@@ -340,7 +340,7 @@ mod imp {
                 })
                 .collect::<Vec<_>>()
         });
-        between();
+        between(false);
         let mut hist = Hist::new();
         let mut grants = Vec::with_capacity(n);
         let (mut start, mut end) = (None::<Instant>, None::<Instant>);
@@ -508,25 +508,20 @@ mod imp {
                 let excl = Exclusion::default();
                 let mut before: Option<Counts> = None;
                 let mut delta: Option<Counts> = None;
-                // Before the start: read the counters and zero the exclusion counter (every
-                // client waits); after the end: the counters again.
-                let between = || {
-                    if row.kind == Kind::Gateway {
+                // At the start line (every client waits): zero the exclusion counter (the
+                // warm-up counted too) and read the member's counters; after the end: read them
+                // again.
+                let between = |start: bool| {
+                    if start {
                         excl.counter.store(0, Relaxed);
+                    }
+                    if row.kind == Kind::Gateway || scrape_error.is_some() {
                         return;
                     }
                     match scrape(s.urls) {
-                        Ok(now) => match before.take() {
-                            None => {
-                                excl.counter.store(0, Relaxed);
-                                before = Some(now);
-                            }
-                            Some(b) => delta = Some(now.minus(&b)),
-                        },
-                        Err(e) => {
-                            scrape_error.get_or_insert_with(|| format!("{e:#}"));
-                            excl.counter.store(0, Relaxed);
-                        }
+                        Ok(now) if start => before = Some(now),
+                        Ok(now) => delta = before.take().map(|b| now.minus(&b)),
+                        Err(e) => scrape_error = Some(format!("{e:#}")),
                     }
                 };
                 let contention = workload == Workload::Contention;
