@@ -709,7 +709,7 @@ mod imp {
                 );
                 for r in rows.iter().filter(|r| r.counts.is_some()) {
                     let per = r.counts.as_ref().map(|c| c.per_op(r.total_ops())).unwrap_or_default();
-                    let text: Vec<String> = per.iter().map(|(k, v)| format!("{k} {v:.3}")).collect();
+                    let text: Vec<String> = per.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
                     println!(
                         "    {:<10} ({} ops) {}",
                         r.kind.name(),
