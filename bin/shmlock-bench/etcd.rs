@@ -113,16 +113,20 @@ mod imp {
         Lock,
         Floor,
         Gateway,
+        /// Each client alternates one etcd pair and one etcd-floor pair (stream and parallel):
+        /// the ratio of the two under the same load, whatever else the machine does meanwhile.
+        Interleaved,
     }
 
     impl Kind {
-        const ALL: [Kind; 3] = [Kind::Lock, Kind::Floor, Kind::Gateway];
+        const ALL: [Kind; 4] = [Kind::Lock, Kind::Floor, Kind::Gateway, Kind::Interleaved];
 
         fn name(self) -> &'static str {
             match self {
                 Kind::Lock => "etcd",
                 Kind::Floor => "etcd-floor",
                 Kind::Gateway => "remote",
+                Kind::Interleaved => "etcd-interleaved",
             }
         }
     }
@@ -132,8 +136,13 @@ mod imp {
         /// Pairs (grants, in contention) over all clients.
         ops: u64,
         seconds: f64,
-        /// Per pair (stream, parallel) or per lock call (contention), in ns.
+        /// Per pair (stream, parallel) or per lock call (contention), in ns; in an interleaved
+        /// run, of the etcd pairs.
         hist: Hist,
+        /// An interleaved run's etcd pairs and floor pairs: (count, summed time in ns).
+        busy: [(u64, u128); 2],
+        /// An interleaved run's floor pairs.
+        hist_floor: Hist,
         /// Per client.
         grants: Vec<u64>,
         /// Contention of a lock: no two clients were inside at once, and the plain counter
@@ -152,6 +161,18 @@ mod imp {
 
         fn ops_per_sec(&self) -> f64 {
             self.ops as f64 / self.seconds
+        }
+
+        /// The mean time of a recorded op of slot `k` (0: etcd, 1: floor), in us.
+        fn mean_us(&self, k: usize) -> f64 {
+            let (n, ns) = self.busy[k];
+            ns as f64 / n.max(1) as f64 / 1e3
+        }
+
+        /// An interleaved run's etcd pairs/s over its floor pairs/s at the same concurrency: the
+        /// floor's mean pair time over etcd's.
+        fn interleaved_ratio(&self) -> f64 {
+            self.mean_us(1) / self.mean_us(0)
         }
     }
 
@@ -282,14 +303,15 @@ mod imp {
 
     /// Runs `op` on every client in a thread of its own: a warm-up, then all start together
     /// (`between(true)` runs while every client waits at the start line, `between(false)` after
-    /// the last ended), then `ops` each or until `seconds` pass. `op(client, index)` returns the duration
-    /// to record.
+    /// the last ended), then `ops` each or until `seconds` pass. `op(client, index, n)` (n: the
+    /// client's ops so far) returns the slot (0, or 1 for an interleaved run's floor pairs) and
+    /// the duration to record.
     fn drive<C: Sync>(
         clients: &[C],
         ops: Option<u64>,
         seconds: f64,
         mut between: impl FnMut(bool),
-        op: impl Fn(&C, usize) -> Result<Duration> + Sync,
+        op: impl Fn(&C, usize, u64) -> Result<(usize, Duration)> + Sync,
     ) -> Result<Measured> {
         let n = clients.len();
         let ready = Barrier::new(n + 1);
@@ -301,28 +323,36 @@ mod imp {
                 .enumerate()
                 .map(|(i, c)| {
                     let (ready, go, stop, op) = (&ready, &go, &stop, &op);
-                    scope.spawn(move || -> Result<(u64, Instant, Instant, Hist)> {
-                        let warm_until = Instant::now() + WARMUP;
-                        let warmed = (|| loop {
-                            op(c, i)?;
-                            if Instant::now() >= warm_until {
-                                return Ok::<(), anyhow::Error>(());
+                    scope.spawn(
+                        move || -> Result<(u64, Instant, Instant, [Hist; 2], [(u64, u128); 2])> {
+                            let warm_until = Instant::now() + WARMUP;
+                            let warmed = (|| {
+                                for k in 0.. {
+                                    op(c, i, k)?;
+                                    if Instant::now() >= warm_until {
+                                        break;
+                                    }
+                                }
+                                Ok::<(), anyhow::Error>(())
+                            })();
+                            ready.wait();
+                            go.wait();
+                            warmed.with_context(|| format!("client {i}: warm-up"))?;
+                            let mut hists = [Hist::new(), Hist::new()];
+                            let mut busy = [(0u64, 0u128); 2];
+                            let max = ops.unwrap_or(u64::MAX);
+                            let t0 = Instant::now();
+                            let mut done = 0;
+                            while done < max && (ops.is_some() || !stop.load(Relaxed)) {
+                                let (k, d) = op(c, i, done).with_context(|| format!("client {i}"))?;
+                                hists[k].record(d.as_nanos() as u64);
+                                busy[k].0 += 1;
+                                busy[k].1 += d.as_nanos();
+                                done += 1;
                             }
-                        })();
-                        ready.wait();
-                        go.wait();
-                        warmed.with_context(|| format!("client {i}: warm-up"))?;
-                        let mut hist = Hist::new();
-                        let max = ops.unwrap_or(u64::MAX);
-                        let t0 = Instant::now();
-                        let mut done = 0;
-                        while done < max && (ops.is_some() || !stop.load(Relaxed)) {
-                            let d = op(c, i).with_context(|| format!("client {i}"))?;
-                            hist.record(d.as_nanos() as u64);
-                            done += 1;
-                        }
-                        Ok((done, t0, Instant::now(), hist))
-                    })
+                            Ok((done, t0, Instant::now(), hists, busy))
+                        },
+                    )
                 })
                 .collect();
             ready.wait();
@@ -342,12 +372,19 @@ mod imp {
         });
         between(false);
         let mut hist = Hist::new();
+        let mut hist_floor = Hist::new();
+        let mut busy = [(0u64, 0u128); 2];
         let mut grants = Vec::with_capacity(n);
         let (mut start, mut end) = (None::<Instant>, None::<Instant>);
         for r in results {
-            let (done, t0, t1, h) = r?;
+            let (done, t0, t1, h, b) = r?;
             grants.push(done);
-            hist.merge_sparse(&h.sparse());
+            hist.merge_sparse(&h[0].sparse());
+            hist_floor.merge_sparse(&h[1].sparse());
+            for k in 0..2 {
+                busy[k].0 += b[k].0;
+                busy[k].1 += b[k].1;
+            }
             start = Some(start.map_or(t0, |s| s.min(t0)));
             end = Some(end.map_or(t1, |e| e.max(t1)));
         }
@@ -359,6 +396,8 @@ mod imp {
             ops: grants.iter().sum(),
             seconds,
             hist,
+            busy,
+            hist_floor,
             grants,
             exclusion_ok: None,
         })
@@ -410,8 +449,14 @@ mod imp {
     }
 
     impl Row {
+        /// Sorts the runs by ns/op (an interleaved row: by its ratio, best last).
         fn sorted(&mut self) {
-            self.runs.sort_by(|a, b| a.ns_per_op().total_cmp(&b.ns_per_op()));
+            if self.kind == Kind::Interleaved {
+                self.runs
+                    .sort_by(|a, b| a.interleaved_ratio().total_cmp(&b.interleaved_ratio()));
+            } else {
+                self.runs.sort_by(|a, b| a.ns_per_op().total_cmp(&b.ns_per_op()));
+            }
         }
         fn median(&self) -> &Measured {
             &self.runs[(self.runs.len() - 1) / 2]
@@ -456,6 +501,28 @@ mod imp {
         requests_per_op: Option<BTreeMap<String, f64>>,
     }
 
+    /// The interleaved run of stream and parallel, as JSON: the median run by ratio.
+    #[derive(Serialize)]
+    struct JsonInterleaved<'a> {
+        scenario: &'static str,
+        system: &'static str,
+        procs: usize,
+        seconds: f64,
+        repeat: usize,
+        etcd_pairs: u64,
+        floor_pairs: u64,
+        etcd_mean_us: f64,
+        floor_mean_us: f64,
+        etcd_p50_us: f64,
+        etcd_p99_us: f64,
+        floor_p50_us: f64,
+        floor_p99_us: f64,
+        /// floor_mean_us / etcd_mean_us: etcd's pairs/s over the floor's at the same concurrency.
+        ratio_to_floor: f64,
+        /// Per repetition, in the order they ran.
+        ratio_to_floor_runs: &'a [f64],
+    }
+
     pub(crate) fn run(s: &Settings, workload: Workload) -> Result<()> {
         ensure!(!s.urls.is_empty(), "--etcd-url: no endpoint");
         let clients = match workload {
@@ -496,11 +563,12 @@ mod imp {
         let mut scrape_error: Option<String> = None;
         let mut rows: Vec<Row> = Kind::ALL
             .iter()
+            .filter(|&&k| !(k == Kind::Interleaved && workload == Workload::Contention))
             .map(|&kind| Row {
                 kind,
                 clients,
                 runs: Vec::new(),
-                counts: (kind != Kind::Gateway).then(Counts::default),
+                counts: matches!(kind, Kind::Lock | Kind::Floor).then(Counts::default),
             })
             .collect();
         for _ in 0..s.repeat {
@@ -515,7 +583,7 @@ mod imp {
                     if start {
                         excl.counter.store(0, Relaxed);
                     }
-                    if row.kind == Kind::Gateway || scrape_error.is_some() {
+                    if matches!(row.kind, Kind::Gateway | Kind::Interleaved) || scrape_error.is_some() {
                         return;
                     }
                     match scrape(s.urls) {
@@ -525,18 +593,33 @@ mod imp {
                     }
                 };
                 let contention = workload == Workload::Contention;
+                let floor = |c: &EtcdClient, i: usize| -> Result<Duration> {
+                    let t0 = Instant::now();
+                    c.put_delete(&floor_keys[i])?;
+                    Ok(t0.elapsed())
+                };
+                let slot0 = |d: Result<Duration>| d.map(|d| (0, d));
                 let mut m = match (row.kind, contention) {
-                    (Kind::Lock, false) => drive(&etcd, s.ops, s.seconds, between, |c, i| pair(c, name_of(i)))?,
-                    (Kind::Lock, true) => drive(&etcd, s.ops, s.seconds, between, |c, i| excl.grant(c, name_of(i)))?,
-                    (Kind::Floor, _) => drive(&etcd, s.ops, s.seconds, between, |c, i| {
-                        let t0 = Instant::now();
-                        c.put_delete(&floor_keys[i])?;
-                        Ok(t0.elapsed())
-                    })?,
-                    (Kind::Gateway, false) => drive(&remote, s.ops, s.seconds, between, |c, i| pair(c, name_of(i)))?,
-                    (Kind::Gateway, true) => {
-                        drive(&remote, s.ops, s.seconds, between, |c, i| excl.grant(c, name_of(i)))?
+                    (Kind::Lock, false) => {
+                        drive(&etcd, s.ops, s.seconds, between, |c, i, _| slot0(pair(c, name_of(i))))?
                     }
+                    (Kind::Lock, true) => drive(&etcd, s.ops, s.seconds, between, |c, i, _| {
+                        slot0(excl.grant(c, name_of(i)))
+                    })?,
+                    (Kind::Floor, _) => drive(&etcd, s.ops, s.seconds, between, |c, i, _| slot0(floor(c, i)))?,
+                    (Kind::Gateway, false) => {
+                        drive(&remote, s.ops, s.seconds, between, |c, i, _| slot0(pair(c, name_of(i))))?
+                    }
+                    (Kind::Gateway, true) => drive(&remote, s.ops, s.seconds, between, |c, i, _| {
+                        slot0(excl.grant(c, name_of(i)))
+                    })?,
+                    (Kind::Interleaved, _) => drive(&etcd, s.ops.map(|o| 2 * o), s.seconds, between, |c, i, n| {
+                        if n % 2 == 0 {
+                            slot0(pair(c, name_of(i)))
+                        } else {
+                            floor(c, i).map(|d| (1, d))
+                        }
+                    })?,
                 };
                 if contention && row.kind != Kind::Floor {
                     m.exclusion_ok = Some(excl.ok(m.ops));
@@ -553,6 +636,9 @@ mod imp {
         let ratio_runs: Vec<Vec<f64>> = rows
             .iter()
             .map(|r| {
+                if r.kind == Kind::Interleaved {
+                    return r.runs.iter().map(Measured::interleaved_ratio).collect();
+                }
                 r.runs
                     .iter()
                     .zip(&rows[1].runs)
@@ -576,6 +662,27 @@ mod imp {
         if s.json {
             for (r, ratios) in rows.iter().zip(&ratio_runs) {
                 let m = r.median();
+                if r.kind == Kind::Interleaved {
+                    let j = JsonInterleaved {
+                        scenario: workload.name(),
+                        system: r.kind.name(),
+                        procs: r.clients,
+                        seconds: m.seconds,
+                        repeat: r.runs.len(),
+                        etcd_pairs: m.busy[0].0,
+                        floor_pairs: m.busy[1].0,
+                        etcd_mean_us: m.mean_us(0),
+                        floor_mean_us: m.mean_us(1),
+                        etcd_p50_us: m.hist.quantile(0.5) / 1e3,
+                        etcd_p99_us: m.hist.quantile(0.99) / 1e3,
+                        floor_p50_us: m.hist_floor.quantile(0.5) / 1e3,
+                        floor_p99_us: m.hist_floor.quantile(0.99) / 1e3,
+                        ratio_to_floor: m.interleaved_ratio(),
+                        ratio_to_floor_runs: ratios,
+                    };
+                    println!("{}", serde_json::to_string(&j)?);
+                    continue;
+                }
                 let contention = workload == Workload::Contention;
                 let j = JsonRow {
                     scenario: workload.name(),
@@ -669,6 +776,7 @@ mod imp {
         let table: Vec<Vec<String>> = rows
             .iter()
             .zip(ratio_runs)
+            .filter(|(r, _)| r.kind != Kind::Interleaved)
             .map(|(r, ratios)| {
                 let m = r.median();
                 let mut c = vec![
@@ -699,6 +807,31 @@ mod imp {
             })
             .collect();
         print_table(&headers, &table);
+        for (r, ratios) in rows.iter().zip(ratio_runs).filter(|(r, _)| r.kind == Kind::Interleaved) {
+            let m = r.median();
+            println!(
+                "  {}: each client alternates one etcd pair and one etcd-floor pair: etcd mean {:.0} us (p50 {:.0}, \
+                 p99 {:.0}, {} pairs), floor mean {:.0} us (p50 {:.0}, p99 {:.0}, {} pairs): etcd = {:.2}x floor{}",
+                r.kind.name(),
+                m.mean_us(0),
+                m.hist.quantile(0.5) / 1e3,
+                m.hist.quantile(0.99) / 1e3,
+                thousands(m.busy[0].0 as f64),
+                m.mean_us(1),
+                m.hist_floor.quantile(0.5) / 1e3,
+                m.hist_floor.quantile(0.99) / 1e3,
+                thousands(m.busy[1].0 as f64),
+                m.interleaved_ratio(),
+                if repeat > 1 {
+                    format!(
+                        " (median of runs; per run, in order: {})",
+                        ratios.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(" ")
+                    )
+                } else {
+                    String::new()
+                }
+            );
+        }
         match scrape_error {
             Some(e) => println!("  requests per op: not counted ({e})"),
             None => {
@@ -743,7 +876,8 @@ mod imp {
         }
         if repeat > 1 {
             notes.push(format!(
-                "{repeat} runs of each row, interleaved (etcd, floor, remote, etcd, ...); the median shown"
+                "{repeat} runs of each row, in turn (etcd, floor, remote{}, etcd, ...); the median shown",
+                if contention { "" } else { ", interleaved" }
             ));
         }
         for n in notes {
