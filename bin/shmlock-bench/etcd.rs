@@ -301,6 +301,10 @@ mod imp {
         Ok(c)
     }
 
+    /// One client's timed loop: ops, its start and end, and per slot its histogram and (count,
+    /// summed ns).
+    type ClientRun = (u64, Instant, Instant, [Hist; 2], [(u64, u128); 2]);
+
     /// Runs `op` on every client in a thread of its own: a warm-up, then all start together
     /// (`between(true)` runs while every client waits at the start line, `between(false)` after
     /// the last ended), then `ops` each or until `seconds` pass. `op(client, index, n)` (n: the
@@ -323,36 +327,34 @@ mod imp {
                 .enumerate()
                 .map(|(i, c)| {
                     let (ready, go, stop, op) = (&ready, &go, &stop, &op);
-                    scope.spawn(
-                        move || -> Result<(u64, Instant, Instant, [Hist; 2], [(u64, u128); 2])> {
-                            let warm_until = Instant::now() + WARMUP;
-                            let warmed = (|| {
-                                for k in 0.. {
-                                    op(c, i, k)?;
-                                    if Instant::now() >= warm_until {
-                                        break;
-                                    }
+                    scope.spawn(move || -> Result<ClientRun> {
+                        let warm_until = Instant::now() + WARMUP;
+                        let warmed = (|| {
+                            for k in 0.. {
+                                op(c, i, k)?;
+                                if Instant::now() >= warm_until {
+                                    break;
                                 }
-                                Ok::<(), anyhow::Error>(())
-                            })();
-                            ready.wait();
-                            go.wait();
-                            warmed.with_context(|| format!("client {i}: warm-up"))?;
-                            let mut hists = [Hist::new(), Hist::new()];
-                            let mut busy = [(0u64, 0u128); 2];
-                            let max = ops.unwrap_or(u64::MAX);
-                            let t0 = Instant::now();
-                            let mut done = 0;
-                            while done < max && (ops.is_some() || !stop.load(Relaxed)) {
-                                let (k, d) = op(c, i, done).with_context(|| format!("client {i}"))?;
-                                hists[k].record(d.as_nanos() as u64);
-                                busy[k].0 += 1;
-                                busy[k].1 += d.as_nanos();
-                                done += 1;
                             }
-                            Ok((done, t0, Instant::now(), hists, busy))
-                        },
-                    )
+                            Ok::<(), anyhow::Error>(())
+                        })();
+                        ready.wait();
+                        go.wait();
+                        warmed.with_context(|| format!("client {i}: warm-up"))?;
+                        let mut hists = [Hist::new(), Hist::new()];
+                        let mut busy = [(0u64, 0u128); 2];
+                        let max = ops.unwrap_or(u64::MAX);
+                        let t0 = Instant::now();
+                        let mut done = 0;
+                        while done < max && (ops.is_some() || !stop.load(Relaxed)) {
+                            let (k, d) = op(c, i, done).with_context(|| format!("client {i}"))?;
+                            hists[k].record(d.as_nanos() as u64);
+                            busy[k].0 += 1;
+                            busy[k].1 += d.as_nanos();
+                            done += 1;
+                        }
+                        Ok((done, t0, Instant::now(), hists, busy))
+                    })
                 })
                 .collect();
             ready.wait();
