@@ -14,6 +14,8 @@
 //! - `fixture.rs`: per-run objects of each system; `with_peer` runs a generic job on a peer.
 //! - `peer.rs`: `trait Peer` and its three implementations.
 //! - `procs.rs`: multi-process runs and the hidden `worker` subcommand.
+//! - `etcd.rs`: `--system etcd`: the etcd backend next to a floor of raw etcd writes and the
+//!   gateway, with the member's request counts (feature `etcd`).
 //! - `report.rs`: results, tables, JSON.
 //! - `hist.rs`: the fixed log-linear wait histogram.
 //! - `cleanup.rs`: registry of created objects; the SIGINT/SIGTERM thread.
