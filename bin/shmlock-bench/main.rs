@@ -14,6 +14,8 @@
 //! - `fixture.rs`: per-run objects of each system; `with_peer` runs a generic job on a peer.
 //! - `peer.rs`: `trait Peer` and its three implementations.
 //! - `procs.rs`: multi-process runs and the hidden `worker` subcommand.
+//! - `etcd.rs`: `--system etcd`: the etcd backend next to a floor of raw etcd writes and the
+//!   gateway, with the member's request counts (feature `etcd`).
 //! - `report.rs`: results, tables, JSON.
 //! - `hist.rs`: the fixed log-linear wait histogram.
 //! - `cleanup.rs`: registry of created objects; the SIGINT/SIGTERM thread.
@@ -21,6 +23,7 @@
 
 mod cleanup;
 mod connections;
+mod etcd;
 mod fixture;
 mod hist;
 mod peer;
@@ -148,6 +151,15 @@ struct Common {
         global = true
     )]
     pg_url: String,
+    /// With --system etcd: the cluster's client URLs, comma separated.
+    #[arg(
+        long,
+        value_name = "URL",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379",
+        global = true
+    )]
+    etcd_url: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -164,6 +176,9 @@ enum SystemArg {
     Redis,
     /// PostgreSQL advisory locks at --pg-url (build with --features peers).
     Postgres,
+    /// shmlock's etcd backend at --etcd-url, next to a floor of raw etcd writes and the gateway:
+    /// stream, parallel, contention only (build with --features etcd; not part of `all`).
+    Etcd,
     All,
 }
 
@@ -177,6 +192,7 @@ impl SystemArg {
             SystemArg::Remote => vec![System::Remote],
             SystemArg::Redis => vec![System::Redis],
             SystemArg::Postgres => vec![System::Postgres],
+            SystemArg::Etcd => vec![], // run by etcd.rs, not through a Peer
             SystemArg::All => System::ALL.to_vec(),
         }
     }
@@ -208,6 +224,8 @@ struct Bench {
     procs: usize,
     /// Open-files limit (raised to the hard limit), for flock many-held.
     nofile: u64,
+    /// `--system etcd` was given.
+    etcd: bool,
 }
 
 impl Bench {
@@ -223,6 +241,11 @@ impl Bench {
         }
         let _ = fixture::REDIS_URL.set(c.redis_url.clone());
         let _ = fixture::PG_URL.set(c.pg_url.clone());
+        let etcd = c.system.contains(&SystemArg::Etcd);
+        if etcd {
+            etcd::check_built()?;
+            anyhow::ensure!(c.pipeline == 1, "--pipeline: not for --system etcd");
+        }
         let mut systems = Vec::new();
         for s in c.system.iter().flat_map(|s| s.systems()) {
             if !systems.contains(&s) {
@@ -239,22 +262,31 @@ impl Bench {
             systems,
             procs,
             nofile: sys::raise_nofile_limit(),
+            etcd,
             c,
         })
     }
 
     fn run(&self, cmd: Cmd) -> Result<()> {
         match cmd {
-            Cmd::Stream => self.stream(),
+            Cmd::Stream => self.stream().and_then(|()| self.etcd(etcd::Workload::Stream)),
+            Cmd::ManyHeld { .. } if self.etcd => anyhow::bail!("--system etcd: stream, parallel and contention only"),
             Cmd::ManyHeld { n } => self.many_held(&n),
-            Cmd::Parallel => self.multi(Multi::Parallel),
-            Cmd::Contention => self.multi(Multi::Contention),
+            Cmd::Parallel => self
+                .multi(Multi::Parallel)
+                .and_then(|()| self.etcd(etcd::Workload::Parallel)),
+            Cmd::Contention => self
+                .multi(Multi::Contention)
+                .and_then(|()| self.etcd(etcd::Workload::Contention)),
             Cmd::Connections { n } => self.connections(&n),
             Cmd::All => {
                 self.stream()?;
                 self.many_held(&[1_000, 10_000, 100_000])?;
                 self.multi(Multi::Parallel)?;
-                self.multi(Multi::Contention)
+                self.multi(Multi::Contention)?;
+                self.etcd(etcd::Workload::Stream)?;
+                self.etcd(etcd::Workload::Parallel)?;
+                self.etcd(etcd::Workload::Contention)
             }
             Cmd::Reap {
                 rounds,
@@ -305,7 +337,29 @@ impl Bench {
         report::print_scenario(title, rows, &notes);
     }
 
+    /// The etcd comparison of `workload`, if `--system etcd` was given (see etcd.rs).
+    fn etcd(&self, workload: etcd::Workload) -> Result<()> {
+        if !self.etcd {
+            return Ok(());
+        }
+        etcd::run(
+            &etcd::Settings {
+                urls: &self.c.etcd_url,
+                namer: &self.namer,
+                ops: self.c.ops,
+                seconds: self.c.seconds,
+                clients: self.procs,
+                repeat: self.c.repeat,
+                json: self.c.json,
+            },
+            workload,
+        )
+    }
+
     fn stream(&self) -> Result<()> {
+        if self.systems.is_empty() {
+            return Ok(());
+        }
         let ops = self.c.ops.unwrap_or(DEFAULT_OPS);
         let names = vec!["ABCD".to_string()];
         let caps = Capacities {
@@ -339,6 +393,9 @@ impl Bench {
     }
 
     fn many_held(&self, ns: &[u64]) -> Result<()> {
+        if self.systems.is_empty() {
+            return Ok(());
+        }
         let mut rows = Vec::new();
         let mut notes = vec![
             "op = one lock or one unlock; fresh segment / files / mutexes for every run; ns/op is \
@@ -438,6 +495,9 @@ impl Bench {
     }
 
     fn multi(&self, scenario: Multi) -> Result<()> {
+        if self.systems.is_empty() {
+            return Ok(());
+        }
         let (name, ops) = match scenario {
             Multi::Parallel => ("parallel", Some(self.c.ops.unwrap_or(DEFAULT_OPS))),
             Multi::Contention => ("contention", self.c.ops),

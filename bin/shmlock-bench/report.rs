@@ -236,7 +236,7 @@ fn ratio(ns: f64, best: f64) -> String {
 }
 
 /// A table: the "system" column left-aligned, the others right-aligned.
-fn print_table(headers: &[&str], rows: &[Vec<String>]) {
+pub(crate) fn print_table(headers: &[&str], rows: &[Vec<String>]) {
     let widths: Vec<usize> = (0..headers.len())
         .map(|c| {
             rows.iter()
