@@ -173,6 +173,14 @@ pub struct EtcdLock {
     pub waiters: Vec<EtcdKey>,
 }
 
+/// How a watch of the key waited for ended.
+enum Watched {
+    /// It was deleted at this revision.
+    Deleted(i64),
+    /// The wait stopped (the session lost, the deadline passed).
+    Stop(Stop),
+}
+
 /// Why a lock request stopped waiting without a grant.
 enum Stop {
     /// The deadline passed; who held the lock then, where its key says.
@@ -594,25 +602,65 @@ impl EtcdClient {
             if deadline.is_some_and(|d| d <= Instant::now()) {
                 return Ok(Err(Stop::Deadline(holder)));
             }
-            // Watch the one key we wait for, from the revision the range saw it at.
+            // Watch the one key we wait for. A watch from the present is served at once; one
+            // from a past revision waits for etcd's catch-up loop (every 100 ms), so the watch
+            // starts now, and if anything was written since the range, a read of the key tells
+            // whether it went meanwhile (only then is it watched from the range's revision, to
+            // learn when).
+            let Some(deleted_at) = self
+                .watch_deletion(session, &blocker, revision, deadline, &mut lost)
+                .await?
+            else {
+                sleep(Duration::from_millis(20)).await;
+                continue;
+            };
+            let deleted_at = match deleted_at {
+                Watched::Deleted(at) => Some(at),
+                Watched::Stop(stop) => {
+                    return Ok(Err(match stop {
+                        Stop::Deadline(_) => Stop::Deadline(holder),
+                        other => other,
+                    }))
+                }
+            };
+            if let Some(at) = deleted_at {
+                if !owner_died && self.died_holding(pfx, &blocker, at).await {
+                    owner_died = true;
+                }
+            }
+        }
+    }
+
+    /// Waits for the deletion of `blocker`, seen in a range at revision `seen`: Some(Deleted(at))
+    /// with its revision, Some(Stop) for the session's loss or the deadline, None when the watch
+    /// ended or could not start (look again).
+    async fn watch_deletion(
+        &self,
+        session: &Session,
+        blocker: &Queued,
+        seen: i64,
+        deadline: Option<Instant>,
+        lost: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Result<Option<Watched>> {
+        // None: from now on; Some(r): from revision r.
+        let mut from: Option<i64> = None;
+        'watch: loop {
             let watched = self
                 .retry("watch", |mut c| {
-                    let opts = WatchOptions::new()
-                        .with_start_revision(revision + 1)
-                        .with_filters([WatchFilterType::NoPut]);
+                    let mut opts = WatchOptions::new().with_filters([WatchFilterType::NoPut]);
+                    if let Some(r) = from {
+                        opts = opts.with_start_revision(r);
+                    }
                     let k = blocker.key.clone();
                     async move { c.watch(k, Some(opts)).await }
                 })
                 .await;
             let mut stream = match watched {
                 Ok(s) => s,
-                Err(_) if !session.is_lost() => {
-                    sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
+                Err(_) if !session.is_lost() => return Ok(None),
                 Err(e) => return Err(e),
             };
-            let deleted_at = loop {
+            loop {
                 let deadline_sleep = async {
                     match deadline {
                         Some(d) => tokio::time::sleep_until(d).await,
@@ -623,26 +671,38 @@ impl EtcdClient {
                     msg = stream.message() => match msg {
                         Ok(Some(resp)) => {
                             if let Some(ev) = resp.events().iter().find(|e| e.event_type() == EventType::Delete) {
-                                break Some(ev.kv().map(|kv| kv.mod_revision()).unwrap_or(0));
+                                return Ok(Some(Watched::Deleted(ev.kv().map(|kv| kv.mod_revision()).unwrap_or(0))));
                             }
                             if resp.canceled() {
-                                break None; // compacted, or the member lost its leader: look again
+                                return Ok(None); // compacted, or the member lost its leader
+                            }
+                            let now = resp.header().map(|h| h.revision()).unwrap_or(0);
+                            if resp.created() && from.is_none() && now != seen {
+                                // Written to since the range: is this incarnation of the key
+                                // still there? (Its session may have put it again since.)
+                                let key = blocker.key.clone();
+                                let got = self
+                                    .retry("range", |mut c| {
+                                        let key = key.clone();
+                                        async move { c.get(key, Some(GetOptions::new().with_keys_only())).await }
+                                    })
+                                    .await;
+                                match got {
+                                    Ok(r) if r.kvs().first().is_some_and(|kv| kv.create_revision() == blocker.create_revision) => {}
+                                    Ok(_) => {
+                                        from = Some(seen + 1);
+                                        continue 'watch;
+                                    }
+                                    Err(_) => return Ok(None),
+                                }
                             }
                         }
-                        // The stream ended (a member went away): look again.
-                        _ => break None,
+                        // The stream ended (a member went away).
+                        _ => return Ok(None),
                     },
-                    _ = lost.wait_for(|l| *l) => return Ok(Err(Stop::Lost)),
-                    _ = deadline_sleep => return Ok(Err(Stop::Deadline(holder))),
+                    _ = lost.wait_for(|l| *l) => return Ok(Some(Watched::Stop(Stop::Lost))),
+                    _ = deadline_sleep => return Ok(Some(Watched::Stop(Stop::Deadline(None)))),
                 }
-            };
-            drop(stream);
-            if let Some(at) = deleted_at {
-                if !owner_died && self.died_holding(pfx, &blocker, at).await {
-                    owner_died = true;
-                }
-            } else {
-                sleep(Duration::from_millis(20)).await;
             }
         }
     }
