@@ -175,8 +175,8 @@ pub struct EtcdLock {
 
 /// How a watch of the key waited for ended.
 enum Watched {
-    /// It was deleted at this revision.
-    Deleted(i64),
+    /// It was deleted at this revision (None: by an unlock, at a revision not asked for).
+    Deleted(Option<i64>),
     /// The wait stopped (the session lost, the deadline passed).
     Stop(Stop),
 }
@@ -556,21 +556,30 @@ impl EtcdClient {
     ) -> Result<std::result::Result<bool, Stop>> {
         let mut lost = session.subscribe();
         let mut owner_died = false;
+        // The key just deleted, and at what revision, whose holder's death is to be asked.
+        let mut gone: Option<(Queued, i64)> = None;
         loop {
             if session.is_lost() {
                 return Ok(Err(Stop::Lost));
             }
-            // The keys up to ours, oldest first.
-            let ranged = self
-                .retry("range", |mut c| {
-                    let opts = GetOptions::new()
-                        .with_prefix()
-                        .with_sort(SortTarget::Create, SortOrder::Ascend)
-                        .with_max_create_revision(my_rev);
-                    let pfx = pfx.to_vec();
-                    async move { c.get(pfx, Some(opts)).await }
-                })
-                .await;
+            // The keys up to ours, oldest first; beside it (not before: a handoff costs one
+            // round trip, not two), whether the key that went was a dead holder's.
+            let range = self.retry("range", |mut c| {
+                let opts = GetOptions::new()
+                    .with_prefix()
+                    .with_sort(SortTarget::Create, SortOrder::Ascend)
+                    .with_max_create_revision(my_rev);
+                let pfx = pfx.to_vec();
+                async move { c.get(pfx, Some(opts)).await }
+            });
+            let ranged = match gone.take() {
+                Some((key, at)) if !owner_died => {
+                    let (ranged, died) = tokio::join!(range, self.died_holding(pfx, &key, at));
+                    owner_died = died;
+                    ranged
+                }
+                _ => range.await,
+            };
             let resp = match ranged {
                 Ok(r) => r,
                 Err(_) if session.is_lost() => return Ok(Err(Stop::Lost)),
@@ -615,7 +624,7 @@ impl EtcdClient {
                 continue;
             };
             let deleted_at = match deleted_at {
-                Watched::Deleted(at) => Some(at),
+                Watched::Deleted(at) => at,
                 Watched::Stop(stop) => {
                     return Ok(Err(match stop {
                         Stop::Deadline(_) => Stop::Deadline(holder),
@@ -623,11 +632,7 @@ impl EtcdClient {
                     }))
                 }
             };
-            if let Some(at) = deleted_at {
-                if !owner_died && self.died_holding(pfx, &blocker, at).await {
-                    owner_died = true;
-                }
-            }
+            gone = deleted_at.map(|at| (blocker, at));
         }
     }
 
@@ -671,7 +676,7 @@ impl EtcdClient {
                     msg = stream.message() => match msg {
                         Ok(Some(resp)) => {
                             if let Some(ev) = resp.events().iter().find(|e| e.event_type() == EventType::Delete) {
-                                return Ok(Some(Watched::Deleted(ev.kv().map(|kv| kv.mod_revision()).unwrap_or(0))));
+                                return Ok(Some(Watched::Deleted(Some(ev.kv().map(|kv| kv.mod_revision()).unwrap_or(0)))));
                             }
                             if resp.canceled() {
                                 return Ok(None); // compacted, or the member lost its leader
@@ -689,6 +694,13 @@ impl EtcdClient {
                                     .await;
                                 match got {
                                     Ok(r) if r.kvs().first().is_some_and(|kv| kv.create_revision() == blocker.create_revision) => {}
+                                    // Gone meanwhile. Its lease lives: an unlock, whose revision
+                                    // nothing needs. Else a death, which needs the revision of
+                                    // the deletion: watch from the range's revision (slower,
+                                    // only on a death).
+                                    Ok(_) if self.lease_lives(blocker.lease).await == Some(true) => {
+                                        return Ok(Some(Watched::Deleted(None)));
+                                    }
                                     Ok(_) => {
                                         from = Some(seen + 1);
                                         continue 'watch;
@@ -707,21 +719,27 @@ impl EtcdClient {
         }
     }
 
+    /// Does lease `id` live (Some(true)), or has it ended (Some(false))? None if the cluster did
+    /// not say.
+    async fn lease_lives(&self, id: i64) -> Option<bool> {
+        self.retry("lease time-to-live", |mut c| async move {
+            c.lease_time_to_live(id, None).await
+        })
+        .await
+        .ok()
+        .map(|t| t.ttl() > 0)
+    }
+
     /// Did `gone`, deleted at revision `at`, hold the lock when its lease ended? Its lease must
     /// be gone (an unlock deletes the key and keeps the lease), and at the revision before the
     /// deletion it must have been among the holders (not a waiter that crashed). When a request
     /// fails, or that revision was compacted away, it says yes: a notice too many makes its
     /// reader check data that was fine; one too few hides a holder's death.
     async fn died_holding(&self, pfx: &[u8], gone: &Queued, at: i64) -> bool {
-        let ttl = self
-            .retry("lease time-to-live", |mut c| async move {
-                c.lease_time_to_live(gone.lease, None).await
-            })
-            .await;
-        match ttl {
-            Ok(t) if t.ttl() > 0 => return false,
-            Ok(_) => {}
-            Err(_) => return true,
+        match self.lease_lives(gone.lease).await {
+            Some(true) => return false,
+            Some(false) => {}
+            None => return true,
         }
         if at <= 1 {
             return true;
