@@ -125,6 +125,9 @@ pub struct EtcdClient {
     names: Mutex<HashSet<Vec<u8>>>,
     /// A delete of one of its keys failed: the session may hold a key nobody will delete.
     dirty: std::sync::atomic::AtomicBool,
+    /// Keys whose delete failed: each is deleted before its name is locked again, so that a new
+    /// grant never reuses an old grant's key (and token).
+    leftovers: Mutex<HashSet<Vec<u8>>>,
     host: String,
     label: String,
     opened_by: OpenedBy,
@@ -171,6 +174,12 @@ pub struct EtcdLock {
     pub holders: Vec<EtcdKey>,
     /// The keys that wait, in queue order.
     pub waiters: Vec<EtcdKey>,
+}
+
+/// A request that failed: `unknown` if it may have been applied all the same.
+struct Failure {
+    error: Error,
+    unknown: bool,
 }
 
 /// How a watch of the key waited for ended.
@@ -249,6 +258,7 @@ impl EtcdClient {
             session: Mutex::new(session),
             names: Mutex::new(HashSet::new()),
             dirty: std::sync::atomic::AtomicBool::new(false),
+            leftovers: Mutex::new(HashSet::new()),
             host: hostname(),
             label,
             opts,
@@ -380,43 +390,66 @@ impl EtcdClient {
         F: FnMut(Client) -> Fut,
         Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
     {
-        self.retry_by(what, Instant::now() + self.opts.request_timeout, call)
-            .await
+        self.attempts(what, call).await.map_err(|f| f.error)
     }
 
-    /// [`retry`](Self::retry), giving up at `until`.
-    async fn retry_by<T, F, Fut>(&self, what: &str, until: Instant, mut call: F) -> Result<T>
+    /// [`retry`](Self::retry), telling a refusal (the request was not applied) from a failure
+    /// whose outcome is unknown (no answer, or a broken connection: it may have been applied).
+    /// Each attempt may take a quarter of the request timeout (at least 500 ms): a member that
+    /// lost its leader holds a request until its own timeout, while another member may answer
+    /// at once.
+    async fn attempts<T, F, Fut>(&self, what: &str, mut call: F) -> std::result::Result<T, Failure>
     where
         F: FnMut(Client) -> Fut,
         Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
     {
+        let until = Instant::now() + self.opts.request_timeout;
+        let attempt = (self.opts.request_timeout / 4).max(Duration::from_millis(500));
         loop {
-            match tokio::time::timeout_at(until, call(self.client.clone())).await {
+            let this_one = (Instant::now() + attempt).min(until);
+            match tokio::time::timeout_at(this_one, call(self.client.clone())).await {
                 Ok(Ok(v)) => return Ok(v),
                 Ok(Err(e)) if transient(&e) && Instant::now() + Duration::from_millis(50) < until => {
                     sleep(Duration::from_millis(50)).await;
                 }
-                Ok(Err(e)) => return Err(self.error(format!("{what}: {e}"))),
+                Ok(Err(e)) => {
+                    return Err(Failure {
+                        unknown: transient(&e),
+                        error: self.error(format!("{what}: {e}")),
+                    })
+                }
+                Err(_) if Instant::now() < until => {}
                 Err(_) => {
-                    return Err(self.error(format!(
-                        "{what}: no answer within {} (is a majority of the cluster up?)",
-                        crate::clock::human(self.opts.request_timeout)
-                    )))
+                    return Err(Failure {
+                        unknown: true,
+                        error: self.error(format!(
+                            "{what}: no answer within {} (is a majority of the cluster up?)",
+                            crate::clock::human(self.opts.request_timeout)
+                        )),
+                    })
                 }
             }
         }
     }
 
-    /// Deletes `key`; Ok(false) if it was already gone.
+    /// Deletes `key`; Ok(false) if it was already gone (as far as can be told: when an attempt
+    /// went unanswered, a later attempt's "nothing deleted" may be the first one's doing, and
+    /// counts as deleted). A failure leaves the key to be deleted before its name is locked
+    /// again (`leftovers`).
     async fn delete(&self, key: &[u8]) -> Result<bool> {
+        let tries = std::cell::Cell::new(0u32);
         let resp = self
             .retry("delete", |mut c| {
+                tries.set(tries.get() + 1);
                 let key = key.to_vec();
                 async move { c.delete(key, None).await }
             })
             .await
-            .inspect_err(|_| self.dirty.store(true, std::sync::atomic::Ordering::Release))?;
-        Ok(resp.deleted() > 0)
+            .inspect_err(|_| {
+                self.dirty.store(true, std::sync::atomic::Ordering::Release);
+                lock(&self.leftovers).insert(key.to_vec());
+            })?;
+        Ok(resp.deleted() > 0 || tries.get() > 1)
     }
 
     /// The whole lock request: put the key, then wait in the queue.
@@ -436,7 +469,10 @@ impl EtcdClient {
                 // The put may have been applied before the answer was lost: take it back, so
                 // that no key of ours queues for a request that failed.
                 let _ = self.delete(&key).await;
-                return Err(if session.is_lost() { lost_error(session) } else { e });
+                // A lease found gone: lost (and the request goes on in a new session); else
+                // the request's own failure.
+                let gone = matches!(&e, Error::Etcd { why, .. } if why.contains("lease not found"));
+                return Err(if gone { lost_error(session) } else { e });
             }
         };
         let deadline = match wait {
@@ -475,6 +511,11 @@ impl EtcdClient {
             .with_prefix()
             .with_sort(SortTarget::Create, SortOrder::Ascend)
             .with_limit(1);
+        // A key of an earlier grant whose unlock failed: delete it first (reusing it would give
+        // this grant the old one's token).
+        if lock(&self.leftovers).remove(key) {
+            self.delete(key).await?;
+        }
         for _ in 0..2 {
             let txn = Txn::new()
                 .when([Compare::create_revision(key.to_vec(), CompareOp::Equal, 0)])
@@ -491,19 +532,31 @@ impl EtcdClient {
                     TxnOp::get(pfx.to_vec(), Some(oldest.clone())),
                 ]);
             let resp = self
-                .retry("txn", |mut c| {
+                .attempts("txn", |mut c| {
                     let txn = txn.clone();
                     async move { c.txn(txn).await }
                 })
                 .await
-                .inspect_err(|e| {
-                    // Our lease is gone at the cluster (it expired while nothing renewed it).
-                    if matches!(e, Error::Etcd { why, .. } if why.contains("lease not found")) {
+                .map_err(|f| {
+                    if matches!(&f.error, Error::Etcd { why, .. } if why.contains("lease not found")) {
+                        // Our lease is gone at the cluster (it expired while nothing renewed it).
                         session.mark_lost(format!(
                             "lease {:x} is not found at the cluster: it expired",
                             session.id
                         ));
+                    } else if f.unknown {
+                        // The put may yet be applied (a member holding it without a leader), after
+                        // any withdrawal: a key nobody waits for would hold the lock. Only the
+                        // lease's end removes it for sure: retire the session (its other locks
+                        // with it: the cluster did not answer for the whole request timeout).
+                        session.mark_lost(format!(
+                            "a lock request got no answer within {}, so it may still be applied: the \
+                             session (lease {:x}) is retired",
+                            crate::clock::human(self.opts.request_timeout),
+                            session.id
+                        ));
                     }
+                    f.error
                 })?;
             let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
             let ops = resp.op_responses();

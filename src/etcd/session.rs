@@ -37,16 +37,20 @@ impl Session {
         request_timeout: Duration,
     ) -> Result<Arc<Session>, String> {
         let secs = ttl.as_secs().max(1) as i64;
+        // Each attempt at most a quarter of the request timeout (a member that lost its leader
+        // holds a request until its own timeout), all of them at most the request timeout.
         let until = Instant::now() + request_timeout;
+        let attempt = (request_timeout / 4).max(Duration::from_millis(500));
         let (sent, grant) = loop {
             let sent = Instant::now();
-            match timeout_at(until, client.clone().lease_grant(secs, None)).await {
+            match timeout_at((sent + attempt).min(until), client.clone().lease_grant(secs, None)).await {
                 Ok(Ok(grant)) => break (sent, grant),
                 // A member that went away, an election: another try, until the request timeout.
                 Ok(Err(e)) if super::transient(&e) && Instant::now() + Duration::from_millis(50) < until => {
                     sleep(Duration::from_millis(50)).await;
                 }
                 Ok(Err(e)) => return Err(format!("granting a lease: {e}")),
+                Err(_) if Instant::now() < until => {}
                 Err(_) => {
                     return Err(format!(
                         "granting a lease: no answer within {} (is a majority of the cluster up?)",
