@@ -354,8 +354,19 @@ fn quorum_loss(test: &str, stop: fn(&mut EtcdCluster) -> Vec<usize>, restore: fn
         "the patient's lock failed but its key {patient_key:?} stays queued while its client lives"
     );
     let mut left = keys_under(&endpoints, "q/");
-    left.retain(|k| !ours.contains(k) && !k.starts_with("q/a/"));
+    left.retain(|k| !ours.contains(k) && !k.starts_with("q/a/") && !k.starts_with("q/free/"));
     assert_eq!(left, Vec::<String>::new(), "keys of lost sessions left behind");
+    // The request that failed during the outage left nothing that holds: the name is free.
+    let free = fresh.try_lock_for("q/free", Duration::from_secs(10));
+    assert!(
+        free.is_ok(),
+        "q/free, which nobody was granted, is not free ({free:?}): the try_lock_for that failed \
+         during the outage was applied once quorum returned, and its key {:?} (client d's lease {:x}) \
+         stays for as long as client d lives",
+        keys_under(&endpoints, "q/free/"),
+        d.lease_id()
+    );
+    drop(free);
     // b itself locks again, with a new session.
     let gb3 = b.try_lock_for("q/c", Duration::from_secs(20)).expect("b locks again");
     assert_ne!(gb3.lease_id(), lease_b);
