@@ -23,6 +23,20 @@ use shmlock::{Error, Guard};
 common::child_roles! {
     "waiter" => waiter,
     "patient" => patient,
+    "unlock_and_exit" => unlock_and_exit,
+}
+
+/// Waits (up to a minute) until `path` exists.
+fn await_long(path: &std::path::Path) {
+    let t0 = Instant::now();
+    while !path.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no {} after a minute",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// What the lost-lock notice may take beyond the TTL on a loaded machine (the design says at
@@ -47,7 +61,8 @@ fn unix_ms() -> u128 {
 
 /// Child: queues for `name` (one lock, waiting as long as it takes), and once granted: logs
 /// `id token owner_died` to `grants`, stays `hold_ms` inside a witnessed section (the words file
-/// `words`: nobody else may enter meanwhile), and unlocks.
+/// `words`: nobody else may enter meanwhile), and unlocks. It keeps its client (and lease) until
+/// file `exit` appears, so that the next waiter sees a clean unlock, not a lease's end.
 fn waiter(ctx: &ChildCtx) {
     let client = connect(&ctx.param::<String>("endpoints"), 10, "waiter");
     let words = Words::open(&ctx.path("words"));
@@ -62,6 +77,17 @@ fn waiter(ctx: &ChildCtx) {
     assert_eq!(inside, id, "{inside} entered while waiter {id} held");
     words.set(FLAG, 0);
     assert!(!g.lost(), "waiter {id} lost its lock: {:?}", g.lost_reason());
+    g.unlock().expect("unlock");
+    await_long(&ctx.path("exit"));
+}
+
+/// Child: locks `name`, signals `held`, unlocks when `release` appears, and exits at once (its
+/// client's drop revokes its lease right after the unlock).
+fn unlock_and_exit(ctx: &ChildCtx) {
+    let client = connect(&ctx.param::<String>("endpoints"), 10, "unlock-and-exit");
+    let g = client.lock(ctx.param::<String>("name")).expect("lock");
+    common::signal(&ctx.path("held"), "");
+    await_long(&ctx.path("release"));
     g.unlock().expect("unlock");
 }
 
@@ -196,6 +222,12 @@ fn killing_the_leader_keeps_exclusion_queue_order_and_tokens() {
     let killed_second = etcd.wait_leader();
     let granted_before = common::read_lines(&env.path("grants")).len();
     etcd.kill(killed_second);
+    let t0 = Instant::now();
+    while common::read_lines(&env.path("grants")).len() < n as usize {
+        assert!(t0.elapsed() < Duration::from_secs(90), "not every waiter was granted");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    common::signal(&env.path("exit"), "");
     env.wait_all();
     let grants: Vec<Vec<String>> = common::read_lines(&env.path("grants"))
         .iter()
@@ -357,7 +389,7 @@ fn quorum_loss(test: &str, stop: fn(&mut EtcdCluster) -> Vec<usize>, restore: fn
     left.retain(|k| !ours.contains(k) && !k.starts_with("q/a/") && !k.starts_with("q/free/"));
     assert_eq!(left, Vec::<String>::new(), "keys of lost sessions left behind");
     // The request that failed during the outage left nothing that holds: the name is free.
-    let free = fresh.try_lock_for("q/free", Duration::from_secs(10));
+    let free = fresh.try_lock_for("q/free", Duration::from_secs(25));
     assert!(
         free.is_ok(),
         "q/free, which nobody was granted, is not free ({free:?}): the try_lock_for that failed \
@@ -463,5 +495,34 @@ fn a_client_whose_first_endpoint_is_dead_still_locks() {
         t0.elapsed() < Duration::from_secs(30),
         "connect took {:?}",
         t0.elapsed()
+    );
+}
+
+/// A holder that unlocks and exits at once (its client's drop revokes its lease) unlocked
+/// cleanly: the next holder must not be told that the previous owner died.
+#[test]
+fn a_clean_unlock_then_exit_is_no_owner_death() {
+    let env = TestEnv::new("etcdc-unlock-exit");
+    let etcd = EtcdCluster::start(&env.dir, 3);
+    let endpoints = etcd.endpoints();
+    let next = connect(&endpoints, 10, "next");
+    let mut died = Vec::new();
+    for round in 0..5 {
+        let _ = std::fs::remove_file(env.path("held"));
+        let _ = std::fs::remove_file(env.path("release"));
+        let name = format!("exit/{round}");
+        let child = env.spawn("unlock_and_exit", &[("endpoints", &endpoints), ("name", &name)]);
+        wait_until("the child to hold", || env.path("held").exists());
+        std::thread::scope(|s| {
+            let w = s.spawn(|| next.lock(&name).map(|g| g.owner_died()));
+            wait_until("next to queue", || queue_len(&next, &name) == (1, 1));
+            common::signal(&env.path("release"), "");
+            died.push(w.join().unwrap().expect("granted"));
+        });
+        env.wait_success(child);
+    }
+    assert!(
+        died.iter().all(|d| !d),
+        "owner-died after clean unlocks whose client then exited, by round: {died:?}"
     );
 }
