@@ -3,7 +3,8 @@
 //! and waiters queue (exclusion, queue order and tokens survive; nothing is left behind); two of
 //! three members stopped (killed, or frozen by SIGSTOP) while locks are held (every holder is
 //! told in time, nothing is granted without quorum, locking resumes once they are back and the
-//! lost sessions' keys go); a client whose first endpoint is dead.
+//! lost sessions' keys go, and a request that failed meanwhile holds nothing); a client whose
+//! first endpoint is dead; a clean unlock followed by the holder's exit is no owner death.
 //!
 //! The bound on the lost-lock notice follows src/etcd/session.rs: a session is declared lost at
 //! the latest when the TTL has passed since the last keep-alive that was answered was *sent*,
