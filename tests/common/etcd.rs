@@ -1,6 +1,9 @@
 //! Real etcd members for the etcd backend's tests: started on loopback with data directories of
 //! their own (under the test's directory), stopped and removed when dropped. Needs `etcd` and
 //! `etcdctl` on PATH (Debian: etcd-server, etcd-client; `.ci/run` installs them).
+//!
+//! Self-contained (no `super::` items), so that `benches/etcd_failover.rs` includes it too with
+//! `#[path = "../tests/common/etcd.rs"] mod etcd;`.
 
 use std::fs::{self, File};
 use std::net::TcpListener;
@@ -8,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::DEADLINE;
+/// How long the cluster may take to become healthy or elect a leader before the caller fails
+/// (the same as `common::DEADLINE`).
+const DEADLINE: Duration = Duration::from_secs(30);
 
 /// One member: its URLs, its process while it runs.
 #[derive(Debug)]
@@ -185,6 +190,49 @@ impl EtcdCluster {
     /// Starts member `i` again on its data.
     pub(crate) fn restart(&mut self, i: usize) {
         self.spawn(i);
+    }
+
+    /// Freezes member `i` (SIGSTOP): its process and its connections stay, it answers nothing,
+    /// as a member cut off by a partition or hung. [`resume`](Self::resume) thaws it.
+    pub(crate) fn pause(&mut self, i: usize) {
+        self.signal(i, nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    /// Thaws member `i` frozen by [`pause`](Self::pause) (SIGCONT).
+    pub(crate) fn resume(&mut self, i: usize) {
+        self.signal(i, nix::sys::signal::Signal::SIGCONT);
+    }
+
+    fn signal(&mut self, i: usize, sig: nix::sys::signal::Signal) {
+        let m = &self.members[i];
+        let child = m
+            .child
+            .as_ref()
+            .unwrap_or_else(|| panic!("member {} does not run", m.name));
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, sig).unwrap_or_else(|e| panic!("{sig} to member {}: {e}", m.name));
+    }
+
+    /// Is member `i`'s process running (started and not killed)?
+    pub(crate) fn running(&self, i: usize) -> bool {
+        self.members[i].child.is_some()
+    }
+
+    /// Waits until a running member says it leads, and returns its index; panics after the
+    /// deadline.
+    pub(crate) fn wait_leader(&self) -> usize {
+        let t0 = Instant::now();
+        loop {
+            if let Some(i) = self.leader() {
+                return i;
+            }
+            assert!(
+                t0.elapsed() < DEADLINE,
+                "no etcd member leads after {DEADLINE:?}:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Every member's log.
