@@ -23,12 +23,13 @@
 //!
 //! # Requests (none of them polls)
 //! - lock, uncontended: one `Txn` (put the key if absent with the lease, and read the oldest key
-//!   of the name);
+//!   of the name); a busy try-lock: that `Txn` and a `DeleteRange` taking the key back;
 //! - lock, contended: that `Txn`, then per change of the key waited for: a `Range` of the keys
-//!   before ours, a `Watch` of the one just before ours (no herd: each waiter watches one other
-//!   key) until its deletion, and `LeaseTimeToLive` of its lease (gone: its holder died, so
-//!   [`Guard::owner_died`]; then a `Range` at the revision before the deletion tells whether
-//!   that key held the lock or only waited);
+//!   up to ours, a `Watch` of the one just before ours (no herd: each waiter watches one other
+//!   key) from the present until its deletion (plus a `Range` of that key when the store moved
+//!   between the two), and `LeaseTimeToLive` of its lease, sent beside the next `Range` (gone:
+//!   its holder died, so [`Guard::owner_died`]; then a `Range` at the revision before the
+//!   deletion tells whether that key held the lock or only waited);
 //! - unlock: one `DeleteRange` of the key.
 //!
 //! # A blocking API
