@@ -1,11 +1,11 @@
 //! `--system etcd`: shmlock's etcd backend (`shmlock::etcd::EtcdClient`, feature `etcd`) on the
 //! cluster at `--etcd-url`, side by side in one run with two references measured the same way:
 //!
-//! - `etcd`: `client.lock(name)?.unlock()?` through the [`Locker`] contract;
+//! - `etcd`: `client.lock(name)?.unlock()?` through the [`Locker`](shmlock::Locker) contract;
 //! - `etcd-floor`: the same number of raw etcd writes per pair with the same clients,
-//!   [`EtcdClient::put_delete`] (one `Put` with the session's lease, one `DeleteRange`): what any
+//!   `EtcdClient::put_delete` (one `Put` with the session's lease, one `DeleteRange`): what any
 //!   lock on etcd must pay at least;
-//! - `remote`: shmlock's TCP gateway ([`RemoteClient`]) on a fresh segment (or `--remote ADDR`).
+//! - `remote`: shmlock's TCP gateway ([`RemoteClient`](shmlock::remote::RemoteClient)) on a fresh segment (or `--remote ADDR`).
 //!
 //! Workloads: `stream` (one client, pairs back to back on one name), `parallel` (C clients, each
 //! its own client and its own name), `contention` (C clients on one name: lock; check exclusion;
