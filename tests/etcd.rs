@@ -8,27 +8,15 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::etcd::{etcdctl, EtcdCluster};
+use common::etcd::{connect, etcdctl, opts, EtcdCluster};
 use common::{await_file, signal, wait_until, ChildCtx, Log, TestEnv, Words, COUNT};
-use shmlock::etcd::{EtcdClient, EtcdOptions};
+use shmlock::etcd::EtcdClient;
 use shmlock::{Error, Guard, Locker, Mode, Wait};
 
 common::child_roles! {
     "witness" => witness,
     "hold" => hold,
     "queue" => queue,
-}
-
-fn opts(ttl_s: u64, label: &str) -> EtcdOptions {
-    EtcdOptions {
-        ttl: Duration::from_secs(ttl_s),
-        label: Some(label.into()),
-        ..Default::default()
-    }
-}
-
-fn connect(endpoints: &str, ttl_s: u64, label: &str) -> EtcdClient {
-    EtcdClient::connect(endpoints.split(','), opts(ttl_s, label)).unwrap_or_else(|e| panic!("connect: {e}"))
 }
 
 /// Child: `iters` witnessed critical sections under lock `name`, logging each token.
@@ -317,10 +305,9 @@ fn losing_the_cluster_loses_the_lock_and_a_restart_resumes() {
     );
     let notice = down.elapsed();
     assert!(g.lost() && Guard::lost(&g));
-    assert!(
-        notice <= Duration::from_millis(ttl * 1000 + 1000),
-        "told {notice:?} after the loss"
-    );
+    // The design: at most the TTL after the last answered keep-alive; 3 s of slack for timers
+    // and scheduling on a loaded machine (as tests/etcd_cluster.rs allows).
+    assert!(notice <= Duration::from_secs(ttl + 3), "told {notice:?} after the loss");
     assert!(g.lost_reason().is_some());
     assert!(matches!(g.unlock(), Err(Error::Lost { .. })));
     // Without a cluster nothing is granted.

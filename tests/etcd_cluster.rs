@@ -16,9 +16,9 @@ mod common;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::etcd::{etcdctl, EtcdCluster};
+use common::etcd::{connect, etcdctl, opts, EtcdCluster};
 use common::{wait_until, ChildCtx, Log, TestEnv, Words, FLAG};
-use shmlock::etcd::{EtcdClient, EtcdOptions};
+use shmlock::etcd::EtcdClient;
 use shmlock::{Error, Guard};
 
 common::child_roles! {
@@ -43,18 +43,6 @@ fn await_long(path: &std::path::Path) {
 /// What the lost-lock notice may take beyond the TTL on a loaded machine (the design says at
 /// most the TTL; this is slack for timers and scheduling on a busy CI runner, not a target).
 const NOTICE_SLACK: Duration = Duration::from_secs(3);
-
-fn opts(ttl_s: u64, label: &str) -> EtcdOptions {
-    EtcdOptions {
-        ttl: Duration::from_secs(ttl_s),
-        label: Some(label.into()),
-        ..Default::default()
-    }
-}
-
-fn connect(endpoints: &str, ttl_s: u64, label: &str) -> EtcdClient {
-    EtcdClient::connect(endpoints.split(','), opts(ttl_s, label)).unwrap_or_else(|e| panic!("connect: {e}"))
-}
 
 fn unix_ms() -> u128 {
     SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_millis()

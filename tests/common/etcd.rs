@@ -263,3 +263,18 @@ impl Drop for EtcdCluster {
         }
     }
 }
+
+/// Client options with a TTL of `ttl_s` seconds and `label`.
+pub(crate) fn opts(ttl_s: u64, label: &str) -> shmlock::etcd::EtcdOptions {
+    shmlock::etcd::EtcdOptions {
+        ttl: Duration::from_secs(ttl_s),
+        label: Some(label.into()),
+        ..Default::default()
+    }
+}
+
+/// A client of the cluster at `endpoints` (comma-separated), TTL `ttl_s` seconds.
+pub(crate) fn connect(endpoints: &str, ttl_s: u64, label: &str) -> shmlock::etcd::EtcdClient {
+    shmlock::etcd::EtcdClient::connect(endpoints.split(','), opts(ttl_s, label))
+        .unwrap_or_else(|e| panic!("connect: {e}"))
+}
