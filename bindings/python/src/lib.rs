@@ -38,6 +38,13 @@ impl Held {
             Held::Remote(g) => g.grant(),
         }
     }
+
+    fn lost(&self) -> bool {
+        match self {
+            Held::Local(g) => shmlock::Guard::lost(g),
+            Held::Remote(g) => shmlock::Guard::lost(g),
+        }
+    }
 }
 
 /// What the module needs of a backend besides the contract.
@@ -538,6 +545,14 @@ impl Guard {
     #[getter]
     fn locked(&self) -> bool {
         self.held().is_some()
+    }
+
+    /// True once the lock is known to be gone without a release, so it may be another's: a
+    /// RemoteClient whose gateway connection ended (seen at its next request or keep-alive).
+    /// A local lock taken away (`shmlock release --force`) shows only at release (NotHeld).
+    #[getter]
+    fn lost(&self) -> bool {
+        self.held().as_ref().is_some_and(Held::lost)
     }
 
     /// Unlocks. NotHeld if it was released already, or taken away meanwhile (`shmlock release

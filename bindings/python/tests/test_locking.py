@@ -299,6 +299,16 @@ def test_a_remote_client_has_the_same_api(segment: str, daemon: Daemon, children
     assert isinstance(ce.value, ConnectionError)
 
 
+def test_a_remote_guard_is_lost_once_the_gateway_ends_its_session(daemon: Daemon) -> None:
+    r = pyshmlock.RemoteClient(daemon.addr)
+    g = r.lock("remote/lost", timeout=5.0)
+    assert not g.lost and g.locked
+    daemon.stop()
+    with pytest.raises(pyshmlock.ShmlockError):
+        r.lock("remote/other", timeout=1.0)
+    assert g.lost, "the session ended: the gateway released its locks"
+
+
 def test_ctrl_c_during_a_remote_wait(segment: str, daemon: Daemon, children: Children) -> None:
     holder = pyshmlock.RemoteClient(daemon.addr)
     g = holder.lock("rbusy")
