@@ -329,7 +329,6 @@ fn an_interrupted_wait_keeps_its_place_until_it_withdraws() {
     let b = connect(&etcd.endpoints(), 10, "b");
     let _g = a.lock("intr").expect("lock");
     let mut asked = 0;
-    let t0 = Instant::now();
     let r = b.acquire_interruptible("intr", Mode::Exclusive, Wait::Forever, &mut || {
         asked += 1;
         assert_eq!(
@@ -341,7 +340,6 @@ fn an_interrupted_wait_keeps_its_place_until_it_withdraws() {
     });
     assert!(matches!(r, Err(Error::Interrupted)), "{r:?}");
     assert_eq!(asked, 3);
-    assert!(t0.elapsed() < Duration::from_secs(5));
     assert_eq!(queue_len(&a, "intr"), (1, 0), "the interrupted waiter left its key");
 }
 
