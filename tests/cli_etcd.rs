@@ -13,8 +13,10 @@ use std::fs;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use common::cli::{assert_code, assert_error_line, json, output_within, stderr, stdout, EX_TEMPFAIL};
-use common::etcd::{etcdctl, EtcdCluster};
+use common::cli::{
+    assert_code, assert_error_line, await_go, dir, json, mark, output_within, stderr, stdout, EX_TEMPFAIL,
+};
+use common::etcd::{etcdctl, queue_len, EtcdCluster};
 use common::{await_file, signal, wait_until, TestEnv};
 use serde_json::Value;
 use shmlock::etcd::{EtcdClient, EtcdOptions};
@@ -64,21 +66,6 @@ fn exit_code(child: Child) -> Option<i32> {
     output_within(child, "shmlock run").status.code()
 }
 
-/// A script that marks `$1/FILE` with its pid and `$SHMLOCK_OWNER_DIED` (through a rename).
-fn mark(file: &str) -> String {
-    format!(r#"echo "$$ $SHMLOCK_OWNER_DIED" > "$1/{file}.tmp"; mv "$1/{file}.tmp" "$1/{file}""#)
-}
-
-/// A script that waits (at most 30 s) for `$1/FILE` to exist.
-fn await_go(file: &str) -> String {
-    format!(r#"i=0; while [ ! -e "$1/{file}" ] && [ $i -lt 3000 ]; do sleep 0.01; i=$((i+1)); done"#)
-}
-
-/// The test's directory, as the scripts' `$1`.
-fn dir(env: &TestEnv) -> String {
-    env.dir.to_str().expect("utf-8 dir").to_string()
-}
-
 /// A client of the test's own, to read the queue.
 fn reader(etcd: &EtcdCluster) -> EtcdClient {
     let opts = EtcdOptions {
@@ -86,16 +73,6 @@ fn reader(etcd: &EtcdCluster) -> EtcdClient {
         ..Default::default()
     };
     EtcdClient::connect(etcd.urls(), opts).unwrap_or_else(|e| panic!("connect: {e}"))
-}
-
-/// (holders, waiters) of lock `name`.
-fn queue(client: &EtcdClient, name: &str) -> (usize, usize) {
-    client
-        .locks(name.as_bytes())
-        .expect("locks")
-        .iter()
-        .find(|l| l.name == name.as_bytes())
-        .map_or((0, 0), |l| (l.holders.len(), l.waiters.len()))
 }
 
 /// `run --etcd U -n NAME true` finds the lock busy.
@@ -162,11 +139,11 @@ fn run_etcd_holds_the_lock_while_the_command_runs_with_flocks_exit_codes() {
     assert!(!ran.exists(), "a command ran without the lock");
     // A timed-out wait left nothing queued.
     let r = reader(&etcd);
-    assert_eq!(queue(&r, "job"), (1, 0));
+    assert_eq!(queue_len(&r, "job"), (1, 0));
     signal(&env.path("go"), "");
     assert_eq!(exit_code(first), Some(0), "{}", err_of(&env, "first"));
     assert_eq!(err_of(&env, "first"), "", "a quiet run says nothing");
-    wait_until("the lock to be free", || queue(&r, "job") == (0, 0));
+    wait_until("the lock to be free", || queue_len(&r, "job") == (0, 0));
     // The command's status is passed on; -c runs a string.
     assert_code(&shmlock(&env, &["run", "--etcd", &u, "job", "-c", "exit 7"]), 7);
     assert_code(
@@ -193,7 +170,7 @@ fn run_etcd_holds_the_lock_while_the_command_runs_with_flocks_exit_codes() {
             &d,
         ],
     );
-    wait_until("the shared run to hold", || queue(&r, "rw") == (1, 0));
+    wait_until("the shared run to hold", || queue_len(&r, "rw") == (1, 0));
     let o = shmlock(
         &env,
         &[
@@ -293,7 +270,9 @@ fn etcdctl_lock_and_run_etcd_are_the_same_lock() {
         &["run", "--etcd", &u, "shared/name", "sh", "-c", &script, "sh", &d],
     );
     let r = reader(&etcd);
-    wait_until("the run to queue behind etcdctl", || queue(&r, "shared/name") == (1, 1));
+    wait_until("the run to queue behind etcdctl", || {
+        queue_len(&r, "shared/name") == (1, 1)
+    });
     std::thread::sleep(Duration::from_millis(200));
     assert!(!env.path("ours").exists(), "ran while etcdctl held the lock");
     signal(&env.path("go-ctl"), "");
@@ -318,7 +297,7 @@ fn etcdctl_lock_and_run_etcd_are_the_same_lock() {
         .stdout(Stdio::null())
         .spawn()
         .expect("etcdctl lock");
-    wait_until("etcdctl to queue", || queue(&r, "shared/name") == (1, 1));
+    wait_until("etcdctl to queue", || queue_len(&r, "shared/name") == (1, 1));
     std::thread::sleep(Duration::from_millis(200));
     assert!(!got.exists(), "etcdctl got the lock while `shmlock run` held it");
     signal(&env.path("go"), "");
@@ -353,7 +332,7 @@ fn kill_9_of_the_wrapper_leaves_the_lock_with_the_command() {
         &["run", "--etcd", &u, "job", "sh", "-c", next, "sh", &d],
     );
     let r = reader(&etcd);
-    wait_until("the second run to queue", || queue(&r, "job") == (1, 1));
+    wait_until("the second run to queue", || queue_len(&r, "job") == (1, 1));
     std::thread::sleep(Duration::from_millis(200));
     assert!(!env.path("done").exists());
     signal(&env.path("go"), "");
@@ -363,7 +342,7 @@ fn kill_9_of_the_wrapper_leaves_the_lock_with_the_command() {
         "died=1\nafter\n",
         "the second run started before the command ended, or was not told"
     );
-    wait_until("the lock to be free", || queue(&r, "job") == (0, 0));
+    wait_until("the lock to be free", || queue_len(&r, "job") == (0, 0));
 }
 
 #[test]
@@ -442,7 +421,7 @@ fn a_clean_release_is_no_owner_death_even_to_a_slow_waiter() {
     let next = r#"echo "died=$SHMLOCK_OWNER_DIED""#;
     let waiter = start(&env, "waiter", &["run", "--etcd", &u, "job", "sh", "-c", next]);
     let r = reader(&etcd);
-    wait_until("the run to queue", || queue(&r, "job") == (1, 1));
+    wait_until("the run to queue", || queue_len(&r, "job") == (1, 1));
     std::thread::sleep(Duration::from_millis(300));
     let locks = r.locks(b"job").expect("locks");
     let keeper = locks[0].waiters[0].info.pid.expect("the waiting keeper's pid");
@@ -492,14 +471,14 @@ fn a_wrapper_killed_while_it_waits_leaves_no_request_behind() {
         ],
     );
     let r = reader(&etcd);
-    wait_until("the run to queue", || queue(&r, "job") == (1, 1));
+    wait_until("the run to queue", || queue_len(&r, "job") == (1, 1));
     // Its first try (without waiting) puts a key and withdraws it: the key seen now is its wait's.
     std::thread::sleep(Duration::from_millis(300));
-    wait_until("the run to wait", || queue(&r, "job") == (1, 1));
+    wait_until("the run to wait", || queue_len(&r, "job") == (1, 1));
     waiter.kill().expect("SIGKILL");
     waiter.wait().expect("reap");
     // Withdrawn by the keeper, long before its lease would have expired.
-    wait_until("the request to go", || queue(&r, "job") == (1, 0));
+    wait_until("the request to go", || queue_len(&r, "job") == (1, 0));
     signal(&env.path("go"), "");
     assert_eq!(exit_code(holder), Some(0), "{}", err_of(&env, "holder"));
     let o = shmlock(
@@ -606,9 +585,9 @@ fn locks_etcd_lists_holders_and_waiters_in_order() {
     // etcdctl holds "q"; a `run` waits exclusive, then one shared.
     let mut ctl = etcdctl_lock(&env, &etcd, "q", "go-ctl");
     let w1 = start(&env, "w1", &["run", "--etcd", &u, "q", "--", "true"]);
-    wait_until("w1 to queue", || queue(&r, "q") == (1, 1));
+    wait_until("w1 to queue", || queue_len(&r, "q") == (1, 1));
     let w2 = start(&env, "w2", &["run", "--etcd", &u, "-s", "q", "--", "sleep", "0"]);
-    wait_until("w2 to queue", || queue(&r, "q") == (1, 2));
+    wait_until("w2 to queue", || queue_len(&r, "q") == (1, 2));
     // And a run of ours holds "p" (with a name that needs escaping beside it).
     let script = format!("{}; {}", mark("held"), await_go("go"));
     let p = start(

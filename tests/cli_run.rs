@@ -82,21 +82,6 @@ fn stall_hook() -> bool {
     cfg!(debug_assertions)
 }
 
-/// A script that marks `$1/FILE` (through a rename, so a reader never sees it half written).
-fn mark(file: &str) -> String {
-    format!(r#"echo "$$ $SHMLOCK_OWNER_DIED" > "$1/{file}.tmp"; mv "$1/{file}.tmp" "$1/{file}""#)
-}
-
-/// A script that waits (at most 30 s) for `$1/FILE` to exist.
-fn await_go(file: &str) -> String {
-    format!(r#"i=0; while [ ! -e "$1/{file}" ] && [ $i -lt 3000 ]; do sleep 0.01; i=$((i+1)); done"#)
-}
-
-/// The test's directory, as the scripts' `$1`.
-fn dir(env: &TestEnv) -> String {
-    env.dir.to_str().expect("utf-8 dir").to_string()
-}
-
 /// `run -n NAME true` finds the lock busy.
 #[track_caller]
 fn assert_busy(env: &TestEnv, name: &str) {

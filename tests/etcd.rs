@@ -8,7 +8,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::etcd::{connect, etcdctl, opts, EtcdCluster};
+use common::etcd::{connect, etcdctl, opts, queue_len, EtcdCluster};
 use common::{await_file, signal, wait_until, ChildCtx, Log, TestEnv, Words, COUNT};
 use shmlock::etcd::EtcdClient;
 use shmlock::{Error, Guard, Locker, Mode, Wait};
@@ -54,15 +54,6 @@ fn queue(ctx: &ChildCtx) {
     ));
     std::thread::sleep(Duration::from_millis(ctx.param("hold_ms")));
     g.unlock().expect("unlock");
-}
-
-/// The keys of lock `name` under the cluster (holders then waiters).
-fn queue_len(client: &EtcdClient, name: &str) -> (usize, usize) {
-    let locks = client.locks(name.as_bytes()).expect("locks");
-    locks
-        .iter()
-        .find(|l| l.name == name.as_bytes())
-        .map_or((0, 0), |l| (l.holders.len(), l.waiters.len()))
 }
 
 #[test]

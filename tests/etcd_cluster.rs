@@ -16,7 +16,7 @@ mod common;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::etcd::{connect, etcdctl, opts, EtcdCluster};
+use common::etcd::{connect, etcdctl, opts, queue_len, EtcdCluster};
 use common::{wait_until, ChildCtx, Log, TestEnv, Words, FLAG};
 use shmlock::etcd::EtcdClient;
 use shmlock::{Error, Guard};
@@ -96,15 +96,6 @@ fn patient(ctx: &ChildCtx) {
     if let Ok(g) = r {
         g.unlock().expect("patient's unlock");
     }
-}
-
-/// (holders, waiters) of lock `name`.
-fn queue_len(client: &EtcdClient, name: &str) -> (usize, usize) {
-    let locks = client.locks(name.as_bytes()).expect("locks");
-    locks
-        .iter()
-        .find(|l| l.name == name.as_bytes())
-        .map_or((0, 0), |l| (l.holders.len(), l.waiters.len()))
 }
 
 /// Every key under `prefix` in the cluster, as etcdctl lists them (keys only).

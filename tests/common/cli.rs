@@ -140,3 +140,18 @@ pub(crate) fn output_within(child: Child, what: &str) -> Output {
         }
     }
 }
+
+/// A script that marks `$1/FILE` (through a rename, so a reader never sees it half written).
+pub(crate) fn mark(file: &str) -> String {
+    format!(r#"echo "$$ $SHMLOCK_OWNER_DIED" > "$1/{file}.tmp"; mv "$1/{file}.tmp" "$1/{file}""#)
+}
+
+/// A script that waits (at most 30 s) for `$1/FILE` to exist.
+pub(crate) fn await_go(file: &str) -> String {
+    format!(r#"i=0; while [ ! -e "$1/{file}" ] && [ $i -lt 3000 ]; do sleep 0.01; i=$((i+1)); done"#)
+}
+
+/// The test's directory, as the scripts' `$1`.
+pub(crate) fn dir(env: &TestEnv) -> String {
+    env.dir.to_str().expect("utf-8 dir").to_string()
+}

@@ -278,3 +278,12 @@ pub(crate) fn connect(endpoints: &str, ttl_s: u64, label: &str) -> shmlock::etcd
     shmlock::etcd::EtcdClient::connect(endpoints.split(','), opts(ttl_s, label))
         .unwrap_or_else(|e| panic!("connect: {e}"))
 }
+
+/// (holders, waiters) of lock `name`, as `client` reads the cluster.
+pub(crate) fn queue_len(client: &shmlock::etcd::EtcdClient, name: &str) -> (usize, usize) {
+    let locks = client.locks(name.as_bytes()).expect("locks");
+    locks
+        .iter()
+        .find(|l| l.name == name.as_bytes())
+        .map_or((0, 0), |l| (l.holders.len(), l.waiters.len()))
+}
