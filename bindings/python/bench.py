@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """Python cross-process locks side by side, in one run: lock+unlock pairs per second for
 pyshmlock, filelock, portalocker, fasteners, a bare ``fcntl.flock`` on an open fd, and
-``multiprocessing.Lock``; uncontended (one process) in two forms, ``release(acquire())`` and a
-``with`` block (alternating batches), and with 2 and 4 processes on one name (grants/s, p99
+``multiprocessing.Lock``; uncontended (one process) in two forms, the library's own calls
+(``lock.acquire(); lock.release()``, bound methods called directly) and a ``with`` block, every
+system and form in alternating batches; and with 2 and 4 processes on one name (grants/s, p99
 wait, and ``spread``: how far the process furthest from an equal share of the grants is from it).
+``pyshmlock`` is a ``pyshmlock.Lock`` kept for reuse; ``pyshmlock client.lock`` takes a new
+``Guard`` per pair (``client.lock(name).release()``).
 
     python bindings/python/bench.py               # a table
     python bindings/python/bench.py --json        # the same figures as JSON
@@ -26,53 +29,83 @@ import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 # A lock as the benchmark uses it, made in the process that uses it: (acquire, release) for the
-# call form (``release(acquire())``), and the object a ``with`` statement takes for one pair, or
-# None where the library has no context manager (a bare flock).
-Pair = Tuple[Callable[[], object], Callable[[object], None], Optional[Callable[[], object]]]
+# contending processes (``release(acquire())``); the object a ``with`` statement takes for one
+# pair, or None where the library has no context manager (a bare flock); and ``loop(n)``: n
+# pairs of the library's own calls, as a program would write them (bound methods, no wrapper).
+Pair = Tuple[
+    Callable[[], object], Callable[[object], None], Optional[Callable[[], object]], Callable[[int], None]
+]
+
+
+def methods_loop(acquire: Callable[[], object], release: Callable[[], object]) -> Callable[[int], None]:
+    def loop(n: int) -> None:
+        for _ in range(n):
+            acquire()
+            release()
+
+    return loop
 
 
 def make_shmlock(ctx: dict) -> Pair:
     import pyshmlock
 
-    client = pyshmlock.Client(ctx["segment"])
-    lock = client.lock
-    return (lambda: lock("bench"), lambda g: g.release(), lambda: lock("bench"))
+    lk = pyshmlock.Lock(pyshmlock.Client(ctx["segment"]), "bench")
+    return (lambda: lk.acquire(), lambda _: lk.release(), lambda: lk, methods_loop(lk.acquire, lk.release))
+
+
+def make_shmlock_guard(ctx: dict) -> Pair:
+    import pyshmlock
+
+    lock = pyshmlock.Client(ctx["segment"]).lock
+
+    def loop(n: int) -> None:
+        for _ in range(n):
+            lock("bench").release()
+
+    return (lambda: lock("bench"), lambda g: g.release(), lambda: lock("bench"), loop)
 
 
 def make_filelock(ctx: dict) -> Pair:
     import filelock
 
     lk = filelock.FileLock(os.path.join(ctx["dir"], "filelock.lock"))
-    return (lambda: lk.acquire(), lambda _: lk.release(), lambda: lk)
+    return (lambda: lk.acquire(), lambda _: lk.release(), lambda: lk, methods_loop(lk.acquire, lk.release))
 
 
 def make_portalocker(ctx: dict) -> Pair:
     import portalocker
 
     lk = portalocker.Lock(os.path.join(ctx["dir"], "portalocker.lock"), timeout=60)
-    return (lambda: lk.acquire(), lambda _: lk.release(), lambda: lk)
+    return (lambda: lk.acquire(), lambda _: lk.release(), lambda: lk, methods_loop(lk.acquire, lk.release))
 
 
 def make_fasteners(ctx: dict) -> Pair:
     import fasteners
 
     lk = fasteners.InterProcessLock(os.path.join(ctx["dir"], "fasteners.lock"))
-    return (lambda: lk.acquire(), lambda _: lk.release(), lambda: lk)
+    return (lambda: lk.acquire(), lambda _: lk.release(), lambda: lk, methods_loop(lk.acquire, lk.release))
 
 
 def make_flock(ctx: dict) -> Pair:
     fd = os.open(os.path.join(ctx["dir"], "flock.lock"), os.O_RDWR | os.O_CREAT, 0o600)
     flock, ex, un = fcntl.flock, fcntl.LOCK_EX, fcntl.LOCK_UN
-    return (lambda: flock(fd, ex), lambda _: flock(fd, un), None)
+
+    def loop(n: int) -> None:
+        for _ in range(n):
+            flock(fd, ex)
+            flock(fd, un)
+
+    return (lambda: flock(fd, ex), lambda _: flock(fd, un), None, loop)
 
 
 def make_mp_lock(ctx: dict) -> Pair:
     lk = ctx["mp_lock"]
-    return (lambda: lk.acquire(), lambda _: lk.release(), lambda: lk)
+    return (lambda: lk.acquire(), lambda _: lk.release(), lambda: lk, methods_loop(lk.acquire, lk.release))
 
 
 SYSTEMS: Dict[str, Tuple[Callable[[dict], Pair], Optional[str]]] = {
     "pyshmlock": (make_shmlock, "pyshmlock"),
+    "pyshmlock client.lock": (make_shmlock_guard, "pyshmlock"),
     "filelock": (make_filelock, "filelock"),
     "portalocker": (make_portalocker, "portalocker"),
     "fasteners": (make_fasteners, "fasteners"),
@@ -81,39 +114,37 @@ SYSTEMS: Dict[str, Tuple[Callable[[dict], Pair], Optional[str]]] = {
 }
 
 
-def _call_form(acquire: Callable[[], object], release: Callable[[object], None], n: int) -> None:
-    for _ in range(n):
-        release(acquire())
-
-
 def _with_form(cm: Callable[[], object], n: int) -> None:
     for _ in range(n):
         with cm():  # type: ignore[attr-defined]
             pass
 
 
-def uncontended(make: Callable[[dict], Pair], ctx: dict, seconds: float) -> dict:
-    """Pairs per second in one process, in batches between clock reads: the call form
-    (``release(acquire())``) and the ``with`` form, in alternating batches."""
-    acquire, release, cm = make(ctx)
-    forms = {"call": lambda n: _call_form(acquire, release, n)}
-    if cm is not None:
-        forms["with"] = lambda n: _with_form(cm, n)
+def uncontended(systems: Dict[str, Callable[[dict], Pair]], ctx: dict, seconds: float) -> Dict[str, dict]:
+    """Pairs per second in one process, in batches between clock reads, for every system and
+    both forms (the library's acquire and release called directly; a ``with`` block) in
+    alternating batches, so a slower moment of the machine falls on all of them alike."""
+    forms: Dict[Tuple[str, str], Callable[[int], None]] = {}
+    for name, make in systems.items():
+        _, _, cm, loop = make(ctx)
+        forms[(name, "call")] = loop
+        if cm is not None:
+            forms[(name, "with")] = lambda n, cm=cm: _with_form(cm, n)
     for run in forms.values():  # warm-up
         run(1000)
     batch = 1000
-    totals = {f: [0, 0.0] for f in forms}
+    totals = {k: [0, 0.0] for k in forms}
     end = time.perf_counter() + seconds * len(forms)
     while time.perf_counter() < end:
-        for f, run in forms.items():
+        for k, run in forms.items():
             t0 = time.perf_counter()
             run(batch)
-            totals[f][0] += batch
-            totals[f][1] += time.perf_counter() - t0
-    out = {}
-    for f, (pairs, elapsed) in totals.items():
-        out[f"{f}_pairs_per_s"] = pairs / elapsed
-        out[f"{f}_ns_per_pair"] = elapsed / pairs * 1e9
+            totals[k][0] += batch
+            totals[k][1] += time.perf_counter() - t0
+    out: Dict[str, dict] = {name: {} for name in systems}
+    for (name, f), (pairs, elapsed) in totals.items():
+        out[name][f"{f}_pairs_per_s"] = pairs / elapsed
+        out[name][f"{f}_ns_per_pair"] = elapsed / pairs * 1e9
     return out
 
 
@@ -121,7 +152,7 @@ def worker(make: Callable[[dict], Pair], ctx: dict, seconds: float, barrier, out
     """One of the contending processes: grants and their waits (ns) until the deadline."""
     from array import array
 
-    acquire, release, _ = make(ctx)
+    acquire, release, _, _ = make(ctx)
     waits = array("q")
     clock = time.perf_counter_ns
     barrier.wait()
@@ -184,6 +215,7 @@ def main() -> None:
         except ImportError:
             pass
         try:
+            present: Dict[str, Callable[[dict], Pair]] = {}
             for name, (make, module) in SYSTEMS.items():
                 if only and name not in only:
                     continue
@@ -193,10 +225,12 @@ def main() -> None:
                     except ImportError:
                         report[name] = {"missing": f"pip install {module}"}
                         continue
-                r = {"uncontended": uncontended(make, ctx, args.seconds)}
+                present[name] = make
+            for name, u in uncontended(present, ctx, args.seconds).items():
+                report[name] = {"uncontended": u}
+            for name, make in present.items():
                 for n in procs:
-                    r[f"procs_{n}"] = contended(make, ctx, n, args.seconds)
-                report[name] = r
+                    report[name][f"procs_{n}"] = contended(make, ctx, n, args.seconds)
         finally:
             try:
                 os.unlink(f"/dev/shm{segment}")

@@ -14,6 +14,7 @@
 //!   `Error`), looked up by name there, so their hierarchy (`Timeout` is also a `TimeoutError`)
 //!   is plain Python.
 
+use std::cell::Cell;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -264,15 +265,7 @@ fn acquire<L: Backend>(
     busy_is_none: bool,
 ) -> PyResult<Option<Guard>> {
     let bytes = name_bytes(name)?;
-    // Tried at once under the GIL: an uncontended lock costs no release of the GIL. (Not for a
-    // remote client, whose every request is a round trip.)
-    let first = (!L::REMOTE).then(|| L::acquire_with(Arc::clone(client), bytes, mode, Wait::No).map(L::held));
-    let result = match first {
-        Some(Err(Error::WouldBlock)) if wait != Wait::No => wait_for(py, client, bytes, mode, wait)?,
-        Some(r) => r,
-        None => wait_for(py, client, bytes, mode, wait)?,
-    };
-    match result {
+    match take(py, client, bytes, mode, wait)? {
         Ok(g) => {
             let grant = g.grant();
             Ok(Some(Guard {
@@ -285,6 +278,25 @@ fn acquire<L: Backend>(
         }
         Err(Error::WouldBlock) if busy_is_none => Ok(None),
         Err(e) => Err(raise(py, e, Some(&name.clone().unbind()))),
+    }
+}
+
+/// Locks `name` on `client`. The outer `Err` is an exception a signal handler raised during the
+/// wait (nothing held); the inner one the library's answer.
+fn take<L: Backend>(
+    py: Python<'_>,
+    client: &Arc<L>,
+    name: &[u8],
+    mode: Mode,
+    wait: Wait,
+) -> PyResult<shmlock::Result<Held>> {
+    // Tried at once under the GIL: an uncontended lock costs no release of the GIL. (Not for a
+    // remote client, whose every request is a round trip.)
+    let first = (!L::REMOTE).then(|| L::acquire_with(Arc::clone(client), name, mode, Wait::No).map(L::held));
+    match first {
+        Some(Err(Error::WouldBlock)) if wait != Wait::No => wait_for(py, client, name, mode, wait),
+        Some(r) => Ok(r),
+        None => wait_for(py, client, name, mode, wait),
     }
 }
 
@@ -499,14 +511,28 @@ impl Guard {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Unlocks `held` (taken out of the guard), waiting for a gateway's answer without the GIL.
     fn give_back(&self, py: Python<'_>, held: shmlock::Result<Held>) -> PyResult<()> {
-        let r = match held {
-            Err(e) => Err(e),
-            Ok(Held::Local(g)) => g.unlock(),
-            Ok(Held::Remote(g)) => py.detach(|| g.unlock()),
-        };
-        r.map_err(|e| raise(py, e, Some(&self.name)))
+        give_back(py, held, &self.name)
+    }
+}
+
+/// Unlocks `held` (taken out of its guard or Lock), waiting for a gateway's answer without the
+/// GIL; `name` is for the exception.
+fn give_back(py: Python<'_>, held: shmlock::Result<Held>, name: &Py<PyAny>) -> PyResult<()> {
+    let r = match held {
+        Err(e) => Err(e),
+        Ok(Held::Local(g)) => g.unlock(),
+        Ok(Held::Remote(g)) => py.detach(|| g.unlock()),
+    };
+    r.map_err(|e| raise(py, e, Some(name)))
+}
+
+/// What `__exit__` does with the outcome of its release: a lock lost meanwhile raises NotHeld,
+/// unless the block is raising already.
+fn exit_outcome(released: PyResult<()>, exc_type: Option<&Bound<'_, PyAny>>) -> PyResult<bool> {
+    match released {
+        Err(e) if exc_type.is_none_or(|t| t.is_none()) => Err(e),
+        _ => Ok(false),
     }
 }
 
@@ -584,10 +610,7 @@ impl Guard {
         let Some(held) = self.held().take() else {
             return Ok(false);
         };
-        match self.give_back(py, Ok(held)) {
-            Err(e) if exc_type.is_none_or(|t| t.is_none()) => Err(e),
-            _ => Ok(false),
-        }
+        exit_outcome(self.give_back(py, Ok(held)), exc_type)
     }
 
     fn __repr__(&self, py: Python<'_>) -> String {
@@ -602,12 +625,242 @@ impl Guard {
     }
 }
 
+/// The client behind a [`Lock`].
+enum Backing {
+    Local(Arc<Local>),
+    Remote(Arc<Remote>),
+}
+
+/// A value touched only with the GIL held, which the `Python` token each access takes proves.
+/// Values go in and out whole (no reference escapes), so Python code that runs meanwhile (a
+/// finaliser calling back into the same object) never sees it half-changed.
+struct GilCell<T>(Cell<T>);
+
+// SAFETY: every access takes a `Python<'_>` token, so it happens with the GIL held, and the GIL
+// lets one thread at a time run: this module is built for the limited API (`abi3`), which no
+// free-threaded CPython loads (PyO3 refuses to build abi3 for one), so accesses from two threads
+// never overlap. `T: Send` because the value may be put in by one thread and taken by another.
+unsafe impl<T: Send> Sync for GilCell<T> {}
+
+impl<T> GilCell<T> {
+    fn new(v: T) -> Self {
+        GilCell(Cell::new(v))
+    }
+
+    fn replace(&self, _py: Python<'_>, v: T) -> T {
+        self.0.replace(v)
+    }
+}
+
+impl<T: Copy> GilCell<T> {
+    fn get(&self, _py: Python<'_>) -> T {
+        self.0.get()
+    }
+}
+
+/// One name on one client, locked and unlocked as often as needed, like `threading.Lock` or
+/// `filelock.FileLock`: the name is checked and kept once, and a pair allocates nothing.
+#[pyclass(module = "pyshmlock", frozen)]
+struct Lock {
+    backing: Backing,
+    client: Py<PyAny>,
+    name: Py<PyAny>,
+    bytes: Box<[u8]>,
+    mode: Mode,
+    timeout: Option<f64>,
+    /// What it holds now (the GIL guards it: a wait gives the GIL up, so the lock taken is put
+    /// here only once the wait is over).
+    held: GilCell<Option<Held>>,
+    /// The last grant's.
+    token: GilCell<u64>,
+    owner_died: GilCell<bool>,
+}
+
+impl Lock {
+    fn is_held(&self, py: Python<'_>) -> bool {
+        let held = self.held.replace(py, None);
+        let is = held.is_some();
+        self.held.replace(py, held);
+        is
+    }
+
+    /// Takes the lock; false when a one-try request found it busy.
+    fn take(&self, py: Python<'_>, wait: Wait) -> PyResult<bool> {
+        if self.is_held(py) {
+            return Err(raise(py, Error::AlreadyHeld, Some(&self.name)));
+        }
+        let taken = match &self.backing {
+            Backing::Local(c) => take(py, c, &self.bytes, self.mode, wait)?,
+            Backing::Remote(c) => take(py, c, &self.bytes, self.mode, wait)?,
+        };
+        match taken {
+            Ok(held) => {
+                let grant = held.grant();
+                if let Some(other) = self.held.replace(py, Some(held)) {
+                    // Another thread took it through this Lock while this one waited (a
+                    // gateway session answers ALREADY_HELD only to a request it sees second).
+                    let ours = self.held.replace(py, Some(other));
+                    give_back(py, ours.ok_or(Error::NotHeld), &self.name)?;
+                    return Err(raise(py, Error::AlreadyHeld, Some(&self.name)));
+                }
+                self.token.replace(py, grant.token.0);
+                self.owner_died.replace(py, grant.owner_died);
+                Ok(true)
+            }
+            Err(Error::WouldBlock) if wait == Wait::No => Ok(false),
+            Err(e) => Err(raise(py, e, Some(&self.name))),
+        }
+    }
+}
+
+#[pymethods]
+impl Lock {
+    /// `Lock(client, name, *, shared=False, timeout=None)`: the lock `name` (str or bytes) of
+    /// `client` (a Client or RemoteClient). `timeout` is the default wait of `acquire` and
+    /// `with` in seconds (None or negative: as long as it takes; 0: one try).
+    #[new]
+    #[pyo3(signature = (client, name, *, shared=false, timeout=None))]
+    fn new(client: &Bound<'_, PyAny>, name: &Bound<'_, PyAny>, shared: bool, timeout: Option<f64>) -> PyResult<Lock> {
+        let backing = if let Ok(c) = client.cast::<Client>() {
+            Backing::Local(Arc::clone(&c.get().inner))
+        } else if let Ok(c) = client.cast::<RemoteClient>() {
+            Backing::Remote(Arc::clone(&c.get().inner))
+        } else {
+            return Err(PyTypeError::new_err(format!(
+                "a Lock's client is a pyshmlock.Client or RemoteClient, not {}",
+                client.get_type().name()?
+            )));
+        };
+        wait_of(timeout, true)?;
+        // Checked against the segment's limits at the first acquire (BadName).
+        let bytes = name_bytes(name)?;
+        Ok(Lock {
+            backing,
+            client: client.clone().unbind(),
+            name: name.clone().unbind(),
+            bytes: bytes.into(),
+            mode: mode_of(shared),
+            timeout,
+            held: GilCell::new(None),
+            token: GilCell::new(0),
+            owner_died: GilCell::new(false),
+        })
+    }
+
+    /// Locks, waiting `timeout` seconds at most (None: the Lock's timeout; negative: as long as
+    /// it takes; 0: one try) and raising Timeout when that runs out. Returns True, or False
+    /// when blocking=False (or a timeout of 0) found it busy. AlreadyHeld if this Lock holds it.
+    #[pyo3(signature = (blocking=true, timeout=None))]
+    fn acquire(&self, py: Python<'_>, blocking: bool, timeout: Option<f64>) -> PyResult<bool> {
+        let wait = wait_of(timeout.or(self.timeout), blocking)?;
+        self.take(py, wait)
+    }
+
+    /// Unlocks. NotHeld if this Lock does not hold it, or it was taken away meanwhile.
+    fn release(&self, py: Python<'_>) -> PyResult<()> {
+        let held = self.held.replace(py, None);
+        give_back(py, held.ok_or(Error::NotHeld), &self.name)
+    }
+
+    /// True while this Lock holds it.
+    #[getter]
+    fn locked(&self, py: Python<'_>) -> bool {
+        self.is_held(py)
+    }
+
+    /// True once the lock is known to be gone without a release (see Guard.lost).
+    #[getter]
+    fn lost(&self, py: Python<'_>) -> bool {
+        let held = self.held.replace(py, None);
+        let lost = held.as_ref().is_some_and(Held::lost);
+        self.held.replace(py, held);
+        lost
+    }
+
+    /// The fencing token of the last grant (0 before the first).
+    #[getter]
+    fn token(&self, py: Python<'_>) -> u64 {
+        self.token.get(py)
+    }
+
+    /// True if the previous holder died holding the lock, at the last grant.
+    #[getter]
+    fn owner_died(&self, py: Python<'_>) -> bool {
+        self.owner_died.get(py)
+    }
+
+    /// "exclusive" or "shared".
+    #[getter]
+    fn mode(&self) -> &'static str {
+        match self.mode {
+            Mode::Shared => "shared",
+            _ => "exclusive",
+        }
+    }
+
+    /// The name, as it was given (str or bytes).
+    #[getter]
+    fn name(&self, py: Python<'_>) -> Py<PyAny> {
+        self.name.clone_ref(py)
+    }
+
+    /// The client it locks through.
+    #[getter]
+    fn client(&self, py: Python<'_>) -> Py<PyAny> {
+        self.client.clone_ref(py)
+    }
+
+    /// The default wait of `acquire` and `with`, in seconds (None: as long as it takes).
+    #[getter]
+    fn timeout(&self) -> Option<f64> {
+        self.timeout
+    }
+
+    /// Locks with the Lock's timeout (raising Timeout, or WouldBlock for a timeout of 0), and
+    /// returns the Lock itself.
+    fn __enter__(slf: &Bound<'_, Self>) -> PyResult<Py<Self>> {
+        let this = slf.get();
+        let wait = wait_of(this.timeout, true)?;
+        if !this.take(slf.py(), wait)? {
+            return Err(raise(slf.py(), Error::WouldBlock, Some(&this.name)));
+        }
+        Ok(slf.clone().unbind())
+    }
+
+    /// Releases, as Guard's `__exit__` does.
+    #[pyo3(signature = (exc_type=None, _exc=None, _tb=None))]
+    fn __exit__(
+        &self,
+        py: Python<'_>,
+        exc_type: Option<&Bound<'_, PyAny>>,
+        _exc: Option<&Bound<'_, PyAny>>,
+        _tb: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<bool> {
+        let Some(held) = self.held.replace(py, None) else {
+            return Ok(false);
+        };
+        exit_outcome(give_back(py, Ok(held), &self.name), exc_type)
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> String {
+        let name = self
+            .name
+            .bind(py)
+            .repr()
+            .map(|r| r.to_string())
+            .unwrap_or_else(|_| "?".into());
+        let state = if self.is_held(py) { "held" } else { "not held" };
+        format!("<pyshmlock.Lock {name} {} {state}>", self.mode())
+    }
+}
+
 /// The module.
 #[pymodule]
 fn _pyshmlock(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Client>()?;
     m.add_class::<RemoteClient>()?;
     m.add_class::<Guard>()?;
+    m.add_class::<Lock>()?;
     m.add("DEFAULT_SEGMENT", shmlock::shm::DEFAULT_SEGMENT)?;
     m.add("INTERRUPT_CHECK", shmlock::lock::INTERRUPT_CHECK.as_secs_f64())?;
     Ok(())

@@ -40,6 +40,19 @@ def counter(segment: str, name: str, witness: str, n: str, shared_every: str = "
             path.write_text(str(value + 1))
 
 
+def lock_counter(segment: str, name: str, witness: str, n: str) -> None:
+    """`counter` through one reusable ``pyshmlock.Lock``, in its call form (acquire/release)."""
+    lk = pyshmlock.Lock(pyshmlock.Client(segment), name, timeout=30.0)
+    path = Path(witness)
+    for i in range(int(n)):
+        assert lk.acquire()
+        value = int(path.read_text() or "0")
+        if i % 7 == 0:
+            time.sleep(0.0005)
+        path.write_text(str(value + 1))
+        lk.release()
+
+
 def hold(segment: str, name: str, mode: str, ready: str, release: str) -> None:
     """Locks `name`, creates `ready` (with its token), and holds until `release` exists."""
     c = pyshmlock.Client(segment)
@@ -49,13 +62,18 @@ def hold(segment: str, name: str, mode: str, ready: str, release: str) -> None:
     g.release()
 
 
-def interrupted_wait(segment: str, name: str) -> None:
-    """Waits for `name` (held by the test) until SIGINT; reports how long the interrupt took to
-    arrive as KeyboardInterrupt, then stays alive (its client open) until stdin closes."""
+def interrupted_wait(segment: str, name: str, form: str = "client") -> None:
+    """Waits for `name` (held by the test) until SIGINT, through ``Client.lock`` or (form
+    "lock_object") a ``pyshmlock.Lock``; reports how long the interrupt took to arrive as
+    KeyboardInterrupt, then stays alive (its client open) until stdin closes."""
     c = pyshmlock.Client(segment)
+    lk = pyshmlock.Lock(c, name)
     say("waiting")
     try:
-        c.lock(name)
+        if form == "lock_object":
+            lk.acquire()
+        else:
+            c.lock(name)
         say("granted")
     except KeyboardInterrupt:
         say("interrupted", time.monotonic())
@@ -70,7 +88,7 @@ def label(segment: str) -> None:
     del c
 
 
-ROLES = {f.__name__: f for f in (counter, hold, interrupted_wait, label)}
+ROLES = {f.__name__: f for f in (counter, lock_counter, hold, interrupted_wait, label)}
 
 if __name__ == "__main__":
     ROLES[sys.argv[1]](*sys.argv[2:])

@@ -34,6 +34,92 @@ def test_exclusive_locks_exclude_across_processes(segment: str, client: pyshmloc
     assert client.try_lock("jobs/1") is not None
 
 
+def test_lock_objects_exclude_across_processes(segment: str, client: pyshmlock.Client, children: Children, tmp_path: Path) -> None:
+    witness = tmp_path / "counter"
+    witness.write_text("0")
+    n, per = 4, 300
+    procs = [children.spawn("lock_counter", segment, "jobs/2", witness, per) for _ in range(n)]
+    for p in procs:
+        children.finish(p)
+    assert int(witness.read_text()) == n * per, "an increment was lost: two holders at once"
+
+
+def test_a_lock_object_is_reusable_and_reports_its_last_grant(segment: str, client: pyshmlock.Client) -> None:
+    other = pyshmlock.Client(segment)
+    lk = pyshmlock.Lock(client, "reused")
+    assert (lk.name, lk.mode, lk.locked, lk.token, lk.timeout, lk.client) == ("reused", "exclusive", False, 0, None, client)
+    assert lk.acquire() is True
+    first = lk.token
+    assert first > 0 and lk.locked and not lk.owner_died and not lk.lost
+    assert other.try_lock("reused") is None, "a Lock's acquire is the client's lock"
+    with pytest.raises(pyshmlock.AlreadyHeld):
+        lk.acquire()
+    with pytest.raises(pyshmlock.AlreadyHeld):
+        client.lock("reused")
+    assert lk.locked, "a refused second acquire keeps the first"
+    lk.release()
+    assert not lk.locked and lk.token == first
+    with pytest.raises(pyshmlock.NotHeld):
+        lk.release()
+    # `with` returns the Lock itself; each grant's token is newer.
+    with lk as same:
+        assert same is lk and lk.locked and lk.token > first
+    assert not lk.locked and other.try_lock("reused") is not None
+    # Released inside the block: the block's end is fine.
+    with lk:
+        lk.release()
+    # A lock taken away meanwhile raises NotHeld at release.
+    lk.acquire()
+    client.unlock("reused")
+    with pytest.raises(pyshmlock.NotHeld):
+        lk.release()
+    # Two Lock objects on one name and one client are one owner: the second is refused.
+    lk.acquire()
+    with pytest.raises(pyshmlock.AlreadyHeld):
+        pyshmlock.Lock(client, "reused").acquire()
+    lk.release()
+    assert "reused" in repr(lk) and "not held" in repr(lk)
+
+
+def test_a_busy_lock_object_gives_false_timeout_or_wouldblock(segment: str, client: pyshmlock.Client) -> None:
+    other = pyshmlock.Client(segment)
+    g = other.lock(b"busy\x00")
+    lk = pyshmlock.Lock(client, b"busy\x00", timeout=0.1)
+    assert lk.acquire(blocking=False) is False and not lk.locked
+    assert lk.acquire(timeout=0) is False
+    with pytest.raises(pyshmlock.Timeout) as e:
+        lk.acquire()  # its own timeout, 0.1 s
+    assert e.value.holder_pid == os.getpid() and e.value.name == b"busy\x00"
+    with pytest.raises(pyshmlock.Timeout):
+        with lk:
+            pass
+    with pytest.raises(pyshmlock.WouldBlock):
+        with pyshmlock.Lock(client, b"busy\x00", timeout=0):
+            pass
+    g.release()
+    assert lk.acquire(timeout=-1) and lk.name == b"busy\x00"
+    lk.release()
+    # Shared Lock objects share.
+    r1, r2 = pyshmlock.Lock(client, "cfg", shared=True), pyshmlock.Lock(other, "cfg", shared=True)
+    assert r1.acquire() and r2.acquire(blocking=False) and r1.mode == "shared"
+    assert pyshmlock.Lock(pyshmlock.Client(segment), "cfg").acquire(blocking=False) is False
+    r1.release()
+    r2.release()
+
+
+def test_a_lock_object_checks_its_arguments(client: pyshmlock.Client) -> None:
+    with pytest.raises(TypeError):
+        pyshmlock.Lock("not a client", "n")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        pyshmlock.Lock(client, 42)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        pyshmlock.Lock(client, "n", timeout=float("nan"))
+    with pytest.raises(pyshmlock.BadName):
+        pyshmlock.Lock(client, "").acquire()
+    with pytest.raises(pyshmlock.BadName):
+        pyshmlock.Lock(client, "x" * 10_000).acquire()
+
+
 def test_shared_holders_share_and_exclude_a_writer(segment: str, client: pyshmlock.Client, children: Children, tmp_path: Path) -> None:
     readers = [
         children.spawn("hold", segment, "cfg", "shared", tmp_path / f"ready{i}", tmp_path / "release")
@@ -161,13 +247,24 @@ def test_kill_9_of_a_holder_tells_the_next_holder(segment: str, client: pyshmloc
         assert g.token > token
     with client.lock("state", timeout=DEADLINE) as g:
         assert not g.owner_died
+    # The same through a Lock object.
+    holder = children.spawn("hold", segment, "state2", "exclusive", tmp_path / "ready2", tmp_path / "never")
+    wait_until("the holder", (tmp_path / "ready2").exists)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    lk = pyshmlock.Lock(client, "state2", timeout=DEADLINE)
+    with lk:
+        assert lk.owner_died
+    with lk:
+        assert not lk.owner_died
 
 
+@pytest.mark.parametrize("form", ["client", "lock_object"])
 def test_ctrl_c_during_a_wait_raises_keyboard_interrupt_and_leaves_nothing_queued(
-    segment: str, client: pyshmlock.Client, children: Children
+    segment: str, client: pyshmlock.Client, children: Children, form: str
 ) -> None:
     g = client.lock("busy")
-    waiter = children.spawn("interrupted_wait", segment, "busy")
+    waiter = children.spawn("interrupted_wait", segment, "busy", form)
     assert children.readline(waiter).split() == ["waiting"]
     time.sleep(0.3)  # well into its wait (it sleeps in the table, without the GIL)
     sent = time.monotonic()
@@ -294,6 +391,12 @@ def test_a_remote_client_has_the_same_api(segment: str, daemon: Daemon, children
         assert s.mode == "shared"
     with pytest.raises(pyshmlock.BadName):
         r.lock("")
+    # A Lock object on a remote client.
+    lk = pyshmlock.Lock(r, "remote/2", timeout=5.0)
+    with lk:
+        assert lk.token > 0 and local.try_lock("remote/2") is None and not lk.lost
+        assert pyshmlock.Lock(other, "remote/2").acquire(blocking=False) is False
+    assert not lk.locked and local.try_lock("remote/2") is not None
     with pytest.raises(pyshmlock.GatewayConnectionError) as ce:
         pyshmlock.RemoteClient("127.0.0.1:1")
     assert isinstance(ce.value, ConnectionError)
@@ -302,11 +405,14 @@ def test_a_remote_client_has_the_same_api(segment: str, daemon: Daemon, children
 def test_a_remote_guard_is_lost_once_the_gateway_ends_its_session(daemon: Daemon) -> None:
     r = pyshmlock.RemoteClient(daemon.addr)
     g = r.lock("remote/lost", timeout=5.0)
-    assert not g.lost and g.locked
+    lk = pyshmlock.Lock(r, "remote/lost2")
+    assert lk.acquire()
+    assert not g.lost and g.locked and not lk.lost
     daemon.stop()
     with pytest.raises(pyshmlock.ShmlockError):
         r.lock("remote/other", timeout=1.0)
     assert g.lost, "the session ended: the gateway released its locks"
+    assert lk.lost and lk.locked
 
 
 def test_ctrl_c_during_a_remote_wait(segment: str, daemon: Daemon, children: Children) -> None:
