@@ -690,7 +690,22 @@ impl Lock {
             return Err(raise(py, Error::AlreadyHeld, Some(&self.name)));
         }
         let taken = match &self.backing {
-            Backing::Local(c) => take(py, c, &self.bytes, self.mode, wait)?,
+            Backing::Local(c) => {
+                // The uncontended path, written out: the guard goes from the library's answer
+                // straight into the cell (each move of it through a wrapping Result is a
+                // store and a reload that stalls; they were a fifth of a pair).
+                match Local::acquire_with(Arc::clone(c), &self.bytes, self.mode, Wait::No) {
+                    Ok(g) => {
+                        self.token.replace(py, g.token().0);
+                        self.owner_died.replace(py, g.owner_died());
+                        self.held.replace(py, Some(Held::Local(g)));
+                        return Ok(true);
+                    }
+                    Err(Error::WouldBlock) if wait == Wait::No => return Ok(false),
+                    Err(Error::WouldBlock) => wait_for(py, c, &self.bytes, self.mode, wait)?,
+                    Err(e) => return Err(raise(py, e, Some(&self.name))),
+                }
+            }
             Backing::Remote(c) => take(py, c, &self.bytes, self.mode, wait)?,
         };
         match taken {
@@ -758,8 +773,12 @@ impl Lock {
 
     /// Unlocks. NotHeld if this Lock does not hold it, or it was taken away meanwhile.
     fn release(&self, py: Python<'_>) -> PyResult<()> {
-        let held = self.held.replace(py, None);
-        give_back(py, held.ok_or(Error::NotHeld), &self.name)
+        let r = match self.held.replace(py, None) {
+            Some(Held::Local(g)) => g.unlock(),
+            Some(Held::Remote(g)) => py.detach(|| g.unlock()),
+            None => Err(Error::NotHeld),
+        };
+        r.map_err(|e| raise(py, e, Some(&self.name)))
     }
 
     /// True while this Lock holds it.
