@@ -67,13 +67,53 @@ enum Backend {
 
 /// A held lock (from `shmlock_lock()`). Opaque; `shmlock_unlock()` releases it and frees the
 /// handle.
+//
+// Never made as such: a handle is the address of the guard itself, a `LocalHeld` or (with bit 0
+// set) a `RemoteHeld` (see `Handle`). No tag word in front of the guard: the C loop's unlock
+// reads the guard right after the lock wrote it, and a copy from an offset other than the one
+// written misses the store buffer's forwarding (see `spare`).
 pub struct shmlock_guard {
-    held: Held,
+    _opaque: [u8; 0],
 }
 
-enum Held {
-    Local(LocalGuard<ClientRef<Client>>),
-    Remote(RemoteLockGuard<ClientRef<RemoteClient>>),
+/// A held local lock, as a `shmlock_guard` points to it.
+type LocalHeld = LocalGuard<ClientRef<Client>>;
+/// A held remote lock, as a `shmlock_guard` (bit 0 set) points to it.
+type RemoteHeld = RemoteLockGuard<ClientRef<RemoteClient>>;
+
+/// A guard handle decoded: the guard it points to.
+enum Handle {
+    Local(NonNull<LocalHeld>),
+    Remote(NonNull<RemoteHeld>),
+}
+
+/// The tag of a remote guard's handle (both guards are aligned to at least 2).
+const REMOTE_TAG: usize = 1;
+
+const _: () = assert!(std::mem::align_of::<LocalHeld>() > REMOTE_TAG);
+const _: () = assert!(std::mem::align_of::<RemoteHeld>() > REMOTE_TAG);
+
+impl Handle {
+    #[inline(always)]
+    fn local(p: NonNull<LocalHeld>) -> *mut shmlock_guard {
+        p.as_ptr().cast()
+    }
+
+    #[inline(always)]
+    fn remote(g: RemoteHeld) -> *mut shmlock_guard {
+        Box::into_raw(Box::new(g)).map_addr(|a| a | REMOTE_TAG).cast()
+    }
+
+    /// The guard a non-null handle points to.
+    #[inline(always)]
+    fn of(p: NonNull<shmlock_guard>) -> Handle {
+        if p.addr().get() & REMOTE_TAG == 0 {
+            Handle::Local(p.cast())
+        } else {
+            // SAFETY: a tagged address is a Box's address plus 1, so not 0 once untagged.
+            Handle::Remote(unsafe { NonNull::new_unchecked(p.as_ptr().map_addr(|a| a & !REMOTE_TAG).cast()) })
+        }
+    }
 }
 
 /// A guard's reference to its client: the C form of a borrow (the Rust API's `LockGuard<'a>`),
@@ -114,7 +154,8 @@ const _: () = {
     const fn send_sync<T: Send + Sync>() {}
     const fn send<T: Send>() {}
     send_sync::<shmlock_client>();
-    send::<shmlock_guard>();
+    send::<LocalHeld>();
+    send::<RemoteHeld>();
 };
 
 /// Runs an entry point's body: its failure or its panic becomes the status (and this thread's
@@ -380,72 +421,120 @@ unsafe fn lock_impl(
     let wait = wait_of(timeout_ns);
     // One small function per path, so the local one, the hot one, is compiled as tight as the
     // Rust API's own loop (one large function of all four gets the table's helpers out of line).
-    let lock = match (&client.backend, interrupted) {
+    let (lock, g) = match (&client.backend, interrupted) {
         (Backend::Local(c), None) => lock_local(c, name, mode, wait)?,
         (Backend::Remote(c), None) => lock_remote(c, name, mode, wait)?,
         (Backend::Local(c), Some(f)) => lock_local_interruptible(c, name, mode, wait, f)?,
         (Backend::Remote(c), Some(f)) => lock_remote_interruptible(c, name, mode, wait, f)?,
     };
     if !grant.is_null() {
-        // SAFETY: `grant` is not null and writable by the caller's promise; `lock` is the live
-        // handle just made.
-        unsafe { grant.write((*lock).grant()) };
+        // SAFETY: `grant` is not null and writable by the caller's promise.
+        unsafe { grant.write(g) };
     }
     // SAFETY: `out` checked above.
     unsafe { out.write(lock) };
     Ok(())
 }
 
-/// A guard's allocation: the handle given to C. Each thread keeps one freed allocation for its
-/// next lock, so a loop of lock and unlock calls malloc and free only once (they cost as much as
-/// the rest of the pair).
+/// A local guard's allocation: the handle given to C. Each thread keeps one freed allocation for
+/// its next lock, so a loop of lock and unlock calls malloc and free only once (they cost as much
+/// as the rest of the pair).
+///
+/// The guard goes into its allocation and out again as whole 8-byte words, each written by one
+/// store and read by one load of the same address and size. The unlock of a C loop reads the
+/// guard a few dozen cycles after the lock wrote it, while the stores are still in the store
+/// buffer: a load that spans two stores (a 16-byte copy over 4-byte fields, as the compiler
+/// copies a struct) cannot be forwarded from them and waits until they reach the cache, which
+/// cost as much as the lock's own atomic (measured with `perf annotate`). Volatile accesses, so
+/// the compiler neither merges nor splits them.
 mod spare {
-    use super::shmlock_guard;
-    use std::cell::Cell;
-    use std::mem::MaybeUninit;
-    use std::ptr::null_mut;
+    use super::LocalHeld;
+    use std::mem::{size_of, MaybeUninit};
+    use std::ptr::{null_mut, NonNull};
 
-    type Slot = MaybeUninit<shmlock_guard>;
+    /// A guard as words (any bytes, padding included, may be held by `MaybeUninit`).
+    type Words = [MaybeUninit<u64>; WORDS];
+    const WORDS: usize = size_of::<LocalHeld>() / 8;
+    const _: () = assert!(size_of::<LocalHeld>() == size_of::<Words>());
+    const _: () = assert!(std::mem::align_of::<LocalHeld>() == std::mem::align_of::<Words>());
 
     /// The spare allocation of this thread, freed when the thread ends.
-    struct Spare(Cell<*mut Slot>);
+    struct Spare(std::cell::Cell<*mut Words>);
 
     impl Drop for Spare {
         fn drop(&mut self) {
             let p = self.0.replace(null_mut());
             if !p.is_null() {
-                // SAFETY: a `Box<Slot>`'s pointer, put here by `free` and owned by this cell.
+                // SAFETY: a `Box<Words>`'s pointer, put here by `recycle` and owned by this cell.
                 drop(unsafe { Box::from_raw(p) });
             }
         }
     }
 
     thread_local! {
-        static SPARE: Spare = const { Spare(Cell::new(null_mut())) };
+        static SPARE: Spare = const { Spare(std::cell::Cell::new(null_mut())) };
     }
 
-    /// A handle holding `g`: the spare allocation if there is one, else a new one.
+    /// An allocation for a guard, not filled yet: the spare one if there is one, else a new one.
+    /// Taken before the lock is, so that nothing is called between the grant and `fill`, which
+    /// would keep the guard in a stack copy across the call (and copy it out again at once).
     #[inline(always)]
-    pub(super) fn alloc(g: shmlock_guard) -> *mut shmlock_guard {
+    pub(super) fn reserve() -> Reserved {
         let p = SPARE.try_with(|s| s.0.replace(null_mut())).unwrap_or(null_mut());
-        if p.is_null() {
-            return Box::into_raw(Box::new(g));
-        }
-        // SAFETY: a `Box<Slot>`'s allocation, uninitialized and now owned here (taken out of
-        // the cell); `Slot` and `shmlock_guard` have one layout.
-        unsafe { (*p).write(g) };
-        p.cast()
+        Reserved(NonNull::new(p).unwrap_or_else(|| NonNull::from(Box::leak(Box::new([MaybeUninit::uninit(); WORDS])))))
     }
 
-    /// Takes the guard out of the handle `p` and keeps or frees its allocation.
+    /// A reserved allocation (from `reserve`), empty; `fill` or `unreserve` it.
+    pub(super) struct Reserved(NonNull<Words>);
+
+    /// Gives a reserved allocation back unfilled (the lock was not had).
+    #[inline(always)]
+    pub(super) fn unreserve(c: Reserved) {
+        // SAFETY: a `Box<Words>`'s allocation owned by `c`, holding nothing to drop.
+        unsafe { recycle(c.0) }
+    }
+
+    /// Moves `g` into its reserved allocation: the handle's guard.
+    #[inline(always)]
+    pub(super) fn fill(c: Reserved, g: LocalHeld) -> NonNull<LocalHeld> {
+        // SAFETY: `LocalHeld` and `Words` have one size (asserted above), and `Words` holds any
+        // bytes.
+        let w: Words = unsafe { std::mem::transmute::<LocalHeld, Words>(g) };
+        for (i, w) in w.into_iter().enumerate() {
+            // SAFETY: `c` is a `Box<Words>`'s allocation owned here, so its `WORDS` words are
+            // writable.
+            unsafe { c.0.cast::<MaybeUninit<u64>>().add(i).write_volatile(w) };
+        }
+        c.0.cast()
+    }
+
+    /// Moves the guard out of its allocation `p`, and keeps or frees the allocation.
     ///
     /// # Safety
-    /// `p` comes from `alloc` and is not used again.
+    /// `p` comes from `fill` and its guard was not taken yet; it is not used again.
     #[inline(always)]
-    pub(super) unsafe fn free(p: *mut shmlock_guard) -> shmlock_guard {
-        // SAFETY: a live handle from `alloc`, read once; its memory is not read again as a guard.
-        let g = unsafe { p.read() };
-        let slot = p.cast::<Slot>();
+    pub(super) unsafe fn take(p: NonNull<LocalHeld>) -> LocalHeld {
+        let p = p.cast::<Words>();
+        let mut w: Words = [MaybeUninit::uninit(); WORDS];
+        for (i, w) in w.iter_mut().enumerate() {
+            // SAFETY: `p` holds a guard written by `fill` (the caller's promise): `WORDS` words
+            // as written.
+            *w = unsafe { p.cast::<MaybeUninit<u64>>().add(i).read_volatile() };
+        }
+        // SAFETY: `p` came from `reserve` (through `fill`), and its guard was read out above.
+        unsafe { recycle(p) };
+        // SAFETY: the bytes of the guard `fill` was given, moved out once (the caller's
+        // promise).
+        unsafe { std::mem::transmute::<Words, LocalHeld>(w) }
+    }
+
+    /// Keeps the allocation `p` as this thread's spare, or frees it if there is one already.
+    ///
+    /// # Safety
+    /// `p` is a `Box<Words>`'s allocation, owned by the caller, holding nothing to drop.
+    #[inline(always)]
+    unsafe fn recycle(p: NonNull<Words>) {
+        let slot = p.as_ptr();
         let kept = SPARE
             .try_with(|s| {
                 let empty = s.0.get().is_null();
@@ -456,37 +545,49 @@ mod spare {
             })
             .unwrap_or(false);
         if !kept {
-            // SAFETY: the allocation of a `Box<shmlock_guard>` (same layout as `Box<Slot>`),
-            // whose contents were moved out above.
+            // SAFETY: a `Box<Words>`'s allocation owned by the caller (the function's promise).
             drop(unsafe { Box::from_raw(slot) });
         }
-        g
+    }
+}
+
+/// A handle made and what its grant said, from one of the lock paths.
+type Made = (*mut shmlock_guard, shmlock_grant);
+
+#[inline(always)]
+fn local_handle(r: Result<LocalHeld, shmlock_core::Error>, cell: spare::Reserved) -> Result<Made, Failure> {
+    match r {
+        Ok(g) => {
+            let grant = grant_of(g.grant());
+            Ok((Handle::local(spare::fill(cell, g)), grant))
+        }
+        Err(e) => {
+            spare::unreserve(cell);
+            Err(e.into())
+        }
     }
 }
 
 #[inline(always)]
-fn boxed(held: Held) -> *mut shmlock_guard {
-    spare::alloc(shmlock_guard { held })
+fn remote_handle(g: RemoteHeld) -> Made {
+    let grant = grant_of(g.grant());
+    (Handle::remote(g), grant)
 }
 
 #[inline(never)]
-fn lock_local(c: &Client, name: &[u8], mode: Mode, wait: Wait) -> Result<*mut shmlock_guard, Failure> {
-    Ok(boxed(Held::Local(Client::acquire_with(
+fn lock_local(c: &Client, name: &[u8], mode: Mode, wait: Wait) -> Result<Made, Failure> {
+    let cell = spare::reserve();
+    local_handle(Client::acquire_with(ClientRef(c.into()), name, mode, wait), cell)
+}
+
+#[inline(never)]
+fn lock_remote(c: &RemoteClient, name: &[u8], mode: Mode, wait: Wait) -> Result<Made, Failure> {
+    Ok(remote_handle(RemoteClient::acquire_with(
         ClientRef(c.into()),
         name,
         mode,
         wait,
-    )?)))
-}
-
-#[inline(never)]
-fn lock_remote(c: &RemoteClient, name: &[u8], mode: Mode, wait: Wait) -> Result<*mut shmlock_guard, Failure> {
-    Ok(boxed(Held::Remote(RemoteClient::acquire_with(
-        ClientRef(c.into()),
-        name,
-        mode,
-        wait,
-    )?)))
+    )?))
 }
 
 #[inline(never)]
@@ -496,9 +597,12 @@ fn lock_local_interruptible(
     mode: Mode,
     wait: Wait,
     f: &mut dyn FnMut() -> bool,
-) -> Result<*mut shmlock_guard, Failure> {
-    let g = Client::acquire_interruptible_with(ClientRef(c.into()), name, mode, wait, f)?;
-    Ok(boxed(Held::Local(g)))
+) -> Result<Made, Failure> {
+    let cell = spare::reserve();
+    local_handle(
+        Client::acquire_interruptible_with(ClientRef(c.into()), name, mode, wait, f),
+        cell,
+    )
 }
 
 #[inline(never)]
@@ -508,34 +612,19 @@ fn lock_remote_interruptible(
     mode: Mode,
     wait: Wait,
     f: &mut dyn FnMut() -> bool,
-) -> Result<*mut shmlock_guard, Failure> {
+) -> Result<Made, Failure> {
     let g = RemoteClient::acquire_interruptible_with(ClientRef(c.into()), name, mode, wait, f)?;
-    Ok(boxed(Held::Remote(g)))
+    Ok(remote_handle(g))
 }
 
 #[inline(always)]
-fn unlock_local(g: LocalGuard<ClientRef<Client>>) -> Result<(), Failure> {
+fn unlock_local(g: LocalHeld) -> Result<(), Failure> {
     Ok(g.unlock()?)
 }
 
 #[inline(never)]
-fn unlock_remote(g: RemoteLockGuard<ClientRef<RemoteClient>>) -> Result<(), Failure> {
+fn unlock_remote(g: RemoteHeld) -> Result<(), Failure> {
     Ok(g.unlock()?)
-}
-
-impl shmlock_guard {
-    #[inline]
-    fn grant(&self) -> shmlock_grant {
-        let g = match &self.held {
-            Held::Local(g) => g.grant(),
-            Held::Remote(g) => g.grant(),
-        };
-        shmlock_grant {
-            token: g.token.0,
-            mode: mode_code(g.mode),
-            owner_died: g.owner_died,
-        }
-    }
 }
 
 /// Locks the name `(name, name_len)` in `mode`, waiting at most `timeout_ns` nanoseconds:
@@ -740,11 +829,19 @@ pub unsafe extern "C" fn shmlock_unlock(lock: *mut shmlock_guard) -> shmlock_sta
         if lock.is_null() {
             return Err(invalid("lock is NULL"));
         }
-        // SAFETY: made by spare::alloc in lock_impl, not freed yet (caller's promise).
-        let lock = unsafe { spare::free(lock) };
-        match lock.held {
-            Held::Local(g) => unlock_local(g),
-            Held::Remote(g) => unlock_remote(g),
+        // SAFETY: not null.
+        match Handle::of(unsafe { NonNull::new_unchecked(lock) }) {
+            Handle::Local(p) => {
+                // SAFETY: a live guard made by spare::alloc in lock_impl, not unlocked yet (the
+                // caller's promise).
+                unlock_local(unsafe { spare::take(p) })
+            }
+            Handle::Remote(p) => {
+                // SAFETY: a live guard boxed by Handle::remote, not unlocked yet (the caller's
+                // promise); the box is freed here.
+                let g = unsafe { Box::from_raw(p.as_ptr()) };
+                unlock_remote(*g)
+            }
         }
     })
 }
@@ -762,8 +859,15 @@ pub unsafe extern "C" fn shmlock_guard_grant(lock: *const shmlock_guard, grant: 
         if lock.is_null() || grant.is_null() {
             return Err(invalid("lock or grant is NULL"));
         }
-        // SAFETY: a live handle and a writable grant, by the caller's promise.
-        unsafe { grant.write((*lock).grant()) };
+        // SAFETY: not null; a live handle by the caller's promise.
+        let g = match Handle::of(unsafe { NonNull::new_unchecked(lock.cast_mut()) }) {
+            // SAFETY: a live guard (the caller's promise), only read.
+            Handle::Local(p) => unsafe { p.as_ref() }.grant(),
+            // SAFETY: as above.
+            Handle::Remote(p) => unsafe { p.as_ref() }.grant(),
+        };
+        // SAFETY: a writable grant, by the caller's promise.
+        unsafe { grant.write(grant_of(g)) };
         Ok(())
     })
 }
