@@ -421,19 +421,35 @@ unsafe fn lock_impl(
     let wait = wait_of(timeout_ns);
     // One small function per path, so the local one, the hot one, is compiled as tight as the
     // Rust API's own loop (one large function of all four gets the table's helpers out of line).
-    let (lock, g) = match (&client.backend, interrupted) {
-        (Backend::Local(c), None) => lock_local(c, name, mode, wait)?,
-        (Backend::Remote(c), None) => lock_remote(c, name, mode, wait)?,
-        (Backend::Local(c), Some(f)) => lock_local_interruptible(c, name, mode, wait, f)?,
-        (Backend::Remote(c), Some(f)) => lock_remote_interruptible(c, name, mode, wait, f)?,
-    };
-    if !grant.is_null() {
-        // SAFETY: `grant` is not null and writable by the caller's promise.
-        unsafe { grant.write(g) };
+    // The handle and the grant are written there, not returned: a returned pair goes through a
+    // stack copy whose reads (8 bytes over the grant's 4- and 1-byte fields) wait on the stores.
+    let to = Out { grant, lock: out };
+    match (&client.backend, interrupted) {
+        (Backend::Local(c), None) => lock_local(c, name, mode, wait, to),
+        (Backend::Remote(c), None) => lock_remote(c, name, mode, wait, to),
+        (Backend::Local(c), Some(f)) => lock_local_interruptible(c, name, mode, wait, f, to),
+        (Backend::Remote(c), Some(f)) => lock_remote_interruptible(c, name, mode, wait, f, to),
     }
-    // SAFETY: `out` checked above.
-    unsafe { out.write(lock) };
-    Ok(())
+}
+
+/// Where a lock path stores what it made: `grant` (NULL: not wanted) and `lock` (checked not
+/// null), both writable by the caller's promise.
+#[derive(Clone, Copy)]
+struct Out {
+    grant: *mut shmlock_grant,
+    lock: *mut *mut shmlock_guard,
+}
+
+impl Out {
+    #[inline(always)]
+    fn put(self, handle: *mut shmlock_guard, g: shmlock_core::Grant) {
+        if !self.grant.is_null() {
+            // SAFETY: not null, and writable by the promise of shmlock_lock's caller.
+            unsafe { self.grant.write(grant_of(g)) };
+        }
+        // SAFETY: checked not null by lock_impl; writable by the caller's promise.
+        unsafe { self.lock.write(handle) };
+    }
 }
 
 /// A local guard's allocation: the handle given to C. Each thread keeps one freed allocation for
@@ -551,15 +567,13 @@ mod spare {
     }
 }
 
-/// A handle made and what its grant said, from one of the lock paths.
-type Made = (*mut shmlock_guard, shmlock_grant);
-
 #[inline(always)]
-fn local_handle(r: Result<LocalHeld, shmlock_core::Error>, cell: spare::Reserved) -> Result<Made, Failure> {
+fn local_handle(r: Result<LocalHeld, shmlock_core::Error>, cell: spare::Reserved, to: Out) -> Result<(), Failure> {
     match r {
         Ok(g) => {
-            let grant = grant_of(g.grant());
-            Ok((Handle::local(spare::fill(cell, g)), grant))
+            let grant = g.grant();
+            to.put(Handle::local(spare::fill(cell, g)), grant);
+            Ok(())
         }
         Err(e) => {
             spare::unreserve(cell);
@@ -569,25 +583,52 @@ fn local_handle(r: Result<LocalHeld, shmlock_core::Error>, cell: spare::Reserved
 }
 
 #[inline(always)]
-fn remote_handle(g: RemoteHeld) -> Made {
-    let grant = grant_of(g.grant());
-    (Handle::remote(g), grant)
+fn remote_handle(g: RemoteHeld, to: Out) {
+    let grant = g.grant();
+    to.put(Handle::remote(g), grant);
 }
 
-#[inline(never)]
-fn lock_local(c: &Client, name: &[u8], mode: Mode, wait: Wait) -> Result<Made, Failure> {
+#[inline(always)]
+fn lock_local_body(c: &Client, name: &[u8], mode: Mode, wait: Wait, to: Out) -> Result<(), Failure> {
     let cell = spare::reserve();
-    local_handle(Client::acquire_with(ClientRef(c.into()), name, mode, wait), cell)
+    local_handle(Client::acquire_with(ClientRef(c.into()), name, mode, wait), cell, to)
 }
 
 #[inline(never)]
-fn lock_remote(c: &RemoteClient, name: &[u8], mode: Mode, wait: Wait) -> Result<Made, Failure> {
-    Ok(remote_handle(RemoteClient::acquire_with(
-        ClientRef(c.into()),
-        name,
-        mode,
-        wait,
-    )?))
+fn lock_local(c: &Client, name: &[u8], mode: Mode, wait: Wait, to: Out) -> Result<(), Failure> {
+    lock_local_body(c, name, mode, wait, to)
+}
+
+/// `shmlock_lock()` on a local client with arguments already checked: the common call, an entry
+/// point of its own (its own panic guard) that `shmlock_lock()` jumps to, so the call costs one
+/// frame, not two.
+///
+/// # Safety
+/// `name` points to `name_len <= isize::MAX` readable bytes; `to.lock` is not null; otherwise as
+/// `shmlock_lock()`.
+#[inline(never)]
+unsafe fn lock_local_entry(
+    c: &Client,
+    name: *const u8,
+    name_len: usize,
+    mode: Mode,
+    timeout_ns: i64,
+    grant: *mut shmlock_grant,
+    lock: *mut *mut shmlock_guard,
+) -> shmlock_status {
+    entry(|| {
+        // SAFETY: not null, and writable by the caller's promise.
+        unsafe { lock.write(std::ptr::null_mut()) };
+        // SAFETY: readable, by the caller's promise.
+        let name = unsafe { std::slice::from_raw_parts(name, name_len) };
+        lock_local_body(c, name, mode, wait_of(timeout_ns), Out { grant, lock })
+    })
+}
+
+#[inline(never)]
+fn lock_remote(c: &RemoteClient, name: &[u8], mode: Mode, wait: Wait, to: Out) -> Result<(), Failure> {
+    remote_handle(RemoteClient::acquire_with(ClientRef(c.into()), name, mode, wait)?, to);
+    Ok(())
 }
 
 #[inline(never)]
@@ -597,11 +638,13 @@ fn lock_local_interruptible(
     mode: Mode,
     wait: Wait,
     f: &mut dyn FnMut() -> bool,
-) -> Result<Made, Failure> {
+    to: Out,
+) -> Result<(), Failure> {
     let cell = spare::reserve();
     local_handle(
         Client::acquire_interruptible_with(ClientRef(c.into()), name, mode, wait, f),
         cell,
+        to,
     )
 }
 
@@ -612,9 +655,11 @@ fn lock_remote_interruptible(
     mode: Mode,
     wait: Wait,
     f: &mut dyn FnMut() -> bool,
-) -> Result<Made, Failure> {
+    to: Out,
+) -> Result<(), Failure> {
     let g = RemoteClient::acquire_interruptible_with(ClientRef(c.into()), name, mode, wait, f)?;
-    Ok(remote_handle(g))
+    remote_handle(g, to);
+    Ok(())
 }
 
 #[inline(always)]
@@ -657,6 +702,42 @@ fn unlock_remote(g: RemoteHeld) -> Result<(), Failure> {
 /// readable bytes; `grant` and `lock` are NULL or writable.
 #[no_mangle]
 pub unsafe extern "C" fn shmlock_lock(
+    client: *const shmlock_client,
+    name: *const u8,
+    name_len: usize,
+    mode: u32,
+    timeout_ns: i64,
+    grant: *mut shmlock_grant,
+    lock: *mut *mut shmlock_guard,
+) -> shmlock_status {
+    // The common call (a local client, arguments that pass) goes straight to the local path;
+    // the rest (a remote client, or a bad argument, which lock_impl names) takes the general one.
+    if !lock.is_null() && !client.is_null() && !name.is_null() && name_len <= isize::MAX as usize {
+        // SAFETY: a live client by the caller's promise; only shared access is taken.
+        if let Backend::Local(c) = unsafe { &(*client).backend } {
+            let m = match mode {
+                SHMLOCK_EXCLUSIVE => Some(Mode::Exclusive),
+                SHMLOCK_SHARED => Some(Mode::Shared),
+                _ => None,
+            };
+            if let Some(m) = m {
+                // SAFETY: the arguments checked above, the rest by the caller's promises.
+                return unsafe { lock_local_entry(c, name, name_len, m, timeout_ns, grant, lock) };
+            }
+        }
+    }
+    // SAFETY: the caller's promises.
+    unsafe { lock_general(client, name, name_len, mode, timeout_ns, grant, lock) }
+}
+
+/// `shmlock_lock()` on a remote client, or with an argument that does not pass: out of line, so
+/// that `shmlock_lock()` itself needs no frame.
+///
+/// # Safety
+/// As `shmlock_lock()`.
+#[cold]
+#[inline(never)]
+unsafe fn lock_general(
     client: *const shmlock_client,
     name: *const u8,
     name_len: usize,
