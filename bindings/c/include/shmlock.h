@@ -451,6 +451,21 @@ enum shmlock_status shmlock_guard_grant(const struct shmlock_guard *lock,
                                         struct shmlock_grant *grant);
 
 /**
+ * True if a held lock is known to be gone without an unlock, so that it may be another's now:
+ * a remote guard whose gateway connection ended (the client saw it end at a request, or at a
+ * keep-alive exchange of its background thread), when the gateway released the session's locks.
+ * Stop using what the lock protects; `shmlock_unlock()` still frees the handle. False for a
+ * local guard (a local lock taken away, by `shmlock release --force`, shows only when unlocking:
+ * `SHMLOCK_NOT_HELD`), and for NULL. The Rust API's `Guard::lost`.
+ *
+ * Thread-safe; never blocks; cannot fail.
+ *
+ * # Safety
+ * `lock` is NULL or a live handle.
+ */
+bool shmlock_guard_lost(const struct shmlock_guard *lock);
+
+/**
  * Copies the message of this thread's last failed call into `buf` (`len` bytes), cut to fit and
  * always NUL-terminated when `len > 0`. Returns the message's full length without the NUL (as
  * `snprintf` does), so a caller can size a buffer: `shmlock_last_error_message(NULL, 0) + 1`.

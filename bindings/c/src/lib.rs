@@ -68,7 +68,7 @@ enum Backend {
 /// A local client and the spare allocation of its guard handles.
 struct Local {
     client: Client,
-    spare: spare::Spare,
+    home: spare::Home,
 }
 
 /// A held lock (from `shmlock_lock()`). Opaque; `shmlock_unlock()` releases it and frees the
@@ -82,14 +82,14 @@ pub struct shmlock_guard {
     _opaque: [u8; 0],
 }
 
-/// A held local lock, as a `shmlock_guard` points to it.
+/// A held local lock, as a `shmlock_guard` points to it (see `spare`).
 type LocalHeld = LocalGuard<ClientRef<Client>>;
 /// A held remote lock, as a `shmlock_guard` (bit 0 set) points to it.
 type RemoteHeld = RemoteLockGuard<ClientRef<RemoteClient>>;
 
-/// A guard handle decoded: the guard it points to.
+/// A guard handle decoded: the guard it points to (a local one through `spare`).
 enum Handle {
-    Local(NonNull<LocalHeld>),
+    Local(NonNull<shmlock_guard>),
     Remote(NonNull<RemoteHeld>),
 }
 
@@ -101,11 +101,6 @@ const _: () = assert!(std::mem::align_of::<RemoteHeld>() > REMOTE_TAG);
 
 impl Handle {
     #[inline(always)]
-    fn local(p: NonNull<LocalHeld>) -> *mut shmlock_guard {
-        p.as_ptr().cast()
-    }
-
-    #[inline(always)]
     fn remote(g: RemoteHeld) -> *mut shmlock_guard {
         Box::into_raw(Box::new(g)).map_addr(|a| a | REMOTE_TAG).cast()
     }
@@ -114,7 +109,7 @@ impl Handle {
     #[inline(always)]
     fn of(p: NonNull<shmlock_guard>) -> Handle {
         if p.addr().get() & REMOTE_TAG == 0 {
-            Handle::Local(p.cast())
+            Handle::Local(p)
         } else {
             // SAFETY: a tagged address is a Box's address plus 1, so not 0 once untagged.
             Handle::Remote(unsafe { NonNull::new_unchecked(p.as_ptr().map_addr(|a| a & !REMOTE_TAG).cast()) })
@@ -326,7 +321,7 @@ pub unsafe extern "C" fn shmlock_open(
                 out,
                 Backend::Local(Local {
                     client,
-                    spare: spare::Spare::new(),
+                    home: spare::Home::new(),
                 }),
             )
         };
@@ -466,88 +461,82 @@ impl Out {
     }
 }
 
-/// A local guard's allocation: the handle given to C. Each client keeps one freed allocation for
-/// its next lock, so a loop of lock and unlock calls malloc and free only once (they cost as much
-/// as the rest of the pair).
+/// A local guard's memory: the handle given to C. Each client has one guard cell inline, for one
+/// lock at a time of one thread: the first that locks through it (by its thread pointer, the
+/// cell's owner). The owner's lock takes the cell and its unlock, from any thread, gives it back,
+/// with an atomic flag but no read-modify-write; other guards (other threads, or more than one
+/// lock held at once) are allocated, and freed by their unlock. So a loop of lock and unlock pairs
+/// does not call malloc and free (they cost as much as the rest of the pair), nor the
+/// `__tls_get_addr` of a thread-local spare (two calls per pair from a shared library).
 ///
-/// The spare belongs to one thread: the first that locks through the client (its `pthread_self`
-/// is the spare's owner). The owner takes it and puts it back with plain loads and stores; other
-/// threads of the client allocate each guard. Cheaper than a thread-local (two calls of
-/// `__tls_get_addr` per pair from a shared library) or an atomic swap per call, and as cheap as
-/// the lock's own code: measured side by side in one process.
-///
-/// The guard goes into its allocation and out again as whole 8-byte words, each written by one
-/// store and read by one load of the same address and size. The unlock of a C loop reads the
-/// guard a few dozen cycles after the lock wrote it, while the stores are still in the store
-/// buffer: a load that spans two stores (a 16-byte copy over 4-byte fields, as the compiler
-/// copies a struct) cannot be forwarded from them and waits until they reach the cache, which
-/// cost as much as the lock's own atomic (measured with `perf annotate`). Volatile accesses, so
-/// the compiler neither merges nor splits them.
+/// The guard goes into its cell and out again as whole 8-byte words, each written by one store
+/// and read by one load of the same address and size. The unlock of a C loop reads the guard a
+/// few dozen cycles after the lock wrote it, while the stores are still in the store buffer: a
+/// load that spans two stores (a 16-byte copy over 4-byte fields, as the compiler copies a
+/// struct) cannot be forwarded from them and waits until they reach the cache, which cost as much
+/// as the lock's own atomic (measured with `perf annotate`). Volatile accesses, so the compiler
+/// neither merges nor splits them.
 mod spare {
-    use super::LocalHeld;
+    use super::{shmlock_guard, LocalHeld};
     use std::cell::UnsafeCell;
-    use std::mem::{size_of, MaybeUninit};
-    use std::ptr::{null_mut, NonNull};
-    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+    use std::mem::{align_of, size_of, MaybeUninit};
+    use std::ptr::{addr_of, NonNull};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
 
     /// A guard as words (any bytes, padding included, may be held by `MaybeUninit`).
     type Words = [MaybeUninit<u64>; WORDS];
     const WORDS: usize = size_of::<LocalHeld>() / 8;
     const _: () = assert!(size_of::<LocalHeld>() == size_of::<Words>());
-    const _: () = assert!(std::mem::align_of::<LocalHeld>() == std::mem::align_of::<Words>());
+    const _: () = assert!(align_of::<LocalHeld>() == align_of::<Words>());
 
-    /// A guard's allocation: the guard first (a handle is its address), then the spare of the
-    /// client that made it, where it goes back.
+    /// Bit 1 of a local handle: the guard is in its client's inline cell (else in a `Box<Words>`).
+    /// Bit 0 is the remote tag (`super::REMOTE_TAG`), clear here.
+    const INLINE: usize = 2;
+    const _: () = assert!(align_of::<Words>() > INLINE | super::REMOTE_TAG);
+
+    /// One client's inline guard cell.
     #[repr(C)]
-    struct Cell {
-        guard: Words,
-        home: *const Spare,
-    }
-
-    /// One client's spare allocation.
-    pub(super) struct Spare {
-        /// `pthread_self()` of the thread that may use `cell`, 0 until one claims it (once, by a
-        /// compare-exchange; Relaxed: nothing else is published through it).
+    pub(super) struct Home {
+        /// The guard of the owner's lock while `in_use`. First, so that the cell's address is the
+        /// `Home`'s.
+        cell: UnsafeCell<Words>,
+        /// Set (Relaxed) by the owner when its lock takes the cell; cleared (Release) by the
+        /// unlock that gives it back, after reading the guard out; read (Acquire) by the owner
+        /// before taking it. Only the owner sets it and only the guard's unlock clears it, so
+        /// neither needs a read-modify-write.
+        in_use: AtomicBool,
+        /// The thread pointer of the thread that may take the cell, 0 until one claims it (once,
+        /// by a compare-exchange; Relaxed: nothing is published through it).
         owner: AtomicUsize,
-        /// A free `Box<Cell>`, or null. Only the owner thread reads or writes it (or `drop`).
-        cell: UnsafeCell<*mut Cell>,
     }
 
-    // SAFETY: `cell` is touched only by the thread that `owner` names, which names one thread
-    // for the spare's whole life: live threads have distinct ids, and an id is reused only by a
-    // thread made after the one that had it ended (an end that happens-before the reuse, as the
-    // reuse of its thread memory does). The rest is atomic.
-    unsafe impl Sync for Spare {}
-    // SAFETY: the cell is a `Box` it owns, sendable as any box of plain words.
-    unsafe impl Send for Spare {}
+    // SAFETY: the cell is written only by the owner, one thread for the `Home`'s whole life
+    // (live threads have distinct thread pointers; one is reused only by a thread made after the
+    // one that had it ended, an end that happens-before the reuse, as the reuse of its memory
+    // does), while `in_use` is clear; then read by the one unlock of the guard written there,
+    // which clears `in_use` with Release after it; the owner's Acquire load orders that read
+    // before the next write. The rest is atomic.
+    unsafe impl Sync for Home {}
 
-    impl Spare {
-        pub(super) const fn new() -> Spare {
-            Spare {
+    impl Home {
+        pub(super) const fn new() -> Home {
+            Home {
+                cell: UnsafeCell::new([MaybeUninit::uninit(); WORDS]),
+                in_use: AtomicBool::new(false),
                 owner: AtomicUsize::new(0),
-                cell: UnsafeCell::new(null_mut()),
             }
         }
 
-        /// Is the calling thread the owner (claiming the spare if nobody has)?
+        /// May the calling thread take the cell now (claiming it if nobody has)?
         #[inline(always)]
-        fn mine(&self, claim: bool) -> bool {
+        fn free_for_me(&self) -> bool {
             let me = this_thread();
-            match self.owner.load(Relaxed) {
+            let mine = match self.owner.load(Relaxed) {
                 o if o == me => true,
-                0 if claim => self.owner.compare_exchange(0, me, Relaxed, Relaxed).is_ok(),
+                0 => self.owner.compare_exchange(0, me, Relaxed, Relaxed).is_ok(),
                 _ => false,
-            }
-        }
-    }
-
-    impl Drop for Spare {
-        fn drop(&mut self) {
-            let p = std::mem::replace(self.cell.get_mut(), null_mut());
-            if !p.is_null() {
-                // SAFETY: a `Box<Cell>`'s pointer, put here by `recycle` and owned by the spare.
-                drop(unsafe { Box::from_raw(p) });
-            }
+            };
+            mine && !self.in_use.load(Acquire)
         }
     }
 
@@ -573,95 +562,99 @@ mod spare {
         (unsafe { libc::pthread_self() }) as usize
     }
 
-    /// An allocation for a guard of the client whose spare is `home`, not filled yet: the spare
-    /// if there is one and this thread owns it, else a new one. Taken before the lock is, so that
-    /// nothing is called between the grant and `fill`, which would keep the guard in a stack copy
-    /// across the call (and copy it out again at once).
+    /// Memory for a guard of the client whose cell is `home`, not filled yet: the cell if it is
+    /// free for this thread, else a new allocation. Taken before the lock is, so that nothing is
+    /// called between the grant and `fill`, which would keep the guard in a stack copy across
+    /// the call (and copy it out again at once).
     #[inline(always)]
-    pub(super) fn reserve(home: &Spare) -> Reserved {
-        let p = if home.mine(true) {
-            // SAFETY: this thread owns the spare, so it alone uses `cell`.
-            unsafe { std::mem::replace(&mut *home.cell.get(), null_mut()) }
-        } else {
-            null_mut()
-        };
-        let p = NonNull::new(p).unwrap_or_else(|| {
-            NonNull::from(Box::leak(Box::new(Cell {
-                guard: [MaybeUninit::uninit(); WORDS],
-                home,
-            })))
-        });
-        Reserved(p)
+    pub(super) fn reserve(home: &Home) -> Reserved {
+        if home.free_for_me() {
+            home.in_use.store(true, Relaxed);
+            let base: *const Home = home;
+            // SAFETY: `base` points to a live `Home`; the cell is its first field, inside an
+            // `UnsafeCell`, so writable through a pointer made from a shared reference.
+            let cell = unsafe { UnsafeCell::raw_get(addr_of!((*base).cell)) };
+            // SAFETY: a field of a live `Home`, not null.
+            return Reserved(unsafe { NonNull::new_unchecked(cell) }, INLINE);
+        }
+        Reserved(NonNull::from(Box::leak(Box::new([MaybeUninit::uninit(); WORDS]))), 0)
     }
 
-    /// A reserved allocation (from `reserve`), empty; `fill` or `unreserve` it.
-    pub(super) struct Reserved(NonNull<Cell>);
+    /// Reserved memory (from `reserve`), empty, and its tag; `fill` or `unreserve` it.
+    pub(super) struct Reserved(NonNull<Words>, usize);
 
-    /// Gives a reserved allocation back unfilled (the lock was not had).
+    /// Gives reserved memory back unfilled (the lock was not had).
     #[inline(always)]
-    pub(super) fn unreserve(c: Reserved) {
-        // SAFETY: a `Box<Cell>`'s allocation owned by `c`, holding nothing to drop.
-        unsafe { recycle(c.0) }
+    pub(super) fn unreserve(r: Reserved) {
+        // SAFETY: `r` owns the memory, which holds no guard.
+        unsafe { release(r.0, r.1) }
     }
 
-    /// Moves `g` into its reserved allocation: the handle's guard.
+    /// Moves `g` into its reserved memory: the handle of the guard.
     #[inline(always)]
-    pub(super) fn fill(c: Reserved, g: LocalHeld) -> NonNull<LocalHeld> {
+    pub(super) fn fill(r: Reserved, g: LocalHeld) -> *mut shmlock_guard {
         // SAFETY: `LocalHeld` and `Words` have one size (asserted above), and `Words` holds any
         // bytes.
         let w: Words = unsafe { std::mem::transmute::<LocalHeld, Words>(g) };
-        let words = c.0.cast::<MaybeUninit<u64>>();
+        let words = r.0.cast::<MaybeUninit<u64>>();
         for (i, w) in w.into_iter().enumerate() {
-            // SAFETY: `c` is a `Box<Cell>`'s allocation owned here, whose first `WORDS` words
-            // (`guard`, at offset 0 of the `repr(C)` struct) are writable.
+            // SAFETY: `r` is `WORDS` writable words owned here (the free cell, or a new box).
             unsafe { words.add(i).write_volatile(w) };
         }
-        c.0.cast()
+        r.0.as_ptr().map_addr(|a| a | r.1).cast()
     }
 
-    /// Moves the guard out of its allocation `p`, and keeps or frees the allocation.
+    /// The guard of a local handle, to read.
     ///
     /// # Safety
-    /// `p` comes from `fill` and its guard was not taken yet; it is not used again; the client
-    /// that made it is open.
+    /// `h` is a live local handle (from `fill`, not taken yet); the reference does not outlive
+    /// it.
     #[inline(always)]
-    pub(super) unsafe fn take(p: NonNull<LocalHeld>) -> LocalHeld {
-        let p = p.cast::<Cell>();
+    pub(super) unsafe fn peek<'a>(h: NonNull<shmlock_guard>) -> &'a LocalHeld {
+        // SAFETY: untagged, the address of the guard `fill` wrote, alive (the caller's promise).
+        unsafe { &*h.as_ptr().map_addr(|a| a & !INLINE).cast::<LocalHeld>() }
+    }
+
+    /// Moves the guard out of a local handle, and gives its memory back.
+    ///
+    /// # Safety
+    /// `h` is a live local handle (from `fill`, not taken yet), not used again; its client is
+    /// open.
+    #[inline(always)]
+    pub(super) unsafe fn take(h: NonNull<shmlock_guard>) -> LocalHeld {
+        let tag = h.addr().get() & INLINE;
+        // SAFETY: untagged, the address of the guard `fill` wrote (not null: a cell or a box).
+        let p = unsafe { NonNull::new_unchecked(h.as_ptr().map_addr(|a| a & !INLINE).cast::<Words>()) };
         let words = p.cast::<MaybeUninit<u64>>();
         let mut w: Words = [MaybeUninit::uninit(); WORDS];
         for (i, w) in w.iter_mut().enumerate() {
-            // SAFETY: `p` holds a guard written by `fill` (the caller's promise): `WORDS` words
-            // as written.
+            // SAFETY: `p` holds the guard `fill` wrote (the caller's promise): `WORDS` words as
+            // written.
             *w = unsafe { words.add(i).read_volatile() };
         }
-        // SAFETY: `p` came from `reserve` (through `fill`), and its guard was read out above.
-        unsafe { recycle(p) };
+        // SAFETY: the memory of `h`, whose guard was just read out; its client is open.
+        unsafe { release(p, tag) };
         // SAFETY: the bytes of the guard `fill` was given, moved out once (the caller's
         // promise).
         unsafe { std::mem::transmute::<Words, LocalHeld>(w) }
     }
 
-    /// Keeps the allocation `p` as its client's spare if this thread owns the spare and it is
-    /// empty, else frees it.
+    /// Gives guard memory back: clears the cell's flag, or frees the box.
     ///
     /// # Safety
-    /// `p` is a `Box<Cell>`'s allocation, owned by the caller, holding no guard; its client is
-    /// open.
+    /// `p` with `tag` is a cell of an open client or a `Box<Words>`, owned by the caller and
+    /// holding no guard.
     #[inline(always)]
-    unsafe fn recycle(p: NonNull<Cell>) {
-        // SAFETY: `home` was set when the cell was made, and its client is open (the caller's
-        // promise), so the spare is alive.
-        let home = unsafe { &*(*p.as_ptr()).home };
-        if home.mine(false) {
-            // SAFETY: this thread owns the spare, so it alone uses `cell`.
-            let slot = unsafe { &mut *home.cell.get() };
-            if slot.is_null() {
-                *slot = p.as_ptr();
-                return;
-            }
+    unsafe fn release(p: NonNull<Words>, tag: usize) {
+        if tag == INLINE {
+            // SAFETY: the cell is the first field of its `Home` (repr(C)), which is alive, and
+            // `p` was made from a pointer to the whole `Home` (in `reserve`).
+            let home = unsafe { &*p.as_ptr().cast::<Home>() };
+            home.in_use.store(false, Release);
+        } else {
+            // SAFETY: a `Box<Words>` made by `reserve` and owned by the caller.
+            drop(unsafe { Box::from_raw(p.as_ptr()) });
         }
-        // SAFETY: a `Box<Cell>`'s allocation owned by the caller (the function's promise).
-        drop(unsafe { Box::from_raw(p.as_ptr()) });
     }
 }
 
@@ -670,7 +663,7 @@ fn local_handle(r: Result<LocalHeld, shmlock_core::Error>, cell: spare::Reserved
     match r {
         Ok(g) => {
             let grant = g.grant();
-            to.put(Handle::local(spare::fill(cell, g)), grant);
+            to.put(spare::fill(cell, g), grant);
             Ok(())
         }
         Err(e) => {
@@ -688,7 +681,7 @@ fn remote_handle(g: RemoteHeld, to: Out) {
 
 #[inline(always)]
 fn lock_local_body(l: &Local, name: &[u8], mode: Mode, wait: Wait, to: Out) -> Result<(), Failure> {
-    let cell = spare::reserve(&l.spare);
+    let cell = spare::reserve(&l.home);
     local_handle(
         Client::acquire_with(ClientRef((&l.client).into()), name, mode, wait),
         cell,
@@ -716,7 +709,7 @@ fn lock_local_interruptible(
     f: &mut dyn FnMut() -> bool,
     to: Out,
 ) -> Result<(), Failure> {
-    let cell = spare::reserve(&l.spare);
+    let cell = spare::reserve(&l.home);
     local_handle(
         Client::acquire_interruptible_with(ClientRef((&l.client).into()), name, mode, wait, f),
         cell,
@@ -995,8 +988,8 @@ pub unsafe extern "C" fn shmlock_unlock(lock: *mut shmlock_guard) -> shmlock_sta
         // SAFETY: not null.
         match Handle::of(unsafe { NonNull::new_unchecked(lock) }) {
             Handle::Local(p) => {
-                // SAFETY: a live guard made by spare::alloc in lock_impl, not unlocked yet (the
-                // caller's promise).
+                // SAFETY: a live local handle made by spare::fill, not unlocked yet, of an open
+                // client (the caller's promises).
                 unlock_local(unsafe { spare::take(p) })
             }
             Handle::Remote(p) => {
@@ -1025,7 +1018,7 @@ pub unsafe extern "C" fn shmlock_guard_grant(lock: *const shmlock_guard, grant: 
         // SAFETY: not null; a live handle by the caller's promise.
         let g = match Handle::of(unsafe { NonNull::new_unchecked(lock.cast_mut()) }) {
             // SAFETY: a live guard (the caller's promise), only read.
-            Handle::Local(p) => unsafe { p.as_ref() }.grant(),
+            Handle::Local(p) => unsafe { spare::peek(p) }.grant(),
             // SAFETY: as above.
             Handle::Remote(p) => unsafe { p.as_ref() }.grant(),
         };
@@ -1033,6 +1026,31 @@ pub unsafe extern "C" fn shmlock_guard_grant(lock: *const shmlock_guard, grant: 
         unsafe { grant.write(grant_of(g)) };
         Ok(())
     })
+}
+
+/// True if a held lock is known to be gone without an unlock, so that it may be another's now:
+/// a remote guard whose gateway connection ended (the client saw it end at a request, or at a
+/// keep-alive exchange of its background thread), when the gateway released the session's locks.
+/// Stop using what the lock protects; `shmlock_unlock()` still frees the handle. False for a
+/// local guard (a local lock taken away, by `shmlock release --force`, shows only when unlocking:
+/// `SHMLOCK_NOT_HELD`), and for NULL. The Rust API's `Guard::lost`.
+///
+/// Thread-safe; never blocks; cannot fail.
+///
+/// # Safety
+/// `lock` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn shmlock_guard_lost(lock: *const shmlock_guard) -> bool {
+    let Some(lock) = NonNull::new(lock.cast_mut()) else {
+        return false;
+    };
+    catch_unwind(|| match Handle::of(lock) {
+        // SAFETY: a live guard (the caller's promise), only read.
+        Handle::Local(p) => shmlock_core::Guard::lost(unsafe { spare::peek(p) }),
+        // SAFETY: as above.
+        Handle::Remote(p) => shmlock_core::Guard::lost(unsafe { p.as_ref() }),
+    })
+    .unwrap_or(false)
 }
 
 /// Copies the message of this thread's last failed call into `buf` (`len` bytes), cut to fit and
