@@ -981,24 +981,44 @@ fn with_remote(
 /// `lock` is NULL or a handle from `shmlock_lock()` not unlocked yet.
 #[no_mangle]
 pub unsafe extern "C" fn shmlock_unlock(lock: *mut shmlock_guard) -> shmlock_status {
+    // The common call, a local guard, in a function of its own; the rest out of line.
+    match NonNull::new(lock).map(Handle::of) {
+        // SAFETY: a live local handle, not unlocked yet, of an open client (the caller's
+        // promises).
+        Some(Handle::Local(p)) => unsafe { unlock_local_entry(p) },
+        // SAFETY: a live remote handle, not unlocked yet (the caller's promise).
+        Some(Handle::Remote(p)) => unsafe { unlock_remote_entry(p) },
+        None => unlock_null(),
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn unlock_null() -> shmlock_status {
+    entry(|| Err(invalid("lock is NULL")))
+}
+
+/// `shmlock_unlock()` of a local guard.
+///
+/// # Safety
+/// `p` is a live local handle made by spare::fill, not unlocked yet, of an open client.
+#[inline(never)]
+unsafe fn unlock_local_entry(p: NonNull<shmlock_guard>) -> shmlock_status {
+    // SAFETY: the caller's promises.
+    entry(|| unlock_local(unsafe { spare::take(p) }))
+}
+
+/// `shmlock_unlock()` of a remote guard.
+///
+/// # Safety
+/// `p` is a live guard boxed by Handle::remote, not unlocked yet; the box is freed here.
+#[cold]
+#[inline(never)]
+unsafe fn unlock_remote_entry(p: NonNull<RemoteHeld>) -> shmlock_status {
     entry(|| {
-        if lock.is_null() {
-            return Err(invalid("lock is NULL"));
-        }
-        // SAFETY: not null.
-        match Handle::of(unsafe { NonNull::new_unchecked(lock) }) {
-            Handle::Local(p) => {
-                // SAFETY: a live local handle made by spare::fill, not unlocked yet, of an open
-                // client (the caller's promises).
-                unlock_local(unsafe { spare::take(p) })
-            }
-            Handle::Remote(p) => {
-                // SAFETY: a live guard boxed by Handle::remote, not unlocked yet (the caller's
-                // promise); the box is freed here.
-                let g = unsafe { Box::from_raw(p.as_ptr()) };
-                unlock_remote(*g)
-            }
-        }
+        // SAFETY: the caller's promise.
+        let g = unsafe { Box::from_raw(p.as_ptr()) };
+        unlock_remote(*g)
     })
 }
 
