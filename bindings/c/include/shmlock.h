@@ -394,9 +394,8 @@ enum shmlock_status shmlock_lock_interruptible(const struct shmlock_client *clie
 
 /**
  * Locks like `shmlock_lock()`, calls `locked(arg, &grant)` while the lock is held, then unlocks:
- * a scoped lock that cannot be left held, with no handle to allocate (the fastest way to run a
- * short critical section). `locked` must return (not `longjmp` or unwind out); it may call the
- * library, but not unlock this lock.
+ * a scoped lock that cannot be left held, with no handle. `locked` must return (not `longjmp` or
+ * unwind out); it may call the library, but not unlock this lock.
  *
  * - `result`: NULL, or where `locked`'s return value is stored when it ran.
  *

@@ -872,9 +872,8 @@ pub unsafe extern "C" fn shmlock_lock_interruptible(
 pub type shmlock_locked_fn = Option<unsafe extern "C" fn(arg: *mut c_void, grant: *const shmlock_grant) -> i32>;
 
 /// Locks like `shmlock_lock()`, calls `locked(arg, &grant)` while the lock is held, then unlocks:
-/// a scoped lock that cannot be left held, with no handle to allocate (the fastest way to run a
-/// short critical section). `locked` must return (not `longjmp` or unwind out); it may call the
-/// library, but not unlock this lock.
+/// a scoped lock that cannot be left held, with no handle. `locked` must return (not `longjmp` or
+/// unwind out); it may call the library, but not unlock this lock.
 ///
 /// - `result`: NULL, or where `locked`'s return value is stored when it ran.
 ///
