@@ -394,9 +394,8 @@ enum shmlock_status shmlock_lock_interruptible(const struct shmlock_client *clie
 
 /**
  * Locks like `shmlock_lock()`, calls `locked(arg, &grant)` while the lock is held, then unlocks:
- * a scoped lock that cannot be left held, with no handle to allocate (the fastest way to run a
- * short critical section). `locked` must return (not `longjmp` or unwind out); it may call the
- * library, but not unlock this lock.
+ * a scoped lock that cannot be left held, with no handle. `locked` must return (not `longjmp` or
+ * unwind out); it may call the library, but not unlock this lock.
  *
  * - `result`: NULL, or where `locked`'s return value is stored when it ran.
  *
@@ -449,6 +448,21 @@ enum shmlock_status shmlock_unlock(struct shmlock_guard *lock);
  */
 enum shmlock_status shmlock_guard_grant(const struct shmlock_guard *lock,
                                         struct shmlock_grant *grant);
+
+/**
+ * True if a held lock is known to be gone without an unlock, so that it may be another's now:
+ * a remote guard whose gateway connection ended (the client saw it end at a request, or at a
+ * keep-alive exchange of its background thread), when the gateway released the session's locks.
+ * Stop using what the lock protects; `shmlock_unlock()` still frees the handle. False for a
+ * local guard (a local lock taken away, by `shmlock release --force`, shows only when unlocking:
+ * `SHMLOCK_NOT_HELD`), and for NULL. The Rust API's `Guard::lost`.
+ *
+ * Thread-safe; never blocks; cannot fail.
+ *
+ * # Safety
+ * `lock` is NULL or a live handle.
+ */
+bool shmlock_guard_lost(const struct shmlock_guard *lock);
 
 /**
  * Copies the message of this thread's last failed call into `buf` (`len` bytes), cut to fit and

@@ -61,19 +61,60 @@ pub struct shmlock_client {
 }
 
 enum Backend {
-    Local(Client),
+    Local(Local),
     Remote(RemoteClient),
+}
+
+/// A local client and the spare allocation of its guard handles.
+struct Local {
+    client: Client,
+    home: spare::Home,
 }
 
 /// A held lock (from `shmlock_lock()`). Opaque; `shmlock_unlock()` releases it and frees the
 /// handle.
+//
+// Never made as such: a handle is the address of the guard itself, a `LocalHeld` or (with bit 0
+// set) a `RemoteHeld` (see `Handle`). No tag word in front of the guard: the C loop's unlock
+// reads the guard right after the lock wrote it, and a copy from an offset other than the one
+// written misses the store buffer's forwarding (see `spare`).
 pub struct shmlock_guard {
-    held: Held,
+    _opaque: [u8; 0],
 }
 
-enum Held {
-    Local(LocalGuard<ClientRef<Client>>),
-    Remote(RemoteLockGuard<ClientRef<RemoteClient>>),
+/// A held local lock, as a `shmlock_guard` points to it (see `spare`).
+type LocalHeld = LocalGuard<ClientRef<Client>>;
+/// A held remote lock, as a `shmlock_guard` (bit 0 set) points to it.
+type RemoteHeld = RemoteLockGuard<ClientRef<RemoteClient>>;
+
+/// A guard handle decoded: the guard it points to (a local one through `spare`).
+enum Handle {
+    Local(NonNull<shmlock_guard>),
+    Remote(NonNull<RemoteHeld>),
+}
+
+/// The tag of a remote guard's handle (both guards are aligned to at least 2).
+const REMOTE_TAG: usize = 1;
+
+const _: () = assert!(std::mem::align_of::<LocalHeld>() > REMOTE_TAG);
+const _: () = assert!(std::mem::align_of::<RemoteHeld>() > REMOTE_TAG);
+
+impl Handle {
+    #[inline(always)]
+    fn remote(g: RemoteHeld) -> *mut shmlock_guard {
+        Box::into_raw(Box::new(g)).map_addr(|a| a | REMOTE_TAG).cast()
+    }
+
+    /// The guard a non-null handle points to.
+    #[inline(always)]
+    fn of(p: NonNull<shmlock_guard>) -> Handle {
+        if p.addr().get() & REMOTE_TAG == 0 {
+            Handle::Local(p)
+        } else {
+            // SAFETY: a tagged address is a Box's address plus 1, so not 0 once untagged.
+            Handle::Remote(unsafe { NonNull::new_unchecked(p.as_ptr().map_addr(|a| a & !REMOTE_TAG).cast()) })
+        }
+    }
 }
 
 /// A guard's reference to its client: the C form of a borrow (the Rust API's `LockGuard<'a>`),
@@ -114,7 +155,8 @@ const _: () = {
     const fn send_sync<T: Send + Sync>() {}
     const fn send<T: Send>() {}
     send_sync::<shmlock_client>();
-    send::<shmlock_guard>();
+    send::<LocalHeld>();
+    send::<RemoteHeld>();
 };
 
 /// Runs an entry point's body: its failure or its panic becomes the status (and this thread's
@@ -274,7 +316,15 @@ pub unsafe extern "C" fn shmlock_open(
         let table = Arc::new(LockTable::open(&segment)?);
         let client = Client::with_table(table, &label)?;
         // SAFETY: `out` checked above.
-        unsafe { give_client(out, Backend::Local(client)) };
+        unsafe {
+            give_client(
+                out,
+                Backend::Local(Local {
+                    client,
+                    home: spare::Home::new(),
+                }),
+            )
+        };
         Ok(())
     })
 }
@@ -380,125 +430,291 @@ unsafe fn lock_impl(
     let wait = wait_of(timeout_ns);
     // One small function per path, so the local one, the hot one, is compiled as tight as the
     // Rust API's own loop (one large function of all four gets the table's helpers out of line).
-    let lock = match (&client.backend, interrupted) {
-        (Backend::Local(c), None) => lock_local(c, name, mode, wait)?,
-        (Backend::Remote(c), None) => lock_remote(c, name, mode, wait)?,
-        (Backend::Local(c), Some(f)) => lock_local_interruptible(c, name, mode, wait, f)?,
-        (Backend::Remote(c), Some(f)) => lock_remote_interruptible(c, name, mode, wait, f)?,
-    };
-    if !grant.is_null() {
-        // SAFETY: `grant` is not null and writable by the caller's promise; `lock` is the live
-        // handle just made.
-        unsafe { grant.write((*lock).grant()) };
+    // The handle and the grant are written there, not returned: a returned pair goes through a
+    // stack copy whose reads (8 bytes over the grant's 4- and 1-byte fields) wait on the stores.
+    let to = Out { grant, lock: out };
+    match (&client.backend, interrupted) {
+        (Backend::Local(l), None) => lock_local(l, name, mode, wait, to),
+        (Backend::Remote(c), None) => lock_remote(c, name, mode, wait, to),
+        (Backend::Local(l), Some(f)) => lock_local_interruptible(l, name, mode, wait, f, to),
+        (Backend::Remote(c), Some(f)) => lock_remote_interruptible(c, name, mode, wait, f, to),
     }
-    // SAFETY: `out` checked above.
-    unsafe { out.write(lock) };
-    Ok(())
 }
 
-/// A guard's allocation: the handle given to C. Each thread keeps one freed allocation for its
-/// next lock, so a loop of lock and unlock calls malloc and free only once (they cost as much as
-/// the rest of the pair).
+/// Where a lock path stores what it made: `grant` (NULL: not wanted) and `lock` (checked not
+/// null), both writable by the caller's promise.
+#[derive(Clone, Copy)]
+struct Out {
+    grant: *mut shmlock_grant,
+    lock: *mut *mut shmlock_guard,
+}
+
+impl Out {
+    #[inline(always)]
+    fn put(self, handle: *mut shmlock_guard, g: shmlock_core::Grant) {
+        if !self.grant.is_null() {
+            // SAFETY: not null, and writable by the promise of shmlock_lock's caller.
+            unsafe { self.grant.write(grant_of(g)) };
+        }
+        // SAFETY: checked not null by lock_impl; writable by the caller's promise.
+        unsafe { self.lock.write(handle) };
+    }
+}
+
+/// A local guard's memory: the handle given to C. Each client has one guard cell inline, for one
+/// lock at a time of one thread: the first that locks through it (by its thread pointer, the
+/// cell's owner). The owner's lock takes the cell and its unlock, from any thread, gives it back,
+/// with an atomic flag but no read-modify-write; other guards (other threads, or more than one
+/// lock held at once) are allocated, and freed by their unlock. So a loop of lock and unlock pairs
+/// does not call malloc and free (they cost as much as the rest of the pair), nor the
+/// `__tls_get_addr` of a thread-local spare (two calls per pair from a shared library).
+///
+/// The guard goes into its cell and out again as whole 8-byte words, each written by one store
+/// and read by one load of the same address and size. The unlock of a C loop reads the guard a
+/// few dozen cycles after the lock wrote it, while the stores are still in the store buffer: a
+/// load that spans two stores (a 16-byte copy over 4-byte fields, as the compiler copies a
+/// struct) cannot be forwarded from them and waits until they reach the cache, which cost as much
+/// as the lock's own atomic (measured with `perf annotate`). Volatile accesses, so the compiler
+/// neither merges nor splits them.
 mod spare {
-    use super::shmlock_guard;
-    use std::cell::Cell;
-    use std::mem::MaybeUninit;
-    use std::ptr::null_mut;
+    use super::{shmlock_guard, LocalHeld};
+    use std::cell::UnsafeCell;
+    use std::mem::{align_of, size_of, MaybeUninit};
+    use std::ptr::{addr_of, NonNull};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
 
-    type Slot = MaybeUninit<shmlock_guard>;
+    /// A guard as words (any bytes, padding included, may be held by `MaybeUninit`).
+    type Words = [MaybeUninit<u64>; WORDS];
+    const WORDS: usize = size_of::<LocalHeld>() / 8;
+    const _: () = assert!(size_of::<LocalHeld>() == size_of::<Words>());
+    const _: () = assert!(align_of::<LocalHeld>() == align_of::<Words>());
 
-    /// The spare allocation of this thread, freed when the thread ends.
-    struct Spare(Cell<*mut Slot>);
+    /// Bit 1 of a local handle: the guard is in its client's inline cell (else in a `Box<Words>`).
+    /// Bit 0 is the remote tag (`super::REMOTE_TAG`), clear here.
+    const INLINE: usize = 2;
+    const _: () = assert!(align_of::<Words>() > INLINE | super::REMOTE_TAG);
 
-    impl Drop for Spare {
-        fn drop(&mut self) {
-            let p = self.0.replace(null_mut());
-            if !p.is_null() {
-                // SAFETY: a `Box<Slot>`'s pointer, put here by `free` and owned by this cell.
-                drop(unsafe { Box::from_raw(p) });
+    /// One client's inline guard cell.
+    #[repr(C)]
+    pub(super) struct Home {
+        /// The guard of the owner's lock while `in_use`. First, so that the cell's address is the
+        /// `Home`'s.
+        cell: UnsafeCell<Words>,
+        /// Set (Relaxed) by the owner when its lock takes the cell; cleared (Release) by the
+        /// unlock that gives it back, after reading the guard out; read (Acquire) by the owner
+        /// before taking it. Only the owner sets it and only the guard's unlock clears it, so
+        /// neither needs a read-modify-write.
+        in_use: AtomicBool,
+        /// The thread pointer of the thread that may take the cell, 0 until one claims it (once,
+        /// by a compare-exchange; Relaxed: nothing is published through it).
+        owner: AtomicUsize,
+    }
+
+    // SAFETY: the cell is written only by the owner, one thread for the `Home`'s whole life
+    // (live threads have distinct thread pointers; one is reused only by a thread made after the
+    // one that had it ended, an end that happens-before the reuse, as the reuse of its memory
+    // does), while `in_use` is clear; then read by the one unlock of the guard written there,
+    // which clears `in_use` with Release after it; the owner's Acquire load orders that read
+    // before the next write. The rest is atomic.
+    unsafe impl Sync for Home {}
+
+    impl Home {
+        pub(super) const fn new() -> Home {
+            Home {
+                cell: UnsafeCell::new([MaybeUninit::uninit(); WORDS]),
+                in_use: AtomicBool::new(false),
+                owner: AtomicUsize::new(0),
             }
         }
-    }
 
-    thread_local! {
-        static SPARE: Spare = const { Spare(Cell::new(null_mut())) };
-    }
-
-    /// A handle holding `g`: the spare allocation if there is one, else a new one.
-    #[inline(always)]
-    pub(super) fn alloc(g: shmlock_guard) -> *mut shmlock_guard {
-        let p = SPARE.try_with(|s| s.0.replace(null_mut())).unwrap_or(null_mut());
-        if p.is_null() {
-            return Box::into_raw(Box::new(g));
+        /// May the calling thread take the cell now (claiming it if nobody has)?
+        #[inline(always)]
+        fn free_for_me(&self) -> bool {
+            let me = this_thread();
+            let mine = match self.owner.load(Relaxed) {
+                o if o == me => true,
+                0 => self.owner.compare_exchange(0, me, Relaxed, Relaxed).is_ok(),
+                _ => false,
+            };
+            mine && !self.in_use.load(Acquire)
         }
-        // SAFETY: a `Box<Slot>`'s allocation, uninitialized and now owned here (taken out of
-        // the cell); `Slot` and `shmlock_guard` have one layout.
-        unsafe { (*p).write(g) };
-        p.cast()
     }
 
-    /// Takes the guard out of the handle `p` and keeps or frees its allocation.
+    /// The calling thread's id, never 0: its thread pointer, which the ELF TLS ABI keeps at
+    /// `%fs:0` on x86-64 (what `pthread_self()` returns there, without the call).
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn this_thread() -> usize {
+        let tp: usize;
+        // SAFETY: reads the word at %fs:0, the thread control block's pointer to itself, which
+        // every thread of an x86-64 Linux process has (glibc and musl alike).
+        unsafe {
+            std::arch::asm!("mov {}, qword ptr fs:[0]", out(reg) tp, options(nostack, readonly, preserves_flags, pure));
+        }
+        tp
+    }
+
+    /// The calling thread's id: `pthread_self()`, never 0.
+    #[cfg(not(target_arch = "x86_64"))]
+    #[inline(always)]
+    fn this_thread() -> usize {
+        // SAFETY: no preconditions; it cannot fail.
+        (unsafe { libc::pthread_self() }) as usize
+    }
+
+    /// Memory for a guard of the client whose cell is `home`, not filled yet: the cell if it is
+    /// free for this thread, else a new allocation. Taken before the lock is, so that nothing is
+    /// called between the grant and `fill`, which would keep the guard in a stack copy across
+    /// the call (and copy it out again at once).
+    #[inline(always)]
+    pub(super) fn reserve(home: &Home) -> Reserved {
+        if home.free_for_me() {
+            home.in_use.store(true, Relaxed);
+            let base: *const Home = home;
+            // SAFETY: `base` points to a live `Home`; the cell is its first field, inside an
+            // `UnsafeCell`, so writable through a pointer made from a shared reference.
+            let cell = unsafe { UnsafeCell::raw_get(addr_of!((*base).cell)) };
+            // SAFETY: a field of a live `Home`, not null.
+            return Reserved(unsafe { NonNull::new_unchecked(cell) }, INLINE);
+        }
+        Reserved(NonNull::from(Box::leak(Box::new([MaybeUninit::uninit(); WORDS]))), 0)
+    }
+
+    /// Reserved memory (from `reserve`), empty, and its tag; `fill` or `unreserve` it.
+    pub(super) struct Reserved(NonNull<Words>, usize);
+
+    /// Gives reserved memory back unfilled (the lock was not had).
+    #[inline(always)]
+    pub(super) fn unreserve(r: Reserved) {
+        // SAFETY: `r` owns the memory, which holds no guard.
+        unsafe { release(r.0, r.1) }
+    }
+
+    /// Moves `g` into its reserved memory: the handle of the guard.
+    #[inline(always)]
+    pub(super) fn fill(r: Reserved, g: LocalHeld) -> *mut shmlock_guard {
+        // SAFETY: `LocalHeld` and `Words` have one size (asserted above), and `Words` holds any
+        // bytes.
+        let w: Words = unsafe { std::mem::transmute::<LocalHeld, Words>(g) };
+        let words = r.0.cast::<MaybeUninit<u64>>();
+        for (i, w) in w.into_iter().enumerate() {
+            // SAFETY: `r` is `WORDS` writable words owned here (the free cell, or a new box).
+            unsafe { words.add(i).write_volatile(w) };
+        }
+        r.0.as_ptr().map_addr(|a| a | r.1).cast()
+    }
+
+    /// The guard of a local handle, to read.
     ///
     /// # Safety
-    /// `p` comes from `alloc` and is not used again.
+    /// `h` is a live local handle (from `fill`, not taken yet); the reference does not outlive
+    /// it.
     #[inline(always)]
-    pub(super) unsafe fn free(p: *mut shmlock_guard) -> shmlock_guard {
-        // SAFETY: a live handle from `alloc`, read once; its memory is not read again as a guard.
-        let g = unsafe { p.read() };
-        let slot = p.cast::<Slot>();
-        let kept = SPARE
-            .try_with(|s| {
-                let empty = s.0.get().is_null();
-                if empty {
-                    s.0.set(slot);
-                }
-                empty
-            })
-            .unwrap_or(false);
-        if !kept {
-            // SAFETY: the allocation of a `Box<shmlock_guard>` (same layout as `Box<Slot>`),
-            // whose contents were moved out above.
-            drop(unsafe { Box::from_raw(slot) });
+    pub(super) unsafe fn peek<'a>(h: NonNull<shmlock_guard>) -> &'a LocalHeld {
+        // SAFETY: untagged, the address of the guard `fill` wrote, alive (the caller's promise).
+        unsafe { &*h.as_ptr().map_addr(|a| a & !INLINE).cast::<LocalHeld>() }
+    }
+
+    /// Moves the guard out of a local handle, and gives its memory back.
+    ///
+    /// # Safety
+    /// `h` is a live local handle (from `fill`, not taken yet), not used again; its client is
+    /// open.
+    #[inline(always)]
+    pub(super) unsafe fn take(h: NonNull<shmlock_guard>) -> LocalHeld {
+        let tag = h.addr().get() & INLINE;
+        // SAFETY: untagged, the address of the guard `fill` wrote (not null: a cell or a box).
+        let p = unsafe { NonNull::new_unchecked(h.as_ptr().map_addr(|a| a & !INLINE).cast::<Words>()) };
+        let words = p.cast::<MaybeUninit<u64>>();
+        let mut w: Words = [MaybeUninit::uninit(); WORDS];
+        for (i, w) in w.iter_mut().enumerate() {
+            // SAFETY: `p` holds the guard `fill` wrote (the caller's promise): `WORDS` words as
+            // written.
+            *w = unsafe { words.add(i).read_volatile() };
         }
-        g
+        // SAFETY: the memory of `h`, whose guard was just read out; its client is open.
+        unsafe { release(p, tag) };
+        // SAFETY: the bytes of the guard `fill` was given, moved out once (the caller's
+        // promise).
+        unsafe { std::mem::transmute::<Words, LocalHeld>(w) }
+    }
+
+    /// Gives guard memory back: clears the cell's flag, or frees the box.
+    ///
+    /// # Safety
+    /// `p` with `tag` is a cell of an open client or a `Box<Words>`, owned by the caller and
+    /// holding no guard.
+    #[inline(always)]
+    unsafe fn release(p: NonNull<Words>, tag: usize) {
+        if tag == INLINE {
+            // SAFETY: the cell is the first field of its `Home` (repr(C)), which is alive, and
+            // `p` was made from a pointer to the whole `Home` (in `reserve`).
+            let home = unsafe { &*p.as_ptr().cast::<Home>() };
+            home.in_use.store(false, Release);
+        } else {
+            // SAFETY: a `Box<Words>` made by `reserve` and owned by the caller.
+            drop(unsafe { Box::from_raw(p.as_ptr()) });
+        }
     }
 }
 
 #[inline(always)]
-fn boxed(held: Held) -> *mut shmlock_guard {
-    spare::alloc(shmlock_guard { held })
+fn local_handle(r: Result<LocalHeld, shmlock_core::Error>, cell: spare::Reserved, to: Out) -> Result<(), Failure> {
+    match r {
+        Ok(g) => {
+            let grant = g.grant();
+            to.put(spare::fill(cell, g), grant);
+            Ok(())
+        }
+        Err(e) => {
+            spare::unreserve(cell);
+            Err(e.into())
+        }
+    }
+}
+
+#[inline(always)]
+fn remote_handle(g: RemoteHeld, to: Out) {
+    let grant = g.grant();
+    to.put(Handle::remote(g), grant);
+}
+
+#[inline(always)]
+fn lock_local_body(l: &Local, name: &[u8], mode: Mode, wait: Wait, to: Out) -> Result<(), Failure> {
+    let cell = spare::reserve(&l.home);
+    local_handle(
+        Client::acquire_with(ClientRef((&l.client).into()), name, mode, wait),
+        cell,
+        to,
+    )
 }
 
 #[inline(never)]
-fn lock_local(c: &Client, name: &[u8], mode: Mode, wait: Wait) -> Result<*mut shmlock_guard, Failure> {
-    Ok(boxed(Held::Local(Client::acquire_with(
-        ClientRef(c.into()),
-        name,
-        mode,
-        wait,
-    )?)))
+fn lock_local(l: &Local, name: &[u8], mode: Mode, wait: Wait, to: Out) -> Result<(), Failure> {
+    lock_local_body(l, name, mode, wait, to)
 }
 
 #[inline(never)]
-fn lock_remote(c: &RemoteClient, name: &[u8], mode: Mode, wait: Wait) -> Result<*mut shmlock_guard, Failure> {
-    Ok(boxed(Held::Remote(RemoteClient::acquire_with(
-        ClientRef(c.into()),
-        name,
-        mode,
-        wait,
-    )?)))
+fn lock_remote(c: &RemoteClient, name: &[u8], mode: Mode, wait: Wait, to: Out) -> Result<(), Failure> {
+    remote_handle(RemoteClient::acquire_with(ClientRef(c.into()), name, mode, wait)?, to);
+    Ok(())
 }
 
 #[inline(never)]
 fn lock_local_interruptible(
-    c: &Client,
+    l: &Local,
     name: &[u8],
     mode: Mode,
     wait: Wait,
     f: &mut dyn FnMut() -> bool,
-) -> Result<*mut shmlock_guard, Failure> {
-    let g = Client::acquire_interruptible_with(ClientRef(c.into()), name, mode, wait, f)?;
-    Ok(boxed(Held::Local(g)))
+    to: Out,
+) -> Result<(), Failure> {
+    let cell = spare::reserve(&l.home);
+    local_handle(
+        Client::acquire_interruptible_with(ClientRef((&l.client).into()), name, mode, wait, f),
+        cell,
+        to,
+    )
 }
 
 #[inline(never)]
@@ -508,34 +724,21 @@ fn lock_remote_interruptible(
     mode: Mode,
     wait: Wait,
     f: &mut dyn FnMut() -> bool,
-) -> Result<*mut shmlock_guard, Failure> {
+    to: Out,
+) -> Result<(), Failure> {
     let g = RemoteClient::acquire_interruptible_with(ClientRef(c.into()), name, mode, wait, f)?;
-    Ok(boxed(Held::Remote(g)))
+    remote_handle(g, to);
+    Ok(())
 }
 
 #[inline(always)]
-fn unlock_local(g: LocalGuard<ClientRef<Client>>) -> Result<(), Failure> {
+fn unlock_local(g: LocalHeld) -> Result<(), Failure> {
     Ok(g.unlock()?)
 }
 
 #[inline(never)]
-fn unlock_remote(g: RemoteLockGuard<ClientRef<RemoteClient>>) -> Result<(), Failure> {
+fn unlock_remote(g: RemoteHeld) -> Result<(), Failure> {
     Ok(g.unlock()?)
-}
-
-impl shmlock_guard {
-    #[inline]
-    fn grant(&self) -> shmlock_grant {
-        let g = match &self.held {
-            Held::Local(g) => g.grant(),
-            Held::Remote(g) => g.grant(),
-        };
-        shmlock_grant {
-            token: g.token.0,
-            mode: mode_code(g.mode),
-            owner_died: g.owner_died,
-        }
-    }
 }
 
 /// Locks the name `(name, name_len)` in `mode`, waiting at most `timeout_ns` nanoseconds:
@@ -568,6 +771,48 @@ impl shmlock_guard {
 /// readable bytes; `grant` and `lock` are NULL or writable.
 #[no_mangle]
 pub unsafe extern "C" fn shmlock_lock(
+    client: *const shmlock_client,
+    name: *const u8,
+    name_len: usize,
+    mode: u32,
+    timeout_ns: i64,
+    grant: *mut shmlock_grant,
+    lock: *mut *mut shmlock_guard,
+) -> shmlock_status {
+    // The common call (a local client, arguments that pass) runs the local path here; the rest
+    // (a remote client, or a bad argument, which lock_impl names) the general one, out of line.
+    if !lock.is_null() && !client.is_null() && !name.is_null() && name_len <= isize::MAX as usize {
+        // SAFETY: a live client by the caller's promise; only shared access is taken.
+        if let Backend::Local(l) = unsafe { &(*client).backend } {
+            let m = match mode {
+                SHMLOCK_EXCLUSIVE => Some(Mode::Exclusive),
+                SHMLOCK_SHARED => Some(Mode::Shared),
+                _ => None,
+            };
+            if let Some(m) = m {
+                return entry(|| {
+                    // SAFETY: checked not null; writable by the caller's promise.
+                    unsafe { lock.write(std::ptr::null_mut()) };
+                    // SAFETY: not null, `name_len <= isize::MAX` (both checked), and readable by
+                    // the caller's promise.
+                    let name = unsafe { std::slice::from_raw_parts(name, name_len) };
+                    lock_local_body(l, name, m, wait_of(timeout_ns), Out { grant, lock })
+                });
+            }
+        }
+    }
+    // SAFETY: the caller's promises.
+    unsafe { lock_general(client, name, name_len, mode, timeout_ns, grant, lock) }
+}
+
+/// `shmlock_lock()` on a remote client, or with an argument that does not pass: out of line, so
+/// that it does not widen the frame of the common call.
+///
+/// # Safety
+/// As `shmlock_lock()`.
+#[cold]
+#[inline(never)]
+unsafe fn lock_general(
     client: *const shmlock_client,
     name: *const u8,
     name_len: usize,
@@ -627,9 +872,8 @@ pub unsafe extern "C" fn shmlock_lock_interruptible(
 pub type shmlock_locked_fn = Option<unsafe extern "C" fn(arg: *mut c_void, grant: *const shmlock_grant) -> i32>;
 
 /// Locks like `shmlock_lock()`, calls `locked(arg, &grant)` while the lock is held, then unlocks:
-/// a scoped lock that cannot be left held, with no handle to allocate (the fastest way to run a
-/// short critical section). `locked` must return (not `longjmp` or unwind out); it may call the
-/// library, but not unlock this lock.
+/// a scoped lock that cannot be left held, with no handle. `locked` must return (not `longjmp` or
+/// unwind out); it may call the library, but not unlock this lock.
 ///
 /// - `result`: NULL, or where `locked`'s return value is stored when it ran.
 ///
@@ -672,7 +916,7 @@ pub unsafe extern "C" fn shmlock_with_lock(
         // SAFETY: the caller gives a function callable with `arg` on this thread now.
         let run = |g: &shmlock_grant| unsafe { f(arg, g) };
         let r = match &client.backend {
-            Backend::Local(c) => with_local(c, name, mode, wait, run)?,
+            Backend::Local(l) => with_local(&l.client, name, mode, wait, run)?,
             Backend::Remote(c) => with_remote(c, name, mode, wait, run)?,
         };
         if !result.is_null() {
@@ -736,16 +980,44 @@ fn with_remote(
 /// `lock` is NULL or a handle from `shmlock_lock()` not unlocked yet.
 #[no_mangle]
 pub unsafe extern "C" fn shmlock_unlock(lock: *mut shmlock_guard) -> shmlock_status {
+    // The common call, a local guard, in a function of its own; the rest out of line.
+    match NonNull::new(lock).map(Handle::of) {
+        // SAFETY: a live local handle, not unlocked yet, of an open client (the caller's
+        // promises).
+        Some(Handle::Local(p)) => unsafe { unlock_local_entry(p) },
+        // SAFETY: a live remote handle, not unlocked yet (the caller's promise).
+        Some(Handle::Remote(p)) => unsafe { unlock_remote_entry(p) },
+        None => unlock_null(),
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn unlock_null() -> shmlock_status {
+    entry(|| Err(invalid("lock is NULL")))
+}
+
+/// `shmlock_unlock()` of a local guard.
+///
+/// # Safety
+/// `p` is a live local handle made by spare::fill, not unlocked yet, of an open client.
+#[inline(never)]
+unsafe fn unlock_local_entry(p: NonNull<shmlock_guard>) -> shmlock_status {
+    // SAFETY: the caller's promises.
+    entry(|| unlock_local(unsafe { spare::take(p) }))
+}
+
+/// `shmlock_unlock()` of a remote guard.
+///
+/// # Safety
+/// `p` is a live guard boxed by Handle::remote, not unlocked yet; the box is freed here.
+#[cold]
+#[inline(never)]
+unsafe fn unlock_remote_entry(p: NonNull<RemoteHeld>) -> shmlock_status {
     entry(|| {
-        if lock.is_null() {
-            return Err(invalid("lock is NULL"));
-        }
-        // SAFETY: made by spare::alloc in lock_impl, not freed yet (caller's promise).
-        let lock = unsafe { spare::free(lock) };
-        match lock.held {
-            Held::Local(g) => unlock_local(g),
-            Held::Remote(g) => unlock_remote(g),
-        }
+        // SAFETY: the caller's promise.
+        let g = unsafe { Box::from_raw(p.as_ptr()) };
+        unlock_remote(*g)
     })
 }
 
@@ -762,10 +1034,42 @@ pub unsafe extern "C" fn shmlock_guard_grant(lock: *const shmlock_guard, grant: 
         if lock.is_null() || grant.is_null() {
             return Err(invalid("lock or grant is NULL"));
         }
-        // SAFETY: a live handle and a writable grant, by the caller's promise.
-        unsafe { grant.write((*lock).grant()) };
+        // SAFETY: not null; a live handle by the caller's promise.
+        let g = match Handle::of(unsafe { NonNull::new_unchecked(lock.cast_mut()) }) {
+            // SAFETY: a live guard (the caller's promise), only read.
+            Handle::Local(p) => unsafe { spare::peek(p) }.grant(),
+            // SAFETY: as above.
+            Handle::Remote(p) => unsafe { p.as_ref() }.grant(),
+        };
+        // SAFETY: a writable grant, by the caller's promise.
+        unsafe { grant.write(grant_of(g)) };
         Ok(())
     })
+}
+
+/// True if a held lock is known to be gone without an unlock, so that it may be another's now:
+/// a remote guard whose gateway connection ended (the client saw it end at a request, or at a
+/// keep-alive exchange of its background thread), when the gateway released the session's locks.
+/// Stop using what the lock protects; `shmlock_unlock()` still frees the handle. False for a
+/// local guard (a local lock taken away, by `shmlock release --force`, shows only when unlocking:
+/// `SHMLOCK_NOT_HELD`), and for NULL. The Rust API's `Guard::lost`.
+///
+/// Thread-safe; never blocks; cannot fail.
+///
+/// # Safety
+/// `lock` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn shmlock_guard_lost(lock: *const shmlock_guard) -> bool {
+    let Some(lock) = NonNull::new(lock.cast_mut()) else {
+        return false;
+    };
+    catch_unwind(|| match Handle::of(lock) {
+        // SAFETY: a live guard (the caller's promise), only read.
+        Handle::Local(p) => shmlock_core::Guard::lost(unsafe { spare::peek(p) }),
+        // SAFETY: as above.
+        Handle::Remote(p) => shmlock_core::Guard::lost(unsafe { p.as_ref() }),
+    })
+    .unwrap_or(false)
 }
 
 /// Copies the message of this thread's last failed call into `buf` (`len` bytes), cut to fit and

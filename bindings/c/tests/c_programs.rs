@@ -464,6 +464,35 @@ fn a_remote_client_locks_through_the_gateway_on_the_same_table() {
 }
 
 #[test]
+fn guard_handles_are_held_at_once_unlocked_in_any_order_and_from_any_thread() {
+    let seg = TestSegment::new("cells");
+    run_case(&["cells", &seg.name]);
+}
+
+#[test]
+fn a_remote_guard_is_lost_once_its_gateway_is_gone_and_a_local_one_never() {
+    let seg = TestSegment::new("lost");
+    let gw = Gateway::start(&seg, &built().dir);
+    let mut child = cases(&["lost", &gw.addr, &seg.name])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn cases lost");
+    let stdin = child.stdin.take();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read its line");
+    assert_eq!(line, "held\n");
+    // SIGKILL shmlockd and reap it: its end closes the session's connection.
+    drop(gw);
+    drop(stdin);
+    let st = child.wait().expect("wait for cases lost");
+    assert!(st.success(), "cases lost failed: {st}");
+}
+
+#[test]
 fn the_installed_files_are_where_pkg_config_says() {
     let b = built();
     for f in [

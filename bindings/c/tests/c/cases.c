@@ -7,7 +7,12 @@
  *   cases fork SEGMENT NAME                     a forked child gets SHMLOCK_FORKED
  *   cases args SEGMENT                          null pointers, bad names and modes, messages
  *   cases threads SEGMENT                       a client shared by threads; a client per thread
- *   cases remote ADDR SEGMENT                   a remote client through the gateway at ADDR */
+ *   cases remote ADDR SEGMENT                   a remote client through the gateway at ADDR
+ *   cases cells SEGMENT                         guard handles: several at once, any order, any
+ *                                               thread, none left by a failed lock
+ *   cases lost ADDR SEGMENT                     a remote guard, lost once the gateway is gone:
+ *                                               prints "held", then waits for EOF on stdin
+ *                                               (the test kills shmlockd meanwhile) */
 #include "check.h"
 
 #include <errno.h>
@@ -403,6 +408,108 @@ static int threads(const char *seg) {
     return 0;
 }
 
+struct handoff {
+    shmlock_guard *guard;
+    int status;
+};
+
+static void *unlock_there(void *arg) {
+    struct handoff *h = arg;
+    h->status = shmlock_unlock(h->guard);
+    return NULL;
+}
+
+/* A client's guard handles: the one its locking thread keeps in the client and the allocated
+ * ones of further locks held at once, or of other threads, all alike to the caller. */
+static int cells(const char *seg) {
+    shmlock_client *c, *other;
+    OK(shmlock_open(seg, NULL, &c));
+    OK(shmlock_open(seg, NULL, &other));
+    const char *names[4] = {"cells/0", "cells/1", "cells/2", "cells/3"};
+    shmlock_guard *g[4], *l;
+    shmlock_grant gr, seen;
+    for (int i = 0; i < 4; i++) {
+        uint32_t m = i % 2 ? SHMLOCK_SHARED : SHMLOCK_EXCLUSIVE;
+        OK(shmlock_lock(c, NAME(names[i]), m, SHMLOCK_NO_WAIT, &gr, &g[i]));
+        OK(shmlock_guard_grant(g[i], &seen));
+        CHECK(seen.token == gr.token && seen.mode == m && !seen.owner_died);
+        CHECK(!shmlock_guard_lost(g[i]));
+    }
+    CHECK(!shmlock_guard_lost(NULL));
+    for (int i = 0; i < 4; i++)
+        EXPECT(shmlock_lock(other, NAME(names[i]), SHMLOCK_EXCLUSIVE, SHMLOCK_NO_WAIT, NULL, &l),
+               SHMLOCK_WOULD_BLOCK);
+    /* Out of the order they were taken in; each unlock frees its own lock only. */
+    int order[4] = {2, 0, 3, 1};
+    for (int k = 0; k < 4; k++) {
+        OK(shmlock_unlock(g[order[k]]));
+        for (int j = k + 1; j < 4; j++) OK(shmlock_guard_grant(g[order[j]], &seen));
+        OK(shmlock_lock(other, NAME(names[order[k]]), SHMLOCK_EXCLUSIVE, SHMLOCK_NO_WAIT, NULL, &l));
+        OK(shmlock_unlock(l));
+    }
+    /* A lock that is not had leaves nothing behind: the next pairs run as before. */
+    shmlock_guard *h;
+    OK(shmlock_lock(other, NAME("cells/busy"), SHMLOCK_EXCLUSIVE, SHMLOCK_NO_WAIT, NULL, &h));
+    EXPECT(shmlock_lock(c, NAME("cells/busy"), SHMLOCK_EXCLUSIVE, SHMLOCK_NO_WAIT, NULL, &l),
+           SHMLOCK_WOULD_BLOCK);
+    CHECK(l == NULL);
+    OK(shmlock_unlock(h));
+    uint64_t last = 0;
+    for (int k = 0; k < 1000; k++) {
+        OK(shmlock_lock(c, NAME("cells/loop"), SHMLOCK_EXCLUSIVE, SHMLOCK_FOREVER, &gr, &l));
+        CHECK(gr.token > last);
+        last = gr.token;
+        OK(shmlock_unlock(l));
+    }
+    /* Locked here, unlocked by another thread, locked here again: over and over. */
+    last = 0;
+    for (int k = 0; k < 200; k++) {
+        struct handoff ho = {.status = -1};
+        OK(shmlock_lock(c, NAME("cells/handoff"), SHMLOCK_EXCLUSIVE, SHMLOCK_FOREVER, &gr, &ho.guard));
+        CHECK(gr.token > last);
+        last = gr.token;
+        if (k % 2) OK(shmlock_lock(c, NAME("cells/second"), SHMLOCK_SHARED, SHMLOCK_NO_WAIT, NULL, &l));
+        pthread_t t;
+        CHECK(pthread_create(&t, NULL, unlock_there, &ho) == 0);
+        CHECK(pthread_join(t, NULL) == 0);
+        EXPECT(ho.status, SHMLOCK_OK);
+        if (k % 2) OK(shmlock_unlock(l));
+        OK(shmlock_lock(other, NAME("cells/handoff"), SHMLOCK_EXCLUSIVE, SHMLOCK_NO_WAIT, NULL, &h));
+        OK(shmlock_unlock(h));
+    }
+    shmlock_close(other);
+    shmlock_close(c);
+    return 0;
+}
+
+/* A remote guard is lost once the client has seen its gateway connection end; a local guard
+ * is never. */
+static int lost(const char *addr, const char *seg) {
+    shmlock_client *r, *local;
+    shmlock_guard *l, *k, *x;
+    OK(shmlock_connect(addr, NULL, &r));
+    OK(shmlock_open(seg, NULL, &local));
+    OK(shmlock_lock(r, NAME("lost/1"), SHMLOCK_EXCLUSIVE, SHMLOCK_NO_WAIT, NULL, &l));
+    OK(shmlock_lock(local, NAME("lost/local"), SHMLOCK_EXCLUSIVE, SHMLOCK_NO_WAIT, NULL, &k));
+    CHECK(!shmlock_guard_lost(l) && !shmlock_guard_lost(k));
+    printf("held\n");
+    fflush(stdout);
+    char buf[64];
+    while (fread(buf, 1, sizeof buf, stdin) > 0) {
+    }
+    /* shmlockd is gone: the next request sees the connection closed, and so does the guard. */
+    EXPECT(shmlock_lock(r, NAME("lost/2"), SHMLOCK_EXCLUSIVE, SHMLOCK_NO_WAIT, NULL, &x),
+           SHMLOCK_CONNECTION);
+    CHECK(shmlock_guard_lost(l));
+    CHECK(!shmlock_guard_lost(k));
+    int s = shmlock_unlock(l);
+    CHECK(s == SHMLOCK_CONNECTION || s == SHMLOCK_NOT_HELD);
+    OK(shmlock_unlock(k));
+    shmlock_close(local);
+    shmlock_close(r);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc == 5 && strcmp(argv[1], "hold") == 0) return hold(argv[2], argv[3], argv[4]);
     if (argc == 5 && strcmp(argv[1], "busy") == 0) return busy(argv[2], argv[3], argv[4]);
@@ -412,6 +519,8 @@ int main(int argc, char **argv) {
     if (argc == 3 && strcmp(argv[1], "args") == 0) return args(argv[2]);
     if (argc == 3 && strcmp(argv[1], "threads") == 0) return threads(argv[2]);
     if (argc == 4 && strcmp(argv[1], "remote") == 0) return remote(argv[2], argv[3]);
+    if (argc == 3 && strcmp(argv[1], "cells") == 0) return cells(argv[2]);
+    if (argc == 4 && strcmp(argv[1], "lost") == 0) return lost(argv[2], argv[3]);
     fprintf(stderr, "usage: see the comment at the top of cases.c\n");
     return 2;
 }
