@@ -16,6 +16,17 @@
 //! command's status, or 75 (EX_TEMPFAIL) when the lock was not had in time. A closed stdout
 //! (`| head`) exits 0.
 
+// The unwinder linked in statically (libgcc_eh, as a `crt-static` build links it), so that the
+// binary needs no libgcc_s.so.1: each process start then maps and relocates one library fewer and
+// skips its constructor's CPUID probing (which traps in some VMs): `run`'s overhead (issue 14,
+// `shmlock-bench run-overhead`). Ahead of std's `-lgcc_s` on the link line, it defines every
+// `_Unwind_*` symbol, and `--as-needed` drops libgcc_s. It ships with gcc next to libgcc_s.so
+// (the same package), so a toolchain that links this binary has it. This binary only: the
+// library, and the C and Python bindings, keep the system's shared unwinder.
+#[cfg(all(target_os = "linux", target_env = "gnu", not(target_feature = "crt-static")))]
+#[link(name = "gcc_eh", kind = "static", modifiers = "-bundle")]
+extern "C" {}
+
 mod docs;
 mod etcd;
 mod exec;
