@@ -70,7 +70,7 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
     }
     #[cfg(feature = "etcd")]
     {
-        if cli.segment.is_some() || cli.segment_owner.is_some() {
+        if cli.global.segment.is_some() || cli.global.segment_owner.is_some() {
             bail!(
                 "--segment and --etcd exclude each other (--segment-owner and --etcd too): with --etcd \
                  the locks live in the cluster"

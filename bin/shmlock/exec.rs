@@ -93,6 +93,9 @@ pub(crate) const ENV_MODE: &str = "SHMLOCK_MODE";
 /// `run` on one of them finds that it would wait for itself.
 pub(crate) const ENV_HELD: &str = "SHMLOCK_HELD";
 
+/// `run`'s one-line description (`shmlock --help`, `shmlock run --help`).
+pub(crate) const RUN_ABOUT: &str = "Hold a lock while a command runs, like flock(1); exits with the command's status";
+
 /// `run`'s `--help` epilogue.
 pub(crate) const RUN_HELP: &str = "\
 The command runs with its grant in its environment: SHMLOCK_NAME, SHMLOCK_MODE (exclusive or

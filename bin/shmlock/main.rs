@@ -71,6 +71,15 @@ const EXIT_ERROR: u8 = 2;
                   SHMLOCK_SEGMENT=/test shmlock owners --json"
 )]
 struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The options every subcommand takes.
+#[derive(Debug, Args)]
+struct Global {
     /// Segment name, e.g. /shmlock [default: $SHMLOCK_SEGMENT, then /shmlock].
     #[arg(long, global = true, value_name = "NAME")]
     segment: Option<String>,
@@ -78,8 +87,48 @@ struct Cli {
     /// your own user or root].
     #[arg(long, global = true, value_name = "USER")]
     segment_owner: Option<String>,
-    #[command(subcommand)]
-    command: Command,
+}
+
+/// Parses the command line. `shmlock [GLOBAL OPTIONS] run ...` is parsed with a command that has
+/// `run` alone: clap builds every subcommand's arguments before it parses, and for `run`, whose
+/// start-up is on the path of the command it runs (issue 14), that is most of the parse's cost.
+/// The same definitions make both commands, so `run` parses, fails and helps alike in both (a
+/// test compares them).
+fn parse() -> Cli {
+    let args: Vec<OsString> = std::env::args_os().collect();
+    if !is_run(&args) {
+        return Cli::parse_from(args);
+    }
+    let matches = run_only_command().get_matches_from(args);
+    <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
+/// Is the subcommand `run`: only global options (`--segment X`, `--segment-owner=X`) before it?
+fn is_run(args: &[OsString]) -> bool {
+    let mut rest = args.iter().skip(1).map(|a| a.as_bytes());
+    while let Some(a) = rest.next() {
+        match a {
+            b"run" => return true,
+            b"--segment" | b"--segment-owner" => {
+                if rest.next().is_none() {
+                    return false;
+                }
+            }
+            _ if a.starts_with(b"--segment=") || a.starts_with(b"--segment-owner=") => {}
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// [`Cli`]'s command with the `run` subcommand alone.
+fn run_only_command() -> clap::Command {
+    let run = <RunArgs as Args>::augment_args(clap::Command::new("run"))
+        .about(exec::RUN_ABOUT)
+        .after_help(exec::RUN_HELP);
+    <Global as Args>::augment_args(clap::Command::new(env!("CARGO_PKG_NAME")))
+        .subcommand(run)
+        .subcommand_required(true)
 }
 
 #[derive(Debug, Subcommand)]
@@ -163,8 +212,7 @@ enum Command {
         #[arg(long, value_name = "N")]
         count: Option<u64>,
     },
-    /// Hold a lock while a command runs, like flock(1); exits with the command's status.
-    #[command(after_help = exec::RUN_HELP)]
+    #[command(about = exec::RUN_ABOUT, after_help = exec::RUN_HELP)]
     Run(RunArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on stdout.
     #[command(after_help = "Examples:\n  \
@@ -577,7 +625,7 @@ fn check(table: &Arc<LockTable>, out: &mut impl Write) -> Result<ExitCode> {
 
 /// `--remote` given to `status`, `locks` or `run`: through the gateway at `addr`.
 fn run_remote(cli: Cli, addr: &str) -> Result<ExitCode> {
-    if cli.segment.is_some() || cli.segment_owner.is_some() {
+    if cli.global.segment.is_some() || cli.global.segment_owner.is_some() {
         bail!(
             "--segment and --remote exclude each other (--segment-owner and --remote too): through a \
              gateway, the segment is shmlockd's"
@@ -649,8 +697,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Locks(a) => drop(name_prefix(a)?),
         _ => {}
     }
-    let segment = cli.segment.unwrap_or_else(default_segment_name);
-    let table = open(&segment, cli.segment_owner.as_deref())?;
+    let segment = cli.global.segment.unwrap_or_else(default_segment_name);
+    let table = open(&segment, cli.global.segment_owner.as_deref())?;
     if let Command::Run(a) = cli.command {
         return exec::run(exec::Place::Local { table, segment }, &a);
     }
@@ -686,7 +734,7 @@ fn main() -> ExitCode {
     // A CLI process touches a few pages of the segment: populating all of its page tables up
     // front would cost more than `run`'s whole lock-and-release.
     shmlock::shm::populate_on_map(false);
-    let cli = Cli::parse();
+    let cli = parse();
     match run(cli) {
         Ok(code) => code,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
@@ -701,6 +749,105 @@ fn main() -> ExitCode {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn the_run_only_command_parses_helps_and_fails_as_the_full_one() {
+        run_only_command().debug_assert();
+        let help = |mut c: clap::Command| {
+            c.build();
+            let run = c.find_subcommand_mut("run").expect("run");
+            (run.render_help().to_string(), run.render_long_help().to_string())
+        };
+        assert_eq!(help(run_only_command()), help(Cli::command()));
+        let argvs: &[&[&str]] = &[
+            &["shmlock", "run", "x", "--", "true"],
+            &["shmlock", "run", "x", "true", "-n"],
+            &[
+                "shmlock",
+                "--segment",
+                "/s",
+                "run",
+                "-s",
+                "-w",
+                "0.5",
+                "-E",
+                "3",
+                "x",
+                "sh",
+                "-c",
+                "exit 1",
+            ],
+            &[
+                "shmlock",
+                "--segment=/s",
+                "--segment-owner",
+                "app",
+                "run",
+                "-o",
+                "-n",
+                "x",
+                "true",
+            ],
+            &["shmlock", "--segment", "run", "run", "x", "true"],
+            &["shmlock", "run", "--segment", "/s", "-c", "echo hi", "x"],
+            &[
+                "shmlock",
+                "run",
+                "--remote",
+                "h:1",
+                "--kill-on-loss",
+                "--lost-exit-code",
+                "9",
+                "x",
+                "true",
+            ],
+            &[
+                "shmlock",
+                "run",
+                "--etcd",
+                "http://a:1,http://b:2",
+                "--etcd-ttl",
+                "5",
+                "x",
+                "true",
+            ],
+            &["shmlock", "run", "-w", "250ms", "--nb", "x", "true"],
+            // Errors, and what clap says about them.
+            &["shmlock", "run"],
+            &["shmlock", "run", "x"],
+            &["shmlock", "run", "-w", "soon", "x", "true"],
+            &["shmlock", "run", "-s", "-x", "x", "true"],
+            &["shmlock", "run", "--kill-on-loss", "x", "true"],
+            &["shmlock", "run", "--bogus", "x", "true"],
+            &["shmlock", "run", "--help"],
+            &["shmlock", "run", "-h"],
+            &["shmlock", "run", "--version"],
+        ];
+        for argv in argvs {
+            let args: Vec<OsString> = argv.iter().map(OsString::from).collect();
+            assert!(is_run(&args), "{argv:?}");
+            let full = Cli::try_parse_from(&args);
+            let reduced = run_only_command()
+                .try_get_matches_from(&args)
+                .and_then(|m| <Cli as clap::FromArgMatches>::from_arg_matches(&m));
+            let show = |r: Result<Cli, clap::Error>| match r {
+                Ok(c) => format!("{c:?}"),
+                Err(e) => format!("{:?}: {}", e.kind(), e.render()),
+            };
+            assert_eq!(show(reduced), show(full), "{argv:?}");
+        }
+        for argv in [
+            &["shmlock", "status"][..],
+            &["shmlock", "--segment"],
+            &["shmlock", "--help", "run"],
+            &["shmlock", "-V"],
+            &["shmlock", "locks", "run"],
+            &["shmlock"],
+        ] {
+            let args: Vec<OsString> = argv.iter().map(OsString::from).collect();
+            assert!(!is_run(&args), "{argv:?}");
+        }
+    }
 
     #[test]
     fn cli_definition_is_valid_and_every_subcommand_has_an_example() {
