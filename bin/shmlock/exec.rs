@@ -277,7 +277,8 @@ pub(crate) mod msg {
     pub(crate) const ENDED: &str = "E";
 }
 
-/// Runs the command holding lock `a.name` at `place`.
+/// Runs the command holding lock `a.name` at `place`, and ends the process with its status
+/// ([`exit_now`]); returns only the errors that come before the keeper answers.
 pub(crate) fn run(place: Place, a: &RunArgs) -> Result<ExitCode> {
     let job = Job::new(a, &place);
     let (hold_r, hold_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| anyhow!("cannot make a pipe: {e}"))?;
@@ -307,16 +308,16 @@ fn fork() -> Result<ForkResult> {
     unsafe { nix::unistd::fork() }.map_err(|e| anyhow!("cannot fork the lock keeper: {e}"))
 }
 
-/// The wrapper: waits for the grant, runs the command, reports how it ended, exits.
+/// The wrapper: waits for the grant, runs the command, reports how it ended, exits ([`exit_now`]).
 fn wrapper(job: &Job<'_>, keeper: Pid, ctl: &UnixStream, hold: OwnedFd) -> Result<ExitCode> {
-    let mut from_keeper = BufReader::new(ctl);
+    let mut from_keeper = BufReader::with_capacity(256, ctl);
     let mut line = String::new();
     let _ = from_keeper.read_line(&mut line);
     let (token, died, mode) = match parse_grant(&line) {
         Some(Ok(g)) => g,
         Some(Err(code)) => {
             let _ = nix::sys::wait::waitpid(keeper, None);
-            return Ok(ExitCode::from(code));
+            exit_now(code);
         }
         None => bail!("the lock keeper (pid {keeper}) ended without an answer"),
     };
@@ -352,7 +353,7 @@ fn wrapper(job: &Job<'_>, keeper: Pid, ctl: &UnixStream, hold: OwnedFd) -> Resul
                  do not inherit it)",
                 job.shown, job.program
             );
-            return Ok(ExitCode::from(code));
+            exit_now(code);
         }
         _ => {
             // Killed: its owner is reaped as a dead one, so the lock may have gone while CMD ran.
@@ -366,7 +367,18 @@ fn wrapper(job: &Job<'_>, keeper: Pid, ctl: &UnixStream, hold: OwnedFd) -> Resul
         }
     }
     let _ = nix::sys::wait::waitpid(keeper, None);
-    Ok(ExitCode::from(code))
+    exit_now(code)
+}
+
+/// Ends the process with `code` at once, without the exit handlers (stdio's, the dynamic
+/// loader's, the standard library's): the wrapper's exit is what the user waits on, and the
+/// keeper's what the wrapper waits on (issue 14). Neither process has anything for them to do:
+/// they write only to stderr, which is unbuffered, and to their socket; stdout is never written.
+#[allow(unsafe_code)]
+pub(crate) fn exit_now(code: u8) -> ! {
+    // SAFETY: `_exit` has no preconditions; it runs no destructors and no atexit handlers, and
+    // nothing in this process needs them (see above: no buffered output is left).
+    unsafe { libc::_exit(i32::from(code)) }
 }
 
 /// Sends one line to the other process, in one write (the socket is not buffered).

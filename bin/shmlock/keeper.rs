@@ -110,18 +110,9 @@ pub(crate) fn keep(place: &Place, job: &Job<'_>, ctl: UnixStream, hold: OwnedFd)
         eprintln!("shmlock: {e:#}");
         send(&ctl, &format!("{} {EXIT_ERROR}", msg::FAILED));
     }
-    exit_now()
-}
-
-/// Ends the keeper at once, without the exit handlers (stdio's, the dynamic loader's): the
-/// wrapper waits for this exit, so they would be on the critical path of every `run` (issue 14),
-/// and the keeper has nothing they would do: it writes only to stderr (unbuffered) and the
-/// socket, and has already let go of the lock and deregistered its owner.
-#[allow(unsafe_code)]
-fn exit_now() -> ! {
-    // SAFETY: `_exit` has no preconditions; it runs no destructors and no atexit handlers, and
-    // nothing in this process needs them (see above: no buffered output is left).
-    unsafe { libc::_exit(0) }
+    // The lock is let go of and the owner deregistered (`hold` and the backend's drop): nothing
+    // is left for exit handlers to do.
+    crate::exec::exit_now(0)
 }
 
 /// Names itself, leaves the terminal's session (so that Ctrl-C, a signal to the job's process
