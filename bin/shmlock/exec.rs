@@ -65,7 +65,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::net::UnixStream;
-use std::process::{Command, ExitCode};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -279,7 +279,7 @@ pub(crate) mod msg {
 
 /// Runs the command holding lock `a.name` at `place`, and ends the process with its status
 /// ([`exit_now`]); returns only the errors that come before the keeper answers.
-pub(crate) fn run(place: Place, a: &RunArgs) -> Result<ExitCode> {
+pub(crate) fn run(place: Place, a: &RunArgs) -> Result<u8> {
     let job = Job::new(a, &place);
     let (hold_r, hold_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| anyhow!("cannot make a pipe: {e}"))?;
     let (ctl, ctl_keeper) = UnixStream::pair().map_err(|e| anyhow!("cannot make a socket pair: {e}"))?;
@@ -309,7 +309,7 @@ fn fork() -> Result<ForkResult> {
 }
 
 /// The wrapper: waits for the grant, runs the command, reports how it ended, exits ([`exit_now`]).
-fn wrapper(job: &Job<'_>, keeper: Pid, ctl: &UnixStream, hold: OwnedFd) -> Result<ExitCode> {
+fn wrapper(job: &Job<'_>, keeper: Pid, ctl: &UnixStream, hold: OwnedFd) -> Result<u8> {
     let mut from_keeper = BufReader::with_capacity(256, ctl);
     let mut line = String::new();
     let _ = from_keeper.read_line(&mut line);

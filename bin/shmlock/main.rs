@@ -15,6 +15,7 @@
 //! finds no such lock; 2 on errors (one line on stderr, `shmlock: ...`); `run` exits with its
 //! command's status, or 75 (EX_TEMPFAIL) when the lock was not had in time. A closed stdout
 //! (`| head`) exits 0.
+#![cfg_attr(not(test), no_main)]
 
 // The unwinder linked in statically (libgcc_eh, as a `crt-static` build links it), so that the
 // binary needs no libgcc_s.so.1: each process start then maps and relocates one library fewer and
@@ -39,7 +40,6 @@ use std::collections::HashSet;
 use std::ffi::OsString;
 use std::io::{ErrorKind, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::process::ExitCode;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -458,18 +458,18 @@ fn write_json(out: &mut impl Write, v: &serde_json::Value) -> Result<()> {
     Ok(())
 }
 
-fn status(table: &Arc<LockTable>, json: bool, out: &mut impl Write) -> Result<ExitCode> {
+fn status(table: &Arc<LockTable>, json: bool, out: &mut impl Write) -> Result<u8> {
     let check = check_with_timeout(table, CHECK_TIMEOUT);
     print_status(&Status::gather(table, check), json, out)
 }
 
-fn print_status(status: &Status, json: bool, out: &mut impl Write) -> Result<ExitCode> {
+fn print_status(status: &Status, json: bool, out: &mut impl Write) -> Result<u8> {
     if json {
         write_json(out, &status.to_json())?;
     } else {
         out.write_all(status.to_text().as_bytes())?;
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(0)
 }
 
 /// `--name-prefix`, as bytes.
@@ -491,7 +491,7 @@ fn dead_owners(table: &LockTable) -> HashSet<u32> {
         .collect()
 }
 
-fn locks(table: &LockTable, a: &LocksArgs, out: &mut impl Write) -> Result<ExitCode> {
+fn locks(table: &LockTable, a: &LocksArgs, out: &mut impl Write) -> Result<u8> {
     let prefix = name_prefix(a)?;
     let mut locks = table.locks();
     let dead = dead_owners(table);
@@ -512,7 +512,7 @@ fn print_locks(
     a: &LocksArgs,
     dead: Option<&HashSet<u32>>,
     out: &mut impl Write,
-) -> Result<ExitCode> {
+) -> Result<u8> {
     if let Some(d) = a.held_longer_than {
         locks.retain(|l| !l.holders.is_empty() && l.held_for() > d);
     }
@@ -527,10 +527,10 @@ fn print_locks(
     } else {
         out.write_all(render::locks_text(&locks, dead).as_bytes())?;
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(0)
 }
 
-fn owners(table: &LockTable, json: bool, out: &mut impl Write) -> Result<ExitCode> {
+fn owners(table: &LockTable, json: bool, out: &mut impl Write) -> Result<u8> {
     let mut owners = table.owners_info(&table.locks());
     owners.sort_by_key(|o| std::cmp::Reverse(o.registered_for));
     if json {
@@ -538,10 +538,10 @@ fn owners(table: &LockTable, json: bool, out: &mut impl Write) -> Result<ExitCod
     } else {
         out.write_all(render::owners_text(&owners).as_bytes())?;
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(0)
 }
 
-fn show(table: &LockTable, name: &[u8], json: bool, out: &mut impl Write) -> Result<ExitCode> {
+fn show(table: &LockTable, name: &[u8], json: bool, out: &mut impl Write) -> Result<u8> {
     let info = table.lock_info(name).map_err(|e| name_error(name, e))?;
     let dead = dead_owners(table);
     match info {
@@ -552,13 +552,13 @@ fn show(table: &LockTable, name: &[u8], json: bool, out: &mut impl Write) -> Res
                 "shmlock: no lock named \"{}\" (never locked, or evicted since)",
                 escape_name(name)
             );
-            return Ok(ExitCode::from(EXIT_FOUND));
+            return Ok(EXIT_FOUND);
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(0)
 }
 
-fn release(table: &LockTable, name: &[u8], force: bool, out: &mut impl Write) -> Result<ExitCode> {
+fn release(table: &LockTable, name: &[u8], force: bool, out: &mut impl Write) -> Result<u8> {
     let shown = escape_name(name);
     if !force {
         let holders = match table.lock_info(name).map_err(|e| name_error(name, e))? {
@@ -592,27 +592,27 @@ fn release(table: &LockTable, name: &[u8], force: bool, out: &mut impl Write) ->
                 n => format!("{n} waiting; the oldest gets it and is told the owner died"),
             };
             writeln!(out, "released \"{shown}\" ({mode}) from {}: {next}", who.join(", "))?;
-            Ok(ExitCode::SUCCESS)
+            Ok(0)
         }
         Err(Error::NotHeld) => {
             eprintln!("shmlock: \"{shown}\" is not held");
-            Ok(ExitCode::from(EXIT_FOUND))
+            Ok(EXIT_FOUND)
         }
         Err(e) => Err(name_error(name, e)),
     }
 }
 
-fn check(table: &Arc<LockTable>, out: &mut impl Write) -> Result<ExitCode> {
+fn check(table: &Arc<LockTable>, out: &mut impl Write) -> Result<u8> {
     match check_with_timeout(table, CHECK_TIMEOUT) {
         CheckOutcome::Consistent => {
             writeln!(out, "ok: {} is consistent", table.segment().name())?;
-            Ok(ExitCode::SUCCESS)
+            Ok(0)
         }
         CheckOutcome::Violations(v) => {
             for line in v {
                 writeln!(out, "{line}")?;
             }
-            Ok(ExitCode::from(EXIT_FOUND))
+            Ok(EXIT_FOUND)
         }
         CheckOutcome::TimedOut(t) => bail!(
             "check did not finish within {}: a shard latch stays taken (a process may have died \
@@ -624,7 +624,7 @@ fn check(table: &Arc<LockTable>, out: &mut impl Write) -> Result<ExitCode> {
 }
 
 /// `--remote` given to `status`, `locks` or `run`: through the gateway at `addr`.
-fn run_remote(cli: Cli, addr: &str) -> Result<ExitCode> {
+fn run_remote(cli: Cli, addr: &str) -> Result<u8> {
     if cli.global.segment.is_some() || cli.global.segment_owner.is_some() {
         bail!(
             "--segment and --remote exclude each other (--segment-owner and --remote too): through a \
@@ -662,20 +662,20 @@ fn run_remote(cli: Cli, addr: &str) -> Result<ExitCode> {
     Ok(code)
 }
 
-fn run(cli: Cli) -> Result<ExitCode> {
+fn run(cli: Cli) -> Result<u8> {
     // Neither a segment nor a gateway.
     match &cli.command {
         Command::Completions { shell } => {
             let mut out = std::io::stdout().lock();
             docs::completions(*shell, &mut out)?;
             out.flush()?;
-            return Ok(ExitCode::SUCCESS);
+            return Ok(0);
         }
         Command::Manpages { dir } => {
             let mut out = std::io::stdout().lock();
             docs::manpages(dir, &mut out)?;
             out.flush()?;
-            return Ok(ExitCode::SUCCESS);
+            return Ok(0);
         }
         _ => {}
     }
@@ -730,17 +730,62 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
     })
 }
 
-fn main() -> ExitCode {
+/// The C `main` (the binary is `no_main`): the standard library's start-up, which a Rust `main`
+/// runs first, costs about 0.1 ms in some VMs (it reads /proc/self/maps for the main thread's
+/// stack guard, and maps and installs a signal stack and SIGSEGV/SIGBUS handlers to report stack
+/// overflows), and every `shmlock run` pays it before its command starts (issue 14). What of it
+/// the CLI relies on is done here instead: standard descriptors that are closed are opened on
+/// /dev/null (so that no pipe or segment lands on 0, 1 or 2), SIGPIPE is ignored (a closed stdout
+/// is an error, `is_broken_pipe`; commands that `run` starts get SIGPIPE's default back from the
+/// standard library, as before), and a panic exits 101. What is lost: a stack overflow is a bare
+/// SIGSEGV rather than a message, and a panic names the thread `<unnamed>` rather than `main`.
+#[cfg(not(test))]
+#[allow(unsafe_code)]
+// SAFETY: `main` is the one symbol the C runtime calls; nothing else in the binary defines it
+// (`no_main`), and it has the signature the C runtime calls it with.
+#[no_mangle]
+extern "C" fn main(_argc: std::ffi::c_int, _argv: *const *const std::ffi::c_char) -> std::ffi::c_int {
+    open_standard_fds();
+    ignore_sigpipe();
+    let code = std::panic::catch_unwind(real_main).unwrap_or(101);
+    // Flushes stdout, as returning from a Rust `main` does.
+    std::process::exit(i32::from(code))
+}
+
+/// Opens /dev/null on each of descriptors 0, 1 and 2 that is closed, in order (`open` takes the
+/// lowest free descriptor), as the standard library's start-up does.
+#[cfg(not(test))]
+fn open_standard_fds() {
+    use nix::fcntl::{fcntl, open, FcntlArg, OFlag};
+    for fd in 0..=2 {
+        if fcntl(fd, FcntlArg::F_GETFD) == Err(nix::errno::Errno::EBADF)
+            && open("/dev/null", OFlag::O_RDWR, nix::sys::stat::Mode::empty()).is_err()
+        {
+            std::process::abort();
+        }
+    }
+}
+
+#[cfg(not(test))]
+#[allow(unsafe_code)]
+fn ignore_sigpipe() {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // SAFETY: SIG_IGN installs no handler, so nothing runs in signal context.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigIgn) };
+}
+
+#[cfg_attr(test, allow(dead_code))]
+fn real_main() -> u8 {
     // A CLI process touches a few pages of the segment: populating all of its page tables up
     // front would cost more than `run`'s whole lock-and-release.
     shmlock::shm::populate_on_map(false);
     let cli = parse();
     match run(cli) {
         Ok(code) => code,
-        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) if is_broken_pipe(&e) => 0,
         Err(e) => {
             eprintln!("shmlock: {e:#}");
-            ExitCode::from(EXIT_ERROR)
+            EXIT_ERROR
         }
     }
 }
