@@ -31,6 +31,9 @@ pub(crate) struct RunOverheadArgs {
     /// The flock(1) binary.
     #[arg(long, value_name = "PATH", default_value = "flock")]
     flock: PathBuf,
+    /// Use this existing segment (e.g. a running shmlockd's) instead of creating one.
+    #[arg(long, value_name = "NAME")]
+    existing_segment: Option<String>,
     /// The command both run [default: `true` from PATH].
     #[arg(long, value_name = "PATH", default_value = "true")]
     command: PathBuf,
@@ -90,7 +93,11 @@ pub(crate) fn run(segment: &str, a: &RunOverheadArgs, json: bool) -> Result<()> 
         max_owners: 16,
         ..Default::default()
     };
-    let (_table, _seg) = cleanup::segment(segment, || Ok(LockTable::create(segment, &caps)?))?;
+    let _created = match &a.existing_segment {
+        Some(_) => None,
+        None => Some(cleanup::segment(segment, || Ok(LockTable::create(segment, &caps)?))?),
+    };
+    let segment = a.existing_segment.as_deref().unwrap_or(segment);
     let dir = std::env::temp_dir().join(format!("shmlock-bench-run-{}", std::process::id()));
     let _dir = cleanup::dir(dir.clone())?;
     let file = dir.join("lock");

@@ -65,6 +65,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
@@ -310,6 +311,8 @@ fn fork() -> Result<ForkResult> {
 
 /// The wrapper: waits for the grant, runs the command, reports how it ended, exits ([`exit_now`]).
 fn wrapper(job: &Job<'_>, keeper: Pid, ctl: &UnixStream, hold: OwnedFd) -> Result<u8> {
+    // What needs no grant is done while the keeper takes the lock.
+    let mut cmd = command(job);
     let mut from_keeper = BufReader::with_capacity(256, ctl);
     let mut line = String::new();
     let _ = from_keeper.read_line(&mut line);
@@ -327,10 +330,7 @@ fn wrapper(job: &Job<'_>, keeper: Pid, ctl: &UnixStream, hold: OwnedFd) -> Resul
         fcntl(hold.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty()))
             .map_err(|e| anyhow!("cannot pass the lock's descriptor on: {e}"))?;
     }
-    let mut cmd = Command::new(&job.argv[0]);
-    cmd.args(&job.argv[1..])
-        .env(ENV_NAME, OsStr::from_bytes(job.name))
-        .env(ENV_TOKEN, token.to_string())
+    cmd.env(ENV_TOKEN, token.to_string())
         .env(ENV_OWNER_DIED, if died { "1" } else { "0" })
         .env(ENV_MODE, if mode == Mode::Shared { "shared" } else { "exclusive" })
         .env(ENV_HELD, held_env(job, token, mode));
@@ -379,6 +379,43 @@ pub(crate) fn exit_now(code: u8) -> ! {
     // SAFETY: `_exit` has no preconditions; it runs no destructors and no atexit handlers, and
     // nothing in this process needs them (see above: no buffered output is left).
     unsafe { libc::_exit(i32::from(code)) }
+}
+
+/// The command, with what it gets whatever the grant. Its program is looked up on PATH here
+/// ([`find_on_path`]), before the grant: the standard library would look it up in the command's
+/// process, between its fork and its exec, one failed exec per PATH entry before it, all of them
+/// after the grant and before the command starts (issue 14).
+fn command(job: &Job<'_>) -> Command {
+    let program = &job.argv[0];
+    let mut cmd = match find_on_path(program) {
+        Some(path) => {
+            let mut cmd = Command::new(path);
+            cmd.arg0(program);
+            cmd
+        }
+        None => Command::new(program),
+    };
+    cmd.args(&job.argv[1..]).env(ENV_NAME, OsStr::from_bytes(job.name));
+    cmd
+}
+
+/// Where execvp(3) would find `program`: in the first directory of PATH (an empty entry is the
+/// current directory) that holds a regular file by that name which this process may execute.
+/// None when `program` has a `/` (it is a path), when PATH is not set (the C library's default
+/// then applies), or when no directory has it: the standard library then looks for it itself, as
+/// before, and says why it cannot run it.
+fn find_on_path(program: &OsStr) -> Option<std::path::PathBuf> {
+    if program.is_empty() || program.as_bytes().contains(&b'/') {
+        return None;
+    }
+    let path = std::env::var_os("PATH")?;
+    path.as_bytes().split(|&b| b == b':').find_map(|dir| {
+        let dir = if dir.is_empty() { b".".as_slice() } else { dir };
+        let candidate = std::path::Path::new(OsStr::from_bytes(dir)).join(program);
+        let runnable = nix::unistd::access(&candidate, nix::unistd::AccessFlags::X_OK).is_ok()
+            && std::fs::metadata(&candidate).is_ok_and(|m| m.is_file());
+        runnable.then_some(candidate)
+    })
 }
 
 /// Sends one line to the other process, in one write (the socket is not buffered).
@@ -536,7 +573,6 @@ fn test_stall(point: &str) {
 fn test_stall_in_child(cmd: &mut Command) {
     #[cfg(debug_assertions)]
     if let Some(dir) = stall_dir("exec") {
-        use std::os::unix::process::CommandExt;
         // SAFETY: the closure runs in the forked child before exec. This process is
         // single-threaded until the command is spawned (the signal thread starts after), so the
         // child may allocate and use the file system like any single-threaded process. Debug
