@@ -6,6 +6,12 @@
 //! the figure to read (issue 14: at most 1.2). `true` alone is timed in the same rounds: the cost
 //! of starting any process, the floor under both. The segment is the bench's own, created small
 //! for the run and removed after; the lock is free at every round (nothing else holds it).
+//!
+//! The page cache matters: a binary's start-up is mostly page faults, and a file the linker has
+//! just written (through a mapping, in small pages) faults several times slower than one read
+//! from disk (in large folios), which is how installed binaries, flock(1) among them, are cached.
+//! So by default the three programs are first written back, dropped from the page cache and read
+//! again (`--no-reread` measures them as they are).
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -31,6 +37,9 @@ pub(crate) struct RunOverheadArgs {
     /// The flock(1) binary.
     #[arg(long, value_name = "PATH", default_value = "flock")]
     flock: PathBuf,
+    /// Measure the binaries as they are in the page cache (see the module docs).
+    #[arg(long)]
+    no_reread: bool,
     /// Use this existing segment (e.g. a running shmlockd's) instead of creating one.
     #[arg(long, value_name = "NAME")]
     existing_segment: Option<String>,
@@ -75,6 +84,26 @@ impl Series {
     }
 }
 
+/// `p` itself if it has a `/`, else the first executable `p` on PATH.
+fn on_path(p: &std::path::Path) -> Option<PathBuf> {
+    if p.as_os_str().as_encoded_bytes().contains(&b'/') {
+        return Some(p.to_path_buf());
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(p))
+        .find(|c| nix::unistd::access(c, nix::unistd::AccessFlags::X_OK).is_ok() && c.is_file())
+}
+
+/// Writes `path` back, drops it from the page cache and reads it again.
+fn reread(path: &std::path::Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut f = std::fs::File::open(path)?;
+    f.sync_all()?;
+    nix::fcntl::posix_fadvise(f.as_raw_fd(), 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED)?;
+    std::io::copy(&mut f, &mut std::io::sink())?;
+    Ok(())
+}
+
 /// Runs the scenario on segment `segment`; prints a table, or one JSON line.
 pub(crate) fn run(segment: &str, a: &RunOverheadArgs, json: bool) -> Result<()> {
     ensure!(a.rounds >= 1, "--rounds must be at least 1");
@@ -101,6 +130,12 @@ pub(crate) fn run(segment: &str, a: &RunOverheadArgs, json: bool) -> Result<()> 
     let dir = std::env::temp_dir().join(format!("shmlock-bench-run-{}", std::process::id()));
     let _dir = cleanup::dir(dir.clone())?;
     let file = dir.join("lock");
+    if !a.no_reread {
+        for p in [&shmlock, &a.flock, &a.command] {
+            let path = on_path(p).with_context(|| format!("{} not found", p.display()))?;
+            reread(&path).with_context(|| format!("re-read {}", path.display()))?;
+        }
+    }
     let mut flock_cmd = Command::new(&a.flock);
     flock_cmd.arg(&file).arg(&a.command);
     let mut run_cmd = Command::new(&shmlock);
