@@ -26,7 +26,7 @@ use crate::{Cli, Command};
 const NO_ETCD: &str = "this shmlock was built without etcd support: rebuild with `--features etcd` (needs protoc)";
 
 /// The `--etcd` options of `run` and `locks`.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone, Default, clap::Args)]
 #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
 pub(crate) struct EtcdArgs {
     /// Use the etcd v3 cluster at these client URLs (comma separated, e.g.
