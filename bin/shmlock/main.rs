@@ -1079,6 +1079,30 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(3000))]
+        /// Random command lines from `run`'s vocabulary: whatever `parse_run` reads, clap reads
+        /// the same way.
+        #[test]
+        fn parse_run_agrees_with_clap_on_random_command_lines(
+            run_first in proptest::bool::weighted(0.8),
+            words in proptest::collection::vec(proptest::sample::select(&[
+                "run", "run", "run", "--segment", "/s", "--segment-owner", "u", "-s", "-x", "-e", "-n",
+                "-o", "--shared", "--exclusive", "--nonblock", "--nb", "--close", "-w", "0.5", "250ms",
+                "-E", "3", "300", "--timeout", "--wait", "--conflict-exit-code", "--", "--", "true",
+                "job", "job", "-c", "-h", "soon", "-1", "", "--remote",
+            ][..]), 1..9)
+        ) {
+            let first: &[&str] = if run_first { &["shmlock", "run"] } else { &["shmlock"] };
+            let args: Vec<OsString> = first.iter().chain(&words).map(OsString::from).collect();
+            if let Some(fast) = parse_run(&args) {
+                let full = Cli::try_parse_from(&args);
+                proptest::prop_assert!(full.is_ok(), "{:?}: clap: {:?}", words, full.err());
+                proptest::prop_assert_eq!(format!("{fast:?}"), format!("{:?}", full.unwrap()), "{:?}", words);
+            }
+        }
+    }
+
     #[test]
     fn cli_definition_is_valid_and_every_subcommand_has_an_example() {
         Cli::command().debug_assert();
