@@ -416,6 +416,51 @@ fn flock_options_mean_what_they_mean_for_flock() {
 }
 
 #[test]
+fn the_command_is_found_on_path_as_execvp_finds_it() {
+    // `run` looks CMD up on PATH itself (before the grant): the same file as execvp(3) would run,
+    // with the same argv[0].
+    use std::os::unix::fs::{symlink, PermissionsExt};
+    let env = TestEnv::new("run_path");
+    for d in ["dir", "plain", "exe"] {
+        fs::create_dir(env.path(d)).expect("mkdir");
+    }
+    fs::create_dir(env.path("dir/prog")).expect("mkdir"); // a directory: skipped
+    fs::write(env.path("plain/prog"), "#!/bin/sh\necho plain\n").expect("write"); // not executable: skipped
+    fs::write(env.path("exe/prog"), "#!/bin/sh\necho exe\n").expect("write");
+    fs::set_permissions(env.path("exe/prog"), fs::Permissions::from_mode(0o755)).expect("chmod");
+    symlink("/bin/sh", env.path("exe/myname")).expect("symlink");
+    fs::write(env.path("here"), "#!/bin/sh\necho here\n").expect("write");
+    fs::set_permissions(env.path("here"), fs::Permissions::from_mode(0o755)).expect("chmod");
+    let run = |path: &str, args: &[&str]| {
+        let mut a = vec!["run", "job", "--"];
+        a.extend_from_slice(args);
+        output_within(
+            cmd(&env, &a, &[("PATH", path)]).spawn().expect("spawn shmlock"),
+            "shmlock run",
+        )
+    };
+    let o = run("dir:plain:exe:/usr/bin:/bin", &["prog"]);
+    assert_code(&o, 0);
+    assert_eq!(stdout(&o), "exe\n");
+    let o = run("exe:/usr/bin:/bin", &["myname", "-c", "echo $0"]);
+    assert_eq!(stdout(&o), "myname\n", "argv[0] is the name as given");
+    let o = run(":/usr/bin:/bin", &["here"]);
+    assert_eq!(stdout(&o), "here\n", "an empty PATH entry is the current directory");
+    let o = run("dir:/usr/bin:/bin", &["prog"]);
+    assert_code(&o, 126);
+    let o = run("plain:/usr/bin:/bin", &["prog"]);
+    assert_code(&o, 126);
+    let o = run("/usr/bin:/bin", &["no-such-program-anywhere"]);
+    assert_code(&o, 127);
+    assert!(
+        stderr(&o).contains("cannot run no-such-program-anywhere"),
+        "{}",
+        stderr(&o)
+    );
+    env.assert_quiet();
+}
+
+#[test]
 fn a_nested_run_on_a_lock_its_enclosing_run_holds_says_so_at_once() {
     let env = TestEnv::new("run_nested");
     let me = env!("CARGO_BIN_EXE_shmlock");

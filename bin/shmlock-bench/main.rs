@@ -7,6 +7,7 @@
 //! shmlock-bench many-held --n 1000,100000 --system shmlock
 //! shmlock-bench parallel --procs 2 --json
 //! shmlock-bench contention --procs 4 --seconds 1 --repeat 3
+//! shmlock-bench run-overhead --rounds 300
 //! ```
 //!
 //! # Layout
@@ -19,6 +20,7 @@
 //! - `report.rs`: results, tables, JSON.
 //! - `hist.rs`: the fixed log-linear wait histogram.
 //! - `cleanup.rs`: registry of created objects; the SIGINT/SIGTERM thread.
+//! - `run_overhead.rs`: `shmlock run NAME -- true` next to `flock FILE true`, process by process.
 //! - `sys.rs`: the only unsafe code (mappings, pthread, flock, affinity, rlimit).
 
 mod cleanup;
@@ -33,6 +35,7 @@ mod procs;
 mod raw;
 mod reap;
 mod report;
+mod run_overhead;
 mod sys;
 
 use std::process::ExitCode;
@@ -97,6 +100,9 @@ enum Cmd {
         #[arg(long)]
         no_daemon: bool,
     },
+    /// The wall time of `shmlock run NAME -- true` next to `flock FILE true`, alternating,
+    /// timed process by process (and `true` alone, the floor): medians and the ratio.
+    RunOverhead(run_overhead::RunOverheadArgs),
     #[command(hide = true)]
     Worker(procs::WorkerArgs),
     #[command(hide = true)]
@@ -305,6 +311,14 @@ impl Bench {
                     reap::run(&format!("{prefix}-reap-{d}"), rounds, d, self.c.json)?;
                 }
                 Ok(())
+            }
+            Cmd::RunOverhead(a) => {
+                let segment = self
+                    .c
+                    .segment
+                    .clone()
+                    .unwrap_or_else(|| format!("/shmlock-bench-{}", std::process::id()));
+                run_overhead::run(&format!("{segment}-run"), &a, self.c.json)
             }
             Cmd::Worker(_) | Cmd::ReapHolder(_) => unreachable!("handled in main"),
         }

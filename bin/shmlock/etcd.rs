@@ -16,7 +16,6 @@
 //! them: their lease).
 
 use std::ffi::OsString;
-use std::process::ExitCode;
 
 use anyhow::{bail, Result};
 
@@ -27,7 +26,7 @@ use crate::{Cli, Command};
 const NO_ETCD: &str = "this shmlock was built without etcd support: rebuild with `--features etcd` (needs protoc)";
 
 /// The `--etcd` options of `run` and `locks`.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone, Default, clap::Args)]
 #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
 pub(crate) struct EtcdArgs {
     /// Use the etcd v3 cluster at these client URLs (comma separated, e.g.
@@ -62,7 +61,7 @@ pub(crate) fn asked(command: &Command) -> bool {
 }
 
 /// `locks --etcd` and `run --etcd`.
-pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
+pub(crate) fn run(cli: Cli) -> Result<u8> {
     #[cfg(not(feature = "etcd"))]
     {
         let _ = cli;
@@ -70,7 +69,7 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
     }
     #[cfg(feature = "etcd")]
     {
-        if cli.segment.is_some() || cli.segment_owner.is_some() {
+        if cli.global.segment.is_some() || cli.global.segment_owner.is_some() {
             bail!(
                 "--segment and --etcd exclude each other (--segment-owner and --etcd too): with --etcd \
                  the locks live in the cluster"
@@ -87,7 +86,6 @@ pub(crate) use imp::{Etcd, Target};
 mod imp {
     use std::io::Write;
     use std::os::unix::ffi::OsStrExt;
-    use std::process::ExitCode;
     use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
     use std::sync::{mpsc, Arc};
     use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -166,7 +164,7 @@ mod imp {
         }
     }
 
-    pub(super) fn run(cli: Cli) -> Result<ExitCode> {
+    pub(super) fn run(cli: Cli) -> Result<u8> {
         match cli.command {
             Command::Run(a) => {
                 let place = Place::Etcd(Target::new(&a.etcd)?);
@@ -188,7 +186,7 @@ mod imp {
                 let mut out = std::io::stdout().lock();
                 print_locks(locks, &a, unix_ms(), &mut out)?;
                 out.flush()?;
-                Ok(ExitCode::SUCCESS)
+                Ok(0)
             }
             _ => unreachable!("only locks and run take --etcd"),
         }

@@ -65,7 +65,8 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::net::UnixStream;
-use std::process::{Command, ExitCode};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -92,6 +93,9 @@ pub(crate) const ENV_MODE: &str = "SHMLOCK_MODE";
 /// Every lock the enclosing `shmlock run`s hold, one line each (see [`Held`]): how a nested
 /// `run` on one of them finds that it would wait for itself.
 pub(crate) const ENV_HELD: &str = "SHMLOCK_HELD";
+
+/// `run`'s one-line description (`shmlock --help`, `shmlock run --help`).
+pub(crate) const RUN_ABOUT: &str = "Hold a lock while a command runs, like flock(1); exits with the command's status";
 
 /// `run`'s `--help` epilogue.
 pub(crate) const RUN_HELP: &str = "\
@@ -274,8 +278,9 @@ pub(crate) mod msg {
     pub(crate) const ENDED: &str = "E";
 }
 
-/// Runs the command holding lock `a.name` at `place`.
-pub(crate) fn run(place: Place, a: &RunArgs) -> Result<ExitCode> {
+/// Runs the command holding lock `a.name` at `place`, and ends the process with its status
+/// ([`exit_now`]); returns only the errors that come before the keeper answers.
+pub(crate) fn run(place: Place, a: &RunArgs) -> Result<u8> {
     let job = Job::new(a, &place);
     let (hold_r, hold_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| anyhow!("cannot make a pipe: {e}"))?;
     let (ctl, ctl_keeper) = UnixStream::pair().map_err(|e| anyhow!("cannot make a socket pair: {e}"))?;
@@ -304,16 +309,18 @@ fn fork() -> Result<ForkResult> {
     unsafe { nix::unistd::fork() }.map_err(|e| anyhow!("cannot fork the lock keeper: {e}"))
 }
 
-/// The wrapper: waits for the grant, runs the command, reports how it ended, exits.
-fn wrapper(job: &Job<'_>, keeper: Pid, ctl: &UnixStream, hold: OwnedFd) -> Result<ExitCode> {
-    let mut from_keeper = BufReader::new(ctl);
+/// The wrapper: waits for the grant, runs the command, reports how it ended, exits ([`exit_now`]).
+fn wrapper(job: &Job<'_>, keeper: Pid, ctl: &UnixStream, hold: OwnedFd) -> Result<u8> {
+    // What needs no grant is done while the keeper takes the lock.
+    let mut cmd = command(job);
+    let mut from_keeper = BufReader::with_capacity(256, ctl);
     let mut line = String::new();
     let _ = from_keeper.read_line(&mut line);
     let (token, died, mode) = match parse_grant(&line) {
         Some(Ok(g)) => g,
         Some(Err(code)) => {
             let _ = nix::sys::wait::waitpid(keeper, None);
-            return Ok(ExitCode::from(code));
+            exit_now(code);
         }
         None => bail!("the lock keeper (pid {keeper}) ended without an answer"),
     };
@@ -323,10 +330,7 @@ fn wrapper(job: &Job<'_>, keeper: Pid, ctl: &UnixStream, hold: OwnedFd) -> Resul
         fcntl(hold.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty()))
             .map_err(|e| anyhow!("cannot pass the lock's descriptor on: {e}"))?;
     }
-    let mut cmd = Command::new(&job.argv[0]);
-    cmd.args(&job.argv[1..])
-        .env(ENV_NAME, OsStr::from_bytes(job.name))
-        .env(ENV_TOKEN, token.to_string())
+    cmd.env(ENV_TOKEN, token.to_string())
         .env(ENV_OWNER_DIED, if died { "1" } else { "0" })
         .env(ENV_MODE, if mode == Mode::Shared { "shared" } else { "exclusive" })
         .env(ENV_HELD, held_env(job, token, mode));
@@ -349,7 +353,7 @@ fn wrapper(job: &Job<'_>, keeper: Pid, ctl: &UnixStream, hold: OwnedFd) -> Resul
                  do not inherit it)",
                 job.shown, job.program
             );
-            return Ok(ExitCode::from(code));
+            exit_now(code);
         }
         _ => {
             // Killed: its owner is reaped as a dead one, so the lock may have gone while CMD ran.
@@ -363,7 +367,55 @@ fn wrapper(job: &Job<'_>, keeper: Pid, ctl: &UnixStream, hold: OwnedFd) -> Resul
         }
     }
     let _ = nix::sys::wait::waitpid(keeper, None);
-    Ok(ExitCode::from(code))
+    exit_now(code)
+}
+
+/// Ends the process with `code` at once, without the exit handlers (stdio's, the dynamic
+/// loader's, the standard library's): the wrapper's exit is what the user waits on, and the
+/// keeper's what the wrapper waits on (issue 14). Neither process has anything for them to do:
+/// they write only to stderr, which is unbuffered, and to their socket; stdout is never written.
+#[allow(unsafe_code)]
+pub(crate) fn exit_now(code: u8) -> ! {
+    // SAFETY: `_exit` has no preconditions; it runs no destructors and no atexit handlers, and
+    // nothing in this process needs them (see above: no buffered output is left).
+    unsafe { libc::_exit(i32::from(code)) }
+}
+
+/// The command, with what it gets whatever the grant. Its program is looked up on PATH here
+/// ([`find_on_path`]), before the grant: the standard library would look it up in the command's
+/// process, between its fork and its exec, one failed exec per PATH entry before it, all of them
+/// after the grant and before the command starts (issue 14).
+fn command(job: &Job<'_>) -> Command {
+    let program = &job.argv[0];
+    let mut cmd = match find_on_path(program) {
+        Some(path) => {
+            let mut cmd = Command::new(path);
+            cmd.arg0(program);
+            cmd
+        }
+        None => Command::new(program),
+    };
+    cmd.args(&job.argv[1..]).env(ENV_NAME, OsStr::from_bytes(job.name));
+    cmd
+}
+
+/// Where execvp(3) would find `program`: in the first directory of PATH (an empty entry is the
+/// current directory) that holds a regular file by that name which this process may execute.
+/// None when `program` has a `/` (it is a path), when PATH is not set (the C library's default
+/// then applies), or when no directory has it: the standard library then looks for it itself, as
+/// before, and says why it cannot run it.
+fn find_on_path(program: &OsStr) -> Option<std::path::PathBuf> {
+    if program.is_empty() || program.as_bytes().contains(&b'/') {
+        return None;
+    }
+    let path = std::env::var_os("PATH")?;
+    path.as_bytes().split(|&b| b == b':').find_map(|dir| {
+        let dir = if dir.is_empty() { b".".as_slice() } else { dir };
+        let candidate = std::path::Path::new(OsStr::from_bytes(dir)).join(program);
+        let runnable = nix::unistd::access(&candidate, nix::unistd::AccessFlags::X_OK).is_ok()
+            && std::fs::metadata(&candidate).is_ok_and(|m| m.is_file());
+        runnable.then_some(candidate)
+    })
 }
 
 /// Sends one line to the other process, in one write (the socket is not buffered).
@@ -521,7 +573,6 @@ fn test_stall(point: &str) {
 fn test_stall_in_child(cmd: &mut Command) {
     #[cfg(debug_assertions)]
     if let Some(dir) = stall_dir("exec") {
-        use std::os::unix::process::CommandExt;
         // SAFETY: the closure runs in the forked child before exec. This process is
         // single-threaded until the command is spawned (the signal thread starts after), so the
         // child may allocate and use the file system like any single-threaded process. Debug

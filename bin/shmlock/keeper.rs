@@ -110,7 +110,9 @@ pub(crate) fn keep(place: &Place, job: &Job<'_>, ctl: UnixStream, hold: OwnedFd)
         eprintln!("shmlock: {e:#}");
         send(&ctl, &format!("{} {EXIT_ERROR}", msg::FAILED));
     }
-    std::process::exit(0)
+    // The lock is let go of and the owner deregistered (`hold` and the backend's drop): nothing
+    // is left for exit handlers to do.
+    crate::exec::exit_now(0)
 }
 
 /// Names itself, leaves the terminal's session (so that Ctrl-C, a signal to the job's process

@@ -15,6 +15,18 @@
 //! finds no such lock; 2 on errors (one line on stderr, `shmlock: ...`); `run` exits with its
 //! command's status, or 75 (EX_TEMPFAIL) when the lock was not had in time. A closed stdout
 //! (`| head`) exits 0.
+#![cfg_attr(not(test), no_main)]
+
+// The unwinder linked in statically (libgcc_eh, as a `crt-static` build links it), so that the
+// binary needs no libgcc_s.so.1: each process start then maps and relocates one library fewer and
+// skips its constructor's CPUID probing (which traps in some VMs): `run`'s overhead (issue 14,
+// `shmlock-bench run-overhead`). Ahead of std's `-lgcc_s` on the link line, it defines every
+// `_Unwind_*` symbol, and `--as-needed` drops libgcc_s. It ships with gcc next to libgcc_s.so
+// (the same package), so a toolchain that links this binary has it. This binary only: the
+// library, and the C and Python bindings, keep the system's shared unwinder.
+#[cfg(all(target_os = "linux", target_env = "gnu", not(target_feature = "crt-static")))]
+#[link(name = "gcc_eh", kind = "static", modifiers = "-bundle")]
+extern "C" {}
 
 mod docs;
 mod etcd;
@@ -28,7 +40,6 @@ use std::collections::HashSet;
 use std::ffi::OsString;
 use std::io::{ErrorKind, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::process::ExitCode;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,6 +71,15 @@ const EXIT_ERROR: u8 = 2;
                   SHMLOCK_SEGMENT=/test shmlock owners --json"
 )]
 struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The options every subcommand takes.
+#[derive(Debug, Args)]
+struct Global {
     /// Segment name, e.g. /shmlock [default: $SHMLOCK_SEGMENT, then /shmlock].
     #[arg(long, global = true, value_name = "NAME")]
     segment: Option<String>,
@@ -67,8 +87,128 @@ struct Cli {
     /// your own user or root].
     #[arg(long, global = true, value_name = "USER")]
     segment_owner: Option<String>,
-    #[command(subcommand)]
-    command: Command,
+}
+
+/// Parses the command line. `run`'s start-up is on the path of the command it runs (issue 14),
+/// and clap's parse costs about 0.15 ms of it (building the arguments, mostly: clap builds every
+/// subcommand's before it parses), so `run`'s common forms are read by [`parse_run`], and its
+/// others with a command that has `run` alone ([`run_only_command`]); tests hold both to what the
+/// full parser says.
+fn parse() -> Cli {
+    let args: Vec<OsString> = std::env::args_os().collect();
+    if !is_run(&args) {
+        return Cli::parse_from(args);
+    }
+    if let Some(cli) = parse_run(&args) {
+        return cli;
+    }
+    let matches = run_only_command().get_matches_from(args);
+    <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
+/// Is the subcommand `run`: only global options (`--segment X`, `--segment-owner=X`) before it?
+fn is_run(args: &[OsString]) -> bool {
+    let mut rest = args.iter().skip(1).map(|a| a.as_bytes());
+    while let Some(a) = rest.next() {
+        match a {
+            b"run" => return true,
+            b"--segment" | b"--segment-owner" => {
+                if rest.next().is_none() {
+                    return false;
+                }
+            }
+            _ if a.starts_with(b"--segment=") || a.starts_with(b"--segment-owner=") => {}
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// `run`'s common forms, read without clap: `shmlock [--segment S] [--segment-owner U] run
+/// [OPTIONS] NAME [--] CMD...`, where OPTIONS are -s, -x (-e), -n, -o (or their long forms), -w
+/// SECONDS and -E N, each at most once and as separate words, and CMD does not start with `-`
+/// unless after `--`. None for anything else (help, errors, other options, other spellings),
+/// which clap then parses, and explains. What it returns is what clap would (a test compares
+/// them).
+fn parse_run(args: &[OsString]) -> Option<Cli> {
+    // An option's value: clap takes no word that starts with `-` as one, nor (for these) bytes
+    // that are not UTF-8.
+    fn value(v: Option<&OsString>) -> Option<&str> {
+        v.and_then(|v| v.to_str()).filter(|v| !v.starts_with('-'))
+    }
+    let mut words = args.iter().skip(1);
+    let (mut segment, mut segment_owner) = (None, None);
+    loop {
+        match words.next()?.as_bytes() {
+            b"run" => break,
+            b"--segment" if segment.is_none() => segment = Some(value(words.next())?.to_string()),
+            b"--segment-owner" if segment_owner.is_none() => segment_owner = Some(value(words.next())?.to_string()),
+            _ => return None,
+        }
+    }
+    let (mut shared, mut exclusive, mut nonblock, mut close) = (false, false, false, false);
+    let (mut timeout, mut conflict_exit_code) = (None, None);
+    let name = loop {
+        let word = words.next()?;
+        let flag = match word.as_bytes() {
+            b"-s" | b"--shared" => &mut shared,
+            b"-x" | b"-e" | b"--exclusive" => &mut exclusive,
+            b"-n" | b"--nonblock" | b"--nb" => &mut nonblock,
+            b"-o" | b"--close" => &mut close,
+            b"-w" | b"--timeout" | b"--wait" if timeout.is_none() => {
+                timeout = Some(parse_seconds(value(words.next())?).ok()?);
+                continue;
+            }
+            b"-E" | b"--conflict-exit-code" if conflict_exit_code.is_none() => {
+                let n = value(words.next())?;
+                conflict_exit_code = Some(n.parse::<u8>().ok().filter(|_| n.bytes().all(|b| b.is_ascii_digit()))?);
+                continue;
+            }
+            b"" => return None,
+            w if w[0] == b'-' => return None,
+            _ => break word.clone(),
+        };
+        if std::mem::replace(flag, true) {
+            return None;
+        }
+    };
+    let mut command: Vec<OsString> = words.cloned().collect();
+    match command.first()?.as_bytes() {
+        b"--" => drop(command.remove(0)),
+        w if w.first() == Some(&b'-') => return None,
+        _ => {}
+    }
+    if command.is_empty() || (shared && exclusive) {
+        return None;
+    }
+    Some(Cli {
+        global: Global { segment, segment_owner },
+        command: Command::Run(RunArgs {
+            shared,
+            exclusive,
+            timeout,
+            nonblock,
+            conflict_exit_code: conflict_exit_code.unwrap_or(exec::EX_TEMPFAIL),
+            command_string: None,
+            close,
+            lost_exit_code: None,
+            remote: RemoteArgs::default(),
+            etcd: etcd::EtcdArgs::default(),
+            kill_on_loss: false,
+            name,
+            command,
+        }),
+    })
+}
+
+/// [`Cli`]'s command with the `run` subcommand alone.
+fn run_only_command() -> clap::Command {
+    let run = <RunArgs as Args>::augment_args(clap::Command::new("run"))
+        .about(exec::RUN_ABOUT)
+        .after_help(exec::RUN_HELP);
+    <Global as Args>::augment_args(clap::Command::new(env!("CARGO_PKG_NAME")))
+        .subcommand(run)
+        .subcommand_required(true)
 }
 
 #[derive(Debug, Subcommand)]
@@ -152,8 +292,7 @@ enum Command {
         #[arg(long, value_name = "N")]
         count: Option<u64>,
     },
-    /// Hold a lock while a command runs, like flock(1); exits with the command's status.
-    #[command(after_help = exec::RUN_HELP)]
+    #[command(about = exec::RUN_ABOUT, after_help = exec::RUN_HELP)]
     Run(RunArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on stdout.
     #[command(after_help = "Examples:\n  \
@@ -399,18 +538,18 @@ fn write_json(out: &mut impl Write, v: &serde_json::Value) -> Result<()> {
     Ok(())
 }
 
-fn status(table: &Arc<LockTable>, json: bool, out: &mut impl Write) -> Result<ExitCode> {
+fn status(table: &Arc<LockTable>, json: bool, out: &mut impl Write) -> Result<u8> {
     let check = check_with_timeout(table, CHECK_TIMEOUT);
     print_status(&Status::gather(table, check), json, out)
 }
 
-fn print_status(status: &Status, json: bool, out: &mut impl Write) -> Result<ExitCode> {
+fn print_status(status: &Status, json: bool, out: &mut impl Write) -> Result<u8> {
     if json {
         write_json(out, &status.to_json())?;
     } else {
         out.write_all(status.to_text().as_bytes())?;
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(0)
 }
 
 /// `--name-prefix`, as bytes.
@@ -432,7 +571,7 @@ fn dead_owners(table: &LockTable) -> HashSet<u32> {
         .collect()
 }
 
-fn locks(table: &LockTable, a: &LocksArgs, out: &mut impl Write) -> Result<ExitCode> {
+fn locks(table: &LockTable, a: &LocksArgs, out: &mut impl Write) -> Result<u8> {
     let prefix = name_prefix(a)?;
     let mut locks = table.locks();
     let dead = dead_owners(table);
@@ -453,7 +592,7 @@ fn print_locks(
     a: &LocksArgs,
     dead: Option<&HashSet<u32>>,
     out: &mut impl Write,
-) -> Result<ExitCode> {
+) -> Result<u8> {
     if let Some(d) = a.held_longer_than {
         locks.retain(|l| !l.holders.is_empty() && l.held_for() > d);
     }
@@ -468,10 +607,10 @@ fn print_locks(
     } else {
         out.write_all(render::locks_text(&locks, dead).as_bytes())?;
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(0)
 }
 
-fn owners(table: &LockTable, json: bool, out: &mut impl Write) -> Result<ExitCode> {
+fn owners(table: &LockTable, json: bool, out: &mut impl Write) -> Result<u8> {
     let mut owners = table.owners_info(&table.locks());
     owners.sort_by_key(|o| std::cmp::Reverse(o.registered_for));
     if json {
@@ -479,10 +618,10 @@ fn owners(table: &LockTable, json: bool, out: &mut impl Write) -> Result<ExitCod
     } else {
         out.write_all(render::owners_text(&owners).as_bytes())?;
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(0)
 }
 
-fn show(table: &LockTable, name: &[u8], json: bool, out: &mut impl Write) -> Result<ExitCode> {
+fn show(table: &LockTable, name: &[u8], json: bool, out: &mut impl Write) -> Result<u8> {
     let info = table.lock_info(name).map_err(|e| name_error(name, e))?;
     let dead = dead_owners(table);
     match info {
@@ -493,13 +632,13 @@ fn show(table: &LockTable, name: &[u8], json: bool, out: &mut impl Write) -> Res
                 "shmlock: no lock named \"{}\" (never locked, or evicted since)",
                 escape_name(name)
             );
-            return Ok(ExitCode::from(EXIT_FOUND));
+            return Ok(EXIT_FOUND);
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(0)
 }
 
-fn release(table: &LockTable, name: &[u8], force: bool, out: &mut impl Write) -> Result<ExitCode> {
+fn release(table: &LockTable, name: &[u8], force: bool, out: &mut impl Write) -> Result<u8> {
     let shown = escape_name(name);
     if !force {
         let holders = match table.lock_info(name).map_err(|e| name_error(name, e))? {
@@ -533,27 +672,27 @@ fn release(table: &LockTable, name: &[u8], force: bool, out: &mut impl Write) ->
                 n => format!("{n} waiting; the oldest gets it and is told the owner died"),
             };
             writeln!(out, "released \"{shown}\" ({mode}) from {}: {next}", who.join(", "))?;
-            Ok(ExitCode::SUCCESS)
+            Ok(0)
         }
         Err(Error::NotHeld) => {
             eprintln!("shmlock: \"{shown}\" is not held");
-            Ok(ExitCode::from(EXIT_FOUND))
+            Ok(EXIT_FOUND)
         }
         Err(e) => Err(name_error(name, e)),
     }
 }
 
-fn check(table: &Arc<LockTable>, out: &mut impl Write) -> Result<ExitCode> {
+fn check(table: &Arc<LockTable>, out: &mut impl Write) -> Result<u8> {
     match check_with_timeout(table, CHECK_TIMEOUT) {
         CheckOutcome::Consistent => {
             writeln!(out, "ok: {} is consistent", table.segment().name())?;
-            Ok(ExitCode::SUCCESS)
+            Ok(0)
         }
         CheckOutcome::Violations(v) => {
             for line in v {
                 writeln!(out, "{line}")?;
             }
-            Ok(ExitCode::from(EXIT_FOUND))
+            Ok(EXIT_FOUND)
         }
         CheckOutcome::TimedOut(t) => bail!(
             "check did not finish within {}: a shard latch stays taken (a process may have died \
@@ -565,8 +704,8 @@ fn check(table: &Arc<LockTable>, out: &mut impl Write) -> Result<ExitCode> {
 }
 
 /// `--remote` given to `status`, `locks` or `run`: through the gateway at `addr`.
-fn run_remote(cli: Cli, addr: &str) -> Result<ExitCode> {
-    if cli.segment.is_some() || cli.segment_owner.is_some() {
+fn run_remote(cli: Cli, addr: &str) -> Result<u8> {
+    if cli.global.segment.is_some() || cli.global.segment_owner.is_some() {
         bail!(
             "--segment and --remote exclude each other (--segment-owner and --remote too): through a \
              gateway, the segment is shmlockd's"
@@ -603,20 +742,20 @@ fn run_remote(cli: Cli, addr: &str) -> Result<ExitCode> {
     Ok(code)
 }
 
-fn run(cli: Cli) -> Result<ExitCode> {
+fn run(cli: Cli) -> Result<u8> {
     // Neither a segment nor a gateway.
     match &cli.command {
         Command::Completions { shell } => {
             let mut out = std::io::stdout().lock();
             docs::completions(*shell, &mut out)?;
             out.flush()?;
-            return Ok(ExitCode::SUCCESS);
+            return Ok(0);
         }
         Command::Manpages { dir } => {
             let mut out = std::io::stdout().lock();
             docs::manpages(dir, &mut out)?;
             out.flush()?;
-            return Ok(ExitCode::SUCCESS);
+            return Ok(0);
         }
         _ => {}
     }
@@ -638,8 +777,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Locks(a) => drop(name_prefix(a)?),
         _ => {}
     }
-    let segment = cli.segment.unwrap_or_else(default_segment_name);
-    let table = open(&segment, cli.segment_owner.as_deref())?;
+    let segment = cli.global.segment.unwrap_or_else(default_segment_name);
+    let table = open(&segment, cli.global.segment_owner.as_deref())?;
     if let Command::Run(a) = cli.command {
         return exec::run(exec::Place::Local { table, segment }, &a);
     }
@@ -671,17 +810,62 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
     })
 }
 
-fn main() -> ExitCode {
+/// The C `main` (the binary is `no_main`): the standard library's start-up, which a Rust `main`
+/// runs first, costs about 0.1 ms in some VMs (it reads /proc/self/maps for the main thread's
+/// stack guard, and maps and installs a signal stack and SIGSEGV/SIGBUS handlers to report stack
+/// overflows), and every `shmlock run` pays it before its command starts (issue 14). What of it
+/// the CLI relies on is done here instead: standard descriptors that are closed are opened on
+/// /dev/null (so that no pipe or segment lands on 0, 1 or 2), SIGPIPE is ignored (a closed stdout
+/// is an error, `is_broken_pipe`; commands that `run` starts get SIGPIPE's default back from the
+/// standard library, as before), and a panic exits 101. What is lost: a stack overflow is a bare
+/// SIGSEGV rather than a message, and a panic names the thread `<unnamed>` rather than `main`.
+#[cfg(not(test))]
+#[allow(unsafe_code)]
+// SAFETY: `main` is the one symbol the C runtime calls; nothing else in the binary defines it
+// (`no_main`), and it has the signature the C runtime calls it with.
+#[no_mangle]
+extern "C" fn main(_argc: std::ffi::c_int, _argv: *const *const std::ffi::c_char) -> std::ffi::c_int {
+    open_standard_fds();
+    ignore_sigpipe();
+    let code = std::panic::catch_unwind(real_main).unwrap_or(101);
+    // Flushes stdout, as returning from a Rust `main` does.
+    std::process::exit(i32::from(code))
+}
+
+/// Opens /dev/null on each of descriptors 0, 1 and 2 that is closed, in order (`open` takes the
+/// lowest free descriptor), as the standard library's start-up does.
+#[cfg(not(test))]
+fn open_standard_fds() {
+    use nix::fcntl::{fcntl, open, FcntlArg, OFlag};
+    for fd in 0..=2 {
+        if fcntl(fd, FcntlArg::F_GETFD) == Err(nix::errno::Errno::EBADF)
+            && open("/dev/null", OFlag::O_RDWR, nix::sys::stat::Mode::empty()).is_err()
+        {
+            std::process::abort();
+        }
+    }
+}
+
+#[cfg(not(test))]
+#[allow(unsafe_code)]
+fn ignore_sigpipe() {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // SAFETY: SIG_IGN installs no handler, so nothing runs in signal context.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigIgn) };
+}
+
+#[cfg_attr(test, allow(dead_code))]
+fn real_main() -> u8 {
     // A CLI process touches a few pages of the segment: populating all of its page tables up
     // front would cost more than `run`'s whole lock-and-release.
     shmlock::shm::populate_on_map(false);
-    let cli = Cli::parse();
+    let cli = parse();
     match run(cli) {
         Ok(code) => code,
-        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) if is_broken_pipe(&e) => 0,
         Err(e) => {
             eprintln!("shmlock: {e:#}");
-            ExitCode::from(EXIT_ERROR)
+            EXIT_ERROR
         }
     }
 }
@@ -690,6 +874,234 @@ fn main() -> ExitCode {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn the_run_only_command_parses_helps_and_fails_as_the_full_one() {
+        run_only_command().debug_assert();
+        let help = |mut c: clap::Command| {
+            c.build();
+            let run = c.find_subcommand_mut("run").expect("run");
+            (run.render_help().to_string(), run.render_long_help().to_string())
+        };
+        assert_eq!(help(run_only_command()), help(Cli::command()));
+        let argvs: &[&[&str]] = &[
+            &["shmlock", "run", "x", "--", "true"],
+            &["shmlock", "run", "x", "true", "-n"],
+            &[
+                "shmlock",
+                "--segment",
+                "/s",
+                "run",
+                "-s",
+                "-w",
+                "0.5",
+                "-E",
+                "3",
+                "x",
+                "sh",
+                "-c",
+                "exit 1",
+            ],
+            &[
+                "shmlock",
+                "--segment=/s",
+                "--segment-owner",
+                "app",
+                "run",
+                "-o",
+                "-n",
+                "x",
+                "true",
+            ],
+            &["shmlock", "--segment", "run", "run", "x", "true"],
+            &["shmlock", "run", "--segment", "/s", "-c", "echo hi", "x"],
+            &[
+                "shmlock",
+                "run",
+                "--remote",
+                "h:1",
+                "--kill-on-loss",
+                "--lost-exit-code",
+                "9",
+                "x",
+                "true",
+            ],
+            &[
+                "shmlock",
+                "run",
+                "--etcd",
+                "http://a:1,http://b:2",
+                "--etcd-ttl",
+                "5",
+                "x",
+                "true",
+            ],
+            &["shmlock", "run", "-w", "250ms", "--nb", "x", "true"],
+            // Errors, and what clap says about them.
+            &["shmlock", "run"],
+            &["shmlock", "run", "x"],
+            &["shmlock", "run", "-w", "soon", "x", "true"],
+            &["shmlock", "run", "-s", "-x", "x", "true"],
+            &["shmlock", "run", "--kill-on-loss", "x", "true"],
+            &["shmlock", "run", "--bogus", "x", "true"],
+            &["shmlock", "run", "--help"],
+            &["shmlock", "run", "-h"],
+            &["shmlock", "run", "--version"],
+        ];
+        for argv in argvs {
+            let args: Vec<OsString> = argv.iter().map(OsString::from).collect();
+            assert!(is_run(&args), "{argv:?}");
+            let full = Cli::try_parse_from(&args);
+            let reduced = run_only_command()
+                .try_get_matches_from(&args)
+                .and_then(|m| <Cli as clap::FromArgMatches>::from_arg_matches(&m));
+            let show = |r: Result<Cli, clap::Error>| match r {
+                Ok(c) => format!("{c:?}"),
+                Err(e) => format!("{:?}: {}", e.kind(), e.render()),
+            };
+            assert_eq!(show(reduced), show(full), "{argv:?}");
+        }
+        for argv in [
+            &["shmlock", "status"][..],
+            &["shmlock", "--segment"],
+            &["shmlock", "--help", "run"],
+            &["shmlock", "-V"],
+            &["shmlock", "locks", "run"],
+            &["shmlock"],
+        ] {
+            let args: Vec<OsString> = argv.iter().map(OsString::from).collect();
+            assert!(!is_run(&args), "{argv:?}");
+        }
+    }
+
+    #[test]
+    fn parse_run_reads_what_clap_reads_or_leaves_it_to_clap() {
+        let globals: &[&[&str]] = &[
+            &[],
+            &["--segment", "/s"],
+            &["--segment-owner", "app", "--segment", "run"],
+            &["--segment", "/a", "--segment", "/b"],
+            &["--segment", "-x"],
+            &["--segment=/s"],
+        ];
+        let mut options: Vec<&[&str]> = [
+            "-s",
+            "--shared",
+            "-x",
+            "-e",
+            "--exclusive",
+            "-n",
+            "--nonblock",
+            "--nb",
+            "-o",
+            "--close",
+        ]
+        .iter()
+        .map(std::slice::from_ref)
+        .collect();
+        options.extend_from_slice(&[
+            &[],
+            &["-s", "-o"],
+            &["--shared", "--nb", "--close"],
+            &["-x", "-e"],
+            &["-s", "-x"],
+            &["--exclusive", "--nonblock"],
+            &["-n", "-n"],
+            &["-w", "0.5"],
+            &["--timeout", "250ms", "-E", "0"],
+            &["--wait", ".05", "-s"],
+            &["-w", "soon"],
+            &["-w", "-1"],
+            &["-w", "1", "-w", "2"],
+            &["-E", "9", "-n"],
+            &["-E", "075"],
+            &["-E", "300"],
+            &["-E", "+3"],
+            &["-E"],
+            &["-ns"],
+            &["-w5"],
+            &["--timeout=5"],
+            &["-c", "true"],
+            &["--remote", "h:1"],
+            &["-h"],
+            &["--segment", "/t"],
+        ]);
+        let names: &[&str] = &["job", "run", "-y", "", "a b", "--"];
+        let commands: &[&[&str]] = &[
+            &[],
+            &["true"],
+            &["--", "true"],
+            &["--"],
+            &["-n"],
+            &["--", "-n"],
+            &["sh", "-c", "exit 3"],
+            &["true", "--", "x"],
+            &["--", "--", "x"],
+            &["true", "-n", "--segment", "/x"],
+        ];
+        let (mut read, mut left) = (0, 0);
+        for g in globals {
+            for o in &options {
+                for n in names {
+                    for c in commands {
+                        let mut argv = vec!["shmlock"];
+                        argv.extend_from_slice(g);
+                        argv.push("run");
+                        argv.extend_from_slice(o);
+                        argv.push(n);
+                        argv.extend_from_slice(c);
+                        let args: Vec<OsString> = argv.iter().map(OsString::from).collect();
+                        let Some(fast) = parse_run(&args) else {
+                            left += 1;
+                            continue;
+                        };
+                        read += 1;
+                        let full = Cli::try_parse_from(&args).unwrap_or_else(|e| panic!("{argv:?}: clap: {e}"));
+                        assert_eq!(format!("{fast:?}"), format!("{full:?}"), "{argv:?}");
+                    }
+                }
+            }
+        }
+        // Both kinds are there: the common forms read, the rest left to clap.
+        assert!(read > 500 && left > 2000, "read {read}, left {left}");
+        let bytes = |b: &[u8]| std::ffi::OsStr::from_bytes(b).to_os_string();
+        let args = vec![
+            bytes(b"shmlock"),
+            bytes(b"run"),
+            bytes(b"\xff"),
+            bytes(b"true"),
+            bytes(b"\xfe"),
+        ];
+        let fast = parse_run(&args).expect("a name and a command need not be UTF-8");
+        assert_eq!(
+            format!("{fast:?}"),
+            format!("{:?}", Cli::try_parse_from(&args).expect("clap"))
+        );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(3000))]
+        /// Random command lines from `run`'s vocabulary: whatever `parse_run` reads, clap reads
+        /// the same way.
+        #[test]
+        fn parse_run_agrees_with_clap_on_random_command_lines(
+            run_first in proptest::bool::weighted(0.8),
+            words in proptest::collection::vec(proptest::sample::select(&[
+                "run", "run", "run", "--segment", "/s", "--segment-owner", "u", "-s", "-x", "-e", "-n",
+                "-o", "--shared", "--exclusive", "--nonblock", "--nb", "--close", "-w", "0.5", "250ms",
+                "-E", "3", "300", "--timeout", "--wait", "--conflict-exit-code", "--", "--", "true",
+                "job", "job", "-c", "-h", "soon", "-1", "", "--remote",
+            ][..]), 1..9)
+        ) {
+            let first: &[&str] = if run_first { &["shmlock", "run"] } else { &["shmlock"] };
+            let args: Vec<OsString> = first.iter().chain(&words).map(OsString::from).collect();
+            if let Some(fast) = parse_run(&args) {
+                let full = Cli::try_parse_from(&args);
+                proptest::prop_assert!(full.is_ok(), "{:?}: clap: {:?}", words, full.err());
+                proptest::prop_assert_eq!(format!("{fast:?}"), format!("{:?}", full.unwrap()), "{:?}", words);
+            }
+        }
+    }
 
     #[test]
     fn cli_definition_is_valid_and_every_subcommand_has_an_example() {

@@ -25,7 +25,7 @@ const READ_TIMEOUT: Duration = Duration::from_secs(60);
 pub(crate) const TOKEN_ENV: &str = "SHMLOCK_AUTH_TOKEN";
 
 /// Where the gateway is and how to authenticate: the `--remote` options of a subcommand.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone, Default, clap::Args)]
 pub(crate) struct RemoteArgs {
     /// Ask shmlockd's gateway at HOST:PORT (e.g. 10.0.0.5:7411) instead of opening the segment.
     #[arg(long, value_name = "HOST:PORT")]

@@ -7,7 +7,6 @@
 
 use std::io::{IsTerminal, Read, Write};
 use std::os::fd::AsFd;
-use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -94,7 +93,7 @@ fn quit_requested(d: Duration, stdin_open: &mut bool, tty: bool) -> bool {
 }
 
 /// Runs the live view until `q`, Ctrl-C, or `count` frames.
-pub(crate) fn watch(table: &LockTable, interval: Duration, count: Option<u64>) -> Result<ExitCode> {
+pub(crate) fn watch(table: &LockTable, interval: Duration, count: Option<u64>) -> Result<u8> {
     let screen = Screen::enter();
     let tty = screen.is_some();
     let mut stdin_open = true;
@@ -127,7 +126,7 @@ pub(crate) fn watch(table: &LockTable, interval: Duration, count: Option<u64>) -
         }
     }
     drop(screen);
-    Ok(ExitCode::SUCCESS)
+    Ok(0)
 }
 
 /// Per-second rate of a counter between two snapshots.
