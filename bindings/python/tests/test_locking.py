@@ -23,25 +23,18 @@ from conftest import DEADLINE, Children, Daemon, binary, wait_until
 # ---- exclusion, shared mode, timeouts ---------------------------------------------------------
 
 
-def test_exclusive_locks_exclude_across_processes(segment: str, client: pyshmlock.Client, children: Children, tmp_path: Path) -> None:
+@pytest.mark.parametrize("role", ["counter", "lock_counter"])  # client.lock's Guard; a reused Lock
+def test_exclusive_locks_exclude_across_processes(
+    segment: str, client: pyshmlock.Client, children: Children, tmp_path: Path, role: str
+) -> None:
     witness = tmp_path / "counter"
     witness.write_text("0")
     n, per = 4, 300
-    procs = [children.spawn("counter", segment, "jobs/1", witness, per) for _ in range(n)]
+    procs = [children.spawn(role, segment, "jobs/1", witness, per) for _ in range(n)]
     for p in procs:
         children.finish(p)
     assert int(witness.read_text()) == n * per, "an increment was lost: two holders at once"
     assert client.try_lock("jobs/1") is not None
-
-
-def test_lock_objects_exclude_across_processes(segment: str, client: pyshmlock.Client, children: Children, tmp_path: Path) -> None:
-    witness = tmp_path / "counter"
-    witness.write_text("0")
-    n, per = 4, 300
-    procs = [children.spawn("lock_counter", segment, "jobs/2", witness, per) for _ in range(n)]
-    for p in procs:
-        children.finish(p)
-    assert int(witness.read_text()) == n * per, "an increment was lost: two holders at once"
 
 
 def test_a_lock_object_is_reusable_and_reports_its_last_grant(segment: str, client: pyshmlock.Client) -> None:
