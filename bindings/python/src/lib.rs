@@ -773,6 +773,7 @@ impl Lock {
 
     /// Unlocks. NotHeld if this Lock does not hold it, or it was taken away meanwhile.
     fn release(&self, py: Python<'_>) -> PyResult<()> {
+        // `give_back`'s match, without putting the guard through a Result first (see `take`).
         let r = match self.held.replace(py, None) {
             Some(Held::Local(g)) => g.unlock(),
             Some(Held::Remote(g)) => py.detach(|| g.unlock()),
