@@ -15,10 +15,12 @@
 //!   is plain Python.
 
 use std::cell::Cell;
+use std::ffi::{c_int, CStr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyString};
@@ -677,6 +679,29 @@ struct Lock {
 }
 
 impl Lock {
+    /// Tries a local lock once, under the GIL, creating no Python object: the guard goes from
+    /// the library's answer straight into the cell (each move of it through a wrapping Result
+    /// is a store and a reload that stalls; they were a fifth of a pair). The caller has
+    /// checked that this Lock holds nothing.
+    #[inline]
+    fn try_local(&self, py: Python<'_>, c: &Arc<Local>) -> Result<(), Error> {
+        let g = Local::acquire_with(Arc::clone(c), &self.bytes, self.mode, Wait::No)?;
+        self.token.replace(py, g.token().0);
+        self.owner_died.replace(py, g.owner_died());
+        self.held.replace(py, Some(Held::Local(g)));
+        Ok(())
+    }
+
+    /// Takes a local lock that is free: true when it did; false, with nothing changed, for
+    /// anything else (busy, held by this Lock, remote, an error), which `take` then does whole.
+    #[inline]
+    fn take_free(&self, py: Python<'_>) -> bool {
+        match &self.backing {
+            Backing::Local(c) => !self.is_held(py) && self.try_local(py, c).is_ok(),
+            Backing::Remote(_) => false,
+        }
+    }
+
     fn is_held(&self, py: Python<'_>) -> bool {
         let held = self.held.replace(py, None);
         let is = held.is_some();
@@ -690,22 +715,12 @@ impl Lock {
             return Err(raise(py, Error::AlreadyHeld, Some(&self.name)));
         }
         let taken = match &self.backing {
-            Backing::Local(c) => {
-                // The uncontended path, written out: the guard goes from the library's answer
-                // straight into the cell (each move of it through a wrapping Result is a
-                // store and a reload that stalls; they were a fifth of a pair).
-                match Local::acquire_with(Arc::clone(c), &self.bytes, self.mode, Wait::No) {
-                    Ok(g) => {
-                        self.token.replace(py, g.token().0);
-                        self.owner_died.replace(py, g.owner_died());
-                        self.held.replace(py, Some(Held::Local(g)));
-                        return Ok(true);
-                    }
-                    Err(Error::WouldBlock) if wait == Wait::No => return Ok(false),
-                    Err(Error::WouldBlock) => wait_for(py, c, &self.bytes, self.mode, wait)?,
-                    Err(e) => return Err(raise(py, e, Some(&self.name))),
-                }
-            }
+            Backing::Local(c) => match self.try_local(py, c) {
+                Ok(()) => return Ok(true),
+                Err(Error::WouldBlock) if wait == Wait::No => return Ok(false),
+                Err(Error::WouldBlock) => wait_for(py, c, &self.bytes, self.mode, wait)?,
+                Err(e) => return Err(raise(py, e, Some(&self.name))),
+            },
             Backing::Remote(c) => take(py, c, &self.bytes, self.mode, wait)?,
         };
         match taken {
@@ -765,13 +780,20 @@ impl Lock {
     /// Locks, waiting `timeout` seconds at most (None: the Lock's timeout; negative: as long as
     /// it takes; 0: one try) and raising Timeout when that runs out. Returns True, or False
     /// when blocking=False (or a timeout of 0) found it busy. AlreadyHeld if this Lock holds it.
-    #[pyo3(signature = (blocking=true, timeout=None))]
+    ///
+    /// (The general path: `acquire` is [`lock_acquire`], which takes an uncontended lock itself
+    /// and calls this for anything else.)
+    #[pyo3(name = "_acquire", signature = (blocking=true, timeout=None))]
     fn acquire(&self, py: Python<'_>, blocking: bool, timeout: Option<f64>) -> PyResult<bool> {
         let wait = wait_of(timeout.or(self.timeout), blocking)?;
         self.take(py, wait)
     }
 
     /// Unlocks. NotHeld if this Lock does not hold it, or it was taken away meanwhile.
+    ///
+    /// (The general path: `release` is [`lock_release`], which unlocks a local lock itself and
+    /// calls this for anything else.)
+    #[pyo3(name = "_release")]
     fn release(&self, py: Python<'_>) -> PyResult<()> {
         // `give_back`'s match, without putting the guard through a Result first (see `take`).
         let r = match self.held.replace(py, None) {
@@ -874,6 +896,187 @@ impl Lock {
     }
 }
 
+// ---- Lock.acquire and Lock.release as CPython's own methods --------------------------------
+//
+// A PyO3 method costs ~35 ns a call before its body runs (its trampoline counts the GIL in a
+// thread-local, checks the deferred reference pool and the type, and, under abi3 for 3.9, parses
+// `acquire`'s arguments from a tuple and a dict): two of them were more than
+// `multiprocessing.Lock`'s whole pair. These two are plain `PyMethodDef`s put on the class
+// (method descriptors, as C extensions make them), whose bodies do the common case without
+// Python objects, exceptions or PyO3's accounting, and hand anything else to the PyO3 methods
+// `_acquire` and `_release`, which do the whole of it (that case tried again from the start).
+
+/// `self` of a `Lock` method.
+///
+/// # Safety
+/// With the GIL held, `slf` is a live `Lock`: CPython's method descriptor checks `self`'s type
+/// before it calls the method, and `Lock` cannot be subclassed (no `subclass` in its pyclass).
+unsafe fn lock_of<'a>(py: Python<'a>, slf: *mut ffi::PyObject) -> Borrowed<'a, 'a, Lock> {
+    // SAFETY: as the caller promises: a live object of type `Lock`, borrowed for the call.
+    unsafe { Borrowed::from_ptr(py, slf).cast_unchecked::<Lock>() }
+}
+
+/// Calls `self.<name>(*args, **kwargs)` (`args` null: no arguments): the general path.
+///
+/// # Safety
+/// With the GIL held; `slf` live; `args` null or a tuple, `kwargs` null or a dict.
+unsafe fn general(
+    slf: *mut ffi::PyObject,
+    name: &CStr,
+    args: *mut ffi::PyObject,
+    kwargs: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    // SAFETY: the caller's promises are these functions' preconditions; `m` is a new reference
+    // (or null with an exception set), released after the call.
+    unsafe {
+        let m = ffi::PyObject_GetAttrString(slf, name.as_ptr());
+        if m.is_null() {
+            return std::ptr::null_mut();
+        }
+        let r = if args.is_null() {
+            ffi::PyObject_CallObject(m, std::ptr::null_mut())
+        } else {
+            ffi::PyObject_Call(m, args, kwargs)
+        };
+        ffi::Py_DECREF(m);
+        r
+    }
+}
+
+/// Runs `f`, turning a panic into Python's `PanicException` (as PyO3's own methods do): no
+/// unwinding leaves an `extern "C"` function.
+fn guarded(f: impl FnOnce() -> *mut ffi::PyObject) -> *mut ffi::PyObject {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => Python::attach(|py| {
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "panic in pyshmlock".into());
+            pyo3::panic::PanicException::new_err(message).restore(py);
+            std::ptr::null_mut()
+        }),
+    }
+}
+
+/// A new reference to `o` (`True`, `None`: immortal or not, as the running CPython has them).
+///
+/// # Safety
+/// With the GIL held; `o` live.
+unsafe fn new_ref(o: *mut ffi::PyObject) -> *mut ffi::PyObject {
+    // SAFETY: the caller's promise.
+    unsafe { ffi::Py_INCREF(o) };
+    o
+}
+
+/// `Lock.acquire(blocking=True, timeout=None)` (METH_VARARGS | METH_KEYWORDS): called with no
+/// arguments, a local lock found free is taken here; anything else is `_acquire`'s.
+unsafe extern "C" fn lock_acquire(
+    slf: *mut ffi::PyObject,
+    args: *mut ffi::PyObject,
+    kwargs: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    guarded(|| {
+        // SAFETY: CPython calls a method with the GIL held, `self` checked to be a `Lock`
+        // (`lock_of`), `args` a tuple and `kwargs` null or a dict.
+        unsafe {
+            let py = Python::assume_attached();
+            let no_args = ffi::PyTuple_Size(args) == 0 && (kwargs.is_null() || ffi::PyDict_Size(kwargs) == 0);
+            if no_args && lock_of(py, slf).get().take_free(py) {
+                return new_ref(ffi::Py_True());
+            }
+            general(slf, c"_acquire", args, kwargs)
+        }
+    })
+}
+
+/// `Lock.release()` (METH_NOARGS): a local lock is unlocked here; anything else (a remote
+/// lock, nothing held) is `_release`'s.
+unsafe extern "C" fn lock_release(slf: *mut ffi::PyObject, _noargs: *mut ffi::PyObject) -> *mut ffi::PyObject {
+    guarded(|| {
+        // SAFETY: as in `lock_acquire`.
+        unsafe {
+            let py = Python::assume_attached();
+            let this = lock_of(py, slf);
+            let lock = this.get();
+            match lock.held.replace(py, None) {
+                Some(Held::Local(g)) => match g.unlock() {
+                    Ok(()) => new_ref(ffi::Py_None()),
+                    // Taken away meanwhile (NotHeld), or the segment's own failure: raised
+                    // through PyO3, which counts the GIL as held for the exception's objects.
+                    Err(e) => Python::attach(|py| {
+                        raise(py, e, Some(&lock.name)).restore(py);
+                        std::ptr::null_mut()
+                    }),
+                },
+                other => {
+                    lock.held.replace(py, other);
+                    general(slf, c"_release", std::ptr::null_mut(), std::ptr::null_mut())
+                }
+            }
+        }
+    })
+}
+
+/// A `PyMethodDef` for the class `Lock`, made once and never freed (CPython keeps a pointer to
+/// it in the method descriptor, which the class keeps).
+fn method_def(
+    name: &'static CStr,
+    meth: ffi::PyMethodDefPointer,
+    flags: c_int,
+    doc: &'static CStr,
+) -> *mut ffi::PyMethodDef {
+    Box::leak(Box::new(ffi::PyMethodDef {
+        ml_name: name.as_ptr(),
+        ml_meth: meth,
+        ml_flags: flags,
+        ml_doc: doc.as_ptr(),
+    }))
+}
+
+/// Puts `acquire` and `release` on the class `Lock` (over nothing: its PyO3 methods are named
+/// `_acquire` and `_release`).
+fn add_lock_methods(py: Python<'_>) -> PyResult<()> {
+    let ty = py.get_type::<Lock>();
+    let defs = [
+        (
+            "acquire",
+            method_def(
+                c"acquire",
+                ffi::PyMethodDefPointer {
+                    PyCFunctionWithKeywords: lock_acquire,
+                },
+                ffi::METH_VARARGS | ffi::METH_KEYWORDS,
+                c"acquire($self, /, blocking=True, timeout=None)\n--\n\nLocks, waiting `timeout` seconds \
+                at most (None: the Lock's timeout; negative: as long as it takes; 0: one try) and raising \
+                Timeout when that runs out. Returns True, or False when blocking=False (or a timeout of 0) \
+                found it busy. AlreadyHeld if this Lock holds it.",
+            ),
+        ),
+        (
+            "release",
+            method_def(
+                c"release",
+                ffi::PyMethodDefPointer {
+                    PyCFunction: lock_release,
+                },
+                ffi::METH_NOARGS,
+                c"release($self, /)\n--\n\nUnlocks. NotHeld if this Lock does not hold it, or it was \
+                taken away meanwhile.",
+            ),
+        ),
+    ];
+    for (name, def) in defs {
+        // SAFETY: the GIL is held (`py`); `ty` is a live type object and `def` a valid
+        // PyMethodDef that lives for ever. The result is a new reference or null with an
+        // exception set, which `from_owned_ptr_or_err` takes either way.
+        let descr = unsafe { Bound::from_owned_ptr_or_err(py, ffi::PyDescr_NewMethod(ty.as_type_ptr(), def))? };
+        ty.setattr(name, descr)?;
+    }
+    Ok(())
+}
+
 /// The module.
 #[pymodule]
 fn _pyshmlock(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -881,6 +1084,7 @@ fn _pyshmlock(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<RemoteClient>()?;
     m.add_class::<Guard>()?;
     m.add_class::<Lock>()?;
+    add_lock_methods(m.py())?;
     m.add("DEFAULT_SEGMENT", shmlock::shm::DEFAULT_SEGMENT)?;
     m.add("INTERRUPT_CHECK", shmlock::lock::INTERRUPT_CHECK.as_secs_f64())?;
     Ok(())

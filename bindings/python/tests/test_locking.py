@@ -5,6 +5,7 @@ same API through the gateway."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import multiprocessing
 import os
@@ -111,6 +112,31 @@ def test_a_lock_object_checks_its_arguments(client: pyshmlock.Client) -> None:
         pyshmlock.Lock(client, "").acquire()
     with pytest.raises(pyshmlock.BadName):
         pyshmlock.Lock(client, "x" * 10_000).acquire()
+    # acquire and release are methods of CPython's own kind (a fast path written in the module):
+    # they check self, their arguments and the class the way any method does.
+    lk = pyshmlock.Lock(client, "checked")
+    with pytest.raises(TypeError):
+        pyshmlock.Lock.acquire(client)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        pyshmlock.Lock.release(object())  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        lk.acquire(True, 1.0, 3)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        lk.acquire(wait=1.0)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        lk.release(1)  # type: ignore[call-arg]
+    assert not lk.locked, "a refused call takes nothing"
+    with pytest.raises(TypeError):
+
+        class Sub(pyshmlock.Lock):  # type: ignore[misc]
+            pass
+
+    assert list(inspect.signature(pyshmlock.Lock.acquire).parameters) == ["self", "blocking", "timeout"]
+    assert "Timeout" in (pyshmlock.Lock.acquire.__doc__ or "")
+    assert lk.acquire(True, None) and lk.locked
+    lk.release()
+    assert lk.acquire(**{}) and lk.locked
+    lk.release()
 
 
 def test_shared_holders_share_and_exclude_a_writer(segment: str, client: pyshmlock.Client, children: Children, tmp_path: Path) -> None:
@@ -302,6 +328,34 @@ def _use_parents_client(c: pyshmlock.Client, q: "multiprocessing.Queue[str]") ->
         own = pyshmlock.Client(c.segment)
         busy = own.try_lock("held-by-parent") is None
         q.put(f"ForkedClient {e.opened_by} {e.pid} {busy} {e}")
+
+
+def _use_parents_lock_objects(held: pyshmlock.Lock, free: pyshmlock.Lock, q: multiprocessing.Queue) -> None:
+    outcomes = []
+    for what in (free.acquire, held.release):
+        try:
+            what()
+            outcomes.append("done")
+        except pyshmlock.ForkedClient:
+            outcomes.append("ForkedClient")
+    q.put(" ".join(outcomes))
+
+
+def test_a_forked_child_cannot_lock_or_unlock_through_its_parents_lock_objects(client: pyshmlock.Client) -> None:
+    held, free = pyshmlock.Lock(client, "lock-held-by-parent"), pyshmlock.Lock(client, "lock-free")
+    held.acquire()
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_use_parents_lock_objects, args=(held, free, q))
+    p.start()
+    assert q.get(timeout=DEADLINE) == "ForkedClient ForkedClient"
+    p.join(DEADLINE)
+    assert p.exitcode == 0
+    # The parent's lock is still its own, and the child took nothing.
+    assert held.locked and pyshmlock.Client(client.segment).try_lock("lock-held-by-parent") is None
+    held.release()
+    assert free.acquire(blocking=False)
+    free.release()
 
 
 def test_a_forked_child_gets_forked_client_and_opens_its_own(client: pyshmlock.Client) -> None:
