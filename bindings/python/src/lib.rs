@@ -23,7 +23,7 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyBytes, PyString};
+use pyo3::types::{PyBool, PyBytes, PyString};
 use pyo3::IntoPyObjectExt;
 use shmlock::remote::{ArcRemoteGuard, ConnectOptions, RemoteClient as Remote};
 use shmlock::{ArcLockGuard, Capacities, Client as Local, Error, LockTable, Locker, Mode, Wait};
@@ -859,7 +859,8 @@ impl Lock {
     }
 
     /// Locks with the Lock's timeout (raising Timeout, or WouldBlock for a timeout of 0), and
-    /// returns the Lock itself.
+    /// returns the Lock itself. (The general path of `__enter__`, [`lock_enter`].)
+    #[pyo3(name = "_enter")]
     fn __enter__(slf: &Bound<'_, Self>) -> PyResult<Py<Self>> {
         let this = slf.get();
         let wait = wait_of(this.timeout, true)?;
@@ -869,8 +870,8 @@ impl Lock {
         Ok(slf.clone().unbind())
     }
 
-    /// Releases, as Guard's `__exit__` does.
-    #[pyo3(signature = (exc_type=None, _exc=None, _tb=None))]
+    /// Releases, as Guard's `__exit__` does. (The general path of `__exit__`, [`lock_exit`].)
+    #[pyo3(name = "_exit", signature = (exc_type=None, _exc=None, _tb=None))]
     fn __exit__(
         &self,
         py: Python<'_>,
@@ -896,15 +897,15 @@ impl Lock {
     }
 }
 
-// ---- Lock.acquire and Lock.release as CPython's own methods --------------------------------
+// ---- Lock's acquire, release, __enter__ and __exit__ as CPython's own methods --------------
 //
 // A PyO3 method costs ~35 ns a call before its body runs (its trampoline counts the GIL in a
 // thread-local, checks the deferred reference pool and the type, and, under abi3 for 3.9, parses
-// `acquire`'s arguments from a tuple and a dict): two of them were more than
-// `multiprocessing.Lock`'s whole pair. These two are plain `PyMethodDef`s put on the class
-// (method descriptors, as C extensions make them), whose bodies do the common case without
-// Python objects, exceptions or PyO3's accounting, and hand anything else to the PyO3 methods
-// `_acquire` and `_release`, which do the whole of it (that case tried again from the start).
+// arguments from a tuple and a dict): two of them were more than `multiprocessing.Lock`'s whole
+// pair. These four are plain `PyMethodDef`s put on the class (method descriptors, as C extensions
+// make them), whose bodies do the common case without Python objects, exceptions or PyO3's
+// accounting, and hand anything else to the PyO3 methods `_acquire`, `_release`, `_enter` and
+// `_exit`, which do the whole of it (that case tried again from the start).
 
 /// `self` of a `Lock` method.
 ///
@@ -960,6 +961,19 @@ fn guarded(f: impl FnOnce() -> *mut ffi::PyObject) -> *mut ffi::PyObject {
     }
 }
 
+/// Runs `f` attached through PyO3 (which then counts the GIL as held, so the objects `f` makes
+/// and drops are accounted as in any PyO3 method): its value as a new reference, or null with
+/// its exception set.
+fn attached(f: impl FnOnce(Python<'_>) -> PyResult<Py<PyAny>>) -> *mut ffi::PyObject {
+    Python::attach(|py| match f(py) {
+        Ok(o) => o.into_ptr(),
+        Err(e) => {
+            e.restore(py);
+            std::ptr::null_mut()
+        }
+    })
+}
+
 /// A new reference to `o` (`True`, `None`: immortal or not, as the running CPython has them).
 ///
 /// # Safety
@@ -1003,18 +1017,68 @@ unsafe extern "C" fn lock_release(slf: *mut ffi::PyObject, _noargs: *mut ffi::Py
             match lock.held.replace(py, None) {
                 Some(Held::Local(g)) => match g.unlock() {
                     Ok(()) => new_ref(ffi::Py_None()),
-                    // Taken away meanwhile (NotHeld), or the segment's own failure: raised
-                    // through PyO3, which counts the GIL as held for the exception's objects.
-                    Err(e) => Python::attach(|py| {
-                        raise(py, e, Some(&lock.name)).restore(py);
-                        std::ptr::null_mut()
-                    }),
+                    // Taken away meanwhile (NotHeld), or the segment's own failure.
+                    Err(e) => attached(|py| Err(raise(py, e, Some(&lock.name)))),
                 },
                 other => {
                     lock.held.replace(py, other);
                     general(slf, c"_release", std::ptr::null_mut(), std::ptr::null_mut())
                 }
             }
+        }
+    })
+}
+
+/// `with lock:`'s `Lock.__enter__()` (METH_NOARGS): a local lock found free is taken here and
+/// the Lock returned; anything else is `_enter`'s.
+unsafe extern "C" fn lock_enter(slf: *mut ffi::PyObject, _noargs: *mut ffi::PyObject) -> *mut ffi::PyObject {
+    guarded(|| {
+        // SAFETY: as in `lock_acquire`.
+        unsafe {
+            let py = Python::assume_attached();
+            if lock_of(py, slf).get().take_free(py) {
+                return new_ref(slf);
+            }
+            general(slf, c"_enter", std::ptr::null_mut(), std::ptr::null_mut())
+        }
+    })
+}
+
+/// `Lock.__exit__(exc_type=None, exc=None, tb=None)` (METH_VARARGS | METH_KEYWORDS): a local
+/// lock is unlocked here, as `_exit` would (`exit_outcome`); anything else is `_exit`'s.
+unsafe extern "C" fn lock_exit(
+    slf: *mut ffi::PyObject,
+    args: *mut ffi::PyObject,
+    kwargs: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    guarded(|| {
+        // SAFETY: as in `lock_acquire`; `PyTuple_GetItem` of an index below the tuple's size
+        // is a borrowed reference to a live item, kept alive by the tuple for the call.
+        unsafe {
+            let py = Python::assume_attached();
+            let n = ffi::PyTuple_Size(args);
+            let plain = (0..=3).contains(&n) && (kwargs.is_null() || ffi::PyDict_Size(kwargs) == 0);
+            let this = lock_of(py, slf);
+            let lock = this.get();
+            if plain {
+                match lock.held.replace(py, None) {
+                    Some(Held::Local(g)) => {
+                        return match g.unlock() {
+                            Ok(()) => new_ref(ffi::Py_False()),
+                            Err(e) => attached(|py| {
+                                let exc_type = (n > 0).then(|| Borrowed::from_ptr(py, ffi::PyTuple_GetItem(args, 0)));
+                                let released = Err(raise(py, e, Some(&lock.name)));
+                                let suppress = exit_outcome(released, exc_type.as_deref())?;
+                                Ok(PyBool::new(py, suppress).to_owned().into_any().unbind())
+                            }),
+                        };
+                    }
+                    other => {
+                        lock.held.replace(py, other);
+                    }
+                }
+            }
+            general(slf, c"_exit", args, kwargs)
         }
     })
 }
@@ -1035,8 +1099,8 @@ fn method_def(
     }))
 }
 
-/// Puts `acquire` and `release` on the class `Lock` (over nothing: its PyO3 methods are named
-/// `_acquire` and `_release`).
+/// Puts `acquire`, `release`, `__enter__` and `__exit__` on the class `Lock` (over nothing: its
+/// PyO3 methods are named `_acquire`, `_release`, `_enter` and `_exit`).
 fn add_lock_methods(py: Python<'_>) -> PyResult<()> {
     let ty = py.get_type::<Lock>();
     let defs = [
@@ -1064,6 +1128,30 @@ fn add_lock_methods(py: Python<'_>) -> PyResult<()> {
                 ffi::METH_NOARGS,
                 c"release($self, /)\n--\n\nUnlocks. NotHeld if this Lock does not hold it, or it was \
                 taken away meanwhile.",
+            ),
+        ),
+        (
+            "__enter__",
+            method_def(
+                c"__enter__",
+                ffi::PyMethodDefPointer {
+                    PyCFunction: lock_enter,
+                },
+                ffi::METH_NOARGS,
+                c"__enter__($self, /)\n--\n\nLocks with the Lock's timeout (raising Timeout, or \
+                WouldBlock for a timeout of 0), and returns the Lock itself.",
+            ),
+        ),
+        (
+            "__exit__",
+            method_def(
+                c"__exit__",
+                ffi::PyMethodDefPointer {
+                    PyCFunctionWithKeywords: lock_exit,
+                },
+                ffi::METH_VARARGS | ffi::METH_KEYWORDS,
+                c"__exit__($self, exc_type=None, exc=None, tb=None, /)\n--\n\nUnlocks; a lock \
+                taken away meanwhile raises NotHeld, unless the block is raising already.",
             ),
         ),
     ];

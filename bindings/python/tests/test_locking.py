@@ -62,11 +62,26 @@ def test_a_lock_object_is_reusable_and_reports_its_last_grant(segment: str, clie
     # Released inside the block: the block's end is fine.
     with lk:
         lk.release()
-    # A lock taken away meanwhile raises NotHeld at release.
+    # A lock taken away meanwhile raises NotHeld at release, and at the end of a with block,
+    # unless the block raises already (its exception goes on).
     lk.acquire()
     client.unlock("reused")
     with pytest.raises(pyshmlock.NotHeld):
         lk.release()
+    with pytest.raises(pyshmlock.NotHeld):
+        with lk:
+            client.unlock("reused")
+    with pytest.raises(ZeroDivisionError):
+        with lk:
+            client.unlock("reused")
+            1 / 0
+    assert not lk.locked and lk.__exit__(None, None, None) is False
+    with pytest.raises(TypeError):
+        lk.__exit__(None, None, None, None)  # type: ignore[call-arg]
+    with pytest.raises(ZeroDivisionError):
+        with lk:
+            1 / 0
+    assert not lk.locked, "a block that raises still unlocks"
     # Two Lock objects on one name and one client are one owner: the second is refused.
     lk.acquire()
     with pytest.raises(pyshmlock.AlreadyHeld):
