@@ -163,11 +163,27 @@ const _: () = {
 /// last error).
 #[inline(always)]
 fn entry(f: impl FnOnce() -> Result<(), Failure>) -> shmlock_status {
+    // Every arm moves the result out, so no drop of it is left on the success path.
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(())) => shmlock_status::SHMLOCK_OK,
-        Ok(Err(e)) => record(e),
-        Err(payload) => record(Failure::Panic(panic_text(payload.as_ref()))),
+        Ok(Err(e)) => failed(e),
+        Err(payload) => panicked(payload),
     }
+}
+
+/// An entry point's failure, recorded: out of line, so that the success path of a hot entry
+/// point (lock, unlock) keeps a small frame.
+#[cold]
+#[inline(never)]
+fn failed(e: Failure) -> shmlock_status {
+    record(e)
+}
+
+/// An entry point's panic, recorded (out of line, as `failed`).
+#[cold]
+#[inline(never)]
+fn panicked(payload: Box<dyn std::any::Any + Send>) -> shmlock_status {
+    record(Failure::Panic(panic_text(payload.as_ref())))
 }
 
 fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
@@ -563,9 +579,9 @@ mod spare {
     }
 
     /// Memory for a guard of the client whose cell is `home`, not filled yet: the cell if it is
-    /// free for this thread, else a new allocation. Taken before the lock is, so that nothing is
-    /// called between the grant and `fill`, which would keep the guard in a stack copy across
-    /// the call (and copy it out again at once).
+    /// free for this thread, else a new allocation. Taken once the lock is had, right before
+    /// `fill` (see `local_handle`); only the allocation calls anything, and only when the cell is
+    /// not free.
     #[inline(always)]
     pub(super) fn reserve(home: &Home) -> Reserved {
         if home.free_for_me() {
@@ -580,15 +596,8 @@ mod spare {
         Reserved(NonNull::from(Box::leak(Box::new([MaybeUninit::uninit(); WORDS]))), 0)
     }
 
-    /// Reserved memory (from `reserve`), empty, and its tag; `fill` or `unreserve` it.
+    /// Reserved memory (from `reserve`), empty, and its tag; `fill` it.
     pub(super) struct Reserved(NonNull<Words>, usize);
-
-    /// Gives reserved memory back unfilled (the lock was not had).
-    #[inline(always)]
-    pub(super) fn unreserve(r: Reserved) {
-        // SAFETY: `r` owns the memory, which holds no guard.
-        unsafe { release(r.0, r.1) }
-    }
 
     /// Moves `g` into its reserved memory: the handle of the guard.
     #[inline(always)]
@@ -658,18 +667,19 @@ mod spare {
     }
 }
 
+/// The handle of a local lock just had: its memory is reserved only now, after the lock's CAS,
+/// so that neither the cell's pointer nor its flag's store sits in the lock path ahead of the CAS
+/// (a locked instruction, which waits for every earlier store to drain), and a failed lock
+/// reserves nothing.
 #[inline(always)]
-fn local_handle(r: Result<LocalHeld, shmlock_core::Error>, cell: spare::Reserved, to: Out) -> Result<(), Failure> {
+fn local_handle(r: Result<LocalHeld, shmlock_core::Error>, home: &spare::Home, to: Out) -> Result<(), Failure> {
     match r {
         Ok(g) => {
             let grant = g.grant();
-            to.put(spare::fill(cell, g), grant);
+            to.put(spare::fill(spare::reserve(home), g), grant);
             Ok(())
         }
-        Err(e) => {
-            spare::unreserve(cell);
-            Err(e.into())
-        }
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -681,10 +691,9 @@ fn remote_handle(g: RemoteHeld, to: Out) {
 
 #[inline(always)]
 fn lock_local_body(l: &Local, name: &[u8], mode: Mode, wait: Wait, to: Out) -> Result<(), Failure> {
-    let cell = spare::reserve(&l.home);
     local_handle(
         Client::acquire_with(ClientRef((&l.client).into()), name, mode, wait),
-        cell,
+        &l.home,
         to,
     )
 }
@@ -709,10 +718,9 @@ fn lock_local_interruptible(
     f: &mut dyn FnMut() -> bool,
     to: Out,
 ) -> Result<(), Failure> {
-    let cell = spare::reserve(&l.home);
     local_handle(
         Client::acquire_interruptible_with(ClientRef((&l.client).into()), name, mode, wait, f),
-        cell,
+        &l.home,
         to,
     )
 }
