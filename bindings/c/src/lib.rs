@@ -624,6 +624,12 @@ mod spare {
         unsafe { &*h.as_ptr().map_addr(|a| a & !INLINE).cast::<LocalHeld>() }
     }
 
+    /// Is the guard of local handle `h` in its client's cell (else in a box)?
+    #[inline(always)]
+    pub(super) fn is_inline(h: NonNull<shmlock_guard>) -> bool {
+        h.addr().get() & INLINE != 0
+    }
+
     /// Moves the guard out of a local handle, and gives its memory back.
     ///
     /// # Safety
@@ -1005,12 +1011,31 @@ fn unlock_null() -> shmlock_status {
     entry(|| Err(invalid("lock is NULL")))
 }
 
-/// `shmlock_unlock()` of a local guard.
+/// `shmlock_unlock()` of a local guard: a guard in its client's cell here, a boxed one out of
+/// line. Freeing a box is a call, and the guard read out before it would be kept across it in
+/// callee-saved registers, which this function would then save and restore (stores ahead of the
+/// release's CAS, a locked instruction that waits for earlier stores to drain). `extern "C"` (it
+/// cannot unwind: `entry` catches), so that `shmlock_unlock` can jump to it.
 ///
 /// # Safety
 /// `p` is a live local handle made by spare::fill, not unlocked yet, of an open client.
 #[inline(never)]
-unsafe fn unlock_local_entry(p: NonNull<shmlock_guard>) -> shmlock_status {
+unsafe extern "C" fn unlock_local_entry(p: NonNull<shmlock_guard>) -> shmlock_status {
+    if spare::is_inline(p) {
+        // SAFETY: the caller's promises.
+        entry(|| unlock_local(unsafe { spare::take(p) }))
+    } else {
+        // SAFETY: the caller's promises.
+        unsafe { unlock_boxed_entry(p) }
+    }
+}
+
+/// `shmlock_unlock()` of a local guard in a box of its own (see `unlock_local_entry`).
+///
+/// # Safety
+/// As `unlock_local_entry`.
+#[inline(never)]
+unsafe extern "C" fn unlock_boxed_entry(p: NonNull<shmlock_guard>) -> shmlock_status {
     // SAFETY: the caller's promises.
     entry(|| unlock_local(unsafe { spare::take(p) }))
 }
