@@ -804,14 +804,28 @@ pub unsafe extern "C" fn shmlock_lock(
                 _ => None,
             };
             if let Some(m) = m {
-                return entry(|| {
-                    // SAFETY: checked not null; writable by the caller's promise.
-                    unsafe { lock.write(std::ptr::null_mut()) };
+                let r = catch_unwind(AssertUnwindSafe(|| {
                     // SAFETY: not null, `name_len <= isize::MAX` (both checked), and readable by
                     // the caller's promise.
                     let name = unsafe { std::slice::from_raw_parts(name, name_len) };
                     lock_local_body(l, name, m, wait_of(timeout_ns), Out { grant, lock })
-                });
+                }));
+                // `lock` is NULL on failure: stored only then (a grant stores the handle), so
+                // that no store of it comes ahead of the lock's CAS, a locked instruction that
+                // waits for every earlier store to drain.
+                return match r {
+                    Ok(Ok(())) => shmlock_status::SHMLOCK_OK,
+                    Ok(Err(e)) => {
+                        // SAFETY: checked not null; writable by the caller's promise.
+                        unsafe { lock.write(std::ptr::null_mut()) };
+                        failed(e)
+                    }
+                    Err(payload) => {
+                        // SAFETY: as above.
+                        unsafe { lock.write(std::ptr::null_mut()) };
+                        panicked(payload)
+                    }
+                };
             }
         }
     }
