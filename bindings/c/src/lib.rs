@@ -1040,9 +1040,11 @@ pub unsafe extern "C" fn shmlock_unlock(lock: *mut shmlock_guard) -> shmlock_sta
     }
 }
 
+/// `extern "C"`, as the other two paths of `shmlock_unlock`: none can unwind (`entry` catches),
+/// so `shmlock_unlock` needs no frame (not even the push that aligns one) and jumps to each.
 #[cold]
 #[inline(never)]
-fn unlock_null() -> shmlock_status {
+extern "C" fn unlock_null() -> shmlock_status {
     entry(|| Err(invalid("lock is NULL")))
 }
 
@@ -1081,7 +1083,7 @@ unsafe extern "C" fn unlock_boxed_entry(p: NonNull<shmlock_guard>) -> shmlock_st
 /// `p` is a live guard boxed by Handle::remote, not unlocked yet; the box is freed here.
 #[cold]
 #[inline(never)]
-unsafe fn unlock_remote_entry(p: NonNull<RemoteHeld>) -> shmlock_status {
+unsafe extern "C" fn unlock_remote_entry(p: NonNull<RemoteHeld>) -> shmlock_status {
     entry(|| {
         // SAFETY: the caller's promise.
         let g = unsafe { Box::from_raw(p.as_ptr()) };
