@@ -814,22 +814,19 @@ pub unsafe extern "C" fn shmlock_lock(
     grant: *mut shmlock_grant,
     lock: *mut *mut shmlock_guard,
 ) -> shmlock_status {
-    // The common call (a local client, arguments that pass) runs the local path here; the rest
-    // (a remote client, or a bad argument, which lock_impl names) the general one, out of line.
+    // The common call (an exclusive lock on a local client, arguments that pass) runs the local
+    // path here; the rest (a shared lock, which the lock word cannot grant anyway, a remote
+    // client, or a bad argument, which lock_impl names) the general one, out of line. With the
+    // mode a constant, the path keeps one value fewer (a stack slot stored on every call).
     if !lock.is_null() && !client.is_null() && !name.is_null() && name_len <= isize::MAX as usize {
         // SAFETY: a live client by the caller's promise; only shared access is taken.
         if let Backend::Local(l) = unsafe { &(*client).backend } {
-            let m = match mode {
-                SHMLOCK_EXCLUSIVE => Some(Mode::Exclusive),
-                SHMLOCK_SHARED => Some(Mode::Shared),
-                _ => None,
-            };
-            if let Some(m) = m {
+            if mode == SHMLOCK_EXCLUSIVE {
                 let r = catch_unwind(AssertUnwindSafe(|| {
                     // SAFETY: not null, `name_len <= isize::MAX` (both checked), and readable by
                     // the caller's promise.
                     let name = unsafe { std::slice::from_raw_parts(name, name_len) };
-                    lock_local_body(l, name, m, wait_of(timeout_ns), Out { grant, lock })
+                    lock_local_body(l, name, Mode::Exclusive, wait_of(timeout_ns), Out { grant, lock })
                 }));
                 // `lock` is NULL on failure: stored only then (a grant stores the handle), so
                 // that no store of it comes ahead of the lock's CAS, a locked instruction that
