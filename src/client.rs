@@ -287,11 +287,24 @@ impl<H: Deref<Target = Client>> Guard for LocalGuard<H> {
 }
 
 impl<H: Deref<Target = Client>> Drop for LocalGuard<H> {
-    #[inline]
+    #[inline(always)]
     fn drop(&mut self) {
-        // A guard dropped in a forked child is the parent's lock: not the child's to release.
-        if !self.released && !self.client.opened_by.forked() {
-            let _ = self.client.table.release(self.client.me, &self.raw);
+        if !self.released {
+            release_on_drop(&self.client, self.raw);
         }
+    }
+}
+
+/// The release of a guard dropped without [`Guard::unlock`]. Out of line, and given copies
+/// rather than the guard: so the drop left at the end of `unlock` is a flag test that folds away,
+/// and the guard can stay in registers. (The whole release inlined into the drop made the drop
+/// glue too large to inline, and `unlock` called it, with the guard copied to the stack for it:
+/// seven stores ahead of the release's CAS, a locked instruction, which waits for every earlier
+/// store to drain.)
+#[inline(never)]
+fn release_on_drop(client: &Client, raw: RawGrant) {
+    // A guard dropped in a forked child is the parent's lock: not the child's to release.
+    if !client.opened_by.forked() {
+        let _ = client.table.release(client.me, &raw);
     }
 }

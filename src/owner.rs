@@ -153,7 +153,8 @@ impl OpenedBy {
     /// Is this a child (forked since) of the process that opened the handle?
     #[inline(always)]
     pub(crate) fn forked(self) -> bool {
-        crate::shm::sys::forks() != self.forks
+        // `now()` called `forks()`, which installed the handler that counts.
+        crate::shm::sys::forks_watched() != self.forks
     }
 
     /// [`Error::ForkedClient`](crate::Error::ForkedClient) in a forked child.

@@ -204,3 +204,11 @@ pub(crate) fn forks() -> u32 {
     });
     FORKS.load(Ordering::Relaxed)
 }
+
+/// [`forks`] without installing the handler: for a handle's checks on the lock path, once
+/// [`forks`] has installed it (when the handle was opened). No `Once` test, whose out-of-line
+/// call would make the callers keep their values in callee-saved registers.
+#[inline(always)]
+pub(crate) fn forks_watched() -> u32 {
+    FORKS.load(Ordering::Relaxed)
+}

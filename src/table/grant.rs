@@ -239,11 +239,13 @@ impl LockTable {
                 }
             }
         }
-        self.release_latched(me, g)
+        // By value: a reference would keep the caller's grant in memory on the fast path too.
+        self.release_latched(me, *g)
     }
 
     #[inline(never)]
-    pub(super) fn release_latched(&self, me: OwnerRef, g: &RawGrant) -> Result<()> {
+    pub(super) fn release_latched(&self, me: OwnerRef, g: RawGrant) -> Result<()> {
+        let g = &g;
         let sh = self.shard(g.shard);
         let guard = self.lock_shard(&sh, me.latch_id());
         sh.pin(g.entry)?;

@@ -163,11 +163,27 @@ const _: () = {
 /// last error).
 #[inline(always)]
 fn entry(f: impl FnOnce() -> Result<(), Failure>) -> shmlock_status {
+    // Every arm moves the result out, so no drop of it is left on the success path.
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(())) => shmlock_status::SHMLOCK_OK,
-        Ok(Err(e)) => record(e),
-        Err(payload) => record(Failure::Panic(panic_text(payload.as_ref()))),
+        Ok(Err(e)) => failed(e),
+        Err(payload) => panicked(payload),
     }
+}
+
+/// An entry point's failure, recorded: out of line, so that the success path of a hot entry
+/// point (lock, unlock) keeps a small frame.
+#[cold]
+#[inline(never)]
+fn failed(e: Failure) -> shmlock_status {
+    record(e)
+}
+
+/// An entry point's panic, recorded (out of line, as `failed`).
+#[cold]
+#[inline(never)]
+fn panicked(payload: Box<dyn std::any::Any + Send>) -> shmlock_status {
+    record(Failure::Panic(panic_text(payload.as_ref())))
 }
 
 fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
@@ -562,12 +578,11 @@ mod spare {
         (unsafe { libc::pthread_self() }) as usize
     }
 
-    /// Memory for a guard of the client whose cell is `home`, not filled yet: the cell if it is
-    /// free for this thread, else a new allocation. Taken before the lock is, so that nothing is
-    /// called between the grant and `fill`, which would keep the guard in a stack copy across
-    /// the call (and copy it out again at once).
+    /// Memory for a guard of the client whose cell is `home`, not filled yet: the cell, if it is
+    /// free for this thread (else `reserve_box`). Taken once the lock is had, right before
+    /// `fill` (see `local_handle`); it calls nothing.
     #[inline(always)]
-    pub(super) fn reserve(home: &Home) -> Reserved {
+    pub(super) fn reserve_cell(home: &Home) -> Option<Reserved> {
         if home.free_for_me() {
             home.in_use.store(true, Relaxed);
             let base: *const Home = home;
@@ -575,20 +590,19 @@ mod spare {
             // `UnsafeCell`, so writable through a pointer made from a shared reference.
             let cell = unsafe { UnsafeCell::raw_get(addr_of!((*base).cell)) };
             // SAFETY: a field of a live `Home`, not null.
-            return Reserved(unsafe { NonNull::new_unchecked(cell) }, INLINE);
+            return Some(Reserved(unsafe { NonNull::new_unchecked(cell) }, INLINE));
         }
+        None
+    }
+
+    /// Memory for a guard that does not get its client's cell: a new allocation.
+    #[inline(always)]
+    pub(super) fn reserve_box() -> Reserved {
         Reserved(NonNull::from(Box::leak(Box::new([MaybeUninit::uninit(); WORDS]))), 0)
     }
 
-    /// Reserved memory (from `reserve`), empty, and its tag; `fill` or `unreserve` it.
+    /// Reserved memory (from `reserve`), empty, and its tag; `fill` it.
     pub(super) struct Reserved(NonNull<Words>, usize);
-
-    /// Gives reserved memory back unfilled (the lock was not had).
-    #[inline(always)]
-    pub(super) fn unreserve(r: Reserved) {
-        // SAFETY: `r` owns the memory, which holds no guard.
-        unsafe { release(r.0, r.1) }
-    }
 
     /// Moves `g` into its reserved memory: the handle of the guard.
     #[inline(always)]
@@ -613,6 +627,12 @@ mod spare {
     pub(super) unsafe fn peek<'a>(h: NonNull<shmlock_guard>) -> &'a LocalHeld {
         // SAFETY: untagged, the address of the guard `fill` wrote, alive (the caller's promise).
         unsafe { &*h.as_ptr().map_addr(|a| a & !INLINE).cast::<LocalHeld>() }
+    }
+
+    /// Is the guard of local handle `h` in its client's cell (else in a box)?
+    #[inline(always)]
+    pub(super) fn is_inline(h: NonNull<shmlock_guard>) -> bool {
+        h.addr().get() & INLINE != 0
     }
 
     /// Moves the guard out of a local handle, and gives its memory back.
@@ -658,19 +678,36 @@ mod spare {
     }
 }
 
+/// The handle of a local lock just had: its memory is reserved only now, after the lock's CAS,
+/// so that neither the cell's pointer nor its flag's store sits in the lock path ahead of the CAS
+/// (a locked instruction, which waits for every earlier store to drain), and a failed lock
+/// reserves nothing.
 #[inline(always)]
-fn local_handle(r: Result<LocalHeld, shmlock_core::Error>, cell: spare::Reserved, to: Out) -> Result<(), Failure> {
+fn local_handle(r: Result<LocalHeld, shmlock_core::Error>, home: &spare::Home, to: Out) -> Result<(), Failure> {
     match r {
         Ok(g) => {
-            let grant = g.grant();
-            to.put(spare::fill(cell, g), grant);
+            match spare::reserve_cell(home) {
+                Some(cell) => {
+                    let grant = g.grant();
+                    to.put(spare::fill(cell, g), grant);
+                }
+                None => boxed_handle(g, to),
+            }
             Ok(())
         }
-        Err(e) => {
-            spare::unreserve(cell);
-            Err(e.into())
-        }
+        Err(e) => Err(e.into()),
     }
+}
+
+/// The handle of a local lock that does not get its client's cell, in a box of its own. Out of
+/// line, with the guard given to it: allocating is a call, and a guard kept across it inline
+/// would take callee-saved registers, which the lock path would then save and restore on every
+/// call (stores ahead of the lock's CAS).
+#[cold]
+#[inline(never)]
+fn boxed_handle(g: LocalHeld, to: Out) {
+    let grant = g.grant();
+    to.put(spare::fill(spare::reserve_box(), g), grant);
 }
 
 #[inline(always)]
@@ -681,10 +718,9 @@ fn remote_handle(g: RemoteHeld, to: Out) {
 
 #[inline(always)]
 fn lock_local_body(l: &Local, name: &[u8], mode: Mode, wait: Wait, to: Out) -> Result<(), Failure> {
-    let cell = spare::reserve(&l.home);
     local_handle(
         Client::acquire_with(ClientRef((&l.client).into()), name, mode, wait),
-        cell,
+        &l.home,
         to,
     )
 }
@@ -709,10 +745,9 @@ fn lock_local_interruptible(
     f: &mut dyn FnMut() -> bool,
     to: Out,
 ) -> Result<(), Failure> {
-    let cell = spare::reserve(&l.home);
     local_handle(
         Client::acquire_interruptible_with(ClientRef((&l.client).into()), name, mode, wait, f),
-        cell,
+        &l.home,
         to,
     )
 }
@@ -779,25 +814,36 @@ pub unsafe extern "C" fn shmlock_lock(
     grant: *mut shmlock_grant,
     lock: *mut *mut shmlock_guard,
 ) -> shmlock_status {
-    // The common call (a local client, arguments that pass) runs the local path here; the rest
-    // (a remote client, or a bad argument, which lock_impl names) the general one, out of line.
+    // The common call (an exclusive lock on a local client, arguments that pass) runs the local
+    // path here; the rest (a shared lock, which the lock word cannot grant anyway, a remote
+    // client, or a bad argument, which lock_impl names) the general one, out of line. With the
+    // mode a constant, the path keeps one value fewer (a stack slot stored on every call).
     if !lock.is_null() && !client.is_null() && !name.is_null() && name_len <= isize::MAX as usize {
         // SAFETY: a live client by the caller's promise; only shared access is taken.
         if let Backend::Local(l) = unsafe { &(*client).backend } {
-            let m = match mode {
-                SHMLOCK_EXCLUSIVE => Some(Mode::Exclusive),
-                SHMLOCK_SHARED => Some(Mode::Shared),
-                _ => None,
-            };
-            if let Some(m) = m {
-                return entry(|| {
-                    // SAFETY: checked not null; writable by the caller's promise.
-                    unsafe { lock.write(std::ptr::null_mut()) };
+            if mode == SHMLOCK_EXCLUSIVE {
+                let r = catch_unwind(AssertUnwindSafe(|| {
                     // SAFETY: not null, `name_len <= isize::MAX` (both checked), and readable by
                     // the caller's promise.
                     let name = unsafe { std::slice::from_raw_parts(name, name_len) };
-                    lock_local_body(l, name, m, wait_of(timeout_ns), Out { grant, lock })
-                });
+                    lock_local_body(l, name, Mode::Exclusive, wait_of(timeout_ns), Out { grant, lock })
+                }));
+                // `lock` is NULL on failure: stored only then (a grant stores the handle), so
+                // that no store of it comes ahead of the lock's CAS, a locked instruction that
+                // waits for every earlier store to drain.
+                return match r {
+                    Ok(Ok(())) => shmlock_status::SHMLOCK_OK,
+                    Ok(Err(e)) => {
+                        // SAFETY: checked not null; writable by the caller's promise.
+                        unsafe { lock.write(std::ptr::null_mut()) };
+                        failed(e)
+                    }
+                    Err(payload) => {
+                        // SAFETY: as above.
+                        unsafe { lock.write(std::ptr::null_mut()) };
+                        panicked(payload)
+                    }
+                };
             }
         }
     }
@@ -900,6 +946,59 @@ pub unsafe extern "C" fn shmlock_with_lock(
     arg: *mut c_void,
     result: *mut i32,
 ) -> shmlock_status {
+    // The common call (a local client, arguments that pass) in one frame here, with_local
+    // inlined; the rest (a remote client, or a bad argument, which with_lock_general names) out
+    // of line, as in shmlock_lock.
+    if let Some(f) = locked {
+        if !client.is_null() && !name.is_null() && name_len <= isize::MAX as usize {
+            // SAFETY: a live client by the caller's promise; only shared access is taken.
+            if let Backend::Local(l) = unsafe { &(*client).backend } {
+                let m = match mode {
+                    SHMLOCK_EXCLUSIVE => Some(Mode::Exclusive),
+                    SHMLOCK_SHARED => Some(Mode::Shared),
+                    _ => None,
+                };
+                if let Some(m) = m {
+                    return entry(|| {
+                        // SAFETY: not null, `name_len <= isize::MAX` (both checked), and readable
+                        // by the caller's promise.
+                        let name = unsafe { std::slice::from_raw_parts(name, name_len) };
+                        // SAFETY: the caller gives a function callable with `arg` on this thread
+                        // now.
+                        let run = |g: &shmlock_grant| unsafe { f(arg, g) };
+                        let r = with_local(&l.client, name, m, wait_of(timeout_ns), run)?;
+                        if !result.is_null() {
+                            // SAFETY: not null, and writable by the caller's promise.
+                            unsafe { result.write(r) };
+                        }
+                        Ok(())
+                    });
+                }
+            }
+        }
+    }
+    // SAFETY: the caller's promises.
+    unsafe { with_lock_general(client, name, name_len, mode, timeout_ns, locked, arg, result) }
+}
+
+/// `shmlock_with_lock()` on a remote client, or with an argument that does not pass: out of
+/// line, so that it does not widen the frame of the common call.
+///
+/// # Safety
+/// As `shmlock_with_lock()`.
+#[cold]
+#[inline(never)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn with_lock_general(
+    client: *const shmlock_client,
+    name: *const u8,
+    name_len: usize,
+    mode: u32,
+    timeout_ns: i64,
+    locked: shmlock_locked_fn,
+    arg: *mut c_void,
+    result: *mut i32,
+) -> shmlock_status {
     entry(|| {
         let Some(f) = locked else {
             return Err(invalid("locked is NULL"));
@@ -936,8 +1035,9 @@ fn grant_of(g: shmlock_core::Grant) -> shmlock_grant {
 }
 
 /// The scoped lock on a local client: the guard stays in this frame, never in memory of the
-/// caller's.
-#[inline(never)]
+/// caller's. Inlined into `shmlock_with_lock`'s common call: one frame, one set of saved
+/// registers (each save a store ahead of the lock's CAS).
+#[inline(always)]
 fn with_local(
     c: &Client,
     name: &[u8],
@@ -991,18 +1091,39 @@ pub unsafe extern "C" fn shmlock_unlock(lock: *mut shmlock_guard) -> shmlock_sta
     }
 }
 
+/// `extern "C"`, as the other two paths of `shmlock_unlock`: none can unwind (`entry` catches),
+/// so `shmlock_unlock` needs no frame (not even the push that aligns one) and jumps to each.
 #[cold]
 #[inline(never)]
-fn unlock_null() -> shmlock_status {
+extern "C" fn unlock_null() -> shmlock_status {
     entry(|| Err(invalid("lock is NULL")))
 }
 
-/// `shmlock_unlock()` of a local guard.
+/// `shmlock_unlock()` of a local guard: a guard in its client's cell here, a boxed one out of
+/// line. Freeing a box is a call, and the guard read out before it would be kept across it in
+/// callee-saved registers, which this function would then save and restore (stores ahead of the
+/// release's CAS, a locked instruction that waits for earlier stores to drain). `extern "C"` (it
+/// cannot unwind: `entry` catches), so that `shmlock_unlock` can jump to it.
 ///
 /// # Safety
 /// `p` is a live local handle made by spare::fill, not unlocked yet, of an open client.
 #[inline(never)]
-unsafe fn unlock_local_entry(p: NonNull<shmlock_guard>) -> shmlock_status {
+unsafe extern "C" fn unlock_local_entry(p: NonNull<shmlock_guard>) -> shmlock_status {
+    if spare::is_inline(p) {
+        // SAFETY: the caller's promises.
+        entry(|| unlock_local(unsafe { spare::take(p) }))
+    } else {
+        // SAFETY: the caller's promises.
+        unsafe { unlock_boxed_entry(p) }
+    }
+}
+
+/// `shmlock_unlock()` of a local guard in a box of its own (see `unlock_local_entry`).
+///
+/// # Safety
+/// As `unlock_local_entry`.
+#[inline(never)]
+unsafe extern "C" fn unlock_boxed_entry(p: NonNull<shmlock_guard>) -> shmlock_status {
     // SAFETY: the caller's promises.
     entry(|| unlock_local(unsafe { spare::take(p) }))
 }
@@ -1013,7 +1134,7 @@ unsafe fn unlock_local_entry(p: NonNull<shmlock_guard>) -> shmlock_status {
 /// `p` is a live guard boxed by Handle::remote, not unlocked yet; the box is freed here.
 #[cold]
 #[inline(never)]
-unsafe fn unlock_remote_entry(p: NonNull<RemoteHeld>) -> shmlock_status {
+unsafe extern "C" fn unlock_remote_entry(p: NonNull<RemoteHeld>) -> shmlock_status {
     entry(|| {
         // SAFETY: the caller's promise.
         let g = unsafe { Box::from_raw(p.as_ptr()) };
