@@ -702,6 +702,17 @@ impl Lock {
         }
     }
 
+    /// Locks with the Lock's timeout (raising Timeout, or WouldBlock for a timeout of 0), and
+    /// returns the Lock itself: `__enter__`'s general path (see [`lock_enter`]).
+    fn enter(slf: &Bound<'_, Self>) -> PyResult<Py<Self>> {
+        let this = slf.get();
+        let wait = wait_of(this.timeout, true)?;
+        if !this.take(slf.py(), wait)? {
+            return Err(raise(slf.py(), Error::WouldBlock, Some(&this.name)));
+        }
+        Ok(slf.clone().unbind())
+    }
+
     fn is_held(&self, py: Python<'_>) -> bool {
         let held = self.held.replace(py, None);
         let is = held.is_some();
@@ -858,18 +869,6 @@ impl Lock {
         self.timeout
     }
 
-    /// Locks with the Lock's timeout (raising Timeout, or WouldBlock for a timeout of 0), and
-    /// returns the Lock itself. (The general path of `__enter__`, [`lock_enter`].)
-    #[pyo3(name = "_enter")]
-    fn __enter__(slf: &Bound<'_, Self>) -> PyResult<Py<Self>> {
-        let this = slf.get();
-        let wait = wait_of(this.timeout, true)?;
-        if !this.take(slf.py(), wait)? {
-            return Err(raise(slf.py(), Error::WouldBlock, Some(&this.name)));
-        }
-        Ok(slf.clone().unbind())
-    }
-
     /// Releases, as Guard's `__exit__` does. (The general path of `__exit__`, [`lock_exit`].)
     #[pyo3(name = "_exit", signature = (exc_type=None, _exc=None, _tb=None))]
     fn __exit__(
@@ -904,8 +903,9 @@ impl Lock {
 // arguments from a tuple and a dict): two of them were more than `multiprocessing.Lock`'s whole
 // pair. These four are plain `PyMethodDef`s put on the class (method descriptors, as C extensions
 // make them), whose bodies do the common case without Python objects, exceptions or PyO3's
-// accounting, and hand anything else to the PyO3 methods `_acquire`, `_release`, `_enter` and
-// `_exit`, which do the whole of it (that case tried again from the start).
+// accounting, and hand anything else to the general code (the PyO3 methods `_acquire`,
+// `_release` and `_exit`, and `Lock::enter`), which does the whole of it (that case tried
+// again from the start).
 
 /// `self` of a `Lock` method.
 ///
@@ -985,7 +985,8 @@ unsafe fn new_ref(o: *mut ffi::PyObject) -> *mut ffi::PyObject {
 }
 
 /// `Lock.acquire(blocking=True, timeout=None)` (METH_VARARGS | METH_KEYWORDS): called with no
-/// arguments, a local lock found free is taken here; anything else is `_acquire`'s.
+/// arguments, a local lock found free is taken here, and a wait is `_acquire`'s body called
+/// directly; a call with arguments is `_acquire`'s.
 unsafe extern "C" fn lock_acquire(
     slf: *mut ffi::PyObject,
     args: *mut ffi::PyObject,
@@ -997,10 +998,20 @@ unsafe extern "C" fn lock_acquire(
         unsafe {
             let py = Python::assume_attached();
             let no_args = ffi::PyTuple_Size(args) == 0 && (kwargs.is_null() || ffi::PyDict_Size(kwargs) == 0);
-            if no_args && lock_of(py, slf).get().take_free(py) {
+            if !no_args {
+                return general(slf, c"_acquire", args, kwargs);
+            }
+            let this = lock_of(py, slf);
+            let lock = this.get();
+            if lock.take_free(py) {
                 return new_ref(ffi::Py_True());
             }
-            general(slf, c"_acquire", args, kwargs)
+            // Busy (or anything else): `_acquire()`'s body, without looking it up and parsing
+            // its (absent) arguments.
+            attached(|py| {
+                let taken = lock.take(py, wait_of(lock.timeout, true)?)?;
+                Ok(PyBool::new(py, taken).to_owned().into_any().unbind())
+            })
         }
     })
 }
@@ -1030,16 +1041,17 @@ unsafe extern "C" fn lock_release(slf: *mut ffi::PyObject, _noargs: *mut ffi::Py
 }
 
 /// `with lock:`'s `Lock.__enter__()` (METH_NOARGS): a local lock found free is taken here and
-/// the Lock returned; anything else is `_enter`'s.
+/// the Lock returned; anything else is `Lock::enter`'s.
 unsafe extern "C" fn lock_enter(slf: *mut ffi::PyObject, _noargs: *mut ffi::PyObject) -> *mut ffi::PyObject {
     guarded(|| {
         // SAFETY: as in `lock_acquire`.
         unsafe {
             let py = Python::assume_attached();
-            if lock_of(py, slf).get().take_free(py) {
+            let this = lock_of(py, slf);
+            if this.get().take_free(py) {
                 return new_ref(slf);
             }
-            general(slf, c"_enter", std::ptr::null_mut(), std::ptr::null_mut())
+            attached(|_| Lock::enter(&this).map(Py::into_any))
         }
     })
 }
@@ -1100,7 +1112,7 @@ fn method_def(
 }
 
 /// Puts `acquire`, `release`, `__enter__` and `__exit__` on the class `Lock` (over nothing: its
-/// PyO3 methods are named `_acquire`, `_release`, `_enter` and `_exit`).
+/// PyO3 methods are named `_acquire`, `_release` and `_exit`).
 fn add_lock_methods(py: Python<'_>) -> PyResult<()> {
     let ty = py.get_type::<Lock>();
     let defs = [

@@ -315,11 +315,24 @@ def test_ctrl_c_during_a_wait_raises_keyboard_interrupt_and_leaves_nothing_queue
     waiter.kill()
 
 
-def test_a_wait_releases_the_gil(client: pyshmlock.Client, segment: str) -> None:
+def _wait_in(form: str, other: pyshmlock.Client, result: list) -> None:
+    if form == "client.lock":
+        result.append(other.lock("gil", timeout=DEADLINE).token)
+        return
+    lk = pyshmlock.Lock(other, "gil", timeout=DEADLINE)
+    if form == "Lock.acquire":
+        assert lk.acquire()
+    else:
+        lk.__enter__()
+    result.append(lk.token)
+
+
+@pytest.mark.parametrize("form", ["client.lock", "Lock.acquire", "with Lock"])
+def test_a_wait_releases_the_gil(client: pyshmlock.Client, segment: str, form: str) -> None:
     g = client.lock("gil")
     other = pyshmlock.Client(segment)
-    result = []
-    t = threading.Thread(target=lambda: result.append(other.lock("gil", timeout=DEADLINE).token))
+    result: list = []
+    t = threading.Thread(target=_wait_in, args=(form, other, result))
     t.start()
     # This thread runs Python while the other waits.
     spins = 0
