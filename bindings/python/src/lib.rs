@@ -792,8 +792,8 @@ impl Lock {
     /// it takes; 0: one try) and raising Timeout when that runs out. Returns True, or False
     /// when blocking=False (or a timeout of 0) found it busy. AlreadyHeld if this Lock holds it.
     ///
-    /// (The general path: `acquire` is [`lock_acquire`], which takes an uncontended lock itself
-    /// and calls this for anything else.)
+    /// (The general path: `acquire` is [`lock_acquire`], which does a call without arguments
+    /// itself and calls this for one with arguments.)
     #[pyo3(name = "_acquire", signature = (blocking=true, timeout=None))]
     fn acquire(&self, py: Python<'_>, blocking: bool, timeout: Option<f64>) -> PyResult<bool> {
         let wait = wait_of(timeout.or(self.timeout), blocking)?;
