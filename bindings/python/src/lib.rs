@@ -984,6 +984,16 @@ unsafe fn new_ref(o: *mut ffi::PyObject) -> *mut ffi::PyObject {
     o
 }
 
+/// The number of positional arguments of a METH_VARARGS | METH_KEYWORDS call, or None when it
+/// has keyword arguments.
+///
+/// # Safety
+/// With the GIL held; `args` a tuple, `kwargs` null or a dict (as CPython passes them).
+unsafe fn positional_only(args: *mut ffi::PyObject, kwargs: *mut ffi::PyObject) -> Option<ffi::Py_ssize_t> {
+    // SAFETY: the caller's promise.
+    unsafe { (kwargs.is_null() || ffi::PyDict_Size(kwargs) == 0).then(|| ffi::PyTuple_Size(args)) }
+}
+
 /// `Lock.acquire(blocking=True, timeout=None)` (METH_VARARGS | METH_KEYWORDS): called with no
 /// arguments, a local lock found free is taken here, and a wait is `_acquire`'s body called
 /// directly; a call with arguments is `_acquire`'s.
@@ -997,8 +1007,7 @@ unsafe extern "C" fn lock_acquire(
         // (`lock_of`), `args` a tuple and `kwargs` null or a dict.
         unsafe {
             let py = Python::assume_attached();
-            let no_args = ffi::PyTuple_Size(args) == 0 && (kwargs.is_null() || ffi::PyDict_Size(kwargs) == 0);
-            if !no_args {
+            if positional_only(args, kwargs) != Some(0) {
                 return general(slf, c"_acquire", args, kwargs);
             }
             let this = lock_of(py, slf);
@@ -1068,11 +1077,9 @@ unsafe extern "C" fn lock_exit(
         // is a borrowed reference to a live item, kept alive by the tuple for the call.
         unsafe {
             let py = Python::assume_attached();
-            let n = ffi::PyTuple_Size(args);
-            let plain = (0..=3).contains(&n) && (kwargs.is_null() || ffi::PyDict_Size(kwargs) == 0);
             let this = lock_of(py, slf);
             let lock = this.get();
-            if plain {
+            if let Some(n @ 0..=3) = positional_only(args, kwargs) {
                 match lock.held.replace(py, None) {
                     Some(Held::Local(g)) => {
                         return match g.unlock() {
