@@ -33,9 +33,10 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 # A lock as the benchmark uses it, made in the process that uses it: ``acquire`` and ``release``,
 # the library's own calls as a program makes them (bound methods or C-level partials, never a
 # Python wrapper that would add its own call to every pair): ``release()`` after ``acquire()``,
-# or, where ``takes_guard`` is true, ``release(acquire())`` (a guard per grant); the object a
-# ``with`` statement takes for one pair, or None where the library has no context manager (a
-# bare flock); and ``loop(n)``: n pairs of those calls.
+# or, where ``takes_guard`` is true, ``release(acquire())`` (a guard per grant); ``loop(n)``: n
+# pairs of those calls; and ``with_loop(n)``: n ``with`` blocks as a program writes them
+# (``with lock:`` for a lock object, ``with client.lock(name):`` for a guard), or None where the
+# library has no context manager (a bare flock).
 class Pair(NamedTuple):
     acquire: Callable[[], object]
     release: Callable[..., object]
