@@ -242,12 +242,18 @@ fn program_label() -> String {
         .unwrap_or_default()
 }
 
-fn mode_of(mode: u32) -> Result<Mode, Failure> {
+/// The mode of a `SHMLOCK_EXCLUSIVE` / `SHMLOCK_SHARED` code; None for any other value.
+#[inline(always)]
+fn mode_known(mode: u32) -> Option<Mode> {
     match mode {
-        SHMLOCK_EXCLUSIVE => Ok(Mode::Exclusive),
-        SHMLOCK_SHARED => Ok(Mode::Shared),
-        m => Err(invalid(format!("mode {m} (use SHMLOCK_EXCLUSIVE or SHMLOCK_SHARED)"))),
+        SHMLOCK_EXCLUSIVE => Some(Mode::Exclusive),
+        SHMLOCK_SHARED => Some(Mode::Shared),
+        _ => None,
     }
+}
+
+fn mode_of(mode: u32) -> Result<Mode, Failure> {
+    mode_known(mode).ok_or_else(|| invalid(format!("mode {mode} (use SHMLOCK_EXCLUSIVE or SHMLOCK_SHARED)")))
 }
 
 fn mode_code(mode: Mode) -> u32 {
@@ -601,7 +607,7 @@ mod spare {
         Reserved(NonNull::from(Box::leak(Box::new([MaybeUninit::uninit(); WORDS]))), 0)
     }
 
-    /// Reserved memory (from `reserve`), empty, and its tag; `fill` it.
+    /// Reserved memory (from `reserve_cell` or `reserve_box`), empty, and its tag; `fill` it.
     pub(super) struct Reserved(NonNull<Words>, usize);
 
     /// Moves `g` into its reserved memory: the handle of the guard.
@@ -953,12 +959,7 @@ pub unsafe extern "C" fn shmlock_with_lock(
         if !client.is_null() && !name.is_null() && name_len <= isize::MAX as usize {
             // SAFETY: a live client by the caller's promise; only shared access is taken.
             if let Backend::Local(l) = unsafe { &(*client).backend } {
-                let m = match mode {
-                    SHMLOCK_EXCLUSIVE => Some(Mode::Exclusive),
-                    SHMLOCK_SHARED => Some(Mode::Shared),
-                    _ => None,
-                };
-                if let Some(m) = m {
+                if let Some(m) = mode_known(mode) {
                     return entry(|| {
                         // SAFETY: not null, `name_len <= isize::MAX` (both checked), and readable
                         // by the caller's promise.
