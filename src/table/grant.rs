@@ -137,6 +137,14 @@ impl LockTable {
     ) -> Result<RawGrant> {
         let name = LockName::new(name, self.geo.max_name_len as usize)?.as_bytes();
         let h = name::hash(self.seed, name);
+        if mode == Mode::Exclusive {
+            // The fast path's CAS may have lost to another request's: the lock is then held
+            // fast, to be watched (or answered WouldBlock) rather than queued for, which would
+            // pin the entry and send the new holder's release to the latch.
+            if let Some(r) = self.try_fast(&self.shard(self.shard_of(h)), h, name, me, wait != Wait::No) {
+                return r;
+            }
+        }
         self.acquire_latched(me, name, h, mode, wait, true, interrupted)
     }
 

@@ -11,7 +11,9 @@
 //! # Correspondence with the code (each numbered step is one atomic step of the model)
 //! - Fast lock ([`LockTable::try_fast`](super::LockTable) and `fast_grant`): F1 load `lw`
 //!   (Acquire); if `val == 0`: F2 read `token_base`, token = base + gen + 1; F3 CAS `lw` from the
-//!   word read to `lock_word(gen + 1, owner + 1)` (AcqRel). Anything else goes to the latch.
+//!   word read to `lock_word(gen + 1, owner + 1)` (AcqRel). A word held fast by another owner is
+//!   watched (`spin_fast`), and a CAS that fails looks again (`acquire_slow` runs `try_fast`
+//!   before the latch): back to F1, [`SPINS`] times per lock. Anything else goes to the latch.
 //! - Fast release (`release`): R1 CAS `lock_word(gen, owner + 1)` -> `lock_word(gen, 0)`
 //!   (Release); on failure the latched release.
 //! - Latched section: L0 take the shard latch (a step enabled only while it is free); L1 `pin`
@@ -46,6 +48,9 @@ enum Rule {
 
 const NONE: u8 = u8::MAX;
 
+/// How many times a locker goes back to F1 per lock (`spin_fast`'s polls, cut down).
+const SPINS: u8 = 2;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Kind {
     /// Locks and unlocks `rounds` times as owner `me`.
@@ -67,6 +72,8 @@ struct Actor {
     held: Option<u32>,
     /// Publishes left in this section.
     publishes: u8,
+    /// Returns to F1 left in this lock.
+    spins: u8,
     /// What to do after publish: 0 unlatch and hold, 1 unlatch and round done, 2 unlatch and
     /// retry the lock.
     then: u8,
@@ -125,7 +132,15 @@ fn step(w: &World, i: usize, rule: Rule) -> Option<Result<World, String>> {
             // ---- fast lock ----
             (Kind::Locker { .. }, 0) => {
                 act.w = n.lw; // F1
-                act.pc = if lw_val(act.w) == 0 { 1 } else { 10 };
+                act.pc = match lw_val(act.w) {
+                    0 => 1,
+                    // Held fast by the other locker: watch it (load again).
+                    v if v & SLOW == 0 && act.spins > 0 => {
+                        act.spins -= 1;
+                        0
+                    }
+                    _ => 10,
+                };
             }
             (Kind::Locker { .. }, 1) => {
                 // F2, as `fast_grant`: a base read at its limit sends the caller to the latch.
@@ -149,7 +164,13 @@ fn step(w: &World, i: usize, rule: Rule) -> Option<Result<World, String>> {
                     let t = n.actors[i].token;
                     return grant(&mut n, i, t, Some(gen));
                 }
-                act.pc = 10;
+                // Lost the CAS: watch the word, while the polls last.
+                if act.spins > 0 {
+                    act.spins -= 1;
+                    act.pc = 0;
+                } else {
+                    act.pc = 10;
+                }
             }
             // ---- latched lock ----
             (Kind::Locker { .. }, 10) | (Kind::Locker { .. }, 30) | (Kind::Section, 0) => {
@@ -236,6 +257,7 @@ fn step(w: &World, i: usize, rule: Rule) -> Option<Result<World, String>> {
                         0 => act.pc = 20,
                         1 => {
                             act.rounds -= 1;
+                            act.spins = SPINS;
                             act.pc = 0;
                         }
                         _ => act.pc = 0,
@@ -304,6 +326,7 @@ fn release_done(n: &mut World, i: usize) {
     let a = &mut n.actors[i];
     a.held = None;
     a.rounds -= 1;
+    a.spins = SPINS;
     a.pc = 0;
 }
 
@@ -337,6 +360,7 @@ fn world(rounds: u8, sections: u8) -> World {
         token: 0,
         held: None,
         publishes: 0,
+        spins: SPINS,
         then: 0,
     };
     World {

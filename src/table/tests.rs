@@ -1037,3 +1037,113 @@ fn open_refuses_an_owner_count_the_lock_word_cannot_encode() {
         "{e}"
     );
 }
+
+/// A one-try request that finds a lock held fast by a live owner answers WouldBlock without the
+/// latch: the holder's word is untouched (its hold stays fast, its release one CAS), nothing is
+/// queued, and the holder's liveness is checked at most once a period. (It used to pin the entry
+/// to say so, which turned the hold latched: a process polling with try_lock, as every Python
+/// `acquire` does under the GIL before it waits, pushed the holder and every request behind it
+/// onto the latched path.)
+#[test]
+fn a_busy_try_leaves_the_holders_fast_hold_alone() {
+    use super::{lw_val, Wait};
+    let table = Arc::new(LockTable::anonymous(&tiny_caps()).unwrap());
+    let a = table.register(crate::owner::OwnerKind::Local, b"a").unwrap();
+    let b = table.register(crate::owner::OwnerKind::Local, b"b").unwrap();
+    let held = table.acquire(a, b"x", Mode::Exclusive, Wait::No).unwrap();
+    let sh = table.shard(held.shard);
+    let e = sh.entry(held.entry).unwrap();
+    let word = e.lw.load(Relaxed);
+    assert_eq!(lw_val(word), a.idx + 1, "a fast hold");
+    let waits = table.stats().waits;
+    for _ in 0..3 {
+        assert!(matches!(
+            table.acquire(b, b"x", Mode::Exclusive, Wait::No),
+            Err(Error::WouldBlock)
+        ));
+        assert_eq!(e.lw.load(Relaxed), word, "the holder's word is untouched");
+    }
+    assert_eq!(table.stats().waits, waits, "nothing queued");
+    // The first try checked a (a new record is due at once); the others did not.
+    let period = super::reap::CHECK_PERIOD.as_millis() as u32;
+    let now = crate::clock::coarse().millis32();
+    assert!(
+        !table.owners()[a.idx as usize].claim_check(now, period),
+        "checked just now"
+    );
+    assert!(table.check().is_empty(), "{:?}", table.check());
+    table.release(a, &held).unwrap();
+    assert_eq!(lw_val(e.lw.load(Relaxed)), 0, "released by its CAS, open");
+    let by_b = table.acquire(b, b"x", Mode::Exclusive, Wait::No).unwrap();
+    assert!(by_b.token > held.token && !by_b.owner_died);
+    table.release(b, &by_b).unwrap();
+    assert!(table.check().is_empty(), "{:?}", table.check());
+}
+
+/// A fast holder that dies after a busy try checked it is found by the first try after the check
+/// period, which reaps it and takes the lock with the notice; the tries in between say
+/// WouldBlock (one liveness check a period, whoever asks).
+#[test]
+fn a_busy_try_reaps_a_dead_fast_holder_once_its_check_is_due() {
+    use super::{OwnerState, Wait};
+    let table = Arc::new(LockTable::anonymous(&tiny_caps()).unwrap());
+    let dead = table.register(crate::owner::OwnerKind::Local, b"dead").unwrap();
+    let c = table.register(crate::owner::OwnerKind::Local, b"asker").unwrap();
+    let held = table.acquire(dead, b"x", Mode::Exclusive, Wait::No).unwrap();
+    assert!(matches!(
+        table.acquire(c, b"x", Mode::Exclusive, Wait::No),
+        Err(Error::WouldBlock)
+    ));
+    // Its process exits holding the lock (an exited pid stands in for it), just after the check.
+    table.owners()[dead.idx as usize].pid.store(dead_pid(), Relaxed);
+    assert!(matches!(
+        table.acquire(c, b"x", Mode::Exclusive, Wait::No),
+        Err(Error::WouldBlock)
+    ));
+    std::thread::sleep(super::reap::CHECK_PERIOD * 2);
+    let g = table
+        .acquire(c, b"x", Mode::Exclusive, Wait::No)
+        .expect("the dead holder is reaped");
+    assert!(g.owner_died && g.token > held.token);
+    assert_eq!(
+        table.owner_pool().state(super::Idx(dead.idx)).unwrap(),
+        OwnerState::Free
+    );
+    table.release(c, &g).unwrap();
+    assert!(table.check().is_empty(), "{:?}", table.check());
+}
+
+/// A request watching a fast hold follows the lock through new generations (a release and
+/// another fast grant), but takes a free word of a new generation only if the entry still holds
+/// its name: the entry may have been reused for another lock while it watched.
+#[test]
+fn a_watching_request_takes_a_new_generation_only_under_its_own_name() {
+    use super::{lw_gen, lw_val, Wait};
+    let table = Arc::new(LockTable::anonymous(&tiny_caps()).unwrap());
+    let a = table.register(crate::owner::OwnerKind::Local, b"a").unwrap();
+    let b = table.register(crate::owner::OwnerKind::Local, b"b").unwrap();
+    let first = table.acquire(a, b"x", Mode::Exclusive, Wait::No).unwrap();
+    let sh = table.shard(first.shard);
+    let (i, e) = (first.entry, sh.entry(first.entry).unwrap());
+    let seen = e.lw.load(Relaxed);
+    // While b "watched" `seen`, a released and took it again, and released it again.
+    table.release(a, &first).unwrap();
+    let again = table.acquire(a, b"x", Mode::Exclusive, Wait::No).unwrap();
+    table.release(a, &again).unwrap();
+    let now = e.lw.load(Relaxed);
+    assert!(lw_gen(now) != lw_gen(seen) && lw_val(now) == 0);
+    let y = crate::name::hash(table.seed, b"y");
+    assert!(
+        table.spin_fast(&sh, e, i, seen, (y, b"y"), b).is_none(),
+        "a free word of a new generation under another name is not taken"
+    );
+    assert_eq!(e.lw.load(Relaxed), now, "and not touched");
+    let x = crate::name::hash(table.seed, b"x");
+    let g = table
+        .spin_fast(&sh, e, i, seen, (x, b"x"), b)
+        .expect("under its own name it is taken");
+    assert!(g.token > again.token);
+    assert_eq!(lw_val(e.lw.load(Relaxed)), b.idx + 1, "a fast hold of b's");
+    table.release(b, &g).unwrap();
+    assert!(table.check().is_empty(), "{:?}", table.check());
+}
