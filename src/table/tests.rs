@@ -1038,6 +1038,15 @@ fn open_refuses_an_owner_count_the_lock_word_cannot_encode() {
     );
 }
 
+/// A table where owner `a` holds "x" fast (the grant), and owner `b` who will ask for it.
+fn a_fast_hold_and_a_rival() -> (Arc<LockTable>, super::OwnerRef, super::OwnerRef, super::RawGrant) {
+    let table = Arc::new(LockTable::anonymous(&tiny_caps()).unwrap());
+    let a = table.register(crate::owner::OwnerKind::Local, b"a").unwrap();
+    let b = table.register(crate::owner::OwnerKind::Local, b"b").unwrap();
+    let held = table.acquire(a, b"x", Mode::Exclusive, super::Wait::No).unwrap();
+    (table, a, b, held)
+}
+
 /// A one-try request that finds a lock held fast by a live owner answers WouldBlock without the
 /// latch: the holder's word is untouched (its hold stays fast, its release one CAS), nothing is
 /// queued, and the holder's liveness is checked at most once a period. (It used to pin the entry
@@ -1047,10 +1056,7 @@ fn open_refuses_an_owner_count_the_lock_word_cannot_encode() {
 #[test]
 fn a_busy_try_leaves_the_holders_fast_hold_alone() {
     use super::{lw_val, Wait};
-    let table = Arc::new(LockTable::anonymous(&tiny_caps()).unwrap());
-    let a = table.register(crate::owner::OwnerKind::Local, b"a").unwrap();
-    let b = table.register(crate::owner::OwnerKind::Local, b"b").unwrap();
-    let held = table.acquire(a, b"x", Mode::Exclusive, Wait::No).unwrap();
+    let (table, a, b, held) = a_fast_hold_and_a_rival();
     let sh = table.shard(held.shard);
     let e = sh.entry(held.entry).unwrap();
     let word = e.lw.load(Relaxed);
@@ -1086,10 +1092,7 @@ fn a_busy_try_leaves_the_holders_fast_hold_alone() {
 #[test]
 fn a_busy_try_reaps_a_dead_fast_holder_once_its_check_is_due() {
     use super::{OwnerState, Wait};
-    let table = Arc::new(LockTable::anonymous(&tiny_caps()).unwrap());
-    let dead = table.register(crate::owner::OwnerKind::Local, b"dead").unwrap();
-    let c = table.register(crate::owner::OwnerKind::Local, b"asker").unwrap();
-    let held = table.acquire(dead, b"x", Mode::Exclusive, Wait::No).unwrap();
+    let (table, dead, c, held) = a_fast_hold_and_a_rival();
     assert!(matches!(
         table.acquire(c, b"x", Mode::Exclusive, Wait::No),
         Err(Error::WouldBlock)
@@ -1119,10 +1122,7 @@ fn a_busy_try_reaps_a_dead_fast_holder_once_its_check_is_due() {
 #[test]
 fn a_watching_request_takes_a_new_generation_only_under_its_own_name() {
     use super::{lw_gen, lw_val, Wait};
-    let table = Arc::new(LockTable::anonymous(&tiny_caps()).unwrap());
-    let a = table.register(crate::owner::OwnerKind::Local, b"a").unwrap();
-    let b = table.register(crate::owner::OwnerKind::Local, b"b").unwrap();
-    let first = table.acquire(a, b"x", Mode::Exclusive, Wait::No).unwrap();
+    let (table, a, b, first) = a_fast_hold_and_a_rival();
     let sh = table.shard(first.shard);
     let (i, e) = (first.entry, sh.entry(first.entry).unwrap());
     let seen = e.lw.load(Relaxed);
