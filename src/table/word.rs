@@ -33,7 +33,7 @@ impl LockTable {
                 // Read the word before the name: if the CAS below succeeds, the entry was not
                 // reused in between (reuse pins, then bumps the generation), so the name held.
                 let w = e.lw.load(Acquire);
-                if e.name_len.load(Relaxed) as usize == name.len() && sh.name_eq(cur as usize, name) {
+                if Self::has_name(sh, e, cur, name) {
                     return match lw_val(w) {
                         // A lost CAS: `None`, and `acquire_slow` looks again before the latch
                         // (handling it here would keep this path's state alive across the CAS,
@@ -105,10 +105,17 @@ impl LockTable {
         None
     }
 
+    /// Does entry `i` (`e`) hold `name`? Read without the latch, so only a CAS from a word
+    /// loaded before it makes the answer hold (see `try_fast`).
+    #[inline(always)]
+    fn has_name(sh: &Shard<'_>, e: &Entry, i: u32, name: &[u8]) -> bool {
+        e.name_len.load(Relaxed) as usize == name.len() && sh.name_eq(i as usize, name)
+    }
+
     /// Does entry `i` hold the name of `key` (its hash and the name)? For a fast request that
     /// read a new generation of the word: the entry may have been reused since it was looked up.
     fn still_named(sh: &Shard<'_>, e: &Entry, i: u32, (h, name): (u64, &[u8])) -> bool {
-        e.hash.load(Relaxed) == h && e.name_len.load(Relaxed) as usize == name.len() && sh.name_eq(i as usize, name)
+        e.hash.load(Relaxed) == h && Self::has_name(sh, e, i, name)
     }
 
     /// A one-try request that finds the lock held fast by owner `v - 1`: WouldBlock, after
