@@ -117,7 +117,7 @@ impl LockTable {
             return None;
         }
         let h = name::hash(self.seed, name);
-        self.try_fast(&self.shard(self.shard_of(h)), h, name, me, wait != Wait::No)
+        self.try_fast(&self.shard(self.shard_of(h)), h, name, me, wait != Wait::No, true)
     }
 
     /// Everything [`acquire_fast`](Self::acquire_fast) leaves: name errors, shared mode, and
@@ -141,7 +141,7 @@ impl LockTable {
             // The fast path's CAS may have lost to another request's: the lock is then held
             // fast, to be watched (or answered WouldBlock) rather than queued for, which would
             // pin the entry and send the new holder's release to the latch.
-            if let Some(r) = self.try_fast(&self.shard(self.shard_of(h)), h, name, me, wait != Wait::No) {
+            if let Some(r) = self.try_fast(&self.shard(self.shard_of(h)), h, name, me, wait != Wait::No, false) {
                 return r;
             }
         }
